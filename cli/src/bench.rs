@@ -1,0 +1,113 @@
+//! `shardserve bench`: prefill and decode tokens per second of a local model,
+//! the median of several repetitions per setting.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use serde::Serialize;
+use shardserve_worker::engine::{BenchPhase, Engine, EngineOptions};
+
+use crate::runtime::ThreadArgs;
+
+#[derive(Args, Debug)]
+pub struct BenchArgs {
+    /// GGUF model file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Prompt lengths to measure, comma-separated.
+    #[arg(long, value_delimiter = ',', default_value = "128,512")]
+    pub prompt_tokens: Vec<usize>,
+    /// Tokens generated after each prompt.
+    #[arg(long, default_value_t = 128)]
+    pub gen_tokens: usize,
+    #[arg(long, default_value_t = 3)]
+    pub repetitions: usize,
+    /// Print one JSON object instead of a table.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub threads: ThreadArgs,
+}
+
+#[derive(Serialize)]
+struct Report {
+    model: String,
+    threads: usize,
+    simd: String,
+    results: Vec<Row>,
+}
+
+#[derive(Serialize)]
+struct Row {
+    prompt_tokens: usize,
+    gen_tokens: usize,
+    prefill_tok_s: f64,
+    decode_tok_s: f64,
+}
+
+/// Text the benchmark prompts are cut from (its content does not change speed).
+const FILLER: &str = "The history of computing is a story of people who wanted to calculate faster \
+and more reliably than by hand. Mechanical calculators gave way to relays and vacuum tubes, then to \
+transistors and integrated circuits, and each step made machines smaller, cheaper and more capable. ";
+
+pub fn run(args: BenchArgs) -> Result<()> {
+    let threads = args.threads.apply()?;
+    let longest = args.prompt_tokens.iter().max().copied().unwrap_or(0) + args.gen_tokens + 1;
+    let options = EngineOptions {
+        max_seq_len: Some(longest.max(64)),
+        ..EngineOptions::default()
+    };
+    let mut engine = Engine::load(&args.model, &options).with_context(|| format!("loading {}", args.model.display()))?;
+    let filler = engine.tokenizer().encode(FILLER, false, false)?;
+    let prompt_of = |n: usize| -> Vec<u32> { filler.iter().copied().cycle().take(n).collect() };
+    // Warm-up: first-touch of the weights and the allocator's arenas.
+    engine.run_fixed(&prompt_of(16), 4, |_| {})?;
+
+    let mut results = Vec::new();
+    for &p in &args.prompt_tokens {
+        let prompt = prompt_of(p);
+        let mut prefill = Vec::new();
+        let mut decode = Vec::new();
+        for _ in 0..args.repetitions.max(1) {
+            let start = Instant::now();
+            let mut marks = Vec::with_capacity(2);
+            engine.run_fixed(&prompt, args.gen_tokens, |phase: BenchPhase| marks.push((phase, Instant::now())))?;
+            let prefilled = marks[0].1;
+            let decoded = marks[1].1;
+            prefill.push(p as f64 / (prefilled - start).as_secs_f64());
+            decode.push(args.gen_tokens as f64 / (decoded - prefilled).as_secs_f64());
+        }
+        results.push(Row {
+            prompt_tokens: p,
+            gen_tokens: args.gen_tokens,
+            prefill_tok_s: median(prefill),
+            decode_tok_s: median(decode),
+        });
+    }
+    let report = Report {
+        model: args.model.display().to_string(),
+        threads,
+        simd: format!("{:?}", shardserve_kernels::simd_level()),
+        results,
+    };
+    if args.json {
+        println!("{}", serde_json::to_string(&report)?);
+    } else {
+        println!("model {}  threads {}  simd {}", report.model, report.threads, report.simd);
+        println!("{:>13} {:>10} {:>14} {:>13}", "prompt_tokens", "gen_tokens", "prefill tok/s", "decode tok/s");
+        for r in &report.results {
+            println!(
+                "{:>13} {:>10} {:>14.1} {:>13.1}",
+                r.prompt_tokens, r.gen_tokens, r.prefill_tok_s, r.decode_tok_s
+            );
+        }
+    }
+    Ok(())
+}
+
+fn median(mut xs: Vec<f64>) -> f64 {
+    xs.sort_by(f64::total_cmp);
+    xs[xs.len() / 2]
+}

@@ -1,0 +1,65 @@
+//! `shardserve worker`: load a model and serve it over gRPC until Ctrl-C.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use shardserve_worker::engine::{Engine, EngineHandle, EngineOptions};
+
+use crate::runtime::ThreadArgs;
+
+#[derive(Args, Debug)]
+pub struct WorkerArgs {
+    /// GGUF model file.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// Address to serve gRPC on.
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub listen: SocketAddr,
+    /// Name clients use for the model (default: the file name without extension).
+    #[arg(long)]
+    pub served_model_name: Option<String>,
+    /// Longest sequence the engine accepts (default: the model's context).
+    #[arg(long)]
+    pub max_seq_len: Option<usize>,
+    #[command(flatten)]
+    pub threads: ThreadArgs,
+}
+
+pub fn run(args: WorkerArgs) -> Result<()> {
+    let threads = args.threads.apply()?;
+    let options = EngineOptions {
+        max_seq_len: args.max_seq_len,
+        served_model_name: args.served_model_name.clone(),
+        ..EngineOptions::default()
+    };
+    let engine = Engine::load(&args.model, &options).with_context(|| format!("loading {}", args.model.display()))?;
+    let info = engine.info().clone();
+    tracing::info!(
+        model = %info.served_model_name,
+        layers = info.config.num_layers,
+        max_seq_len = info.max_seq_len,
+        threads,
+        "model loaded"
+    );
+    let handle = EngineHandle::spawn(engine).context("starting the engine thread")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen)
+            .await
+            .with_context(|| format!("binding {}", args.listen))?;
+        tracing::info!(addr = %args.listen, "serving shardserve.v1.Inference over gRPC");
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+            tracing::info!("shutting down");
+        };
+        shardserve_worker::server::serve_on(handle, listener, shutdown)
+            .await
+            .context("gRPC server failed")
+    })
+}

@@ -1,0 +1,42 @@
+//! AVX2 level: the shared x86 kernel with `vpmaddubsw` + `vpmaddwd` as the integer product.
+//! Pairs of `u8 x i8` products stay below `i16::MAX` because weights are at most 31 (or a
+//! `Q8_0` magnitude of 128) and activations at most 127 in magnitude.
+
+use std::arch::x86_64::*;
+
+use super::Panel;
+use super::x86::{self, IntDot};
+use crate::QuantFormat;
+
+struct Maddubs;
+
+impl IntDot for Maddubs {
+    const FULL_RANGE: bool = false;
+    #[inline(always)]
+    unsafe fn dot(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        // SAFETY: register-only intrinsics; inlined into an AVX2 function.
+        unsafe {
+            let pairs = _mm256_maddubs_epi16(u, s);
+            _mm256_add_epi32(acc, _mm256_madd_epi16(pairs, _mm256_set1_epi16(1)))
+        }
+    }
+}
+
+pub(super) fn panel(p: &Panel, out: &mut [f32]) {
+    // SAFETY: `super::panel` checked that this CPU has AVX2, FMA and F16C.
+    unsafe { panel_avx2(p, out) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c")]
+fn panel_avx2(p: &Panel, out: &mut [f32]) {
+    // SAFETY: the panel's shapes were checked by `super::panel`; features are enabled here.
+    unsafe {
+        match p.format {
+            QuantFormat::Q4_0 => x86::panel::<Maddubs, x86::Q4_0>(p, out),
+            QuantFormat::Q4_1 => x86::panel::<Maddubs, x86::Q4_1>(p, out),
+            QuantFormat::Q5_0 => x86::panel::<Maddubs, x86::Q5_0>(p, out),
+            QuantFormat::Q5_1 => x86::panel::<Maddubs, x86::Q5_1>(p, out),
+            QuantFormat::Q8_0 => x86::panel::<Maddubs, x86::Q8_0>(p, out),
+        }
+    }
+}

@@ -1,0 +1,38 @@
+//! AVX-512 level: the shared x86 kernel with VNNI `vpdpbusd` (four `u8 x i8` products
+//! summed straight into i32 lanes, no 16-bit intermediate) on 256-bit vectors.
+
+use std::arch::x86_64::*;
+
+use super::Panel;
+use super::x86::{self, IntDot};
+use crate::QuantFormat;
+
+struct Vnni;
+
+impl IntDot for Vnni {
+    const FULL_RANGE: bool = true;
+    #[inline(always)]
+    unsafe fn dot(acc: __m256i, u: __m256i, s: __m256i) -> __m256i {
+        // SAFETY: register-only intrinsic; inlined into an AVX-512 VNNI/VL function.
+        unsafe { _mm256_dpbusd_epi32(acc, u, s) }
+    }
+}
+
+pub(super) fn panel(p: &Panel, out: &mut [f32]) {
+    // SAFETY: `super::panel` checked that this CPU has AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI.
+    unsafe { panel_avx512(p, out) }
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+fn panel_avx512(p: &Panel, out: &mut [f32]) {
+    // SAFETY: the panel's shapes were checked by `super::panel`; features are enabled here.
+    unsafe {
+        match p.format {
+            QuantFormat::Q4_0 => x86::panel::<Vnni, x86::Q4_0>(p, out),
+            QuantFormat::Q4_1 => x86::panel::<Vnni, x86::Q4_1>(p, out),
+            QuantFormat::Q5_0 => x86::panel::<Vnni, x86::Q5_0>(p, out),
+            QuantFormat::Q5_1 => x86::panel::<Vnni, x86::Q5_1>(p, out),
+            QuantFormat::Q8_0 => x86::panel::<Vnni, x86::Q8_0>(p, out),
+        }
+    }
+}

@@ -1,0 +1,46 @@
+//! Dot products of weight rows with quantised activation rows, one module per instruction
+//! set. [`panel`] is the single entry point: the matmul driver hands it a run of weight rows
+//! and all activation rows and it fills their products.
+
+#[cfg(target_arch = "x86_64")]
+mod avx2;
+#[cfg(target_arch = "x86_64")]
+mod avx512;
+mod scalar;
+#[cfg(target_arch = "x86_64")]
+mod x86;
+
+use crate::quantize::QuantizedActs;
+use crate::{QuantFormat, SimdLevel};
+
+/// A run of whole weight rows and the activations they multiply.
+pub(crate) struct Panel<'a> {
+    pub format: QuantFormat,
+    /// `rows * row_bytes` bytes, GGUF block layout.
+    pub weights: &'a [u8],
+    pub row_bytes: usize,
+    pub acts: &'a QuantizedActs,
+}
+
+impl Panel<'_> {
+    pub fn rows(&self) -> usize {
+        self.weights.len() / self.row_bytes
+    }
+}
+
+/// `out[a * rows + r] = weight row r · activation row a` for the panel's `rows` weight rows
+/// and all activation rows. `level` must be available on this CPU.
+pub(crate) fn panel(level: SimdLevel, p: &Panel, out: &mut [f32]) {
+    // The SIMD kernels index with raw pointers: these checks are what makes that sound.
+    assert_eq!(p.row_bytes, p.acts.blocks() * p.format.block_bytes());
+    assert_eq!(p.weights.len(), p.rows() * p.row_bytes);
+    assert_eq!(out.len(), p.rows() * p.acts.rows());
+    assert!(level.is_available(), "{level} is not available on this CPU");
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => avx2::panel(p, out),
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 => avx512::panel(p, out),
+        _ => scalar::panel(p, out),
+    }
+}

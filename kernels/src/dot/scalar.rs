@@ -1,0 +1,33 @@
+//! Portable kernels, written as ggml's reference `vec_dot` loops: an exact integer sum per
+//! block, scaled by `d_w * d_a`, plus `m_w * s_a` for formats with a minimum.
+
+use super::Panel;
+use crate::QuantFormat;
+use crate::format::{BLOCK, decode_block};
+use crate::quantize::ActRow;
+
+pub(super) fn panel(p: &Panel, out: &mut [f32]) {
+    let m = p.acts.rows();
+    for (w, out) in p
+        .weights
+        .chunks_exact(p.row_bytes)
+        .zip(out.chunks_exact_mut(m))
+    {
+        for (a, o) in out.iter_mut().enumerate() {
+            *o = row_dot(p.format, w, p.acts.row(a));
+        }
+    }
+}
+
+fn row_dot(format: QuantFormat, w: &[u8], act: ActRow) -> f32 {
+    let blocks = w
+        .chunks_exact(format.block_bytes())
+        .zip(act.qs.chunks_exact(BLOCK))
+        .zip(act.ds);
+    blocks.fold(0.0, |sum, ((w, a), &[da, sa])| {
+        // decode_block folds the zero point into q, so Σ q·a is ggml's sumi for every format.
+        let (q, dw, mw) = decode_block(format, w);
+        let sumi: i32 = q.iter().zip(a).map(|(&q, &a)| q * i32::from(a)).sum();
+        sum + sumi as f32 * (dw * da) + mw * sa
+    })
+}

@@ -1,0 +1,190 @@
+//! The x86 kernels shared by the AVX2 and AVX-512 levels, generic over the block format
+//! ([`Block`]: how 32 stored weights become 32 unsigned bytes and a scale) and the integer
+//! product ([`IntDot`]: `vpmaddubsw` pairs, or VNNI `vpdpbusd`).
+//!
+//! Two kernels: [`rows`] multiplies weight rows in their GGUF layout (decode, few
+//! activation rows); [`packed`] first interleaves eight weight rows so that one integer
+//! instruction advances eight dot products (prefill). [`panel`] picks one.
+//!
+//! Everything here is `#[inline(always)]` and only sound (and only fast) when inlined into
+//! a `#[target_feature]` function of the level that owns the [`IntDot`].
+
+mod packed;
+mod rows;
+
+use std::arch::x86_64::*;
+
+use super::Panel;
+use crate::quantize::ActRow;
+
+/// Activation rows from which the packed kernel pays for its packing.
+const PACKED_MIN_ROWS: usize = 2;
+
+/// `acc + Σ u8 x i8` over each group of four bytes, in eight i32 lanes.
+pub(super) trait IntDot {
+    /// Whether `u` may use all of `0..=255` (else at most 128: `vpmaddubsw` saturates
+    /// pairs at `i16::MAX`).
+    const FULL_RANGE: bool;
+    unsafe fn dot(acc: __m256i, u: __m256i, s: __m256i) -> __m256i;
+}
+
+/// A ggml block format as the x86 kernels see it: the weight integer `q` is stored as the
+/// unsigned byte `u = q + ZERO_POINT`, and `Σ q·a = Σ u·a - ZERO_POINT·Σa`.
+pub(super) trait Block {
+    const BYTES: usize;
+    const ZERO_POINT: i32;
+    /// Whether the block has a minimum `m` (value `q * d + m`).
+    const HAS_MIN: bool = false;
+    /// Whether `q` is a signed byte (`Q8_0`), so that `u` spans `0..=255`.
+    const SIGNED: bool = false;
+    /// `u` of the 32 weights in element order, and `[d, m]` in lanes 0 and 1.
+    unsafe fn unpack(p: *const u8) -> (__m256i, __m128);
+}
+
+pub(super) struct Q4_0;
+pub(super) struct Q4_1;
+pub(super) struct Q5_0;
+pub(super) struct Q5_1;
+pub(super) struct Q8_0;
+
+impl Block for Q4_0 {
+    const BYTES: usize = 18;
+    const ZERO_POINT: i32 = 8;
+    #[inline(always)]
+    unsafe fn unpack(p: *const u8) -> (__m256i, __m128) {
+        // SAFETY: p points at a whole 18-byte block (caller contract).
+        unsafe { (nibbles(p.add(2)), scale(p)) }
+    }
+}
+
+impl Block for Q4_1 {
+    const BYTES: usize = 20;
+    const ZERO_POINT: i32 = 0;
+    const HAS_MIN: bool = true;
+    #[inline(always)]
+    unsafe fn unpack(p: *const u8) -> (__m256i, __m128) {
+        // SAFETY: p points at a whole 20-byte block (caller contract).
+        unsafe { (nibbles(p.add(4)), scale_min(p)) }
+    }
+}
+
+impl Block for Q5_0 {
+    const BYTES: usize = 22;
+    const ZERO_POINT: i32 = 16;
+    #[inline(always)]
+    unsafe fn unpack(p: *const u8) -> (__m256i, __m128) {
+        // SAFETY: p points at a whole 22-byte block (caller contract).
+        unsafe {
+            let qh = p.add(2).cast::<u32>().read_unaligned();
+            (_mm256_or_si256(nibbles(p.add(6)), high_bits(qh)), scale(p))
+        }
+    }
+}
+
+impl Block for Q5_1 {
+    const BYTES: usize = 24;
+    const ZERO_POINT: i32 = 0;
+    const HAS_MIN: bool = true;
+    #[inline(always)]
+    unsafe fn unpack(p: *const u8) -> (__m256i, __m128) {
+        // SAFETY: p points at a whole 24-byte block (caller contract).
+        unsafe {
+            let qh = p.add(4).cast::<u32>().read_unaligned();
+            (
+                _mm256_or_si256(nibbles(p.add(8)), high_bits(qh)),
+                scale_min(p),
+            )
+        }
+    }
+}
+
+impl Block for Q8_0 {
+    const BYTES: usize = 34;
+    const ZERO_POINT: i32 = 128;
+    const SIGNED: bool = true;
+    #[inline(always)]
+    unsafe fn unpack(p: *const u8) -> (__m256i, __m128) {
+        // SAFETY: p points at a whole 34-byte block (caller contract).
+        unsafe {
+            let q = _mm256_loadu_si256(p.add(2).cast());
+            (_mm256_xor_si256(q, _mm256_set1_epi8(i8::MIN)), scale(p))
+        }
+    }
+}
+
+/// 16 bytes of packed nibbles as 32 bytes: low nibbles (elements 0..16), then high ones.
+#[inline(always)]
+unsafe fn nibbles(p: *const u8) -> __m256i {
+    // SAFETY: p points at 16 readable bytes (caller contract).
+    unsafe {
+        let x = _mm_loadu_si128(p.cast());
+        let both = _mm256_set_m128i(_mm_srli_epi16::<4>(x), x);
+        _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+    }
+}
+
+/// Byte `e` is `0x10` where bit `e` of `qh` is set, else 0.
+#[inline(always)]
+unsafe fn high_bits(qh: u32) -> __m256i {
+    // SAFETY: register-only intrinsics; the caller runs with AVX2 enabled.
+    unsafe {
+        let v = _mm256_set1_epi32(qh as i32);
+        #[rustfmt::skip]
+        let byte_of = _mm256_setr_epi8(
+            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
+            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
+        );
+        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
+        let set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(v, byte_of), bit), bit);
+        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
+    }
+}
+
+/// The block's f16 `d` in lane 0.
+#[inline(always)]
+unsafe fn scale(p: *const u8) -> __m128 {
+    // SAFETY: p points at a block, whose first two bytes are d.
+    unsafe {
+        _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
+            p.cast::<u16>().read_unaligned(),
+        )))
+    }
+}
+
+/// The block's f16 `d` and `m` in lanes 0 and 1.
+#[inline(always)]
+unsafe fn scale_min(p: *const u8) -> __m128 {
+    // SAFETY: p points at a block, whose first four bytes are d and m.
+    unsafe { _mm_cvtph_ps(_mm_cvtsi32_si128(p.cast::<i32>().read_unaligned())) }
+}
+
+/// Raw pointers into one activation row (lengths checked by [`super::panel`]).
+#[derive(Clone, Copy)]
+struct ActPtr {
+    qs: *const i8,
+    ds: *const [f32; 2],
+    qsum: *const i32,
+}
+
+impl From<ActRow<'_>> for ActPtr {
+    fn from(a: ActRow<'_>) -> Self {
+        ActPtr {
+            qs: a.qs.as_ptr(),
+            ds: a.ds.as_ptr(),
+            qsum: a.qsum.as_ptr(),
+        }
+    }
+}
+
+/// Fill `out` for a whole panel (shape contract checked by [`super::panel`]).
+#[inline(always)]
+pub(super) unsafe fn panel<I: IntDot, B: Block>(p: &Panel, out: &mut [f32]) {
+    // SAFETY: forwarded caller contract (shapes checked, features enabled).
+    unsafe {
+        if p.acts.rows() >= PACKED_MIN_ROWS && (I::FULL_RANGE || !B::SIGNED) {
+            packed::panel::<I, B>(p, out)
+        } else {
+            rows::panel::<I, B>(p, out)
+        }
+    }
+}

@@ -1,0 +1,232 @@
+//! The packed kernel (prefill): eight weight rows are unpacked to unsigned bytes and
+//! interleaved four bytes at a time, so that one integer instruction multiplies four
+//! activation bytes (broadcast) into the running sums of all eight rows, one row per i32
+//! lane. A block's eight integer sums then share one conversion and one scale, instead of
+//! one reduction per row as in the [`super::rows`] kernel.
+//!
+//! Rows are packed [`PACK_ROWS`] at a time into a buffer the panel reuses; each packed group
+//! is multiplied into every activation row, four rows per pass.
+
+use std::arch::x86_64::*;
+
+use super::{ActPtr, Block, IntDot};
+use crate::dot::Panel;
+use crate::format::BLOCK;
+
+/// Weight rows interleaved in one group: one per i32 lane of a 256-bit vector.
+const LANES: usize = 8;
+/// Weight rows packed per refill of the buffer (kept in L2 while all activations pass).
+const PACK_ROWS: usize = 64;
+/// Activation rows multiplied per pass over a packed group.
+const ROWS_PER_PASS: usize = 4;
+
+/// One 32-byte vector of packed weights, aligned for `vmovdqa`.
+#[derive(Clone, Copy)]
+#[repr(C, align(32))]
+struct Lane32([u8; 32]);
+
+/// Up to [`PACK_ROWS`] weight rows, packed. For group `G` (rows `8G..8G+8`) and block `b`,
+/// vector `(G * nb + b) * 8 + g` holds elements `4g..4g+4` of the eight rows, row `i` in
+/// lane `i`; `d` and `m` hold the rows' scales and minimums at `(G * nb + b) * 8 + i`.
+struct PackBuf {
+    u: Vec<Lane32>,
+    d: Vec<f32>,
+    m: Vec<f32>,
+}
+
+/// Transpose an 8x8 matrix of 32-bit elements: row `i` of the result is column `i`.
+#[inline(always)]
+unsafe fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
+    // SAFETY: register-only intrinsics; the caller runs with AVX2 enabled.
+    unsafe {
+        let t: [__m256i; 8] = std::array::from_fn(|i| {
+            let (a, b) = (v[i / 4 * 4 + i % 2 * 2], v[i / 4 * 4 + i % 2 * 2 + 1]);
+            if i % 4 < 2 {
+                _mm256_unpacklo_epi32(a, b)
+            } else {
+                _mm256_unpackhi_epi32(a, b)
+            }
+        });
+        // t[0] = unpacklo(v0,v1), t[1] = unpacklo(v2,v3), t[2] = unpackhi(v0,v1), ...
+        let q: [__m256i; 8] = std::array::from_fn(|i| {
+            let (a, b) = (
+                t[i / 4 * 4 + i % 4 / 2 * 2],
+                t[i / 4 * 4 + i % 4 / 2 * 2 + 1],
+            );
+            if i % 2 == 0 {
+                _mm256_unpacklo_epi64(a, b)
+            } else {
+                _mm256_unpackhi_epi64(a, b)
+            }
+        });
+        // q[0..4] hold columns 0..4 (lanes 0..4 in the low half, columns 4..8 in the high
+        // half) of rows 0..4; q[4..8] the same of rows 4..8.
+        std::array::from_fn(|c| {
+            let (a, b) = (q[c % 4], q[4 + c % 4]);
+            if c < 4 {
+                _mm256_permute2x128_si256::<0x20>(a, b)
+            } else {
+                _mm256_permute2x128_si256::<0x31>(a, b)
+            }
+        })
+    }
+}
+
+/// Pack `valid` (1..=8) weight rows starting at `w` into group `group` of `buf`; missing
+/// rows are packed as zeros, scale 0.
+#[inline(always)]
+unsafe fn pack_group<B: Block>(
+    p: &Panel,
+    w: *const u8,
+    valid: usize,
+    group: usize,
+    buf: &mut PackBuf,
+) {
+    let nb = p.acts.blocks();
+    // SAFETY: rows below `valid` lie inside the panel and block b < nb inside each row;
+    // stores go to Lane32 values (32 bytes, 32-byte aligned) borrowed from `buf`.
+    unsafe {
+        for b in 0..nb {
+            let mut u = [_mm256_setzero_si256(); LANES];
+            let mut dm = [[0.0f32; 4]; LANES];
+            for i in 0..valid {
+                let (ui, dmi) = B::unpack(w.add(i * p.row_bytes + b * B::BYTES));
+                u[i] = ui;
+                _mm_storeu_ps(dm[i].as_mut_ptr(), dmi);
+            }
+            let at = (group * nb + b) * LANES;
+            for (dst, col) in buf.u[at..at + LANES].iter_mut().zip(transpose8(u)) {
+                _mm256_store_si256((dst as *mut Lane32).cast(), col);
+            }
+            for (i, [d, m, ..]) in dm.into_iter().enumerate() {
+                buf.d[at + i] = d;
+                if B::HAS_MIN {
+                    buf.m[at + i] = m;
+                }
+            }
+        }
+    }
+}
+
+/// Dot products of one packed group (`nb` blocks from `u`, `d`, `m`) with `R` activation
+/// rows: lane `i` of result `r` is weight row `i` · activation row `r`.
+#[inline(always)]
+unsafe fn dot_group<I: IntDot, B: Block, const R: usize>(
+    u: *const Lane32,
+    d: *const f32,
+    m: *const f32,
+    nb: usize,
+    acts: [ActPtr; R],
+) -> [__m256; R] {
+    // SAFETY: u, d, m hold nb * 8 entries and each activation row nb blocks (caller contract).
+    unsafe {
+        let mut acc = [_mm256_setzero_ps(); R];
+        for b in 0..nb {
+            let w: [__m256i; LANES] =
+                std::array::from_fn(|g| _mm256_load_si256(u.add(b * LANES + g).cast()));
+            let dw = _mm256_loadu_ps(d.add(b * LANES));
+            for r in 0..R {
+                let qs = acts[r].qs.add(b * BLOCK).cast::<i32>();
+                let init = if B::ZERO_POINT != 0 {
+                    _mm256_set1_epi32(-B::ZERO_POINT * *acts[r].qsum.add(b))
+                } else {
+                    _mm256_setzero_si256()
+                };
+                // Two chains, so consecutive products do not wait on each other.
+                let mut even = init;
+                let mut odd = _mm256_setzero_si256();
+                for g in (0..LANES).step_by(2) {
+                    let a0 = _mm256_set1_epi32(qs.add(g).read_unaligned());
+                    let a1 = _mm256_set1_epi32(qs.add(g + 1).read_unaligned());
+                    even = I::dot(even, w[g], a0);
+                    odd = I::dot(odd, w[g + 1], a1);
+                }
+                let isum = _mm256_cvtepi32_ps(_mm256_add_epi32(even, odd));
+                let [da, sa] = *acts[r].ds.add(b);
+                acc[r] = _mm256_fmadd_ps(isum, _mm256_mul_ps(dw, _mm256_set1_ps(da)), acc[r]);
+                if B::HAS_MIN {
+                    let mw = _mm256_loadu_ps(m.add(b * LANES));
+                    acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(sa), acc[r]);
+                }
+            }
+        }
+        acc
+    }
+}
+
+/// Multiply packed group `group` (`valid` rows from weight row `row0`) into activation rows
+/// `a..a + R`, writing `out[(a + r) * rows + row0 + i]`.
+#[inline(always)]
+unsafe fn group_at<I: IntDot, B: Block, const R: usize>(
+    p: &Panel,
+    buf: &PackBuf,
+    (group, row0, valid): (usize, usize, usize),
+    a: usize,
+    out: &mut [f32],
+) {
+    let (rows, nb) = (p.rows(), p.acts.blocks());
+    let at = group * nb * LANES;
+    let acts: [ActPtr; R] = std::array::from_fn(|i| p.acts.row(a + i).into());
+    // SAFETY: the group's nb * 8 entries start at `at`; activation rows a..a+R exist.
+    let acc = unsafe {
+        dot_group::<I, B, R>(
+            buf.u[at..].as_ptr(),
+            buf.d[at..].as_ptr(),
+            buf.m[at..].as_ptr(),
+            nb,
+            acts,
+        )
+    };
+    for (r, acc) in acc.iter().enumerate() {
+        // SAFETY: __m256 and [f32; 8] have the same size and no invalid bit patterns.
+        let lanes = unsafe { std::mem::transmute::<__m256, [f32; 8]>(*acc) };
+        let at = (a + r) * rows + row0;
+        out[at..at + valid].copy_from_slice(&lanes[..valid]);
+    }
+}
+
+/// Fill `out` for a whole panel (shape contract checked by [`crate::dot::panel`]).
+#[inline(always)]
+pub(super) unsafe fn panel<I: IntDot, B: Block>(p: &Panel, out: &mut [f32]) {
+    let (m, nb, rows) = (p.acts.rows(), p.acts.blocks(), p.rows());
+    let entries = PACK_ROWS.min(rows).div_ceil(LANES) * nb * LANES;
+    let mut buf = PackBuf {
+        u: vec![Lane32([0; 32]); entries],
+        d: vec![0.0; entries],
+        m: vec![0.0; entries],
+    };
+    for r0 in (0..rows).step_by(PACK_ROWS) {
+        let r1 = (r0 + PACK_ROWS).min(rows);
+        let groups: Vec<(usize, usize, usize)> = (r0..r1)
+            .step_by(LANES)
+            .enumerate()
+            .map(|(g, row0)| (g, row0, LANES.min(r1 - row0)))
+            .collect();
+        for &(g, row0, valid) in &groups {
+            // SAFETY: rows row0..row0+valid lie inside the panel.
+            unsafe {
+                pack_group::<B>(
+                    p,
+                    p.weights.as_ptr().add(row0 * p.row_bytes),
+                    valid,
+                    g,
+                    &mut buf,
+                )
+            };
+        }
+        for &group in &groups {
+            let mut a = 0;
+            // SAFETY (all calls below): activation rows a..a+R exist; the group is packed.
+            while a + ROWS_PER_PASS <= m {
+                unsafe { group_at::<I, B, ROWS_PER_PASS>(p, &buf, group, a, out) };
+                a += ROWS_PER_PASS;
+            }
+            match m - a {
+                3 => unsafe { group_at::<I, B, 3>(p, &buf, group, a, out) },
+                2 => unsafe { group_at::<I, B, 2>(p, &buf, group, a, out) },
+                1 => unsafe { group_at::<I, B, 1>(p, &buf, group, a, out) },
+                _ => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,28 @@
+//! The crate's error type: what a caller can get wrong when handing weights over.
+
+use crate::QuantFormat;
+
+/// Why a [`crate::QuantMatrix`] could not be built from the given bytes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum KernelError {
+    /// The row length does not split into whole blocks.
+    #[error("{cols} columns is not a multiple of the {format} block length {block_len}")]
+    RaggedColumns {
+        format: QuantFormat,
+        cols: usize,
+        block_len: usize,
+    },
+    /// The byte buffer does not hold exactly `rows x cols` weights of the format.
+    #[error(
+        "a {format} matrix of {rows}x{cols} needs {expected} bytes ({blocks} blocks of {block_bytes}), got {actual}"
+    )]
+    ByteLength {
+        format: QuantFormat,
+        rows: usize,
+        cols: usize,
+        blocks: usize,
+        block_bytes: usize,
+        expected: usize,
+        actual: usize,
+    },
+}

@@ -1,0 +1,80 @@
+//! The matmul driver: quantise the activations once, split the weight rows into tasks on
+//! the current rayon pool, let each task run a [`dot::panel`] over all activation rows,
+//! and gather the tasks' column blocks into `y`.
+
+use rayon::prelude::*;
+
+use crate::dot::{self, Panel};
+use crate::quantize::quantize;
+use crate::{QuantMatrix, SimdLevel};
+
+/// Tasks per pool thread, so a slow thread does not hold up the rest.
+const TASKS_PER_THREAD: usize = 4;
+/// Smallest task, in block dot products (roughly 2 ns each with SIMD): keeps scheduling
+/// overhead small next to the work.
+const MIN_TASK_BLOCKS: usize = 4096;
+
+pub(crate) fn matmul(level: SimdLevel, w: &QuantMatrix, x: &[f32], m: usize, y: &mut [f32]) {
+    let (n, k) = (w.rows(), w.cols());
+    assert_eq!(
+        x.len(),
+        m * k,
+        "x has {} values, not m={m} x cols={k}",
+        x.len()
+    );
+    assert_eq!(
+        y.len(),
+        m * n,
+        "y has {} values, not m={m} x rows={n}",
+        y.len()
+    );
+    assert!(level.is_available(), "{level} is not available on this CPU");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        y.fill(0.0);
+        return;
+    }
+    let acts = quantize(level, x, m, k);
+    let row_bytes = w.row_bytes();
+    let rows = rows_per_task(n, m * acts.blocks());
+    let run = |(weights, out): (&[u8], &mut [f32])| {
+        let panel = Panel {
+            format: w.format(),
+            weights,
+            row_bytes,
+            acts: &acts,
+        };
+        dot::panel(level, &panel, out);
+    };
+    let weights = w.bytes().par_chunks(rows * row_bytes);
+    if m == 1 {
+        weights.zip(y.par_chunks_mut(rows)).for_each(run);
+        return;
+    }
+    // Each task fills an activation-major buffer for its weight rows (a column block of y);
+    // the rows of y then gather their pieces with contiguous copies.
+    let parts: Vec<Vec<f32>> = weights
+        .map(|weights| {
+            let mut out = vec![0.0f32; m * weights.len() / row_bytes];
+            run((weights, &mut out));
+            out
+        })
+        .collect();
+    y.par_chunks_mut(n).enumerate().for_each(|(a, y)| {
+        let mut r0 = 0;
+        for part in &parts {
+            let len = part.len() / m;
+            y[r0..r0 + len].copy_from_slice(&part[a * len..(a + 1) * len]);
+            r0 += len;
+        }
+    });
+}
+
+/// Weight rows per task when each row costs `blocks_per_row` block products.
+fn rows_per_task(n: usize, blocks_per_row: usize) -> usize {
+    let even = n.div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD);
+    let min = MIN_TASK_BLOCKS.div_ceil(blocks_per_row);
+    even.max(min).clamp(1, n)
+}

@@ -1,0 +1,128 @@
+//! [`QuantMatrix`]: a weight matrix kept in its GGUF block layout, validated once.
+
+use crate::format::{BLOCK, dequantize_block};
+use crate::{KernelError, QuantFormat, SimdLevel, matmul, simd_level};
+
+/// A `rows x cols` weight matrix (`rows` output features, `cols` input features) in a ggml
+/// block format: row-major, each row `cols / 32` blocks, bytes exactly as a GGUF file
+/// stores them.
+#[derive(Clone, PartialEq, Eq)]
+pub struct QuantMatrix {
+    format: QuantFormat,
+    rows: usize,
+    cols: usize,
+    bytes: Vec<u8>,
+}
+
+impl QuantMatrix {
+    /// Wrap GGUF tensor bytes, checking that `cols` splits into blocks and that `bytes`
+    /// holds exactly `rows x cols` weights.
+    pub fn new(
+        format: QuantFormat,
+        rows: usize,
+        cols: usize,
+        bytes: Vec<u8>,
+    ) -> Result<Self, KernelError> {
+        let block_len = format.block_len();
+        if cols % block_len != 0 {
+            return Err(KernelError::RaggedColumns {
+                format,
+                cols,
+                block_len,
+            });
+        }
+        let blocks = rows * (cols / block_len);
+        let expected = blocks * format.block_bytes();
+        if bytes.len() != expected {
+            return Err(KernelError::ByteLength {
+                format,
+                rows,
+                cols,
+                blocks,
+                block_bytes: format.block_bytes(),
+                expected,
+                actual: bytes.len(),
+            });
+        }
+        Ok(Self {
+            format,
+            rows,
+            cols,
+            bytes,
+        })
+    }
+
+    /// Output features.
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Input features.
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+
+    pub fn format(&self) -> QuantFormat {
+        self.format
+    }
+
+    /// The blocks, as stored in the GGUF file.
+    pub fn bytes(&self) -> &[u8] {
+        &self.bytes
+    }
+
+    /// Bytes of one row.
+    pub(crate) fn row_bytes(&self) -> usize {
+        self.cols / BLOCK * self.format.block_bytes()
+    }
+
+    /// `y = x · Wᵀ`: `x` is `m x cols` and `y` is `m x rows`, both row-major. Activations
+    /// are quantised to 8 bits per 32-block first, as llama.cpp does. Runs on the current
+    /// rayon pool with the fastest [`SimdLevel`] this CPU has.
+    ///
+    /// # Panics
+    /// If `x` or `y` do not have `m * cols` and `m * rows` elements.
+    pub fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {
+        self.matmul_with(simd_level(), x, m, y);
+    }
+
+    /// [`QuantMatrix::matmul`] on a chosen instruction set, to compare levels.
+    ///
+    /// # Panics
+    /// As [`QuantMatrix::matmul`], and if this CPU cannot run `level`.
+    pub fn matmul_with(&self, level: SimdLevel, x: &[f32], m: usize, y: &mut [f32]) {
+        matmul::matmul(level, self, x, m, y);
+    }
+
+    /// Dequantise row `r` into `out` (`cols` floats), e.g. to look up a token embedding.
+    ///
+    /// # Panics
+    /// If `r >= rows` or `out.len() != cols`.
+    pub fn dequantize_row(&self, r: usize, out: &mut [f32]) {
+        assert!(r < self.rows, "row {r} of a matrix with {} rows", self.rows);
+        assert_eq!(
+            out.len(),
+            self.cols,
+            "output length vs {} columns",
+            self.cols
+        );
+        let rb = self.row_bytes();
+        let row = &self.bytes[r * rb..(r + 1) * rb];
+        for (block, out) in row
+            .chunks_exact(self.format.block_bytes())
+            .zip(out.chunks_exact_mut(BLOCK))
+        {
+            dequantize_block(self.format, block, out);
+        }
+    }
+}
+
+impl std::fmt::Debug for QuantMatrix {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("QuantMatrix")
+            .field("format", &self.format)
+            .field("rows", &self.rows)
+            .field("cols", &self.cols)
+            .finish_non_exhaustive()
+    }
+}

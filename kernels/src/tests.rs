@@ -1,0 +1,266 @@
+//! Behaviour of the public API: every SIMD level agrees with the scalar path, the scalar
+//! path agrees with dequantise-then-f32 within quantisation error, shapes and errors.
+
+use half::f16;
+use rand::rngs::SmallRng;
+use rand::{RngExt, SeedableRng};
+
+use crate::{KernelError, QuantFormat, QuantMatrix, SimdLevel};
+
+fn has_min(format: QuantFormat) -> bool {
+    matches!(format, QuantFormat::Q4_1 | QuantFormat::Q5_1)
+}
+
+/// Random but well-formed blocks: positive f16 scales, negative minimums, random quants
+/// (including `-128` for `Q8_0`).
+fn random_matrix(format: QuantFormat, rows: usize, cols: usize, seed: u64) -> QuantMatrix {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    let mut bytes = Vec::new();
+    for _ in 0..rows * cols / 32 {
+        let start = bytes.len();
+        bytes.extend(f16::from_f32(rng.random_range(0.001..0.05)).to_le_bytes());
+        if has_min(format) {
+            bytes.extend(f16::from_f32(rng.random_range(-0.5..0.0)).to_le_bytes());
+        }
+        while bytes.len() < start + format.block_bytes() {
+            bytes.push(rng.random());
+        }
+    }
+    QuantMatrix::new(format, rows, cols, bytes).unwrap()
+}
+
+fn random_activations(m: usize, k: usize, seed: u64) -> Vec<f32> {
+    let mut rng = SmallRng::seed_from_u64(seed);
+    (0..m * k)
+        .map(|i| {
+            let x: f32 = rng.random_range(-1.0..1.0);
+            // An occasional outlier, as real hidden states have.
+            if i % 97 == 13 { x * 40.0 } else { x }
+        })
+        .collect()
+}
+
+fn matmul(w: &QuantMatrix, level: SimdLevel, x: &[f32], m: usize) -> Vec<f32> {
+    let mut y = vec![f32::NAN; m * w.rows()];
+    w.matmul_with(level, x, m, &mut y);
+    y
+}
+
+fn in_pool<T: Send>(threads: usize, f: impl FnOnce() -> T + Send) -> T {
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .build()
+        .unwrap();
+    pool.install(f)
+}
+
+/// `level` agrees with the scalar path to float-summation-order error.
+fn assert_matches_scalar(format: QuantFormat, level: SimdLevel) {
+    if !level.is_available() {
+        eprintln!("skipped: {level} is not available on this CPU");
+        return;
+    }
+    for (n, k, m) in [(64, 256, 1), (37, 96, 3), (19, 64, 17), (1031, 128, 5)] {
+        let w = random_matrix(format, n, k, (n * k + m) as u64);
+        let x = random_activations(m, k, m as u64);
+        let want = in_pool(1, || matmul(&w, SimdLevel::Scalar, &x, m));
+        let got = in_pool(2, || matmul(&w, level, &x, m));
+        let scale = want.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        for (i, (g, w)) in got.iter().zip(&want).enumerate() {
+            assert!(
+                (g - w).abs() <= 1e-5 * scale,
+                "{format} {level} n={n} k={k} m={m} y[{i}]: {g} vs scalar {w}"
+            );
+        }
+    }
+}
+
+macro_rules! level_matches_scalar {
+    ($($name:ident: $format:ident, $level:ident;)*) => {$(
+        #[test]
+        fn $name() {
+            assert_matches_scalar(QuantFormat::$format, SimdLevel::$level);
+        }
+    )*};
+}
+
+level_matches_scalar! {
+    q4_0_avx2_matches_scalar: Q4_0, Avx2;
+    q4_1_avx2_matches_scalar: Q4_1, Avx2;
+    q5_0_avx2_matches_scalar: Q5_0, Avx2;
+    q5_1_avx2_matches_scalar: Q5_1, Avx2;
+    q8_0_avx2_matches_scalar: Q8_0, Avx2;
+    q4_0_avx512_matches_scalar: Q4_0, Avx512;
+    q4_1_avx512_matches_scalar: Q4_1, Avx512;
+    q5_0_avx512_matches_scalar: Q5_0, Avx512;
+    q5_1_avx512_matches_scalar: Q5_1, Avx512;
+    q8_0_avx512_matches_scalar: Q8_0, Avx512;
+}
+
+#[test]
+fn scalar_matches_dequantised_f32_within_quantisation_error() {
+    for format in QuantFormat::ALL {
+        let (n, k, m) = (23, 160, 3);
+        let w = random_matrix(format, n, k, 11);
+        let x = random_activations(m, k, 12);
+        let y = matmul(&w, SimdLevel::Scalar, &x, m);
+        let mut row = vec![0.0; k];
+        for r in 0..n {
+            w.dequantize_row(r, &mut row);
+            for a in 0..m {
+                let xa = &x[a * k..(a + 1) * k];
+                let exact: f32 = row.iter().zip(xa).map(|(w, x)| w * x).sum();
+                // Each x is off by at most half a step (amax/254) plus the f16 rounding of d.
+                let bound: f32 = row
+                    .chunks(32)
+                    .zip(xa.chunks(32))
+                    .map(|(w, x)| {
+                        let amax = x.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+                        let abs_w: f32 = w.iter().map(|w| w.abs()).sum();
+                        abs_w * amax * (0.5 / 127.0 + 1e-3)
+                    })
+                    .sum();
+                let got = y[a * n + r];
+                assert!(
+                    (got - exact).abs() <= bound + 1e-4,
+                    "{format} y[{a},{r}] = {got}, f32 gives {exact} (bound {bound})"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn thread_count_does_not_change_results() {
+    for level in SimdLevel::available() {
+        let w = random_matrix(QuantFormat::Q4_1, 1031, 128, 3);
+        let x = random_activations(17, 128, 4);
+        let one = in_pool(1, || matmul(&w, level, &x, 17));
+        let two = in_pool(2, || matmul(&w, level, &x, 17));
+        assert_eq!(one, two, "{level}");
+    }
+}
+
+#[test]
+fn exact_integer_inputs_give_exact_products() {
+    // Blocks whose amax is 127 quantise with d = 1, so q = x and every product is an
+    // integer: all levels must return exactly Σ w·x.
+    let k = 64;
+    let x: Vec<f32> = (0..k)
+        .map(|i| {
+            if i % 32 == 0 {
+                127.0
+            } else {
+                (i % 7) as f32 - 3.0
+            }
+        })
+        .collect();
+    let one = f16::from_f32(1.0).to_le_bytes();
+    let mut bytes = Vec::new();
+    for _ in 0..k / 32 {
+        bytes.extend(one);
+        bytes.extend((0..32u8).map(|j| j.wrapping_mul(37).wrapping_sub(100)));
+    }
+    let w = QuantMatrix::new(QuantFormat::Q8_0, 1, k, bytes).unwrap();
+    let mut row = vec![0.0; k];
+    w.dequantize_row(0, &mut row);
+    let exact: f32 = row.iter().zip(&x).map(|(w, x)| w * x).sum();
+    for level in SimdLevel::available() {
+        assert_eq!(matmul(&w, level, &x, 1), [exact], "{level}");
+    }
+}
+
+#[test]
+fn q4_1_minimum_uses_the_f16_rounded_activation_sum() {
+    // ggml stores s = d·Σq as f16: with d = 1 and Σq = 2049 it becomes 2048, and llama.cpp's
+    // result carries that rounding. All weights are 0 with minimum 1, so y = s.
+    let mut x = vec![127.0f32; 32];
+    let mut sum = 127 * 32;
+    for v in x.iter_mut().skip(1) {
+        if sum == 2049 {
+            break;
+        }
+        let step = (sum - 2049).min(127 + 127);
+        *v -= step as f32;
+        sum -= step;
+    }
+    assert_eq!(x.iter().sum::<f32>(), 2049.0);
+    let mut bytes = Vec::new();
+    bytes.extend(f16::from_f32(1.0).to_le_bytes());
+    bytes.extend(f16::from_f32(1.0).to_le_bytes());
+    bytes.extend([0u8; 16]);
+    let w = QuantMatrix::new(QuantFormat::Q4_1, 1, 32, bytes).unwrap();
+    for level in SimdLevel::available() {
+        assert_eq!(matmul(&w, level, &x, 1), [2048.0], "{level}");
+    }
+}
+
+#[test]
+fn dequantize_reads_the_ggml_layouts() {
+    let half = |v: f32| f16::from_f32(v).to_le_bytes();
+    // Q4_0: low nibbles are elements 0..16, high nibbles 16..32; value (q - 8)·d.
+    let mut q4_0 = half(0.5).to_vec();
+    q4_0.extend((0..16u8).map(|j| j | ((15 - j) << 4)));
+    // Q5_1: q = e through nibble and qh bit e; value q·d + m.
+    let mut q5_1 = [half(1.0), half(-2.0)].concat();
+    q5_1.extend(0xFFFF_0000u32.to_le_bytes());
+    q5_1.extend((0..16u8).map(|j| j | (j << 4)));
+    // Q5_0: same quants, value (q - 16)·d.
+    let mut q5_0 = half(2.0).to_vec();
+    q5_0.extend(&q5_1[4..]);
+    let cases: [(QuantFormat, Vec<u8>, fn(usize) -> f32); 3] = [
+        (QuantFormat::Q4_0, q4_0, |e| if e < 16 { e as f32 - 8.0 } else { 31.0 - e as f32 - 8.0 } * 0.5),
+        (QuantFormat::Q5_1, q5_1, |e| e as f32 - 2.0),
+        (QuantFormat::Q5_0, q5_0, |e| (e as f32 - 16.0) * 2.0),
+    ];
+    for (format, bytes, value) in cases {
+        let w = QuantMatrix::new(format, 1, 32, bytes).unwrap();
+        let mut out = [0.0; 32];
+        w.dequantize_row(0, &mut out);
+        let want: Vec<f32> = (0..32).map(value).collect();
+        assert_eq!(out.to_vec(), want, "{format}");
+    }
+}
+
+#[test]
+fn zero_sized_products_are_empty_or_zero() {
+    let w = QuantMatrix::new(QuantFormat::Q4_1, 3, 0, vec![]).unwrap();
+    let mut y = vec![f32::NAN; 6];
+    w.matmul(&[], 2, &mut y);
+    assert_eq!(y, [0.0; 6]);
+    let w = random_matrix(QuantFormat::Q8_0, 4, 64, 1);
+    w.matmul(&[], 0, &mut []);
+}
+
+#[test]
+fn ragged_columns_are_refused() {
+    let err = QuantMatrix::new(QuantFormat::Q4_1, 2, 48, vec![0; 40]).unwrap_err();
+    assert_eq!(
+        err,
+        KernelError::RaggedColumns {
+            format: QuantFormat::Q4_1,
+            cols: 48,
+            block_len: 32
+        }
+    );
+    assert_eq!(
+        err.to_string(),
+        "48 columns is not a multiple of the Q4_1 block length 32"
+    );
+}
+
+#[test]
+fn wrong_byte_length_is_refused() {
+    let err = QuantMatrix::new(QuantFormat::Q8_0, 3, 64, vec![0; 203]).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "a Q8_0 matrix of 3x64 needs 204 bytes (6 blocks of 34), got 203"
+    );
+}
+
+#[test]
+#[should_panic(expected = "x has 5 values")]
+fn wrong_activation_length_panics() {
+    let w = random_matrix(QuantFormat::Q4_0, 2, 32, 1);
+    w.matmul(&[0.0; 5], 1, &mut [0.0; 2]);
+}

@@ -1,0 +1,392 @@
+//! The engine: a model, its tokenizer and its KV cache, running requests.
+//!
+//! `Engine` is synchronous and owns everything it touches; it runs on its own
+//! thread (`EngineHandle`), fed by a channel from the async gRPC side, so
+//! matrix maths never blocks a tokio worker. One request runs at a time for
+//! now; the batching issue replaces the loop with a scheduler over the same
+//! `Transformer::forward`.
+
+mod handle;
+mod request;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+
+pub use handle::{EngineEvent, EngineHandle};
+pub use request::{
+    FinishReason, Finished, GenerationRequest, LogprobEntry, Prompt, Stopping, TokenEvent,
+};
+
+use crate::comm::{Collective, SingleRank};
+use crate::kv::{KvCache, SlotId};
+use crate::model::{LogitsFor, ModelConfig, ModelError, SeqSpan, Transformer};
+use crate::sampling::{Sampler, SamplingError, StopMatcher, logprobs_of};
+use crate::tokenizer::{IncrementalDetokenizer, Tokenizer, TokenizerError};
+use crate::weights::{GgufFile, WeightsError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error(transparent)]
+    Model(#[from] ModelError),
+    #[error(transparent)]
+    Tokenizer(#[from] TokenizerError),
+    /// The request cannot run as asked; the message says which part and why.
+    #[error("invalid request: {0}")]
+    InvalidRequest(String),
+    #[error(transparent)]
+    Sampling(#[from] SamplingError),
+    #[error("the engine has stopped")]
+    Stopped,
+}
+
+impl From<candle_core::Error> for EngineError {
+    fn from(source: candle_core::Error) -> Self {
+        EngineError::Model(ModelError::Candle { source })
+    }
+}
+
+/// Limits of the engine, set at start-up.
+#[derive(Clone, Debug)]
+pub struct EngineOptions {
+    /// Longest sequence (prompt + generation); `None` = the model's trained context.
+    pub max_seq_len: Option<usize>,
+    /// Prompt tokens per forward step, so a long prompt runs in bounded memory.
+    pub prefill_chunk: usize,
+    /// Name clients use for the model; defaults to the file's stem.
+    pub served_model_name: Option<String>,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        Self {
+            max_seq_len: None,
+            prefill_chunk: 512,
+            served_model_name: None,
+        }
+    }
+}
+
+/// What the engine says about itself (gRPC `ModelInfo`).
+#[derive(Clone, Debug)]
+pub struct ModelInfo {
+    pub served_model_name: String,
+    pub config: ModelConfig,
+    pub max_seq_len: usize,
+    pub weight_format: String,
+    pub eos_token_ids: Vec<u32>,
+    pub has_chat_template: bool,
+    pub tensor_parallel_size: usize,
+}
+
+pub struct Engine {
+    model: Transformer,
+    tokenizer: Arc<Tokenizer>,
+    kv: KvCache,
+    info: ModelInfo,
+    prefill_chunk: usize,
+}
+
+/// What a caller's sink says after each token.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Flow {
+    Continue,
+    /// The caller went away: stop now and free the sequence's memory.
+    Cancel,
+}
+
+impl Engine {
+    /// Loads a GGUF model on CPU as a group of one rank.
+    pub fn load(path: &Path, options: &EngineOptions) -> Result<Self, EngineError> {
+        Self::load_rank(path, options, Arc::new(SingleRank), Device::Cpu)
+    }
+
+    /// Loads this rank's shard of a GGUF model.
+    pub fn load_rank(
+        path: &Path,
+        options: &EngineOptions,
+        comm: Arc<dyn Collective>,
+        device: Device,
+    ) -> Result<Self, EngineError> {
+        let file = GgufFile::open(path)?;
+        let tokenizer = Arc::new(Tokenizer::from_gguf(file.metadata())?);
+        let world = comm.world_size();
+        let model = Transformer::from_gguf(&file, comm, device.clone())?;
+        let config = model.config().clone();
+        let max_seq_len = options
+            .max_seq_len
+            .map_or(config.max_position, |m| m.min(config.max_position));
+        let dtype = file
+            .tensor_meta("blk.0.ffn_down.weight")
+            .map(|m| format!("gguf:{:?}", m.dtype))
+            .unwrap_or_else(|_| "gguf".into());
+        let name = options.served_model_name.clone().unwrap_or_else(|| {
+            path.file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_else(|| "model".into())
+        });
+        let info = ModelInfo {
+            served_model_name: name,
+            max_seq_len,
+            weight_format: dtype,
+            eos_token_ids: tokenizer.eog_ids().to_vec(),
+            has_chat_template: tokenizer.chat_template().is_some(),
+            tensor_parallel_size: world,
+            config,
+        };
+        let kv = KvCache::new(model.kv_shape(), device);
+        Ok(Self {
+            model,
+            tokenizer,
+            kv,
+            info,
+            prefill_chunk: options.prefill_chunk.max(1),
+        })
+    }
+
+    pub fn info(&self) -> &ModelInfo {
+        &self.info
+    }
+
+    pub fn tokenizer(&self) -> &Arc<Tokenizer> {
+        &self.tokenizer
+    }
+
+    /// Bytes of KV cache in use (0 between requests).
+    pub fn kv_bytes(&self) -> usize {
+        self.kv.bytes()
+    }
+
+    /// The prompt's token ids, or why the request cannot run.
+    pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
+        let ids = match prompt {
+            Prompt::Text(text) => self.tokenizer.encode(text, true, true)?,
+            Prompt::Chat(messages) => {
+                let template = self.tokenizer.chat_template().ok_or_else(|| {
+                    EngineError::InvalidRequest("this model has no chat template; send a text prompt".into())
+                })?;
+                let text = template.render(messages, true)?;
+                self.tokenizer.encode(&text, false, true)?
+            }
+            Prompt::Ids(ids) => ids.clone(),
+        };
+        let vocab = self.info.config.vocab_size;
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+            return Err(EngineError::InvalidRequest(format!(
+                "prompt token id {bad} is outside the vocabulary of {vocab}"
+            )));
+        }
+        Ok(ids)
+    }
+
+    /// Checks a request and returns its prompt ids.
+    pub fn validate(&self, req: &GenerationRequest) -> Result<Vec<u32>, EngineError> {
+        req.sampling.validate()?;
+        for (what, k) in [("logprobs", req.logprobs), ("prompt_logprobs", req.prompt_logprobs)] {
+            if let Some(k) = k
+                && k > 20
+            {
+                return Err(EngineError::InvalidRequest(format!("{what}={k} is more than 20 alternatives")));
+            }
+        }
+        let ids = self.prompt_ids(&req.prompt)?;
+        let max = self.info.max_seq_len;
+        if ids.is_empty() {
+            return Err(EngineError::InvalidRequest("the prompt is empty".into()));
+        }
+        let gen_min = usize::from(req.stopping.max_tokens != Some(0));
+        if ids.len() + gen_min > max {
+            return Err(EngineError::InvalidRequest(format!(
+                "the prompt has {} tokens; the context holds {max} (prompt plus at least one generated token)",
+                ids.len()
+            )));
+        }
+        Ok(ids)
+    }
+
+    /// Runs one request to its end, calling `sink` with each token.
+    pub fn generate(
+        &mut self,
+        req: &GenerationRequest,
+        sink: &mut dyn FnMut(TokenEvent) -> Flow,
+    ) -> Result<Option<Finished>, EngineError> {
+        let prompt = self.validate(req)?;
+        let slot = self.kv.allocate();
+        let result = self.run(req, prompt, slot, sink);
+        self.kv.free(slot);
+        result
+    }
+
+    fn run(
+        &mut self,
+        req: &GenerationRequest,
+        prompt: Vec<u32>,
+        slot: SlotId,
+        sink: &mut dyn FnMut(TokenEvent) -> Flow,
+    ) -> Result<Option<Finished>, EngineError> {
+        let (mut logits, prompt_logprobs) = self.prefill(&prompt, slot, req.prompt_logprobs)?;
+        let max_seq = self.info.max_seq_len;
+        let budget = (max_seq - prompt.len()).min(req.stopping.max_tokens.unwrap_or(usize::MAX));
+        let mut sampler = Sampler::new(req.sampling.clone());
+        let mut detok = IncrementalDetokenizer::new();
+        let mut stops = StopMatcher::new(req.stopping.stop.clone());
+        let mut generated: Vec<u32> = Vec::new();
+        let mut text = String::new();
+        let mut matched_stop = None;
+        let tokenizer = self.tokenizer.clone();
+        let eog = tokenizer.eog_ids();
+        let reason = loop {
+            if generated.len() >= budget {
+                break if req.stopping.max_tokens.is_some_and(|m| generated.len() >= m) {
+                    FinishReason::Length
+                } else {
+                    FinishReason::Context
+                };
+            }
+            let Some(row) = logits.as_ref() else {
+                break FinishReason::Length;
+            };
+            let id = sampler.sample(row, &prompt, &generated);
+            if (!req.stopping.ignore_eos && eog.contains(&id)) || req.stopping.stop_token_ids.contains(&id) {
+                break FinishReason::Stop;
+            }
+            let logprob = req.logprobs.map(|k| {
+                let (token, top) = logprobs_of(row, id, k);
+                LogprobEntry { token, top }
+            });
+            generated.push(id);
+            let step = stops.push(&detok.push(&tokenizer, id));
+            text.push_str(&step.emit);
+            let stopped = step.matched.is_some();
+            matched_stop = step.matched;
+            if sink(TokenEvent {
+                id,
+                text_delta: step.emit,
+                logprob,
+            }) == Flow::Cancel
+            {
+                return Ok(None);
+            }
+            if stopped {
+                break FinishReason::Stop;
+            }
+            if generated.len() < budget {
+                let pos = prompt.len() + generated.len() - 1;
+                logits = self.step(&[id], pos, slot, LogitsFor::Last)?.pop();
+            }
+        };
+        let mut text_tail = String::new();
+        if matched_stop.is_none() {
+            let step = stops.push(&detok.finish());
+            text_tail = step.emit + &stops.flush();
+            text.push_str(&text_tail);
+        }
+        Ok(Some(Finished {
+            reason,
+            prompt_token_ids: prompt,
+            token_ids: generated,
+            text,
+            text_tail,
+            prompt_logprobs,
+            matched_stop,
+        }))
+    }
+
+    /// Runs the prompt through the model in chunks; returns the next-token
+    /// logits and, when asked, the prompt tokens' log-probabilities.
+    #[allow(clippy::type_complexity)]
+    fn prefill(
+        &mut self,
+        prompt: &[u32],
+        slot: SlotId,
+        top_k: Option<usize>,
+    ) -> Result<(Option<Vec<f32>>, Option<Vec<Option<LogprobEntry>>>), EngineError> {
+        let mut scores = top_k.map(|_| vec![None]);
+        let mut last = None;
+        let mut pos = 0;
+        for chunk in prompt.chunks(self.prefill_chunk) {
+            let end = pos + chunk.len() == prompt.len();
+            let want = match (top_k.is_some(), end) {
+                (true, _) => LogitsFor::All,
+                (false, true) => LogitsFor::Last,
+                (false, false) => LogitsFor::None,
+            };
+            let logits = self.step(chunk, pos, slot, want)?;
+            if let (Some(k), Some(scores)) = (top_k, scores.as_mut()) {
+                // Row i predicts token pos+i+1.
+                for (i, row) in logits.iter().enumerate() {
+                    if let Some(&next) = prompt.get(pos + i + 1) {
+                        let (token, top) = logprobs_of(row, next, k);
+                        scores.push(Some(LogprobEntry { token, top }));
+                    }
+                }
+            }
+            last = logits.into_iter().last();
+            pos += chunk.len();
+        }
+        Ok((last, scores))
+    }
+
+    /// One forward step of `tokens` at `pos`; returns the requested logits rows.
+    fn step(&mut self, tokens: &[u32], pos: usize, slot: SlotId, want: LogitsFor) -> Result<Vec<Vec<f32>>, EngineError> {
+        let span = SeqSpan {
+            tokens,
+            start_pos: pos,
+            slot,
+            logits: want,
+        };
+        let out = self.model.forward(std::slice::from_ref(&span), &mut self.kv)?;
+        Ok(rows(&out[0])?)
+    }
+
+    /// For benchmarks: prefills `prompt` on a fresh slot, then runs `gen`
+    /// greedy decode steps (one forward pass each). `on_phase` is called when
+    /// each phase ends, so the caller can time them. Returns the generated ids.
+    pub fn run_fixed(
+        &mut self,
+        prompt: &[u32],
+        new_tokens: usize,
+        mut on_phase: impl FnMut(BenchPhase),
+    ) -> Result<Vec<u32>, EngineError> {
+        if prompt.is_empty() || prompt.len() + new_tokens > self.info.max_seq_len {
+            return Err(EngineError::InvalidRequest(format!(
+                "{} prompt and {new_tokens} generated tokens do not fit the context of {}",
+                prompt.len(),
+                self.info.max_seq_len
+            )));
+        }
+        let slot = self.kv.allocate();
+        let result = (|| {
+            let (mut logits, _) = self.prefill(prompt, slot, None)?;
+            on_phase(BenchPhase::Prefilled);
+            let mut out = Vec::with_capacity(new_tokens);
+            for i in 0..new_tokens {
+                let row = logits.take().ok_or(EngineError::Stopped)?;
+                let id = crate::sampling::argmax(&row);
+                out.push(id);
+                logits = self.step(&[id], prompt.len() + i, slot, LogitsFor::Last)?.pop();
+            }
+            on_phase(BenchPhase::Decoded);
+            Ok(out)
+        })();
+        self.kv.free(slot);
+        result
+    }
+}
+
+/// Phases of `Engine::run_fixed`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum BenchPhase {
+    Prefilled,
+    Decoded,
+}
+
+fn rows(t: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
+    if t.dim(0)? == 0 {
+        return Ok(Vec::new());
+    }
+    t.to_vec2::<f32>()
+}

@@ -1,0 +1,205 @@
+//! The Llama-family transformer (Llama, SmolLM, Mistral, Qwen2), built from
+//! parallel-ready layers so that a rank computes only its shard.
+//!
+//! `Transformer::forward` takes a batch of token spans, each with its first
+//! position and its KV cache slot, runs the linear layers once over all their
+//! tokens, attention per span, and returns the logits each span asked for.
+
+mod attention;
+mod config;
+mod layers;
+mod rope;
+
+use std::sync::Arc;
+
+use candle_core::{Device, Tensor};
+
+pub use config::{ModelConfig, RopeConfig, RopeScaling, RopeStyle};
+pub use layers::LoadContext;
+
+use crate::comm::Collective;
+use crate::kv::{KvCache, KvShape, SlotId};
+use crate::weights::{GgufFile, Weight, WeightsError};
+use attention::Attention;
+use layers::{ColumnParallelLinear, Embedding, RmsNorm, RowParallelLinear, swiglu};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Weights(#[from] WeightsError),
+    #[error("architecture '{architecture}' is not supported (supported: {supported})")]
+    UnsupportedArchitecture {
+        architecture: String,
+        supported: String,
+    },
+    #[error("cannot split the model over tensor={world} ranks: {reason}")]
+    ImpossibleSplit { world: usize, reason: String },
+    #[error("tensor '{tensor}' has shape {found:?}, expected {expected:?}")]
+    Shape {
+        tensor: String,
+        found: Vec<usize>,
+        expected: Vec<usize>,
+    },
+    #[error("model computation failed: {source}")]
+    Candle {
+        #[from]
+        source: candle_core::Error,
+    },
+}
+
+/// Which logits a span wants back.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogitsFor {
+    /// Only its last token's (the next-token distribution).
+    Last,
+    /// Every token's (prompt scoring).
+    All,
+    /// None (a chunk of a prompt whose end comes in a later step).
+    None,
+}
+
+/// A run of consecutive tokens of one sequence.
+#[derive(Clone, Debug)]
+pub struct SeqSpan<'a> {
+    pub tokens: &'a [u32],
+    /// Position of `tokens[0]` in its sequence; the cache holds `0..start_pos`.
+    pub start_pos: usize,
+    pub slot: SlotId,
+    pub logits: LogitsFor,
+}
+
+#[derive(Debug)]
+struct Block {
+    attn_norm: RmsNorm,
+    attn: Attention,
+    mlp_norm: RmsNorm,
+    gate: ColumnParallelLinear,
+    up: ColumnParallelLinear,
+    down: RowParallelLinear,
+}
+
+#[derive(Debug)]
+pub struct Transformer {
+    config: ModelConfig,
+    embed: Embedding,
+    blocks: Vec<Block>,
+    norm: RmsNorm,
+    /// `None` when the output head is the token embedding.
+    head: Option<Weight>,
+    device: Device,
+}
+
+impl Transformer {
+    /// Loads this rank's shard of a GGUF model.
+    pub fn from_gguf(
+        file: &GgufFile,
+        comm: Arc<dyn Collective>,
+        device: Device,
+    ) -> Result<Self, ModelError> {
+        let config = ModelConfig::from_gguf(file)?;
+        config.check_split(comm.world_size())?;
+        let ctx = LoadContext {
+            file,
+            comm,
+            device: device.clone(),
+        };
+        let embed = Embedding::load(&ctx, "token_embd.weight")?;
+        let dims = embed.weight().dims();
+        if dims != [config.vocab_size, config.hidden_size] {
+            return Err(ModelError::Shape {
+                tensor: "token_embd.weight".into(),
+                found: dims,
+                expected: vec![config.vocab_size, config.hidden_size],
+            });
+        }
+        let blocks = (0..config.num_layers)
+            .map(|i| {
+                let p = format!("blk.{i}");
+                Ok(Block {
+                    attn_norm: RmsNorm::load(&ctx, &format!("{p}.attn_norm.weight"), config.rms_eps)?,
+                    attn: Attention::load(&ctx, &p, &config)?,
+                    mlp_norm: RmsNorm::load(&ctx, &format!("{p}.ffn_norm.weight"), config.rms_eps)?,
+                    gate: ColumnParallelLinear::load_even(&ctx, &format!("{p}.ffn_gate"), false)?,
+                    up: ColumnParallelLinear::load_even(&ctx, &format!("{p}.ffn_up"), false)?,
+                    down: RowParallelLinear::load_even(&ctx, &format!("{p}.ffn_down"))?,
+                })
+            })
+            .collect::<Result<Vec<_>, ModelError>>()?;
+        let norm = RmsNorm::load(&ctx, "output_norm.weight", config.rms_eps)?;
+        let head = if config.tied_embeddings {
+            None
+        } else {
+            Some(ctx.load("output.weight", &crate::weights::Split::Full)?)
+        };
+        Ok(Self {
+            config,
+            embed,
+            blocks,
+            norm,
+            head,
+            device,
+        })
+    }
+
+    pub fn config(&self) -> &ModelConfig {
+        &self.config
+    }
+
+    /// The cache shape this rank needs.
+    pub fn kv_shape(&self) -> KvShape {
+        KvShape {
+            layers: self.config.num_layers,
+            kv_heads: self.blocks.first().map_or(0, |b| b.attn.local_kv_heads()),
+            head_dim: self.config.head_dim,
+        }
+    }
+
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Runs one step over `spans`, writing their keys and values into `kv`.
+    /// Returns, per span, logits `[n, vocab]` for the tokens it asked for
+    /// (`n` = 1, its token count, or 0).
+    pub fn forward(&self, spans: &[SeqSpan<'_>], kv: &mut KvCache) -> Result<Vec<Tensor>, ModelError> {
+        let ids: Vec<u32> = spans.iter().flat_map(|s| s.tokens.iter().copied()).collect();
+        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+            return Err(candle_core::Error::Msg(format!(
+                "token id {bad} is outside the vocabulary of {}",
+                self.config.vocab_size
+            ))
+            .into());
+        }
+        let mut x = self.embed.forward(&ids)?;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let h = block.attn_norm.forward(&x)?;
+            let h = block.attn.forward(&h, spans, layer, kv)?;
+            x = (x + h)?;
+            let h = block.mlp_norm.forward(&x)?;
+            let h = swiglu(&block.gate.forward(&h)?, &block.up.forward(&h)?)?;
+            x = (x + block.down.forward(&h)?)?;
+        }
+        let mut out = Vec::with_capacity(spans.len());
+        let mut offset = 0;
+        for span in spans {
+            let n = span.tokens.len();
+            let rows = match span.logits {
+                LogitsFor::Last if n > 0 => Some(x.narrow(0, offset + n - 1, 1)?),
+                LogitsFor::All if n > 0 => Some(x.narrow(0, offset, n)?),
+                _ => None,
+            };
+            out.push(match rows {
+                Some(rows) => self.logits(&rows)?,
+                None => Tensor::zeros((0, self.config.vocab_size), candle_core::DType::F32, &self.device)?,
+            });
+            offset += n;
+        }
+        Ok(out)
+    }
+
+    fn logits(&self, hidden: &Tensor) -> Result<Tensor, ModelError> {
+        let h = self.norm.forward(hidden)?;
+        let head = self.head.as_ref().unwrap_or(self.embed.weight());
+        Ok(head.matmul_t(&h)?)
+    }
+}

@@ -1,0 +1,111 @@
+//! The worker's gRPC face: `shardserve.v1.Inference` over an [`EngineHandle`],
+//! plus `grpc.health.v1.Health` for probes and the router.
+//!
+//! The CLI's `worker` command loads the model, spawns the engine and calls
+//! [`serve`]; tests bind port 0 themselves and call [`serve_on`]. Handlers
+//! are thin: `convert` maps messages to engine types (pure, unit-tested) and
+//! `service` forwards them to the engine thread and streams its events back.
+
+mod convert;
+mod service;
+#[cfg(test)]
+mod tests;
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use shardserve_proto::v1::inference_server::InferenceServer;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use tonic_health::ServingStatus;
+use tonic_health::server::HealthReporter;
+
+pub use service::{GenerateStream, InferenceService};
+
+use crate::engine::EngineHandle;
+
+/// How long in-flight calls may run on after shutdown is asked; long-lived
+/// streams (a health `Watch`, a generation without a limit) must not keep the
+/// process alive past its pod's termination grace period.
+const DRAIN_GRACE: Duration = Duration::from_secs(20);
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Binds `listen` and serves the engine until `shutdown` completes.
+pub async fn serve(
+    engine: EngineHandle,
+    listen: SocketAddr,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let listener = TcpListener::bind(listen)
+        .await
+        .map_err(|source| ServerError::Bind {
+            addr: listen,
+            source,
+        })?;
+    serve_on(engine, listener, shutdown).await
+}
+
+/// Serves the engine on an already bound listener until `shutdown` completes.
+///
+/// The model is loaded before this is called, so health reports SERVING from
+/// the start; on shutdown it turns NOT_SERVING, the listener closes, and
+/// in-flight calls get [`DRAIN_GRACE`] to finish.
+pub async fn serve_on(
+    engine: EngineHandle,
+    listener: TcpListener,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    set_status(&health, ServingStatus::Serving).await;
+    tracing::info!(
+        addr = ?listener.local_addr().ok(),
+        model = %engine.info().served_model_name,
+        "serving shardserve.v1.Inference"
+    );
+
+    let (draining, drained_by) = oneshot::channel::<()>();
+    let signal = async move {
+        shutdown.await;
+        set_status(&health, ServingStatus::NotServing).await;
+        tracing::info!("shutting down: no new calls, draining in-flight ones");
+        let _ = draining.send(());
+    };
+    let server = Server::builder()
+        .add_service(health_service)
+        .add_service(InferenceServer::new(InferenceService::new(engine)))
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal);
+    let deadline = async move {
+        match drained_by.await {
+            Ok(()) => tokio::time::sleep(DRAIN_GRACE).await,
+            // The server ended on its own; the other branch has the result.
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        result = server => result?,
+        () = deadline => tracing::warn!(grace = ?DRAIN_GRACE, "calls still open after the grace period; stopping anyway"),
+    }
+    tracing::info!("server stopped");
+    Ok(())
+}
+
+/// Sets the overall status ("") and the Inference service's together.
+async fn set_status(health: &HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    health
+        .set_service_status(shardserve_proto::v1::inference_server::SERVICE_NAME, status)
+        .await;
+}

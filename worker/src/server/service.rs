@@ -1,0 +1,322 @@
+//! `InferenceService`: the generated `Inference` trait over an `EngineHandle`.
+
+use std::hash::{BuildHasher, Hasher, RandomState};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::{Context, Poll};
+
+use shardserve_proto::v1 as pb;
+use shardserve_proto::v1::inference_server::Inference;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status};
+use tracing::{Instrument, Span};
+
+use super::convert;
+use crate::engine::{EngineEvent, EngineHandle};
+use crate::tokenizer::Tokenizer;
+
+/// Serves `shardserve.v1.Inference` from one engine.
+#[derive(Clone)]
+pub struct InferenceService {
+    engine: EngineHandle,
+}
+
+impl InferenceService {
+    pub fn new(engine: EngineHandle) -> Self {
+        Self { engine }
+    }
+}
+
+#[tonic::async_trait]
+impl Inference for InferenceService {
+    type GenerateStream = GenerateStream;
+
+    async fn generate(
+        &self,
+        request: Request<pb::GenerateRequest>,
+    ) -> Result<Response<Self::GenerateStream>, Status> {
+        let req = request.into_inner();
+        let request_id = if req.request_id.is_empty() {
+            new_request_id()
+        } else {
+            req.request_id.clone()
+        };
+        let span = tracing::info_span!("generate", request_id = %request_id);
+        let stream = match self.start(&req).instrument(span.clone()).await {
+            Ok(stream) => stream,
+            Err(status) => {
+                span.in_scope(
+                    || tracing::info!(code = ?status.code(), message = status.message(), "refused"),
+                );
+                return Err(status);
+            }
+        };
+        let (first, events) = stream;
+        let token_text = token_text(self.engine.tokenizer().clone());
+        let mut response = Response::new(GenerateStream::new(first, events, token_text, span));
+        if let Ok(value) = request_id.parse() {
+            response.metadata_mut().insert("x-request-id", value);
+        }
+        Ok(response)
+    }
+
+    async fn tokenize(
+        &self,
+        request: Request<pb::TokenizeRequest>,
+    ) -> Result<Response<pb::TokenizeResponse>, Status> {
+        let req = request.into_inner();
+        let tokenizer = self.engine.tokenizer().clone();
+        // Long texts take real CPU time: keep it off the async workers.
+        let ids = tokio::task::spawn_blocking(move || {
+            tokenizer.encode(&req.text, req.add_special_tokens, req.parse_special)
+        })
+        .await
+        .map_err(|e| Status::internal(format!("tokenizer task failed: {e}")))?
+        .map_err(|e| {
+            if convert::tokenizer_input_error(&e) {
+                Status::invalid_argument(e.to_string())
+            } else {
+                Status::internal(e.to_string())
+            }
+        })?;
+        Ok(Response::new(pb::TokenizeResponse { ids }))
+    }
+
+    async fn model_info(
+        &self,
+        _request: Request<pb::ModelInfoRequest>,
+    ) -> Result<Response<pb::ModelInfoResponse>, Status> {
+        Ok(Response::new(convert::model_info(self.engine.info())))
+    }
+}
+
+impl InferenceService {
+    /// Submits the request and waits for its first event, so that a request
+    /// the engine refuses fails the call itself rather than its stream.
+    async fn start(
+        &self,
+        req: &pb::GenerateRequest,
+    ) -> Result<(EngineEvent, mpsc::Receiver<EngineEvent>), Status> {
+        let gen_request = convert::generation_request(req)?;
+        tracing::info!(prompt = prompt_kind(req), "submitted");
+        let mut events = self
+            .engine
+            .submit(gen_request)
+            .map_err(|e| convert::engine_status(&e))?;
+        match events.recv().await {
+            Some(EngineEvent::Error(e)) => Err(convert::engine_status(&e)),
+            Some(first) => Ok((first, events)),
+            None => Err(Status::unavailable("the engine dropped the request")),
+        }
+    }
+}
+
+fn prompt_kind(req: &pb::GenerateRequest) -> &'static str {
+    use pb::generate_request::Prompt as P;
+    match req.prompt {
+        Some(P::Text(_)) => "text",
+        Some(P::Chat(_)) => "chat",
+        Some(P::TokenIds(_)) => "token_ids",
+        None => "none",
+    }
+}
+
+/// A process-unique id for requests that came without one.
+fn new_request_id() -> String {
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    // RandomState is keyed per process, so ids differ across restarts too.
+    static KEYS: std::sync::LazyLock<RandomState> = std::sync::LazyLock::new(RandomState::new);
+    let mut hasher = KEYS.build_hasher();
+    hasher.write_u64(NEXT.fetch_add(1, Ordering::Relaxed));
+    format!("gen-{:016x}", hasher.finish())
+}
+
+/// A token's text for logprob entries (lossy where a token is part of a
+/// UTF-8 character).
+type TokenText = Arc<dyn Fn(u32) -> String + Send + Sync>;
+
+fn token_text(tokenizer: Arc<Tokenizer>) -> TokenText {
+    Arc::new(move |id| {
+        tokenizer
+            .token_bytes(id)
+            .map(|b| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    })
+}
+
+/// The response stream of one `Generate` call. It owns the engine's event
+/// receiver: when the client goes away, tonic drops the stream, the receiver
+/// goes with it, and the engine cancels the request and frees its memory.
+pub struct GenerateStream {
+    /// The first event, received before the call was answered.
+    pending: Option<EngineEvent>,
+    events: mpsc::Receiver<EngineEvent>,
+    token_text: TokenText,
+    span: Span,
+    streamed: usize,
+    done: bool,
+}
+
+impl GenerateStream {
+    fn new(
+        first: EngineEvent,
+        events: mpsc::Receiver<EngineEvent>,
+        token_text: TokenText,
+        span: Span,
+    ) -> Self {
+        Self {
+            pending: Some(first),
+            events,
+            token_text,
+            span,
+            streamed: 0,
+            done: false,
+        }
+    }
+
+    fn response(&mut self, event: EngineEvent) -> Result<pb::GenerateResponse, Status> {
+        use pb::generate_response::Event;
+        let text_of = &*self.token_text;
+        let _enter = self.span.enter();
+        match event {
+            EngineEvent::Token(token) => {
+                self.streamed += 1;
+                Ok(pb::GenerateResponse {
+                    event: Some(Event::Token(convert::token_message(token, text_of))),
+                })
+            }
+            EngineEvent::Finished(done) => {
+                self.done = true;
+                tracing::info!(
+                    reason = done.reason.as_str(),
+                    prompt_tokens = done.prompt_token_ids.len(),
+                    completion_tokens = done.token_ids.len(),
+                    "finished"
+                );
+                Ok(pb::GenerateResponse {
+                    event: Some(Event::Finished(convert::finished_message(done, text_of))),
+                })
+            }
+            EngineEvent::Error(e) => {
+                self.done = true;
+                tracing::warn!(error = %e, tokens = self.streamed, "failed mid-stream");
+                Err(convert::engine_status(&e))
+            }
+        }
+    }
+}
+
+impl Stream for GenerateStream {
+    type Item = Result<pb::GenerateResponse, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let event = match self.pending.take() {
+            Some(event) => event,
+            None => match self.events.poll_recv(cx) {
+                Poll::Ready(Some(event)) => event,
+                Poll::Ready(None) => {
+                    self.done = true;
+                    return Poll::Ready(Some(Err(Status::internal(
+                        "the engine ended the request without finishing it",
+                    ))));
+                }
+                Poll::Pending => return Poll::Pending,
+            },
+        };
+        Poll::Ready(Some(self.response(event)))
+    }
+}
+
+impl Drop for GenerateStream {
+    fn drop(&mut self) {
+        if !self.done {
+            let _enter = self.span.enter();
+            tracing::info!(tokens = self.streamed, "cancelled by the client");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio_stream::StreamExt;
+
+    use super::*;
+    use crate::engine::{FinishReason, Finished, TokenEvent};
+
+    fn token(id: u32, text: &str) -> EngineEvent {
+        EngineEvent::Token(TokenEvent {
+            id,
+            text_delta: text.into(),
+            logprob: None,
+        })
+    }
+
+    fn stream(first: EngineEvent) -> (mpsc::Sender<EngineEvent>, GenerateStream) {
+        let (tx, rx) = mpsc::channel(8);
+        let text: TokenText = Arc::new(|id| id.to_string());
+        (tx, GenerateStream::new(first, rx, text, Span::none()))
+    }
+
+    #[tokio::test]
+    async fn stream_yields_first_event_tokens_then_finished_and_ends() {
+        let (tx, mut s) = stream(token(1, "a"));
+        tx.send(token(2, "b")).await.unwrap();
+        tx.send(EngineEvent::Finished(Finished {
+            reason: FinishReason::Length,
+            prompt_token_ids: vec![9],
+            token_ids: vec![1, 2],
+            text: "abc".into(),
+            text_tail: "c".into(),
+            prompt_logprobs: None,
+            matched_stop: None,
+        }))
+        .await
+        .unwrap();
+        let mut deltas = String::new();
+        let mut finished = None;
+        while let Some(item) = s.next().await {
+            match item.unwrap().event.unwrap() {
+                pb::generate_response::Event::Token(t) => deltas.push_str(&t.text_delta),
+                pb::generate_response::Event::Finished(f) => finished = Some(f),
+            }
+        }
+        let finished = finished.unwrap();
+        assert_eq!(deltas + &finished.text_delta, finished.text);
+        // The engine's sender is still alive, but the stream has ended.
+        assert!(!tx.is_closed());
+    }
+
+    #[tokio::test]
+    async fn dropping_the_stream_drops_the_engine_receiver() {
+        let (tx, mut s) = stream(token(1, "a"));
+        assert!(s.next().await.unwrap().is_ok());
+        assert!(!tx.is_closed());
+        drop(s);
+        // The engine's next send fails: that is how it learns to cancel.
+        assert!(tx.is_closed());
+        assert!(tx.send(token(2, "b")).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn engine_going_away_mid_stream_is_an_error() {
+        let (tx, mut s) = stream(token(1, "a"));
+        drop(tx);
+        assert!(s.next().await.unwrap().is_ok());
+        let err = s.next().await.unwrap().unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Internal);
+        assert!(s.next().await.is_none());
+    }
+
+    #[test]
+    fn request_ids_differ() {
+        let a = new_request_id();
+        let b = new_request_id();
+        assert_ne!(a, b);
+        assert!(a.starts_with("gen-"));
+    }
+}
