@@ -59,7 +59,8 @@ pub fn run(args: BenchArgs) -> Result<()> {
         max_seq_len: Some(longest.max(64)),
         ..EngineOptions::default()
     };
-    let mut engine = Engine::load(&args.model, &options).with_context(|| format!("loading {}", args.model.display()))?;
+    let mut engine = Engine::load(&args.model, &options)
+        .with_context(|| format!("loading {}", args.model.display()))?;
     let filler = engine.tokenizer().encode(FILLER, false, false)?;
     let prompt_of = |n: usize| -> Vec<u32> { filler.iter().copied().cycle().take(n).collect() };
     // Warm-up: first-touch of the weights and the allocator's arenas.
@@ -73,7 +74,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
         for _ in 0..args.repetitions.max(1) {
             let start = Instant::now();
             let mut marks = Vec::with_capacity(2);
-            engine.run_fixed(&prompt, args.gen_tokens, |phase: BenchPhase| marks.push((phase, Instant::now())))?;
+            engine.run_fixed(&prompt, args.gen_tokens, |phase: BenchPhase| {
+                marks.push((phase, Instant::now()))
+            })?;
             let prefilled = marks[0].1;
             let decoded = marks[1].1;
             prefill.push(p as f64 / (prefilled - start).as_secs_f64());
@@ -95,8 +98,14 @@ pub fn run(args: BenchArgs) -> Result<()> {
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
-        println!("model {}  threads {}  simd {}", report.model, report.threads, report.simd);
-        println!("{:>13} {:>10} {:>14} {:>13}", "prompt_tokens", "gen_tokens", "prefill tok/s", "decode tok/s");
+        println!(
+            "model {}  threads {}  simd {}",
+            report.model, report.threads, report.simd
+        );
+        println!(
+            "{:>13} {:>10} {:>14} {:>13}",
+            "prompt_tokens", "gen_tokens", "prefill tok/s", "decode tok/s"
+        );
         for r in &report.results {
             println!(
                 "{:>13} {:>10} {:>14.1} {:>13.1}",

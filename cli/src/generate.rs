@@ -7,7 +7,9 @@ use std::path::PathBuf;
 use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::{Value, json};
-use shardserve_worker::engine::{Engine, EngineOptions, Flow, GenerationRequest, LogprobEntry, Prompt};
+use shardserve_worker::engine::{
+    Engine, EngineOptions, Flow, GenerationRequest, LogprobEntry, Prompt,
+};
 use shardserve_worker::sampling::SamplingParams;
 use shardserve_worker::tokenizer::ChatMessage;
 
@@ -70,7 +72,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         max_seq_len: args.max_seq_len,
         ..EngineOptions::default()
     };
-    let mut engine = Engine::load(&args.model, &options).with_context(|| format!("loading {}", args.model.display()))?;
+    let mut engine = Engine::load(&args.model, &options)
+        .with_context(|| format!("loading {}", args.model.display()))?;
     let prompt = match (&args.chat, &args.prompt, &args.prompt_ids) {
         (Some(text), _, _) => Prompt::Chat(vec![ChatMessage {
             role: "user".into(),
@@ -105,7 +108,10 @@ pub fn run(args: GenerateArgs) -> Result<()> {
             }
             if stream {
                 // A closed stdout (a pipe to `head`) ends generation, not the process.
-                if write!(stdout, "{}", event.text_delta).and_then(|_| stdout.flush()).is_err() {
+                if write!(stdout, "{}", event.text_delta)
+                    .and_then(|_| stdout.flush())
+                    .is_err()
+                {
                     return Flow::Cancel;
                 }
             }

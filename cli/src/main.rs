@@ -14,7 +14,11 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser)]
-#[command(name = "shardserve", version, about = "Serve large language models, from a laptop to a GPU cluster")]
+#[command(
+    name = "shardserve",
+    version,
+    about = "Serve large language models, from a laptop to a GPU cluster"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -67,7 +71,10 @@ fn main() -> Result<()> {
                 Ok(())
             }
             ModelCommand::DemoPath { cache } => {
-                println!("{}", demo_model::path_in(&demo_model::cache_dir(cache)?).display());
+                println!(
+                    "{}",
+                    demo_model::path_in(&demo_model::cache_dir(cache)?).display()
+                );
                 Ok(())
             }
         },

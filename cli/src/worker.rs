@@ -34,7 +34,8 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         served_model_name: args.served_model_name.clone(),
         ..EngineOptions::default()
     };
-    let engine = Engine::load(&args.model, &options).with_context(|| format!("loading {}", args.model.display()))?;
+    let engine = Engine::load(&args.model, &options)
+        .with_context(|| format!("loading {}", args.model.display()))?;
     let info = engine.info().clone();
     tracing::info!(
         model = %info.served_model_name,

@@ -25,7 +25,9 @@ pub fn shardserve_bin() -> PathBuf {
 pub fn demo_model() -> PathBuf {
     let cache = std::env::var_os("SHARDSERVE_CACHE")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/shardserve"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME is set")).join(".cache/shardserve")
+        });
     let path = cache.join("SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(
         path.exists(),
@@ -53,6 +55,10 @@ pub fn run_json(args: &[&str]) -> serde_json::Value {
         String::from_utf8_lossy(&out.stderr)
     );
     let stdout = String::from_utf8(out.stdout).expect("stdout is UTF-8");
-    assert_eq!(stdout.trim_end().lines().count(), 1, "one line of JSON expected, got: {stdout}");
+    assert_eq!(
+        stdout.trim_end().lines().count(),
+        1,
+        "one line of JSON expected, got: {stdout}"
+    );
     serde_json::from_str(stdout.trim()).expect("stdout is JSON")
 }

@@ -5,14 +5,25 @@ use serde_json::Value;
 use shardserve_e2e::{demo_model, run, run_json};
 
 fn ids(v: &Value) -> Vec<u64> {
-    v.as_array().expect("array").iter().map(|x| x.as_u64().expect("id")).collect()
+    v.as_array()
+        .expect("array")
+        .iter()
+        .map(|x| x.as_u64().expect("id"))
+        .collect()
 }
 
 #[test]
 fn generate_json_follows_the_contract() {
     let model = demo_model();
     let out = run_json(&[
-        "generate", "--model", model.to_str().unwrap(), "--chat", "What is 2+2?", "--max-tokens", "8", "--json",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--chat",
+        "What is 2+2?",
+        "--max-tokens",
+        "8",
+        "--json",
     ]);
     let prompt = ids(&out["prompt_token_ids"]);
     assert_eq!(prompt[0], 1, "the chat template starts with <|im_start|>");
@@ -29,14 +40,35 @@ fn prompt_logprobs_equal_generation_logprobs() {
     let model = demo_model();
     let m = model.to_str().unwrap();
     let first = run_json(&[
-        "generate", "--model", m, "--prompt", "The three primary colors are", "--max-tokens", "12", "--logprobs", "3",
+        "generate",
+        "--model",
+        m,
+        "--prompt",
+        "The three primary colors are",
+        "--max-tokens",
+        "12",
+        "--logprobs",
+        "3",
         "--json",
     ]);
     let prompt = ids(&first["prompt_token_ids"]);
     let generated = ids(&first["token_ids"]);
-    let all: Vec<String> = prompt.iter().chain(&generated).map(u64::to_string).collect();
+    let all: Vec<String> = prompt
+        .iter()
+        .chain(&generated)
+        .map(u64::to_string)
+        .collect();
     let scored = run_json(&[
-        "generate", "--model", m, "--prompt-ids", &all.join(","), "--max-tokens", "0", "--prompt-logprobs", "3", "--json",
+        "generate",
+        "--model",
+        m,
+        "--prompt-ids",
+        &all.join(","),
+        "--max-tokens",
+        "0",
+        "--prompt-logprobs",
+        "3",
+        "--json",
     ]);
     assert_eq!(ids(&scored["token_ids"]), Vec::<u64>::new());
     let gen_lp = first["logprobs"].as_array().unwrap();
@@ -47,10 +79,27 @@ fn prompt_logprobs_equal_generation_logprobs() {
     for (i, g) in gen_lp.iter().enumerate() {
         let p = &prompt_lp[prompt.len() + i];
         assert_eq!(g["id"], p["id"]);
-        let (a, b) = (g["logprob"].as_f64().unwrap(), p["logprob"].as_f64().unwrap());
-        assert!((a - b).abs() < 2e-3, "token {i}: generation logprob {a} vs prompt logprob {b}");
-        let top_ids = |v: &Value| v["top"].as_array().unwrap().iter().map(|t| t["id"].clone()).collect::<Vec<_>>();
-        assert_eq!(top_ids(g)[0], top_ids(p)[0], "token {i}: best alternative differs");
+        let (a, b) = (
+            g["logprob"].as_f64().unwrap(),
+            p["logprob"].as_f64().unwrap(),
+        );
+        assert!(
+            (a - b).abs() < 2e-3,
+            "token {i}: generation logprob {a} vs prompt logprob {b}"
+        );
+        let top_ids = |v: &Value| {
+            v["top"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|t| t["id"].clone())
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(
+            top_ids(g)[0],
+            top_ids(p)[0],
+            "token {i}: best alternative differs"
+        );
     }
 }
 
@@ -60,8 +109,18 @@ fn same_seed_gives_same_sample() {
     let m = model.to_str().unwrap();
     let args = |seed: &'static str| {
         [
-            "generate", "--model", m, "--chat", "Tell me a story.", "--max-tokens", "16", "--temperature", "1.0",
-            "--seed", seed, "--json",
+            "generate",
+            "--model",
+            m,
+            "--chat",
+            "Tell me a story.",
+            "--max-tokens",
+            "16",
+            "--temperature",
+            "1.0",
+            "--seed",
+            seed,
+            "--json",
         ]
     };
     let a = run_json(&args("7"));
@@ -73,8 +132,16 @@ fn same_seed_gives_same_sample() {
 fn bench_json_reports_each_setting() {
     let model = demo_model();
     let out = run_json(&[
-        "bench", "--model", model.to_str().unwrap(), "--prompt-tokens", "16,32", "--gen-tokens", "4", "--repetitions",
-        "1", "--json",
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt-tokens",
+        "16,32",
+        "--gen-tokens",
+        "4",
+        "--repetitions",
+        "1",
+        "--json",
     ]);
     assert_eq!(out["threads"], 2);
     let results = out["results"].as_array().unwrap();
@@ -88,9 +155,19 @@ fn bench_json_reports_each_setting() {
 }
 
 fn refused(model: &std::path::Path) -> String {
-    let out = run(&["generate", "--model", model.to_str().unwrap(), "--prompt", "hi", "--json"]);
+    let out = run(&[
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        "hi",
+        "--json",
+    ]);
     assert!(!out.status.success(), "a bad model file must be refused");
-    assert!(out.stdout.is_empty(), "nothing on stdout for a refused model");
+    assert!(
+        out.stdout.is_empty(),
+        "nothing on stdout for a refused model"
+    );
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
@@ -101,7 +178,10 @@ fn truncated_gguf_is_refused() {
     let path = dir.path().join("half.gguf");
     std::fs::write(&path, &bytes[..bytes.len() / 2]).unwrap();
     let err = refused(&path);
-    assert!(err.contains("truncated") && err.contains("half.gguf"), "unclear error: {err}");
+    assert!(
+        err.contains("truncated") && err.contains("half.gguf"),
+        "unclear error: {err}"
+    );
 }
 
 #[test]
@@ -110,22 +190,37 @@ fn non_gguf_file_is_refused() {
     let path = dir.path().join("notes.gguf");
     std::fs::write(&path, b"this is not a model file at all").unwrap();
     let err = refused(&path);
-    assert!(err.contains("not a GGUF file") && err.contains("notes.gguf"), "unclear error: {err}");
+    assert!(
+        err.contains("not a GGUF file") && err.contains("notes.gguf"),
+        "unclear error: {err}"
+    );
 }
 
 #[test]
 fn missing_model_file_is_refused() {
     let err = refused(std::path::Path::new("/nonexistent/model.gguf"));
-    assert!(err.contains("/nonexistent/model.gguf"), "unclear error: {err}");
+    assert!(
+        err.contains("/nonexistent/model.gguf"),
+        "unclear error: {err}"
+    );
 }
 
 #[test]
 fn overlong_prompt_is_refused_with_counts() {
     let model = demo_model();
     let out = run(&[
-        "generate", "--model", model.to_str().unwrap(), "--prompt", &"word ".repeat(100), "--max-seq-len", "32",
+        "generate",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt",
+        &"word ".repeat(100),
+        "--max-seq-len",
+        "32",
     ]);
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("tokens") && err.contains("32"), "unclear error: {err}");
+    assert!(
+        err.contains("tokens") && err.contains("32"),
+        "unclear error: {err}"
+    );
 }

@@ -2,7 +2,8 @@
 //! Q8_0 output head) for every SIMD level this CPU has, at 1 and 2 threads, and estimates
 //! the decode and prefill token rates the kernels alone would allow.
 //!
-//! `cargo run -p shardserve-kernels --example bench_matmul [-- LEVEL...]`, e.g. `-- avx512`.
+//! `cargo run -p shardserve-kernels --example bench_matmul [-- LEVEL... m=M...]`, e.g.
+//! `-- avx512 m=1`.
 
 use std::time::{Duration, Instant};
 
@@ -53,10 +54,17 @@ fn time(w: &QuantMatrix, level: SimdLevel, m: usize) -> f64 {
 }
 
 fn main() {
-    let wanted: Vec<String> = std::env::args().skip(1).collect();
+    // Arguments: level names (`avx512`) and/or `m=1`, `m=128` to run a subset.
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let (m_args, level_args): (Vec<&String>, Vec<&String>) =
+        args.iter().partition(|a| a.starts_with("m="));
     let levels: Vec<SimdLevel> = SimdLevel::available()
         .into_iter()
-        .filter(|l| wanted.is_empty() || wanted.iter().any(|w| w == l.name()))
+        .filter(|l| level_args.is_empty() || level_args.iter().any(|w| *w == l.name()))
+        .collect();
+    let ms: Vec<usize> = [1, 128]
+        .into_iter()
+        .filter(|m| m_args.is_empty() || m_args.iter().any(|a| **a == format!("m={m}")))
         .collect();
     let shapes: Vec<(usize, usize)> = LAYER.iter().map(|(s, _)| *s).chain([HEAD]).collect();
     println!(
@@ -70,7 +78,7 @@ fn main() {
                 .num_threads(threads)
                 .build()
                 .expect("thread pool");
-            for m in [1, 128] {
+            for &m in &ms {
                 let mut layer_ms = 0.0;
                 let mut head_ms = 0.0;
                 for format in [QuantFormat::Q4_1, QuantFormat::Q8_0] {

@@ -60,7 +60,14 @@ fn assert_matches_scalar(format: QuantFormat, level: SimdLevel) {
         eprintln!("skipped: {level} is not available on this CPU");
         return;
     }
-    for (n, k, m) in [(64, 256, 1), (37, 96, 3), (19, 64, 17), (1031, 128, 5)] {
+    for (n, k, m) in [
+        (64, 256, 1),
+        (45, 96, 1),
+        (5, 32, 1),
+        (37, 96, 3),
+        (19, 64, 17),
+        (1031, 128, 5),
+    ] {
         let w = random_matrix(format, n, k, (n * k + m) as u64);
         let x = random_activations(m, k, m as u64);
         let want = in_pool(1, || matmul(&w, SimdLevel::Scalar, &x, m));

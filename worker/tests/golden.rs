@@ -11,7 +11,9 @@ use shardserve_worker::engine::{Engine, EngineOptions, GenerationRequest, Prompt
 fn demo_model() -> PathBuf {
     let cache = std::env::var_os("SHARDSERVE_CACHE")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/shardserve"));
+        .unwrap_or_else(|| {
+            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/shardserve")
+        });
     let path = cache.join("SmolLM2-135M-Instruct.Q4_1.gguf");
     assert!(
         path.exists(),
@@ -22,18 +24,27 @@ fn demo_model() -> PathBuf {
 }
 
 fn golden_prompts() -> Vec<Value> {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/golden/smollm2-q4_1-chat.jsonl");
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("../../shared/golden/smollm2-q4_1-chat.jsonl");
     let text = std::fs::read_to_string(&path)
         .unwrap_or_else(|e| panic!("golden file missing at {}: {e}", path.display()));
-    text.lines().map(|l| serde_json::from_str(l).expect("golden line is JSON")).collect()
+    text.lines()
+        .map(|l| serde_json::from_str(l).expect("golden line is JSON"))
+        .collect()
 }
 
 fn ids(v: &Value) -> Vec<u32> {
-    v.as_array().expect("id array").iter().map(|x| x.as_u64().expect("id") as u32).collect()
+    v.as_array()
+        .expect("id array")
+        .iter()
+        .map(|x| x.as_u64().expect("id") as u32)
+        .collect()
 }
 
 fn engine() -> Engine {
-    let _ = rayon::ThreadPoolBuilder::new().num_threads(2).build_global();
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build_global();
     Engine::load(&demo_model(), &EngineOptions::default()).expect("demo model loads")
 }
 
@@ -49,7 +60,10 @@ fn teacher_forced_argmax_agrees_with_reference() {
         let mut req = GenerationRequest::new(Prompt::Ids(all.clone()));
         req.stopping.max_tokens = Some(0);
         req.prompt_logprobs = Some(1);
-        let done = engine.generate(&req, &mut |_| unreachable!("no tokens generated")).unwrap().unwrap();
+        let done = engine
+            .generate(&req, &mut |_| unreachable!("no tokens generated"))
+            .unwrap()
+            .unwrap();
         let scores = done.prompt_logprobs.expect("prompt logprobs");
         assert_eq!(scores.len(), all.len());
         let mut case_agree = 0;
@@ -65,15 +79,22 @@ fn teacher_forced_argmax_agrees_with_reference() {
         }
         eprintln!(
             "{}: best token equals the reference at {case_agree}/{} answer positions",
-            case["id"], answer.len()
+            case["id"],
+            answer.len()
         );
         agree += case_agree;
         total += answer.len();
     }
     let rate = agree as f64 / total as f64;
-    eprintln!("teacher-forced agreement {agree}/{total} = {:.1}%, worst margin {worst:.3} nats", rate * 100.0);
+    eprintln!(
+        "teacher-forced agreement {agree}/{total} = {:.1}%, worst margin {worst:.3} nats",
+        rate * 100.0
+    );
     assert!(rate >= 0.96, "agreement {:.1}% is below 96%", rate * 100.0);
-    assert!(worst <= 0.5, "the reference token was {worst:.3} nats below the engine's best (limit 0.5)");
+    assert!(
+        worst <= 0.5,
+        "the reference token was {worst:.3} nats below the engine's best (limit 0.5)"
+    );
 }
 
 #[test]
@@ -91,7 +112,10 @@ fn first_step_logprobs_are_close_to_reference() {
         let mut req = GenerationRequest::new(Prompt::Ids(all));
         req.stopping.max_tokens = Some(0);
         req.prompt_logprobs = Some(5);
-        let done = engine.generate(&req, &mut |_| unreachable!()).unwrap().unwrap();
+        let done = engine
+            .generate(&req, &mut |_| unreachable!())
+            .unwrap()
+            .unwrap();
         let scores = done.prompt_logprobs.unwrap();
         for step in steps {
             let s = step["step"].as_u64().unwrap() as usize;
@@ -100,8 +124,13 @@ fn first_step_logprobs_are_close_to_reference() {
             worst = worst.max((entry.token.logprob - want).abs());
         }
     }
-    eprintln!("largest difference from the reference's log-probabilities over the first 8 steps: {worst:.3} nats");
-    assert!(worst < 0.5, "log-probabilities differ from the reference by {worst:.3} nats");
+    eprintln!(
+        "largest difference from the reference's log-probabilities over the first 8 steps: {worst:.3} nats"
+    );
+    assert!(
+        worst < 0.5,
+        "log-probabilities differ from the reference by {worst:.3} nats"
+    );
 }
 
 #[test]
@@ -129,29 +158,48 @@ fn free_running_greedy_answers_are_reported() {
             .iter()
             .zip(&reference)
             .position(|(a, b)| a != b)
-            .or((done.token_ids.len() != reference.len()).then(|| done.token_ids.len().min(reference.len())));
+            .or((done.token_ids.len() != reference.len())
+                .then(|| done.token_ids.len().min(reference.len())));
         match parted {
             None => {
                 identical += 1;
-                eprintln!("{}: identical to the reference for {} tokens", case["id"], done.token_ids.len());
+                eprintln!(
+                    "{}: identical to the reference for {} tokens",
+                    case["id"],
+                    done.token_ids.len()
+                );
             }
             Some(i) if i == done.token_ids.len() => {
-                eprintln!("{}: the engine ended its answer at token {i}, the reference did not", case["id"]);
+                eprintln!(
+                    "{}: the engine ended its answer at token {i}, the reference did not",
+                    case["id"]
+                );
             }
             Some(i) if i == reference.len() => {
-                eprintln!("{}: the reference ended at token {i}, the engine went on", case["id"]);
+                eprintln!(
+                    "{}: the reference ended at token {i}, the engine went on",
+                    case["id"]
+                );
             }
             Some(i) => {
                 let e = &steps[i];
-                let margin = e.top[0].logprob - e.top.get(1).map_or(f32::NEG_INFINITY, |t| t.logprob);
+                let margin =
+                    e.top[0].logprob - e.top.get(1).map_or(f32::NEG_INFINITY, |t| t.logprob);
                 eprintln!(
                     "{}: parts from the reference at token {i}: engine {} vs reference {} (engine's margin between its best two: {margin:.3} nats)",
                     case["id"], done.token_ids[i], reference[i]
                 );
                 // A faithful engine only parts where the model itself hesitates.
-                assert!(margin < 0.5, "{}: confident divergence ({margin:.3} nats) at token {i}", case["id"]);
+                assert!(
+                    margin < 0.5,
+                    "{}: confident divergence ({margin:.3} nats) at token {i}",
+                    case["id"]
+                );
             }
         }
     }
-    eprintln!("{identical}/{} free-running answers identical to the reference", cases.len());
+    eprintln!(
+        "{identical}/{} free-running answers identical to the reference",
+        cases.len()
+    );
 }

@@ -7,13 +7,8 @@ use crate::format::{BLOCK, decode_block};
 use crate::quantize::ActRow;
 
 pub(super) fn panel(p: &Panel, out: &mut [f32]) {
-    let m = p.acts.rows();
-    for (w, out) in p
-        .weights
-        .chunks_exact(p.row_bytes)
-        .zip(out.chunks_exact_mut(m))
-    {
-        for (a, o) in out.iter_mut().enumerate() {
+    for (a, out) in out.chunks_exact_mut(p.rows()).enumerate() {
+        for (w, o) in p.weights.chunks_exact(p.row_bytes).zip(out) {
             *o = row_dot(p.format, w, p.acts.row(a));
         }
     }

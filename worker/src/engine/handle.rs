@@ -42,7 +42,11 @@ impl EngineHandle {
         std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || run(engine, rx))?;
-        Ok(Self { jobs, info, tokenizer })
+        Ok(Self {
+            jobs,
+            info,
+            tokenizer,
+        })
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -55,7 +59,10 @@ impl EngineHandle {
 
     /// Queues a request; its events arrive on the returned receiver. Dropping
     /// the receiver cancels the request and frees its memory.
-    pub fn submit(&self, request: GenerationRequest) -> Result<mpsc::Receiver<EngineEvent>, EngineError> {
+    pub fn submit(
+        &self,
+        request: GenerationRequest,
+    ) -> Result<mpsc::Receiver<EngineEvent>, EngineError> {
         let (events, rx) = mpsc::channel(EVENT_BUFFER);
         self.jobs
             .send(Job { request, events })

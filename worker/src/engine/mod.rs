@@ -166,7 +166,9 @@ impl Engine {
             Prompt::Text(text) => self.tokenizer.encode(text, true, true)?,
             Prompt::Chat(messages) => {
                 let template = self.tokenizer.chat_template().ok_or_else(|| {
-                    EngineError::InvalidRequest("this model has no chat template; send a text prompt".into())
+                    EngineError::InvalidRequest(
+                        "this model has no chat template; send a text prompt".into(),
+                    )
                 })?;
                 let text = template.render(messages, true)?;
                 self.tokenizer.encode(&text, false, true)?
@@ -185,11 +187,16 @@ impl Engine {
     /// Checks a request and returns its prompt ids.
     pub fn validate(&self, req: &GenerationRequest) -> Result<Vec<u32>, EngineError> {
         req.sampling.validate()?;
-        for (what, k) in [("logprobs", req.logprobs), ("prompt_logprobs", req.prompt_logprobs)] {
+        for (what, k) in [
+            ("logprobs", req.logprobs),
+            ("prompt_logprobs", req.prompt_logprobs),
+        ] {
             if let Some(k) = k
                 && k > 20
             {
-                return Err(EngineError::InvalidRequest(format!("{what}={k} is more than 20 alternatives")));
+                return Err(EngineError::InvalidRequest(format!(
+                    "{what}={k} is more than 20 alternatives"
+                )));
             }
         }
         let ids = self.prompt_ids(&req.prompt)?;
@@ -240,7 +247,11 @@ impl Engine {
         let eog = tokenizer.eog_ids();
         let reason = loop {
             if generated.len() >= budget {
-                break if req.stopping.max_tokens.is_some_and(|m| generated.len() >= m) {
+                break if req
+                    .stopping
+                    .max_tokens
+                    .is_some_and(|m| generated.len() >= m)
+                {
                     FinishReason::Length
                 } else {
                     FinishReason::Context
@@ -250,7 +261,9 @@ impl Engine {
                 break FinishReason::Length;
             };
             let id = sampler.sample(row, &prompt, &generated);
-            if (!req.stopping.ignore_eos && eog.contains(&id)) || req.stopping.stop_token_ids.contains(&id) {
+            if (!req.stopping.ignore_eos && eog.contains(&id))
+                || req.stopping.stop_token_ids.contains(&id)
+            {
                 break FinishReason::Stop;
             }
             let logprob = req.logprobs.map(|k| {
@@ -331,14 +344,22 @@ impl Engine {
     }
 
     /// One forward step of `tokens` at `pos`; returns the requested logits rows.
-    fn step(&mut self, tokens: &[u32], pos: usize, slot: SlotId, want: LogitsFor) -> Result<Vec<Vec<f32>>, EngineError> {
+    fn step(
+        &mut self,
+        tokens: &[u32],
+        pos: usize,
+        slot: SlotId,
+        want: LogitsFor,
+    ) -> Result<Vec<Vec<f32>>, EngineError> {
         let span = SeqSpan {
             tokens,
             start_pos: pos,
             slot,
             logits: want,
         };
-        let out = self.model.forward(std::slice::from_ref(&span), &mut self.kv)?;
+        let out = self
+            .model
+            .forward(std::slice::from_ref(&span), &mut self.kv)?;
         Ok(rows(&out[0])?)
     }
 
@@ -367,7 +388,9 @@ impl Engine {
                 let row = logits.take().ok_or(EngineError::Stopped)?;
                 let id = crate::sampling::argmax(&row);
                 out.push(id);
-                logits = self.step(&[id], prompt.len() + i, slot, LogitsFor::Last)?.pop();
+                logits = self
+                    .step(&[id], prompt.len() + i, slot, LogitsFor::Last)?
+                    .pop();
             }
             on_phase(BenchPhase::Decoded);
             Ok(out)

@@ -83,7 +83,14 @@ impl KvCache {
 
     /// Writes `k`, `v` of shape `[kv_heads, tokens, head_dim]` at positions
     /// `start..start + tokens` of `layer`.
-    pub fn append(&mut self, slot: SlotId, layer: usize, start: usize, k: &Tensor, v: &Tensor) -> Result<()> {
+    pub fn append(
+        &mut self,
+        slot: SlotId,
+        layer: usize,
+        start: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<()> {
         let (_, t, _) = k.dims3()?;
         let (shape, device, dtype) = (self.shape, self.device.clone(), self.dtype);
         let Some(layers) = self.slots.get_mut(&slot) else {
@@ -104,7 +111,11 @@ impl KvCache {
                 nk.slice_set(&old.k, 1, 0)?;
                 nv.slice_set(&old.v, 1, 0)?;
             }
-            *entry = Some(LayerBuffers { k: nk, v: nv, capacity });
+            *entry = Some(LayerBuffers {
+                k: nk,
+                v: nv,
+                capacity,
+            });
         }
         let Some(b) = entry.as_ref() else {
             candle_core::bail!("kv cache: layer {layer} buffers missing");
@@ -129,7 +140,11 @@ mod tests {
 
     #[test]
     fn appended_entries_read_back_across_growth() {
-        let shape = KvShape { layers: 1, kv_heads: 2, head_dim: 3 };
+        let shape = KvShape {
+            layers: 1,
+            kv_heads: 2,
+            head_dim: 3,
+        };
         let mut kv = KvCache::new(shape, Device::Cpu);
         let slot = kv.allocate();
         let mut all = Vec::new();

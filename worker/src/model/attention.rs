@@ -22,7 +22,11 @@ pub struct Attention {
 }
 
 impl Attention {
-    pub fn load(ctx: &LoadContext<'_>, prefix: &str, cfg: &ModelConfig) -> std::result::Result<Self, ModelError> {
+    pub fn load(
+        ctx: &LoadContext<'_>,
+        prefix: &str,
+        cfg: &ModelConfig,
+    ) -> std::result::Result<Self, ModelError> {
         let world = ctx.world();
         let rank = ctx.rank();
         let d = cfg.head_dim;
@@ -38,9 +42,24 @@ impl Attention {
         };
         let q_rows = rank * heads * d..(rank + 1) * heads * d;
         Ok(Self {
-            q: ColumnParallelLinear::load(ctx, &format!("{prefix}.attn_q"), Split::Rows(q_rows), cfg.qkv_bias)?,
-            k: ColumnParallelLinear::load(ctx, &format!("{prefix}.attn_k"), Split::Rows(kv_rows.clone()), cfg.qkv_bias)?,
-            v: ColumnParallelLinear::load(ctx, &format!("{prefix}.attn_v"), Split::Rows(kv_rows), cfg.qkv_bias)?,
+            q: ColumnParallelLinear::load(
+                ctx,
+                &format!("{prefix}.attn_q"),
+                Split::Rows(q_rows),
+                cfg.qkv_bias,
+            )?,
+            k: ColumnParallelLinear::load(
+                ctx,
+                &format!("{prefix}.attn_k"),
+                Split::Rows(kv_rows.clone()),
+                cfg.qkv_bias,
+            )?,
+            v: ColumnParallelLinear::load(
+                ctx,
+                &format!("{prefix}.attn_v"),
+                Split::Rows(kv_rows),
+                cfg.qkv_bias,
+            )?,
             o: RowParallelLinear::load_even(ctx, &format!("{prefix}.attn_output"))?,
             rope: Rope::new(&cfg.rope),
             heads,
@@ -54,7 +73,13 @@ impl Attention {
     }
 
     /// `x` holds the normalised hidden states of every span's tokens, in order.
-    pub fn forward(&self, x: &Tensor, spans: &[SeqSpan<'_>], layer: usize, kv: &mut KvCache) -> Result<Tensor> {
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        spans: &[SeqSpan<'_>],
+        layer: usize,
+        kv: &mut KvCache,
+    ) -> Result<Tensor> {
         let q = self.q.forward(x)?;
         let k = self.k.forward(x)?;
         let v = self.v.forward(x)?;
@@ -62,12 +87,24 @@ impl Attention {
         let mut offset = 0;
         for span in spans {
             let t = span.tokens.len();
-            let qs = q.narrow(0, offset, t)?.reshape((t, self.heads, self.head_dim))?;
-            let ks = k.narrow(0, offset, t)?.reshape((t, self.kv_heads, self.head_dim))?;
-            let vs = v.narrow(0, offset, t)?.reshape((t, self.kv_heads, self.head_dim))?;
+            let qs = q
+                .narrow(0, offset, t)?
+                .reshape((t, self.heads, self.head_dim))?;
+            let ks = k
+                .narrow(0, offset, t)?
+                .reshape((t, self.kv_heads, self.head_dim))?;
+            let vs = v
+                .narrow(0, offset, t)?
+                .reshape((t, self.kv_heads, self.head_dim))?;
             let qs = self.rope.apply(&qs, span.start_pos)?;
             let ks = self.rope.apply(&ks, span.start_pos)?;
-            kv.append(span.slot, layer, span.start_pos, &ks.transpose(0, 1)?, &vs.transpose(0, 1)?)?;
+            kv.append(
+                span.slot,
+                layer,
+                span.start_pos,
+                &ks.transpose(0, 1)?,
+                &vs.transpose(0, 1)?,
+            )?;
             let len = span.start_pos + t;
             let (kc, vc) = kv.view(span.slot, layer, len)?;
             outs.push(self.attend(&qs, &kc, &vc, span.start_pos)?);

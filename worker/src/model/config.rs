@@ -21,7 +21,9 @@ pub enum RopeStyle {
 pub enum RopeScaling {
     None,
     /// Positions divided by `factor`.
-    Linear { factor: f32 },
+    Linear {
+        factor: f32,
+    },
     /// Per-frequency divisors (Llama 3.1 style), one per rotated pair.
     FreqFactors(Vec<f32>),
 }
@@ -97,7 +99,9 @@ impl ModelConfig {
             Some(v) => v,
             None => file.tensor_meta("token_embd.weight")?.dims[0],
         };
-        let rope_dims = meta.opt_usize(&key("rope.dimension_count"))?.unwrap_or(head_dim);
+        let rope_dims = meta
+            .opt_usize(&key("rope.dimension_count"))?
+            .unwrap_or(head_dim);
         if rope_dims > head_dim || !rope_dims.is_multiple_of(2) {
             return Err(meta.bad(
                 &key("rope.dimension_count"),
@@ -165,7 +169,10 @@ impl ModelConfig {
             return refuse("a group needs at least one rank".into());
         }
         if !self.num_heads.is_multiple_of(world) {
-            return refuse(format!("tensor={world} does not divide {} attention heads", self.num_heads));
+            return refuse(format!(
+                "tensor={world} does not divide {} attention heads",
+                self.num_heads
+            ));
         }
         if !self.num_kv_heads.is_multiple_of(world) && !world.is_multiple_of(self.num_kv_heads) {
             return refuse(format!(
@@ -199,7 +206,9 @@ impl Meta<'_> {
     }
 
     fn get(&self, key: &str) -> Result<&Value, ModelError> {
-        self.md.get(key).ok_or_else(|| self.bad(key, "missing".into()))
+        self.md
+            .get(key)
+            .ok_or_else(|| self.bad(key, "missing".into()))
     }
 
     fn opt_usize(&self, key: &str) -> Result<Option<usize>, ModelError> {
@@ -222,7 +231,8 @@ impl Meta<'_> {
 
     fn usize(&self, key: &str) -> Result<usize, ModelError> {
         self.get(key)?;
-        self.opt_usize(key)?.ok_or_else(|| self.bad(key, "missing".into()))
+        self.opt_usize(key)?
+            .ok_or_else(|| self.bad(key, "missing".into()))
     }
 
     fn opt_f32(&self, key: &str) -> Result<Option<f32>, ModelError> {
@@ -236,7 +246,8 @@ impl Meta<'_> {
 
     fn f32(&self, key: &str) -> Result<f32, ModelError> {
         self.get(key)?;
-        self.opt_f32(key)?.ok_or_else(|| self.bad(key, "missing".into()))
+        self.opt_f32(key)?
+            .ok_or_else(|| self.bad(key, "missing".into()))
     }
 
     fn opt_string(&self, key: &str) -> Result<Option<&str>, ModelError> {
@@ -249,6 +260,7 @@ impl Meta<'_> {
 
     fn string(&self, key: &str) -> Result<&str, ModelError> {
         self.get(key)?;
-        self.opt_string(key)?.ok_or_else(|| self.bad(key, "missing".into()))
+        self.opt_string(key)?
+            .ok_or_else(|| self.bad(key, "missing".into()))
     }
 }

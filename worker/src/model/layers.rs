@@ -126,7 +126,11 @@ pub struct RmsNorm {
 }
 
 impl RmsNorm {
-    pub fn load(ctx: &LoadContext<'_>, name: &str, eps: f32) -> std::result::Result<Self, ModelError> {
+    pub fn load(
+        ctx: &LoadContext<'_>,
+        name: &str,
+        eps: f32,
+    ) -> std::result::Result<Self, ModelError> {
         let weight = ctx.load(name, &Split::Full)?.to_dense_f32()?;
         Ok(Self {
             weight,

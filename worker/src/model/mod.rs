@@ -116,7 +116,11 @@ impl Transformer {
             .map(|i| {
                 let p = format!("blk.{i}");
                 Ok(Block {
-                    attn_norm: RmsNorm::load(&ctx, &format!("{p}.attn_norm.weight"), config.rms_eps)?,
+                    attn_norm: RmsNorm::load(
+                        &ctx,
+                        &format!("{p}.attn_norm.weight"),
+                        config.rms_eps,
+                    )?,
                     attn: Attention::load(&ctx, &p, &config)?,
                     mlp_norm: RmsNorm::load(&ctx, &format!("{p}.ffn_norm.weight"), config.rms_eps)?,
                     gate: ColumnParallelLinear::load_even(&ctx, &format!("{p}.ffn_gate"), false)?,
@@ -161,9 +165,19 @@ impl Transformer {
     /// Runs one step over `spans`, writing their keys and values into `kv`.
     /// Returns, per span, logits `[n, vocab]` for the tokens it asked for
     /// (`n` = 1, its token count, or 0).
-    pub fn forward(&self, spans: &[SeqSpan<'_>], kv: &mut KvCache) -> Result<Vec<Tensor>, ModelError> {
-        let ids: Vec<u32> = spans.iter().flat_map(|s| s.tokens.iter().copied()).collect();
-        if let Some(&bad) = ids.iter().find(|&&id| id as usize >= self.config.vocab_size) {
+    pub fn forward(
+        &self,
+        spans: &[SeqSpan<'_>],
+        kv: &mut KvCache,
+    ) -> Result<Vec<Tensor>, ModelError> {
+        let ids: Vec<u32> = spans
+            .iter()
+            .flat_map(|s| s.tokens.iter().copied())
+            .collect();
+        if let Some(&bad) = ids
+            .iter()
+            .find(|&&id| id as usize >= self.config.vocab_size)
+        {
             return Err(candle_core::Error::Msg(format!(
                 "token id {bad} is outside the vocabulary of {}",
                 self.config.vocab_size
@@ -190,7 +204,11 @@ impl Transformer {
             };
             out.push(match rows {
                 Some(rows) => self.logits(&rows)?,
-                None => Tensor::zeros((0, self.config.vocab_size), candle_core::DType::F32, &self.device)?,
+                None => Tensor::zeros(
+                    (0, self.config.vocab_size),
+                    candle_core::DType::F32,
+                    &self.device,
+                )?,
             });
             offset += n;
         }
@@ -203,3 +221,9 @@ impl Transformer {
         Ok(head.matmul_t(&h)?)
     }
 }
+
+#[cfg(test)]
+pub(crate) mod tiny;
+
+#[cfg(test)]
+mod tests;

@@ -80,7 +80,10 @@ mod tests {
 
     #[test]
     fn position_zero_is_identity() {
-        let x = Tensor::arange(0f32, 8.0, &Device::Cpu).unwrap().reshape((1, 2, 4)).unwrap();
+        let x = Tensor::arange(0f32, 8.0, &Device::Cpu)
+            .unwrap()
+            .reshape((1, 2, 4))
+            .unwrap();
         let y = rope(RopeStyle::Interleaved).apply(&x, 0).unwrap();
         assert_eq!(x.to_vec3::<f32>().unwrap(), y.to_vec3::<f32>().unwrap());
     }
@@ -88,8 +91,20 @@ mod tests {
     #[test]
     fn rotation_keeps_pair_norms_and_styles_pair_differently() {
         let x = Tensor::new(&[[[1f32, 2.0, 3.0, 4.0]]], &Device::Cpu).unwrap();
-        let inter = rope(RopeStyle::Interleaved).apply(&x, 5).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let halves = rope(RopeStyle::Halves).apply(&x, 5).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let inter = rope(RopeStyle::Interleaved)
+            .apply(&x, 5)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let halves = rope(RopeStyle::Halves)
+            .apply(&x, 5)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         let n = |a: f32, b: f32| (a * a + b * b).sqrt();
         assert!((n(inter[0], inter[1]) - n(1.0, 2.0)).abs() < 1e-5);
         assert!((n(halves[0], halves[2]) - n(1.0, 3.0)).abs() < 1e-5);
@@ -105,8 +120,20 @@ mod tests {
             scaling: RopeScaling::Linear { factor: 2.0 },
         });
         let x = Tensor::new(&[[[1f32, 2.0, 3.0, 4.0]]], &Device::Cpu).unwrap();
-        let a = scaled.apply(&x, 6).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
-        let b = rope(RopeStyle::Halves).apply(&x, 3).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let a = scaled
+            .apply(&x, 6)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
+        let b = rope(RopeStyle::Halves)
+            .apply(&x, 3)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         for (p, q) in a.iter().zip(&b) {
             assert!((p - q).abs() < 1e-5);
         }

@@ -62,7 +62,7 @@ pub async fn serve(
 ///
 /// The model is loaded before this is called, so health reports SERVING from
 /// the start; on shutdown it turns NOT_SERVING, the listener closes, and
-/// in-flight calls get [`DRAIN_GRACE`] to finish.
+/// in-flight calls get 20 s (`DRAIN_GRACE`) to finish.
 pub async fn serve_on(
     engine: EngineHandle,
     listener: TcpListener,

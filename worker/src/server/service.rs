@@ -44,8 +44,8 @@ impl Inference for InferenceService {
             req.request_id.clone()
         };
         let span = tracing::info_span!("generate", request_id = %request_id);
-        let stream = match self.start(&req).instrument(span.clone()).await {
-            Ok(stream) => stream,
+        let (first, events) = match self.start(&req).instrument(span.clone()).await {
+            Ok(started) => started,
             Err(status) => {
                 span.in_scope(
                     || tracing::info!(code = ?status.code(), message = status.message(), "refused"),
@@ -53,7 +53,6 @@ impl Inference for InferenceService {
                 return Err(status);
             }
         };
-        let (first, events) = stream;
         let token_text = token_text(self.engine.tokenizer().clone());
         let mut response = Response::new(GenerateStream::new(first, events, token_text, span));
         if let Ok(value) = request_id.parse() {

@@ -181,21 +181,22 @@ async fn korean_answer_streams_whole_utf8() {
     let (tokens, finished) = generate(&mut client, req).await;
 
     let streamed: String = tokens.iter().map(|t| t.text_delta.as_str()).collect();
-    eprintln!("KOREAN {:?} deltas {:?} tail {:?}", finished.text, tokens.iter().map(|t| t.text_delta.as_str()).collect::<Vec<_>>(), finished.text_delta);
     assert_eq!(
         streamed + &finished.text_delta,
         finished.text,
         "deltas plus the final text_delta must equal the text"
     );
-    if !finished.text.contains('\u{FFFD}') {
-        for t in &tokens {
-            assert!(
-                !t.text_delta.contains('\u{FFFD}'),
-                "token {} streamed a broken character: {:?}",
-                t.id,
-                t.text_delta
-            );
-        }
+    // Streamed deltas hold whole characters only. The tail may end in U+FFFD
+    // when max_tokens cuts a character in half (the engine flushes the
+    // partial bytes lossily), so only the deltas are checked.
+    for t in &tokens {
+        assert!(
+            !t.text_delta.contains('\u{FFFD}'),
+            "token {} streamed a broken character: {:?} (text {:?})",
+            t.id,
+            t.text_delta,
+            finished.text
+        );
     }
     assert!(
         has_hangul(&finished.text),
@@ -421,7 +422,6 @@ async fn stop_string_ends_generation_and_is_left_out() {
     let mut req = text_request("1, 2, 3, 4,", 16);
     req.stopping.as_mut().unwrap().stop = vec![" 6".into()];
     let (tokens, finished) = generate(&mut client, req).await;
-    eprintln!("STOP {:?} tail {:?}", finished.text, finished.text_delta);
     let streamed: String = tokens.iter().map(|t| t.text_delta.as_str()).collect();
     assert_eq!(streamed.clone() + &finished.text_delta, finished.text);
     assert_eq!(finished.matched_stop, " 6", "text {:?}", finished.text);
@@ -505,12 +505,10 @@ async fn cancelled_generation_frees_the_engine() {
         .into_inner();
     let first = stream.next().await.expect("a message").expect("ok");
     assert!(matches!(first.event, Some(Event::Token(_))), "{first:?}");
-    let t0 = std::time::Instant::now();
     drop(stream);
 
     let mut client = connect(demo().addr).await;
     let (tokens, finished) = generate(&mut client, text_request("Hello", 3)).await;
     assert_eq!(tokens.len(), 3);
     assert_eq!(finished.reason, pb::FinishReason::Length as i32);
-    eprintln!("CANCEL second done after {:?}", t0.elapsed());
 }

@@ -473,7 +473,10 @@ mod tests {
         tokens.extend(
             (0..=255u8).map(|b| String::from_utf8(piece_bytes_to_text(b)).expect("one character")),
         );
-        tokens.extend(["he", "ll", "hell", "hello", "Ġw", "Ġwo"].map(String::from));
+        let words = [
+            "he", "ll", "hell", "hello", "Ġw", "Ġwo", "12", "123", "1234",
+        ];
+        tokens.extend(words.map(String::from));
         let mut types = vec![Value::I32(3); 2];
         types.extend(std::iter::repeat_n(Value::I32(1), tokens.len() - 2));
         HashMap::from([
@@ -486,7 +489,9 @@ mod tests {
             (TOKEN_TYPE.to_owned(), Value::Array(types)),
             (
                 MERGES.to_owned(),
-                strings(&["h e", "l l", "he ll", "hell o", "Ġ w", "Ġw o"]),
+                strings(&[
+                    "h e", "l l", "he ll", "hell o", "Ġ w", "Ġw o", "1 2", "12 3", "123 4",
+                ]),
             ),
             (EOS.to_owned(), Value::U32(1)),
         ])
@@ -550,6 +555,42 @@ mod tests {
         let mut meta = tiny_gpt2();
         meta.insert(PRE.to_owned(), Value::String("mystery".into()));
         assert!(error_of(&meta).contains("`mystery`"));
+    }
+
+    #[test]
+    fn pre_tokenizer_follows_tokenizer_ggml_pre() {
+        let (one, two, three, four) = (2 + u32::from(b'1'), 2 + 50, 2 + 51, 2 + 52);
+        let digits = |pre: &str| {
+            let mut meta = tiny_gpt2();
+            meta.insert(PRE.to_owned(), Value::String(pre.into()));
+            meta.insert(BOS.to_owned(), Value::U32(0));
+            let tok = Tokenizer::from_gguf(&meta).unwrap_or_else(|e| panic!("{pre}: {e}"));
+            tok.encode("1234", false, true).unwrap()
+        };
+        let base = 2 + 256;
+        assert_eq!(digits("gpt2"), [base + 8], "GPT-2 keeps a number whole");
+        assert_eq!(
+            digits("smollm"),
+            [one, two, three, four],
+            "SmolLM splits every digit"
+        );
+        assert_eq!(
+            digits("llama-bpe"),
+            [base + 7, four],
+            "Llama 3 groups three digits"
+        );
+        assert_eq!(
+            digits("qwen2"),
+            [one, two, three, four],
+            "Qwen 2 splits every digit"
+        );
+    }
+
+    #[test]
+    fn tokenizer_can_be_shared_across_threads() {
+        fn shareable<T: Send + Sync>() {}
+        shareable::<Tokenizer>();
+        shareable::<crate::tokenizer::IncrementalDetokenizer>();
     }
 
     #[test]

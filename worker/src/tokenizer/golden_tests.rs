@@ -66,27 +66,36 @@ fn str_of<'a>(value: &'a Json, field: &str) -> &'a str {
         .unwrap_or_else(|| panic!("golden `{field}` is a string"))
 }
 
-/// Every tokenizer golden case (not the meta line): (id, text, ids, ids without parse_special).
-fn tokenizer_cases() -> Vec<(String, String, Vec<u32>, Option<Vec<u32>>)> {
+/// One line of the tokenizer golden file (not the meta line).
+struct Case {
+    id: String,
+    text: String,
+    ids: Vec<u32>,
+    ids_no_parse_special: Option<Vec<u32>>,
+}
+
+fn tokenizer_cases() -> Vec<Case> {
     golden("smollm2-tokenizer.jsonl")
         .into_iter()
         .filter(|case| case["kind"] != "meta")
-        .map(|case| {
-            let plain = case.get("ids_no_parse_special").map(ids);
-            let id = str_of(&case, "id").to_owned();
-            (
-                id,
-                str_of(&case, "text").to_owned(),
-                ids(&case["ids"]),
-                plain,
-            )
+        .map(|case| Case {
+            id: str_of(&case, "id").to_owned(),
+            text: str_of(&case, "text").to_owned(),
+            ids: ids(&case["ids"]),
+            ids_no_parse_special: case.get("ids_no_parse_special").map(ids),
         })
         .collect()
 }
 
 fn check_golden_ids(tok: &Tokenizer) {
     let mut failures = Vec::new();
-    for (id, text, expected, expected_plain) in tokenizer_cases() {
+    for Case {
+        id,
+        text,
+        ids: expected,
+        ids_no_parse_special: expected_plain,
+    } in tokenizer_cases()
+    {
         let got = tok.encode(&text, true, true).unwrap();
         if got != expected {
             failures.push(format!(
@@ -169,7 +178,7 @@ fn demo_vocab_loads_in_under_a_second() {
 #[test]
 fn decode_round_trips_golden_texts() {
     let tok = demo();
-    for (id, text, _, _) in tokenizer_cases() {
+    for Case { id, text, .. } in tokenizer_cases() {
         for parse_special in [true, false] {
             let ids = tok.encode(&text, false, parse_special).unwrap();
             assert_eq!(
@@ -205,7 +214,7 @@ fn stream(tok: &Tokenizer, ids: &[u32]) -> Vec<String> {
 #[test]
 fn streaming_korean_and_emoji_yields_whole_characters() {
     let tok = demo();
-    for (id, text, ids, _) in tokenizer_cases() {
+    for Case { id, text, ids, .. } in tokenizer_cases() {
         if !["edge_korean", "edge_emoji_zwj", "ko_intro", "ja_emoji"].contains(&id.as_str()) {
             continue;
         }
@@ -258,7 +267,7 @@ impl Rng {
 #[test]
 fn streaming_any_slice_of_golden_ids_equals_decode() {
     let tok = demo();
-    let mut sequences: Vec<Vec<u32>> = tokenizer_cases().into_iter().map(|c| c.2).collect();
+    let mut sequences: Vec<Vec<u32>> = tokenizer_cases().into_iter().map(|c| c.ids).collect();
     sequences.extend(
         golden("smollm2-q4_1-chat.jsonl")
             .iter()

@@ -117,7 +117,11 @@ impl GgufFile {
             reason,
         };
         let (out_rows, out_cols, bytes): (usize, usize, Cow<'_, [u8]>) = match (split, vector) {
-            (Split::Full, _) => (rows, cols, Cow::Borrowed(&self.map[start..start + rows * row_bytes])),
+            (Split::Full, _) => (
+                rows,
+                cols,
+                Cow::Borrowed(&self.map[start..start + rows * row_bytes]),
+            ),
             (Split::Rows(r), false) => {
                 if r.start > r.end || r.end > rows {
                     return Err(bad(format!("rows {r:?} are outside its {rows} rows")));
@@ -134,7 +138,10 @@ impl GgufFile {
                         "columns {c:?} cut its {dtype:?} blocks of {block} values"
                     )));
                 }
-                let (b0, b1) = (c.start / block * dtype.type_size(), c.end / block * dtype.type_size());
+                let (b0, b1) = (
+                    c.start / block * dtype.type_size(),
+                    c.end / block * dtype.type_size(),
+                );
                 let mut out = Vec::with_capacity(rows * (b1 - b0));
                 for r in 0..rows {
                     let row = start + r * row_bytes;
@@ -143,7 +150,11 @@ impl GgufFile {
                 (rows, c.len(), Cow::Owned(out))
             }
         };
-        let shape: Vec<usize> = if vector { vec![out_cols] } else { vec![out_rows, out_cols] };
+        let shape: Vec<usize> = if vector {
+            vec![out_cols]
+        } else {
+            vec![out_rows, out_cols]
+        };
         let candle = |source| WeightsError::Candle {
             tensor: name.into(),
             source,
@@ -178,7 +189,10 @@ impl GgufFile {
         }
     }
 
-    fn info(&self, name: &str) -> Result<&candle_core::quantized::gguf_file::TensorInfo, WeightsError> {
+    fn info(
+        &self,
+        name: &str,
+    ) -> Result<&candle_core::quantized::gguf_file::TensorInfo, WeightsError> {
         self.content
             .tensor_infos
             .get(name)

@@ -14,3 +14,6 @@ pub use error::WeightsError;
 pub use gguf::{GgufFile, TensorMeta};
 pub use split::Split;
 pub use weight::Weight;
+
+#[cfg(test)]
+mod tests;

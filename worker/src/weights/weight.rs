@@ -31,7 +31,10 @@ impl Weight {
             Weight::Blocks(w) => {
                 let (m, k) = x.dims2()?;
                 if k != w.cols() {
-                    candle_core::bail!("matmul: input has {k} features, weight expects {}", w.cols());
+                    candle_core::bail!(
+                        "matmul: input has {k} features, weight expects {}",
+                        w.cols()
+                    );
                 }
                 let xs = x.flatten_all()?.to_vec1::<f32>()?;
                 let mut y = vec![0f32; m * w.rows()];
@@ -59,7 +62,10 @@ impl Weight {
                 for (i, &id) in ids.iter().enumerate() {
                     let id = id as usize;
                     if id >= w.rows() {
-                        candle_core::bail!("token id {id} is outside the vocabulary of {}", w.rows());
+                        candle_core::bail!(
+                            "token id {id} is outside the vocabulary of {}",
+                            w.rows()
+                        );
                     }
                     w.dequantize_row(id, &mut out[i * cols..(i + 1) * cols]);
                 }

@@ -160,10 +160,10 @@ unsafe fn scale_min(p: *const u8) -> __m128 {
 
 /// Raw pointers into one activation row (lengths checked by [`super::panel`]).
 #[derive(Clone, Copy)]
-struct ActPtr {
-    qs: *const i8,
-    ds: *const [f32; 2],
-    qsum: *const i32,
+pub(super) struct ActPtr {
+    pub qs: *const i8,
+    pub ds: *const [f32; 2],
+    pub qsum: *const i32,
 }
 
 impl From<ActRow<'_>> for ActPtr {

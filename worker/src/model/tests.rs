@@ -1,0 +1,240 @@
+use std::sync::Arc;
+
+use candle_core::Device;
+use candle_core::quantized::GgmlDType;
+
+use super::tiny::{TinySpec, write_tiny_gguf};
+use super::*;
+use crate::comm::SingleRank;
+use crate::kv::KvCache;
+use crate::weights::GgufFile;
+
+fn load(spec: &TinySpec) -> (tempfile::TempDir, Transformer) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&path, spec).unwrap();
+    let file = GgufFile::open(&path).unwrap();
+    let model = Transformer::from_gguf(&file, Arc::new(SingleRank), Device::Cpu).unwrap();
+    (dir, model)
+}
+
+fn logits_all(model: &Transformer, kv: &mut KvCache, tokens: &[u32]) -> Vec<Vec<f32>> {
+    let slot = kv.allocate();
+    let span = SeqSpan {
+        tokens,
+        start_pos: 0,
+        slot,
+        logits: LogitsFor::All,
+    };
+    let out = model.forward(&[span], kv).unwrap();
+    kv.free(slot);
+    out[0].to_vec2().unwrap()
+}
+
+fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
+    assert_eq!(a.len(), b.len());
+    let worst = a
+        .iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0f32, f32::max);
+    assert!(worst <= tol, "{what}: differs by {worst} (tolerance {tol})");
+}
+
+const TOKENS: [u32; 11] = [5, 17, 3, 90, 42, 42, 7, 0, 61, 33, 12];
+
+#[test]
+fn token_by_token_decode_equals_full_prefill() {
+    for dtype in [GgmlDType::F32, GgmlDType::Q8_0, GgmlDType::Q4_1] {
+        let (_dir, model) = load(&TinySpec {
+            dtype,
+            ..TinySpec::default()
+        });
+        let mut kv = KvCache::new(model.kv_shape(), Device::Cpu);
+        let full = logits_all(&model, &mut kv, &TOKENS);
+        let slot = kv.allocate();
+        for (pos, tok) in TOKENS.iter().enumerate() {
+            let span = SeqSpan {
+                tokens: std::slice::from_ref(tok),
+                start_pos: pos,
+                slot,
+                logits: LogitsFor::Last,
+            };
+            let step = model.forward(&[span], &mut kv).unwrap()[0]
+                .to_vec2::<f32>()
+                .unwrap();
+            assert_close(
+                &step[0],
+                &full[pos],
+                1e-3,
+                &format!("{dtype:?} position {pos}"),
+            );
+        }
+    }
+}
+
+#[test]
+fn spans_batched_together_equal_separate_runs() {
+    let (_dir, model) = load(&TinySpec::default());
+    let mut kv = KvCache::new(model.kv_shape(), Device::Cpu);
+    let a = &TOKENS[..7];
+    let b = &TOKENS[3..];
+    let alone_a = logits_all(&model, &mut kv, a);
+    let alone_b = logits_all(&model, &mut kv, b);
+    let (sa, sb) = (kv.allocate(), kv.allocate());
+    let spans = [
+        SeqSpan {
+            tokens: a,
+            start_pos: 0,
+            slot: sa,
+            logits: LogitsFor::All,
+        },
+        SeqSpan {
+            tokens: b,
+            start_pos: 0,
+            slot: sb,
+            logits: LogitsFor::Last,
+        },
+    ];
+    let out = model.forward(&spans, &mut kv).unwrap();
+    let batched_a = out[0].to_vec2::<f32>().unwrap();
+    let batched_b = out[1].to_vec2::<f32>().unwrap();
+    for (x, y) in batched_a.iter().zip(&alone_a) {
+        assert_close(x, y, 1e-4, "sequence a");
+    }
+    assert_eq!(batched_b.len(), 1);
+    assert_close(&batched_b[0], alone_b.last().unwrap(), 1e-4, "sequence b");
+}
+
+#[test]
+fn chunked_prefill_equals_one_shot() {
+    let (_dir, model) = load(&TinySpec::default());
+    let mut kv = KvCache::new(model.kv_shape(), Device::Cpu);
+    let full = logits_all(&model, &mut kv, &TOKENS);
+    let slot = kv.allocate();
+    let (first, rest) = TOKENS.split_at(4);
+    let span = |tokens, start_pos, logits| SeqSpan {
+        tokens,
+        start_pos,
+        slot,
+        logits,
+    };
+    let none = model
+        .forward(&[span(first, 0, LogitsFor::None)], &mut kv)
+        .unwrap();
+    assert_eq!(none[0].dims(), &[0, 96]);
+    let last = model
+        .forward(&[span(rest, 4, LogitsFor::Last)], &mut kv)
+        .unwrap();
+    assert_close(
+        &last[0].to_vec2::<f32>().unwrap()[0],
+        full.last().unwrap(),
+        1e-4,
+        "last token",
+    );
+}
+
+#[test]
+fn separate_head_and_qkv_bias_change_the_output() {
+    let (_d1, tied) = load(&TinySpec::default());
+    let (_d2, separate) = load(&TinySpec {
+        separate_head: true,
+        ..TinySpec::default()
+    });
+    let (_d3, biased) = load(&TinySpec {
+        architecture: "qwen2",
+        qkv_bias: true,
+        ..TinySpec::default()
+    });
+    assert!(tied.config().tied_embeddings);
+    assert!(!separate.config().tied_embeddings);
+    assert!(biased.config().qkv_bias);
+    assert_eq!(biased.config().rope.style, RopeStyle::Halves);
+    let mut kv = KvCache::new(tied.kv_shape(), Device::Cpu);
+    let a = logits_all(&tied, &mut kv, &TOKENS);
+    let b = logits_all(&separate, &mut kv, &TOKENS);
+    let c = logits_all(&biased, &mut kv, &TOKENS);
+    assert_ne!(a, b);
+    assert_ne!(a, c);
+}
+
+#[test]
+fn config_comes_from_metadata() {
+    let (_dir, model) = load(&TinySpec {
+        layers: 3,
+        heads: 8,
+        kv_heads: 2,
+        ..TinySpec::default()
+    });
+    let c = model.config();
+    assert_eq!(
+        (
+            c.num_layers,
+            c.hidden_size,
+            c.num_heads,
+            c.num_kv_heads,
+            c.head_dim
+        ),
+        (3, 64, 8, 2, 8)
+    );
+    assert_eq!(
+        (c.intermediate_size, c.vocab_size, c.max_position),
+        (128, 96, 256)
+    );
+    assert_eq!(c.rope.style, RopeStyle::Interleaved);
+}
+
+#[test]
+fn impossible_splits_are_refused_with_the_numbers() {
+    let (_dir, model) = load(&TinySpec {
+        heads: 8,
+        kv_heads: 2,
+        ..TinySpec::default()
+    });
+    let c = model.config();
+    assert!(c.check_split(2).is_ok());
+    assert!(c.check_split(4).is_ok(), "4 ranks replicate 2 KV heads");
+    let err = c.check_split(3).unwrap_err().to_string();
+    assert!(
+        err.contains("tensor=3") && err.contains("8 attention heads"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_tensor_is_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("broken.gguf");
+    let spec = TinySpec {
+        omit: Some("blk.1.ffn_up.weight"),
+        ..TinySpec::default()
+    };
+    write_tiny_gguf(&path, &spec).unwrap();
+    let file = GgufFile::open(&path).unwrap();
+    let err = Transformer::from_gguf(&file, Arc::new(SingleRank), Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("blk.1.ffn_up.weight") && err.contains("broken.gguf"),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_architecture_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("gpt.gguf");
+    write_tiny_gguf(
+        &path,
+        &TinySpec {
+            architecture: "gptneox",
+            ..TinySpec::default()
+        },
+    )
+    .unwrap();
+    let file = GgufFile::open(&path).unwrap();
+    let err = Transformer::from_gguf(&file, Arc::new(SingleRank), Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("gptneox"), "{err}");
+}

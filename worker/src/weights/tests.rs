@@ -1,0 +1,207 @@
+use candle_core::Device;
+use candle_core::quantized::GgmlDType;
+
+use super::*;
+use crate::model::tiny::{TinySpec, write_tiny_gguf};
+
+fn tiny(dtype: GgmlDType) -> (tempfile::TempDir, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_gguf(
+        &path,
+        &TinySpec {
+            dtype,
+            ..TinySpec::default()
+        },
+    )
+    .unwrap();
+    (dir, path)
+}
+
+fn dense(w: &Weight) -> Vec<Vec<f32>> {
+    w.to_dense_f32().unwrap().to_vec2().unwrap()
+}
+
+#[test]
+fn truncated_gguf_is_refused() {
+    let (dir, path) = tiny(GgmlDType::Q8_0);
+    let bytes = std::fs::read(&path).unwrap();
+    let cut = dir.path().join("cut.gguf");
+    std::fs::write(&cut, &bytes[..bytes.len() - 100]).unwrap();
+    let err = GgufFile::open(&cut).unwrap_err();
+    assert!(matches!(err, WeightsError::Truncated { .. }), "{err}");
+    let msg = err.to_string();
+    assert!(
+        msg.contains("cut.gguf") && msg.contains("truncated"),
+        "{msg}"
+    );
+    // A cut inside the header is refused too, never a panic.
+    let header_cut = dir.path().join("header.gguf");
+    std::fs::write(&header_cut, &bytes[..40]).unwrap();
+    let msg = GgufFile::open(&header_cut).unwrap_err().to_string();
+    assert!(msg.contains("header.gguf"), "{msg}");
+}
+
+#[test]
+fn wrong_magic_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("model.bin");
+    std::fs::write(&path, b"PK\x03\x04 not a gguf").unwrap();
+    let msg = GgufFile::open(&path).unwrap_err().to_string();
+    assert!(
+        msg.contains("model.bin") && msg.contains("not a GGUF file"),
+        "{msg}"
+    );
+    let empty = dir.path().join("empty.gguf");
+    std::fs::write(&empty, b"").unwrap();
+    assert!(matches!(
+        GgufFile::open(&empty),
+        Err(WeightsError::NotGguf { .. })
+    ));
+}
+
+#[test]
+fn missing_file_is_refused_with_its_path() {
+    let msg = GgufFile::open("/no/such/model.gguf")
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("/no/such/model.gguf"), "{msg}");
+}
+
+#[test]
+fn missing_tensor_is_named() {
+    let (_dir, path) = tiny(GgmlDType::F32);
+    let file = GgufFile::open(&path).unwrap();
+    let msg = file
+        .load("blk.9.attn_q.weight", &Split::Full, &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(msg.contains("blk.9.attn_q.weight"), "{msg}");
+}
+
+#[test]
+fn row_and_column_slices_equal_parts_of_the_full_tensor() {
+    for dtype in [
+        GgmlDType::F32,
+        GgmlDType::F16,
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+    ] {
+        let (_dir, path) = tiny(dtype);
+        let file = GgufFile::open(&path).unwrap();
+        let name = "blk.0.ffn_gate.weight"; // [128, 64]
+        let full = dense(&file.load(name, &Split::Full, &Device::Cpu).unwrap());
+        let rows = dense(&file.load(name, &Split::Rows(32..96), &Device::Cpu).unwrap());
+        assert_eq!(rows, full[32..96].to_vec(), "{dtype:?} rows");
+        let cols = dense(&file.load(name, &Split::Cols(32..64), &Device::Cpu).unwrap());
+        let want: Vec<Vec<f32>> = full.iter().map(|r| r[32..64].to_vec()).collect();
+        assert_eq!(cols, want, "{dtype:?} columns");
+    }
+}
+
+#[test]
+fn quantised_weights_stay_quantised() {
+    let (_dir, path) = tiny(GgmlDType::Q4_1);
+    let file = GgufFile::open(&path).unwrap();
+    let w = file
+        .load("blk.0.attn_q.weight", &Split::Full, &Device::Cpu)
+        .unwrap();
+    assert!(matches!(w, Weight::Blocks(_)));
+}
+
+#[test]
+fn k_quants_load_through_candle_and_multiply() {
+    use candle_core::Tensor;
+    use candle_core::quantized::{QTensor, gguf_file};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("k.gguf");
+    for dtype in [
+        GgmlDType::Q2K,
+        GgmlDType::Q3K,
+        GgmlDType::Q4K,
+        GgmlDType::Q5K,
+        GgmlDType::Q6K,
+    ] {
+        let t = Tensor::rand(-1f32, 1.0, (8, 512), &Device::Cpu).unwrap();
+        let q = QTensor::quantize(&t, dtype).unwrap();
+        let mut f = std::fs::File::create(&path).unwrap();
+        gguf_file::write(&mut f, &[], &[("w", &q)]).unwrap();
+        drop(f);
+        let file = GgufFile::open(&path).unwrap();
+        let w = file.load("w", &Split::Full, &Device::Cpu).unwrap();
+        assert!(matches!(w, Weight::Ggml(_)), "{dtype:?} stays quantised");
+        let x = Tensor::rand(-1f32, 1.0, (2, 512), &Device::Cpu).unwrap();
+        let got = w.matmul_t(&x).unwrap().to_vec2::<f32>().unwrap();
+        let want = x
+            .matmul(&w.to_dense_f32().unwrap().t().unwrap())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (g, r) in got.iter().flatten().zip(want.iter().flatten()) {
+            assert!(
+                (g - r).abs() < 0.05 * (1.0 + r.abs()) + 0.3,
+                "{dtype:?}: {g} vs {r}"
+            );
+        }
+        let half = file
+            .load("w", &Split::Cols(256..512), &Device::Cpu)
+            .unwrap();
+        assert_eq!(half.dims(), vec![8, 256]);
+        let err = file
+            .load("w", &Split::Cols(0..128), &Device::Cpu)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("256"), "{err}");
+    }
+}
+
+#[test]
+fn column_slices_must_not_cut_quantisation_blocks() {
+    let (_dir, path) = tiny(GgmlDType::Q4_1);
+    let file = GgufFile::open(&path).unwrap();
+    let err = file
+        .load("blk.0.ffn_gate.weight", &Split::Cols(0..48), &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("0..48") && err.contains("32"), "{err}");
+    let err = file
+        .load("blk.0.ffn_gate.weight", &Split::Rows(0..500), &Device::Cpu)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("128 rows"), "{err}");
+}
+
+#[test]
+fn quantised_products_match_dense_products() {
+    use candle_core::Tensor;
+    for dtype in [
+        GgmlDType::Q4_0,
+        GgmlDType::Q4_1,
+        GgmlDType::Q5_0,
+        GgmlDType::Q5_1,
+        GgmlDType::Q8_0,
+    ] {
+        let (_dir, path) = tiny(dtype);
+        let file = GgufFile::open(&path).unwrap();
+        let w = file
+            .load("blk.0.ffn_down.weight", &Split::Full, &Device::Cpu)
+            .unwrap(); // [64, 128]
+        let x = Tensor::rand(-1f32, 1.0, (3, 128), &Device::Cpu).unwrap();
+        let got = w.matmul_t(&x).unwrap().to_vec2::<f32>().unwrap();
+        let want = x
+            .matmul(&w.to_dense_f32().unwrap().t().unwrap())
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap();
+        for (g, r) in got.iter().flatten().zip(want.iter().flatten()) {
+            // Activations are quantised to 8 bits, as llama.cpp does.
+            assert!(
+                (g - r).abs() < 0.05 * (1.0 + r.abs()),
+                "{dtype:?}: {g} vs {r}"
+            );
+        }
+    }
+}
