@@ -10,7 +10,9 @@
 //! the caller's rayon pool.
 //!
 //! Layout: `format` (block layouts, reference dequantiser), `quantize` (activations),
-//! `dot` (one kernel module per instruction set), `matmul` (tiling and threading).
+//! `dot` (one kernel module per instruction set: scalar reference, AVX2, AVX-512 VNNI,
+//! NEON; on x86 a row kernel for decode and a packed eight-row kernel for prefill),
+//! `matmul` (threading over weight rows), `simd` (run-time detection).
 
 mod dot;
 mod error;

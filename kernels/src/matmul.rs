@@ -10,9 +10,9 @@ use crate::{QuantMatrix, SimdLevel};
 
 /// Tasks per pool thread, so a slow thread does not hold up the rest.
 const TASKS_PER_THREAD: usize = 4;
-/// Smallest task, in block dot products (roughly 2 ns each with SIMD): keeps scheduling
-/// overhead small next to the work.
-const MIN_TASK_BLOCKS: usize = 4096;
+/// Smallest task, in block products (about 1 ns each with SIMD): a microsecond or two of
+/// work, enough to outweigh rayon's scheduling and let small decode products use 2 threads.
+const MIN_TASK_BLOCKS: usize = 1024;
 
 pub(crate) fn matmul(level: SimdLevel, w: &QuantMatrix, x: &[f32], m: usize, y: &mut [f32]) {
     let (n, k) = (w.rows(), w.cols());

@@ -24,7 +24,7 @@ impl QuantMatrix {
         bytes: Vec<u8>,
     ) -> Result<Self, KernelError> {
         let block_len = format.block_len();
-        if cols % block_len != 0 {
+        if !cols.is_multiple_of(block_len) {
             return Err(KernelError::RaggedColumns {
                 format,
                 cols,

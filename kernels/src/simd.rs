@@ -12,7 +12,7 @@ pub enum SimdLevel {
     Avx2,
     /// x86-64 AVX-512 F/BW/VL with VNNI (`vpdpbusd`), on top of [`SimdLevel::Avx2`].
     Avx512,
-    /// AArch64 Advanced SIMD. Not written yet: runs the scalar path.
+    /// AArch64 Advanced SIMD (baseline NEON, no dot-product extension needed).
     Neon,
 }
 

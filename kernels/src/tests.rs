@@ -102,6 +102,11 @@ level_matches_scalar! {
     q5_0_avx512_matches_scalar: Q5_0, Avx512;
     q5_1_avx512_matches_scalar: Q5_1, Avx512;
     q8_0_avx512_matches_scalar: Q8_0, Avx512;
+    q4_0_neon_matches_scalar: Q4_0, Neon;
+    q4_1_neon_matches_scalar: Q4_1, Neon;
+    q5_0_neon_matches_scalar: Q5_0, Neon;
+    q5_1_neon_matches_scalar: Q5_1, Neon;
+    q8_0_neon_matches_scalar: Q8_0, Neon;
 }
 
 #[test]
@@ -215,7 +220,8 @@ fn dequantize_reads_the_ggml_layouts() {
     // Q5_0: same quants, value (q - 16)·d.
     let mut q5_0 = half(2.0).to_vec();
     q5_0.extend(&q5_1[4..]);
-    let cases: [(QuantFormat, Vec<u8>, fn(usize) -> f32); 3] = [
+    type Case = (QuantFormat, Vec<u8>, fn(usize) -> f32);
+    let cases: [Case; 3] = [
         (QuantFormat::Q4_0, q4_0, |e| if e < 16 { e as f32 - 8.0 } else { 31.0 - e as f32 - 8.0 } * 0.5),
         (QuantFormat::Q5_1, q5_1, |e| e as f32 - 2.0),
         (QuantFormat::Q5_0, q5_0, |e| (e as f32 - 16.0) * 2.0),

@@ -1,4 +1,4 @@
-//! AVX2 level: the shared x86 kernel with `vpmaddubsw` + `vpmaddwd` as the integer product.
+//! AVX2 level: the shared x86 kernels with `vpmaddubsw` + `vpmaddwd` as the integer product.
 //! Pairs of `u8 x i8` products stay below `i16::MAX` because weights are at most 31 (or a
 //! `Q8_0` magnitude of 128) and activations at most 127 in magnitude.
 

@@ -6,6 +6,8 @@
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
@@ -41,6 +43,8 @@ pub(crate) fn panel(level: SimdLevel, p: &Panel, out: &mut [f32]) {
         SimdLevel::Avx2 => avx2::panel(p, out),
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx512 => avx512::panel(p, out),
+        #[cfg(target_arch = "aarch64")]
+        SimdLevel::Neon => neon::panel(p, out),
         _ => scalar::panel(p, out),
     }
 }

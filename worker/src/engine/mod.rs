@@ -137,7 +137,7 @@ impl Engine {
             tensor_parallel_size: world,
             config,
         };
-        let kv = KvCache::new(model.kv_shape(), device);
+        let kv = KvCache::new(model.kv_shape());
         Ok(Self {
             model,
             tokenizer,

@@ -2,13 +2,12 @@
 //! position computed so far. The model writes a span's new entries and reads
 //! the whole prefix back for attention.
 //!
-//! Each sequence owns a slot of contiguous buffers that grow by doubling.
-//! The paged cache of the batching issue replaces the slot with a block table
-//! behind the same `append`/`view` calls, so the model does not change.
+//! Each sequence owns a slot of buffers laid out position-major
+//! (`[position][kv_head][head_dim]`), so appending is a copy onto the end
+//! and a growing sequence never moves what it has. The paged cache of the
+//! batching issue replaces the slot with a block table behind the same calls.
 
 use std::collections::HashMap;
-
-use candle_core::{DType, Device, Result, Tensor};
 
 /// A sequence's place in the cache.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -22,42 +21,64 @@ pub struct KvShape {
     pub head_dim: usize,
 }
 
-#[derive(Debug)]
-struct LayerBuffers {
-    /// `[kv_heads, capacity, head_dim]` each.
-    k: Tensor,
-    v: Tensor,
-    capacity: usize,
+impl KvShape {
+    /// Floats per position per layer, for keys or for values.
+    pub fn row(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+}
+
+#[derive(Debug, Default)]
+struct LayerEntries {
+    keys: Vec<f32>,
+    values: Vec<f32>,
 }
 
 #[derive(Debug)]
 pub struct KvCache {
     shape: KvShape,
-    device: Device,
-    dtype: DType,
-    slots: HashMap<SlotId, Vec<Option<LayerBuffers>>>,
+    slots: HashMap<SlotId, Vec<LayerEntries>>,
     next: u64,
 }
 
-/// Smallest buffer a slot starts with, in positions.
-const MIN_CAPACITY: usize = 64;
+/// Why a cache operation was refused (a bug in the caller, never user input).
+#[derive(Debug, thiserror::Error)]
+pub enum KvError {
+    #[error("kv cache: slot {0:?} is not allocated")]
+    UnknownSlot(SlotId),
+    #[error(
+        "kv cache: layer {layer} of slot {slot:?} holds {held} positions; writing at {start} would leave a gap"
+    )]
+    Gap {
+        slot: SlotId,
+        layer: usize,
+        held: usize,
+        start: usize,
+    },
+    #[error("kv cache: {got} floats do not make whole positions of {row}")]
+    Ragged { got: usize, row: usize },
+}
 
 impl KvCache {
-    pub fn new(shape: KvShape, device: Device) -> Self {
+    pub fn new(shape: KvShape) -> Self {
         Self {
             shape,
-            device,
-            dtype: DType::F32,
             slots: HashMap::new(),
             next: 0,
         }
     }
 
+    pub fn shape(&self) -> KvShape {
+        self.shape
+    }
+
     pub fn allocate(&mut self) -> SlotId {
         let id = SlotId(self.next);
         self.next += 1;
-        self.slots
-            .insert(id, (0..self.shape.layers).map(|_| None).collect());
+        let layers = (0..self.shape.layers)
+            .map(|_| LayerEntries::default())
+            .collect();
+        self.slots.insert(id, layers);
         id
     }
 
@@ -70,67 +91,80 @@ impl KvCache {
         self.slots.len()
     }
 
-    /// Bytes held by all slots.
+    /// Bytes reserved by all slots.
     pub fn bytes(&self) -> usize {
-        let per_pos = self.shape.kv_heads * self.shape.head_dim * self.dtype.size_in_bytes() * 2;
-        self.slots
+        let floats: usize = self
+            .slots
             .values()
             .flatten()
-            .flatten()
-            .map(|b| b.capacity * per_pos)
-            .sum()
+            .map(|l| l.keys.capacity() + l.values.capacity())
+            .sum();
+        floats * std::mem::size_of::<f32>()
     }
 
-    /// Writes `k`, `v` of shape `[kv_heads, tokens, head_dim]` at positions
-    /// `start..start + tokens` of `layer`.
+    /// Writes keys and values (`[tokens][kv_head][head_dim]`) at positions
+    /// `start..` of `layer`. Rewriting from an earlier position drops what
+    /// followed it (a recomputed suffix).
     pub fn append(
         &mut self,
         slot: SlotId,
         layer: usize,
         start: usize,
-        k: &Tensor,
-        v: &Tensor,
-    ) -> Result<()> {
-        let (_, t, _) = k.dims3()?;
-        let (shape, device, dtype) = (self.shape, self.device.clone(), self.dtype);
-        let Some(layers) = self.slots.get_mut(&slot) else {
-            candle_core::bail!("kv cache: slot {slot:?} is not allocated");
-        };
-        let need = start + t;
-        let entry = &mut layers[layer];
-        let grow = match entry {
-            Some(b) => b.capacity < need,
-            None => true,
-        };
-        if grow {
-            let capacity = need.next_power_of_two().max(MIN_CAPACITY);
-            let dims = (shape.kv_heads, capacity, shape.head_dim);
-            let nk = Tensor::zeros(dims, dtype, &device)?;
-            let nv = Tensor::zeros(dims, dtype, &device)?;
-            if let Some(old) = entry.take() {
-                nk.slice_set(&old.k, 1, 0)?;
-                nv.slice_set(&old.v, 1, 0)?;
-            }
-            *entry = Some(LayerBuffers {
-                k: nk,
-                v: nv,
-                capacity,
+        keys: &[f32],
+        values: &[f32],
+    ) -> Result<(), KvError> {
+        let row = self.shape.row();
+        if keys.len() % row != 0 || keys.len() != values.len() {
+            return Err(KvError::Ragged {
+                got: keys.len(),
+                row,
             });
         }
-        let Some(b) = entry.as_ref() else {
-            candle_core::bail!("kv cache: layer {layer} buffers missing");
-        };
-        b.k.slice_set(&k.to_dtype(dtype)?.contiguous()?, 1, start)?;
-        b.v.slice_set(&v.to_dtype(dtype)?.contiguous()?, 1, start)?;
+        let entries = self
+            .slots
+            .get_mut(&slot)
+            .ok_or(KvError::UnknownSlot(slot))?
+            .get_mut(layer)
+            .ok_or(KvError::UnknownSlot(slot))?;
+        let held = entries.keys.len() / row;
+        if start > held {
+            return Err(KvError::Gap {
+                slot,
+                layer,
+                held,
+                start,
+            });
+        }
+        entries.keys.truncate(start * row);
+        entries.values.truncate(start * row);
+        entries.keys.extend_from_slice(keys);
+        entries.values.extend_from_slice(values);
         Ok(())
     }
 
-    /// Keys and values of positions `0..len`, each `[kv_heads, len, head_dim]`.
-    pub fn view(&self, slot: SlotId, layer: usize, len: usize) -> Result<(Tensor, Tensor)> {
-        let Some(Some(b)) = self.slots.get(&slot).map(|l| &l[layer]) else {
-            candle_core::bail!("kv cache: slot {slot:?} layer {layer} is empty");
-        };
-        Ok((b.k.narrow(1, 0, len)?, b.v.narrow(1, 0, len)?))
+    /// Keys and values of positions `0..len` of `layer`.
+    pub fn entries(
+        &self,
+        slot: SlotId,
+        layer: usize,
+        len: usize,
+    ) -> Result<(&[f32], &[f32]), KvError> {
+        let row = self.shape.row();
+        let e = self
+            .slots
+            .get(&slot)
+            .and_then(|l| l.get(layer))
+            .ok_or(KvError::UnknownSlot(slot))?;
+        let held = e.keys.len() / row;
+        if len > held {
+            return Err(KvError::Gap {
+                slot,
+                layer,
+                held,
+                start: len,
+            });
+        }
+        Ok((&e.keys[..len * row], &e.values[..len * row]))
     }
 }
 
@@ -138,27 +172,57 @@ impl KvCache {
 mod tests {
     use super::*;
 
+    const SHAPE: KvShape = KvShape {
+        layers: 2,
+        kv_heads: 2,
+        head_dim: 3,
+    };
+
     #[test]
-    fn appended_entries_read_back_across_growth() {
-        let shape = KvShape {
-            layers: 1,
-            kv_heads: 2,
-            head_dim: 3,
-        };
-        let mut kv = KvCache::new(shape, Device::Cpu);
+    fn appended_entries_read_back() {
+        let mut kv = KvCache::new(SHAPE);
         let slot = kv.allocate();
-        let mut all = Vec::new();
         for step in 0..100usize {
-            let k = Tensor::full(step as f32, (2, 1, 3), &Device::Cpu).unwrap();
-            kv.append(slot, 0, step, &k, &k).unwrap();
-            all.push(step as f32);
+            let k = vec![step as f32; 6];
+            kv.append(slot, 1, step, &k, &k).unwrap();
         }
-        let (k, _) = kv.view(slot, 0, 100).unwrap();
-        let got = k.contiguous().unwrap().to_vec3::<f32>().unwrap();
-        assert_eq!(got[1].iter().map(|r| r[0]).collect::<Vec<_>>(), all);
+        let (k, v) = kv.entries(slot, 1, 100).unwrap();
+        assert_eq!(k.len(), 600);
+        assert_eq!(k[6 * 42], 42.0);
+        assert_eq!(k, v);
         assert!(kv.bytes() > 0);
         kv.free(slot);
         assert_eq!(kv.bytes(), 0);
         assert_eq!(kv.live_slots(), 0);
+    }
+
+    #[test]
+    fn gaps_and_unknown_slots_are_refused() {
+        let mut kv = KvCache::new(SHAPE);
+        let slot = kv.allocate();
+        assert!(matches!(
+            kv.append(slot, 0, 3, &[0.0; 6], &[0.0; 6]),
+            Err(KvError::Gap { .. })
+        ));
+        assert!(matches!(
+            kv.append(SlotId(99), 0, 0, &[0.0; 6], &[0.0; 6]),
+            Err(KvError::UnknownSlot(_))
+        ));
+        assert!(matches!(
+            kv.append(slot, 0, 0, &[0.0; 5], &[0.0; 5]),
+            Err(KvError::Ragged { .. })
+        ));
+        assert!(kv.entries(slot, 0, 1).is_err());
+    }
+
+    #[test]
+    fn rewriting_drops_the_old_suffix() {
+        let mut kv = KvCache::new(SHAPE);
+        let slot = kv.allocate();
+        kv.append(slot, 0, 0, &[1.0; 18], &[1.0; 18]).unwrap();
+        kv.append(slot, 0, 1, &[2.0; 6], &[2.0; 6]).unwrap();
+        let (k, _) = kv.entries(slot, 0, 2).unwrap();
+        assert_eq!(&k[6..], &[2.0; 6]);
+        assert!(kv.entries(slot, 0, 3).is_err());
     }
 }

@@ -2,8 +2,9 @@
 
 use candle_core::{Result, Tensor};
 
+use super::causal::{Heads, attend, to_half_precision};
 use super::config::ModelConfig;
-use super::layers::{ColumnParallelLinear, LoadContext, RowParallelLinear, softmax_last_dim};
+use super::layers::{ColumnParallelLinear, LoadContext, RowParallelLinear};
 use super::rope::Rope;
 use super::{ModelError, SeqSpan};
 use crate::kv::KvCache;
@@ -80,71 +81,49 @@ impl Attention {
         layer: usize,
         kv: &mut KvCache,
     ) -> Result<Tensor> {
-        let q = self.q.forward(x)?;
-        let k = self.k.forward(x)?;
-        let v = self.v.forward(x)?;
-        let mut outs = Vec::with_capacity(spans.len());
+        let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
+        let q = self.q.forward(x)?.flatten_all()?.to_vec1::<f32>()?;
+        let k = self.k.forward(x)?.flatten_all()?.to_vec1::<f32>()?;
+        let v = self.v.forward(x)?.flatten_all()?.to_vec1::<f32>()?;
+        let tokens: usize = spans.iter().map(|s| s.tokens.len()).sum();
+        let mut out = vec![0f32; tokens * h * d];
         let mut offset = 0;
         for span in spans {
             let t = span.tokens.len();
-            let qs = q
-                .narrow(0, offset, t)?
-                .reshape((t, self.heads, self.head_dim))?;
-            let ks = k
-                .narrow(0, offset, t)?
-                .reshape((t, self.kv_heads, self.head_dim))?;
-            let vs = v
-                .narrow(0, offset, t)?
-                .reshape((t, self.kv_heads, self.head_dim))?;
-            let qs = self.rope.apply(&qs, span.start_pos)?;
-            let ks = self.rope.apply(&ks, span.start_pos)?;
-            kv.append(
-                span.slot,
-                layer,
+            let mut qs = q[offset * h * d..(offset + t) * h * d].to_vec();
+            let mut ks = k[offset * kvh * d..(offset + t) * kvh * d].to_vec();
+            let vs = &v[offset * kvh * d..(offset + t) * kvh * d];
+            self.rope.apply(&mut qs, h, d, span.start_pos);
+            self.rope.apply(&mut ks, kvh, d, span.start_pos);
+            let mut vs = vs.to_vec();
+            // Keys, values and queries meet at half precision, as in llama.cpp's
+            // f16 cache: on small models, where the best two tokens are often
+            // hundredths of a nat apart, matching its rounding keeps answers aligned.
+            for x in qs.iter_mut().chain(ks.iter_mut()).chain(vs.iter_mut()) {
+                *x = to_half_precision(*x);
+            }
+            let err = |e: crate::kv::KvError| candle_core::Error::Msg(e.to_string());
+            kv.append(span.slot, layer, span.start_pos, &ks, &vs)
+                .map_err(err)?;
+            let (keys, values) = kv
+                .entries(span.slot, layer, span.start_pos + t)
+                .map_err(err)?;
+            let shape = Heads {
+                heads: h,
+                kv_heads: kvh,
+                head_dim: d,
+            };
+            attend(
+                &qs,
+                keys,
+                values,
                 span.start_pos,
-                &ks.transpose(0, 1)?,
-                &vs.transpose(0, 1)?,
-            )?;
-            let len = span.start_pos + t;
-            let (kc, vc) = kv.view(span.slot, layer, len)?;
-            outs.push(self.attend(&qs, &kc, &vc, span.start_pos)?);
+                shape,
+                &mut out[offset * h * d..(offset + t) * h * d],
+            );
             offset += t;
         }
-        let y = Tensor::cat(&outs, 0)?;
+        let y = Tensor::from_vec(out, (tokens, h * d), x.device())?;
         self.o.forward(&y)
-    }
-
-    /// Causal attention of `q` `[t, heads, d]` at positions `start..start+t`
-    /// over cached `k`, `v` `[kv_heads, start+t, d]`; returns `[t, heads·d]`.
-    fn attend(&self, q: &Tensor, k: &Tensor, v: &Tensor, start: usize) -> Result<Tensor> {
-        let (t, _, d) = q.dims3()?;
-        let group = self.heads / self.kv_heads;
-        let len = start + t;
-        // Queries of one KV head side by side: [kv_heads, group·t, d], so the
-        // cache is never repeated per query head.
-        let q = q
-            .reshape((t, self.kv_heads, group, d))?
-            .permute((1, 2, 0, 3))?
-            .reshape((self.kv_heads, group * t, d))?;
-        let scale = 1.0 / (d as f64).sqrt();
-        let scores = (q.matmul(&k.transpose(1, 2)?.contiguous()?)? * scale)?;
-        let scores = if t > 1 {
-            let mut mask = vec![0f32; group * t * len];
-            for g in 0..group {
-                for i in 0..t {
-                    let row = &mut mask[(g * t + i) * len..(g * t + i + 1) * len];
-                    row[start + i + 1..].fill(f32::NEG_INFINITY);
-                }
-            }
-            let mask = Tensor::from_vec(mask, (group * t, len), q.device())?;
-            scores.broadcast_add(&mask)?
-        } else {
-            scores
-        };
-        let probs = softmax_last_dim(&scores)?;
-        let out = probs.matmul(&v.contiguous()?)?;
-        out.reshape((self.kv_heads, group, t, d))?
-            .permute((2, 0, 1, 3))?
-            .reshape((t, self.heads * d))
     }
 }

@@ -6,6 +6,7 @@
 //! tokens, attention per span, and returns the logits each span asked for.
 
 mod attention;
+mod causal;
 mod config;
 mod layers;
 mod rope;

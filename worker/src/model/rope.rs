@@ -1,8 +1,6 @@
 //! Rotary position embeddings, computed for the positions of each span
 //! (no table sized to the context, so a 128k-context model costs nothing up front).
 
-use candle_core::{Result, Tensor};
-
 use super::config::{RopeConfig, RopeScaling, RopeStyle};
 
 #[derive(Debug)]
@@ -32,23 +30,20 @@ impl Rope {
         }
     }
 
-    /// Rotates `x` of shape `[tokens, heads, head_dim]` whose first token is
-    /// at position `start`.
-    pub fn apply(&self, x: &Tensor, start: usize) -> Result<Tensor> {
-        let (t, h, d) = x.dims3()?;
-        let mut data = x.flatten_all()?.to_vec1::<f32>()?;
+    /// Rotates `x`, laid out `[tokens][heads][head_dim]`, in place; its
+    /// first token is at position `start`.
+    pub fn apply(&self, x: &mut [f32], heads: usize, head_dim: usize, start: usize) {
         let half = self.dims / 2;
         let mut cos = vec![0f32; half];
         let mut sin = vec![0f32; half];
-        for tok in 0..t {
+        for (tok, rows) in x.chunks_exact_mut(heads * head_dim).enumerate() {
             let pos = (start + tok) as f64;
             for i in 0..half {
                 let (s, c) = (pos * self.inv_freq[i]).sin_cos();
                 cos[i] = c as f32;
                 sin[i] = s as f32;
             }
-            for head in 0..h {
-                let v = &mut data[(tok * h + head) * d..(tok * h + head + 1) * d];
+            for v in rows.chunks_exact_mut(head_dim) {
                 for i in 0..half {
                     let (a, b) = match self.style {
                         RopeStyle::Interleaved => (2 * i, 2 * i + 1),
@@ -60,14 +55,12 @@ impl Rope {
                 }
             }
         }
-        Tensor::from_vec(data, (t, h, d), x.device())
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use candle_core::Device;
 
     fn rope(style: RopeStyle) -> Rope {
         Rope::new(&RopeConfig {
@@ -80,31 +73,18 @@ mod tests {
 
     #[test]
     fn position_zero_is_identity() {
-        let x = Tensor::arange(0f32, 8.0, &Device::Cpu)
-            .unwrap()
-            .reshape((1, 2, 4))
-            .unwrap();
-        let y = rope(RopeStyle::Interleaved).apply(&x, 0).unwrap();
-        assert_eq!(x.to_vec3::<f32>().unwrap(), y.to_vec3::<f32>().unwrap());
+        let x: Vec<f32> = (0..8).map(|i| i as f32).collect();
+        let mut y = x.clone();
+        rope(RopeStyle::Interleaved).apply(&mut y, 2, 4, 0);
+        assert_eq!(x, y);
     }
 
     #[test]
     fn rotation_keeps_pair_norms_and_styles_pair_differently() {
-        let x = Tensor::new(&[[[1f32, 2.0, 3.0, 4.0]]], &Device::Cpu).unwrap();
-        let inter = rope(RopeStyle::Interleaved)
-            .apply(&x, 5)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let halves = rope(RopeStyle::Halves)
-            .apply(&x, 5)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let x = [1f32, 2.0, 3.0, 4.0];
+        let (mut inter, mut halves) = (x.to_vec(), x.to_vec());
+        rope(RopeStyle::Interleaved).apply(&mut inter, 1, 4, 5);
+        rope(RopeStyle::Halves).apply(&mut halves, 1, 4, 5);
         let n = |a: f32, b: f32| (a * a + b * b).sqrt();
         assert!((n(inter[0], inter[1]) - n(1.0, 2.0)).abs() < 1e-5);
         assert!((n(halves[0], halves[2]) - n(1.0, 3.0)).abs() < 1e-5);
@@ -119,21 +99,9 @@ mod tests {
             style: RopeStyle::Halves,
             scaling: RopeScaling::Linear { factor: 2.0 },
         });
-        let x = Tensor::new(&[[[1f32, 2.0, 3.0, 4.0]]], &Device::Cpu).unwrap();
-        let a = scaled
-            .apply(&x, 6)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
-        let b = rope(RopeStyle::Halves)
-            .apply(&x, 3)
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .to_vec1::<f32>()
-            .unwrap();
+        let (mut a, mut b) = (vec![1f32, 2.0, 3.0, 4.0], vec![1f32, 2.0, 3.0, 4.0]);
+        scaled.apply(&mut a, 1, 4, 6);
+        rope(RopeStyle::Halves).apply(&mut b, 1, 4, 3);
         for (p, q) in a.iter().zip(&b) {
             assert!((p - q).abs() < 1e-5);
         }

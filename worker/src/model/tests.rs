@@ -50,7 +50,7 @@ fn token_by_token_decode_equals_full_prefill() {
             dtype,
             ..TinySpec::default()
         });
-        let mut kv = KvCache::new(model.kv_shape(), Device::Cpu);
+        let mut kv = KvCache::new(model.kv_shape());
         let full = logits_all(&model, &mut kv, &TOKENS);
         let slot = kv.allocate();
         for (pos, tok) in TOKENS.iter().enumerate() {
@@ -76,7 +76,7 @@ fn token_by_token_decode_equals_full_prefill() {
 #[test]
 fn spans_batched_together_equal_separate_runs() {
     let (_dir, model) = load(&TinySpec::default());
-    let mut kv = KvCache::new(model.kv_shape(), Device::Cpu);
+    let mut kv = KvCache::new(model.kv_shape());
     let a = &TOKENS[..7];
     let b = &TOKENS[3..];
     let alone_a = logits_all(&model, &mut kv, a);
@@ -109,7 +109,7 @@ fn spans_batched_together_equal_separate_runs() {
 #[test]
 fn chunked_prefill_equals_one_shot() {
     let (_dir, model) = load(&TinySpec::default());
-    let mut kv = KvCache::new(model.kv_shape(), Device::Cpu);
+    let mut kv = KvCache::new(model.kv_shape());
     let full = logits_all(&model, &mut kv, &TOKENS);
     let slot = kv.allocate();
     let (first, rest) = TOKENS.split_at(4);
@@ -150,7 +150,7 @@ fn separate_head_and_qkv_bias_change_the_output() {
     assert!(!separate.config().tied_embeddings);
     assert!(biased.config().qkv_bias);
     assert_eq!(biased.config().rope.style, RopeStyle::Halves);
-    let mut kv = KvCache::new(tied.kv_shape(), Device::Cpu);
+    let mut kv = KvCache::new(tied.kv_shape());
     let a = logits_all(&tied, &mut kv, &TOKENS);
     let b = logits_all(&separate, &mut kv, &TOKENS);
     let c = logits_all(&biased, &mut kv, &TOKENS);
