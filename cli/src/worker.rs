@@ -1,4 +1,5 @@
-//! `shardserve worker`: load a model and serve it over gRPC until Ctrl-C.
+//! `shardserve worker`: load a model and serve it over gRPC (plus metrics
+//! over HTTP when asked) until Ctrl-C or SIGTERM.
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -17,6 +18,9 @@ pub struct WorkerArgs {
     /// Address to serve gRPC on.
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub listen: SocketAddr,
+    /// Address to serve /metrics, /healthz and /readyz on over HTTP (off when unset).
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
     /// Name clients use for the model (default: the file name without extension).
     #[arg(long)]
     pub served_model_name: Option<String>,
@@ -54,12 +58,24 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         let listener = tokio::net::TcpListener::bind(args.listen)
             .await
             .with_context(|| format!("binding {}", args.listen))?;
-        tracing::info!(addr = %args.listen, "serving shardserve.v1.Inference over gRPC");
-        let shutdown = async {
-            let _ = tokio::signal::ctrl_c().await;
+        let metrics_listener = match args.metrics_addr {
+            Some(addr) => Some(
+                tokio::net::TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("binding {addr} for metrics"))?,
+            ),
+            None => None,
+        };
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+            .context("listening for SIGTERM")?;
+        let shutdown = async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
             tracing::info!("shutting down");
         };
-        shardserve_worker::server::serve_on(handle, listener, shutdown)
+        shardserve_worker::server::serve_with_metrics(handle, listener, metrics_listener, shutdown)
             .await
             .context("gRPC server failed")
     })

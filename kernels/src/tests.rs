@@ -153,6 +153,54 @@ fn thread_count_does_not_change_results() {
     }
 }
 
+/// Each output is a function of its weight row and activation row alone: the same bits
+/// whether the row is multiplied alone (m = 1, the decode kernel) or in a batch of any size
+/// (the prefill kernel), at any position in it, on one thread or two (other task splits).
+#[test]
+fn row_results_do_not_depend_on_batch() {
+    // (n, k): n = 1, n not a multiple of 8 (ragged last group of eight), k = one block.
+    let shapes = [
+        (1, 32),
+        (3, 64),
+        (8, 32),
+        (13, 96),
+        (45, 160),
+        (64, 256),
+        (259, 128),
+    ];
+    const ROWS: usize = 20;
+    let bits = |y: &[f32]| y.iter().map(|v| v.to_bits()).collect::<Vec<u32>>();
+    for level in SimdLevel::available() {
+        for format in QuantFormat::ALL {
+            for (n, k) in shapes {
+                let w = random_matrix(format, n, k, (n * k) as u64);
+                let x = random_activations(ROWS, k, (n + k) as u64);
+                for threads in [1, 2] {
+                    in_pool(threads, || {
+                        let alone: Vec<Vec<u32>> = x
+                            .chunks_exact(k)
+                            .map(|xa| bits(&matmul(&w, level, xa, 1)))
+                            .collect();
+                        // Offsets move each row to other positions in the kernels' groups.
+                        for (m, offset) in (1..=17).flat_map(|m| [(m, 0), (m, 3)]) {
+                            let batch = &x[offset * k..(offset + m) * k];
+                            let y = matmul(&w, level, batch, m);
+                            for (a, y) in y.chunks_exact(n).enumerate() {
+                                assert_eq!(
+                                    bits(y),
+                                    alone[offset + a],
+                                    "{format} {level} n={n} k={k} m={m} offset={offset} \
+                                     row {a} threads={threads}: batched != alone"
+                                );
+                            }
+                        }
+                    });
+                }
+            }
+        }
+    }
+}
+
 #[test]
 fn exact_integer_inputs_give_exact_products() {
     // Blocks whose amax is 127 quantise with d = 1, so q = x and every product is an

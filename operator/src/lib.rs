@@ -1,2 +1,10 @@
-//! The `ModelDeployment` CRD, validation, topology planning and reconcile.
-//! Empty until the operator issue fills it.
+//! The `ModelDeployment` custom resource: its types, model sources, validation
+//! and manifest reading (`crd`). Planning and reconcile come with the operator
+//! issue; `shardserve up` already runs manifests locally with these types.
+
+pub mod crd;
+
+pub use crd::manifest::{ManifestError, parse_manifests};
+pub use crd::source::{ModelSource, SourceError};
+pub use crd::validate::{ValidationError, validate};
+pub use crd::{EngineSpec, ModelDeployment, ModelDeploymentSpec, ModelSpec};

@@ -1,2 +1,169 @@
-//! The shardserve router: OpenAI-compatible HTTP and gRPC front, discovery,
-//! balancing and backpressure. Empty until the router issue fills it.
+//! The shardserve router: the front door of a deployment.
+//!
+//! It serves the OpenAI-, Ollama- and TGI-compatible HTTP APIs (`api/`,
+//! assembled in `http`) and the gRPC `shardserve.v1.Inference` service
+//! (`grpc`), and sends each request to a backend of its model: discovery
+//! (`discovery`) feeds the backend index (`pool`), which health-checks
+//! backends and leases them to requests by least outstanding load with
+//! prefix affinity (`balance`, pure); `dispatch` starts a generation on a
+//! leased backend, retrying elsewhere until the first token. Metrics live in
+//! `metrics`. The CLI's `shardserve router` calls [`serve`].
+
+mod api;
+mod balance;
+mod config;
+mod discovery;
+mod dispatch;
+mod grpc;
+mod http;
+mod metrics;
+mod pool;
+
+use std::future::Future;
+use std::sync::Arc;
+
+use shardserve_proto::v1::inference_server::InferenceServer;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Endpoint, Server};
+use tonic_health::ServingStatus;
+
+pub use config::{RouterConfig, RouterError};
+pub use discovery::{Backend, Deployment, Discovery, StaticDiscovery};
+
+use crate::api::AppState;
+use crate::dispatch::Upstream;
+use crate::metrics::Metrics;
+use crate::pool::Pool;
+
+/// The router's two bound sockets, for callers that bind themselves (tests
+/// bind port 0).
+pub struct Listeners {
+    pub http: TcpListener,
+    pub grpc: TcpListener,
+}
+
+/// Binds `config.http_addr` and `config.grpc_addr` and serves until
+/// `shutdown` completes.
+pub async fn serve(
+    config: RouterConfig,
+    discovery: Arc<dyn Discovery>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RouterError> {
+    let bind = async |addr| {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| RouterError::Bind { addr, source })
+    };
+    let listeners = Listeners {
+        http: bind(config.http_addr).await?,
+        grpc: bind(config.grpc_addr).await?,
+    };
+    serve_on(config, listeners, discovery, shutdown).await
+}
+
+/// Checks that every backend's URI is a valid gRPC endpoint.
+fn check_uris(deployments: &[Deployment]) -> Result<(), RouterError> {
+    for d in deployments {
+        for b in &d.backends {
+            Endpoint::from_shared(b.grpc_uri.clone()).map_err(|e| RouterError::BackendUri {
+                model: d.model.clone(),
+                id: b.id.clone(),
+                uri: b.grpc_uri.clone(),
+                reason: e.to_string(),
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Serves on already bound listeners until `shutdown` completes: HTTP and
+/// gRPC stop taking new connections and in-flight requests finish.
+pub async fn serve_on(
+    config: RouterConfig,
+    listeners: Listeners,
+    discovery: Arc<dyn Discovery>,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), RouterError> {
+    let metrics = Arc::new(Metrics::new()?);
+    let pool = Arc::new(Pool::new(
+        Arc::clone(&metrics),
+        config.max_queue_per_backend,
+        config.health_timeout,
+        config.affinity_capacity,
+    ));
+    let mut deployments = discovery.watch();
+    {
+        let initial = deployments.borrow_and_update();
+        check_uris(&initial)?;
+        pool.update(&initial);
+    }
+    let follow = tokio::spawn({
+        let pool = Arc::clone(&pool);
+        async move {
+            while deployments.changed().await.is_ok() {
+                let latest = deployments.borrow_and_update().clone();
+                pool.update(&latest);
+            }
+        }
+    });
+    let health = tokio::spawn(pool::run_health_checks(
+        Arc::clone(&pool),
+        config.health_interval,
+        config.health_timeout,
+    ));
+
+    let upstream = Upstream {
+        pool,
+        metrics,
+        affinity_prefix: config.affinity_prefix,
+    };
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+
+    tracing::info!(
+        http = ?listeners.http.local_addr().ok(),
+        grpc = ?listeners.grpc.local_addr().ok(),
+        "router serving"
+    );
+    let app = http::router(
+        AppState {
+            upstream: upstream.clone(),
+        },
+        config.api_keys.clone(),
+    );
+    let http = axum::serve(listeners.http, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_service_status("", ServingStatus::Serving)
+        .await;
+    health_reporter
+        .set_service_status(
+            shardserve_proto::v1::inference_server::SERVICE_NAME,
+            ServingStatus::Serving,
+        )
+        .await;
+    let grpc = Server::builder()
+        .add_service(health_service)
+        .add_service(InferenceServer::new(grpc::RouterInference { upstream }))
+        .serve_with_incoming_shutdown(
+            TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
+            stopped(stop_rx),
+        );
+
+    let result = tokio::try_join!(async { http.await.map_err(RouterError::Http) }, async {
+        grpc.await.map_err(RouterError::Grpc)
+    },);
+    follow.abort();
+    health.abort();
+    tracing::info!("router stopped");
+    result.map(|_| ())
+}

@@ -5,24 +5,29 @@
 //! group of one (no communication at all); the TCP, in-process and NCCL
 //! backends of the tensor-parallelism issue implement the same trait.
 
-use candle_core::{Result, Tensor};
-
 /// Position of this process in its group.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RankId(pub usize);
+
+/// Why a collective failed: a peer died, stalled or broke the protocol.
+#[derive(Debug, thiserror::Error)]
+pub enum CommError {
+    #[error("collective {op} failed: {reason}")]
+    Failed { op: &'static str, reason: String },
+}
 
 /// Operations every rank of a group calls in the same order.
 pub trait Collective: Send + Sync + std::fmt::Debug {
     fn rank(&self) -> RankId;
     fn world_size(&self) -> usize;
-    /// Element-wise sum of `t` over all ranks; every rank gets the result.
-    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor>;
-    /// Concatenation of every rank's `t` along `dim`, in rank order.
-    fn all_gather(&self, t: &Tensor, dim: usize) -> Result<Tensor>;
+    /// Element-wise sum of `data` over all ranks, in place on every rank.
+    fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), CommError>;
+    /// Every rank's `data` concatenated in rank order.
+    fn all_gather(&self, data: &[f32]) -> Result<Vec<f32>, CommError>;
     /// Rank 0's `bytes` on every rank (other ranks' input is ignored).
-    fn broadcast_bytes(&self, bytes: Vec<u8>) -> Result<Vec<u8>>;
+    fn broadcast_bytes(&self, bytes: Vec<u8>) -> Result<Vec<u8>, CommError>;
     /// Returns when every rank has called it.
-    fn barrier(&self) -> Result<()>;
+    fn barrier(&self) -> Result<(), CommError>;
 }
 
 /// A group of one rank: every collective is the identity.
@@ -36,16 +41,16 @@ impl Collective for SingleRank {
     fn world_size(&self) -> usize {
         1
     }
-    fn all_reduce_sum(&self, t: &Tensor) -> Result<Tensor> {
-        Ok(t.clone())
+    fn all_reduce_sum(&self, _data: &mut [f32]) -> Result<(), CommError> {
+        Ok(())
     }
-    fn all_gather(&self, t: &Tensor, _dim: usize) -> Result<Tensor> {
-        Ok(t.clone())
+    fn all_gather(&self, data: &[f32]) -> Result<Vec<f32>, CommError> {
+        Ok(data.to_vec())
     }
-    fn broadcast_bytes(&self, bytes: Vec<u8>) -> Result<Vec<u8>> {
+    fn broadcast_bytes(&self, bytes: Vec<u8>) -> Result<Vec<u8>, CommError> {
         Ok(bytes)
     }
-    fn barrier(&self) -> Result<()> {
+    fn barrier(&self) -> Result<(), CommError> {
         Ok(())
     }
 }

@@ -1,6 +1,7 @@
 //! The engine on its own thread, driven from async code through channels.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
 
 use tokio::sync::mpsc;
@@ -28,6 +29,24 @@ pub struct EngineHandle {
     jobs: std_mpsc::Sender<Job>,
     info: Arc<ModelInfo>,
     tokenizer: Arc<Tokenizer>,
+    load: Arc<Load>,
+}
+
+/// How busy the engine is: requests waiting for it and sequences it is
+/// generating. Written by the engine thread and `submit`, read by metrics.
+#[derive(Default)]
+struct Load {
+    queued: AtomicUsize,
+    running: AtomicUsize,
+}
+
+/// A snapshot of [`EngineHandle::load`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineLoad {
+    /// Requests submitted that the engine has not started.
+    pub queued: usize,
+    /// Sequences the engine is generating now.
+    pub running: usize,
 }
 
 /// Tokens buffered per request before the engine waits for a slow reader.
@@ -39,14 +58,25 @@ impl EngineHandle {
         let info = Arc::new(engine.info().clone());
         let tokenizer = engine.tokenizer().clone();
         let (jobs, rx) = std_mpsc::channel::<Job>();
+        let load = Arc::new(Load::default());
+        let engine_load = load.clone();
         std::thread::Builder::new()
             .name("engine".into())
-            .spawn(move || run(engine, rx))?;
+            .spawn(move || run(engine, rx, &engine_load))?;
         Ok(Self {
             jobs,
             info,
             tokenizer,
+            load,
         })
+    }
+
+    /// Requests waiting and sequences running, now.
+    pub fn load(&self) -> EngineLoad {
+        EngineLoad {
+            queued: self.load.queued.load(Ordering::Relaxed),
+            running: self.load.running.load(Ordering::Relaxed),
+        }
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -64,15 +94,18 @@ impl EngineHandle {
         request: GenerationRequest,
     ) -> Result<mpsc::Receiver<EngineEvent>, EngineError> {
         let (events, rx) = mpsc::channel(EVENT_BUFFER);
-        self.jobs
-            .send(Job { request, events })
-            .map_err(|_| EngineError::Stopped)?;
+        self.load.queued.fetch_add(1, Ordering::Relaxed);
+        self.jobs.send(Job { request, events }).map_err(|_| {
+            self.load.queued.fetch_sub(1, Ordering::Relaxed);
+            EngineError::Stopped
+        })?;
         Ok(rx)
     }
 }
 
-fn run(mut engine: Engine, jobs: std_mpsc::Receiver<Job>) {
+fn run(mut engine: Engine, jobs: std_mpsc::Receiver<Job>, load: &Load) {
     while let Ok(Job { request, events }) = jobs.recv() {
+        load.queued.fetch_sub(1, Ordering::Relaxed);
         if events.is_closed() {
             continue;
         }
@@ -80,7 +113,13 @@ fn run(mut engine: Engine, jobs: std_mpsc::Receiver<Job>) {
             Ok(()) => Flow::Continue,
             Err(_) => Flow::Cancel,
         };
-        let last = match engine.generate(&request, &mut sink) {
+        load.running.fetch_add(1, Ordering::Relaxed);
+        let result = {
+            // Counts the sequence down however generation ends (even a panic).
+            let _running = Running(&load.running);
+            engine.generate(&request, &mut sink)
+        };
+        let last = match result {
             Ok(Some(finished)) => EngineEvent::Finished(finished),
             Ok(None) => {
                 tracing::debug!("request cancelled by its caller");
@@ -92,4 +131,13 @@ fn run(mut engine: Engine, jobs: std_mpsc::Receiver<Job>) {
         let _ = events.blocking_send(last);
     }
     tracing::info!("engine thread stopped: no more handles");
+}
+
+/// Counts one running sequence down when dropped.
+struct Running<'a>(&'a AtomicUsize);
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }

@@ -12,9 +12,9 @@ mod request;
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 
-pub use handle::{EngineEvent, EngineHandle};
+pub use handle::{EngineEvent, EngineHandle, EngineLoad};
 pub use request::{
     FinishReason, Finished, GenerationRequest, LogprobEntry, Prompt, Stopping, TokenEvent,
 };
@@ -357,10 +357,11 @@ impl Engine {
             slot,
             logits: want,
         };
-        let out = self
-            .model
-            .forward(std::slice::from_ref(&span), &mut self.kv)?;
-        Ok(rows(&out[0])?)
+        // The whole step runs on a compute-pool thread: its parallel products
+        // then fork from inside the pool instead of waking it once per product.
+        let (model, kv) = (&self.model, &mut self.kv);
+        let out = rayon::scope(|_| model.forward(std::slice::from_ref(&span), kv))?;
+        Ok(out.into_iter().next().unwrap_or_default())
     }
 
     /// For benchmarks: prefills `prompt` on a fresh slot, then runs `gen`
@@ -405,11 +406,4 @@ impl Engine {
 pub enum BenchPhase {
     Prefilled,
     Decoded,
-}
-
-fn rows(t: &Tensor) -> candle_core::Result<Vec<Vec<f32>>> {
-    if t.dim(0)? == 0 {
-        return Ok(Vec::new());
-    }
-    t.to_vec2::<f32>()
 }

@@ -1,20 +1,18 @@
 //! Grouped-query attention over this rank's heads, reading and writing the KV cache.
 
-use candle_core::{Result, Tensor};
-
 use super::causal::{Heads, attend, to_half_precision};
 use super::config::ModelConfig;
-use super::layers::{ColumnParallelLinear, LoadContext, RowParallelLinear};
+use super::layers::{LoadContext, RowParallelLinear, StackedColumns};
 use super::rope::Rope;
+use super::rows::Rows;
 use super::{ModelError, SeqSpan};
 use crate::kv::KvCache;
 use crate::weights::Split;
 
 #[derive(Debug)]
 pub struct Attention {
-    q: ColumnParallelLinear,
-    k: ColumnParallelLinear,
-    v: ColumnParallelLinear,
+    /// Q, K and V, stacked.
+    qkv: StackedColumns,
     o: RowParallelLinear,
     rope: Rope,
     heads: usize,
@@ -27,7 +25,7 @@ impl Attention {
         ctx: &LoadContext<'_>,
         prefix: &str,
         cfg: &ModelConfig,
-    ) -> std::result::Result<Self, ModelError> {
+    ) -> Result<Self, ModelError> {
         let world = ctx.world();
         let rank = ctx.rank();
         let d = cfg.head_dim;
@@ -43,22 +41,13 @@ impl Attention {
         };
         let q_rows = rank * heads * d..(rank + 1) * heads * d;
         Ok(Self {
-            q: ColumnParallelLinear::load(
+            qkv: StackedColumns::load(
                 ctx,
-                &format!("{prefix}.attn_q"),
-                Split::Rows(q_rows),
-                cfg.qkv_bias,
-            )?,
-            k: ColumnParallelLinear::load(
-                ctx,
-                &format!("{prefix}.attn_k"),
-                Split::Rows(kv_rows.clone()),
-                cfg.qkv_bias,
-            )?,
-            v: ColumnParallelLinear::load(
-                ctx,
-                &format!("{prefix}.attn_v"),
-                Split::Rows(kv_rows),
+                &[
+                    (format!("{prefix}.attn_q"), Split::Rows(q_rows)),
+                    (format!("{prefix}.attn_k"), Split::Rows(kv_rows.clone())),
+                    (format!("{prefix}.attn_v"), Split::Rows(kv_rows)),
+                ],
                 cfg.qkv_bias,
             )?,
             o: RowParallelLinear::load_even(ctx, &format!("{prefix}.attn_output"))?,
@@ -76,38 +65,31 @@ impl Attention {
     /// `x` holds the normalised hidden states of every span's tokens, in order.
     pub fn forward(
         &self,
-        x: &Tensor,
+        x: &Rows,
         spans: &[SeqSpan<'_>],
         layer: usize,
         kv: &mut KvCache,
-    ) -> Result<Tensor> {
+    ) -> Result<Rows, ModelError> {
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
-        let q = self.q.forward(x)?.flatten_all()?.to_vec1::<f32>()?;
-        let k = self.k.forward(x)?.flatten_all()?.to_vec1::<f32>()?;
-        let v = self.v.forward(x)?.flatten_all()?.to_vec1::<f32>()?;
-        let tokens: usize = spans.iter().map(|s| s.tokens.len()).sum();
-        let mut out = vec![0f32; tokens * h * d];
+        let qkv = self.qkv.forward(x)?.split_columns(self.qkv.widths());
+        let (q, k, v) = (qkv[0].as_slice(), qkv[1].as_slice(), qkv[2].as_slice());
+        let mut out = vec![0f32; x.m() * h * d];
         let mut offset = 0;
         for span in spans {
             let t = span.tokens.len();
             let mut qs = q[offset * h * d..(offset + t) * h * d].to_vec();
             let mut ks = k[offset * kvh * d..(offset + t) * kvh * d].to_vec();
-            let vs = &v[offset * kvh * d..(offset + t) * kvh * d];
+            let mut vs = v[offset * kvh * d..(offset + t) * kvh * d].to_vec();
             self.rope.apply(&mut qs, h, d, span.start_pos);
             self.rope.apply(&mut ks, kvh, d, span.start_pos);
-            let mut vs = vs.to_vec();
             // Keys, values and queries meet at half precision, as in llama.cpp's
             // f16 cache: on small models, where the best two tokens are often
             // hundredths of a nat apart, matching its rounding keeps answers aligned.
             for x in qs.iter_mut().chain(ks.iter_mut()).chain(vs.iter_mut()) {
                 *x = to_half_precision(*x);
             }
-            let err = |e: crate::kv::KvError| candle_core::Error::Msg(e.to_string());
-            kv.append(span.slot, layer, span.start_pos, &ks, &vs)
-                .map_err(err)?;
-            let (keys, values) = kv
-                .entries(span.slot, layer, span.start_pos + t)
-                .map_err(err)?;
+            kv.append(span.slot, layer, span.start_pos, &ks, &vs)?;
+            let (keys, values) = kv.entries(span.slot, layer, span.start_pos + t)?;
             let shape = Heads {
                 heads: h,
                 kv_heads: kvh,
@@ -123,7 +105,6 @@ impl Attention {
             );
             offset += t;
         }
-        let y = Tensor::from_vec(out, (tokens, h * d), x.device())?;
-        self.o.forward(&y)
+        self.o.forward(&Rows::new(out, h * d))
     }
 }

@@ -26,46 +26,91 @@ pub fn attend(
     shape: Heads,
     out: &mut [f32],
 ) {
-    let Heads {
-        heads,
-        kv_heads,
-        head_dim: d,
-    } = shape;
-    let group = heads / kv_heads;
-    let kv_row = kv_heads * d;
-    let scale = 1.0 / (d as f32).sqrt();
+    let d = shape.head_dim;
+    let row_fn = row_kernel();
     out.par_chunks_mut(d)
         .enumerate()
         .for_each_init(Vec::new, |scores, (row, o)| {
-            let (tok, head) = (row / heads, row % heads);
-            let kvh = head / group;
-            let qv = &q[row * d..(row + 1) * d];
-            let len = start + tok + 1;
-            scores.clear();
-            scores.extend((0..len).map(|j| dot(qv, &keys[j * kv_row + kvh * d..][..d]) * scale));
-            let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f32;
-            for s in scores.iter_mut() {
-                *s = (*s - max).exp();
-                sum += *s;
-            }
-            let inv = 1.0 / sum;
-            o.fill(0.0);
-            for (j, p) in scores.iter().enumerate() {
-                let v = &values[j * kv_row + kvh * d..][..d];
-                let w = to_half_precision(p * inv);
-                for (acc, x) in o.iter_mut().zip(v) {
-                    *acc += w * x;
-                }
-            }
+            let tok = row / shape.heads;
+            let args = RowArgs {
+                q: &q[row * d..(row + 1) * d],
+                keys,
+                values,
+                kv_head: (row % shape.heads) / (shape.heads / shape.kv_heads),
+                len: start + tok + 1,
+                shape,
+            };
+            row_fn(&args, scores, o);
         });
 }
 
+/// One query row's inputs.
+struct RowArgs<'a> {
+    q: &'a [f32],
+    keys: &'a [f32],
+    values: &'a [f32],
+    kv_head: usize,
+    len: usize,
+    shape: Heads,
+}
+
+type RowFn = fn(&RowArgs<'_>, &mut Vec<f32>, &mut [f32]);
+
+/// The row kernel for this CPU: the same code compiled for wider vectors
+/// where the CPU has them (the operations, hence the results, are the same).
+fn row_kernel() -> RowFn {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        return |a, s, o| {
+            // SAFETY: AVX2 was detected on this CPU just above.
+            unsafe { attend_row_avx2(a, s, o) }
+        };
+    }
+    attend_row
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn attend_row_avx2(args: &RowArgs<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
+    attend_row(args, scores, out)
+}
+
+#[inline(always)]
+fn attend_row(args: &RowArgs<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
+    let Heads {
+        kv_heads,
+        head_dim: d,
+        ..
+    } = args.shape;
+    let kv_row = kv_heads * d;
+    let scale = 1.0 / (d as f32).sqrt();
+    let off = args.kv_head * d;
+    scores.clear();
+    scores.extend((0..args.len).map(|j| dot(args.q, &args.keys[j * kv_row + off..][..d]) * scale));
+    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut sum = 0f32;
+    for s in scores.iter_mut() {
+        *s = (*s - max).exp();
+        sum += *s;
+    }
+    let inv = 1.0 / sum;
+    out.fill(0.0);
+    for (j, p) in scores.iter().enumerate() {
+        let v = &args.values[j * kv_row + off..][..d];
+        let w = to_half_precision(p * inv);
+        for (acc, x) in out.iter_mut().zip(v) {
+            *acc += w * x;
+        }
+    }
+}
+
 /// `x` rounded to the nearest f16 value (kept as f32 for the arithmetic).
+#[inline(always)]
 pub fn to_half_precision(x: f32) -> f32 {
     half::f16::from_f32(x).to_f32()
 }
 
+#[inline(always)]
 /// Dot product in eight lanes, summed in a fixed order (vectorises well and
 /// gives the same bits for the same inputs whatever else runs).
 fn dot(a: &[f32], b: &[f32]) -> f32 {

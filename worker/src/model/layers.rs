@@ -4,9 +4,10 @@
 
 use std::sync::Arc;
 
-use candle_core::{D, Device, Result, Tensor};
+use candle_core::Device;
 
 use super::ModelError;
+use super::rows::{Rows, rms_norm};
 use crate::comm::Collective;
 use crate::weights::{GgufFile, Split, Weight};
 
@@ -26,12 +27,21 @@ impl LoadContext<'_> {
         self.comm.world_size()
     }
 
-    pub fn load(&self, name: &str, split: &Split) -> std::result::Result<Weight, ModelError> {
+    pub fn load(&self, name: &str, split: &Split) -> Result<Weight, ModelError> {
         Ok(self.file.load(name, split, &self.device)?)
     }
 
+    /// A vector (norm weight, bias) as plain floats.
+    pub fn load_vector(&self, name: &str, split: &Split) -> Result<Vec<f32>, ModelError> {
+        Ok(self
+            .load(name, split)?
+            .to_dense_f32()?
+            .flatten_all()?
+            .to_vec1()?)
+    }
+
     /// The rows `[rank·n/world, (rank+1)·n/world)` of a tensor with `n` rows.
-    pub fn even_rows(&self, name: &str) -> std::result::Result<Split, ModelError> {
+    pub fn even_rows(&self, name: &str) -> Result<Split, ModelError> {
         let rows = self.file.tensor_meta(name)?.dims[0];
         even(name, rows, self.rank(), self.world()).map(Split::Rows)
     }
@@ -42,7 +52,7 @@ fn even(
     len: usize,
     rank: usize,
     world: usize,
-) -> std::result::Result<std::ops::Range<usize>, ModelError> {
+) -> Result<std::ops::Range<usize>, ModelError> {
     Split::even(len, rank, world).ok_or_else(|| ModelError::ImpossibleSplit {
         world,
         reason: format!("'{name}' has {len} rows, not divisible by {world} ranks"),
@@ -53,7 +63,7 @@ fn even(
 #[derive(Debug)]
 pub struct ColumnParallelLinear {
     weight: Weight,
-    bias: Option<Tensor>,
+    bias: Option<Vec<f32>>,
 }
 
 impl ColumnParallelLinear {
@@ -63,32 +73,94 @@ impl ColumnParallelLinear {
         prefix: &str,
         rows: Split,
         bias: bool,
-    ) -> std::result::Result<Self, ModelError> {
+    ) -> Result<Self, ModelError> {
         let weight = ctx.load(&format!("{prefix}.weight"), &rows)?;
         let bias = if bias {
-            Some(ctx.load(&format!("{prefix}.bias"), &rows)?.to_dense_f32()?)
+            Some(ctx.load_vector(&format!("{prefix}.bias"), &rows)?)
         } else {
             None
         };
         Ok(Self { weight, bias })
     }
 
-    /// This rank's contiguous share of the output features.
-    pub fn load_even(
+    pub fn forward(&self, x: &Rows) -> Result<Rows, ModelError> {
+        let mut y = Rows::new(
+            self.weight.matmul_t(x.as_slice(), x.m())?,
+            self.weight.dims()[0],
+        );
+        if let Some(b) = &self.bias {
+            y.add_row_vector(b);
+        }
+        Ok(y)
+    }
+}
+
+/// Column-parallel layers that read the same input (Q, K, V; gate, up),
+/// stacked into one product where their weights allow: one pass over the
+/// input and one parallel section instead of several.
+#[derive(Debug)]
+pub struct StackedColumns {
+    /// One layer when stacked, else one per part.
+    layers: Vec<ColumnParallelLinear>,
+    widths: Vec<usize>,
+}
+
+impl StackedColumns {
+    /// Loads each `(prefix, rows)` part (with biases when `bias` is set).
+    pub fn load(
         ctx: &LoadContext<'_>,
-        prefix: &str,
+        parts: &[(String, Split)],
         bias: bool,
-    ) -> std::result::Result<Self, ModelError> {
-        let rows = ctx.even_rows(&format!("{prefix}.weight"))?;
-        Self::load(ctx, prefix, rows, bias)
+    ) -> Result<Self, ModelError> {
+        let layers = parts
+            .iter()
+            .map(|(prefix, rows)| ColumnParallelLinear::load(ctx, prefix, rows.clone(), bias))
+            .collect::<Result<Vec<_>, _>>()?;
+        let widths: Vec<usize> = layers.iter().map(|l| l.weight.dims()[0]).collect();
+        let biases: Option<Vec<Vec<f32>>> = layers.iter().map(|l| l.bias.clone()).collect();
+        let weights: Vec<Weight> = layers.into_iter().map(|l| l.weight).collect();
+        let layers = match Weight::stack_rows(weights) {
+            Ok(weight) => vec![ColumnParallelLinear {
+                weight,
+                bias: biases.map(|b| b.concat()),
+            }],
+            Err(weights) => {
+                let biases: Vec<Option<Vec<f32>>> = match biases {
+                    Some(b) => b.into_iter().map(Some).collect(),
+                    None => vec![None; weights.len()],
+                };
+                weights
+                    .into_iter()
+                    .zip(biases)
+                    .map(|(weight, bias)| ColumnParallelLinear { weight, bias })
+                    .collect()
+            }
+        };
+        Ok(Self { layers, widths })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let y = self.weight.matmul_t(x)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(b),
-            None => Ok(y),
+    /// All parts side by side in each row, in the order they were loaded.
+    pub fn forward(&self, x: &Rows) -> Result<Rows, ModelError> {
+        if let [stacked] = self.layers.as_slice() {
+            return stacked.forward(x);
         }
+        let parts = self
+            .layers
+            .iter()
+            .map(|l| l.forward(x))
+            .collect::<Result<Vec<_>, _>>()?;
+        let width: usize = self.widths.iter().sum();
+        let mut out = Vec::with_capacity(x.m() * width);
+        for i in 0..x.m() {
+            for p in &parts {
+                out.extend_from_slice(p.row(i));
+            }
+        }
+        Ok(Rows::new(out, width))
+    }
+
+    pub fn widths(&self) -> &[usize] {
+        &self.widths
     }
 }
 
@@ -101,7 +173,7 @@ pub struct RowParallelLinear {
 }
 
 impl RowParallelLinear {
-    pub fn load_even(ctx: &LoadContext<'_>, prefix: &str) -> std::result::Result<Self, ModelError> {
+    pub fn load_even(ctx: &LoadContext<'_>, prefix: &str) -> Result<Self, ModelError> {
         let name = format!("{prefix}.weight");
         let cols = ctx.file.tensor_meta(&name)?.dims[1];
         let range = even(&name, cols, ctx.rank(), ctx.world())?;
@@ -112,36 +184,30 @@ impl RowParallelLinear {
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let partial = self.weight.matmul_t(x)?;
-        self.comm.all_reduce_sum(&partial)
+    pub fn forward(&self, x: &Rows) -> Result<Rows, ModelError> {
+        let mut partial = self.weight.matmul_t(x.as_slice(), x.m())?;
+        self.comm.all_reduce_sum(&mut partial)?;
+        Ok(Rows::new(partial, self.weight.dims()[0]))
     }
 }
 
 /// Root-mean-square normalisation with a learned scale.
 #[derive(Debug)]
 pub struct RmsNorm {
-    weight: Tensor,
-    eps: f64,
+    weight: Vec<f32>,
+    eps: f32,
 }
 
 impl RmsNorm {
-    pub fn load(
-        ctx: &LoadContext<'_>,
-        name: &str,
-        eps: f32,
-    ) -> std::result::Result<Self, ModelError> {
-        let weight = ctx.load(name, &Split::Full)?.to_dense_f32()?;
+    pub fn load(ctx: &LoadContext<'_>, name: &str, eps: f32) -> Result<Self, ModelError> {
         Ok(Self {
-            weight,
-            eps: eps as f64,
+            weight: ctx.load_vector(name, &Split::Full)?,
+            eps,
         })
     }
 
-    pub fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let mean_sq = x.sqr()?.mean_keepdim(D::Minus1)?;
-        let scale = (mean_sq + self.eps)?.sqrt()?.recip()?;
-        x.broadcast_mul(&scale)?.broadcast_mul(&self.weight)
+    pub fn forward(&self, x: &Rows) -> Rows {
+        rms_norm(x, &self.weight, self.eps)
     }
 }
 
@@ -152,22 +218,20 @@ pub struct Embedding {
 }
 
 impl Embedding {
-    pub fn load(ctx: &LoadContext<'_>, name: &str) -> std::result::Result<Self, ModelError> {
+    pub fn load(ctx: &LoadContext<'_>, name: &str) -> Result<Self, ModelError> {
         Ok(Self {
             table: ctx.load(name, &Split::Full)?,
         })
     }
 
-    pub fn forward(&self, ids: &[u32]) -> Result<Tensor> {
-        self.table.gather_rows(ids)
+    pub fn forward(&self, ids: &[u32]) -> Result<Rows, ModelError> {
+        Ok(Rows::new(
+            self.table.gather_rows(ids)?,
+            self.table.dims()[1],
+        ))
     }
 
     pub fn weight(&self) -> &Weight {
         &self.table
     }
-}
-
-/// `silu(gate) * up`, the SwiGLU activation.
-pub fn swiglu(gate: &Tensor, up: &Tensor) -> Result<Tensor> {
-    gate.silu()? * up
 }

@@ -10,10 +10,11 @@ mod causal;
 mod config;
 mod layers;
 mod rope;
+mod rows;
 
 use std::sync::Arc;
 
-use candle_core::{Device, Tensor};
+use candle_core::Device;
 
 pub use config::{ModelConfig, RopeConfig, RopeScaling, RopeStyle};
 pub use layers::LoadContext;
@@ -22,7 +23,8 @@ use crate::comm::Collective;
 use crate::kv::{KvCache, KvShape, SlotId};
 use crate::weights::{GgufFile, Weight, WeightsError};
 use attention::Attention;
-use layers::{ColumnParallelLinear, Embedding, RmsNorm, RowParallelLinear, swiglu};
+use layers::{Embedding, RmsNorm, RowParallelLinear, StackedColumns};
+use rows::{Rows, swiglu};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -41,6 +43,10 @@ pub enum ModelError {
         found: Vec<usize>,
         expected: Vec<usize>,
     },
+    #[error(transparent)]
+    Kv(#[from] crate::kv::KvError),
+    #[error(transparent)]
+    Comm(#[from] crate::comm::CommError),
     #[error("model computation failed: {source}")]
     Candle {
         #[from]
@@ -74,8 +80,8 @@ struct Block {
     attn_norm: RmsNorm,
     attn: Attention,
     mlp_norm: RmsNorm,
-    gate: ColumnParallelLinear,
-    up: ColumnParallelLinear,
+    /// Gate and up, stacked.
+    gate_up: StackedColumns,
     down: RowParallelLinear,
 }
 
@@ -124,8 +130,20 @@ impl Transformer {
                     )?,
                     attn: Attention::load(&ctx, &p, &config)?,
                     mlp_norm: RmsNorm::load(&ctx, &format!("{p}.ffn_norm.weight"), config.rms_eps)?,
-                    gate: ColumnParallelLinear::load_even(&ctx, &format!("{p}.ffn_gate"), false)?,
-                    up: ColumnParallelLinear::load_even(&ctx, &format!("{p}.ffn_up"), false)?,
+                    gate_up: StackedColumns::load(
+                        &ctx,
+                        &[
+                            (
+                                format!("{p}.ffn_gate"),
+                                ctx.even_rows(&format!("{p}.ffn_gate.weight"))?,
+                            ),
+                            (
+                                format!("{p}.ffn_up"),
+                                ctx.even_rows(&format!("{p}.ffn_up.weight"))?,
+                            ),
+                        ],
+                        false,
+                    )?,
                     down: RowParallelLinear::load_even(&ctx, &format!("{p}.ffn_down"))?,
                 })
             })
@@ -164,62 +182,51 @@ impl Transformer {
     }
 
     /// Runs one step over `spans`, writing their keys and values into `kv`.
-    /// Returns, per span, logits `[n, vocab]` for the tokens it asked for
-    /// (`n` = 1, its token count, or 0).
+    /// Returns, per span, the logits rows it asked for (one, one per token,
+    /// or none), each over the whole vocabulary.
     pub fn forward(
         &self,
         spans: &[SeqSpan<'_>],
         kv: &mut KvCache,
-    ) -> Result<Vec<Tensor>, ModelError> {
+    ) -> Result<Vec<Vec<Vec<f32>>>, ModelError> {
         let ids: Vec<u32> = spans
             .iter()
             .flat_map(|s| s.tokens.iter().copied())
             .collect();
-        if let Some(&bad) = ids
-            .iter()
-            .find(|&&id| id as usize >= self.config.vocab_size)
-        {
-            return Err(candle_core::Error::Msg(format!(
-                "token id {bad} is outside the vocabulary of {}",
-                self.config.vocab_size
-            ))
-            .into());
-        }
         let mut x = self.embed.forward(&ids)?;
         for (layer, block) in self.blocks.iter().enumerate() {
-            let h = block.attn_norm.forward(&x)?;
-            let h = block.attn.forward(&h, spans, layer, kv)?;
-            x = (x + h)?;
-            let h = block.mlp_norm.forward(&x)?;
-            let h = swiglu(&block.gate.forward(&h)?, &block.up.forward(&h)?)?;
-            x = (x + block.down.forward(&h)?)?;
+            let h = block.attn_norm.forward(&x);
+            x.add_assign(&block.attn.forward(&h, spans, layer, kv)?);
+            let h = block.mlp_norm.forward(&x);
+            let h = swiglu(&block.gate_up.forward(&h)?);
+            x.add_assign(&block.down.forward(&h)?);
         }
         let mut out = Vec::with_capacity(spans.len());
         let mut offset = 0;
         for span in spans {
             let n = span.tokens.len();
             let rows = match span.logits {
-                LogitsFor::Last if n > 0 => Some(x.narrow(0, offset + n - 1, 1)?),
-                LogitsFor::All if n > 0 => Some(x.narrow(0, offset, n)?),
+                LogitsFor::Last if n > 0 => Some(x.slice(offset + n - 1, 1)),
+                LogitsFor::All if n > 0 => Some(x.slice(offset, n)),
                 _ => None,
             };
             out.push(match rows {
                 Some(rows) => self.logits(&rows)?,
-                None => Tensor::zeros(
-                    (0, self.config.vocab_size),
-                    candle_core::DType::F32,
-                    &self.device,
-                )?,
+                None => Vec::new(),
             });
             offset += n;
         }
         Ok(out)
     }
 
-    fn logits(&self, hidden: &Tensor) -> Result<Tensor, ModelError> {
-        let h = self.norm.forward(hidden)?;
+    fn logits(&self, hidden: &Rows) -> Result<Vec<Vec<f32>>, ModelError> {
+        let h = self.norm.forward(hidden);
         let head = self.head.as_ref().unwrap_or(self.embed.weight());
-        Ok(head.matmul_t(&h)?)
+        let flat = head.matmul_t(h.as_slice(), h.m())?;
+        Ok(flat
+            .chunks_exact(self.config.vocab_size)
+            .map(<[f32]>::to_vec)
+            .collect())
     }
 }
 

@@ -7,12 +7,15 @@
 //! `service` forwards them to the engine thread and streams its events back.
 
 mod convert;
+mod metrics;
 mod service;
 #[cfg(test)]
 mod tests;
 
 use std::future::Future;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use shardserve_proto::v1::inference_server::InferenceServer;
@@ -23,6 +26,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+pub use metrics::Metrics;
 pub use service::{GenerateStream, InferenceService};
 
 use crate::engine::EngineHandle;
@@ -41,6 +45,10 @@ pub enum ServerError {
     },
     #[error("gRPC server failed: {0}")]
     Transport(#[from] tonic::transport::Error),
+    #[error("cannot set up the metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error("the metrics HTTP server failed: {0}")]
+    Http(std::io::Error),
 }
 
 /// Binds `listen` and serves the engine until `shutdown` completes.
@@ -68,6 +76,17 @@ pub async fn serve_on(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
+    serve_with_metrics(engine, listener, None, shutdown).await
+}
+
+/// [`serve_on`], plus `/metrics`, `/healthz` and `/readyz` over HTTP on
+/// `metrics_listener` when there is one.
+pub async fn serve_with_metrics(
+    engine: EngineHandle,
+    listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     set_status(&health, ServingStatus::Serving).await;
     tracing::info!(
@@ -75,17 +94,37 @@ pub async fn serve_on(
         model = %engine.info().served_model_name,
         "serving shardserve.v1.Inference"
     );
+    let metrics = Arc::new(Metrics::new(&engine.info().served_model_name)?);
+    let ready = Arc::new(AtomicBool::new(true));
+    let (stop_http, http_stopped) = tokio::sync::watch::channel(false);
+    let http = match metrics_listener {
+        Some(http_listener) => {
+            let mut stopped = http_stopped;
+            Some(tokio::spawn(metrics::serve_http(
+                http_listener,
+                metrics.clone(),
+                engine.clone(),
+                ready.clone(),
+                async move {
+                    let _ = stopped.wait_for(|s| *s).await;
+                },
+            )))
+        }
+        None => None,
+    };
 
     let (draining, drained_by) = oneshot::channel::<()>();
     let signal = async move {
         shutdown.await;
+        ready.store(false, Ordering::Relaxed);
         set_status(&health, ServingStatus::NotServing).await;
         tracing::info!("shutting down: no new calls, draining in-flight ones");
         let _ = draining.send(());
     };
+    let service = InferenceService::with_metrics(engine, metrics);
     let server = Server::builder()
         .add_service(health_service)
-        .add_service(InferenceServer::new(InferenceService::new(engine)))
+        .add_service(InferenceServer::new(service))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal);
     let deadline = async move {
         match drained_by.await {
@@ -97,6 +136,13 @@ pub async fn serve_on(
     tokio::select! {
         result = server => result?,
         () = deadline => tracing::warn!(grace = ?DRAIN_GRACE, "calls still open after the grace period; stopping anyway"),
+    }
+    let _ = stop_http.send(true);
+    if let Some(http) = http {
+        match http.await {
+            Ok(result) => result.map_err(ServerError::Http)?,
+            Err(e) => tracing::warn!(error = %e, "the metrics server task failed"),
+        }
     }
     tracing::info!("server stopped");
     Ok(())

@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 use tracing::{Instrument, Span};
 
 use super::convert;
+use super::metrics::{Metrics, RequestRecord};
 use crate::engine::{EngineEvent, EngineHandle};
 use crate::tokenizer::Tokenizer;
 
@@ -21,11 +22,20 @@ use crate::tokenizer::Tokenizer;
 #[derive(Clone)]
 pub struct InferenceService {
     engine: EngineHandle,
+    metrics: Arc<Metrics>,
 }
 
 impl InferenceService {
+    /// A service whose metrics nobody reads.
     pub fn new(engine: EngineHandle) -> Self {
-        Self { engine }
+        let metrics = Metrics::new(&engine.info().served_model_name)
+            .expect("a fresh registry takes the fixed set of metrics");
+        Self::with_metrics(engine, Arc::new(metrics))
+    }
+
+    /// A service recording its calls into `metrics`.
+    pub fn with_metrics(engine: EngineHandle, metrics: Arc<Metrics>) -> Self {
+        Self { engine, metrics }
     }
 }
 
@@ -37,6 +47,7 @@ impl Inference for InferenceService {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<Self::GenerateStream>, Status> {
+        let mut record = self.metrics.start();
         let req = request.into_inner();
         let request_id = if req.request_id.is_empty() {
             new_request_id()
@@ -47,6 +58,7 @@ impl Inference for InferenceService {
         let (first, events) = match self.start(&req).instrument(span.clone()).await {
             Ok(started) => started,
             Err(status) => {
+                record.failed(status.code());
                 span.in_scope(
                     || tracing::info!(code = ?status.code(), message = status.message(), "refused"),
                 );
@@ -54,7 +66,8 @@ impl Inference for InferenceService {
             }
         };
         let token_text = token_text(self.engine.tokenizer().clone());
-        let mut response = Response::new(GenerateStream::new(first, events, token_text, span));
+        let stream = GenerateStream::new(first, events, token_text, span).recorded_by(record);
+        let mut response = Response::new(stream);
         if let Ok(value) = request_id.parse() {
             response.metadata_mut().insert("x-request-id", value);
         }
@@ -156,6 +169,8 @@ pub struct GenerateStream {
     span: Span,
     streamed: usize,
     done: bool,
+    /// Metrics of the call; dropped with the stream (cancelled, if unfinished).
+    record: Option<RequestRecord>,
 }
 
 impl GenerateStream {
@@ -172,7 +187,13 @@ impl GenerateStream {
             span,
             streamed: 0,
             done: false,
+            record: None,
         }
+    }
+
+    fn recorded_by(mut self, record: RequestRecord) -> Self {
+        self.record = Some(record);
+        self
     }
 
     fn response(&mut self, event: EngineEvent) -> Result<pb::GenerateResponse, Status> {
@@ -182,12 +203,18 @@ impl GenerateStream {
         match event {
             EngineEvent::Token(token) => {
                 self.streamed += 1;
+                if let Some(record) = &mut self.record {
+                    record.token();
+                }
                 Ok(pb::GenerateResponse {
                     event: Some(Event::Token(convert::token_message(token, text_of))),
                 })
             }
             EngineEvent::Finished(done) => {
                 self.done = true;
+                if let Some(record) = &mut self.record {
+                    record.finished(done.prompt_token_ids.len());
+                }
                 tracing::info!(
                     reason = done.reason.as_str(),
                     prompt_tokens = done.prompt_token_ids.len(),
@@ -201,7 +228,11 @@ impl GenerateStream {
             EngineEvent::Error(e) => {
                 self.done = true;
                 tracing::warn!(error = %e, tokens = self.streamed, "failed mid-stream");
-                Err(convert::engine_status(&e))
+                let status = convert::engine_status(&e);
+                if let Some(record) = &mut self.record {
+                    record.failed(status.code());
+                }
+                Err(status)
             }
         }
     }
@@ -220,6 +251,9 @@ impl Stream for GenerateStream {
                 Poll::Ready(Some(event)) => event,
                 Poll::Ready(None) => {
                     self.done = true;
+                    if let Some(record) = &mut self.record {
+                        record.failed(tonic::Code::Internal);
+                    }
                     return Poll::Ready(Some(Err(Status::internal(
                         "the engine ended the request without finishing it",
                     ))));

@@ -242,6 +242,7 @@ async fn tokenize_matches_the_engine() {
                 text: text.into(),
                 add_special_tokens,
                 parse_special,
+                ..Default::default()
             })
             .await
             .expect("Tokenize")
@@ -275,7 +276,7 @@ async fn model_info_describes_the_demo_model() {
     let fixture = demo();
     let mut client = connect(fixture.addr).await;
     let info = client
-        .model_info(pb::ModelInfoRequest {})
+        .model_info(pb::ModelInfoRequest::default())
         .await
         .expect("ModelInfo")
         .into_inner();
@@ -300,7 +301,7 @@ async fn model_info_describes_the_demo_model() {
 
     let small = connect(small_context().addr)
         .await
-        .model_info(pb::ModelInfoRequest {})
+        .model_info(pb::ModelInfoRequest::default())
         .await
         .expect("ModelInfo")
         .into_inner();

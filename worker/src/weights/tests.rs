@@ -134,7 +134,10 @@ fn k_quants_load_through_candle_and_multiply() {
         let w = file.load("w", &Split::Full, &Device::Cpu).unwrap();
         assert!(matches!(w, Weight::Ggml(_)), "{dtype:?} stays quantised");
         let x = Tensor::rand(-1f32, 1.0, (2, 512), &Device::Cpu).unwrap();
-        let got = w.matmul_t(&x).unwrap().to_vec2::<f32>().unwrap();
+        let got = w
+            .matmul_t(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), 2)
+            .unwrap();
+        let got: Vec<Vec<f32>> = got.chunks(8).map(<[f32]>::to_vec).collect();
         let want = x
             .matmul(&w.to_dense_f32().unwrap().t().unwrap())
             .unwrap()
@@ -190,7 +193,10 @@ fn quantised_products_match_dense_products() {
             .load("blk.0.ffn_down.weight", &Split::Full, &Device::Cpu)
             .unwrap(); // [64, 128]
         let x = Tensor::rand(-1f32, 1.0, (3, 128), &Device::Cpu).unwrap();
-        let got = w.matmul_t(&x).unwrap().to_vec2::<f32>().unwrap();
+        let got = w
+            .matmul_t(&x.flatten_all().unwrap().to_vec1::<f32>().unwrap(), 3)
+            .unwrap();
+        let got: Vec<Vec<f32>> = got.chunks(64).map(<[f32]>::to_vec).collect();
         let want = x
             .matmul(&w.to_dense_f32().unwrap().t().unwrap())
             .unwrap()

@@ -25,60 +25,105 @@ impl Weight {
         }
     }
 
-    /// `x · Wᵀ` for `x` of shape `[m, cols]` (f32); returns `[m, rows]` (f32).
-    pub fn matmul_t(&self, x: &Tensor) -> Result<Tensor> {
+    /// The matrices `parts` one under the other, as one weight, when they
+    /// share a form that stacks (same block format and width, or same dense
+    /// type); otherwise the parts are handed back unchanged.
+    pub fn stack_rows(parts: Vec<Weight>) -> std::result::Result<Weight, Vec<Weight>> {
+        let blocks: Option<Vec<&QuantMatrix>> = parts
+            .iter()
+            .map(|w| match w {
+                Weight::Blocks(m) => Some(m),
+                _ => None,
+            })
+            .collect();
+        if let Some(ms) = blocks
+            && let Some(first) = ms.first()
+            && ms
+                .iter()
+                .all(|m| m.format() == first.format() && m.cols() == first.cols())
+        {
+            let rows = ms.iter().map(|m| m.rows()).sum();
+            let bytes = ms.iter().flat_map(|m| m.bytes().iter().copied()).collect();
+            if let Ok(m) = QuantMatrix::new(first.format(), rows, first.cols(), bytes) {
+                return Ok(Weight::Blocks(m));
+            }
+        }
+        let dense: Option<Vec<&Tensor>> = parts
+            .iter()
+            .map(|w| match w {
+                Weight::Dense(t) if t.rank() == 2 => Some(t),
+                _ => None,
+            })
+            .collect();
+        if let Some(ts) = dense
+            && let Ok(t) = Tensor::cat(&ts, 0)
+        {
+            return Ok(Weight::Dense(t));
+        }
+        Err(parts)
+    }
+
+    /// `x · Wᵀ` for `m` rows of `cols` floats in `x`; returns `m` rows of `rows` floats.
+    pub fn matmul_t(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        let dims = self.dims();
+        let (n, k) = (dims[0], dims.get(1).copied().unwrap_or(1));
+        if x.len() != m * k {
+            candle_core::bail!(
+                "matmul: {} inputs are not {m} rows of {k} features",
+                x.len()
+            );
+        }
         match self {
             Weight::Blocks(w) => {
-                let (m, k) = x.dims2()?;
-                if k != w.cols() {
-                    candle_core::bail!(
-                        "matmul: input has {k} features, weight expects {}",
-                        w.cols()
-                    );
-                }
-                let xs = x.flatten_all()?.to_vec1::<f32>()?;
-                let mut y = vec![0f32; m * w.rows()];
-                w.matmul(&xs, m, &mut y);
-                Tensor::from_vec(y, (m, w.rows()), x.device())
+                let mut y = vec![0f32; m * n];
+                w.matmul(x, m, &mut y);
+                Ok(y)
             }
-            Weight::Ggml(q) => QMatMul::from_arc(q.clone())?.forward(x),
+            Weight::Ggml(q) => {
+                let xt = Tensor::from_slice(x, (m, k), &q.device())?;
+                QMatMul::from_arc(q.clone())?
+                    .forward(&xt)?
+                    .flatten_all()?
+                    .to_vec1()
+            }
             Weight::Dense(w) => {
-                let wt = w.t()?;
-                if w.dtype() == DType::F32 {
-                    x.matmul(&wt)
-                } else {
-                    x.to_dtype(w.dtype())?.matmul(&wt)?.to_dtype(DType::F32)
-                }
+                let xt = Tensor::from_slice(x, (m, k), w.device())?.to_dtype(w.dtype())?;
+                xt.matmul(&w.t()?)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()
             }
         }
     }
 
-    /// Rows `ids` as f32 `[ids.len(), cols]`: an embedding lookup.
-    pub fn gather_rows(&self, ids: &[u32]) -> Result<Tensor> {
+    /// Rows `ids`, as f32, one after the other: an embedding lookup.
+    pub fn gather_rows(&self, ids: &[u32]) -> Result<Vec<f32>> {
+        let dims = self.dims();
+        let (n, k) = (dims[0], dims.get(1).copied().unwrap_or(1));
+        if let Some(bad) = ids.iter().find(|&&id| id as usize >= n) {
+            candle_core::bail!("token id {bad} is outside the vocabulary of {n}");
+        }
         match self {
             Weight::Blocks(w) => {
-                let cols = w.cols();
-                let mut out = vec![0f32; ids.len() * cols];
-                for (i, &id) in ids.iter().enumerate() {
-                    let id = id as usize;
-                    if id >= w.rows() {
-                        candle_core::bail!(
-                            "token id {id} is outside the vocabulary of {}",
-                            w.rows()
-                        );
-                    }
-                    w.dequantize_row(id, &mut out[i * cols..(i + 1) * cols]);
+                let mut out = vec![0f32; ids.len() * k];
+                for (row, &id) in out.chunks_exact_mut(k).zip(ids) {
+                    w.dequantize_row(id as usize, row);
                 }
-                Tensor::from_vec(out, (ids.len(), cols), &candle_core::Device::Cpu)
+                Ok(out)
             }
             Weight::Ggml(q) => {
-                let device = q.device();
-                let idx = Tensor::new(ids, &device)?;
-                q.embedding(&idx)?.to_dtype(DType::F32)
+                let idx = Tensor::new(ids, &q.device())?;
+                q.embedding(&idx)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()
             }
             Weight::Dense(t) => {
                 let idx = Tensor::new(ids, t.device())?;
-                t.index_select(&idx, 0)?.to_dtype(DType::F32)
+                t.index_select(&idx, 0)?
+                    .to_dtype(DType::F32)?
+                    .flatten_all()?
+                    .to_vec1()
             }
         }
     }

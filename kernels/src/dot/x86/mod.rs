@@ -6,6 +6,13 @@
 //! activation rows); [`packed`] first interleaves eight weight rows so that one integer
 //! instruction advances eight dot products (prefill). [`panel`] picks one.
 //!
+//! Both give bit-identical results, so that an output does not depend on how many
+//! activation rows share a call, where its row sits among them, or how the weight rows are
+//! split into tasks. They compute eight weight rows at a time, one per float lane, and
+//! every lane follows the one order of float operations that [`accumulate`] defines: per
+//! block in order, the exact integer block sum is converted and added with one FMA, then
+//! the minimum term with another. The integer sums are exact whatever their order.
+//!
 //! Everything here is `#[inline(always)]` and only sound (and only fast) when inlined into
 //! a `#[target_feature]` function of the level that owns the [`IntDot`].
 
@@ -19,6 +26,9 @@ use crate::quantize::ActRow;
 
 /// Activation rows from which the packed kernel pays for its packing.
 const PACKED_MIN_ROWS: usize = 2;
+
+/// Weight rows computed together, one per lane of a 256-bit vector.
+const LANES: usize = 8;
 
 /// `acc + Σ u8 x i8` over each group of four bytes, in eight i32 lanes.
 pub(super) trait IntDot {
@@ -185,6 +195,33 @@ pub(super) unsafe fn panel<I: IntDot, B: Block>(p: &Panel, out: &mut [f32]) {
             packed::panel::<I, B>(p, out)
         } else {
             rows::panel::<I, B>(p, out)
+        }
+    }
+}
+
+/// The one float step per block of a row·row product, lane by lane: `acc + sumi·(dw·da)`
+/// as a single FMA (the product `dw·da` rounded first), then `+ mw·sa` as another FMA for
+/// formats with a minimum. `isum` holds exact integer block sums (below 2^24, so their
+/// conversion is exact); `dw` and `mw` the weight rows' scales and minimums.
+///
+/// Every x86 kernel ends each block with this call, so that an output's bits depend only on
+/// its weight row and activation row.
+#[inline(always)]
+unsafe fn accumulate<B: Block>(
+    acc: __m256,
+    isum: __m256i,
+    dw: __m256,
+    mw: __m256,
+    [da, sa]: [f32; 2],
+) -> __m256 {
+    // SAFETY: register-only intrinsics; the caller runs with AVX2 and FMA enabled.
+    unsafe {
+        let d = _mm256_mul_ps(dw, _mm256_set1_ps(da));
+        let acc = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), d, acc);
+        if B::HAS_MIN {
+            _mm256_fmadd_ps(mw, _mm256_set1_ps(sa), acc)
+        } else {
+            acc
         }
     }
 }

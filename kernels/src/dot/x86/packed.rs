@@ -9,12 +9,10 @@
 
 use std::arch::x86_64::*;
 
-use super::{ActPtr, Block, IntDot};
+use super::{ActPtr, Block, IntDot, LANES, accumulate};
 use crate::dot::Panel;
 use crate::format::BLOCK;
 
-/// Weight rows interleaved in one group: one per i32 lane of a 256-bit vector.
-const LANES: usize = 8;
 /// Weight rows packed per refill of the buffer (kept in L2 while all activations pass).
 const PACK_ROWS: usize = 64;
 /// Activation rows multiplied per pass over a packed group.
@@ -141,13 +139,13 @@ unsafe fn dot_group<I: IntDot, B: Block, const R: usize>(
                     even = I::dot(even, w[g], a0);
                     odd = I::dot(odd, w[g + 1], a1);
                 }
-                let isum = _mm256_cvtepi32_ps(_mm256_add_epi32(even, odd));
-                let [da, sa] = *acts[r].ds.add(b);
-                acc[r] = _mm256_fmadd_ps(isum, _mm256_mul_ps(dw, _mm256_set1_ps(da)), acc[r]);
-                if B::HAS_MIN {
-                    let mw = _mm256_loadu_ps(m.add(b * LANES));
-                    acc[r] = _mm256_fmadd_ps(mw, _mm256_set1_ps(sa), acc[r]);
-                }
+                let mw = if B::HAS_MIN {
+                    _mm256_loadu_ps(m.add(b * LANES))
+                } else {
+                    _mm256_setzero_ps()
+                };
+                let isum = _mm256_add_epi32(even, odd);
+                acc[r] = accumulate::<B>(acc[r], isum, dw, mw, *acts[r].ds.add(b));
             }
         }
         acc

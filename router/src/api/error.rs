@@ -1,0 +1,222 @@
+//! One error type for every HTTP front end, rendered in each API's shape:
+//! OpenAI `{"error": {"message", "type", "param", "code"}}`, Ollama
+//! `{"error": "..."}`, TGI `{"error": "...", "error_type": "..."}`.
+
+use axum::Json;
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+use tonic::{Code, Status};
+
+use crate::dispatch::DispatchError;
+use crate::pool::PickError;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum ErrorKind {
+    BadRequest,
+    Unauthorized,
+    NotFound,
+    Overloaded,
+    Unavailable,
+    Internal,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct ApiError {
+    pub kind: ErrorKind,
+    pub message: String,
+    /// The request parameter at fault, when one is.
+    pub param: Option<&'static str>,
+}
+
+impl ApiError {
+    pub(crate) fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
+        Self {
+            kind,
+            message: message.into(),
+            param: None,
+        }
+    }
+
+    pub(crate) fn bad_request(message: impl Into<String>, param: Option<&'static str>) -> Self {
+        Self {
+            kind: ErrorKind::BadRequest,
+            message: message.into(),
+            param,
+        }
+    }
+
+    pub(crate) fn status(&self) -> StatusCode {
+        match self.kind {
+            ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
+            ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
+            ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::Overloaded => StatusCode::TOO_MANY_REQUESTS,
+            ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+            ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    /// OpenAI's `type` and `code`.
+    fn openai_type_code(&self) -> (&'static str, Option<&'static str>) {
+        match self.kind {
+            ErrorKind::BadRequest => ("invalid_request_error", None),
+            ErrorKind::Unauthorized => ("authentication_error", Some("invalid_api_key")),
+            ErrorKind::NotFound => ("invalid_request_error", Some("model_not_found")),
+            ErrorKind::Overloaded => ("rate_limit_error", Some("rate_limit_exceeded")),
+            ErrorKind::Unavailable => ("service_unavailable", Some("no_healthy_backend")),
+            ErrorKind::Internal => ("server_error", None),
+        }
+    }
+
+    /// The OpenAI error object (also sent as an SSE event mid-stream).
+    pub(crate) fn openai_body(&self) -> serde_json::Value {
+        let (kind, code) = self.openai_type_code();
+        json!({"error": {"message": self.message, "type": kind, "param": self.param, "code": code}})
+    }
+
+    pub(crate) fn ollama_response(&self) -> Response {
+        self.with_status(Json(json!({"error": self.message})))
+    }
+
+    pub(crate) fn tgi_body(&self) -> serde_json::Value {
+        let kind = match self.kind {
+            ErrorKind::BadRequest | ErrorKind::NotFound => "validation",
+            ErrorKind::Overloaded => "overloaded",
+            ErrorKind::Unauthorized => "authentication",
+            ErrorKind::Unavailable | ErrorKind::Internal => "generation",
+        };
+        json!({"error": self.message, "error_type": kind})
+    }
+
+    /// TGI answers validation errors with 422.
+    pub(crate) fn tgi_response(&self) -> Response {
+        let mut response = self.with_status(Json(self.tgi_body()));
+        if self.kind == ErrorKind::BadRequest {
+            *response.status_mut() = StatusCode::UNPROCESSABLE_ENTITY;
+        }
+        response
+    }
+
+    fn with_status(&self, body: impl IntoResponse) -> Response {
+        let mut response = (self.status(), body).into_response();
+        if self.kind == ErrorKind::Overloaded {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+        }
+        response
+    }
+}
+
+impl IntoResponse for ApiError {
+    /// The OpenAI shape, the default for the router's own routes.
+    fn into_response(self) -> Response {
+        self.with_status(Json(self.openai_body()))
+    }
+}
+
+impl From<PickError> for ApiError {
+    fn from(e: PickError) -> Self {
+        match e {
+            PickError::UnknownModel(m) => ApiError {
+                kind: ErrorKind::NotFound,
+                message: format!("the model {m:?} does not exist"),
+                param: Some("model"),
+            },
+            PickError::ModelRequired(models) => ApiError::bad_request(
+                format!("model is required: this router serves {models:?}"),
+                Some("model"),
+            ),
+            PickError::NoHealthy(m) => ApiError::new(
+                ErrorKind::Unavailable,
+                format!("no healthy backend for model {m:?}; try again shortly"),
+            ),
+            PickError::Overloaded(m) => ApiError::new(
+                ErrorKind::Overloaded,
+                format!(
+                    "model {m:?} is overloaded: every backend's queue is full; retry after 1 s"
+                ),
+            ),
+        }
+    }
+}
+
+impl From<Status> for ApiError {
+    fn from(status: Status) -> Self {
+        let message = status.message().to_string();
+        let kind = match status.code() {
+            Code::InvalidArgument | Code::OutOfRange | Code::FailedPrecondition => {
+                ErrorKind::BadRequest
+            }
+            Code::NotFound => ErrorKind::NotFound,
+            Code::ResourceExhausted => ErrorKind::Overloaded,
+            Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted => {
+                ErrorKind::Unavailable
+            }
+            _ => ErrorKind::Internal,
+        };
+        let message = match kind {
+            ErrorKind::BadRequest => message,
+            _ => format!("backend error ({:?}): {message}", status.code()),
+        };
+        ApiError::new(kind, message)
+    }
+}
+
+impl From<DispatchError> for ApiError {
+    fn from(e: DispatchError) -> Self {
+        match e {
+            DispatchError::Pick(p) => p.into(),
+            DispatchError::Upstream(s) => s.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn statuses_map_to_http_codes() {
+        let code = |s: Status| ApiError::from(s).status();
+        assert_eq!(code(Status::invalid_argument("x")), StatusCode::BAD_REQUEST);
+        assert_eq!(
+            code(Status::unavailable("x")),
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            code(Status::resource_exhausted("x")),
+            StatusCode::TOO_MANY_REQUESTS
+        );
+        assert_eq!(
+            code(Status::internal("x")),
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
+        let e = ApiError::from(Status::invalid_argument("the prompt has 9000 tokens"));
+        assert_eq!(e.message, "the prompt has 9000 tokens");
+    }
+
+    #[test]
+    fn pick_errors_map_to_404_429_503() {
+        let e = ApiError::from(PickError::UnknownModel("x".into()));
+        assert_eq!(e.status(), StatusCode::NOT_FOUND);
+        assert_eq!(e.openai_body()["error"]["code"], "model_not_found");
+        assert_eq!(e.openai_body()["error"]["param"], "model");
+        let e = ApiError::from(PickError::Overloaded("m".into()));
+        assert_eq!(e.status(), StatusCode::TOO_MANY_REQUESTS);
+        let response = e.into_response();
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        let e = ApiError::from(PickError::NoHealthy("m".into()));
+        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+    }
+
+    #[test]
+    fn openai_error_shape() {
+        let body = ApiError::bad_request("n=2 is not supported", Some("n")).openai_body();
+        assert_eq!(
+            body,
+            json!({"error": {"message": "n=2 is not supported", "type": "invalid_request_error", "param": "n", "code": null}})
+        );
+    }
+}

@@ -1,0 +1,63 @@
+//! The router's configuration (parsed once by the CLI) and its errors.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+/// Everything the router needs besides its discovery source.
+#[derive(Debug, Clone)]
+pub struct RouterConfig {
+    /// OpenAI/Ollama/TGI HTTP API, `/metrics`, `/healthz`, `/readyz`.
+    pub http_addr: SocketAddr,
+    /// gRPC `shardserve.v1.Inference` and `grpc.health.v1.Health`.
+    pub grpc_addr: SocketAddr,
+    /// Accepted bearer keys; empty turns authentication off.
+    pub api_keys: Vec<String>,
+    /// Most requests outstanding on one backend (running plus queued inside
+    /// it); past the sum over healthy backends the router answers 429.
+    pub max_queue_per_backend: usize,
+    /// How often each backend's `grpc.health.v1.Health/Check` is polled.
+    pub health_interval: Duration,
+    /// Deadline of one health check and of connecting to a backend.
+    pub health_timeout: Duration,
+    /// Characters (or token ids) of the prompt hashed for prefix affinity.
+    pub affinity_prefix: usize,
+    /// Prompt prefixes remembered for affinity (a bounded LRU).
+    pub affinity_capacity: usize,
+}
+
+impl Default for RouterConfig {
+    fn default() -> Self {
+        Self {
+            http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            api_keys: Vec::new(),
+            max_queue_per_backend: 64,
+            health_interval: Duration::from_secs(1),
+            health_timeout: Duration::from_millis(500),
+            affinity_prefix: 256,
+            affinity_capacity: 4096,
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RouterError {
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("backend {id} of model {model} has an invalid gRPC URI {uri:?}: {reason}")]
+    BackendUri {
+        model: String,
+        id: String,
+        uri: String,
+        reason: String,
+    },
+    #[error("HTTP server failed: {0}")]
+    Http(std::io::Error),
+    #[error("gRPC server failed: {0}")]
+    Grpc(#[from] tonic::transport::Error),
+    #[error("cannot register metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+}

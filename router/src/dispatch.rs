@@ -1,0 +1,217 @@
+//! Sending one generation to a backend: pick (via the pool), call, and retry
+//! on another backend while no token has been produced. The returned
+//! [`Generation`] relays the backend's events, keeps the backend leased until
+//! it is dropped, and records the latency and token metrics. Dropping it
+//! drops the upstream call, which cancels the generation on the worker.
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+use futures::Stream;
+use shardserve_proto::v1 as pb;
+use shardserve_proto::v1::generate_response::Event;
+use shardserve_proto::v1::inference_client::InferenceClient;
+use tonic::{Code, Status, Streaming};
+
+use crate::balance::prefix_key;
+use crate::metrics::Metrics;
+use crate::pool::{Lease, PickError, Pool};
+
+/// Why a generation did not start.
+#[derive(Debug)]
+pub(crate) enum DispatchError {
+    Pick(PickError),
+    /// The backend refused or failed the call (INVALID_ARGUMENT and others).
+    Upstream(Status),
+}
+
+impl From<PickError> for DispatchError {
+    fn from(e: PickError) -> Self {
+        Self::Pick(e)
+    }
+}
+
+/// The request paths' handle on the backends.
+#[derive(Clone)]
+pub(crate) struct Upstream {
+    pub pool: Arc<Pool>,
+    pub metrics: Arc<Metrics>,
+    pub affinity_prefix: usize,
+}
+
+/// Statuses that mean "this backend could not serve it" rather than "this
+/// request is wrong": safe to send elsewhere while nothing was streamed.
+pub(crate) fn retryable(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted
+    )
+}
+
+impl Upstream {
+    /// Starts `req` on a backend of `model` (already resolved) and waits for
+    /// its first event, retrying on other backends as long as none came.
+    pub(crate) async fn generate(
+        &self,
+        model: &str,
+        mut req: pb::GenerateRequest,
+    ) -> Result<Generation, DispatchError> {
+        let started = Instant::now();
+        req.model = model.to_string();
+        let key = prefix_key(model, req.prompt.as_ref(), self.affinity_prefix);
+        let mut tried: Vec<String> = Vec::new();
+        let mut last_error: Option<Status> = None;
+        loop {
+            let lease = match self.pool.lease(model, key, &tried) {
+                Ok(lease) => lease,
+                // Everything left was tried: report the backend's own error.
+                Err(PickError::NoHealthy(_)) if last_error.is_some() => {
+                    let status = last_error.unwrap_or_else(|| Status::unavailable(""));
+                    return Err(DispatchError::Upstream(Status::unavailable(format!(
+                        "no healthy backend for model {model:?} could take the request (last error: {})",
+                        status.message()
+                    ))));
+                }
+                Err(e) => return Err(e.into()),
+            };
+            if !tried.is_empty() {
+                self.metrics.retries.with_label_values(&[model]).inc();
+            }
+            match start(&lease, req.clone()).await {
+                Ok((first, stream)) => {
+                    self.metrics
+                        .backend_requests
+                        .with_label_values(&[model, lease.backend.as_str()])
+                        .inc();
+                    return Ok(Generation {
+                        pending: Some(first),
+                        stream,
+                        lease,
+                        metrics: Arc::clone(&self.metrics),
+                        started,
+                        first_token: None,
+                        tokens: 0,
+                        done: false,
+                    });
+                }
+                Err(status) if retryable(&status) => {
+                    tracing::warn!(model, backend = %lease.backend, code = ?status.code(), message = status.message(), "backend failed before the first token; trying another");
+                    self.pool
+                        .report_failure(model, &lease.backend, status.message());
+                    tried.push(lease.backend.clone());
+                    last_error = Some(status);
+                }
+                Err(status) => return Err(DispatchError::Upstream(status)),
+            }
+        }
+    }
+}
+
+/// Calls Generate and reads the first event.
+async fn start(
+    lease: &Lease,
+    req: pb::GenerateRequest,
+) -> Result<(Event, Streaming<pb::GenerateResponse>), Status> {
+    let mut client = InferenceClient::new(lease.channel.clone());
+    let mut stream = client.generate(req).await?.into_inner();
+    match stream.message().await? {
+        Some(pb::GenerateResponse { event: Some(event) }) => Ok((event, stream)),
+        _ => Err(Status::unavailable(
+            "the backend ended the stream before its first event",
+        )),
+    }
+}
+
+/// A started generation: the backend's events, in order, ending after
+/// `Finished` or an error.
+pub(crate) struct Generation {
+    pending: Option<Event>,
+    stream: Streaming<pb::GenerateResponse>,
+    lease: Lease,
+    metrics: Arc<Metrics>,
+    started: Instant,
+    first_token: Option<Instant>,
+    tokens: u64,
+    done: bool,
+}
+
+impl Generation {
+    pub(crate) fn backend(&self) -> &str {
+        &self.lease.backend
+    }
+
+    fn observe(&mut self, event: &Event) {
+        let model = [self.lease.model.as_str()];
+        match event {
+            Event::Token(_) => {
+                self.tokens += 1;
+                if self.first_token.is_none() {
+                    self.first_token = Some(Instant::now());
+                    self.metrics
+                        .ttft
+                        .with_label_values(&model)
+                        .observe(self.started.elapsed().as_secs_f64());
+                }
+            }
+            Event::Finished(done) => {
+                self.done = true;
+                let usage = done.usage.unwrap_or_default();
+                self.metrics
+                    .prompt_tokens
+                    .with_label_values(&model)
+                    .inc_by(u64::from(usage.prompt_tokens));
+                self.metrics
+                    .generation_tokens
+                    .with_label_values(&model)
+                    .inc_by(self.tokens);
+                if let Some(first) = self.first_token
+                    && self.tokens > 1
+                {
+                    let per_token = first.elapsed().as_secs_f64() / (self.tokens - 1) as f64;
+                    self.metrics
+                        .tpot
+                        .with_label_values(&model)
+                        .observe(per_token);
+                }
+            }
+        }
+    }
+}
+
+impl Stream for Generation {
+    type Item = Result<Event, Status>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        loop {
+            if self.done {
+                return Poll::Ready(None);
+            }
+            let event = match self.pending.take() {
+                Some(event) => event,
+                None => match Pin::new(&mut self.stream).poll_next(cx) {
+                    Poll::Pending => return Poll::Pending,
+                    Poll::Ready(Some(Ok(pb::GenerateResponse { event: Some(event) }))) => event,
+                    // A message without an event carries nothing to relay.
+                    Poll::Ready(Some(Ok(_))) => continue,
+                    Poll::Ready(Some(Err(status))) => {
+                        self.done = true;
+                        if retryable(&status) {
+                            self.lease.report_failure(status.message());
+                        }
+                        return Poll::Ready(Some(Err(status)));
+                    }
+                    Poll::Ready(None) => {
+                        self.done = true;
+                        return Poll::Ready(Some(Err(Status::unavailable(
+                            "the backend ended the stream without finishing the generation",
+                        ))));
+                    }
+                },
+            };
+            self.observe(&event);
+            return Poll::Ready(Some(Ok(event)));
+        }
+    }
+}

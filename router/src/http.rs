@@ -1,0 +1,141 @@
+//! The HTTP face: every API route, the optional API-key layer in front of
+//! them, and the open operational routes `/healthz`, `/readyz`, `/metrics`.
+
+use std::sync::Arc;
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde_json::json;
+
+use crate::api::{ApiError, AppState, ErrorKind, ollama, openai, tgi};
+
+/// Largest request body (long prompts as token ids are big).
+const BODY_LIMIT: usize = 64 << 20;
+
+/// Accepted API keys; empty = authentication off.
+#[derive(Clone)]
+struct Keys(Arc<Vec<String>>);
+
+pub(crate) fn router(state: AppState, api_keys: Vec<String>) -> Router {
+    let api = Router::new()
+        .route("/v1/chat/completions", post(openai::chat_completions))
+        .route("/v1/completions", post(openai::completions))
+        .route("/v1/models", get(openai::models))
+        .route("/api/chat", post(ollama::chat))
+        .route("/api/generate", post(ollama::generate))
+        .route("/api/tags", get(ollama::tags))
+        .route("/api/version", get(ollama::version))
+        .route("/generate", post(tgi::generate))
+        .route("/generate_stream", post(tgi::generate_stream))
+        .route("/", post(tgi::compat));
+    let api = if api_keys.is_empty() {
+        api
+    } else {
+        api.route_layer(middleware::from_fn_with_state(
+            Keys(Arc::new(api_keys)),
+            require_key,
+        ))
+    };
+    let open = Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics));
+    api.merge(open)
+        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .with_state(state)
+}
+
+/// `Authorization: Bearer KEY` with one of the configured keys, else 401.
+async fn require_key(State(keys): State<Keys>, request: Request, next: Next) -> Response {
+    let presented = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(str::trim);
+    match presented {
+        Some(key)
+            if keys
+                .0
+                .iter()
+                .any(|k| constant_time_eq(k.as_bytes(), key.as_bytes())) =>
+        {
+            next.run(request).await
+        }
+        _ => {
+            let message = if presented.is_some() {
+                "invalid API key"
+            } else {
+                "missing API key: send Authorization: Bearer <key>"
+            };
+            let mut response = ApiError::new(ErrorKind::Unauthorized, message).into_response();
+            response
+                .headers_mut()
+                .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            response
+        }
+    }
+}
+
+/// Compares without an early exit, so timing does not leak the key.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// 200 when every deployment has a healthy backend; else 503 naming those
+/// without one.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let models = state.upstream.pool.models();
+    let unready: Vec<_> = models
+        .iter()
+        .filter(|m| m.healthy == 0)
+        .map(|m| json!({"model": m.model, "backends": m.backends, "healthy": 0}))
+        .collect();
+    if models.is_empty() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "reason": "no deployments discovered"})),
+        )
+            .into_response();
+    }
+    if unready.is_empty() {
+        (StatusCode::OK, Json(json!({"ready": true}))).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "models_without_healthy_backend": unready})),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("text/plain; version=0.0.4"),
+        )],
+        state.upstream.metrics.render(),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn key_comparison() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+    }
+}

@@ -1,0 +1,396 @@
+//! The backend index: every deployment's backends with their channels,
+//! outstanding counts, health and model limits, plus the prefix-affinity map.
+//! Discovery feeds it (`update`), the health checker reports into it, and the
+//! request paths take leases from it. One lock guards the whole index and is
+//! never held across an `.await`.
+
+mod health;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use shardserve_proto::v1::ModelInfoResponse;
+use tonic::transport::{Channel, Endpoint};
+
+pub(crate) use health::run_health_checks;
+
+use crate::balance::{Candidate, Choice, PrefixLru, choose};
+use crate::discovery::Deployment;
+use crate::metrics::Metrics;
+
+/// Consecutive failed health checks that eject a backend.
+const EJECT_AFTER: u32 = 2;
+
+/// Why no backend could be leased.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum PickError {
+    UnknownModel(String),
+    /// The request named no model and several are served.
+    ModelRequired(Vec<String>),
+    NoHealthy(String),
+    Overloaded(String),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Health {
+    /// Not checked yet: routable, but not counted as ready.
+    Unknown,
+    Healthy,
+    Ejected,
+}
+
+struct BackendState {
+    id: String,
+    uri: String,
+    channel: Channel,
+    outstanding: usize,
+    health: Health,
+    failures: u32,
+    info: Option<ModelInfoResponse>,
+}
+
+#[derive(Default)]
+struct DeploymentState {
+    backends: Vec<BackendState>,
+}
+
+struct State {
+    deployments: BTreeMap<String, DeploymentState>,
+    affinity: PrefixLru,
+}
+
+/// A summary of one deployment, for `/v1/models`, `/api/tags` and `/readyz`.
+#[derive(Debug, Clone)]
+pub(crate) struct ModelSummary {
+    pub model: String,
+    pub backends: usize,
+    pub healthy: usize,
+    /// From the first backend that answered ModelInfo.
+    pub info: Option<ModelInfoResponse>,
+}
+
+pub(crate) struct Pool {
+    state: Mutex<State>,
+    metrics: Arc<Metrics>,
+    max_queue: usize,
+    connect_timeout: Duration,
+    rotate: AtomicUsize,
+}
+
+/// One request's claim on a backend; dropping it ends the claim.
+pub(crate) struct Lease {
+    pool: Arc<Pool>,
+    pub model: String,
+    pub backend: String,
+    pub channel: Channel,
+}
+
+impl Pool {
+    pub(crate) fn new(
+        metrics: Arc<Metrics>,
+        max_queue: usize,
+        connect_timeout: Duration,
+        affinity_capacity: usize,
+    ) -> Self {
+        Self {
+            state: Mutex::new(State {
+                deployments: BTreeMap::new(),
+                affinity: PrefixLru::new(affinity_capacity),
+            }),
+            metrics,
+            max_queue: max_queue.max(1),
+            connect_timeout,
+            rotate: AtomicUsize::new(0),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // A panic elsewhere must not take routing down with it.
+        self.state.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Replaces the index with `deployments`, keeping the state (channel,
+    /// counts, health) of backends that stay. Backends whose URI is not
+    /// valid are skipped with a warning.
+    pub(crate) fn update(&self, deployments: &[Deployment]) {
+        let mut state = self.lock();
+        let mut old = std::mem::take(&mut state.deployments);
+        for d in deployments {
+            let mut kept = old.remove(&d.model).unwrap_or_default();
+            let mut next = DeploymentState::default();
+            for b in &d.backends {
+                let pos = kept
+                    .backends
+                    .iter()
+                    .position(|s| s.id == b.id && s.uri == b.grpc_uri);
+                let backend = match pos {
+                    Some(i) => kept.backends.swap_remove(i),
+                    None => match self.endpoint(&b.grpc_uri) {
+                        Ok(channel) => {
+                            tracing::info!(model = %d.model, backend = %b.id, uri = %b.grpc_uri, "backend added");
+                            BackendState {
+                                id: b.id.clone(),
+                                uri: b.grpc_uri.clone(),
+                                channel,
+                                outstanding: 0,
+                                health: Health::Unknown,
+                                failures: 0,
+                                info: None,
+                            }
+                        }
+                        Err(reason) => {
+                            tracing::warn!(model = %d.model, backend = %b.id, uri = %b.grpc_uri, %reason, "backend skipped");
+                            continue;
+                        }
+                    },
+                };
+                self.publish(&d.model, &backend);
+                next.backends.push(backend);
+            }
+            for gone in kept.backends {
+                self.forget(&d.model, &gone.id);
+            }
+            state.deployments.insert(d.model.clone(), next);
+        }
+        for (model, gone) in old {
+            for b in gone.backends {
+                self.forget(&model, &b.id);
+            }
+        }
+    }
+
+    fn endpoint(&self, uri: &str) -> Result<Channel, String> {
+        let endpoint = Endpoint::from_shared(uri.to_string()).map_err(|e| e.to_string())?;
+        Ok(endpoint
+            .connect_timeout(self.connect_timeout)
+            .tcp_nodelay(true)
+            .connect_lazy())
+    }
+
+    fn publish(&self, model: &str, b: &BackendState) {
+        let labels = [model, b.id.as_str()];
+        self.metrics
+            .outstanding
+            .with_label_values(&labels)
+            .set(b.outstanding as i64);
+        self.metrics
+            .healthy
+            .with_label_values(&labels)
+            .set(i64::from(b.health != Health::Ejected));
+    }
+
+    fn forget(&self, model: &str, id: &str) {
+        tracing::info!(model, backend = id, "backend removed");
+        let _ = self.metrics.outstanding.remove_label_values(&[model, id]);
+        let _ = self.metrics.healthy.remove_label_values(&[model, id]);
+    }
+
+    /// The model a request names, or the only one served when it names none.
+    pub(crate) fn resolve(&self, model: &str) -> Result<String, PickError> {
+        let state = self.lock();
+        if model.is_empty() {
+            let names: Vec<_> = state.deployments.keys().cloned().collect();
+            return match names.as_slice() {
+                [one] => Ok(one.clone()),
+                _ => Err(PickError::ModelRequired(names)),
+            };
+        }
+        if state.deployments.contains_key(model) {
+            Ok(model.to_string())
+        } else {
+            Err(PickError::UnknownModel(model.to_string()))
+        }
+    }
+
+    /// Claims a backend of `model` for a request whose prefix hashes to
+    /// `key`, skipping the backends in `exclude` (already tried).
+    pub(crate) fn lease(
+        self: &Arc<Self>,
+        model: &str,
+        key: u64,
+        exclude: &[String],
+    ) -> Result<Lease, PickError> {
+        let mut guard = self.lock();
+        let state = &mut *guard;
+        let deployment = state
+            .deployments
+            .get_mut(model)
+            .ok_or_else(|| PickError::UnknownModel(model.to_string()))?;
+        let candidates: Vec<Candidate> = deployment
+            .backends
+            .iter()
+            .map(|b| Candidate {
+                outstanding: b.outstanding,
+                healthy: b.health != Health::Ejected && !exclude.contains(&b.id),
+            })
+            .collect();
+        let preferred = state
+            .affinity
+            .get(key)
+            .and_then(|id| deployment.backends.iter().position(|b| b.id == id));
+        let rotate = self.rotate.fetch_add(1, Ordering::Relaxed);
+        let index = match choose(&candidates, preferred, rotate, self.max_queue) {
+            Choice::Backend(i) => i,
+            Choice::Overloaded => return Err(PickError::Overloaded(model.to_string())),
+            Choice::NoHealthy => return Err(PickError::NoHealthy(model.to_string())),
+        };
+        let backend = &mut deployment.backends[index];
+        backend.outstanding += 1;
+        state.affinity.put(key, &backend.id);
+        self.publish(model, backend);
+        Ok(Lease {
+            pool: Arc::clone(self),
+            model: model.to_string(),
+            backend: backend.id.clone(),
+            channel: backend.channel.clone(),
+        })
+    }
+
+    fn release(&self, model: &str, id: &str) {
+        let mut state = self.lock();
+        if let Some(b) = find(&mut state, model, id) {
+            b.outstanding = b.outstanding.saturating_sub(1);
+            self.publish(model, b);
+        }
+    }
+
+    /// A request could not reach the backend: eject it until a health check
+    /// passes again.
+    pub(crate) fn report_failure(&self, model: &str, id: &str, reason: &str) {
+        let mut state = self.lock();
+        if let Some(b) = find(&mut state, model, id) {
+            if b.health != Health::Ejected {
+                tracing::warn!(
+                    model,
+                    backend = id,
+                    reason,
+                    "backend ejected after a failed request"
+                );
+            }
+            b.health = Health::Ejected;
+            b.failures = b.failures.max(EJECT_AFTER);
+            self.publish(model, b);
+        }
+    }
+
+    /// Records a health check's result (and the model's limits, once).
+    fn report_check(&self, model: &str, id: &str, ok: bool, info: Option<ModelInfoResponse>) {
+        let mut state = self.lock();
+        let Some(b) = find(&mut state, model, id) else {
+            return;
+        };
+        if ok {
+            if b.health == Health::Ejected {
+                tracing::info!(model, backend = id, "backend healthy again");
+            }
+            b.health = Health::Healthy;
+            b.failures = 0;
+            if info.is_some() {
+                b.info = info;
+            }
+        } else {
+            b.failures += 1;
+            if b.failures >= EJECT_AFTER && b.health != Health::Ejected {
+                tracing::warn!(
+                    model,
+                    backend = id,
+                    failures = b.failures,
+                    "backend ejected"
+                );
+                b.health = Health::Ejected;
+            }
+        }
+        self.publish(model, b);
+    }
+
+    /// (model, backend id, channel, whether ModelInfo is still wanted).
+    fn check_targets(&self) -> Vec<(String, String, Channel, bool)> {
+        let state = self.lock();
+        state
+            .deployments
+            .iter()
+            .flat_map(|(model, d)| {
+                d.backends.iter().map(|b| {
+                    (
+                        model.clone(),
+                        b.id.clone(),
+                        b.channel.clone(),
+                        b.info.is_none(),
+                    )
+                })
+            })
+            .collect()
+    }
+
+    /// The model's context length, once a backend has told it.
+    pub(crate) fn max_sequence_length(&self, model: &str) -> Option<u32> {
+        let state = self.lock();
+        state.deployments.get(model).and_then(|d| {
+            d.backends
+                .iter()
+                .find_map(|b| b.info.as_ref().map(|i| i.max_sequence_length))
+        })
+    }
+
+    pub(crate) fn models(&self) -> Vec<ModelSummary> {
+        let state = self.lock();
+        state
+            .deployments
+            .iter()
+            .map(|(model, d)| ModelSummary {
+                model: model.clone(),
+                backends: d.backends.len(),
+                healthy: d
+                    .backends
+                    .iter()
+                    .filter(|b| b.health == Health::Healthy)
+                    .count(),
+                info: d.backends.iter().find_map(|b| b.info.clone()),
+            })
+            .collect()
+    }
+
+    /// Backend ids of a model with their outstanding counts and health, for
+    /// logs and tests.
+    #[cfg(test)]
+    pub(crate) fn snapshot(&self, model: &str) -> Vec<(String, usize, bool)> {
+        let state = self.lock();
+        state
+            .deployments
+            .get(model)
+            .map(|d| {
+                d.backends
+                    .iter()
+                    .map(|b| (b.id.clone(), b.outstanding, b.health != Health::Ejected))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+}
+
+fn find<'a>(state: &'a mut State, model: &str, id: &str) -> Option<&'a mut BackendState> {
+    state
+        .deployments
+        .get_mut(model)?
+        .backends
+        .iter_mut()
+        .find(|b| b.id == id)
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        self.pool.release(&self.model, &self.backend);
+    }
+}
+
+#[cfg(test)]
+mod tests;
+
+impl Lease {
+    /// Reports that this lease's backend failed mid-request.
+    pub(crate) fn report_failure(&self, reason: &str) {
+        self.pool.report_failure(&self.model, &self.backend, reason);
+    }
+}

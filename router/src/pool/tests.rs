@@ -1,0 +1,118 @@
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::*;
+use crate::discovery::Backend;
+
+fn deployment(model: &str, ids: &[&str]) -> Deployment {
+    Deployment {
+        model: model.into(),
+        backends: ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| Backend {
+                id: (*id).into(),
+                grpc_uri: format!("http://127.0.0.1:{}", 1 + i),
+            })
+            .collect(),
+    }
+}
+
+fn pool(max_queue: usize, deployments: &[Deployment]) -> Arc<Pool> {
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let pool = Arc::new(Pool::new(
+        metrics,
+        max_queue,
+        Duration::from_millis(100),
+        16,
+    ));
+    pool.update(deployments);
+    pool
+}
+
+#[tokio::test]
+async fn leases_spread_and_release_on_drop() {
+    let pool = pool(4, &[deployment("m", &["a", "b"])]);
+    let first = pool.lease("m", 1, &[]).unwrap();
+    let second = pool.lease("m", 2, &[]).unwrap();
+    assert_ne!(first.backend, second.backend);
+    drop(first);
+    drop(second);
+    assert!(pool.snapshot("m").iter().all(|(_, n, _)| *n == 0));
+}
+
+#[tokio::test]
+async fn queue_limit_gives_overloaded_then_recovers() {
+    let pool = pool(1, &[deployment("m", &["a", "b"])]);
+    let a = pool.lease("m", 1, &[]).unwrap();
+    let b = pool.lease("m", 2, &[]).unwrap();
+    assert_eq!(
+        pool.lease("m", 3, &[]).err(),
+        Some(PickError::Overloaded("m".into()))
+    );
+    drop(a);
+    assert!(pool.lease("m", 3, &[]).is_ok());
+    drop(b);
+}
+
+#[tokio::test]
+async fn the_same_prefix_goes_back_to_the_same_backend() {
+    let pool = pool(8, &[deployment("m", &["a", "b", "c"])]);
+    let first = pool.lease("m", 42, &[]).unwrap().backend.clone();
+    for _ in 0..5 {
+        assert_eq!(pool.lease("m", 42, &[]).unwrap().backend, first);
+    }
+}
+
+#[tokio::test]
+async fn failed_backends_are_ejected_and_excluded() {
+    let pool = pool(8, &[deployment("m", &["a", "b"])]);
+    pool.report_failure("m", "a", "connection refused");
+    for key in 0..4 {
+        assert_eq!(pool.lease("m", key, &[]).unwrap().backend, "b");
+    }
+    assert_eq!(
+        pool.lease("m", 9, &["b".into()]).err(),
+        Some(PickError::NoHealthy("m".into()))
+    );
+    pool.report_check("m", "a", true, None);
+    assert_eq!(pool.models()[0].healthy, 1);
+}
+
+#[tokio::test]
+async fn two_failed_checks_eject_one_does_not() {
+    let pool = pool(8, &[deployment("m", &["a"])]);
+    pool.report_check("m", "a", false, None);
+    assert!(pool.snapshot("m")[0].2);
+    pool.report_check("m", "a", false, None);
+    assert!(!pool.snapshot("m")[0].2);
+    pool.report_check("m", "a", true, None);
+    assert!(pool.snapshot("m")[0].2);
+}
+
+#[tokio::test]
+async fn models_resolve_by_name_or_as_the_only_one() {
+    let one = pool(8, &[deployment("m", &["a"])]);
+    assert_eq!(one.resolve("").unwrap(), "m");
+    assert_eq!(one.resolve("m").unwrap(), "m");
+    assert_eq!(
+        one.resolve("x").err(),
+        Some(PickError::UnknownModel("x".into()))
+    );
+    let two = pool(8, &[deployment("m", &["a"]), deployment("n", &["b"])]);
+    assert!(matches!(two.resolve(""), Err(PickError::ModelRequired(_))));
+    assert_eq!(two.resolve("n").unwrap(), "n");
+}
+
+#[tokio::test]
+async fn updates_keep_the_state_of_backends_that_stay() {
+    let pool = pool(8, &[deployment("m", &["a", "b"])]);
+    let lease = pool.lease("m", 1, &["b".into()]).unwrap();
+    assert_eq!(lease.backend, "a");
+    pool.update(&[deployment("m", &["a"])]);
+    assert_eq!(pool.snapshot("m"), [("a".to_string(), 1, true)]);
+    drop(lease);
+    assert_eq!(pool.snapshot("m"), [("a".to_string(), 0, true)]);
+    pool.update(&[]);
+    assert!(pool.models().is_empty());
+}

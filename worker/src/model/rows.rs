@@ -1,0 +1,172 @@
+//! Activations on CPU: `m` rows of `width` floats, one row per token, and the
+//! element-wise operations of the transformer on them. Every operation works
+//! row by row in a fixed order, so a token's numbers never depend on which
+//! other tokens share its step.
+
+use rayon::prelude::*;
+
+/// Rows of this many elements or more are processed in parallel.
+const PARALLEL_ELEMENTS: usize = 1 << 15;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Rows {
+    data: Vec<f32>,
+    width: usize,
+}
+
+impl Rows {
+    pub fn new(data: Vec<f32>, width: usize) -> Self {
+        debug_assert!(width > 0 && data.len().is_multiple_of(width));
+        Self { data, width }
+    }
+
+    /// Number of rows.
+    pub fn m(&self) -> usize {
+        self.data.len() / self.width
+    }
+
+    pub fn as_slice(&self) -> &[f32] {
+        &self.data
+    }
+
+    pub fn row(&self, i: usize) -> &[f32] {
+        &self.data[i * self.width..(i + 1) * self.width]
+    }
+
+    /// Rows `start..start + len` as a new block.
+    pub fn slice(&self, start: usize, len: usize) -> Rows {
+        Rows::new(
+            self.data[start * self.width..(start + len) * self.width].to_vec(),
+            self.width,
+        )
+    }
+
+    /// Splits each row into consecutive column blocks of `widths`.
+    pub fn split_columns(&self, widths: &[usize]) -> Vec<Rows> {
+        let mut parts: Vec<Vec<f32>> = widths
+            .iter()
+            .map(|w| Vec::with_capacity(w * self.m()))
+            .collect();
+        for row in self.data.chunks_exact(self.width) {
+            let mut start = 0;
+            for (part, &w) in parts.iter_mut().zip(widths) {
+                part.extend_from_slice(&row[start..start + w]);
+                start += w;
+            }
+        }
+        parts
+            .into_iter()
+            .zip(widths)
+            .map(|(d, &w)| Rows::new(d, w))
+            .collect()
+    }
+
+    /// `self += other`, element-wise (the residual connection).
+    pub fn add_assign(&mut self, other: &Rows) {
+        debug_assert_eq!(self.data.len(), other.data.len());
+        for (a, b) in self.data.iter_mut().zip(&other.data) {
+            *a += *b;
+        }
+    }
+
+    /// Adds `bias` to every row.
+    pub fn add_row_vector(&mut self, bias: &[f32]) {
+        for row in self.data.chunks_exact_mut(self.width) {
+            for (a, b) in row.iter_mut().zip(bias) {
+                *a += *b;
+            }
+        }
+    }
+
+    fn map_rows(&self, f: impl Fn(&[f32], &mut [f32]) + Sync + Send) -> Rows {
+        let mut out = vec![0f32; self.data.len()];
+        let w = self.width;
+        if self.data.len() >= PARALLEL_ELEMENTS {
+            out.par_chunks_mut(w)
+                .zip(self.data.par_chunks(w))
+                .for_each(|(o, x)| f(x, o));
+        } else {
+            out.chunks_mut(w)
+                .zip(self.data.chunks(w))
+                .for_each(|(o, x)| f(x, o));
+        }
+        Rows::new(out, w)
+    }
+}
+
+/// Root-mean-square normalisation of each row, scaled by `weight`. The sum
+/// of squares is taken in f64, as llama.cpp does.
+pub fn rms_norm(x: &Rows, weight: &[f32], eps: f32) -> Rows {
+    x.map_rows(|row, out| {
+        let sum: f64 = row.iter().map(|v| (*v as f64) * (*v as f64)).sum();
+        let scale = 1.0 / ((sum / row.len() as f64) as f32 + eps).sqrt();
+        for ((o, v), w) in out.iter_mut().zip(row).zip(weight) {
+            *o = (*v * scale) * *w;
+        }
+    })
+}
+
+/// `silu(gate) · up`, the SwiGLU activation; `gate_up` holds gate then up in each row.
+pub fn swiglu(gate_up: &Rows) -> Rows {
+    let half = gate_up.width / 2;
+    let mut out = vec![0f32; gate_up.m() * half];
+    let f = |(o, row): (&mut [f32], &[f32])| {
+        let (gate, up) = row.split_at(half);
+        for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
+            *o = *g / (1.0 + (-*g).exp()) * *u;
+        }
+    };
+    if gate_up.data.len() >= PARALLEL_ELEMENTS {
+        out.par_chunks_mut(half)
+            .zip(gate_up.data.par_chunks(gate_up.width))
+            .for_each(f);
+    } else {
+        out.chunks_mut(half)
+            .zip(gate_up.data.chunks(gate_up.width))
+            .for_each(f);
+    }
+    Rows::new(out, half)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rms_norm_gives_unit_rms_before_the_weight() {
+        let x = Rows::new(vec![3.0, 4.0, 0.0, 0.0, 1.0, 1.0], 2);
+        let y = rms_norm(&x, &[1.0, 2.0], 0.0);
+        let r = (12.5f32).sqrt();
+        assert_eq!(y.row(0), &[3.0 / r, 2.0 * 4.0 / r]);
+        assert_eq!(y.row(2), &[1.0, 2.0]);
+    }
+
+    #[test]
+    fn swiglu_multiplies_silu_of_gate_by_up() {
+        let y = swiglu(&Rows::new(vec![0.0, 2.0, 5.0, 3.0], 4));
+        let silu2 = 2.0 / (1.0 + (-2f32).exp());
+        assert_eq!(y.as_slice(), &[0.0, silu2 * 3.0]);
+    }
+
+    #[test]
+    fn split_columns_undoes_side_by_side() {
+        let x = Rows::new((0..12).map(|v| v as f32).collect(), 6);
+        let parts = x.split_columns(&[1, 2, 3]);
+        assert_eq!(parts[0].as_slice(), &[0.0, 6.0]);
+        assert_eq!(parts[1].as_slice(), &[1.0, 2.0, 7.0, 8.0]);
+        assert_eq!(parts[2].row(1), &[9.0, 10.0, 11.0]);
+    }
+
+    #[test]
+    fn row_results_do_not_depend_on_the_batch() {
+        let data: Vec<f32> = (0..64 * 1200)
+            .map(|i| ((i * 7919) % 1000) as f32 / 100.0 - 5.0)
+            .collect();
+        let all = Rows::new(data, 1200);
+        let w: Vec<f32> = (0..1200).map(|i| i as f32 / 600.0).collect();
+        let big = rms_norm(&all, &w, 1e-5);
+        for i in [0, 31, 63] {
+            assert_eq!(rms_norm(&all.slice(i, 1), &w, 1e-5).row(0), big.row(i));
+        }
+    }
+}

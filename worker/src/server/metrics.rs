@@ -1,0 +1,310 @@
+//! Every metric the worker exports, with its name and help text, and the
+//! small HTTP server that serves them (`/metrics` in Prometheus text,
+//! `/healthz`, `/readyz`) next to the gRPC API.
+//!
+//! Request metrics are recorded by the gRPC service as events stream out;
+//! queue depth and running sequences are read from the engine handle's
+//! atomics at scrape time (the engine thread stays the only owner of its
+//! state).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+use tokio::net::TcpListener;
+
+use crate::engine::EngineHandle;
+
+/// Latency buckets from 5 ms to 2 min.
+const LATENCY_BUCKETS: &[f64] = &[
+    0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+];
+/// Per-token buckets from 1 ms to 2 s.
+const TOKEN_BUCKETS: &[f64] = &[
+    0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64, 1.28, 2.0,
+];
+
+/// The worker's metrics, labelled with the served model name.
+pub struct Metrics {
+    registry: Registry,
+    /// `shardserve_worker_requests_total{status}`: `ok`, `cancelled` or the
+    /// gRPC code of the failure in snake case (`invalid_argument`, ...).
+    requests: IntCounterVec,
+    /// `shardserve_worker_time_to_first_token_seconds`
+    ttft: Histogram,
+    /// `shardserve_worker_time_per_output_token_seconds`
+    tpot: Histogram,
+    /// `shardserve_worker_request_duration_seconds`
+    e2e: Histogram,
+    /// `shardserve_worker_queue_depth`
+    queue_depth: IntGauge,
+    /// `shardserve_worker_running_sequences`
+    running: IntGauge,
+    /// `shardserve_worker_prompt_tokens_total`
+    prompt_tokens: IntCounter,
+    /// `shardserve_worker_generation_tokens_total`
+    generation_tokens: IntCounter,
+}
+
+impl Metrics {
+    pub fn new(model: &str) -> Result<Self, prometheus::Error> {
+        let registry = Registry::new();
+        let opts = |name: &str, help: &str| Opts::new(name, help).const_label("model", model);
+        let hist = |name: &str, help: &str, buckets: &[f64]| {
+            HistogramOpts::from(opts(name, help)).buckets(buckets.to_vec())
+        };
+        let requests = IntCounterVec::new(
+            opts(
+                "shardserve_worker_requests_total",
+                "Generate calls ended, by status: ok, cancelled, or the gRPC code of the failure.",
+            ),
+            &["status"],
+        )?;
+        let ttft = Histogram::with_opts(hist(
+            "shardserve_worker_time_to_first_token_seconds",
+            "Time from a Generate call's arrival to its first generated token.",
+            LATENCY_BUCKETS,
+        ))?;
+        let tpot = Histogram::with_opts(hist(
+            "shardserve_worker_time_per_output_token_seconds",
+            "Mean time between generated tokens after the first, per request.",
+            TOKEN_BUCKETS,
+        ))?;
+        let e2e = Histogram::with_opts(hist(
+            "shardserve_worker_request_duration_seconds",
+            "Time from a Generate call's arrival to its end.",
+            LATENCY_BUCKETS,
+        ))?;
+        let queue_depth = IntGauge::with_opts(opts(
+            "shardserve_worker_queue_depth",
+            "Requests waiting for the engine to start them.",
+        ))?;
+        let running = IntGauge::with_opts(opts(
+            "shardserve_worker_running_sequences",
+            "Sequences the engine is generating now.",
+        ))?;
+        let prompt_tokens = IntCounter::with_opts(opts(
+            "shardserve_worker_prompt_tokens_total",
+            "Prompt tokens of finished requests.",
+        ))?;
+        let generation_tokens = IntCounter::with_opts(opts(
+            "shardserve_worker_generation_tokens_total",
+            "Tokens generated, counted as they stream.",
+        ))?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(ttft.clone()))?;
+        registry.register(Box::new(tpot.clone()))?;
+        registry.register(Box::new(e2e.clone()))?;
+        registry.register(Box::new(queue_depth.clone()))?;
+        registry.register(Box::new(running.clone()))?;
+        registry.register(Box::new(prompt_tokens.clone()))?;
+        registry.register(Box::new(generation_tokens.clone()))?;
+        Ok(Self {
+            registry,
+            requests,
+            ttft,
+            tpot,
+            e2e,
+            queue_depth,
+            running,
+            prompt_tokens,
+            generation_tokens,
+        })
+    }
+
+    /// Starts the record of one Generate call.
+    pub fn start(self: &Arc<Self>) -> RequestRecord {
+        RequestRecord {
+            metrics: self.clone(),
+            arrived: Instant::now(),
+            first_token: None,
+            tokens: 0,
+            ended: false,
+        }
+    }
+
+    /// Prometheus text, with the engine's load read now.
+    pub fn render(&self, engine: &EngineHandle) -> String {
+        let load = engine.load();
+        self.queue_depth.set(load.queued as i64);
+        self.running.set(load.running as i64);
+        let mut out = Vec::new();
+        // Encoding into a Vec cannot fail for these metric types.
+        let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
+        String::from_utf8(out).unwrap_or_default()
+    }
+}
+
+/// What one Generate call does, recorded as it happens. A record dropped
+/// before it ended counts as cancelled (the client went away).
+pub struct RequestRecord {
+    metrics: Arc<Metrics>,
+    arrived: Instant,
+    first_token: Option<Instant>,
+    tokens: u64,
+    ended: bool,
+}
+
+impl RequestRecord {
+    pub fn token(&mut self) {
+        let now = Instant::now();
+        if self.first_token.is_none() {
+            self.first_token = Some(now);
+            self.metrics
+                .ttft
+                .observe(now.duration_since(self.arrived).as_secs_f64());
+        }
+        self.tokens += 1;
+        self.metrics.generation_tokens.inc();
+    }
+
+    /// The call finished normally after `prompt_tokens` of prompt.
+    pub fn finished(&mut self, prompt_tokens: usize) {
+        self.metrics.prompt_tokens.inc_by(prompt_tokens as u64);
+        if let Some(first) = self.first_token
+            && self.tokens > 1
+        {
+            let per_token = first.elapsed() / (self.tokens - 1) as u32;
+            self.metrics.tpot.observe(per_token.as_secs_f64());
+        }
+        self.end("ok");
+    }
+
+    /// The call failed with `code`.
+    pub fn failed(&mut self, code: tonic::Code) {
+        self.end(&status_label(code));
+    }
+
+    fn end(&mut self, status: &str) {
+        if self.ended {
+            return;
+        }
+        self.ended = true;
+        self.metrics.requests.with_label_values(&[status]).inc();
+        self.metrics
+            .e2e
+            .observe(self.arrived.elapsed().as_secs_f64());
+    }
+}
+
+impl Drop for RequestRecord {
+    fn drop(&mut self) {
+        self.end("cancelled");
+    }
+}
+
+/// `InvalidArgument` → `invalid_argument`.
+fn status_label(code: tonic::Code) -> String {
+    let name = format!("{code:?}");
+    let mut out = String::with_capacity(name.len() + 4);
+    for (i, c) in name.chars().enumerate() {
+        if c.is_ascii_uppercase() {
+            if i > 0 {
+                out.push('_');
+            }
+            out.push(c.to_ascii_lowercase());
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// Whether the worker takes requests (true from start to shutdown).
+pub type Ready = Arc<AtomicBool>;
+
+#[derive(Clone)]
+struct HttpState {
+    metrics: Arc<Metrics>,
+    engine: EngineHandle,
+    ready: Ready,
+}
+
+/// Serves `/metrics`, `/healthz` and `/readyz` until `shutdown` completes.
+pub async fn serve_http(
+    listener: TcpListener,
+    metrics: Arc<Metrics>,
+    engine: EngineHandle,
+    ready: Ready,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    tracing::info!(addr = ?listener.local_addr().ok(), "serving /metrics, /healthz and /readyz over HTTP");
+    let app = Router::new()
+        .route("/metrics", get(metrics_text))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .with_state(HttpState {
+            metrics,
+            engine,
+            ready,
+        });
+    axum::serve(listener, app)
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+async fn metrics_text(State(state): State<HttpState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        state.metrics.render(&state.engine),
+    )
+}
+
+async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
+    if state.ready.load(Ordering::Relaxed) {
+        (StatusCode::OK, "ready\n")
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: shutting down\n",
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn status_labels_are_snake_case() {
+        assert_eq!(
+            status_label(tonic::Code::InvalidArgument),
+            "invalid_argument"
+        );
+        assert_eq!(status_label(tonic::Code::Ok), "ok");
+        assert_eq!(
+            status_label(tonic::Code::ResourceExhausted),
+            "resource_exhausted"
+        );
+    }
+
+    #[test]
+    fn a_dropped_record_counts_as_cancelled_once() {
+        let metrics = Arc::new(Metrics::new("m").unwrap());
+        let mut done = metrics.start();
+        done.token();
+        done.token();
+        done.finished(5);
+        drop(done);
+        let mut gone = metrics.start();
+        gone.token();
+        drop(gone);
+        let ok = metrics.requests.with_label_values(&["ok"]).get();
+        let cancelled = metrics.requests.with_label_values(&["cancelled"]).get();
+        assert_eq!((ok, cancelled), (1, 1));
+        assert_eq!(metrics.generation_tokens.get(), 3);
+        assert_eq!(metrics.prompt_tokens.get(), 5);
+        assert_eq!(metrics.ttft.get_sample_count(), 2);
+        assert_eq!(metrics.tpot.get_sample_count(), 1);
+        assert_eq!(metrics.e2e.get_sample_count(), 2);
+    }
+}
