@@ -13,6 +13,8 @@ const TASKS_PER_THREAD: usize = 4;
 /// Smallest task, in block products (about 1 ns each with SIMD): a microsecond or two of
 /// work, enough to outweigh rayon's scheduling and let small decode products use 2 threads.
 const MIN_TASK_BLOCKS: usize = 1024;
+/// Weight rows the x86 kernels compute together: tasks of whole groups waste no lanes.
+const ROW_GROUP: usize = 8;
 
 pub(crate) fn matmul(level: SimdLevel, w: &QuantMatrix, x: &[f32], m: usize, y: &mut [f32]) {
     let (n, k) = (w.rows(), w.cols());
@@ -72,9 +74,10 @@ pub(crate) fn matmul(level: SimdLevel, w: &QuantMatrix, x: &[f32], m: usize, y: 
     });
 }
 
-/// Weight rows per task when each row costs `blocks_per_row` block products.
+/// Weight rows per task when each row costs `blocks_per_row` block products: a multiple of
+/// [`ROW_GROUP`] where `n` allows.
 fn rows_per_task(n: usize, blocks_per_row: usize) -> usize {
     let even = n.div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD);
     let min = MIN_TASK_BLOCKS.div_ceil(blocks_per_row);
-    even.max(min).clamp(1, n)
+    even.max(min).next_multiple_of(ROW_GROUP).clamp(1, n)
 }

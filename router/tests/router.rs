@@ -442,18 +442,34 @@ async fn requests_spread_over_two_backends() {
 async fn a_killed_backend_loses_no_request_that_had_not_streamed() {
     let (a, b) = (Worker::start(Some(512)), Worker::start(Some(512)));
     let r = router(&[&a, &b], |_| {}).await;
-    let calls: Vec<_> = (0..6)
-        .map(|i| r.post("/v1/completions", json!({"model": MODEL, "prompt": format!("Tale {i}:"), "max_tokens": 24, "ignore_eos": true})))
+    // Each backend gets 4 requests of 64 tokens, run one at a time: the
+    // kill lands while w1 still has requests queued or running.
+    let calls: Vec<_> = (0..8)
+        .map(|i| {
+            r.post(
+                "/v1/completions",
+                json!({"model": MODEL, "prompt": format!("Tale {i}:"), "max_tokens": 64, "ignore_eos": true}),
+            )
+        })
         .collect();
     let killer = async {
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
         b.kill();
     };
     let (results, ()) = tokio::join!(futures::future::join_all(calls), killer);
     for (status, v) in results {
         assert_eq!(status, 200, "{v}");
-        assert_eq!(v["usage"]["completion_tokens"], 24);
+        assert_eq!(v["usage"]["completion_tokens"], 64);
     }
+    // w1's unfinished requests were started again on w0.
+    let m = r.metrics().await;
+    let started_on_w0 = metric(
+        &m,
+        "shardserve_router_backend_requests_total",
+        &["backend=\"w0\""],
+    )
+    .unwrap();
+    assert!(started_on_w0 > 4.0, "{m}");
     let deadline = Instant::now() + HANG_GUARD;
     loop {
         let m = r.metrics().await;

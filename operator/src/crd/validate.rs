@@ -39,10 +39,10 @@ pub fn validate(md: &ModelDeployment) -> Vec<ValidationError> {
     if let Err(e) = ModelSource::parse(&spec.model.source) {
         errors.push(e.into());
     }
-    if let Some(name) = &spec.served_model_name {
-        if let Some(problem) = served_name_problem(name) {
-            errors.push(ValidationError::BadServedName(name.clone(), problem));
-        }
+    if let Some(name) = &spec.served_model_name
+        && let Some(problem) = served_name_problem(name)
+    {
+        errors.push(ValidationError::BadServedName(name.clone(), problem));
     }
     if spec.tensor == 0 {
         errors.push(ValidationError::Tensor(spec.tensor));

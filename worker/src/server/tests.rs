@@ -513,3 +513,110 @@ async fn cancelled_generation_frees_the_engine() {
     assert_eq!(tokens.len(), 3);
     assert_eq!(finished.reason, pb::FinishReason::Length as i32);
 }
+
+/// GETs `path` from the worker's metrics server (plain HTTP/1.0, no client crate).
+async fn http_get(addr: SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.expect("connect");
+    conn.write_all(format!("GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").as_bytes())
+        .await
+        .expect("write");
+    let mut reply = String::new();
+    conn.read_to_string(&mut reply).await.expect("read");
+    let status = reply
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = reply
+        .split("\r\n\r\n")
+        .nth(1)
+        .unwrap_or_default()
+        .to_string();
+    (status, body)
+}
+
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .and_then(|l| l.rsplit(' ').next())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("{name} missing from:\n{text}"))
+}
+
+#[tokio::test]
+async fn metrics_count_requests_and_running_drops_to_zero_on_disconnect() {
+    let path = demo_model();
+    let engine = Engine::load(&path, &EngineOptions::default()).expect("demo model loads");
+    let engine = EngineHandle::spawn(engine).expect("engine thread starts");
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
+    tokio::spawn(super::serve_with_metrics(
+        engine,
+        grpc,
+        Some(http),
+        std::future::pending(),
+    ));
+    let mut client = connect(grpc_addr).await;
+    assert_eq!(http_get(http_addr, "/healthz").await.0, 200);
+    assert_eq!(http_get(http_addr, "/readyz").await.0, 200);
+
+    let (tokens, _) = generate(&mut client, text_request("Hello", 3)).await;
+    let (_, text) = http_get(http_addr, "/metrics").await;
+    assert_eq!(
+        metric(
+            &text,
+            "shardserve_worker_requests_total{model=\"SmolLM2-135M-Instruct.Q4_1\",status=\"ok\"}"
+        ),
+        1.0,
+        "{text}"
+    );
+    assert_eq!(
+        metric(&text, "shardserve_worker_generation_tokens_total"),
+        tokens.len() as f64
+    );
+    assert!(metric(&text, "shardserve_worker_prompt_tokens_total") > 0.0);
+    assert_eq!(
+        metric(&text, "shardserve_worker_time_to_first_token_seconds_count"),
+        1.0
+    );
+
+    let mut long = text_request("Write a very long story about a dragon.", 0);
+    long.stopping.as_mut().unwrap().ignore_eos = true;
+    let mut stream = client
+        .generate(long)
+        .await
+        .expect("Generate accepted")
+        .into_inner();
+    stream.next().await.expect("a message").expect("ok");
+    let (_, text) = http_get(http_addr, "/metrics").await;
+    assert_eq!(
+        metric(&text, "shardserve_worker_running_sequences"),
+        1.0,
+        "{text}"
+    );
+    drop(stream);
+    // The engine notices at its next token: well under a second.
+    let start = std::time::Instant::now();
+    loop {
+        let (_, text) = http_get(http_addr, "/metrics").await;
+        if metric(&text, "shardserve_worker_running_sequences") == 0.0 {
+            assert_eq!(
+                metric(
+                    &text,
+                    "shardserve_worker_requests_total{model=\"SmolLM2-135M-Instruct.Q4_1\",status=\"cancelled\"}"
+                ),
+                1.0,
+                "{text}"
+            );
+            assert_eq!(metric(&text, "shardserve_worker_queue_depth"), 0.0);
+            break;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(5),
+            "running sequences stayed at 1:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

@@ -127,9 +127,11 @@ impl Block for Q8_0 {
 unsafe fn nibbles(p: *const u8) -> __m256i {
     // SAFETY: p points at 16 readable bytes (caller contract).
     unsafe {
-        let x = _mm_loadu_si128(p.cast());
-        let both = _mm256_set_m128i(_mm_srli_epi16::<4>(x), x);
-        _mm256_and_si256(both, _mm256_set1_epi8(0x0F))
+        // The 16 bytes in both halves; the upper half shifted right by 4 (bits that cross
+        // into a byte from its neighbour are masked off with the high nibble).
+        let both = _mm256_broadcastsi128_si256(_mm_loadu_si128(p.cast()));
+        let shifted = _mm256_srlv_epi32(both, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
+        _mm256_and_si256(shifted, _mm256_set1_epi8(0x0F))
     }
 }
 

@@ -26,19 +26,6 @@ unsafe fn sum_across(v: [__m256i; LANES]) -> __m256i {
     }
 }
 
-/// Blocks per pass over the eight rows: each row is read as one contiguous run of this
-/// many blocks (so that hardware prefetchers see plain streams), and their partial sums
-/// stay in L1 until the pass combines them.
-const CHUNK: usize = 32;
-
-/// Per block of a pass: the eight rows' partial integer sums, scales and minimums.
-#[repr(C, align(32))]
-struct Pass {
-    sums: [[__m256i; LANES]; CHUNK],
-    /// The first four bytes of each row's block: f16 `d`, then `m` (or weights).
-    dm: [[u32; LANES]; CHUNK],
-}
-
 /// The eight rows' `d` and `m` (zero without minimum) from their blocks' first four bytes.
 #[inline(always)]
 unsafe fn scales<B: Block>(dm: __m256i) -> (__m256, __m256) {
@@ -62,61 +49,71 @@ unsafe fn scales<B: Block>(dm: __m256i) -> (__m256, __m256) {
     }
 }
 
+/// Whether signed weights go through `vpmaddubsw`: then |q| is multiplied by the
+/// activations carrying q's sign, so that pairs stay within its i16 range, and the zero
+/// point needs no correction.
+#[inline(always)]
+fn sign_trick<I: IntDot, B: Block>() -> bool {
+    B::SIGNED && !I::FULL_RANGE
+}
+
+/// Row `i`'s exact partial sums of one block (at `w`) times the activation block `a`, in
+/// eight i32 lanes.
+#[inline(always)]
+unsafe fn block_sums<I: IntDot, B: Block>(w: *const u8, a: __m256i) -> __m256i {
+    // SAFETY: w points at a whole block (caller contract); intrinsics are enabled by the
+    // caller's level.
+    unsafe {
+        let (u, _) = B::unpack(w);
+        if sign_trick::<I, B>() {
+            let q = _mm256_xor_si256(u, _mm256_set1_epi8(i8::MIN));
+            I::dot(
+                _mm256_setzero_si256(),
+                _mm256_abs_epi8(q),
+                _mm256_sign_epi8(a, q),
+            )
+        } else {
+            I::dot(_mm256_setzero_si256(), u, a)
+        }
+    }
+}
+
+/// How far ahead, in weight rows, [`dot8`] prefetches (into L2).
+const AHEAD: usize = 2 * LANES;
+
 /// Dot products of eight weight rows (`nb` blocks each, row `i` at `w + i * stride`) with
 /// one activation row: lane `i` is row `i`'s.
+///
+/// The rows are read side by side, a block of each per step, which hardware prefetchers do
+/// not follow as streams: each step prefetches the same blocks of the next eight rows.
 #[inline(always)]
-unsafe fn dot8<I: IntDot, B: Block>(
-    w: *const u8,
-    stride: usize,
-    nb: usize,
-    act: ActPtr,
-    pass: *mut Pass,
-) -> __m256 {
-    // Signed weights without a full-range product: multiply |q| by the activations carrying
-    // q's sign, so that pairs stay within vpmaddubsw's i16 range; no zero point then.
-    let sign_trick = B::SIGNED && !I::FULL_RANGE;
+unsafe fn dot8<I: IntDot, B: Block>(w: *const u8, stride: usize, nb: usize, act: ActPtr) -> __m256 {
+    let zero_point = B::ZERO_POINT != 0 && !sign_trick::<I, B>();
     // SAFETY: the eight rows hold nb blocks and the activation row nb blocks (caller
     // contract); intrinsics are enabled by the caller's level. Plain loops, not closures,
     // which would not inherit the target features.
     unsafe {
         let mut acc = _mm256_setzero_ps();
-        for b0 in (0..nb).step_by(CHUNK) {
-            let len = CHUNK.min(nb - b0);
+        for b in 0..nb {
+            let a = _mm256_loadu_si256(act.qs.add(b * BLOCK).cast());
+            let at = w.add(b * B::BYTES);
+            let mut sums = [_mm256_setzero_si256(); LANES];
+            let mut dm = [0i32; LANES];
             for i in 0..LANES {
-                let row = w.add(i * stride + b0 * B::BYTES);
-                let qs = act.qs.add(b0 * BLOCK);
-                for c in 0..len {
-                    let (u, dm) = B::unpack(row.add(c * B::BYTES));
-                    let a = _mm256_loadu_si256(qs.add(c * BLOCK).cast());
-                    (*pass).sums[c][i] = if sign_trick {
-                        let q = _mm256_xor_si256(u, _mm256_set1_epi8(i8::MIN));
-                        let (u, a) = (_mm256_abs_epi8(q), _mm256_sign_epi8(a, q));
-                        I::dot(_mm256_setzero_si256(), u, a)
-                    } else {
-                        I::dot(_mm256_setzero_si256(), u, a)
-                    };
-                    let _ = dm;
-                    (*pass).dm[c][i] = row.add(c * B::BYTES).cast::<u32>().read_unaligned();
-                }
+                let block = at.add(i * stride);
+                // A prefetch never faults, wherever it points.
+                _mm_prefetch::<_MM_HINT_T1>(block.wrapping_add(AHEAD * stride).cast());
+                sums[i] = block_sums::<I, B>(block, a);
+                dm[i] = block.cast::<i32>().read_unaligned();
             }
-            for c in 0..len {
-                let b = b0 + c;
-                // Phase 2 reads no weights: keep memory busy by fetching the next eight
-                // rows, 8 * BYTES bytes of them per block, in address order.
-                let next = w.wrapping_add(LANES * stride + b * LANES * B::BYTES);
-                for off in (0..LANES * B::BYTES).step_by(64) {
-                    _mm_prefetch::<_MM_HINT_T0>(next.wrapping_add(off).cast());
-                }
-                let mut isum = sum_across((*pass).sums[c]);
-                if B::ZERO_POINT != 0 && !sign_trick {
-                    let zero_point = -B::ZERO_POINT * *act.qsum.add(b);
-                    isum = _mm256_add_epi32(isum, _mm256_set1_epi32(zero_point));
-                }
-                let (dw, mw) = scales::<B>(_mm256_load_si256(
-                    &raw const (*pass).dm[c] as *const __m256i,
-                ));
-                acc = accumulate::<B>(acc, isum, dw, mw, *act.ds.add(b));
+            let mut isum = sum_across(sums);
+            if zero_point {
+                let zero_point = -B::ZERO_POINT * *act.qsum.add(b);
+                isum = _mm256_add_epi32(isum, _mm256_set1_epi32(zero_point));
             }
+            let dm = _mm256_setr_epi32(dm[0], dm[1], dm[2], dm[3], dm[4], dm[5], dm[6], dm[7]);
+            let (dw, mw) = scales::<B>(dm);
+            acc = accumulate::<B>(acc, isum, dw, mw, *act.ds.add(b));
         }
         acc
     }
@@ -128,9 +125,12 @@ pub(super) unsafe fn panel<I: IntDot, B: Block>(p: &Panel, out: &mut [f32]) {
     let (m, nb, rows, stride) = (p.acts.rows(), p.acts.blocks(), p.rows(), p.row_bytes);
     // The last rows when fewer than eight remain, zero-padded (zero scales) to eight.
     let mut tail = Vec::new();
-    // Written before read, block by block (`dot8`); left uninitialised, as zeroing it
-    // would cost as much as a small panel.
-    let mut pass = std::mem::MaybeUninit::<Pass>::uninit();
+    // The rows that no earlier step prefetches.
+    let first = &p.weights[..AHEAD.min(rows) * stride];
+    for line in first.chunks(64) {
+        // SAFETY: a prefetch has no effect on memory; the line lies in the panel anyway.
+        unsafe { _mm_prefetch::<_MM_HINT_T1>(line.as_ptr().cast()) };
+    }
     for row0 in (0..rows).step_by(LANES) {
         let valid = LANES.min(rows - row0);
         let w = if valid == LANES {
@@ -143,8 +143,7 @@ pub(super) unsafe fn panel<I: IntDot, B: Block>(p: &Panel, out: &mut [f32]) {
         };
         for a in 0..m {
             // SAFETY: w points at eight whole weight rows; activation row a exists.
-            let dots =
-                unsafe { dot8::<I, B>(w, stride, nb, p.acts.row(a).into(), pass.as_mut_ptr()) };
+            let dots = unsafe { dot8::<I, B>(w, stride, nb, p.acts.row(a).into()) };
             // SAFETY: __m256 and [f32; 8] have the same size and no invalid bit patterns.
             let lanes = unsafe { std::mem::transmute::<__m256, [f32; LANES]>(dots) };
             let at = a * rows + row0;
