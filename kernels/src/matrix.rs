@@ -80,6 +80,10 @@ impl QuantMatrix {
     /// are quantised to 8 bits per 32-block first, as llama.cpp does. Runs on the current
     /// rayon pool with the fastest [`SimdLevel`] this CPU has.
     ///
+    /// Each output is a function of its weight row and activation row alone, bit for bit on
+    /// a given level: the same whatever `m`, wherever the row sits in `x`, however many
+    /// threads the pool has. A row scored in a batch and the same row alone agree exactly.
+    ///
     /// # Panics
     /// If `x` or `y` do not have `m * cols` and `m * rows` elements.
     pub fn matmul(&self, x: &[f32], m: usize, y: &mut [f32]) {

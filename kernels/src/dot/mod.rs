@@ -32,6 +32,10 @@ impl Panel<'_> {
 
 /// `out[a * rows + r] = weight row r · activation row a` for the panel's `rows` weight rows
 /// and all activation rows. `level` must be available on this CPU.
+///
+/// Every kernel of a level computes a given (weight row, activation row) product with the
+/// same sequence of float operations, whatever the panel's shape, so results do not depend
+/// on batch size or task split (see `row_results_do_not_depend_on_batch`).
 pub(crate) fn panel(level: SimdLevel, p: &Panel, out: &mut [f32]) {
     // The SIMD kernels index with raw pointers: these checks are what makes that sound.
     assert_eq!(p.row_bytes, p.acts.blocks() * p.format.block_bytes());

@@ -3,7 +3,9 @@
 //! most 2·128·127 in magnitude, no overflow), then pairwise-added into four i32 lanes. The
 //! exact block sum is scaled by `d_w * d_a` into float lanes as ggml's NEON `vec_dot` does.
 //!
-//! Each weight block is unpacked once and multiplied into up to four activation rows.
+//! Each weight block is unpacked once and multiplied into up to four activation rows; each
+//! activation row keeps its own accumulators, so its result is the same however many rows
+//! share the pass.
 //! Loads read from bounds-checked slices; only the intrinsics themselves are `unsafe`.
 
 use std::arch::aarch64::*;

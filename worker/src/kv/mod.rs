@@ -114,7 +114,7 @@ impl KvCache {
         values: &[f32],
     ) -> Result<(), KvError> {
         let row = self.shape.row();
-        if keys.len() % row != 0 || keys.len() != values.len() {
+        if !keys.len().is_multiple_of(row) || keys.len() != values.len() {
             return Err(KvError::Ragged {
                 got: keys.len(),
                 row,

@@ -24,7 +24,8 @@ use std::arch::x86_64::*;
 use super::Panel;
 use crate::quantize::ActRow;
 
-/// Activation rows from which the packed kernel pays for its packing.
+/// Activation rows from which the packed kernel pays for its packing (a speed choice only:
+/// both kernels give the same bits).
 const PACKED_MIN_ROWS: usize = 2;
 
 /// Weight rows computed together, one per lane of a 256-bit vector.

@@ -1,8 +1,8 @@
 //! The packed kernel (prefill): eight weight rows are unpacked to unsigned bytes and
 //! interleaved four bytes at a time, so that one integer instruction multiplies four
 //! activation bytes (broadcast) into the running sums of all eight rows, one row per i32
-//! lane. A block's eight integer sums then share one conversion and one scale, instead of
-//! one reduction per row as in the [`super::rows`] kernel.
+//! lane. A block's eight integer sums then come out one per lane, ready for
+//! [`super::accumulate`], without the sum across lanes the [`super::rows`] kernel needs.
 //!
 //! Rows are packed [`PACK_ROWS`] at a time into a buffer the panel reuses; each packed group
 //! is multiplied into every activation row, four rows per pass.
