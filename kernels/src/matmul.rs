@@ -74,10 +74,11 @@ pub(crate) fn matmul(level: SimdLevel, w: &QuantMatrix, x: &[f32], m: usize, y: 
     });
 }
 
-/// Weight rows per task when each row costs `blocks_per_row` block products: a multiple of
-/// [`ROW_GROUP`] where `n` allows.
+/// Weight rows per task when each row costs `blocks_per_row` block products: rounded to
+/// the nearest multiple of [`ROW_GROUP`] where `n` allows.
 fn rows_per_task(n: usize, blocks_per_row: usize) -> usize {
     let even = n.div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD);
     let min = MIN_TASK_BLOCKS.div_ceil(blocks_per_row);
-    even.max(min).next_multiple_of(ROW_GROUP).clamp(1, n)
+    let rows = (even.max(min) + ROW_GROUP / 2) / ROW_GROUP * ROW_GROUP;
+    rows.max(ROW_GROUP).min(n)
 }

@@ -31,16 +31,6 @@ fn logits_all(model: &Transformer, kv: &mut KvCache, tokens: &[u32]) -> Vec<Vec<
     out[0].clone()
 }
 
-fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
-    assert_eq!(a.len(), b.len());
-    let worst = a
-        .iter()
-        .zip(b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0f32, f32::max);
-    assert!(worst <= tol, "{what}: differs by {worst} (tolerance {tol})");
-}
-
 const TOKENS: [u32; 11] = [5, 17, 3, 90, 42, 42, 7, 0, 61, 33, 12];
 
 #[test]
@@ -61,19 +51,28 @@ fn token_by_token_decode_equals_full_prefill() {
                 logits: LogitsFor::Last,
             };
             let step = model.forward(&[span], &mut kv).unwrap()[0].clone();
-            assert_close(
-                &step[0],
-                &full[pos],
-                1e-3,
-                &format!("{dtype:?} position {pos}"),
-            );
+            if dtype == GgmlDType::F32 {
+                // Dense products go through a general matmul whose order depends on the shape.
+                let worst = step[0]
+                    .iter()
+                    .zip(&full[pos])
+                    .map(|(a, b)| (a - b).abs())
+                    .fold(0f32, f32::max);
+                assert!(worst < 1e-4, "{dtype:?} position {pos}: {worst}");
+            } else {
+                // Block-quantised rows are computed in the same order whatever their batch.
+                assert_eq!(step[0], full[pos], "{dtype:?} position {pos}");
+            }
         }
     }
 }
 
 #[test]
 fn spans_batched_together_equal_separate_runs() {
-    let (_dir, model) = load(&TinySpec::default());
+    let (_dir, model) = load(&TinySpec {
+        dtype: GgmlDType::Q8_0,
+        ..TinySpec::default()
+    });
     let mut kv = KvCache::new(model.kv_shape());
     let a = &TOKENS[..7];
     let b = &TOKENS[3..];
@@ -98,15 +97,18 @@ fn spans_batched_together_equal_separate_runs() {
     let batched_a = &out[0];
     let batched_b = &out[1];
     for (x, y) in batched_a.iter().zip(&alone_a) {
-        assert_close(x, y, 1e-4, "sequence a");
+        assert_eq!(x, y, "sequence a");
     }
     assert_eq!(batched_b.len(), 1);
-    assert_close(&batched_b[0], alone_b.last().unwrap(), 1e-4, "sequence b");
+    assert_eq!(&batched_b[0], alone_b.last().unwrap(), "sequence b");
 }
 
 #[test]
 fn chunked_prefill_equals_one_shot() {
-    let (_dir, model) = load(&TinySpec::default());
+    let (_dir, model) = load(&TinySpec {
+        dtype: GgmlDType::Q4_1,
+        ..TinySpec::default()
+    });
     let mut kv = KvCache::new(model.kv_shape());
     let full = logits_all(&model, &mut kv, &TOKENS);
     let slot = kv.allocate();
@@ -124,7 +126,7 @@ fn chunked_prefill_equals_one_shot() {
     let last = model
         .forward(&[span(rest, 4, LogitsFor::Last)], &mut kv)
         .unwrap();
-    assert_close(&last[0][0], full.last().unwrap(), 1e-4, "last token");
+    assert_eq!(&last[0][0], full.last().unwrap(), "last token");
 }
 
 #[test]

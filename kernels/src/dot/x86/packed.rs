@@ -2,14 +2,14 @@
 //! interleaved four bytes at a time, so that one integer instruction multiplies four
 //! activation bytes (broadcast) into the running sums of all eight rows, one row per i32
 //! lane. A block's eight integer sums then come out one per lane, ready for
-//! [`super::accumulate`], without the sum across lanes the [`super::rows`] kernel needs.
+//! [`super::add_block`], without the sum across lanes the [`super::rows`] kernel needs.
 //!
 //! Rows are packed [`PACK_ROWS`] at a time into a buffer the panel reuses; each packed group
 //! is multiplied into every activation row, four rows per pass.
 
 use std::arch::x86_64::*;
 
-use super::{ActPtr, Block, IntDot, LANES, accumulate};
+use super::{ActPtr, Block, IntDot, LANES, add_block, add_min};
 use crate::dot::Panel;
 use crate::format::BLOCK;
 
@@ -139,13 +139,11 @@ unsafe fn dot_group<I: IntDot, B: Block, const R: usize>(
                     even = I::dot(even, w[g], a0);
                     odd = I::dot(odd, w[g + 1], a1);
                 }
-                let mw = if B::HAS_MIN {
-                    _mm256_loadu_ps(m.add(b * LANES))
-                } else {
-                    _mm256_setzero_ps()
-                };
-                let isum = _mm256_add_epi32(even, odd);
-                acc[r] = accumulate::<B>(acc[r], isum, dw, mw, *acts[r].ds.add(b));
+                let [da, sa] = *acts[r].ds.add(b);
+                acc[r] = add_block(acc[r], _mm256_add_epi32(even, odd), dw, da);
+                if B::HAS_MIN {
+                    acc[r] = add_min(acc[r], _mm256_loadu_ps(m.add(b * LANES)), sa);
+                }
             }
         }
         acc

@@ -6,7 +6,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{ActPtr, Block, IntDot, LANES, accumulate};
+use super::{ActPtr, Block, IntDot, LANES, add_block, add_min};
 use crate::dot::Panel;
 use crate::format::BLOCK;
 
@@ -113,7 +113,11 @@ unsafe fn dot8<I: IntDot, B: Block>(w: *const u8, stride: usize, nb: usize, act:
             }
             let dm = _mm256_setr_epi32(dm[0], dm[1], dm[2], dm[3], dm[4], dm[5], dm[6], dm[7]);
             let (dw, mw) = scales::<B>(dm);
-            acc = accumulate::<B>(acc, isum, dw, mw, *act.ds.add(b));
+            let [da, sa] = *act.ds.add(b);
+            acc = add_block(acc, isum, dw, da);
+            if B::HAS_MIN {
+                acc = add_min(acc, mw, sa);
+            }
         }
         acc
     }
