@@ -38,6 +38,8 @@ fn demo_model() -> PathBuf {
 struct Worker {
     addr: SocketAddr,
     kill: Mutex<Option<oneshot::Sender<()>>>,
+    /// The worker's engine, to read its running-sequences gauge.
+    engine: EngineHandle,
 }
 
 impl Worker {
@@ -54,6 +56,7 @@ impl Worker {
         let engine = Engine::load(&path, &options)
             .unwrap_or_else(|e| panic!("cannot load the demo model {}: {e}", path.display()));
         let engine = EngineHandle::spawn(engine).expect("engine thread starts");
+        let handle = engine.clone();
         let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
         listener.set_nonblocking(true).expect("non-blocking");
         let addr = listener.local_addr().expect("address");
@@ -76,6 +79,7 @@ impl Worker {
         Worker {
             addr,
             kill: Mutex::new(Some(kill)),
+            engine: handle,
         }
     }
 
@@ -543,7 +547,17 @@ async fn a_client_that_disconnects_cancels_the_generation() {
     }
     // Time per chunk so far: what the rest would take were it not cancelled.
     let remaining = started.elapsed() / chunks * (4000 - chunks);
+    assert_eq!(w.engine.load().running, 1);
     drop(body);
+    // The worker's running-sequences gauge drops to 0 promptly.
+    let dropped = Instant::now();
+    while w.engine.load().running != 0 {
+        assert!(
+            dropped.elapsed() < Duration::from_secs(2),
+            "the worker still runs the cancelled sequence"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let begun = Instant::now();
     let (status, _) = r
         .post(

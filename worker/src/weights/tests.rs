@@ -84,6 +84,7 @@ fn row_and_column_slices_equal_parts_of_the_full_tensor() {
     for dtype in [
         GgmlDType::F32,
         GgmlDType::F16,
+        GgmlDType::BF16,
         GgmlDType::Q4_0,
         GgmlDType::Q4_1,
         GgmlDType::Q5_0,
