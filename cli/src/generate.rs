@@ -4,12 +4,10 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Result, bail};
 use clap::Args;
 use serde_json::{Value, json};
-use shardserve_worker::engine::{
-    Engine, EngineOptions, Flow, GenerationRequest, LogprobEntry, Prompt,
-};
+use shardserve_worker::engine::{EngineOptions, Flow, GenerationRequest, LogprobEntry, Prompt};
 use shardserve_worker::sampling::SamplingParams;
 use shardserve_worker::tokenizer::ChatMessage;
 
@@ -18,7 +16,7 @@ use crate::runtime::ThreadArgs;
 #[derive(Args, Debug)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["chat", "prompt", "prompt_ids"])))]
 pub struct GenerateArgs {
-    /// GGUF model file.
+    /// GGUF model file or Hugging Face model directory.
     #[arg(long)]
     pub model: PathBuf,
     /// One user message, wrapped in the model's chat template with its generation prompt.
@@ -64,16 +62,19 @@ pub struct GenerateArgs {
     pub max_seq_len: Option<usize>,
     #[command(flatten)]
     pub threads: ThreadArgs,
+    /// Tensor-parallel size: the model is split over this many local rank
+    /// processes (TCP between them, as between pods).
+    #[arg(long, default_value_t = 1)]
+    pub tensor: usize,
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
-    args.threads.apply()?;
+    let threads = args.threads.apply()?;
     let options = EngineOptions {
         max_seq_len: args.max_seq_len,
         ..EngineOptions::default()
     };
-    let mut engine = Engine::load(&args.model, &options)
-        .with_context(|| format!("loading {}", args.model.display()))?;
+    let mut engine = crate::group::load_local(&args.model, &options, args.tensor, threads)?;
     let prompt = match (&args.chat, &args.prompt, &args.prompt_ids) {
         (Some(text), _, _) => Prompt::Chat(vec![ChatMessage {
             role: "user".into(),

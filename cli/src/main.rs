@@ -3,8 +3,11 @@
 
 mod bench;
 mod chat;
+mod crd;
 mod generate;
+mod group;
 mod model;
+mod plan;
 mod router;
 mod runtime;
 mod up;
@@ -40,6 +43,10 @@ enum Command {
     Router(router::RouterArgs),
     /// Run ModelDeployment manifests locally: workers and a router, until Ctrl-C.
     Up(up::UpArgs),
+    /// Print the ModelDeployment CustomResourceDefinition (YAML).
+    Crd,
+    /// Plan a ModelDeployment: groups, pods, GPU memory, longest context, and whether it fits.
+    Plan(plan::PlanArgs),
     /// Model files: fetch a model source or the demo model into the cache.
     Model {
         #[command(subcommand)]
@@ -79,6 +86,8 @@ fn main() -> Result<()> {
         Command::Worker(args) => worker::run(args),
         Command::Chat(args) => chat::run(args),
         Command::Up(args) => up::run(args),
+        Command::Crd => crd::run(),
+        Command::Plan(args) => plan::run(args),
         Command::Router(args) => router::run(args),
         Command::Model { command } => match command {
             ModelCommand::Fetch { source, cache } => {

@@ -55,8 +55,12 @@ pub fn resolve(source: &ModelSource, base: &Path, cache: &Path) -> Result<PathBu
             } else {
                 base.join(path)
             };
-            if !path.is_file() {
-                bail!("{} (from {source}) is not a file", path.display());
+            // A GGUF file or a Hugging Face model directory.
+            if !path.is_file() && !path.is_dir() {
+                bail!(
+                    "{} (from {source}) is neither a model file nor a directory",
+                    path.display()
+                );
             }
             Ok(path)
         }

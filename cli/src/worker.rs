@@ -8,11 +8,12 @@ use anyhow::{Context, Result};
 use clap::Args;
 use shardserve_worker::engine::{Engine, EngineHandle, EngineOptions};
 
+use crate::group::GroupArgs;
 use crate::runtime::ThreadArgs;
 
 #[derive(Args, Debug)]
 pub struct WorkerArgs {
-    /// GGUF model file.
+    /// GGUF model file or Hugging Face model directory.
     #[arg(long)]
     pub model: PathBuf,
     /// Address to serve gRPC on.
@@ -29,6 +30,8 @@ pub struct WorkerArgs {
     pub max_seq_len: Option<usize>,
     #[command(flatten)]
     pub threads: ThreadArgs,
+    #[command(flatten)]
+    pub group: GroupArgs,
 }
 
 pub fn run(args: WorkerArgs) -> Result<()> {
@@ -38,7 +41,12 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         served_model_name: args.served_model_name.clone(),
         ..EngineOptions::default()
     };
-    let engine = Engine::load(&args.model, &options)
+    if args.group.rank > 0 {
+        // A follower serves nothing: it runs the leader's steps on its shard.
+        return crate::group::follow(&args.model, &options, &args.group);
+    }
+    let comm = args.group.join()?;
+    let engine = Engine::load_rank(&args.model, &options, comm, candle_core::Device::Cpu)
         .with_context(|| format!("loading {}", args.model.display()))?;
     let info = engine.info().clone();
     tracing::info!(
@@ -68,15 +76,25 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         };
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
             .context("listening for SIGTERM")?;
+        let engine_gone = handle.clone();
+        let (failed_tx, failed_rx) = tokio::sync::oneshot::channel();
         let shutdown = async move {
             tokio::select! {
                 _ = tokio::signal::ctrl_c() => {}
                 _ = term.recv() => {}
+                _ = engine_gone.stopped() => {
+                    // The group broke (a rank died or stalled): stop serving.
+                    let _ = failed_tx.send(());
+                }
             }
             tracing::info!("shutting down");
         };
         shardserve_worker::server::serve_with_metrics(handle, listener, metrics_listener, shutdown)
             .await
-            .context("gRPC server failed")
+            .context("gRPC server failed")?;
+        if failed_rx.await.is_ok() {
+            anyhow::bail!("the tensor-parallel group failed (a rank died or stalled); exiting");
+        }
+        Ok(())
     })
 }

@@ -100,6 +100,7 @@ fn check(manifest: Manifest, doc: DocLabel) -> Result<ModelDeployment, ManifestE
     let md = ModelDeployment {
         metadata: manifest.metadata,
         spec: manifest.spec,
+        status: None,
     };
     let errors = validate(&md);
     if !errors.is_empty() {

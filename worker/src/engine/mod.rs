@@ -6,6 +6,7 @@
 //! now; the batching issue replaces the loop with a scheduler over the same
 //! `Transformer::forward`.
 
+mod group;
 mod handle;
 mod request;
 
@@ -21,10 +22,10 @@ pub use request::{
 
 use crate::comm::{Collective, SingleRank};
 use crate::kv::{KvCache, SlotId};
-use crate::model::{LogitsFor, ModelConfig, ModelError, SeqSpan, Transformer};
+use crate::model::{HfCheckpoint, LogitsFor, ModelConfig, ModelError, SeqSpan, Transformer};
 use crate::sampling::{Sampler, SamplingError, StopMatcher, logprobs_of};
 use crate::tokenizer::{IncrementalDetokenizer, Tokenizer, TokenizerError};
-use crate::weights::{GgufFile, WeightsError};
+use crate::weights::{GgufFile, TensorSource, WeightsError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -41,6 +42,14 @@ pub enum EngineError {
     Sampling(#[from] SamplingError),
     #[error("the engine has stopped")]
     Stopped,
+}
+
+impl EngineError {
+    /// Whether the tensor-parallel group broke (a rank died or stalled): the
+    /// request may succeed on another group, this one cannot go on.
+    pub fn is_group_failure(&self) -> bool {
+        matches!(self, EngineError::Model(ModelError::Comm(_)))
+    }
 }
 
 impl From<candle_core::Error> for EngineError {
@@ -88,6 +97,16 @@ pub struct Engine {
     kv: KvCache,
     info: ModelInfo,
     prefill_chunk: usize,
+    /// This rank's group; the leader announces each step to the others.
+    group: Arc<dyn Collective>,
+    /// Slots freed since the last announced step.
+    pending_free: Vec<SlotId>,
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        self.stop_group();
+    }
 }
 
 /// What a caller's sink says after each token.
@@ -98,34 +117,75 @@ pub enum Flow {
     Cancel,
 }
 
+/// The tokenizer of a Hugging Face directory: `tokenizer.json`, with
+/// `tokenizer_config.json` (BOS/EOS, chat template) when there is one.
+fn hf_tokenizer(dir: &Path) -> Result<Tokenizer, EngineError> {
+    let config_path = dir.join("tokenizer_config.json");
+    let config = match std::fs::read_to_string(&config_path) {
+        Ok(text) => Some(
+            serde_json::from_str::<serde_json::Value>(&text).map_err(|e| ModelError::Config {
+                path: config_path.clone(),
+                key: "(document)".into(),
+                problem: format!("not valid JSON: {e}"),
+            })?,
+        ),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(source) => {
+            return Err(WeightsError::Io {
+                path: config_path,
+                source,
+            }
+            .into());
+        }
+    };
+    Ok(Tokenizer::from_tokenizer_json(
+        &dir.join("tokenizer.json"),
+        config.as_ref(),
+    )?)
+}
+
 impl Engine {
-    /// Loads a GGUF model on CPU as a group of one rank.
+    /// Loads a model (a GGUF file or a Hugging Face directory) on CPU as a
+    /// group of one rank.
     pub fn load(path: &Path, options: &EngineOptions) -> Result<Self, EngineError> {
         Self::load_rank(path, options, Arc::new(SingleRank), Device::Cpu)
     }
 
-    /// Loads this rank's shard of a GGUF model.
+    /// Loads this rank's shard of a model: a GGUF file, or a Hugging Face
+    /// directory (`config.json`, safetensors, `tokenizer.json` and
+    /// `tokenizer_config.json`).
     pub fn load_rank(
         path: &Path,
         options: &EngineOptions,
         comm: Arc<dyn Collective>,
         device: Device,
     ) -> Result<Self, EngineError> {
-        let file = GgufFile::open(path)?;
-        let tokenizer = Arc::new(Tokenizer::from_gguf(file.metadata())?);
         let world = comm.world_size();
-        let model = Transformer::from_gguf(&file, comm, device.clone())?;
+        let (model, tokenizer, format) = if path.is_dir() {
+            let checkpoint = HfCheckpoint::open(path)?;
+            let tokenizer = hf_tokenizer(path)?;
+            let model = Transformer::from_hf(&checkpoint, comm.clone(), device.clone())?;
+            (model, tokenizer, checkpoint.format())
+        } else {
+            let file = GgufFile::open(path)?;
+            let tokenizer = Tokenizer::from_gguf(file.metadata())?;
+            let model = Transformer::from_gguf(&file, comm.clone(), device.clone())?;
+            (model, tokenizer, file.format())
+        };
+        let tokenizer = Arc::new(tokenizer);
         let config = model.config().clone();
         let max_seq_len = options
             .max_seq_len
             .map_or(config.max_position, |m| m.min(config.max_position));
-        let dtype = file
-            .tensor_meta("blk.0.ffn_down.weight")
-            .map(|m| format!("gguf:{:?}", m.dtype))
-            .unwrap_or_else(|_| "gguf".into());
+        let dtype = format;
         let name = options.served_model_name.clone().unwrap_or_else(|| {
-            path.file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
+            // A directory's whole name (`Llama-3.1-8B`), a file's stem.
+            let name = if path.is_dir() {
+                path.file_name()
+            } else {
+                path.file_stem()
+            };
+            name.map(|s| s.to_string_lossy().into_owned())
                 .unwrap_or_else(|| "model".into())
         });
         let info = ModelInfo {
@@ -144,6 +204,8 @@ impl Engine {
             kv,
             info,
             prefill_chunk: options.prefill_chunk.max(1),
+            group: comm,
+            pending_free: Vec::new(),
         })
     }
 
@@ -223,7 +285,7 @@ impl Engine {
         let prompt = self.validate(req)?;
         let slot = self.kv.allocate();
         let result = self.run(req, prompt, slot, sink);
-        self.kv.free(slot);
+        self.release(slot);
         result
     }
 
@@ -357,11 +419,45 @@ impl Engine {
             slot,
             logits: want,
         };
+        if self.group.world_size() > 1 {
+            let free = std::mem::take(&mut self.pending_free);
+            let message = group::GroupMessage::step(free, std::slice::from_ref(&span));
+            group::announce(self.group.as_ref(), &message).map_err(ModelError::from)?;
+        }
         // The whole step runs on a compute-pool thread: its parallel products
         // then fork from inside the pool instead of waking it once per product.
         let (model, kv) = (&self.model, &mut self.kv);
         let out = rayon::scope(|_| model.forward(std::slice::from_ref(&span), kv))?;
         Ok(out.into_iter().next().unwrap_or_default())
+    }
+
+    /// Frees a sequence's cache here and, with the next step, on the followers.
+    fn release(&mut self, slot: SlotId) {
+        self.kv.free(slot);
+        if self.group.world_size() > 1 {
+            self.pending_free.push(slot);
+        }
+    }
+
+    /// This rank's position in its group.
+    pub fn rank(&self) -> usize {
+        self.group.rank().0
+    }
+
+    /// A follower rank's life: run the leader's steps on this shard until it
+    /// stops (`Ok`) or the group breaks (`Err`, the process should exit).
+    pub fn follow(mut self) -> Result<(), EngineError> {
+        group::follow(&self.model, &mut self.kv, self.group.as_ref())
+    }
+
+    /// Leader: tells the followers to exit (best effort; they also exit when
+    /// the leader's connections close).
+    pub fn stop_group(&mut self) {
+        if self.group.world_size() > 1 && self.group.rank().0 == 0 {
+            let _ = group::announce(self.group.as_ref(), &group::GroupMessage::Stop);
+            // Once: the followers are gone after this.
+            self.group = Arc::new(SingleRank);
+        }
     }
 
     /// For benchmarks: prefills `prompt` on a fresh slot, then runs `gen`
@@ -396,7 +492,7 @@ impl Engine {
             on_phase(BenchPhase::Decoded);
             Ok(out)
         })();
-        self.kv.free(slot);
+        self.release(slot);
         result
     }
 }

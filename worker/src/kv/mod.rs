@@ -82,6 +82,15 @@ impl KvCache {
         id
     }
 
+    /// Makes sure `slot` exists (a follower mirrors the leader's slots).
+    pub fn ensure(&mut self, slot: SlotId) {
+        let layers = self.shape.layers;
+        self.slots
+            .entry(slot)
+            .or_insert_with(|| (0..layers).map(|_| LayerEntries::default()).collect());
+        self.next = self.next.max(slot.0 + 1);
+    }
+
     /// Frees the slot's memory at once.
     pub fn free(&mut self, slot: SlotId) {
         self.slots.remove(&slot);

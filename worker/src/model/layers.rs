@@ -9,11 +9,12 @@ use candle_core::Device;
 use super::ModelError;
 use super::rows::{Rows, rms_norm};
 use crate::comm::Collective;
-use crate::weights::{GgufFile, Split, Weight};
+use crate::weights::{Split, TensorSource, Weight};
 
-/// Where a layer reads its tensors from and which shard it owns.
+/// Where a layer reads its tensors from (by canonical GGUF names) and which
+/// shard it owns.
 pub struct LoadContext<'a> {
-    pub file: &'a GgufFile,
+    pub file: &'a dyn TensorSource,
     pub comm: Arc<dyn Collective>,
     pub device: Device,
 }
@@ -40,9 +41,22 @@ impl LoadContext<'_> {
             .to_vec1()?)
     }
 
+    /// `[rows, cols]` of a matrix; a vector is refused where a matrix is needed.
+    pub fn dims(&self, name: &str) -> Result<Vec<usize>, ModelError> {
+        let dims = self.file.tensor_dims(name)?;
+        if dims.len() != 2 {
+            return Err(ModelError::Shape {
+                tensor: name.into(),
+                found: dims,
+                expected: vec![0, 0],
+            });
+        }
+        Ok(dims)
+    }
+
     /// The rows `[rank·n/world, (rank+1)·n/world)` of a tensor with `n` rows.
     pub fn even_rows(&self, name: &str) -> Result<Split, ModelError> {
-        let rows = self.file.tensor_meta(name)?.dims[0];
+        let rows = self.dims(name)?[0];
         even(name, rows, self.rank(), self.world()).map(Split::Rows)
     }
 }
@@ -175,7 +189,7 @@ pub struct RowParallelLinear {
 impl RowParallelLinear {
     pub fn load_even(ctx: &LoadContext<'_>, prefix: &str) -> Result<Self, ModelError> {
         let name = format!("{prefix}.weight");
-        let cols = ctx.file.tensor_meta(&name)?.dims[1];
+        let cols = ctx.dims(&name)?[1];
         let range = even(&name, cols, ctx.rank(), ctx.world())?;
         let weight = ctx.load(&name, &Split::Cols(range))?;
         Ok(Self {

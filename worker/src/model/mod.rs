@@ -8,6 +8,7 @@
 mod attention;
 mod causal;
 mod config;
+mod hf;
 mod layers;
 mod rope;
 mod rows;
@@ -17,11 +18,12 @@ use std::sync::Arc;
 use candle_core::Device;
 
 pub use config::{ModelConfig, RopeConfig, RopeScaling, RopeStyle};
+pub use hf::HfCheckpoint;
 pub use layers::LoadContext;
 
 use crate::comm::Collective;
 use crate::kv::{KvCache, KvShape, SlotId};
-use crate::weights::{GgufFile, Weight, WeightsError};
+use crate::weights::{GgufFile, TensorSource, Weight, WeightsError};
 use attention::Attention;
 use layers::{Embedding, RmsNorm, RowParallelLinear, StackedColumns};
 use rows::{Rows, swiglu};
@@ -34,6 +36,12 @@ pub enum ModelError {
     UnsupportedArchitecture {
         architecture: String,
         supported: String,
+    },
+    #[error("{path}: key '{key}' is {problem}")]
+    Config {
+        path: std::path::PathBuf,
+        key: String,
+        problem: String,
     },
     #[error("cannot split the model over tensor={world} ranks: {reason}")]
     ImpossibleSplit { world: usize, reason: String },
@@ -103,7 +111,26 @@ impl Transformer {
         comm: Arc<dyn Collective>,
         device: Device,
     ) -> Result<Self, ModelError> {
-        let config = ModelConfig::from_gguf(file)?;
+        Self::load(file, ModelConfig::from_gguf(file)?, comm, device)
+    }
+
+    /// Loads this rank's shard of a Hugging Face checkpoint.
+    pub fn from_hf(
+        checkpoint: &HfCheckpoint,
+        comm: Arc<dyn Collective>,
+        device: Device,
+    ) -> Result<Self, ModelError> {
+        Self::load(checkpoint, checkpoint.config().clone(), comm, device)
+    }
+
+    /// Loads this rank's shard of the model `config` describes from `file`
+    /// (tensors by their canonical GGUF names).
+    pub fn load(
+        file: &dyn TensorSource,
+        config: ModelConfig,
+        comm: Arc<dyn Collective>,
+        device: Device,
+    ) -> Result<Self, ModelError> {
         config.check_split(comm.world_size())?;
         let ctx = LoadContext {
             file,
@@ -235,3 +262,9 @@ pub(crate) mod tiny;
 
 #[cfg(test)]
 mod tests;
+
+#[cfg(test)]
+mod tests_tp;
+
+#[cfg(test)]
+mod hf_tests;

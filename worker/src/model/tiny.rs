@@ -61,14 +61,20 @@ fn random(n: usize, seed: &mut u64, scale: f32) -> Vec<f32> {
 
 /// Writes the model described by `spec` to `path`.
 pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> candle_core::Result<()> {
+    write_gguf(path, spec, &tiny_tensors(spec)?)
+}
+
+/// The random F32 tensors of the model described by `spec`, by GGUF name
+/// (without `spec.omit`).
+pub fn tiny_tensors(spec: &TinySpec) -> candle_core::Result<Vec<(String, Tensor)>> {
     let dev = Device::Cpu;
     let mut seed = spec.seed;
     let head_dim = spec.hidden / spec.heads;
-    let mut tensors: Vec<(String, QTensor)> = Vec::new();
-    let mut add = |name: String, dims: &[usize], dtype: GgmlDType, seed: &mut u64, scale: f32| {
+    let mut tensors: Vec<(String, Tensor)> = Vec::new();
+    let mut add = |name: String, dims: &[usize], _dtype: GgmlDType, seed: &mut u64, scale: f32| {
         let n = dims.iter().product();
         let t = Tensor::from_vec(random(n, seed, scale), dims, &dev)?;
-        tensors.push((name, QTensor::quantize(&t, dtype)?));
+        tensors.push((name, t));
         Ok::<(), candle_core::Error>(())
     };
     add(
@@ -185,7 +191,27 @@ pub fn write_tiny_gguf(path: &Path, spec: &TinySpec) -> candle_core::Result<()> 
         )?;
     }
     tensors.retain(|(n, _)| Some(n.as_str()) != spec.omit);
+    Ok(tensors)
+}
 
+/// Writes `tensors` as a GGUF model with `spec`'s metadata: matrices in
+/// `spec.dtype`, vectors (norms, biases) in F32.
+pub fn write_gguf(
+    path: &Path,
+    spec: &TinySpec,
+    tensors: &[(String, Tensor)],
+) -> candle_core::Result<()> {
+    let tensors = tensors
+        .iter()
+        .map(|(name, t)| {
+            let dtype = if t.rank() == 1 {
+                GgmlDType::F32
+            } else {
+                spec.dtype
+            };
+            Ok((name.clone(), QTensor::quantize(t, dtype)?))
+        })
+        .collect::<candle_core::Result<Vec<_>>>()?;
     let a = spec.architecture;
     let metadata: Vec<(String, Value)> = vec![
         ("general.architecture".into(), Value::String(a.into())),

@@ -198,6 +198,7 @@ pub(crate) fn engine_status(err: &EngineError) -> Status {
         }
         EngineError::Tokenizer(e) if tokenizer_input_error(e) => Status::invalid_argument(message),
         EngineError::Stopped => Status::unavailable(message),
+        e if e.is_group_failure() => Status::unavailable(message),
         _ => Status::internal(message),
     }
 }

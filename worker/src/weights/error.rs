@@ -23,6 +23,18 @@ pub enum WeightsError {
         end: u64,
         file_len: u64,
     },
+    #[error("{path} is not a usable safetensors file: {reason}")]
+    BadSafetensors { path: PathBuf, reason: String },
+    #[error(
+        "{dir} holds no weights: expected model.safetensors, model.safetensors.index.json or *.safetensors"
+    )]
+    NoSafetensors { dir: PathBuf },
+    #[error("{path}: tensor '{tensor}' has type {dtype}; only F32, F16 and BF16 are supported")]
+    UnsupportedDtype {
+        path: PathBuf,
+        tensor: String,
+        dtype: String,
+    },
     #[error("{path} has no tensor '{name}'")]
     MissingTensor { path: PathBuf, name: String },
     #[error("{path}: metadata key '{key}' is {problem}")]

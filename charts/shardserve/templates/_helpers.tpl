@@ -1,0 +1,75 @@
+{{/* Names, labels and the image, shared by every template. */}}
+
+{{- define "shardserve.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The release's base name; components append -operator / -router (so 54 chars leave room). */}}
+{{- define "shardserve.fullname" -}}
+{{- if .Values.fullnameOverride -}}
+{{- .Values.fullnameOverride | trunc 54 | trimSuffix "-" -}}
+{{- else -}}
+{{- $name := default .Chart.Name .Values.nameOverride -}}
+{{- if contains $name .Release.Name -}}
+{{- .Release.Name | trunc 54 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name $name | trunc 54 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "shardserve.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+app.kubernetes.io/name: {{ include "shardserve.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- with .Values.commonLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end -}}
+
+{{/* Selector labels of one component: call with (dict "ctx" $ "component" "router"). */}}
+{{- define "shardserve.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "shardserve.name" .ctx }}
+app.kubernetes.io/instance: {{ .ctx.Release.Name }}
+app.kubernetes.io/component: {{ .component }}
+{{- end -}}
+
+{{/* The image with its tag: image.tag or appVersion, "-cuda" for the cuda flavor. */}}
+{{- define "shardserve.image" -}}
+{{- $tag := default .Chart.AppVersion .Values.image.tag -}}
+{{- if eq .Values.image.flavor "cuda" -}}
+{{- $tag = printf "%s-cuda" $tag -}}
+{{- end -}}
+{{- printf "%s:%s" .Values.image.repository $tag -}}
+{{- end -}}
+
+{{- define "shardserve.operator.serviceAccountName" -}}
+{{- if .Values.operator.serviceAccount.create -}}
+{{- default (printf "%s-operator" (include "shardserve.fullname" .)) .Values.operator.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.operator.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "shardserve.router.serviceAccountName" -}}
+{{- if .Values.router.serviceAccount.create -}}
+{{- default (printf "%s-router" (include "shardserve.fullname" .)) .Values.router.serviceAccount.name -}}
+{{- else -}}
+{{- default "default" .Values.router.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{/* Role or ClusterRole, by watchNamespace. */}}
+{{- define "shardserve.watchRoleKind" -}}
+{{- if .Values.watchNamespace -}}Role{{- else -}}ClusterRole{{- end -}}
+{{- end -}}
+
+{{/* The volumes every pod of the chart mounts: a writable /tmp on a read-only root. */}}
+{{- define "shardserve.tmpVolume" -}}
+- name: tmp
+  emptyDir:
+    medium: Memory
+    sizeLimit: 64Mi
+{{- end -}}

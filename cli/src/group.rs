@@ -1,0 +1,170 @@
+//! Tensor-parallel groups from the command line: a rank process joins its
+//! group (`worker --tensor N --rank R --coordinator HOST:PORT`), and the
+//! single-process commands (`generate`, `bench`) start N local rank
+//! processes over TCP — the same code path as workers on a cluster.
+
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use candle_core::Device;
+use clap::Args;
+use shardserve_worker::comm::{Collective, CommConfig, RankId, SingleRank, connect};
+use shardserve_worker::engine::{Engine, EngineOptions};
+
+/// How this process takes part in a tensor-parallel group.
+#[derive(Args, Clone, Debug)]
+pub struct GroupArgs {
+    /// Tensor-parallel size: ranks that share the model.
+    #[arg(long, default_value_t = 1)]
+    pub tensor: usize,
+    /// This process's rank (0 is the leader that serves requests).
+    #[arg(long, default_value_t = 0)]
+    pub rank: usize,
+    /// Rank 0's rendezvous address, `HOST:PORT` (rank 0 listens there).
+    #[arg(long)]
+    pub coordinator: Option<String>,
+    /// Seconds a collective may wait for a peer before the group is declared broken.
+    #[arg(long, default_value_t = 10)]
+    pub comm_timeout: u64,
+}
+
+impl GroupArgs {
+    /// Joins the group (blocks until every rank has met).
+    pub fn join(&self) -> Result<Arc<dyn Collective>> {
+        if self.tensor <= 1 {
+            return Ok(Arc::new(SingleRank));
+        }
+        let coordinator = self
+            .coordinator
+            .clone()
+            .context("--tensor above 1 needs --coordinator HOST:PORT (rank 0's address)")?;
+        let mut config = CommConfig::tcp(RankId(self.rank), self.tensor, coordinator);
+        config.timeout = Duration::from_secs(self.comm_timeout);
+        let comm = connect(&config).with_context(|| {
+            format!(
+                "rank {} of {} joining its group at {}",
+                self.rank, self.tensor, config.coordinator
+            )
+        })?;
+        Ok(comm)
+    }
+}
+
+/// The follower processes of a local group; killed when dropped.
+pub struct LocalRanks {
+    children: Vec<Child>,
+}
+
+impl Drop for LocalRanks {
+    fn drop(&mut self) {
+        for child in &mut self.children {
+            // Followers exit by themselves when the leader stops; this covers errors.
+            if matches!(child.try_wait(), Ok(None)) {
+                std::thread::sleep(Duration::from_millis(200));
+            }
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Rank 0's engine with its local follower processes. Fields drop in order:
+/// the engine first (it tells the followers to stop), then the followers.
+pub struct LocalEngine {
+    engine: Engine,
+    _ranks: LocalRanks,
+}
+
+impl std::ops::Deref for LocalEngine {
+    type Target = Engine;
+    fn deref(&self) -> &Engine {
+        &self.engine
+    }
+}
+
+impl std::ops::DerefMut for LocalEngine {
+    fn deref_mut(&mut self) -> &mut Engine {
+        &mut self.engine
+    }
+}
+
+/// Loads `model` as rank 0 of a local group of `tensor` ranks (the others
+/// are child processes of this one) — or alone when `tensor` is 1.
+pub fn load_local(
+    model: &Path,
+    options: &EngineOptions,
+    tensor: usize,
+    threads: usize,
+) -> Result<LocalEngine> {
+    let mut ranks = LocalRanks {
+        children: Vec::new(),
+    };
+    if tensor <= 1 {
+        let engine =
+            Engine::load(model, options).with_context(|| format!("loading {}", model.display()))?;
+        return Ok(LocalEngine {
+            engine,
+            _ranks: ranks,
+        });
+    }
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let coordinator = format!("127.0.0.1:{port}");
+    let exe = std::env::current_exe().context("finding the shardserve binary")?;
+    let per_rank = (threads / tensor).max(1);
+    for rank in 1..tensor {
+        let child = Command::new(&exe)
+            .args(["worker", "--model"])
+            .arg(model)
+            .args(["--tensor", &tensor.to_string(), "--rank", &rank.to_string()])
+            .args([
+                "--coordinator",
+                &coordinator,
+                "--threads",
+                &per_rank.to_string(),
+            ])
+            .stdin(Stdio::null())
+            .spawn()
+            .with_context(|| format!("starting rank {rank}"))?;
+        ranks.children.push(child);
+    }
+    let group = GroupArgs {
+        tensor,
+        rank: 0,
+        coordinator: Some(coordinator),
+        comm_timeout: 10,
+    };
+    let comm = group.join()?;
+    let engine = Engine::load_rank(model, options, comm, Device::Cpu)
+        .with_context(|| format!("loading rank 0's shard of {}", model.display()))?;
+    Ok(LocalEngine {
+        engine,
+        _ranks: ranks,
+    })
+}
+
+/// A follower rank's whole life: load its shard, run the leader's steps.
+pub fn follow(model: &Path, options: &EngineOptions, group: &GroupArgs) -> Result<()> {
+    if group.rank == 0 || group.rank >= group.tensor {
+        bail!(
+            "rank {} cannot follow in a group of {}",
+            group.rank,
+            group.tensor
+        );
+    }
+    let comm = group.join()?;
+    let engine = Engine::load_rank(model, options, comm, Device::Cpu)
+        .with_context(|| format!("loading rank {}'s shard of {}", group.rank, model.display()))?;
+    tracing::info!(
+        rank = group.rank,
+        tensor = group.tensor,
+        "shard loaded; following the leader"
+    );
+    engine.follow().context("the tensor-parallel group broke")
+}

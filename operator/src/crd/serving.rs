@@ -1,0 +1,102 @@
+//! How the model is served: engine limits, LoRA adapters and autoscaling.
+
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+/// GPU memory the engine may use when `engine.gpuMemoryUtilization` is unset.
+pub const DEFAULT_GPU_MEMORY_UTILIZATION_PERCENT: u32 = 90;
+
+/// Engine limits. Unset fields take the engine's defaults.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct EngineSpec {
+    /// Longest sequence, prompt plus generated tokens. Defaults to the
+    /// model's trained context length.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_seq_len: Option<u32>,
+
+    /// Most sequences one group generates at the same time; further requests
+    /// wait in the queue.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub max_num_seqs: Option<u32>,
+
+    /// Percent of each GPU's memory the engine may use for weights,
+    /// activations and the KV cache. Defaults to 90.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 100))]
+    pub gpu_memory_utilization_percent: Option<u32>,
+
+    /// Data type of the KV cache. Defaults to `bfloat16`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_cache_dtype: Option<KvCacheDtype>,
+}
+
+impl EngineSpec {
+    pub(crate) fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
+
+/// The data type keys and values are cached in.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum KvCacheDtype {
+    Float32,
+    Float16,
+    #[default]
+    Bfloat16,
+    /// 8-bit floating point (E4M3), half the memory of bfloat16.
+    Fp8,
+}
+
+impl KvCacheDtype {
+    /// Bytes of one cached element.
+    pub fn bytes(self) -> u64 {
+        match self {
+            Self::Float32 => 4,
+            Self::Float16 | Self::Bfloat16 => 2,
+            Self::Fp8 => 1,
+        }
+    }
+}
+
+/// A LoRA adapter to load next to the base model. Adapters are declared
+/// now and served in a later release; the operator accepts and keeps them.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct LoraAdapter {
+    /// The model name clients ask for to use this adapter.
+    #[schemars(length(min = 1, max = 256))]
+    pub name: String,
+    /// Where the adapter's weights come from, in the same forms as
+    /// `spec.model.source`.
+    #[schemars(length(min = 1), regex(pattern = r"^(hf|file|pvc|pip)://.+$"))]
+    pub source: String,
+}
+
+/// Bounds for a HorizontalPodAutoscaler (or KEDA) scaling `spec.replicas`
+/// through the `scale` subresource.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "self.minReplicas <= self.maxReplicas",
+    "message": "autoscaling.minReplicas must not exceed autoscaling.maxReplicas"
+}]))]
+pub struct AutoscalingSpec {
+    /// Fewest groups to keep. Defaults to 1; 0 allows scaling to zero.
+    #[serde(default = "one")]
+    pub min_replicas: u32,
+    /// Most groups to run.
+    #[schemars(range(min = 1))]
+    pub max_replicas: u32,
+    /// Requests in flight per group the autoscaler aims for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1))]
+    pub target_in_flight_requests: Option<u32>,
+}
+
+fn one() -> u32 {
+    1
+}

@@ -1,0 +1,159 @@
+//! The NCCL backend (cargo feature `nccl`): all-reduce on CUDA devices
+//! through cudarc's NCCL bindings, loaded at run time.
+//!
+//! The ranks first join a TCP group (the same rendezvous as the `tcp`
+//! backend); rank 0 creates the NCCL unique id and broadcasts it over that
+//! group. All-reduce, the per-layer hot path, runs in NCCL; all-gather,
+//! broadcast and barrier are host-side control traffic and use the TCP
+//! group. The host slices of the `Collective` trait are staged through
+//! device memory; a device-resident path belongs to the CUDA engine.
+//!
+//! cudarc panics when `libcuda` or `libnccl` is missing, so [`probe`] checks
+//! for them (and for a device) before anything else touches cudarc.
+
+use std::sync::Mutex;
+
+use cudarc::driver::{CudaContext, DeviceRepr};
+use cudarc::nccl::{Comm, Id, NcclType, ReduceOp};
+
+use super::tcp::TcpGroup;
+use super::{Collective, CommConfig, CommError, HostSlice, HostSliceMut, HostVec, RankId};
+
+/// Whether NCCL can run here: the CUDA driver, NCCL and a device.
+pub(crate) fn probe() -> Result<(), CommError> {
+    // SAFETY: these only try to open the shared libraries by name.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err(CommError::Unavailable(
+            "no CUDA driver (libcuda.so.1) on this machine".into(),
+        ));
+    }
+    if !unsafe { cudarc::nccl::sys::is_culib_present() } {
+        return Err(CommError::Unavailable(
+            "no NCCL library (libnccl.so.2) on this machine".into(),
+        ));
+    }
+    match CudaContext::device_count() {
+        Ok(n) if n > 0 => Ok(()),
+        Ok(_) => Err(CommError::Unavailable("no CUDA device visible".into())),
+        Err(e) => Err(CommError::Unavailable(format!(
+            "the CUDA driver failed: {e}"
+        ))),
+    }
+}
+
+/// The NCCL communicator. NCCL allows a communicator to be used from any
+/// thread as long as calls are serialised, which the mutex around it does.
+struct SendComm(Comm);
+// SAFETY: see above; cudarc leaves `Comm` !Send only because it holds a raw
+// pointer.
+unsafe impl Send for SendComm {}
+
+/// One rank of an NCCL group.
+pub(crate) struct NcclGroup {
+    /// Host-side control traffic (TCP, or nothing for a group of one).
+    control: Box<dyn Collective>,
+    device: usize,
+    comm: Mutex<SendComm>,
+}
+
+impl std::fmt::Debug for NcclGroup {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("NcclGroup")
+            .field("rank", &self.control.rank())
+            .field("world", &self.control.world_size())
+            .field("device", &self.device)
+            .finish()
+    }
+}
+
+fn cuda_err(op: &'static str, rank: RankId, e: impl std::fmt::Debug) -> CommError {
+    CommError::Protocol {
+        rank,
+        op,
+        detail: format!("CUDA/NCCL error: {e:?}"),
+    }
+}
+
+impl NcclGroup {
+    pub(crate) fn connect(cfg: &CommConfig, device: usize) -> Result<Self, CommError> {
+        probe()?;
+        let rank = cfg.rank;
+        let control: Box<dyn Collective> = if cfg.world_size == 1 {
+            Box::new(super::SingleRank)
+        } else {
+            Box::new(TcpGroup::connect(cfg)?)
+        };
+        let id = if rank.0 == 0 {
+            let id = Id::new().map_err(|e| cuda_err("nccl id", rank, e))?;
+            id.internal().iter().map(|&c| c as u8).collect()
+        } else {
+            Vec::new()
+        };
+        let id = control.broadcast_bytes(id)?;
+        let mut raw = [0 as std::ffi::c_char; 128];
+        if id.len() != raw.len() {
+            return Err(CommError::Protocol {
+                rank: RankId(0),
+                op: "nccl id",
+                detail: format!("{} bytes instead of 128", id.len()),
+            });
+        }
+        for (r, b) in raw.iter_mut().zip(&id) {
+            *r = *b as std::ffi::c_char;
+        }
+        let ctx = CudaContext::new(device).map_err(|e| cuda_err("cuda init", rank, e))?;
+        let comm = Comm::from_rank(
+            ctx.default_stream(),
+            rank.0,
+            cfg.world_size,
+            Id::uninit(raw),
+        )
+        .map_err(|e| cuda_err("nccl init", rank, e))?;
+        Ok(Self {
+            control,
+            device,
+            comm: Mutex::new(SendComm(comm)),
+        })
+    }
+
+    fn reduce<T: NcclType + DeviceRepr>(&self, data: &mut [T]) -> Result<(), CommError> {
+        let rank = self.control.rank();
+        let err = |e: &dyn std::fmt::Debug| cuda_err("all_reduce", rank, format!("{e:?}"));
+        let comm = self
+            .comm
+            .lock()
+            .map_err(|_| CommError::Broken("an NCCL call panicked".into()))?;
+        let stream = comm.0.stream();
+        let mut buf = stream.clone_htod(&*data).map_err(|e| err(&e))?;
+        comm.0
+            .all_reduce_in_place(&mut buf, &ReduceOp::Sum)
+            .map_err(|e| err(&e))?;
+        stream.memcpy_dtoh(&buf, data).map_err(|e| err(&e))?;
+        stream.synchronize().map_err(|e| err(&e))
+    }
+}
+
+impl Collective for NcclGroup {
+    fn rank(&self) -> RankId {
+        self.control.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.control.world_size()
+    }
+    fn all_reduce(&self, data: HostSliceMut<'_>) -> Result<(), CommError> {
+        match data {
+            HostSliceMut::F32(d) => self.reduce(d),
+            HostSliceMut::F16(d) => self.reduce(d),
+            HostSliceMut::BF16(d) => self.reduce(d),
+        }
+    }
+    fn all_gather_host(&self, data: HostSlice<'_>) -> Result<HostVec, CommError> {
+        self.control.all_gather_host(data)
+    }
+    fn broadcast_bytes(&self, bytes: Vec<u8>) -> Result<Vec<u8>, CommError> {
+        self.control.broadcast_bytes(bytes)
+    }
+    fn barrier(&self) -> Result<(), CommError> {
+        self.control.barrier()
+    }
+}

@@ -1,0 +1,119 @@
+//! Ranks of a tensor-parallel group stepping together. The leader (rank 0)
+//! schedules, samples and talks to clients; before each forward pass it
+//! broadcasts the step's plan (which sequences, their tokens, positions and
+//! cache slots, and slots to free), and every follower runs the same forward
+//! pass on its shard. Nothing else flows between ranks but the all-reduces
+//! inside the model.
+
+use serde::{Deserialize, Serialize};
+
+use super::EngineError;
+use crate::comm::{Collective, CommError};
+use crate::kv::{KvCache, SlotId};
+use crate::model::{LogitsFor, SeqSpan, Transformer};
+
+/// What the leader tells the followers, once per step.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub enum GroupMessage {
+    /// Free `free`, then run one forward pass over `spans`.
+    Step {
+        free: Vec<u64>,
+        spans: Vec<PlannedSpan>,
+    },
+    /// The leader is shutting down: exit.
+    Stop,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PlannedSpan {
+    pub tokens: Vec<u32>,
+    pub start_pos: usize,
+    pub slot: u64,
+}
+
+impl GroupMessage {
+    pub fn step(free: Vec<SlotId>, spans: &[SeqSpan<'_>]) -> Self {
+        GroupMessage::Step {
+            free: free.into_iter().map(|s| s.0).collect(),
+            spans: spans
+                .iter()
+                .map(|s| PlannedSpan {
+                    tokens: s.tokens.to_vec(),
+                    start_pos: s.start_pos,
+                    slot: s.slot.0,
+                })
+                .collect(),
+        }
+    }
+}
+
+/// Leader side: sends `message` to every follower.
+pub fn announce(comm: &dyn Collective, message: &GroupMessage) -> Result<(), CommError> {
+    let bytes = serde_json::to_vec(message).map_err(|e| CommError::Failed {
+        op: "announce",
+        reason: e.to_string(),
+    })?;
+    comm.broadcast_bytes(bytes).map(|_| ())
+}
+
+/// Follower side: runs the leader's steps on this rank's shard until the
+/// leader says stop (`Ok`) or the group breaks (`Err`).
+pub fn follow(
+    model: &Transformer,
+    kv: &mut KvCache,
+    comm: &dyn Collective,
+) -> Result<(), EngineError> {
+    loop {
+        let bytes = comm
+            .broadcast_bytes(Vec::new())
+            .map_err(crate::model::ModelError::from)?;
+        let message: GroupMessage = serde_json::from_slice(&bytes).map_err(|e| {
+            crate::model::ModelError::from(CommError::Failed {
+                op: "follow",
+                reason: format!("unreadable step plan from the leader: {e}"),
+            })
+        })?;
+        let (free, planned) = match message {
+            GroupMessage::Stop => return Ok(()),
+            GroupMessage::Step { free, spans } => (free, spans),
+        };
+        for slot in free {
+            kv.free(SlotId(slot));
+        }
+        for p in &planned {
+            kv.ensure(SlotId(p.slot));
+        }
+        // The head is replicated and only the leader samples: followers skip the logits.
+        let spans: Vec<SeqSpan<'_>> = planned
+            .iter()
+            .map(|p| SeqSpan {
+                tokens: &p.tokens,
+                start_pos: p.start_pos,
+                slot: SlotId(p.slot),
+                logits: LogitsFor::None,
+            })
+            .collect();
+        rayon::scope(|_| model.forward(&spans, kv))?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn step_plans_survive_the_wire() {
+        let spans = [SeqSpan {
+            tokens: &[1, 2, 3],
+            start_pos: 7,
+            slot: SlotId(4),
+            logits: LogitsFor::Last,
+        }];
+        let message = GroupMessage::step(vec![SlotId(2)], &spans);
+        let bytes = serde_json::to_vec(&message).unwrap();
+        assert_eq!(
+            serde_json::from_slice::<GroupMessage>(&bytes).unwrap(),
+            message
+        );
+    }
+}
