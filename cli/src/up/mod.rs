@@ -190,6 +190,41 @@ async fn start_all(
             cmd.arg("--max-seq-len").arg(n.to_string());
         }
         let name = format!("worker {}", plan.name);
+        if plan.tensor > 1 {
+            // Rank 0 serves; ranks 1.. follow it, meeting at its coordinator port.
+            let coordinator = free_port()?.to_string();
+            cmd.args([
+                "--tensor",
+                &plan.tensor.to_string(),
+                "--rank",
+                "0",
+                "--coordinator",
+                &coordinator,
+            ]);
+            for rank in 1..plan.tensor {
+                let mut follower = Command::new(&exe);
+                follower
+                    .arg("worker")
+                    .arg("--model")
+                    .arg(&plan.model_path)
+                    .args([
+                        "--tensor",
+                        &plan.tensor.to_string(),
+                        "--rank",
+                        &rank.to_string(),
+                    ])
+                    .args([
+                        "--coordinator",
+                        &coordinator,
+                        "--threads",
+                        &plan.threads.to_string(),
+                    ]);
+                if let Some(n) = plan.max_seq_len {
+                    follower.arg("--max-seq-len").arg(n.to_string());
+                }
+                sup.spawn(&format!("{name} rank {rank}"), follower)?;
+            }
+        }
         let pid = sup.spawn(&name, cmd)?;
         let bar = spinner(
             bars,

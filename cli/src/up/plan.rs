@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use shardserve_operator::ModelDeployment;
 
-/// One worker process (a group of one rank).
+/// One replica group: `tensor` rank processes (rank 0 serves).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct WorkerPlan {
     /// `<metadata.name>-<replica>`, how messages name this process.
@@ -15,15 +15,14 @@ pub struct WorkerPlan {
     pub model: String,
     pub model_path: PathBuf,
     pub max_seq_len: Option<u32>,
+    /// Compute threads of each rank.
     pub threads: usize,
+    /// Ranks in the group (tensor-parallel size).
+    pub tensor: usize,
 }
 
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
-    #[error(
-        "{file}: spec.tensor: {tensor} ranks per group is not supported by `shardserve up` yet (tensor parallelism comes with issue 5); use tensor: 1"
-    )]
-    Tensor { file: String, tensor: u32 },
     #[error("{file}: spec.replicas: 0 leaves nothing to serve; use replicas: 1 or more")]
     NoReplicas { file: String },
     #[error("{file}: metadata.name {name:?} is also the name of a deployment in {other}")]
@@ -49,12 +48,6 @@ pub struct Resolved {
 /// Refuses what a local run cannot do (before anything is fetched).
 pub fn check_local(deployments: &[(String, ModelDeployment)]) -> Result<(), PlanError> {
     for (i, (file, md)) in deployments.iter().enumerate() {
-        if md.spec.tensor > 1 {
-            return Err(PlanError::Tensor {
-                file: file.clone(),
-                tensor: md.spec.tensor,
-            });
-        }
         if md.spec.replicas == 0 {
             return Err(PlanError::NoReplicas { file: file.clone() });
         }
@@ -78,8 +71,8 @@ pub fn check_local(deployments: &[(String, ModelDeployment)]) -> Result<(), Plan
     Ok(())
 }
 
-/// One worker per replica of every deployment; `cores` are split evenly
-/// between them unless `threads` fixes the count per worker.
+/// One group per replica of every deployment; `cores` are split evenly
+/// between all their ranks unless `threads` fixes the count per rank.
 pub fn plan_workers(
     resolved: &[Resolved],
     cores: usize,
@@ -87,7 +80,7 @@ pub fn plan_workers(
 ) -> Vec<WorkerPlan> {
     let total: usize = resolved
         .iter()
-        .map(|r| r.deployment.spec.replicas as usize)
+        .map(|r| r.deployment.spec.replicas as usize * r.deployment.spec.tensor.max(1) as usize)
         .sum();
     let threads = threads.unwrap_or_else(|| (cores / total.max(1)).max(1));
     resolved
@@ -100,6 +93,7 @@ pub fn plan_workers(
                 model_path: r.model_path.clone(),
                 max_seq_len: md.spec.engine.max_seq_len,
                 threads,
+                tensor: md.spec.tensor.max(1) as usize,
             })
         })
         .collect()
@@ -126,13 +120,14 @@ mod tests {
     }
 
     #[test]
-    fn tensor_parallel_manifests_are_refused_for_now() {
-        let err = check_local(&[("a.yaml".into(), md("a", "  tensor: 3\n"))]).unwrap_err();
-        assert!(
-            err.to_string().starts_with("a.yaml: spec.tensor: 3"),
-            "{err}"
+    fn tensor_parallel_groups_split_the_cores_between_ranks() {
+        let plans = plan_workers(
+            &[resolved(md("a", "  tensor: 3\n  replicas: 2\n"))],
+            12,
+            None,
         );
-        assert!(err.to_string().contains("issue 5"), "{err}");
+        assert_eq!(plans.len(), 2);
+        assert!(plans.iter().all(|p| p.tensor == 3 && p.threads == 2));
     }
 
     #[test]

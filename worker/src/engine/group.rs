@@ -20,6 +20,9 @@ pub enum GroupMessage {
         free: Vec<u64>,
         spans: Vec<PlannedSpan>,
     },
+    /// Nothing to do now; the leader is alive (it sends this while idle, so
+    /// a follower's timeout only fires when the leader is really gone).
+    Heartbeat,
     /// The leader is shutting down: exit.
     Stop,
 }
@@ -75,6 +78,7 @@ pub fn follow(
         })?;
         let (free, planned) = match message {
             GroupMessage::Stop => return Ok(()),
+            GroupMessage::Heartbeat => continue,
             GroupMessage::Step { free, spans } => (free, spans),
         };
         for slot in free {

@@ -50,6 +50,10 @@ pub struct EngineLoad {
     pub running: usize,
 }
 
+/// How often an idle leader tells its followers it is alive (well inside
+/// their collective timeout).
+const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Tokens buffered per request before the engine waits for a slow reader.
 const EVENT_BUFFER: usize = 64;
 
@@ -117,7 +121,18 @@ impl EngineHandle {
 }
 
 fn run(mut engine: Engine, jobs: std_mpsc::Receiver<Job>, load: &Load) {
-    while let Ok(Job { request, events }) = jobs.recv() {
+    loop {
+        let Job { request, events } = match jobs.recv_timeout(HEARTBEAT) {
+            Ok(job) => job,
+            Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                if let Err(e) = engine.heartbeat() {
+                    tracing::error!(error = %e, "tensor-parallel group failed while idle; the engine stops");
+                    return;
+                }
+                continue;
+            }
+            Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
+        };
         load.queued.fetch_sub(1, Ordering::Relaxed);
         if events.is_closed() {
             continue;

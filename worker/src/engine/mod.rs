@@ -450,6 +450,21 @@ impl Engine {
         group::follow(&self.model, &mut self.kv, self.group.as_ref())
     }
 
+    /// Leader, while idle: tells the followers it is alive (and learns
+    /// whether they are).
+    pub fn heartbeat(&mut self) -> Result<(), EngineError> {
+        if self.group.world_size() > 1 {
+            let free = std::mem::take(&mut self.pending_free);
+            let message = if free.is_empty() {
+                group::GroupMessage::Heartbeat
+            } else {
+                group::GroupMessage::step(free, &[])
+            };
+            group::announce(self.group.as_ref(), &message).map_err(ModelError::from)?;
+        }
+        Ok(())
+    }
+
     /// Leader: tells the followers to exit (best effort; they also exit when
     /// the leader's connections close).
     pub fn stop_group(&mut self) {

@@ -1,0 +1,195 @@
+//! Tensor parallelism through the binary: `generate --tensor 3` against
+//! `--tensor 1` on the golden prompts, and a group whose rank is killed
+//! mid-generation (the request fails fast, every process exits).
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+use shardserve_e2e::{
+    children_of, cmdline, demo_model, free_port, is_alive, repo_root, run_json, shardserve_bin,
+    signal,
+};
+
+fn golden() -> Vec<Value> {
+    let path = repo_root().join("../shared/golden/smollm2-q4_1-chat.jsonl");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("golden file missing at {}: {e}", path.display()));
+    text.lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn ids(v: &Value) -> Vec<u64> {
+    v.as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap())
+        .collect()
+}
+
+/// Greedy answers at tensor 3 equal tensor 1's wherever the model is decided:
+/// the ranks sum their partial products in another order than one rank does,
+/// so the two may only part where tensor 1's best two tokens are nearly tied.
+#[test]
+fn tensor_3_greedy_equals_tensor_1_where_the_model_is_decided() {
+    let model = demo_model();
+    let m = model.to_str().unwrap();
+    let mut identical = 0;
+    let cases = golden();
+    for case in &cases {
+        let prompt: Vec<String> = ids(&case["chat_prompt_ids"])
+            .iter()
+            .map(u64::to_string)
+            .collect();
+        let prompt = prompt.join(",");
+        let greedy = |tensor: &str| {
+            run_json(&[
+                "generate",
+                "--model",
+                m,
+                "--prompt-ids",
+                &prompt,
+                "--max-tokens",
+                "48",
+                "--logprobs",
+                "2",
+                "--json",
+                "--tensor",
+                tensor,
+            ])
+        };
+        let one = greedy("1");
+        let three = greedy("3");
+        let (a, b) = (ids(&one["token_ids"]), ids(&three["token_ids"]));
+        match a.iter().zip(&b).position(|(x, y)| x != y) {
+            None if a.len() == b.len() => identical += 1,
+            None => {} // one ended with its end token where the other went on: a tie on EOS.
+            Some(i) => {
+                let step = &one["logprobs"][i]["top"];
+                let margin =
+                    step[0]["logprob"].as_f64().unwrap() - step[1]["logprob"].as_f64().unwrap();
+                eprintln!(
+                    "{}: tensor 3 parts from tensor 1 at token {i} (tensor 1's margin {margin:.3} nats)",
+                    case["id"]
+                );
+                assert!(
+                    margin < 0.25,
+                    "{}: tensor 3 parts at token {i} where tensor 1 is sure ({margin:.3} nats)",
+                    case["id"]
+                );
+            }
+        }
+    }
+    eprintln!(
+        "{identical}/{} greedy answers identical at tensor 3 and tensor 1",
+        cases.len()
+    );
+    assert!(identical >= 1, "no answer identical at tensor 3");
+}
+
+/// POSTs `body` to `url_path` on `addr` and returns the raw response text
+/// (the server closes the connection at the end of a stream).
+fn post(addr: &str, url_path: &str, body: &str, timeout: Duration) -> String {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(timeout)).unwrap();
+    write!(
+        s,
+        "POST {url_path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn a_killed_rank_fails_the_request_fast_and_the_group_exits() {
+    demo_model();
+    let http = format!("127.0.0.1:{}", free_port());
+    let grpc = format!("127.0.0.1:{}", free_port());
+    let manifest = repo_root().join("examples/smollm2-tp3.yaml");
+    let mut up = Command::new(shardserve_bin())
+        .args([
+            "up",
+            manifest.to_str().unwrap(),
+            "--http-addr",
+            &http,
+            "--grpc-addr",
+            &grpc,
+        ])
+        .env("SHARDSERVE_THREADS", "1")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = Instant::now();
+    let ready = loop {
+        let body = r#"{"model":"smollm2-tp3","prompt":"Hi","max_tokens":2}"#;
+        if TcpStream::connect(&http).is_ok()
+            && post(&http, "/v1/completions", body, Duration::from_secs(30)).contains("200 OK")
+        {
+            break true;
+        }
+        if started.elapsed() > Duration::from_secs(300) || up.try_wait().unwrap().is_some() {
+            break false;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+    };
+    assert!(ready, "the tensor-3 stack did not come up");
+    let ranks: Vec<u32> = children_of(up.id())
+        .into_iter()
+        .filter(|&p| cmdline(p).contains(" worker "))
+        .collect();
+    assert_eq!(ranks.len(), 3, "three rank processes expected");
+    let follower = *ranks
+        .iter()
+        .find(|&&p| cmdline(p).contains("--rank 1"))
+        .expect("rank 1 runs");
+
+    let http2 = http.clone();
+    let stream = std::thread::spawn(move || {
+        let body = r#"{"model":"smollm2-tp3","prompt":"Count:","max_tokens":2000,"ignore_eos":true,"stream":true}"#;
+        post(&http2, "/v1/completions", body, Duration::from_secs(60))
+    });
+    std::thread::sleep(Duration::from_millis(1500));
+    let killed = Instant::now();
+    signal(follower, "KILL");
+    let out = stream.join().unwrap();
+    let failed_after = killed.elapsed();
+    assert!(
+        out.contains("\"error\""),
+        "the stream did not end with an error: {}",
+        &out[out.len().saturating_sub(500)..]
+    );
+    assert!(
+        out.contains("Unavailable") || out.contains("service_unavailable"),
+        "not an UNAVAILABLE failure: {out}"
+    );
+    assert!(
+        failed_after < Duration::from_secs(15),
+        "the request failed only after {failed_after:?}"
+    );
+    // `up` sees its group go down and stops everything.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = up.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "up did not exit after a rank died"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success(), "up must exit non-zero when a rank dies");
+    let mut stdout = String::new();
+    let _ = up.stdout.take().unwrap().read_to_string(&mut stdout);
+    for pid in ranks {
+        assert!(!is_alive(pid), "rank process {pid} outlived its group");
+    }
+}
