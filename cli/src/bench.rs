@@ -39,6 +39,7 @@ pub struct BenchArgs {
 struct Report {
     model: String,
     threads: usize,
+    tensor: usize,
     simd: String,
     results: Vec<Row>,
 }
@@ -49,6 +50,8 @@ struct Row {
     gen_tokens: usize,
     prefill_tok_s: f64,
     decode_tok_s: f64,
+    /// Rank 0's time in collectives per decode step (ms), waiting for peers included.
+    decode_comm_ms_per_token: f64,
 }
 
 /// Text the benchmark prompts are cut from (its content does not change speed).
@@ -67,34 +70,40 @@ pub fn run(args: BenchArgs) -> Result<()> {
     let filler = engine.tokenizer().encode(FILLER, false, false)?;
     let prompt_of = |n: usize| -> Vec<u32> { filler.iter().copied().cycle().take(n).collect() };
     // Warm-up: first-touch of the weights and the allocator's arenas.
-    engine.run_fixed(&prompt_of(16), 4, |_| {})?;
+    engine.run_fixed(&prompt_of(16), 4, |_, _| {})?;
 
     let mut results = Vec::new();
     for &p in &args.prompt_tokens {
         let prompt = prompt_of(p);
         let mut prefill = Vec::new();
         let mut decode = Vec::new();
+        let mut comm = Vec::new();
         for _ in 0..args.repetitions.max(1) {
             let start = Instant::now();
+            let mut comm_marks = Vec::with_capacity(2);
             let mut marks = Vec::with_capacity(2);
-            engine.run_fixed(&prompt, args.gen_tokens, |phase: BenchPhase| {
-                marks.push((phase, Instant::now()))
+            engine.run_fixed(&prompt, args.gen_tokens, |phase: BenchPhase, comm_time| {
+                marks.push((phase, Instant::now()));
+                comm_marks.push(comm_time);
             })?;
             let prefilled = marks[0].1;
             let decoded = marks[1].1;
             prefill.push(p as f64 / (prefilled - start).as_secs_f64());
             decode.push(args.gen_tokens as f64 / (decoded - prefilled).as_secs_f64());
+            comm.push((comm_marks[1] - comm_marks[0]).as_secs_f64() * 1e3 / args.gen_tokens as f64);
         }
         results.push(Row {
             prompt_tokens: p,
             gen_tokens: args.gen_tokens,
             prefill_tok_s: median(prefill),
             decode_tok_s: median(decode),
+            decode_comm_ms_per_token: median(comm),
         });
     }
     let report = Report {
         model: args.model.display().to_string(),
         threads,
+        tensor: args.tensor,
         simd: format!("{:?}", shardserve_kernels::simd_level()),
         results,
     };
@@ -102,17 +111,21 @@ pub fn run(args: BenchArgs) -> Result<()> {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "model {}  threads {}  simd {}",
-            report.model, report.threads, report.simd
+            "model {}  threads {}  tensor {}  simd {}",
+            report.model, report.threads, report.tensor, report.simd
         );
         println!(
-            "{:>13} {:>10} {:>14} {:>13}",
-            "prompt_tokens", "gen_tokens", "prefill tok/s", "decode tok/s"
+            "{:>13} {:>10} {:>14} {:>13} {:>18}",
+            "prompt_tokens", "gen_tokens", "prefill tok/s", "decode tok/s", "comm ms/token"
         );
         for r in &report.results {
             println!(
-                "{:>13} {:>10} {:>14.1} {:>13.1}",
-                r.prompt_tokens, r.gen_tokens, r.prefill_tok_s, r.decode_tok_s
+                "{:>13} {:>10} {:>14.1} {:>13.1} {:>18.3}",
+                r.prompt_tokens,
+                r.gen_tokens,
+                r.prefill_tok_s,
+                r.decode_tok_s,
+                r.decode_comm_ms_per_token
             );
         }
     }

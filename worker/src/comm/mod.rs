@@ -95,6 +95,11 @@ pub trait Collective: Send + Sync + std::fmt::Debug {
     fn broadcast_bytes(&self, bytes: Vec<u8>) -> Result<Vec<u8>, CommError>;
     /// Returns when every rank has called it.
     fn barrier(&self) -> Result<(), CommError>;
+    /// Time spent in collectives so far, waiting for peers included (for
+    /// benchmarks; zero where not measured).
+    fn time_spent(&self) -> std::time::Duration {
+        std::time::Duration::ZERO
+    }
 
     /// `all_reduce` of f32 activations (what the row-parallel layers call).
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), CommError> {
@@ -110,6 +115,55 @@ pub trait Collective: Send + Sync + std::fmt::Debug {
                 detail: format!("asked for f32, got {:?}", other.dtype()),
             }),
         }
+    }
+}
+
+/// Any group, with the time its collectives take added up.
+#[derive(Debug)]
+pub struct Timed {
+    inner: Arc<dyn Collective>,
+    nanos: std::sync::atomic::AtomicU64,
+}
+
+impl Timed {
+    pub fn new(inner: Arc<dyn Collective>) -> Self {
+        Self {
+            inner,
+            nanos: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    fn timed<R>(&self, op: impl FnOnce(&dyn Collective) -> R) -> R {
+        let start = std::time::Instant::now();
+        let r = op(self.inner.as_ref());
+        let spent = start.elapsed().as_nanos() as u64;
+        self.nanos
+            .fetch_add(spent, std::sync::atomic::Ordering::Relaxed);
+        r
+    }
+}
+
+impl Collective for Timed {
+    fn rank(&self) -> RankId {
+        self.inner.rank()
+    }
+    fn world_size(&self) -> usize {
+        self.inner.world_size()
+    }
+    fn all_reduce(&self, data: HostSliceMut<'_>) -> Result<(), CommError> {
+        self.timed(|c| c.all_reduce(data))
+    }
+    fn all_gather_host(&self, data: HostSlice<'_>) -> Result<HostVec, CommError> {
+        self.timed(|c| c.all_gather_host(data))
+    }
+    fn broadcast_bytes(&self, bytes: Vec<u8>) -> Result<Vec<u8>, CommError> {
+        self.timed(|c| c.broadcast_bytes(bytes))
+    }
+    fn barrier(&self) -> Result<(), CommError> {
+        self.timed(|c| c.barrier())
+    }
+    fn time_spent(&self) -> std::time::Duration {
+        std::time::Duration::from_nanos(self.nanos.load(std::sync::atomic::Ordering::Relaxed))
     }
 }
 
@@ -191,7 +245,9 @@ pub fn connect(config: &CommConfig) -> Result<Arc<dyn Collective>, CommError> {
     }
     match config.backend {
         CommBackend::Tcp if config.world_size == 1 => Ok(Arc::new(SingleRank)),
-        CommBackend::Tcp => Ok(Arc::new(tcp::TcpGroup::connect(config)?)),
+        CommBackend::Tcp => Ok(Arc::new(Timed::new(Arc::new(tcp::TcpGroup::connect(
+            config,
+        )?)))),
         #[cfg(feature = "nccl")]
         CommBackend::Nccl { device } => Ok(Arc::new(nccl::NcclGroup::connect(config, device)?)),
         #[cfg(not(feature = "nccl"))]

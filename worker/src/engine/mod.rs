@@ -439,6 +439,11 @@ impl Engine {
         }
     }
 
+    /// Time this rank has spent in collectives (waiting for peers included).
+    pub fn comm_time(&self) -> std::time::Duration {
+        self.group.time_spent()
+    }
+
     /// This rank's position in its group.
     pub fn rank(&self) -> usize {
         self.group.rank().0
@@ -482,7 +487,7 @@ impl Engine {
         &mut self,
         prompt: &[u32],
         new_tokens: usize,
-        mut on_phase: impl FnMut(BenchPhase),
+        mut on_phase: impl FnMut(BenchPhase, std::time::Duration),
     ) -> Result<Vec<u32>, EngineError> {
         if prompt.is_empty() || prompt.len() + new_tokens > self.info.max_seq_len {
             return Err(EngineError::InvalidRequest(format!(
@@ -494,7 +499,7 @@ impl Engine {
         let slot = self.kv.allocate();
         let result = (|| {
             let (mut logits, _) = self.prefill(prompt, slot, None)?;
-            on_phase(BenchPhase::Prefilled);
+            on_phase(BenchPhase::Prefilled, self.group.time_spent());
             let mut out = Vec::with_capacity(new_tokens);
             for i in 0..new_tokens {
                 let row = logits.take().ok_or(EngineError::Stopped)?;
@@ -504,7 +509,7 @@ impl Engine {
                     .step(&[id], prompt.len() + i, slot, LogitsFor::Last)?
                     .pop();
             }
-            on_phase(BenchPhase::Decoded);
+            on_phase(BenchPhase::Decoded, self.group.time_spent());
             Ok(out)
         })();
         self.release(slot);
