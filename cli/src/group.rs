@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use candle_core::Device;
 use clap::Args;
-use shardserve_worker::comm::{Collective, CommConfig, RankId, SingleRank, connect};
+use shardserve_worker::comm::{CommConfig, Deferred, RankId};
 use shardserve_worker::engine::{Engine, EngineOptions};
 
 /// How this process takes part in a tensor-parallel group.
@@ -29,27 +29,38 @@ pub struct GroupArgs {
     /// Seconds a collective may wait for a peer before the group is declared broken.
     #[arg(long, default_value_t = 10)]
     pub comm_timeout: u64,
+    /// Seconds the ranks wait for each other to finish loading and meet.
+    #[arg(long, default_value_t = 1800)]
+    pub rendezvous_timeout: u64,
 }
 
 impl GroupArgs {
-    /// Joins the group (blocks until every rank has met).
-    pub fn join(&self) -> Result<Arc<dyn Collective>> {
+    /// Loads this rank's shard, then meets the other ranks: every rank loads
+    /// first, so the slowest load never trips a collective's timeout.
+    pub fn load(&self, model: &Path, options: &EngineOptions) -> Result<Engine> {
         if self.tensor <= 1 {
-            return Ok(Arc::new(SingleRank));
+            return Engine::load(model, options)
+                .with_context(|| format!("loading {}", model.display()));
         }
         let coordinator = self
             .coordinator
             .clone()
             .context("--tensor above 1 needs --coordinator HOST:PORT (rank 0's address)")?;
+        let member = Arc::new(Deferred::new(RankId(self.rank), self.tensor));
+        let engine =
+            Engine::load_rank(model, options, member.clone(), Device::Cpu).with_context(|| {
+                format!("loading rank {}'s shard of {}", self.rank, model.display())
+            })?;
         let mut config = CommConfig::tcp(RankId(self.rank), self.tensor, coordinator);
         config.timeout = Duration::from_secs(self.comm_timeout);
-        let comm = connect(&config).with_context(|| {
+        config.connect_timeout = Duration::from_secs(self.rendezvous_timeout);
+        member.connect(&config).with_context(|| {
             format!(
                 "rank {} of {} joining its group at {}",
                 self.rank, self.tensor, config.coordinator
             )
         })?;
-        Ok(comm)
+        Ok(engine)
     }
 }
 
@@ -139,10 +150,9 @@ pub fn load_local(
         rank: 0,
         coordinator: Some(coordinator),
         comm_timeout: 10,
+        rendezvous_timeout: 600,
     };
-    let comm = group.join()?;
-    let engine = Engine::load_rank(model, options, comm, Device::Cpu)
-        .with_context(|| format!("loading rank 0's shard of {}", model.display()))?;
+    let engine = group.load(model, options)?;
     Ok(LocalEngine {
         engine,
         _ranks: ranks,
@@ -158,9 +168,7 @@ pub fn follow(model: &Path, options: &EngineOptions, group: &GroupArgs) -> Resul
             group.tensor
         );
     }
-    let comm = group.join()?;
-    let engine = Engine::load_rank(model, options, comm, Device::Cpu)
-        .with_context(|| format!("loading rank {}'s shard of {}", group.rank, model.display()))?;
+    let engine = group.load(model, options)?;
     tracing::info!(
         rank = group.rank,
         tensor = group.tensor,

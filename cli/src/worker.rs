@@ -6,7 +6,7 @@ use std::path::PathBuf;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use shardserve_worker::engine::{Engine, EngineHandle, EngineOptions};
+use shardserve_worker::engine::{EngineHandle, EngineOptions};
 
 use crate::group::GroupArgs;
 use crate::runtime::ThreadArgs;
@@ -45,9 +45,7 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         // A follower serves nothing: it runs the leader's steps on its shard.
         return crate::group::follow(&args.model, &options, &args.group);
     }
-    let comm = args.group.join()?;
-    let engine = Engine::load_rank(&args.model, &options, comm, candle_core::Device::Cpu)
-        .with_context(|| format!("loading {}", args.model.display()))?;
+    let engine = args.group.load(&args.model, &options)?;
     let info = engine.info().clone();
     tracing::info!(
         model = %info.served_model_name,

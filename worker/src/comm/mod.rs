@@ -167,6 +167,73 @@ impl Collective for Timed {
     }
 }
 
+/// A group member whose connections are made later: a rank knows its place
+/// (and so its shard) before it meets the others, so every rank loads its
+/// weights first and the group meets once all are loaded — however long the
+/// slowest load takes, no collective times out waiting for it.
+#[derive(Debug)]
+pub struct Deferred {
+    rank: RankId,
+    world: usize,
+    group: std::sync::OnceLock<Arc<dyn Collective>>,
+}
+
+impl Deferred {
+    pub fn new(rank: RankId, world: usize) -> Self {
+        Self {
+            rank,
+            world,
+            group: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Joins the group (once); collectives before this fail with `Config`.
+    pub fn connect(&self, config: &CommConfig) -> Result<(), CommError> {
+        if config.rank != self.rank || config.world_size != self.world {
+            return Err(CommError::Config(format!(
+                "deferred rank {} of {} cannot join as rank {} of {}",
+                self.rank, self.world, config.rank, config.world_size
+            )));
+        }
+        let group = connect(config)?;
+        self.group
+            .set(group)
+            .map_err(|_| CommError::Config("the group is already connected".into()))
+    }
+
+    fn group(&self) -> Result<&dyn Collective, CommError> {
+        self.group.get().map(|g| g.as_ref()).ok_or_else(|| {
+            CommError::Config(format!("rank {} has not joined its group yet", self.rank))
+        })
+    }
+}
+
+impl Collective for Deferred {
+    fn rank(&self) -> RankId {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+    fn all_reduce(&self, data: HostSliceMut<'_>) -> Result<(), CommError> {
+        self.group()?.all_reduce(data)
+    }
+    fn all_gather_host(&self, data: HostSlice<'_>) -> Result<HostVec, CommError> {
+        self.group()?.all_gather_host(data)
+    }
+    fn broadcast_bytes(&self, bytes: Vec<u8>) -> Result<Vec<u8>, CommError> {
+        self.group()?.broadcast_bytes(bytes)
+    }
+    fn barrier(&self) -> Result<(), CommError> {
+        self.group()?.barrier()
+    }
+    fn time_spent(&self) -> std::time::Duration {
+        self.group
+            .get()
+            .map_or(std::time::Duration::ZERO, |g| g.time_spent())
+    }
+}
+
 /// A group of one rank: every collective is the identity.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct SingleRank;

@@ -401,3 +401,45 @@ fn nccl_group(world: usize) -> Group {
         joins.into_iter().map(|j| j.join().unwrap()).collect()
     })
 }
+
+#[test]
+fn a_deferred_member_loads_first_and_joins_later() {
+    use super::{CommConfig, Deferred};
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let coordinator = format!("127.0.0.1:{port}");
+    let members: Vec<Arc<Deferred>> = (0..2)
+        .map(|r| Arc::new(Deferred::new(RankId(r), 2)))
+        .collect();
+    // Before joining, a collective is refused (never a hang).
+    assert!(matches!(members[0].barrier(), Err(CommError::Config(_))));
+    let handles: Vec<_> = members
+        .iter()
+        .cloned()
+        .enumerate()
+        .map(|(r, m)| {
+            let coordinator = coordinator.clone();
+            std::thread::spawn(move || {
+                // The second rank "loads" for a while: the first waits at the rendezvous, not in a collective.
+                std::thread::sleep(std::time::Duration::from_millis(300 * r as u64));
+                m.connect(&CommConfig::tcp(RankId(r), 2, coordinator))
+                    .unwrap();
+                let mut data = vec![r as f32 + 1.0; 5];
+                m.all_reduce_sum(&mut data).unwrap();
+                data
+            })
+        })
+        .collect();
+    for h in handles {
+        assert_eq!(h.join().unwrap(), vec![3.0; 5]);
+    }
+    let wrong = Deferred::new(RankId(0), 2);
+    assert!(
+        wrong
+            .connect(&CommConfig::tcp(RankId(1), 2, "127.0.0.1:1"))
+            .is_err()
+    );
+}
