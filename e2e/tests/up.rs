@@ -189,11 +189,6 @@ fn up_refuses_bad_manifests_naming_the_field() {
             "spec.engine.maxSeqLen: invalid type",
         ),
         (
-            "tensor-3",
-            good.replace("tensor: 1", "tensor: 3"),
-            "tensor parallelism comes with issue 5",
-        ),
-        (
             "bad-source",
             good.replace("pip://", "s3://"),
             "spec.model.source: unknown scheme `s3`",
