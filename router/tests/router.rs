@@ -4,12 +4,12 @@
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use serde_json::{Value, json};
+use shardserve_e2e::demo_model;
 use shardserve_proto::v1 as pb;
 use shardserve_router::{Backend, Deployment, Listeners, RouterConfig, StaticDiscovery, serve_on};
 use shardserve_worker::engine::{Engine, EngineHandle, EngineOptions};
@@ -18,20 +18,6 @@ use tokio::sync::oneshot;
 const MODEL: &str = "smollm2";
 /// Guards against a hung test; generous, since it is no speed check.
 const HANG_GUARD: Duration = Duration::from_secs(120);
-
-fn demo_model() -> PathBuf {
-    let dir = std::env::var_os("SHARDSERVE_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/shardserve")))
-        .unwrap_or_else(|| PathBuf::from(".cache/shardserve"));
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.is_file(),
-        "demo model missing at {}; run `make fetch-demo`",
-        path.display()
-    );
-    path
-}
 
 /// A worker on its own thread and runtime; `kill` drops every connection
 /// at once, as a crashed process would.

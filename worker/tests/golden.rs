@@ -6,22 +6,8 @@
 use std::path::PathBuf;
 
 use serde_json::Value;
+use shardserve_e2e::demo_model;
 use shardserve_worker::engine::{Engine, EngineOptions, GenerationRequest, Prompt};
-
-fn demo_model() -> PathBuf {
-    let cache = std::env::var_os("SHARDSERVE_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/shardserve")
-        });
-    let path = cache.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.exists(),
-        "demo model missing at {}; run `make fetch-demo` (make test does it first)",
-        path.display()
-    );
-    path
-}
 
 fn golden_prompts() -> Vec<Value> {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))

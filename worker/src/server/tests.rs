@@ -6,7 +6,6 @@
 //! generated client, as the router does.
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -22,6 +21,7 @@ use tonic_health::pb::health_client::HealthClient;
 
 use super::serve_on;
 use crate::engine::{Engine, EngineHandle, EngineOptions};
+use shardserve_e2e::demo_model;
 
 /// Guards against a hung call; generous, since it is no speed check.
 const HANG_GUARD: Duration = Duration::from_secs(300);
@@ -29,20 +29,6 @@ const HANG_GUARD: Duration = Duration::from_secs(300);
 struct Fixture {
     addr: SocketAddr,
     engine: EngineHandle,
-}
-
-fn demo_model() -> PathBuf {
-    let dir = std::env::var_os("SHARDSERVE_CACHE")
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache/shardserve")))
-        .unwrap_or_else(|| PathBuf::from(".cache/shardserve"));
-    let path = dir.join("SmolLM2-135M-Instruct.Q4_1.gguf");
-    assert!(
-        path.is_file(),
-        "demo model missing at {}; run `make fetch-demo`",
-        path.display()
-    );
-    path
 }
 
 /// Loads the demo model and serves it from a thread of its own, forever.
