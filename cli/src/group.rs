@@ -47,7 +47,7 @@ impl GroupArgs {
             .clone()
             .context("--tensor above 1 needs --coordinator HOST:PORT (rank 0's address)")?;
         let member = Arc::new(Deferred::new(RankId(self.rank), self.tensor));
-        let engine =
+        let mut engine =
             Engine::load_rank(model, options, member.clone(), Device::Cpu).with_context(|| {
                 format!("loading rank {}'s shard of {}", self.rank, model.display())
             })?;
@@ -60,6 +60,9 @@ impl GroupArgs {
                 self.rank, self.tensor, config.coordinator
             )
         })?;
+        engine
+            .agree_on_kv_cache()
+            .context("agreeing on the KV cache size with the group")?;
         Ok(engine)
     }
 }

@@ -1,6 +1,7 @@
 //! `shardserve`: the one binary. Each subcommand lives in its own module;
 //! this file parses the command line once and dispatches.
 
+mod batching;
 mod bench;
 mod chat;
 mod crd;
@@ -33,7 +34,7 @@ struct Cli {
 enum Command {
     /// Generate from a prompt with a local model (one process, no server).
     Generate(generate::GenerateArgs),
-    /// Measure prefill and decode speed of a local model.
+    /// Measure a local model's prefill and decode speed, or load-test a server's OpenAI API (--url).
     Bench(bench::BenchArgs),
     /// Serve a model over gRPC (shardserve.v1.Inference and grpc.health.v1.Health).
     Worker(worker::WorkerArgs),

@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::Args;
 use shardserve_worker::engine::{EngineHandle, EngineOptions};
 
+use crate::batching::BatchArgs;
 use crate::group::GroupArgs;
 use crate::runtime::ThreadArgs;
 
@@ -29,18 +30,46 @@ pub struct WorkerArgs {
     #[arg(long)]
     pub max_seq_len: Option<usize>,
     #[command(flatten)]
+    pub batching: BatchArgs,
+    #[command(flatten)]
     pub threads: ThreadArgs,
     #[command(flatten)]
     pub group: GroupArgs,
+    /// This pod's index in its group (Kubernetes: the StatefulSet pod index):
+    /// the rank becomes pod-index × ranks-per-pod + --rank, --rank counting
+    /// the ranks within the pod.
+    #[arg(long, requires = "ranks_per_pod")]
+    pub pod_index: Option<usize>,
+    /// Ranks each pod of the group holds (with --pod-index).
+    #[arg(long, requires = "pod_index")]
+    pub ranks_per_pod: Option<usize>,
 }
 
-pub fn run(args: WorkerArgs) -> Result<()> {
+impl WorkerArgs {
+    /// The group arguments with the rank made global (see --pod-index).
+    pub fn global_group(&self) -> Result<GroupArgs> {
+        let mut group = self.group.clone();
+        if let (Some(index), Some(per_pod)) = (self.pod_index, self.ranks_per_pod) {
+            anyhow::ensure!(
+                group.rank < per_pod,
+                "--rank {} is not below --ranks-per-pod {per_pod}",
+                group.rank
+            );
+            group.rank += index * per_pod;
+        }
+        Ok(group)
+    }
+}
+
+pub fn run(mut args: WorkerArgs) -> Result<()> {
+    args.group = args.global_group()?;
     let threads = args.threads.apply()?;
-    let options = EngineOptions {
+    let mut options = EngineOptions {
         max_seq_len: args.max_seq_len,
         served_model_name: args.served_model_name.clone(),
         ..EngineOptions::default()
     };
+    args.batching.apply(&mut options);
     if args.group.rank > 0 {
         // A follower serves nothing: it runs the leader's steps on its shard.
         return crate::group::follow(&args.model, &options, &args.group);
@@ -51,6 +80,10 @@ pub fn run(args: WorkerArgs) -> Result<()> {
         model = %info.served_model_name,
         layers = info.config.num_layers,
         max_seq_len = info.max_seq_len,
+        max_num_seqs = info.max_num_seqs,
+        kv_cache_blocks = info.kv_cache.blocks,
+        kv_cache_tokens = info.kv_cache.tokens(),
+        kv_cache_mib = info.kv_cache.bytes >> 20,
         threads,
         "model loaded"
     );

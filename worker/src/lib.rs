@@ -3,7 +3,8 @@
 //! One folder per concern: `weights/` reads model files and hands out a rank's
 //! slice of each tensor, `model/` is the Llama-family transformer built from
 //! parallel-ready layers, `comm/` the collectives between ranks, `kv/` the
-//! key/value cache, `sampling/` picks tokens, `tokenizer/` turns text into ids
+//! paged key/value cache and its block manager, `scheduler/` continuous
+//! batching, `sampling/` picks tokens, `tokenizer/` turns text into ids
 //! and back, `engine/` runs requests on a compute thread, and `server/` serves
 //! the engine over gRPC. CPU products on quantised weights live in the
 //! `shardserve-kernels` crate.
@@ -13,6 +14,7 @@ pub mod engine;
 pub mod kv;
 pub mod model;
 pub mod sampling;
+pub mod scheduler;
 pub mod server;
 pub mod tokenizer;
 pub mod weights;

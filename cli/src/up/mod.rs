@@ -69,11 +69,6 @@ pub fn run(args: UpArgs) -> Result<()> {
             .with_context(|| format!("{file}: spec.model.source"))?;
         let model_path = model::resolve(&source, base, &cache)
             .with_context(|| format!("{file}: spec.model.source"))?;
-        if md.spec.engine.max_num_seqs.is_some() {
-            eprintln!(
-                "{file}: spec.engine.maxNumSeqs is not applied yet (the worker runs one sequence at a time)"
-            );
-        }
         resolved.push(Resolved {
             deployment: md,
             model_path,
@@ -188,6 +183,9 @@ async fn start_all(
             .arg(plan.threads.to_string());
         if let Some(n) = plan.max_seq_len {
             cmd.arg("--max-seq-len").arg(n.to_string());
+        }
+        if let Some(n) = plan.max_num_seqs {
+            cmd.arg("--max-num-seqs").arg(n.to_string());
         }
         let name = format!("worker {}", plan.name);
         if plan.tensor > 1 {

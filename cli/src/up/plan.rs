@@ -15,6 +15,8 @@ pub struct WorkerPlan {
     pub model: String,
     pub model_path: PathBuf,
     pub max_seq_len: Option<u32>,
+    /// Sequences generated at once (`spec.engine.maxNumSeqs`).
+    pub max_num_seqs: Option<u32>,
     /// Compute threads of each rank.
     pub threads: usize,
     /// Ranks in the group (tensor-parallel size).
@@ -92,6 +94,7 @@ pub fn plan_workers(
                 model: md.served_model_name().to_string(),
                 model_path: r.model_path.clone(),
                 max_seq_len: md.spec.engine.max_seq_len,
+                max_num_seqs: md.spec.engine.max_num_seqs,
                 threads,
                 tensor: md.spec.tensor.max(1) as usize,
             })

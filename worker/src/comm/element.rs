@@ -161,14 +161,6 @@ pub(crate) fn decode_into<T: Element>(bytes: &[u8], out: &mut [T]) {
     }
 }
 
-/// `acc[i] = incoming[i] + acc[i]`: the partial sum that arrived first, then
-/// this rank's term (the one order every backend uses along a chain).
-pub(crate) fn add_into<T: Element>(incoming: &[u8], acc: &mut [T]) {
-    for (a, b) in acc.iter_mut().zip(incoming.chunks_exact(T::SIZE)) {
-        *a = T::get(b).add(*a);
-    }
-}
-
 /// Sum of every rank's block (encoded), in rank order, into `out`.
 pub(crate) fn sum_in_rank_order<T: Element, B: AsRef<[u8]>>(blocks: &[B], out: &mut [T]) {
     if let Some((first, rest)) = blocks.split_first() {

@@ -198,12 +198,48 @@ fn check_broadcast_and_barrier(name: &str, group: &Group) {
     }
 }
 
+/// An element is summed the same way whether its buffer holds one token's
+/// activations or a batch's: batching must not change a token's numbers.
+fn check_sums_do_not_depend_on_length(name: &str, group: &Group) {
+    let world = group.len();
+    // Values of very different sizes, so that the order of addition shows.
+    let row = |r: usize| -> Vec<f32> {
+        input(r, 576)
+            .into_iter()
+            .enumerate()
+            .map(|(i, x)| x * 10f32.powi(((i + r) % 7) as i32 - 3))
+            .collect()
+    };
+    let alone = on_ranks(group, |c| {
+        let mut data = row(c.rank().0);
+        c.all_reduce(HostSliceMut::F32(&mut data)).unwrap();
+        data
+    });
+    for rows_before in [1, 15, 63] {
+        let batched = on_ranks(group, |c| {
+            let r = c.rank().0;
+            let mut data = input(r + world, rows_before * 576);
+            data.extend(row(r));
+            c.all_reduce(HostSliceMut::F32(&mut data)).unwrap();
+            data.split_off(rows_before * 576)
+        });
+        for (r, (a, b)) in alone.iter().zip(&batched).enumerate() {
+            let same = a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
+            assert!(
+                same,
+                "{name}: rank {r}: a row's sums changed with {rows_before} rows before it"
+            );
+        }
+    }
+}
+
 /// The whole suite against one group.
 fn conformance(name: &str, group: &Group) {
     for len in [1, 7, 576, 4097, 1 << 20] {
         check_all_reduce::<f32>(name, group, len);
     }
-    // Half types: small (latency path) and large (ring path) buffers.
+    check_sums_do_not_depend_on_length(name, group);
+    // Half types, small and large buffers.
     for len in [1, 7, 576, 4097, 100_003] {
         check_all_reduce::<f16>(name, group, len);
         check_all_reduce::<bf16>(name, group, len);

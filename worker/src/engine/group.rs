@@ -1,25 +1,23 @@
 //! Ranks of a tensor-parallel group stepping together. The leader (rank 0)
 //! schedules, samples and talks to clients; before each forward pass it
 //! broadcasts the step's plan (which sequences, their tokens, positions and
-//! cache slots, and slots to free), and every follower runs the same forward
-//! pass on its shard. Nothing else flows between ranks but the all-reduces
-//! inside the model.
+//! KV cache block tables), and every follower runs the same forward pass on
+//! its shard, writing its part of the keys and values into the same blocks.
+//! Block bookkeeping lives on the leader alone; nothing else flows between
+//! ranks but the all-reduces inside the model.
 
 use serde::{Deserialize, Serialize};
 
 use super::EngineError;
 use crate::comm::{Collective, CommError};
-use crate::kv::{KvCache, SlotId};
+use crate::kv::{BlockId, KvCache};
 use crate::model::{LogitsFor, SeqSpan, Transformer};
 
 /// What the leader tells the followers, once per step.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub enum GroupMessage {
-    /// Free `free`, then run one forward pass over `spans`.
-    Step {
-        free: Vec<u64>,
-        spans: Vec<PlannedSpan>,
-    },
+    /// Run one forward pass over `spans`.
+    Step { spans: Vec<PlannedSpan> },
     /// Nothing to do now; the leader is alive (it sends this while idle, so
     /// a follower's timeout only fires when the leader is really gone).
     Heartbeat,
@@ -31,19 +29,18 @@ pub enum GroupMessage {
 pub struct PlannedSpan {
     pub tokens: Vec<u32>,
     pub start_pos: usize,
-    pub slot: u64,
+    pub blocks: Vec<BlockId>,
 }
 
 impl GroupMessage {
-    pub fn step(free: Vec<SlotId>, spans: &[SeqSpan<'_>]) -> Self {
+    pub fn step(spans: &[SeqSpan<'_>]) -> Self {
         GroupMessage::Step {
-            free: free.into_iter().map(|s| s.0).collect(),
             spans: spans
                 .iter()
                 .map(|s| PlannedSpan {
                     tokens: s.tokens.to_vec(),
                     start_pos: s.start_pos,
-                    slot: s.slot.0,
+                    blocks: s.blocks.to_vec(),
                 })
                 .collect(),
         }
@@ -76,24 +73,18 @@ pub fn follow(
                 reason: format!("unreadable step plan from the leader: {e}"),
             })
         })?;
-        let (free, planned) = match message {
+        let planned = match message {
             GroupMessage::Stop => return Ok(()),
             GroupMessage::Heartbeat => continue,
-            GroupMessage::Step { free, spans } => (free, spans),
+            GroupMessage::Step { spans } => spans,
         };
-        for slot in free {
-            kv.free(SlotId(slot));
-        }
-        for p in &planned {
-            kv.ensure(SlotId(p.slot));
-        }
         // The head is replicated and only the leader samples: followers skip the logits.
         let spans: Vec<SeqSpan<'_>> = planned
             .iter()
             .map(|p| SeqSpan {
                 tokens: &p.tokens,
                 start_pos: p.start_pos,
-                slot: SlotId(p.slot),
+                blocks: &p.blocks,
                 logits: LogitsFor::None,
             })
             .collect();
@@ -110,10 +101,10 @@ mod tests {
         let spans = [SeqSpan {
             tokens: &[1, 2, 3],
             start_pos: 7,
-            slot: SlotId(4),
+            blocks: &[4, 0, 9],
             logits: LogitsFor::Last,
         }];
-        let message = GroupMessage::step(vec![SlotId(2)], &spans);
+        let message = GroupMessage::step(&spans);
         let bytes = serde_json::to_vec(&message).unwrap();
         assert_eq!(
             serde_json::from_slice::<GroupMessage>(&bytes).unwrap(),

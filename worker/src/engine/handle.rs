@@ -1,26 +1,25 @@
 //! The engine on its own thread, driven from async code through channels.
+//!
+//! The thread takes new requests between steps, so they join the running
+//! batch as soon as there is room, and drops the requests whose callers went
+//! away. Events go out on unbounded channels: one slow reader never holds up
+//! the batch, and a request's events are bounded by its token budget.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
 
 use tokio::sync::mpsc;
 
-use super::{Engine, EngineError, Finished, Flow, GenerationRequest, ModelInfo, TokenEvent};
+use super::stats::StatsCell;
+use super::{Engine, EngineError, EngineEvent, EngineStats, GenerationRequest, ModelInfo};
+use crate::scheduler::SeqId;
 use crate::tokenizer::Tokenizer;
-
-/// What a submitted request produces, in order: tokens, then one `Finished`
-/// or one `Error`.
-#[derive(Debug)]
-pub enum EngineEvent {
-    Token(TokenEvent),
-    Finished(Finished),
-    Error(EngineError),
-}
 
 struct Job {
     request: GenerationRequest,
-    events: mpsc::Sender<EngineEvent>,
+    events: mpsc::UnboundedSender<EngineEvent>,
 }
 
 /// A cheap, cloneable handle to the engine thread.
@@ -29,22 +28,16 @@ pub struct EngineHandle {
     jobs: std_mpsc::Sender<Job>,
     info: Arc<ModelInfo>,
     tokenizer: Arc<Tokenizer>,
-    load: Arc<Load>,
+    /// Requests submitted and not yet taken by the engine thread.
+    submitted: Arc<AtomicUsize>,
+    stats: Arc<StatsCell>,
     stopped: tokio::sync::watch::Receiver<bool>,
-}
-
-/// How busy the engine is: requests waiting for it and sequences it is
-/// generating. Written by the engine thread and `submit`, read by metrics.
-#[derive(Default)]
-struct Load {
-    queued: AtomicUsize,
-    running: AtomicUsize,
 }
 
 /// A snapshot of [`EngineHandle::load`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EngineLoad {
-    /// Requests submitted that the engine has not started.
+    /// Requests submitted that are not in the running batch yet.
     pub queued: usize,
     /// Sequences the engine is generating now.
     pub running: usize,
@@ -54,29 +47,29 @@ pub struct EngineLoad {
 /// their collective timeout).
 const HEARTBEAT: std::time::Duration = std::time::Duration::from_secs(2);
 
-/// Tokens buffered per request before the engine waits for a slow reader.
-const EVENT_BUFFER: usize = 64;
-
 impl EngineHandle {
-    /// Moves `engine` onto a new thread that runs submitted requests in order.
+    /// Moves `engine` onto a new thread that runs submitted requests,
+    /// batched.
     pub fn spawn(engine: Engine) -> std::io::Result<Self> {
         let info = Arc::new(engine.info().clone());
         let tokenizer = engine.tokenizer().clone();
+        let stats = engine.stats_cell();
         let (jobs, rx) = std_mpsc::channel::<Job>();
-        let load = Arc::new(Load::default());
-        let engine_load = load.clone();
+        let submitted = Arc::new(AtomicUsize::new(0));
+        let engine_submitted = submitted.clone();
         let (stopped_tx, stopped) = tokio::sync::watch::channel(false);
         std::thread::Builder::new()
             .name("engine".into())
             .spawn(move || {
-                run(engine, rx, &engine_load);
+                run(engine, rx, &engine_submitted);
                 let _ = stopped_tx.send(true);
             })?;
         Ok(Self {
             jobs,
             info,
             tokenizer,
-            load,
+            submitted,
+            stats,
             stopped,
         })
     }
@@ -90,10 +83,16 @@ impl EngineHandle {
 
     /// Requests waiting and sequences running, now.
     pub fn load(&self) -> EngineLoad {
+        let stats = self.stats.snapshot();
         EngineLoad {
-            queued: self.load.queued.load(Ordering::Relaxed),
-            running: self.load.running.load(Ordering::Relaxed),
+            queued: self.submitted.load(Ordering::Relaxed) + stats.waiting as usize,
+            running: stats.running as usize,
         }
+    }
+
+    /// The scheduler's and the cache's counters, now.
+    pub fn stats(&self) -> EngineStats {
+        self.stats.snapshot()
     }
 
     pub fn info(&self) -> &ModelInfo {
@@ -109,70 +108,91 @@ impl EngineHandle {
     pub fn submit(
         &self,
         request: GenerationRequest,
-    ) -> Result<mpsc::Receiver<EngineEvent>, EngineError> {
-        let (events, rx) = mpsc::channel(EVENT_BUFFER);
-        self.load.queued.fetch_add(1, Ordering::Relaxed);
+    ) -> Result<mpsc::UnboundedReceiver<EngineEvent>, EngineError> {
+        let (events, rx) = mpsc::unbounded_channel();
+        self.submitted.fetch_add(1, Ordering::Relaxed);
         self.jobs.send(Job { request, events }).map_err(|_| {
-            self.load.queued.fetch_sub(1, Ordering::Relaxed);
+            self.submitted.fetch_sub(1, Ordering::Relaxed);
             EngineError::Stopped
         })?;
         Ok(rx)
     }
 }
 
-fn run(mut engine: Engine, jobs: std_mpsc::Receiver<Job>, load: &Load) {
-    loop {
-        let Job { request, events } = match jobs.recv_timeout(HEARTBEAT) {
-            Ok(job) => job,
-            Err(std_mpsc::RecvTimeoutError::Timeout) => {
-                if let Err(e) = engine.heartbeat() {
-                    tracing::error!(error = %e, "tensor-parallel group failed while idle; the engine stops");
-                    return;
+/// The engine thread's loop: take new requests, drop cancelled ones, step.
+fn run(mut engine: Engine, jobs: std_mpsc::Receiver<Job>, submitted: &AtomicUsize) {
+    let mut callers: HashMap<SeqId, mpsc::UnboundedSender<EngineEvent>> = HashMap::new();
+    'serve: loop {
+        // Idle: wait for work, heartbeating the group meanwhile. Busy: take
+        // whatever arrived since the last step without waiting.
+        let first = if engine.has_work() {
+            jobs.try_recv().ok()
+        } else {
+            match jobs.recv_timeout(HEARTBEAT) {
+                Ok(job) => Some(job),
+                Err(std_mpsc::RecvTimeoutError::Timeout) => {
+                    if let Err(e) = engine.heartbeat() {
+                        tracing::error!(error = %e, "tensor-parallel group failed while idle; the engine stops");
+                        return;
+                    }
+                    continue;
                 }
+                Err(std_mpsc::RecvTimeoutError::Disconnected) => break 'serve,
+            }
+        };
+        for Job { request, events } in first.into_iter().chain(jobs.try_iter()) {
+            submitted.fetch_sub(1, Ordering::Relaxed);
+            if events.is_closed() {
                 continue;
             }
-            Err(std_mpsc::RecvTimeoutError::Disconnected) => break,
-        };
-        load.queued.fetch_sub(1, Ordering::Relaxed);
-        if events.is_closed() {
+            match engine.add(request) {
+                Ok(seq) => {
+                    callers.insert(seq, events);
+                }
+                Err(e) => {
+                    let _ = events.send(EngineEvent::Error(e));
+                }
+            }
+        }
+        callers.retain(|&seq, events| {
+            let gone = events.is_closed();
+            if gone {
+                tracing::debug!(seq, "request cancelled by its caller");
+                engine.cancel(seq);
+            }
+            !gone
+        });
+        if !engine.has_work() {
             continue;
         }
-        let mut sink = |token: TokenEvent| match events.blocking_send(EngineEvent::Token(token)) {
-            Ok(()) => Flow::Continue,
-            Err(_) => Flow::Cancel,
-        };
-        load.running.fetch_add(1, Ordering::Relaxed);
-        let result = {
-            // Counts the sequence down however generation ends (even a panic).
-            let _running = Running(&load.running);
-            engine.generate(&request, &mut sink)
-        };
-        let last = match result {
-            Ok(Some(finished)) => EngineEvent::Finished(finished),
-            Ok(None) => {
-                tracing::debug!("request cancelled by its caller");
-                continue;
-            }
-            Err(e) if e.is_group_failure() => {
+        let events = match engine.step() {
+            Ok(events) => events,
+            Err(e) => {
                 // A rank died or stalled: this group cannot compute any more.
                 tracing::error!(error = %e, "tensor-parallel group failed; the engine stops");
-                let _ = events.blocking_send(EngineEvent::Error(e));
+                let message = e.to_string();
+                for (_, events) in callers.drain() {
+                    let _ = events.send(EngineEvent::Error(EngineError::GroupFailed(
+                        message.clone(),
+                    )));
+                }
                 return;
             }
-            Err(e) => EngineEvent::Error(e),
         };
-        // The caller may be gone already; nothing is left to free.
-        let _ = events.blocking_send(last);
+        for step in events {
+            let done = !matches!(step.event, EngineEvent::Token(_));
+            let Some(caller) = callers.get(&step.seq) else {
+                continue;
+            };
+            if caller.send(step.event).is_err() && !done {
+                // The caller went away mid-stream: stop computing for it.
+                engine.cancel(step.seq);
+                callers.remove(&step.seq);
+            } else if done {
+                callers.remove(&step.seq);
+            }
+        }
     }
     engine.stop_group();
     tracing::info!("engine thread stopped: no more handles");
-}
-
-/// Counts one running sequence down when dropped.
-struct Running<'a>(&'a AtomicUsize);
-
-impl Drop for Running<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
 }

@@ -2,30 +2,37 @@
 //!
 //! `Engine` is synchronous and owns everything it touches; it runs on its own
 //! thread (`EngineHandle`), fed by a channel from the async gRPC side, so
-//! matrix maths never blocks a tokio worker. One request runs at a time for
-//! now; the batching issue replaces the loop with a scheduler over the same
-//! `Transformer::forward`.
+//! matrix maths never blocks a tokio worker. Requests are batched
+//! continuously: each [`Engine::step`] runs one forward pass over the tokens
+//! the scheduler picked from every sequence in flight, then samples a token
+//! for each sequence that reached its end.
 
 mod group;
 mod handle;
 mod request;
+mod sequence;
+mod stats;
 
 use std::path::Path;
 use std::sync::Arc;
 
 use candle_core::Device;
 
-pub use handle::{EngineEvent, EngineHandle, EngineLoad};
+pub use handle::{EngineHandle, EngineLoad};
 pub use request::{
     FinishReason, Finished, GenerationRequest, LogprobEntry, Prompt, Stopping, TokenEvent,
 };
+pub use stats::EngineStats;
 
 use crate::comm::{Collective, SingleRank};
-use crate::kv::{KvCache, SlotId};
+use crate::kv::{BlockManager, DEFAULT_BLOCK_SIZE, KvCache};
 use crate::model::{HfCheckpoint, LogitsFor, ModelConfig, ModelError, SeqSpan, Transformer};
-use crate::sampling::{Sampler, SamplingError, StopMatcher, logprobs_of};
-use crate::tokenizer::{IncrementalDetokenizer, Tokenizer, TokenizerError};
+use crate::sampling::SamplingError;
+use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
+use crate::tokenizer::{Tokenizer, TokenizerError};
 use crate::weights::{GgufFile, TensorSource, WeightsError};
+use sequence::{Active, Advance};
+use stats::StatsCell;
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -42,13 +49,22 @@ pub enum EngineError {
     Sampling(#[from] SamplingError),
     #[error("the engine has stopped")]
     Stopped,
+    /// The tensor-parallel group broke during a step this request was in.
+    #[error("the tensor-parallel group failed: {0}")]
+    GroupFailed(String),
+    /// A step this request was in failed (a bug, not the request's fault).
+    #[error("the engine failed: {0}")]
+    StepFailed(String),
 }
 
 impl EngineError {
     /// Whether the tensor-parallel group broke (a rank died or stalled): the
     /// request may succeed on another group, this one cannot go on.
     pub fn is_group_failure(&self) -> bool {
-        matches!(self, EngineError::Model(ModelError::Comm(_)))
+        matches!(
+            self,
+            EngineError::Model(ModelError::Comm(_)) | EngineError::GroupFailed(_)
+        )
     }
 }
 
@@ -58,13 +74,36 @@ impl From<candle_core::Error> for EngineError {
     }
 }
 
+/// What the event stream of a request carries, in order: tokens, then one
+/// `Finished` or one `Error`.
+#[derive(Debug)]
+pub enum EngineEvent {
+    Token(TokenEvent),
+    Finished(Finished),
+    Error(EngineError),
+}
+
+/// KV cache memory when the options do not say: enough for every sequence
+/// at full length, up to this much.
+pub const DEFAULT_KV_CACHE_BYTES: usize = 1 << 30;
+
 /// Limits of the engine, set at start-up.
 #[derive(Clone, Debug)]
 pub struct EngineOptions {
     /// Longest sequence (prompt + generation); `None` = the model's trained context.
     pub max_seq_len: Option<usize>,
-    /// Prompt tokens per forward step, so a long prompt runs in bounded memory.
-    pub prefill_chunk: usize,
+    /// Most sequences generated at once; more wait in the queue.
+    pub max_num_seqs: usize,
+    /// Most tokens one forward step computes (decodes plus prompt chunks):
+    /// a long prompt is cut into chunks of this size, so the sequences
+    /// already decoding keep going while it is read.
+    pub max_batch_tokens: usize,
+    /// Memory for the KV cache; `None` = enough for `max_num_seqs` sequences
+    /// of `max_seq_len`, at most [`DEFAULT_KV_CACHE_BYTES`], at least one
+    /// sequence of `max_seq_len`.
+    pub kv_cache_bytes: Option<usize>,
+    /// Positions per KV cache block.
+    pub block_size: usize,
     /// Name clients use for the model; defaults to the file's stem.
     pub served_model_name: Option<String>,
 }
@@ -73,9 +112,26 @@ impl Default for EngineOptions {
     fn default() -> Self {
         Self {
             max_seq_len: None,
-            prefill_chunk: 512,
+            max_num_seqs: 16,
+            max_batch_tokens: 256,
+            kv_cache_bytes: None,
+            block_size: DEFAULT_BLOCK_SIZE,
             served_model_name: None,
         }
+    }
+}
+
+/// The KV cache's size, reported at start-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct KvCacheInfo {
+    pub blocks: usize,
+    pub block_size: usize,
+    pub bytes: usize,
+}
+
+impl KvCacheInfo {
+    pub fn tokens(&self) -> usize {
+        self.blocks * self.block_size
     }
 }
 
@@ -89,6 +145,15 @@ pub struct ModelInfo {
     pub eos_token_ids: Vec<u32>,
     pub has_chat_template: bool,
     pub tensor_parallel_size: usize,
+    pub kv_cache: KvCacheInfo,
+    pub max_num_seqs: usize,
+}
+
+/// One request's event, from [`Engine::step`].
+#[derive(Debug)]
+pub struct StepEvent {
+    pub seq: SeqId,
+    pub event: EngineEvent,
 }
 
 pub struct Engine {
@@ -96,11 +161,12 @@ pub struct Engine {
     tokenizer: Arc<Tokenizer>,
     kv: KvCache,
     info: ModelInfo,
-    prefill_chunk: usize,
     /// This rank's group; the leader announces each step to the others.
     group: Arc<dyn Collective>,
-    /// Slots freed since the last announced step.
-    pending_free: Vec<SlotId>,
+    scheduler: Scheduler,
+    active: std::collections::HashMap<SeqId, Active>,
+    next_seq: SeqId,
+    stats: Arc<StatsCell>,
 }
 
 impl Drop for Engine {
@@ -177,6 +243,23 @@ impl Engine {
         let max_seq_len = options
             .max_seq_len
             .map_or(config.max_position, |m| m.min(config.max_position));
+        let shape = model.kv_shape();
+        let block_size = options.block_size.max(1);
+        let block_bytes = shape.block_bytes(block_size).max(1);
+        let max_num_seqs = options.max_num_seqs.max(1);
+        let bytes = options.kv_cache_bytes.unwrap_or_else(|| {
+            let want = max_num_seqs * max_seq_len.div_ceil(block_size) * block_bytes;
+            let one = max_seq_len.div_ceil(block_size) * block_bytes;
+            want.min(DEFAULT_KV_CACHE_BYTES).max(one)
+        });
+        let blocks = (bytes / block_bytes).max(1);
+        let kv_cache = KvCacheInfo {
+            blocks,
+            block_size,
+            bytes: blocks * block_bytes,
+        };
+        // A sequence can never outgrow the whole cache.
+        let max_seq_len = max_seq_len.min(kv_cache.tokens());
         let dtype = format;
         let name = options.served_model_name.clone().unwrap_or_else(|| {
             // A directory's whole name (`Llama-3.1-8B`), a file's stem.
@@ -196,16 +279,29 @@ impl Engine {
             has_chat_template: tokenizer.chat_template().is_some(),
             tensor_parallel_size: world,
             config,
+            kv_cache,
+            max_num_seqs,
         };
-        let kv = KvCache::new(model.kv_shape());
+        let kv = KvCache::new(shape, blocks, block_size);
+        let scheduler = Scheduler::new(
+            SchedulerConfig {
+                max_num_seqs,
+                max_batch_tokens: options.max_batch_tokens.max(1),
+            },
+            BlockManager::new(blocks, block_size),
+        );
+        let stats = Arc::new(StatsCell::default());
+        stats.publish(&scheduler, 0, 0);
         Ok(Self {
             model,
             tokenizer,
             kv,
             info,
-            prefill_chunk: options.prefill_chunk.max(1),
             group: comm,
-            pending_free: Vec::new(),
+            scheduler,
+            active: Default::default(),
+            next_seq: 0,
+            stats,
         })
     }
 
@@ -217,9 +313,53 @@ impl Engine {
         &self.tokenizer
     }
 
-    /// Bytes of KV cache in use (0 between requests).
-    pub fn kv_bytes(&self) -> usize {
-        self.kv.bytes()
+    /// Counters and gauges of the scheduler and the cache, shared with
+    /// whoever reads metrics.
+    pub fn stats(&self) -> EngineStats {
+        self.stats.snapshot()
+    }
+
+    pub(crate) fn stats_cell(&self) -> Arc<StatsCell> {
+        self.stats.clone()
+    }
+
+    /// Once the ranks of a group have met: every rank takes the leader's KV
+    /// cache size, since followers write where the leader's block tables
+    /// say, whatever options they were started with.
+    pub fn agree_on_kv_cache(&mut self) -> Result<(), EngineError> {
+        if self.group.world_size() <= 1 {
+            return Ok(());
+        }
+        let mine = (self.info.kv_cache.blocks as u64).to_le_bytes().to_vec();
+        let leader = self
+            .group
+            .broadcast_bytes(if self.rank() == 0 { mine } else { Vec::new() })
+            .map_err(ModelError::from)?;
+        let leader: [u8; 8] = leader.try_into().map_err(|_| {
+            ModelError::from(crate::comm::CommError::Failed {
+                op: "kv cache size",
+                reason: "the leader sent no block count".into(),
+            })
+        })?;
+        let blocks = u64::from_le_bytes(leader) as usize;
+        let info = &mut self.info.kv_cache;
+        if blocks != info.blocks {
+            tracing::info!(
+                mine = info.blocks,
+                leader = blocks,
+                "KV cache resized to the leader's block count"
+            );
+            info.bytes = info.bytes / info.blocks * blocks;
+            info.blocks = blocks;
+            self.info.max_seq_len = self.info.max_seq_len.min(info.tokens());
+            self.kv = KvCache::new(self.kv.shape(), blocks, info.block_size);
+            self.scheduler = Scheduler::new(
+                self.scheduler.config(),
+                BlockManager::new(blocks, info.block_size),
+            );
+            self.stats.publish(&self.scheduler, 0, 0);
+        }
+        Ok(())
     }
 
     /// The prompt's token ids, or why the request cannot run.
@@ -276,166 +416,186 @@ impl Engine {
         Ok(ids)
     }
 
-    /// Runs one request to its end, calling `sink` with each token.
-    pub fn generate(
-        &mut self,
-        req: &GenerationRequest,
-        sink: &mut dyn FnMut(TokenEvent) -> Flow,
-    ) -> Result<Option<Finished>, EngineError> {
-        let prompt = self.validate(req)?;
-        let slot = self.kv.allocate();
-        let result = self.run(req, prompt, slot, sink);
-        self.release(slot);
-        result
+    /// Queues a request; its events come out of later [`Engine::step`]s.
+    pub fn add(&mut self, request: GenerationRequest) -> Result<SeqId, EngineError> {
+        // Prompt scoring needs every prompt position's logits, so it computes
+        // the whole prompt rather than starting from cached blocks.
+        let prefix_cache = request.prompt_logprobs.is_none();
+        self.add_with(request, prefix_cache)
     }
 
-    fn run(
+    fn add_with(
         &mut self,
-        req: &GenerationRequest,
-        prompt: Vec<u32>,
-        slot: SlotId,
-        sink: &mut dyn FnMut(TokenEvent) -> Flow,
-    ) -> Result<Option<Finished>, EngineError> {
-        let (mut logits, prompt_logprobs) = self.prefill(&prompt, slot, req.prompt_logprobs)?;
-        let max_seq = self.info.max_seq_len;
-        let budget = (max_seq - prompt.len()).min(req.stopping.max_tokens.unwrap_or(usize::MAX));
-        let mut sampler = Sampler::new(req.sampling.clone());
-        let mut detok = IncrementalDetokenizer::new();
-        let mut stops = StopMatcher::new(req.stopping.stop.clone());
-        let mut generated: Vec<u32> = Vec::new();
-        let mut text = String::new();
-        let mut matched_stop = None;
-        let tokenizer = self.tokenizer.clone();
-        let eog = tokenizer.eog_ids();
-        let reason = loop {
-            if generated.len() >= budget {
-                break if req
-                    .stopping
-                    .max_tokens
-                    .is_some_and(|m| generated.len() >= m)
-                {
-                    FinishReason::Length
-                } else {
-                    FinishReason::Context
-                };
-            }
-            let Some(row) = logits.as_ref() else {
-                break FinishReason::Length;
-            };
-            let id = sampler.sample(row, &prompt, &generated);
-            if (!req.stopping.ignore_eos && eog.contains(&id))
-                || req.stopping.stop_token_ids.contains(&id)
-            {
-                break FinishReason::Stop;
-            }
-            let logprob = req.logprobs.map(|k| {
-                let (token, top) = logprobs_of(row, id, k);
-                LogprobEntry { token, top }
-            });
-            generated.push(id);
-            let step = stops.push(&detok.push(&tokenizer, id));
-            text.push_str(&step.emit);
-            let stopped = step.matched.is_some();
-            matched_stop = step.matched;
-            if sink(TokenEvent {
-                id,
-                text_delta: step.emit,
-                logprob,
-            }) == Flow::Cancel
-            {
-                return Ok(None);
-            }
-            if stopped {
-                break FinishReason::Stop;
-            }
-            if generated.len() < budget {
-                let pos = prompt.len() + generated.len() - 1;
-                logits = self.step(&[id], pos, slot, LogitsFor::Last)?.pop();
-            }
-        };
-        let mut text_tail = String::new();
-        if matched_stop.is_none() {
-            let step = stops.push(&detok.finish());
-            text_tail = step.emit + &stops.flush();
-            text.push_str(&text_tail);
-        }
-        Ok(Some(Finished {
-            reason,
-            prompt_token_ids: prompt,
-            token_ids: generated,
-            text,
-            text_tail,
-            prompt_logprobs,
-            matched_stop,
-        }))
+        request: GenerationRequest,
+        prefix_cache: bool,
+    ) -> Result<SeqId, EngineError> {
+        let prompt = self.validate(&request)?;
+        let id = self.next_seq;
+        self.next_seq += 1;
+        self.scheduler
+            .add(id, prompt.clone(), request.priority, prefix_cache);
+        self.active
+            .insert(id, Active::new(request, prompt, self.info.max_seq_len));
+        self.stats.publish(&self.scheduler, 0, 0);
+        Ok(id)
     }
 
-    /// Runs the prompt through the model in chunks; returns the next-token
-    /// logits and, when asked, the prompt tokens' log-probabilities.
-    #[allow(clippy::type_complexity)]
-    fn prefill(
-        &mut self,
-        prompt: &[u32],
-        slot: SlotId,
-        top_k: Option<usize>,
-    ) -> Result<(Option<Vec<f32>>, Option<Vec<Option<LogprobEntry>>>), EngineError> {
-        let mut scores = top_k.map(|_| vec![None]);
-        let mut last = None;
-        let mut pos = 0;
-        for chunk in prompt.chunks(self.prefill_chunk) {
-            let end = pos + chunk.len() == prompt.len();
-            let want = match (top_k.is_some(), end) {
-                (true, _) => LogitsFor::All,
-                (false, true) => LogitsFor::Last,
-                (false, false) => LogitsFor::None,
-            };
-            let logits = self.step(chunk, pos, slot, want)?;
-            if let (Some(k), Some(scores)) = (top_k, scores.as_mut()) {
-                // Row i predicts token pos+i+1.
-                for (i, row) in logits.iter().enumerate() {
-                    if let Some(&next) = prompt.get(pos + i + 1) {
-                        let (token, top) = logprobs_of(row, next, k);
-                        scores.push(Some(LogprobEntry { token, top }));
-                    }
+    /// Drops a request (its caller went away) and frees its memory.
+    pub fn cancel(&mut self, seq: SeqId) {
+        self.active.remove(&seq);
+        self.scheduler.remove(seq);
+        self.stats.publish(&self.scheduler, 0, 0);
+    }
+
+    /// Whether any request is queued or running.
+    pub fn has_work(&self) -> bool {
+        self.scheduler.has_work()
+    }
+
+    /// Runs one forward pass over the scheduler's next batch and samples
+    /// the sequences that reached their end. An error fails every request
+    /// in flight (they are dropped); a group failure ends the engine.
+    pub fn step(&mut self) -> Result<Vec<StepEvent>, EngineError> {
+        match self.try_step() {
+            Ok(events) => Ok(events),
+            Err(e) => {
+                let message = e.to_string();
+                let group = e.is_group_failure();
+                let ids: Vec<SeqId> = self.active.keys().copied().collect();
+                for &id in &ids {
+                    self.cancel(id);
                 }
+                if group {
+                    return Err(e);
+                }
+                tracing::error!(error = %message, "engine step failed; its requests fail");
+                Ok(ids
+                    .into_iter()
+                    .map(|seq| StepEvent {
+                        seq,
+                        event: EngineEvent::Error(EngineError::StepFailed(message.clone())),
+                    })
+                    .collect())
             }
-            last = logits.into_iter().last();
-            pos += chunk.len();
         }
-        Ok((last, scores))
     }
 
-    /// One forward step of `tokens` at `pos`; returns the requested logits rows.
-    fn step(
-        &mut self,
-        tokens: &[u32],
-        pos: usize,
-        slot: SlotId,
-        want: LogitsFor,
-    ) -> Result<Vec<Vec<f32>>, EngineError> {
-        let span = SeqSpan {
-            tokens,
-            start_pos: pos,
-            slot,
-            logits: want,
-        };
+    fn try_step(&mut self) -> Result<Vec<StepEvent>, EngineError> {
+        let plan = self.scheduler.schedule();
+        if plan.spans.is_empty() {
+            return Ok(Vec::new());
+        }
+        let wants: Vec<LogitsFor> = plan
+            .spans
+            .iter()
+            .map(|sp| match &self.active[&sp.seq] {
+                a if a.wants_prompt_scores() => LogitsFor::All,
+                _ if sp.completes => LogitsFor::Last,
+                _ => LogitsFor::None,
+            })
+            .collect();
+        let scheduler = &self.scheduler;
+        let spans: Vec<SeqSpan<'_>> = plan
+            .spans
+            .iter()
+            .zip(&wants)
+            .map(|(sp, &logits)| SeqSpan {
+                tokens: &scheduler.tokens(sp.seq)[sp.start..sp.start + sp.len],
+                start_pos: sp.start,
+                blocks: scheduler.block_table(sp.seq),
+                logits,
+            })
+            .collect();
         if self.group.world_size() > 1 {
-            let free = std::mem::take(&mut self.pending_free);
-            let message = group::GroupMessage::step(free, std::slice::from_ref(&span));
+            let message = group::GroupMessage::step(&spans);
             group::announce(self.group.as_ref(), &message).map_err(ModelError::from)?;
         }
         // The whole step runs on a compute-pool thread: its parallel products
         // then fork from inside the pool instead of waking it once per product.
         let (model, kv) = (&self.model, &mut self.kv);
-        let out = rayon::scope(|_| model.forward(std::slice::from_ref(&span), kv))?;
-        Ok(out.into_iter().next().unwrap_or_default())
+        let logits = rayon::scope(|_| model.forward(&spans, kv))?;
+        drop(spans);
+        self.scheduler.complete(&plan);
+
+        let mut events = Vec::new();
+        for ((span, rows), want) in plan.spans.iter().zip(logits).zip(wants) {
+            let active = self
+                .active
+                .get_mut(&span.seq)
+                .expect("scheduled sequences are active");
+            if want == LogitsFor::All {
+                active.score_prompt(span.start, &rows);
+            }
+            if !span.completes {
+                continue;
+            }
+            let Some(row) = rows.last() else { continue };
+            match active.advance(row, &self.tokenizer) {
+                Advance::Token(token) => {
+                    self.scheduler.append(span.seq, token.id);
+                    events.push(StepEvent {
+                        seq: span.seq,
+                        event: EngineEvent::Token(token),
+                    });
+                }
+                Advance::Finished { last, finished } => {
+                    if let Some(token) = last {
+                        events.push(StepEvent {
+                            seq: span.seq,
+                            event: EngineEvent::Token(token),
+                        });
+                    }
+                    events.push(StepEvent {
+                        seq: span.seq,
+                        event: EngineEvent::Finished(finished),
+                    });
+                    self.active.remove(&span.seq);
+                    self.scheduler.remove(span.seq);
+                }
+            }
+        }
+        self.stats
+            .publish(&self.scheduler, plan.spans.len(), plan.tokens());
+        Ok(events)
     }
 
-    /// Frees a sequence's cache here and, with the next step, on the followers.
-    fn release(&mut self, slot: SlotId) {
-        self.kv.free(slot);
-        if self.group.world_size() > 1 {
-            self.pending_free.push(slot);
+    /// Runs one request to its end, calling `sink` with each token. For
+    /// callers that run requests one at a time (the command line, tests):
+    /// requests added with [`Engine::add`] run alongside, but their events
+    /// are dropped.
+    pub fn generate(
+        &mut self,
+        req: &GenerationRequest,
+        sink: &mut dyn FnMut(TokenEvent) -> Flow,
+    ) -> Result<Option<Finished>, EngineError> {
+        let id = self.add(req.clone())?;
+        self.run_alone(id, sink)
+    }
+
+    fn run_alone(
+        &mut self,
+        id: SeqId,
+        sink: &mut dyn FnMut(TokenEvent) -> Flow,
+    ) -> Result<Option<Finished>, EngineError> {
+        loop {
+            for StepEvent { seq, event } in self.step()? {
+                if seq != id {
+                    continue;
+                }
+                match event {
+                    EngineEvent::Token(token) => {
+                        if sink(token) == Flow::Cancel {
+                            self.cancel(id);
+                            return Ok(None);
+                        }
+                    }
+                    EngineEvent::Finished(finished) => return Ok(Some(finished)),
+                    EngineEvent::Error(e) => return Err(e),
+                }
+            }
+            if !self.active.contains_key(&id) {
+                return Err(EngineError::Stopped);
+            }
         }
     }
 
@@ -459,13 +619,8 @@ impl Engine {
     /// whether they are).
     pub fn heartbeat(&mut self) -> Result<(), EngineError> {
         if self.group.world_size() > 1 {
-            let free = std::mem::take(&mut self.pending_free);
-            let message = if free.is_empty() {
-                group::GroupMessage::Heartbeat
-            } else {
-                group::GroupMessage::step(free, &[])
-            };
-            group::announce(self.group.as_ref(), &message).map_err(ModelError::from)?;
+            group::announce(self.group.as_ref(), &group::GroupMessage::Heartbeat)
+                .map_err(ModelError::from)?;
         }
         Ok(())
     }
@@ -480,40 +635,43 @@ impl Engine {
         }
     }
 
-    /// For benchmarks: prefills `prompt` on a fresh slot, then runs `gen`
-    /// greedy decode steps (one forward pass each). `on_phase` is called when
-    /// each phase ends, so the caller can time them. Returns the generated ids.
+    /// For benchmarks: runs `prompt` alone, then `new_tokens` greedy decode
+    /// steps (one forward pass each). `on_phase` is called when each phase
+    /// ends, with the time spent in collectives so far, so the caller can
+    /// time them. Returns the generated ids.
     pub fn run_fixed(
         &mut self,
         prompt: &[u32],
         new_tokens: usize,
         mut on_phase: impl FnMut(BenchPhase, std::time::Duration),
     ) -> Result<Vec<u32>, EngineError> {
-        if prompt.is_empty() || prompt.len() + new_tokens > self.info.max_seq_len {
+        if prompt.is_empty() || prompt.len() + new_tokens + 1 > self.info.max_seq_len {
             return Err(EngineError::InvalidRequest(format!(
                 "{} prompt and {new_tokens} generated tokens do not fit the context of {}",
                 prompt.len(),
                 self.info.max_seq_len
             )));
         }
-        let slot = self.kv.allocate();
-        let result = (|| {
-            let (mut logits, _) = self.prefill(prompt, slot, None)?;
-            on_phase(BenchPhase::Prefilled, self.group.time_spent());
-            let mut out = Vec::with_capacity(new_tokens);
-            for i in 0..new_tokens {
-                let row = logits.take().ok_or(EngineError::Stopped)?;
-                let id = crate::sampling::argmax(&row);
-                out.push(id);
-                logits = self
-                    .step(&[id], prompt.len() + i, slot, LogitsFor::Last)?
-                    .pop();
-            }
-            on_phase(BenchPhase::Decoded, self.group.time_spent());
-            Ok(out)
-        })();
-        self.release(slot);
-        result
+        let mut request = GenerationRequest::new(Prompt::Ids(prompt.to_vec()));
+        // The prefill's token, then one per decode step.
+        request.stopping.max_tokens = Some(new_tokens + 1);
+        request.stopping.ignore_eos = true;
+        // Repetitions of one prompt must compute it every time.
+        let id = self.add_with(request, false)?;
+        let group = self.group.clone();
+        let mut first = true;
+        let finished = self
+            .run_alone(id, &mut |_| {
+                if std::mem::take(&mut first) {
+                    on_phase(BenchPhase::Prefilled, group.time_spent());
+                }
+                Flow::Continue
+            })?
+            .ok_or(EngineError::Stopped)?;
+        on_phase(BenchPhase::Decoded, self.group.time_spent());
+        let mut ids = finished.token_ids;
+        ids.truncate(new_tokens);
+        Ok(ids)
     }
 }
 
@@ -523,3 +681,6 @@ pub enum BenchPhase {
     Prefilled,
     Decoded,
 }
+
+#[cfg(test)]
+mod tests;

@@ -36,6 +36,9 @@ pub struct GenerationRequest {
     pub logprobs: Option<usize>,
     /// Report each prompt token's log-probability and this many alternatives.
     pub prompt_logprobs: Option<usize>,
+    /// Higher runs first when requests wait for room; equal priorities are
+    /// served first come, first served.
+    pub priority: i32,
 }
 
 impl GenerationRequest {
@@ -46,6 +49,7 @@ impl GenerationRequest {
             stopping: Stopping::default(),
             logprobs: None,
             prompt_logprobs: None,
+            priority: 0,
         }
     }
 }

@@ -73,7 +73,7 @@ impl Attention {
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
         let qkv = self.qkv.forward(x)?.split_columns(self.qkv.widths());
         let (q, k, v) = (qkv[0].as_slice(), qkv[1].as_slice(), qkv[2].as_slice());
-        let mut out = vec![0f32; x.m() * h * d];
+        let mut queries = Vec::with_capacity(q.len());
         let mut offset = 0;
         for span in spans {
             let t = span.tokens.len();
@@ -88,23 +88,27 @@ impl Attention {
             for x in qs.iter_mut().chain(ks.iter_mut()).chain(vs.iter_mut()) {
                 *x = to_half_precision(*x);
             }
-            kv.append(span.slot, layer, span.start_pos, &ks, &vs)?;
-            let (keys, values) = kv.entries(span.slot, layer, span.start_pos + t)?;
-            let shape = Heads {
-                heads: h,
-                kv_heads: kvh,
-                head_dim: d,
-            };
-            attend(
-                &qs,
-                keys,
-                values,
-                span.start_pos,
-                shape,
-                &mut out[offset * h * d..(offset + t) * h * d],
-            );
+            kv.write(layer, span.blocks, span.start_pos, &ks, &vs)?;
+            queries.extend_from_slice(&qs);
             offset += t;
         }
+        // Every span's entries are in place: attend over all of them at once.
+        let views = spans
+            .iter()
+            .map(|s| kv.view(layer, s.blocks, s.start_pos + s.tokens.len()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let seen: Vec<(usize, usize)> = spans
+            .iter()
+            .enumerate()
+            .flat_map(|(i, s)| (1..=s.tokens.len()).map(move |t| (i, s.start_pos + t)))
+            .collect();
+        let shape = Heads {
+            heads: h,
+            kv_heads: kvh,
+            head_dim: d,
+        };
+        let mut out = vec![0f32; x.m() * h * d];
+        attend(&queries, &views, &seen, shape, &mut out);
         self.o.forward(&Rows::new(out, h * d))
     }
 }

@@ -7,6 +7,8 @@
 
 use rayon::prelude::*;
 
+use crate::kv::KvView;
+
 /// Shapes of one attention call.
 #[derive(Clone, Copy, Debug)]
 pub struct Heads {
@@ -15,14 +17,15 @@ pub struct Heads {
     pub head_dim: usize,
 }
 
-/// `q` is `[tokens][heads][head_dim]` for positions `start..`; `keys` and
-/// `values` are `[position][kv_head][head_dim]` for positions `0..start+tokens`.
-/// Writes `[tokens][heads][head_dim]` into `out`.
+/// `q` is `[tokens][heads][head_dim]`; token `t` attends to the first
+/// `seen[t].1` positions of `views[seen[t].0]` (its sequence's keys and
+/// values, `[position][kv_head][head_dim]` block by block). Writes
+/// `[tokens][heads][head_dim]` into `out`. Every (token, head) row is one
+/// parallel task, so a batch of one-token decodes spreads over the cores.
 pub fn attend(
     q: &[f32],
-    keys: &[f32],
-    values: &[f32],
-    start: usize,
+    views: &[KvView<'_>],
+    seen: &[(usize, usize)],
     shape: Heads,
     out: &mut [f32],
 ) {
@@ -31,13 +34,12 @@ pub fn attend(
     out.par_chunks_mut(d)
         .enumerate()
         .for_each_init(Vec::new, |scores, (row, o)| {
-            let tok = row / shape.heads;
+            let (view, len) = seen[row / shape.heads];
             let args = RowArgs {
                 q: &q[row * d..(row + 1) * d],
-                keys,
-                values,
+                view: &views[view],
                 kv_head: (row % shape.heads) / (shape.heads / shape.kv_heads),
-                len: start + tok + 1,
+                len,
                 shape,
             };
             row_fn(&args, scores, o);
@@ -47,8 +49,7 @@ pub fn attend(
 /// One query row's inputs.
 struct RowArgs<'a> {
     q: &'a [f32],
-    keys: &'a [f32],
-    values: &'a [f32],
+    view: &'a KvView<'a>,
     kv_head: usize,
     len: usize,
     shape: Heads,
@@ -85,8 +86,15 @@ fn attend_row(args: &RowArgs<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
     let kv_row = kv_heads * d;
     let scale = 1.0 / (d as f32).sqrt();
     let off = args.kv_head * d;
+    let view = args.view;
+    let bs = view.block_size;
     scores.clear();
-    scores.extend((0..args.len).map(|j| dot(args.q, &args.keys[j * kv_row + off..][..d]) * scale));
+    let mut left = args.len;
+    for block in &view.keys {
+        let n = left.min(bs);
+        scores.extend((0..n).map(|i| dot(args.q, &block[i * kv_row + off..][..d]) * scale));
+        left -= n;
+    }
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut sum = 0f32;
     for s in scores.iter_mut() {
@@ -95,11 +103,13 @@ fn attend_row(args: &RowArgs<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
     }
     let inv = 1.0 / sum;
     out.fill(0.0);
-    for (j, p) in scores.iter().enumerate() {
-        let v = &args.values[j * kv_row + off..][..d];
-        let w = to_half_precision(p * inv);
-        for (acc, x) in out.iter_mut().zip(v) {
-            *acc += w * x;
+    for (probs, block) in scores.chunks(bs).zip(&view.values) {
+        for (i, p) in probs.iter().enumerate() {
+            let v = &block[i * kv_row + off..][..d];
+            let w = to_half_precision(p * inv);
+            for (acc, x) in out.iter_mut().zip(v) {
+                *acc += w * x;
+            }
         }
     }
 }
@@ -186,7 +196,9 @@ mod tests {
         let k = values((start + tokens) * 2 * 20, 2);
         let v = values((start + tokens) * 2 * 20, 3);
         let mut out = vec![0f32; q.len()];
-        attend(&q, &k, &v, start, s, &mut out);
+        let views = [KvView::contiguous(&k, &v, start + tokens)];
+        let seen: Vec<_> = (0..tokens).map(|t| (0, start + t + 1)).collect();
+        attend(&q, &views, &seen, s, &mut out);
         for (a, b) in out.iter().zip(naive(&q, &k, &v, start, s)) {
             assert!((a - b).abs() < 2e-3, "{a} vs {b}");
         }
@@ -204,14 +216,22 @@ mod tests {
         let k = values(tokens * 64, 5);
         let v = values(tokens * 64, 6);
         let mut all = vec![0f32; q.len()];
-        attend(&q, &k, &v, 0, s, &mut all);
+        let whole = [KvView::contiguous(&k, &v, tokens)];
+        let seen: Vec<_> = (0..tokens).map(|t| (0, t + 1)).collect();
+        attend(&q, &whole, &seen, s, &mut all);
         for t in 0..tokens {
+            // Alone, and reading the same entries cut into blocks of 3.
             let mut one = vec![0f32; 64];
+            let blocks = [KvView {
+                keys: k[..(t + 1) * 64].chunks(3 * 64).collect(),
+                values: v[..(t + 1) * 64].chunks(3 * 64).collect(),
+                block_size: 3,
+                len: t + 1,
+            }];
             attend(
                 &q[t * 64..(t + 1) * 64],
-                &k[..(t + 1) * 64],
-                &v[..(t + 1) * 64],
-                t,
+                &blocks,
+                &[(0, t + 1)],
                 s,
                 &mut one,
             );

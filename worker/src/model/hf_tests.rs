@@ -183,12 +183,12 @@ fn gguf_tensors(spec: &TinySpec, tensors: &[(String, Tensor)]) -> Vec<(String, T
 }
 
 fn logits(model: &Transformer, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let mut kv = KvCache::new(model.kv_shape());
-    let slot = kv.allocate();
+    let mut kv = KvCache::new(model.kv_shape(), 64, 4);
+    let slot: Vec<u32> = (0..32).collect();
     let span = SeqSpan {
         tokens,
         start_pos: 0,
-        slot,
+        blocks: &slot,
         logits: LogitsFor::All,
     };
     model.forward(&[span], &mut kv).unwrap().remove(0)

@@ -2,8 +2,9 @@
 //! parallel-ready layers so that a rank computes only its shard.
 //!
 //! `Transformer::forward` takes a batch of token spans, each with its first
-//! position and its KV cache slot, runs the linear layers once over all their
-//! tokens, attention per span, and returns the logits each span asked for.
+//! position and its KV cache block table, runs the linear layers once over
+//! all their tokens, attention per span, and returns the logits each span
+//! asked for.
 
 mod attention;
 mod causal;
@@ -22,7 +23,7 @@ pub use hf::HfCheckpoint;
 pub use layers::LoadContext;
 
 use crate::comm::Collective;
-use crate::kv::{KvCache, KvShape, SlotId};
+use crate::kv::{BlockId, KvCache, KvShape};
 use crate::weights::{GgufFile, TensorSource, Weight, WeightsError};
 use attention::Attention;
 use layers::{Embedding, RmsNorm, RowParallelLinear, StackedColumns};
@@ -79,7 +80,9 @@ pub struct SeqSpan<'a> {
     pub tokens: &'a [u32],
     /// Position of `tokens[0]` in its sequence; the cache holds `0..start_pos`.
     pub start_pos: usize,
-    pub slot: SlotId,
+    /// The cache blocks of the sequence's positions, in order; enough for
+    /// `start_pos + tokens.len()` positions.
+    pub blocks: &'a [BlockId],
     pub logits: LogitsFor,
 }
 

@@ -19,15 +19,14 @@ fn load(spec: &TinySpec) -> (tempfile::TempDir, Transformer) {
 }
 
 fn logits_all(model: &Transformer, kv: &mut KvCache, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let slot = kv.allocate();
+    let slot: Vec<u32> = (0..32).collect();
     let span = SeqSpan {
         tokens,
         start_pos: 0,
-        slot,
+        blocks: &slot,
         logits: LogitsFor::All,
     };
     let out = model.forward(&[span], kv).unwrap();
-    kv.free(slot);
     out[0].clone()
 }
 
@@ -40,14 +39,14 @@ fn token_by_token_decode_equals_full_prefill() {
             dtype,
             ..TinySpec::default()
         });
-        let mut kv = KvCache::new(model.kv_shape());
+        let mut kv = KvCache::new(model.kv_shape(), 64, 4);
         let full = logits_all(&model, &mut kv, &TOKENS);
-        let slot = kv.allocate();
+        let slot: Vec<u32> = (0..32).collect();
         for (pos, tok) in TOKENS.iter().enumerate() {
             let span = SeqSpan {
                 tokens: std::slice::from_ref(tok),
                 start_pos: pos,
-                slot,
+                blocks: &slot,
                 logits: LogitsFor::Last,
             };
             let step = model.forward(&[span], &mut kv).unwrap()[0].clone();
@@ -73,23 +72,25 @@ fn spans_batched_together_equal_separate_runs() {
         dtype: GgmlDType::Q8_0,
         ..TinySpec::default()
     });
-    let mut kv = KvCache::new(model.kv_shape());
+    let mut kv = KvCache::new(model.kv_shape(), 64, 4);
     let a = &TOKENS[..7];
     let b = &TOKENS[3..];
     let alone_a = logits_all(&model, &mut kv, a);
     let alone_b = logits_all(&model, &mut kv, b);
-    let (sa, sb) = (kv.allocate(), kv.allocate());
+    // Disjoint block tables, interleaved in storage.
+    let sa: Vec<u32> = (0..32).map(|i| 2 * i).collect();
+    let sb: Vec<u32> = (0..32).map(|i| 2 * i + 1).collect();
     let spans = [
         SeqSpan {
             tokens: a,
             start_pos: 0,
-            slot: sa,
+            blocks: &sa,
             logits: LogitsFor::All,
         },
         SeqSpan {
             tokens: b,
             start_pos: 0,
-            slot: sb,
+            blocks: &sb,
             logits: LogitsFor::Last,
         },
     ];
@@ -109,14 +110,14 @@ fn chunked_prefill_equals_one_shot() {
         dtype: GgmlDType::Q4_1,
         ..TinySpec::default()
     });
-    let mut kv = KvCache::new(model.kv_shape());
+    let mut kv = KvCache::new(model.kv_shape(), 64, 4);
     let full = logits_all(&model, &mut kv, &TOKENS);
-    let slot = kv.allocate();
+    let slot: Vec<u32> = (0..32).collect();
     let (first, rest) = TOKENS.split_at(4);
     let span = |tokens, start_pos, logits| SeqSpan {
         tokens,
         start_pos,
-        slot,
+        blocks: &slot,
         logits,
     };
     let none = model
@@ -145,7 +146,7 @@ fn separate_head_and_qkv_bias_change_the_output() {
     assert!(!separate.config().tied_embeddings);
     assert!(biased.config().qkv_bias);
     assert_eq!(biased.config().rope.style, RopeStyle::Halves);
-    let mut kv = KvCache::new(tied.kv_shape());
+    let mut kv = KvCache::new(tied.kv_shape(), 64, 4);
     let a = logits_all(&tied, &mut kv, &TOKENS);
     let b = logits_all(&separate, &mut kv, &TOKENS);
     let c = logits_all(&biased, &mut kv, &TOKENS);

@@ -35,8 +35,8 @@ fn logits(path: &std::path::Path, world: usize) -> Vec<Vec<f32>> {
                 pool.install(|| {
                     let file = GgufFile::open(&path).unwrap();
                     let model = Transformer::from_gguf(&file, comm, Device::Cpu).unwrap();
-                    let mut kv = KvCache::new(model.kv_shape());
-                    let slot = kv.allocate();
+                    let mut kv = KvCache::new(model.kv_shape(), 64, 4);
+                    let slot: Vec<u32> = (0..32).collect();
                     let mut out = Vec::new();
                     let steps: [(&[u32], usize); 3] =
                         [(&TOKENS[..4], 0), (&TOKENS[4..8], 4), (&TOKENS[8..], 8)];
@@ -44,7 +44,7 @@ fn logits(path: &std::path::Path, world: usize) -> Vec<Vec<f32>> {
                         let span = SeqSpan {
                             tokens,
                             start_pos,
-                            slot,
+                            blocks: &slot,
                             logits: LogitsFor::All,
                         };
                         out.extend(model.forward(&[span], &mut kv).unwrap().remove(0));

@@ -41,13 +41,13 @@ pub(crate) fn generation_request(req: &pb::GenerateRequest) -> Result<Generation
         }
         other => other.map(|k| k as usize),
     };
-    // `priority` is accepted but not used yet: the engine runs requests in order.
     Ok(GenerationRequest {
         prompt,
         sampling,
         stopping,
         logprobs,
         prompt_logprobs,
+        priority: req.priority,
     })
 }
 

@@ -3,8 +3,8 @@
 //! `/healthz`, `/readyz`) next to the gRPC API.
 //!
 //! Request metrics are recorded by the gRPC service as events stream out;
-//! queue depth and running sequences are read from the engine handle's
-//! atomics at scrape time (the engine thread stays the only owner of its
+//! queue depth, running sequences, batch and KV cache figures are read from
+//! the engine handle's atomics at scrape time (the engine thread stays the only owner of its
 //! state).
 
 use std::sync::Arc;
@@ -53,6 +53,93 @@ pub struct Metrics {
     prompt_tokens: IntCounter,
     /// `shardserve_worker_generation_tokens_total`
     generation_tokens: IntCounter,
+    /// Scheduler and KV cache figures, copied from the engine at scrape time.
+    engine: EngineGauges,
+}
+
+/// Metrics mirrored from [`crate::engine::EngineStats`].
+struct EngineGauges {
+    kv_blocks_total: IntGauge,
+    kv_blocks_used: IntGauge,
+    kv_blocks_cached: IntGauge,
+    batch_size: IntGauge,
+    steps: IntCounter,
+    batched_seqs: IntCounter,
+    computed_tokens: IntCounter,
+    prefix_query_tokens: IntCounter,
+    prefix_hit_tokens: IntCounter,
+    preemptions: IntCounter,
+}
+
+impl EngineGauges {
+    fn new(registry: &Registry, opts: &dyn Fn(&str, &str) -> Opts) -> prometheus::Result<Self> {
+        let gauge = |name: &str, help: &str| -> prometheus::Result<IntGauge> {
+            let g = IntGauge::with_opts(opts(name, help))?;
+            registry.register(Box::new(g.clone()))?;
+            Ok(g)
+        };
+        let counter = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
+            let c = IntCounter::with_opts(opts(name, help))?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        Ok(Self {
+            kv_blocks_total: gauge(
+                "shardserve_worker_kv_cache_blocks",
+                "Blocks of the KV cache (its whole size).",
+            )?,
+            kv_blocks_used: gauge(
+                "shardserve_worker_kv_cache_blocks_used",
+                "KV cache blocks held by running sequences.",
+            )?,
+            kv_blocks_cached: gauge(
+                "shardserve_worker_kv_cache_blocks_cached",
+                "KV cache blocks the prefix cache can find (held or free to evict).",
+            )?,
+            batch_size: gauge(
+                "shardserve_worker_batch_size",
+                "Sequences in the last forward step.",
+            )?,
+            steps: counter(
+                "shardserve_worker_steps_total",
+                "Forward steps run (one batch each).",
+            )?,
+            batched_seqs: counter(
+                "shardserve_worker_batched_sequences_total",
+                "Sequences summed over every step; divided by steps: the mean batch size.",
+            )?,
+            computed_tokens: counter(
+                "shardserve_worker_computed_tokens_total",
+                "Tokens run through the model: prompts (less prefix cache hits), recomputation and decodes.",
+            )?,
+            prefix_query_tokens: counter(
+                "shardserve_worker_prefix_cache_queried_tokens_total",
+                "Prompt tokens the prefix cache was asked for (whole blocks before the last token).",
+            )?,
+            prefix_hit_tokens: counter(
+                "shardserve_worker_prefix_cache_hit_tokens_total",
+                "Prompt tokens found in the prefix cache and not computed again.",
+            )?,
+            preemptions: counter(
+                "shardserve_worker_preemptions_total",
+                "Sequences preempted for lack of KV cache blocks (recomputed later).",
+            )?,
+        })
+    }
+
+    fn update(&self, s: &crate::engine::EngineStats) {
+        let to = |c: &IntCounter, v: u64| c.inc_by(v.saturating_sub(c.get()));
+        self.kv_blocks_total.set(s.kv_blocks_total as i64);
+        self.kv_blocks_used.set(s.kv_blocks_used as i64);
+        self.kv_blocks_cached.set(s.kv_blocks_cached as i64);
+        self.batch_size.set(s.last_batch_seqs as i64);
+        to(&self.steps, s.steps);
+        to(&self.batched_seqs, s.batched_seqs);
+        to(&self.computed_tokens, s.computed_tokens);
+        to(&self.prefix_query_tokens, s.prefix_query_tokens);
+        to(&self.prefix_hit_tokens, s.prefix_hit_tokens);
+        to(&self.preemptions, s.preemptions);
+    }
 }
 
 impl Metrics {
@@ -86,7 +173,7 @@ impl Metrics {
         ))?;
         let queue_depth = IntGauge::with_opts(opts(
             "shardserve_worker_queue_depth",
-            "Requests waiting for the engine to start them.",
+            "Requests waiting for room in the running batch.",
         ))?;
         let running = IntGauge::with_opts(opts(
             "shardserve_worker_running_sequences",
@@ -108,6 +195,7 @@ impl Metrics {
         registry.register(Box::new(running.clone()))?;
         registry.register(Box::new(prompt_tokens.clone()))?;
         registry.register(Box::new(generation_tokens.clone()))?;
+        let engine = EngineGauges::new(&registry, &opts)?;
         Ok(Self {
             registry,
             requests,
@@ -118,6 +206,7 @@ impl Metrics {
             running,
             prompt_tokens,
             generation_tokens,
+            engine,
         })
     }
 
@@ -137,6 +226,7 @@ impl Metrics {
         let load = engine.load();
         self.queue_depth.set(load.queued as i64);
         self.running.set(load.running as i64);
+        self.engine.update(&engine.stats());
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for these metric types.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);

@@ -110,7 +110,7 @@ impl InferenceService {
     async fn start(
         &self,
         req: &pb::GenerateRequest,
-    ) -> Result<(EngineEvent, mpsc::Receiver<EngineEvent>), Status> {
+    ) -> Result<(EngineEvent, mpsc::UnboundedReceiver<EngineEvent>), Status> {
         let gen_request = convert::generation_request(req)?;
         tracing::info!(prompt = prompt_kind(req), "submitted");
         let mut events = self
@@ -164,7 +164,7 @@ fn token_text(tokenizer: Arc<Tokenizer>) -> TokenText {
 pub struct GenerateStream {
     /// The first event, received before the call was answered.
     pending: Option<EngineEvent>,
-    events: mpsc::Receiver<EngineEvent>,
+    events: mpsc::UnboundedReceiver<EngineEvent>,
     token_text: TokenText,
     span: Span,
     streamed: usize,
@@ -176,7 +176,7 @@ pub struct GenerateStream {
 impl GenerateStream {
     fn new(
         first: EngineEvent,
-        events: mpsc::Receiver<EngineEvent>,
+        events: mpsc::UnboundedReceiver<EngineEvent>,
         token_text: TokenText,
         span: Span,
     ) -> Self {
@@ -289,8 +289,8 @@ mod tests {
         })
     }
 
-    fn stream(first: EngineEvent) -> (mpsc::Sender<EngineEvent>, GenerateStream) {
-        let (tx, rx) = mpsc::channel(8);
+    fn stream(first: EngineEvent) -> (mpsc::UnboundedSender<EngineEvent>, GenerateStream) {
+        let (tx, rx) = mpsc::unbounded_channel();
         let text: TokenText = Arc::new(|id| id.to_string());
         (tx, GenerateStream::new(first, rx, text, Span::none()))
     }
@@ -298,7 +298,7 @@ mod tests {
     #[tokio::test]
     async fn stream_yields_first_event_tokens_then_finished_and_ends() {
         let (tx, mut s) = stream(token(1, "a"));
-        tx.send(token(2, "b")).await.unwrap();
+        tx.send(token(2, "b")).unwrap();
         tx.send(EngineEvent::Finished(Finished {
             reason: FinishReason::Length,
             prompt_token_ids: vec![9],
@@ -308,7 +308,6 @@ mod tests {
             prompt_logprobs: None,
             matched_stop: None,
         }))
-        .await
         .unwrap();
         let mut deltas = String::new();
         let mut finished = None;
@@ -332,7 +331,7 @@ mod tests {
         drop(s);
         // The engine's next send fails: that is how it learns to cancel.
         assert!(tx.is_closed());
-        assert!(tx.send(token(2, "b")).await.is_err());
+        assert!(tx.send(token(2, "b")).is_err());
     }
 
     #[tokio::test]

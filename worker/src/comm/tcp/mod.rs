@@ -1,15 +1,12 @@
 //! The TCP backend: ranks in separate processes or hosts, joined in a ring
 //! of persistent connections (see `rendezvous`). Algorithms:
 //!
-//! - all-reduce, small buffers (≤ 32 KiB, e.g. a decode step's 576 floats):
-//!   ring all-gather of the whole buffers (n-1 hops instead of 2(n-1)), then
-//!   every rank sums them in rank order;
-//! - all-reduce, large buffers: ring reduce-scatter then ring all-gather
-//!   (each rank sends 2(n-1)/n of the buffer); chunk c is summed once, along
-//!   the ring, and its bytes are copied to the others;
+//! - all-reduce: ring all-gather of the whole buffers, then every rank sums
+//!   them in rank order, so every element is summed in one order whatever
+//!   the buffer's length (a batch's tokens get the numbers they would alone);
 //! - all-gather, barrier: ring all-gather; broadcast: a chain from rank 0.
 //!
-//! Either way every rank ends with bit-identical results. Large frames are
+//! Every rank ends with bit-identical results. Large frames are
 //! written by a helper thread while the caller reads, so a full ring of
 //! writers cannot deadlock; small frames are written inline (lower latency).
 
@@ -23,7 +20,8 @@ use super::element::{self, Element};
 use super::{Collective, CommConfig, CommError, HostSlice, HostSliceMut, HostVec, RankId};
 use wire::{Link, Op, Tag};
 
-/// Buffers up to this many bytes use the latency-optimised all-reduce.
+/// Frames up to this many bytes are written inline rather than from a
+/// sender thread.
 const SMALL_BYTES: usize = 32 * 1024;
 
 /// One rank of a TCP group.
@@ -107,17 +105,20 @@ impl TcpGroup {
         if self.world == 1 || data.is_empty() {
             return Ok(());
         }
+        // Every rank gathers every contribution and sums them in rank order:
+        // each element's sum then has one order whatever the buffer's length,
+        // so a token's numbers do not depend on the batch it runs in (a ring
+        // reduce-scatter would add each chunk in a different order, and the
+        // chunks move with the length). It sends (n-1)/n more bytes than a
+        // ring for three ranks; on CPU groups the products, not the wire,
+        // set the pace.
         self.run(Op::AllReduce, T::DTYPE.code(), |ring| {
-            if data.len() * T::SIZE <= SMALL_BYTES {
-                let blocks = ring.all_gather(element::encode(data))?;
-                if let Some(r) = blocks.iter().position(|b| b.len() != data.len() * T::SIZE) {
-                    return Err(ring.mismatch(r, blocks[r].len(), data.len() * T::SIZE));
-                }
-                element::sum_in_rank_order(&blocks, data);
-                Ok(())
-            } else {
-                ring.reduce_scatter_all_gather(data)
+            let blocks = ring.all_gather(element::encode(data))?;
+            if let Some(r) = blocks.iter().position(|b| b.len() != data.len() * T::SIZE) {
+                return Err(ring.mismatch(r, blocks[r].len(), data.len() * T::SIZE));
             }
+            element::sum_in_rank_order(&blocks, data);
+            Ok(())
         })
     }
 
@@ -204,42 +205,6 @@ impl Ring<'_, '_> {
             blocks[recv] = self.prev.recv(self.tag)?;
         }
         Ok(blocks)
-    }
-
-    /// Bandwidth-optimal ring all-reduce over `n` chunks of `data`.
-    fn reduce_scatter_all_gather<T: Element>(&mut self, data: &mut [T]) -> Result<(), CommError> {
-        let n = self.world;
-        let len = data.len();
-        let bounds = |c: usize| (c * len / n)..((c + 1) * len / n);
-        // Reduce-scatter: after n-1 steps this rank holds the sum of chunk me+1.
-        for s in 0..n - 1 {
-            let send = bounds((self.rank + n - s) % n);
-            let recv = bounds((self.rank + 2 * n - s - 1) % n);
-            self.out
-                .send(self.scope, self.tag, element::encode(&data[send]))?;
-            let incoming = self.prev.recv(self.tag)?;
-            self.check_len(incoming.len(), recv.len() * T::SIZE)?;
-            element::add_into(&incoming, &mut data[recv]);
-        }
-        // All-gather of the summed chunks.
-        for s in 0..n - 1 {
-            let send = bounds((self.rank + 1 + n - s) % n);
-            let recv = bounds((self.rank + n - s) % n);
-            self.out
-                .send(self.scope, self.tag, element::encode(&data[send]))?;
-            let incoming = self.prev.recv(self.tag)?;
-            self.check_len(incoming.len(), recv.len() * T::SIZE)?;
-            element::decode_into(&incoming, &mut data[recv]);
-        }
-        Ok(())
-    }
-
-    fn check_len(&self, got: usize, want: usize) -> Result<(), CommError> {
-        if got == want {
-            Ok(())
-        } else {
-            Err(self.mismatch(self.prev.peer.0, got, want))
-        }
     }
 
     fn mismatch(&self, rank: usize, got: usize, want: usize) -> CommError {

@@ -1,39 +1,15 @@
-//! `shardserve bench`: prefill and decode tokens per second of a local model,
-//! the median of several repetitions per setting.
+//! `shardserve bench --model PATH`: prefill and decode tokens per second of
+//! a model loaded in this process, the median of several repetitions per
+//! setting.
 
-use std::path::PathBuf;
+use std::path::Path;
 use std::time::Instant;
 
 use anyhow::Result;
-use clap::Args;
 use serde::Serialize;
 use shardserve_worker::engine::{BenchPhase, EngineOptions};
 
-use crate::runtime::ThreadArgs;
-
-#[derive(Args, Debug)]
-pub struct BenchArgs {
-    /// GGUF model file or Hugging Face model directory.
-    #[arg(long)]
-    pub model: PathBuf,
-    /// Prompt lengths to measure, comma-separated.
-    #[arg(long, value_delimiter = ',', default_value = "128,512")]
-    pub prompt_tokens: Vec<usize>,
-    /// Tokens generated after each prompt.
-    #[arg(long, default_value_t = 128)]
-    pub gen_tokens: usize,
-    #[arg(long, default_value_t = 3)]
-    pub repetitions: usize,
-    /// Print one JSON object instead of a table.
-    #[arg(long)]
-    pub json: bool,
-    #[command(flatten)]
-    pub threads: ThreadArgs,
-    /// Tensor-parallel size: the model is split over this many local rank
-    /// processes (TCP between them, as between pods).
-    #[arg(long, default_value_t = 1)]
-    pub tensor: usize,
-}
+use super::BenchArgs;
 
 #[derive(Serialize)]
 struct Report {
@@ -54,26 +30,21 @@ struct Row {
     decode_comm_ms_per_token: f64,
 }
 
-/// Text the benchmark prompts are cut from (its content does not change speed).
-const FILLER: &str = "The history of computing is a story of people who wanted to calculate faster \
-and more reliably than by hand. Mechanical calculators gave way to relays and vacuum tubes, then to \
-transistors and integrated circuits, and each step made machines smaller, cheaper and more capable. ";
-
-pub fn run(args: BenchArgs) -> Result<()> {
+pub(super) fn run(args: &BenchArgs, model: &Path, prompt_tokens: &[usize]) -> Result<()> {
     let threads = args.threads.apply()?;
-    let longest = args.prompt_tokens.iter().max().copied().unwrap_or(0) + args.gen_tokens + 1;
+    let longest = prompt_tokens.iter().max().copied().unwrap_or(0) + args.gen_tokens + 1;
     let options = EngineOptions {
         max_seq_len: Some(longest.max(64)),
         ..EngineOptions::default()
     };
-    let mut engine = crate::group::load_local(&args.model, &options, args.tensor, threads)?;
-    let filler = engine.tokenizer().encode(FILLER, false, false)?;
+    let mut engine = crate::group::load_local(model, &options, args.tensor, threads)?;
+    let filler = engine.tokenizer().encode(super::FILLER, false, false)?;
     let prompt_of = |n: usize| -> Vec<u32> { filler.iter().copied().cycle().take(n).collect() };
     // Warm-up: first-touch of the weights and the allocator's arenas.
     engine.run_fixed(&prompt_of(16), 4, |_, _| {})?;
 
     let mut results = Vec::new();
-    for &p in &args.prompt_tokens {
+    for &p in prompt_tokens {
         let prompt = prompt_of(p);
         let mut prefill = Vec::new();
         let mut decode = Vec::new();
@@ -101,7 +72,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         });
     }
     let report = Report {
-        model: args.model.display().to_string(),
+        model: model.display().to_string(),
         threads,
         tensor: args.tensor,
         simd: format!("{:?}", shardserve_kernels::simd_level()),

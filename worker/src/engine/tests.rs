@@ -1,0 +1,227 @@
+//! Continuous batching on the demo model: a request's greedy answer does not
+//! depend on what runs beside it, every block comes back, preemption under a
+//! tiny cache changes nothing, and a shared prefix is computed once.
+
+use std::collections::HashMap;
+
+use super::*;
+use crate::sampling::SamplingParams;
+use crate::tokenizer::ChatMessage;
+use shardserve_e2e::demo_model;
+
+fn load(options: EngineOptions) -> Engine {
+    let _ = rayon::ThreadPoolBuilder::new()
+        .num_threads(2)
+        .build_global();
+    let path = demo_model();
+    Engine::load(&path, &options)
+        .unwrap_or_else(|e| panic!("cannot load the demo model {}: {e}", path.display()))
+}
+
+fn chat(system: Option<&str>, user: &str, max_tokens: usize) -> GenerationRequest {
+    let mut messages = Vec::new();
+    if let Some(system) = system {
+        messages.push(ChatMessage {
+            role: "system".into(),
+            content: system.into(),
+        });
+    }
+    messages.push(ChatMessage {
+        role: "user".into(),
+        content: user.into(),
+    });
+    let mut req = GenerationRequest::new(Prompt::Chat(messages));
+    req.stopping.max_tokens = Some(max_tokens);
+    req
+}
+
+/// Steps until every added request has ended; returns each one's events.
+fn drain(engine: &mut Engine) -> (HashMap<SeqId, Finished>, usize) {
+    let mut finished = HashMap::new();
+    let mut widest = 0;
+    while engine.has_work() {
+        let events = engine.step().expect("step");
+        widest = widest.max(engine.stats().last_batch_seqs as usize);
+        for StepEvent { seq, event } in events {
+            match event {
+                EngineEvent::Token(_) => {}
+                EngineEvent::Finished(f) => {
+                    finished.insert(seq, f);
+                }
+                EngineEvent::Error(e) => panic!("request {seq} failed: {e}"),
+            }
+        }
+    }
+    (finished, widest)
+}
+
+const QUESTIONS: [&str; 8] = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "List three prime numbers.",
+    "Explain photosynthesis in one sentence.",
+    "What is 12 times 12?",
+    "Name a famous painter.",
+    "한국의 수도는 어디인가요?",
+    "Translate 'good morning' into German.",
+];
+
+#[test]
+fn a_greedy_answer_is_the_same_alone_and_in_a_batch_of_16() {
+    let target = chat(None, "Tell me a short story about a robot.", 32);
+    let mut engine = load(EngineOptions::default());
+    let alone = engine
+        .generate(&target, &mut |_| Flow::Continue)
+        .unwrap()
+        .unwrap();
+
+    // Fifteen others: short and long prompts, sampled and greedy, stop strings,
+    // prompt scoring, different lengths; they join while the target runs.
+    let mut ids = Vec::new();
+    for (i, q) in QUESTIONS
+        .iter()
+        .chain(QUESTIONS.iter())
+        .take(15)
+        .enumerate()
+    {
+        let mut req = chat(None, q, 8 + (i * 5) % 30);
+        match i % 4 {
+            0 => {
+                req.sampling = SamplingParams {
+                    temperature: 0.8,
+                    seed: Some(i as u64),
+                    ..SamplingParams::default()
+                }
+            }
+            1 => req.stopping.stop = vec![".".into()],
+            2 => req.prompt_logprobs = Some(1),
+            _ => {}
+        }
+        if i == 7 {
+            // A long prompt, read in several chunks while the others decode.
+            req = chat(Some(&"Be helpful and precise. ".repeat(120)), q, 6);
+        }
+        ids.push(engine.add(req).unwrap());
+        if i == 3 {
+            ids.push(engine.add(target.clone()).unwrap());
+        }
+        // Let some start before others arrive.
+        if i % 5 == 0 {
+            engine.step().unwrap();
+        }
+    }
+    let target_id = ids[4];
+    let (finished, widest) = drain(&mut engine);
+    assert!(widest >= 8, "the batch held {widest} sequences at most");
+    assert_eq!(finished.len(), 16);
+    assert_eq!(finished[&target_id].token_ids, alone.token_ids);
+    assert_eq!(finished[&target_id].text, alone.text);
+    let stats = engine.stats();
+    assert_eq!(stats.kv_blocks_used, 0, "every block came back");
+    assert_eq!(stats.running + stats.waiting, 0);
+}
+
+#[test]
+fn a_tiny_cache_preempts_and_every_answer_stays_the_same() {
+    let requests: Vec<_> = QUESTIONS[..6]
+        .iter()
+        .map(|q| {
+            let mut r = chat(Some("You answer at length."), q, 40);
+            r.stopping.ignore_eos = true;
+            r
+        })
+        .collect();
+    let run = |options: EngineOptions| {
+        let mut engine = load(options);
+        let ids: Vec<_> = requests
+            .iter()
+            .map(|r| engine.add(r.clone()).unwrap())
+            .collect();
+        let (finished, _) = drain(&mut engine);
+        let stats = engine.stats();
+        assert_eq!(stats.kv_blocks_used, 0);
+        let answers: Vec<_> = ids
+            .iter()
+            .map(|id| finished[id].token_ids.clone())
+            .collect();
+        (answers, stats.preemptions)
+    };
+    let (roomy, none) = run(EngineOptions::default());
+    assert_eq!(none, 0);
+    let mut tight = EngineOptions {
+        block_size: 16,
+        ..EngineOptions::default()
+    };
+    // Eight blocks of 16: 128 positions, a little more than one sequence.
+    let probe = load(EngineOptions::default());
+    let block = crate::kv::KvShape {
+        layers: probe.info().config.num_layers,
+        kv_heads: probe.info().config.num_kv_heads,
+        head_dim: probe.info().config.head_dim,
+    }
+    .block_bytes(16);
+    drop(probe);
+    tight.kv_cache_bytes = Some(8 * block);
+    let (squeezed, preemptions) = run(tight);
+    assert!(preemptions > 0, "the tiny cache forced preemptions");
+    assert_eq!(squeezed, roomy);
+}
+
+#[test]
+fn a_shared_1000_token_system_prompt_is_computed_once() {
+    let system =
+        "You are the support assistant of a bank. Answer briefly and politely. ".repeat(80);
+    let first = chat(Some(&system), "How do I open an account?", 4);
+    let second = chat(Some(&system), "What are your opening hours?", 4);
+
+    let mut engine = load(EngineOptions::default());
+    let prompt_len = engine.validate(&second).unwrap().len();
+    assert!(prompt_len > 1000, "the prompt has {prompt_len} tokens");
+    engine.generate(&first, &mut |_| Flow::Continue).unwrap();
+    let before = engine.stats();
+    let reused = engine
+        .generate(&second, &mut |_| Flow::Continue)
+        .unwrap()
+        .unwrap();
+    let after = engine.stats();
+    let hit = (after.prefix_hit_tokens - before.prefix_hit_tokens) as usize;
+    let computed = (after.computed_tokens - before.computed_tokens) as usize;
+    assert!(hit >= 1000, "{hit} prompt tokens came from the cache");
+    // Only the new tokens (the part after the last shared block) and the
+    // decode steps were computed.
+    assert_eq!(computed, prompt_len - hit + reused.token_ids.len() - 1);
+
+    // The same answer as computing everything.
+    let mut fresh = load(EngineOptions::default());
+    let full = fresh
+        .generate(&second, &mut |_| Flow::Continue)
+        .unwrap()
+        .unwrap();
+    assert_eq!(reused.token_ids, full.token_ids);
+}
+
+#[test]
+fn cancelled_and_refused_requests_leave_no_blocks_behind() {
+    let mut engine = load(EngineOptions {
+        max_seq_len: Some(256),
+        ..EngineOptions::default()
+    });
+    let a = engine.add(chat(None, QUESTIONS[0], 50)).unwrap();
+    let b = engine.add(chat(None, QUESTIONS[1], 50)).unwrap();
+    for _ in 0..3 {
+        engine.step().unwrap();
+    }
+    assert!(engine.stats().kv_blocks_used > 0);
+    engine.cancel(a);
+    engine.cancel(b);
+    assert_eq!(engine.stats().kv_blocks_used, 0);
+    assert!(!engine.has_work());
+
+    let too_long = GenerationRequest::new(Prompt::Ids(vec![1; 300]));
+    assert!(matches!(
+        engine.add(too_long),
+        Err(EngineError::InvalidRequest(_))
+    ));
+    assert_eq!(engine.stats().kv_blocks_used, 0);
+    assert!(!engine.has_work());
+}
