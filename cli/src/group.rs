@@ -47,8 +47,8 @@ impl GroupArgs {
             .clone()
             .context("--tensor above 1 needs --coordinator HOST:PORT (rank 0's address)")?;
         let member = Arc::new(Deferred::new(RankId(self.rank), self.tensor));
-        let mut engine =
-            Engine::load_rank(model, options, member.clone(), Device::Cpu).with_context(|| {
+        let mut engine = Engine::load_rank(model, options, member.clone(), Device::Cpu)
+            .with_context(|| {
                 format!("loading rank {}'s shard of {}", self.rank, model.display())
             })?;
         let mut config = CommConfig::tcp(RankId(self.rank), self.tensor, coordinator);

@@ -8,6 +8,7 @@ mod crd;
 mod generate;
 mod group;
 mod model;
+mod operator;
 mod plan;
 mod router;
 mod runtime;
@@ -44,6 +45,8 @@ enum Command {
     Router(router::RouterArgs),
     /// Run ModelDeployment manifests locally: workers and a router, until Ctrl-C.
     Up(up::UpArgs),
+    /// Run the Kubernetes operator: reconcile ModelDeployments into rank pods.
+    Operator(operator::OperatorArgs),
     /// Print the ModelDeployment CustomResourceDefinition (YAML).
     Crd,
     /// Plan a ModelDeployment: groups, pods, GPU memory, longest context, and whether it fits.
@@ -87,6 +90,7 @@ fn main() -> Result<()> {
         Command::Worker(args) => worker::run(args),
         Command::Chat(args) => chat::run(args),
         Command::Up(args) => up::run(args),
+        Command::Operator(args) => operator::run(args),
         Command::Crd => crd::run(),
         Command::Plan(args) => plan::run(args),
         Command::Router(args) => router::run(args),

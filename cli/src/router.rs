@@ -1,13 +1,25 @@
-//! `shardserve router`: the OpenAI/Ollama/TGI HTTP and gRPC front over a
-//! static list of backends, until Ctrl-C or SIGTERM.
+//! `shardserve router`: the OpenAI/Ollama/TGI HTTP and gRPC front, over a
+//! static list of backends or the ModelDeployments of a Kubernetes cluster,
+//! until Ctrl-C or SIGTERM.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::Args;
-use shardserve_router::{Backend, Deployment, RouterConfig, StaticDiscovery};
+use clap::{Args, ValueEnum};
+use shardserve_router::{
+    Backend, Deployment, Discovery, KubernetesDiscovery, Readiness, RouterConfig, StaticDiscovery,
+};
+
+/// Where the router learns its backends.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DiscoveryKind {
+    /// The `--backend` list.
+    Static,
+    /// ModelDeployments and the EndpointSlices of their rank-0 Services, through the Kubernetes API.
+    Kubernetes,
+}
 
 #[derive(Args, Debug)]
 pub struct RouterArgs {
@@ -17,8 +29,15 @@ pub struct RouterArgs {
     /// Address of the gRPC API (shardserve.v1.Inference, grpc.health.v1.Health).
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub grpc_addr: SocketAddr,
+    /// Where backends come from: the --backend list, or the cluster's ModelDeployments.
+    #[arg(long, value_enum, default_value_t = DiscoveryKind::Static)]
+    pub discovery: DiscoveryKind,
+    /// With --discovery kubernetes: watch this namespace only (default: every namespace).
+    #[arg(long)]
+    pub namespace: Option<String>,
     /// A backend as MODEL=URL (for example smollm2=http://127.0.0.1:50061); repeat for more.
-    #[arg(long = "backend", value_name = "MODEL=URL", required = true)]
+    /// Needed with --discovery static.
+    #[arg(long = "backend", value_name = "MODEL=URL")]
     pub backends: Vec<String>,
     /// Accepted API key (Authorization: Bearer KEY); repeat for more. None: no authentication.
     #[arg(long = "api-key", value_name = "KEY", env = "SHARDSERVE_API_KEY")]
@@ -63,8 +82,35 @@ fn deployments(specs: &[String]) -> Result<Vec<Deployment>> {
     Ok(out)
 }
 
+/// The static list, or `None` for Kubernetes discovery; refuses flags that
+/// belong to the other kind.
+fn static_deployments(args: &RouterArgs) -> Result<Option<Vec<Deployment>>> {
+    match args.discovery {
+        DiscoveryKind::Static => {
+            if args.namespace.is_some() {
+                bail!("--namespace is for --discovery kubernetes");
+            }
+            if args.backends.is_empty() {
+                bail!("--discovery static needs at least one --backend MODEL=URL");
+            }
+            deployments(&args.backends).map(Some)
+        }
+        DiscoveryKind::Kubernetes => {
+            if !args.backends.is_empty() {
+                bail!(
+                    "--backend is for --discovery static; Kubernetes discovery finds the backends"
+                );
+            }
+            if args.namespace.as_deref().is_some_and(str::is_empty) {
+                bail!("--namespace is empty; leave it out to watch every namespace");
+            }
+            Ok(None)
+        }
+    }
+}
+
 pub fn run(args: RouterArgs) -> Result<()> {
-    let deployments = deployments(&args.backends)?;
+    let fixed = static_deployments(&args)?;
     if !(args.health_interval.is_finite() && args.health_interval > 0.0) {
         bail!(
             "--health-interval {} must be a positive number of seconds",
@@ -79,9 +125,14 @@ pub fn run(args: RouterArgs) -> Result<()> {
         max_queue_per_backend: args.max_queue.max(1),
         health_interval,
         health_timeout: health_interval.min(Duration::from_millis(500)),
+        // In a cluster the router stays in its Service while some models load.
+        readiness: match args.discovery {
+            DiscoveryKind::Static => Readiness::EveryModel,
+            DiscoveryKind::Kubernetes => Readiness::Discovered,
+        },
         ..RouterConfig::default()
     };
-    for d in &deployments {
+    for d in fixed.iter().flatten() {
         tracing::info!(model = %d.model, backends = d.backends.len(), "deployment");
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -89,7 +140,10 @@ pub fn run(args: RouterArgs) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let discovery = Arc::new(StaticDiscovery::new(deployments));
+        let discovery: Arc<dyn Discovery> = match fixed {
+            Some(deployments) => Arc::new(StaticDiscovery::new(deployments)),
+            None => Arc::new(KubernetesDiscovery::connect(args.namespace.as_deref()).await?),
+        };
         shardserve_router::serve(config, discovery, shutdown_signal())
             .await
             .context("router failed")
@@ -136,6 +190,50 @@ mod tests {
         assert_eq!(d[0].model, "a");
         assert_eq!(d[0].backends.len(), 2);
         assert_eq!(d[0].backends[1].id, "127.0.0.1:3");
+    }
+
+    fn args(extra: &[&str]) -> RouterArgs {
+        use clap::Parser;
+        #[derive(Parser)]
+        struct Cli {
+            #[command(flatten)]
+            router: RouterArgs,
+        }
+        let argv = std::iter::once("router").chain(extra.iter().copied());
+        Cli::try_parse_from(argv).unwrap().router
+    }
+
+    #[test]
+    fn the_charts_kubernetes_flags_parse() {
+        let a = args(&[
+            "--http-addr=0.0.0.0:8080",
+            "--grpc-addr=0.0.0.0:50051",
+            "--max-queue=64",
+            "--health-interval=1",
+            "--discovery=kubernetes",
+            "--namespace=ml",
+        ]);
+        assert_eq!(a.discovery, DiscoveryKind::Kubernetes);
+        assert_eq!(a.namespace.as_deref(), Some("ml"));
+        assert!(static_deployments(&a).unwrap().is_none());
+        assert!(
+            static_deployments(&args(&["--discovery=kubernetes"]))
+                .unwrap()
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn discovery_flags_of_the_other_kind_are_refused() {
+        assert!(static_deployments(&args(&[])).is_err());
+        assert!(static_deployments(&args(&["--namespace=ml", "--backend=m=http://x:1"])).is_err());
+        assert!(
+            static_deployments(&args(&["--discovery=kubernetes", "--backend=m=http://x:1"]))
+                .is_err()
+        );
+        assert!(static_deployments(&args(&["--discovery=kubernetes", "--namespace="])).is_err());
+        let fixed = static_deployments(&args(&["--backend=m=http://x:1"])).unwrap();
+        assert_eq!(fixed.unwrap()[0].model, "m");
     }
 
     #[test]

@@ -1,10 +1,17 @@
-//! The `ModelDeployment` custom resource: its types, model sources, validation
-//! and manifest reading (`crd`). Planning and reconcile come with the operator
-//! issue; `shardserve up` already runs manifests locally with these types.
+//! The `ModelDeployment` custom resource and its operator: the types, model
+//! sources, validation and manifest reading (`crd`), topology and memory
+//! planning (`plan`), and the controller that turns a deployment into
+//! groups of rank pods on a cluster (`controller`, run by
+//! `shardserve operator`). `shardserve up` runs the same manifests locally.
 
+pub mod controller;
 pub mod crd;
+mod health;
+pub mod leader;
 pub mod plan;
+mod run;
 
+pub use controller::labels;
 pub use crd::crd_yaml;
 pub use crd::manifest::{ManifestError, parse_manifests};
 pub use crd::source::{ModelSource, SourceError};
@@ -12,3 +19,4 @@ pub use crd::validate::{ValidationError, validate};
 pub use crd::{
     EngineSpec, ModelDeployment, ModelDeploymentSpec, ModelDeploymentStatus, ModelShape, ModelSpec,
 };
+pub use run::{OperatorSettings, RunError, run};

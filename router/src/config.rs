@@ -23,6 +23,23 @@ pub struct RouterConfig {
     pub affinity_prefix: usize,
     /// Prompt prefixes remembered for affinity (a bounded LRU).
     pub affinity_capacity: usize,
+    /// When `/readyz` answers 200.
+    pub readiness: Readiness,
+}
+
+/// What `/readyz` waits for.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Readiness {
+    /// Every discovered model has a healthy backend (and there is at least
+    /// one model): what `shardserve up` waits for before it reports the
+    /// stack ready.
+    #[default]
+    EveryModel,
+    /// Discovery has listed what exists. A model without a healthy backend
+    /// answers 503 on its own, and the others keep being served: in a
+    /// cluster, one model that is still loading must not take every router
+    /// pod out of its Service.
+    Discovered,
 }
 
 impl Default for RouterConfig {
@@ -36,6 +53,7 @@ impl Default for RouterConfig {
             health_timeout: Duration::from_millis(500),
             affinity_prefix: 256,
             affinity_capacity: 4096,
+            readiness: Readiness::EveryModel,
         }
     }
 }
@@ -60,4 +78,8 @@ pub enum RouterError {
     Grpc(#[from] tonic::transport::Error),
     #[error("cannot register metrics: {0}")]
     Metrics(#[from] prometheus::Error),
+    #[error(
+        "cannot reach the Kubernetes API (in a pod: its service account; outside: KUBECONFIG): {0}"
+    )]
+    Kubernetes(#[source] kube::Error),
 }

@@ -24,6 +24,9 @@ fn pick_status(e: PickError) -> Status {
         PickError::ModelRequired(models) => {
             Status::invalid_argument(format!("model is required: this router serves {models:?}"))
         }
+        PickError::NoBackends(m) => Status::unavailable(format!(
+            "no backend ready for model {m:?}: its workers are starting (or it has none)"
+        )),
         PickError::NoHealthy(m) => {
             Status::unavailable(format!("no healthy backend for model {m:?}"))
         }

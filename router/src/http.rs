@@ -9,9 +9,11 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use serde_json::json;
+use serde_json::{Value, json};
 
 use crate::api::{ApiError, AppState, ErrorKind, ollama, openai, tgi};
+use crate::config::Readiness;
+use crate::pool::ModelSummary;
 
 /// Largest request body (long prompts as token ids are big).
 const BODY_LIMIT: usize = 64 << 20;
@@ -90,30 +92,43 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-/// 200 when every deployment has a healthy backend; else 503 naming those
-/// without one.
 async fn readyz(State(state): State<AppState>) -> Response {
     let models = state.upstream.pool.models();
+    let (status, body) = readiness(state.readiness, state.discovery.synced(), &models);
+    (status, Json(body)).into_response()
+}
+
+/// `/readyz`'s answer. Not ready until discovery has listed everything; then
+/// [`Readiness::EveryModel`] wants a healthy backend for every model (and at
+/// least one model), [`Readiness::Discovered`] nothing more. The models
+/// without a healthy backend are named either way.
+fn readiness(mode: Readiness, synced: bool, models: &[ModelSummary]) -> (StatusCode, Value) {
+    if !synced {
+        let reason = "discovery has not listed the deployments yet";
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            json!({"ready": false, "reason": reason}),
+        );
+    }
     let unready: Vec<_> = models
         .iter()
         .filter(|m| m.healthy == 0)
         .map(|m| json!({"model": m.model, "backends": m.backends, "healthy": 0}))
         .collect();
-    if models.is_empty() {
-        return (
+    match mode {
+        Readiness::EveryModel if models.is_empty() => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"ready": false, "reason": "no deployments discovered"})),
-        )
-            .into_response();
-    }
-    if unready.is_empty() {
-        (StatusCode::OK, Json(json!({"ready": true}))).into_response()
-    } else {
-        (
+            json!({"ready": false, "reason": "no deployments discovered"}),
+        ),
+        Readiness::EveryModel if !unready.is_empty() => (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"ready": false, "models_without_healthy_backend": unready})),
-        )
-            .into_response()
+            json!({"ready": false, "models_without_healthy_backend": unready}),
+        ),
+        Readiness::Discovered if !unready.is_empty() => (
+            StatusCode::OK,
+            json!({"ready": true, "models_without_healthy_backend": unready}),
+        ),
+        _ => (StatusCode::OK, json!({"ready": true})),
     }
 }
 
@@ -130,7 +145,51 @@ async fn metrics(State(state): State<AppState>) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::constant_time_eq;
+    use super::*;
+
+    fn model(name: &str, backends: usize, healthy: usize) -> ModelSummary {
+        ModelSummary {
+            model: name.into(),
+            backends,
+            healthy,
+            info: None,
+        }
+    }
+
+    #[test]
+    fn not_ready_before_discovery_has_listed() {
+        for mode in [Readiness::EveryModel, Readiness::Discovered] {
+            let (status, body) = readiness(mode, false, &[model("m", 1, 1)]);
+            assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(
+                body["reason"],
+                "discovery has not listed the deployments yet"
+            );
+        }
+    }
+
+    #[test]
+    fn every_model_mode_wants_a_healthy_backend_per_model() {
+        let mode = Readiness::EveryModel;
+        assert_eq!(
+            readiness(mode, true, &[]).0,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        let (status, body) = readiness(mode, true, &[model("a", 1, 1), model("b", 0, 0)]);
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(body["models_without_healthy_backend"][0]["model"], "b");
+        assert_eq!(readiness(mode, true, &[model("a", 2, 1)]).0, StatusCode::OK);
+    }
+
+    #[test]
+    fn discovered_mode_is_ready_with_models_still_starting() {
+        let mode = Readiness::Discovered;
+        assert_eq!(readiness(mode, true, &[]).0, StatusCode::OK);
+        let (status, body) = readiness(mode, true, &[model("a", 1, 1), model("b", 0, 0)]);
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["ready"], true);
+        assert_eq!(body["models_without_healthy_backend"][0]["model"], "b");
+    }
 
     #[test]
     fn key_comparison() {

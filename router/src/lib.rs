@@ -3,7 +3,8 @@
 //! It serves the OpenAI-, Ollama- and TGI-compatible HTTP APIs (`api/`,
 //! assembled in `http`) and the gRPC `shardserve.v1.Inference` service
 //! (`grpc`), and sends each request to a backend of its model: discovery
-//! (`discovery`) feeds the backend index (`pool`), which health-checks
+//! (static, or Kubernetes ModelDeployments and EndpointSlices: `discovery`)
+//! feeds the backend index (`pool`), which health-checks
 //! backends and leases them to requests by least outstanding load with
 //! prefix affinity (`balance`, pure); `dispatch` starts a generation on a
 //! leased backend, retrying elsewhere until the first token. Metrics live in
@@ -29,8 +30,8 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Endpoint, Server};
 use tonic_health::ServingStatus;
 
-pub use config::{RouterConfig, RouterError};
-pub use discovery::{Backend, Deployment, Discovery, StaticDiscovery};
+pub use config::{Readiness, RouterConfig, RouterError};
+pub use discovery::{Backend, Deployment, Discovery, KubernetesDiscovery, StaticDiscovery};
 
 use crate::api::AppState;
 use crate::dispatch::Upstream;
@@ -101,7 +102,10 @@ pub async fn serve_on(
     }
     let follow = tokio::spawn({
         let pool = Arc::clone(&pool);
+        let source = Arc::clone(&discovery);
         async move {
+            // Holding the source keeps its watchers running.
+            let _source = source;
             while deployments.changed().await.is_ok() {
                 let latest = deployments.borrow_and_update().clone();
                 pool.update(&latest);
@@ -136,6 +140,8 @@ pub async fn serve_on(
     let app = http::router(
         AppState {
             upstream: upstream.clone(),
+            discovery,
+            readiness: config.readiness,
         },
         config.api_keys.clone(),
     );

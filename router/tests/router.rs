@@ -11,7 +11,9 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use shardserve_e2e::demo_model;
 use shardserve_proto::v1 as pb;
-use shardserve_router::{Backend, Deployment, Listeners, RouterConfig, StaticDiscovery, serve_on};
+use shardserve_router::{
+    Backend, Deployment, Listeners, Readiness, RouterConfig, StaticDiscovery, serve_on,
+};
 use shardserve_worker::engine::{Engine, EngineHandle, EngineOptions};
 use tokio::sync::oneshot;
 
@@ -111,6 +113,14 @@ async fn router_with(
         .into_iter()
         .map(|(model, backends)| Deployment { model, backends })
         .collect();
+    router_over(deployments, tweak).await
+}
+
+/// A router over `deployments` as given (some may have no backends).
+async fn router_over(
+    deployments: Vec<Deployment>,
+    tweak: impl FnOnce(&mut RouterConfig),
+) -> Router {
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let base = format!("http://{}", http.local_addr().unwrap());
@@ -509,6 +519,74 @@ async fn no_healthy_backend_is_503_and_not_ready() {
         r.http.get(r.url("/healthz")).send().await.unwrap().status(),
         200
     );
+}
+
+#[tokio::test]
+async fn a_known_model_without_backends_is_503_and_kubernetes_readiness_stays_ready() {
+    // What Kubernetes discovery publishes for a ModelDeployment whose pods
+    // are still loading; no worker (nor the demo model) is needed.
+    let starting = Deployment {
+        model: "starting".into(),
+        backends: Vec::new(),
+    };
+    let r = router_over(vec![starting], |c| c.readiness = Readiness::Discovered).await;
+    r.wait_ready().await;
+    let resp = r.http.get(r.url("/readyz")).send().await.unwrap();
+    let v: Value = resp.json().await.unwrap();
+    assert_eq!(
+        v["models_without_healthy_backend"][0]["model"], "starting",
+        "{v}"
+    );
+    let (status, v) = r
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "starting", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(status, 503, "{v}");
+    let message = v["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        message.starts_with("no backend ready for model \"starting\""),
+        "{v}"
+    );
+    let (status, _) = r
+        .post(
+            "/v1/chat/completions",
+            json!({"model": "other", "messages": [{"role": "user", "content": "hi"}]}),
+        )
+        .await;
+    assert_eq!(status, 404);
+    let (status, v) = r
+        .post(
+            "/api/generate",
+            json!({"model": "starting", "prompt": "hi"}),
+        )
+        .await;
+    assert_eq!(status, 503, "{v}");
+    let (status, v) = r
+        .http
+        .get(r.url("/v1/models"))
+        .send()
+        .await
+        .map(|x| (x.status(), x))
+        .unwrap();
+    assert_eq!(status, 200);
+    let v: Value = v.json().await.unwrap();
+    assert_eq!(v["data"][0]["id"], "starting", "{v}");
+
+    use shardserve_proto::v1::inference_client::InferenceClient;
+    let mut client = InferenceClient::connect(format!("http://{}", r.grpc))
+        .await
+        .unwrap();
+    let err = client
+        .generate(pb::GenerateRequest {
+            model: "starting".into(),
+            prompt: Some(pb::generate_request::Prompt::Text("Hello".into())),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
 }
 
 #[tokio::test]

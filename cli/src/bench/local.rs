@@ -22,54 +22,72 @@ struct Report {
 
 #[derive(Serialize)]
 struct Row {
+    batch: usize,
     prompt_tokens: usize,
     gen_tokens: usize,
     prefill_tok_s: f64,
     decode_tok_s: f64,
     /// Rank 0's time in collectives per decode step (ms), waiting for peers included.
+    /// (Per step, which is per token of each sequence of the batch.)
     decode_comm_ms_per_token: f64,
 }
 
 pub(super) fn run(args: &BenchArgs, model: &Path, prompt_tokens: &[usize]) -> Result<()> {
     let threads = args.threads.apply()?;
     let longest = prompt_tokens.iter().max().copied().unwrap_or(0) + args.gen_tokens + 1;
+    let widest = args.batch.iter().copied().max().unwrap_or(1).max(1);
     let options = EngineOptions {
         max_seq_len: Some(longest.max(64)),
+        max_num_seqs: widest,
         ..EngineOptions::default()
     };
     let mut engine = crate::group::load_local(model, &options, args.tensor, threads)?;
     let filler = engine.tokenizer().encode(super::FILLER, false, false)?;
-    let prompt_of = |n: usize| -> Vec<u32> { filler.iter().copied().cycle().take(n).collect() };
+    // Sequence i starts i tokens into the filler: equal lengths, different tokens.
+    let prompt_of = |n: usize, i: usize| -> Vec<u32> {
+        filler.iter().copied().cycle().skip(i).take(n).collect()
+    };
     // Warm-up: first-touch of the weights and the allocator's arenas.
-    engine.run_fixed(&prompt_of(16), 4, |_, _| {})?;
+    engine.run_fixed(&prompt_of(16, 0), 4, |_, _| {})?;
 
     let mut results = Vec::new();
-    for &p in prompt_tokens {
-        let prompt = prompt_of(p);
-        let mut prefill = Vec::new();
-        let mut decode = Vec::new();
-        let mut comm = Vec::new();
-        for _ in 0..args.repetitions.max(1) {
-            let start = Instant::now();
-            let mut comm_marks = Vec::with_capacity(2);
-            let mut marks = Vec::with_capacity(2);
-            engine.run_fixed(&prompt, args.gen_tokens, |phase: BenchPhase, comm_time| {
-                marks.push((phase, Instant::now()));
-                comm_marks.push(comm_time);
-            })?;
-            let prefilled = marks[0].1;
-            let decoded = marks[1].1;
-            prefill.push(p as f64 / (prefilled - start).as_secs_f64());
-            decode.push(args.gen_tokens as f64 / (decoded - prefilled).as_secs_f64());
-            comm.push((comm_marks[1] - comm_marks[0]).as_secs_f64() * 1e3 / args.gen_tokens as f64);
+    for &batch in &args.batch {
+        let batch = batch.max(1);
+        for &p in prompt_tokens {
+            let prompts: Vec<Vec<u32>> = (0..batch).map(|i| prompt_of(p, i)).collect();
+            let mut prefill = Vec::new();
+            let mut decode = Vec::new();
+            let mut comm = Vec::new();
+            for _ in 0..args.repetitions.max(1) {
+                let start = Instant::now();
+                let mut comm_marks = Vec::with_capacity(2);
+                let mut marks = Vec::with_capacity(2);
+                engine.run_fixed_batch(
+                    &prompts,
+                    args.gen_tokens,
+                    |phase: BenchPhase, comm_time| {
+                        marks.push((phase, Instant::now()));
+                        comm_marks.push(comm_time);
+                    },
+                )?;
+                let prefilled = marks[0].1;
+                let decoded = marks[1].1;
+                let tokens = (batch * args.gen_tokens) as f64;
+                prefill.push((batch * p) as f64 / (prefilled - start).as_secs_f64());
+                decode.push(tokens / (decoded - prefilled).as_secs_f64());
+                comm.push(
+                    (comm_marks[1] - comm_marks[0]).as_secs_f64() * 1e3 / args.gen_tokens as f64,
+                );
+            }
+            results.push(Row {
+                batch,
+                prompt_tokens: p,
+                gen_tokens: args.gen_tokens,
+                prefill_tok_s: median(prefill),
+                decode_tok_s: median(decode),
+                decode_comm_ms_per_token: median(comm),
+            });
         }
-        results.push(Row {
-            prompt_tokens: p,
-            gen_tokens: args.gen_tokens,
-            prefill_tok_s: median(prefill),
-            decode_tok_s: median(decode),
-            decode_comm_ms_per_token: median(comm),
-        });
     }
     let report = Report {
         model: model.display().to_string(),
@@ -86,12 +104,13 @@ pub(super) fn run(args: &BenchArgs, model: &Path, prompt_tokens: &[usize]) -> Re
             report.model, report.threads, report.tensor, report.simd
         );
         println!(
-            "{:>13} {:>10} {:>14} {:>13} {:>18}",
-            "prompt_tokens", "gen_tokens", "prefill tok/s", "decode tok/s", "comm ms/token"
+            "{:>5} {:>13} {:>10} {:>14} {:>13} {:>18}",
+            "batch", "prompt_tokens", "gen_tokens", "prefill tok/s", "decode tok/s", "comm ms/step"
         );
         for r in &report.results {
             println!(
-                "{:>13} {:>10} {:>14.1} {:>13.1} {:>18.3}",
+                "{:>5} {:>13} {:>10} {:>14.1} {:>13.1} {:>18.3}",
+                r.batch,
                 r.prompt_tokens,
                 r.gen_tokens,
                 r.prefill_tok_s,

@@ -35,6 +35,15 @@ pub struct BenchArgs {
     pub gen_tokens: usize,
     #[arg(long, default_value_t = 3, conflicts_with = "url")]
     pub repetitions: usize,
+    /// Without --url: sequences run together, one batch per value
+    /// (comma-separated; decode tok/s is then the batch's aggregate).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "1",
+        conflicts_with = "url"
+    )]
+    pub batch: Vec<usize>,
     /// Print one JSON object instead of a table.
     #[arg(long)]
     pub json: bool,

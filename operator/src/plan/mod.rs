@@ -175,6 +175,28 @@ pub fn plan(spec: &ModelDeploymentSpec, shape: &Shape, gpu_memory: u64) -> Plan 
     }
 }
 
+/// How a group is laid out over pods, as [`plan`] computes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Layout {
+    /// Pods of one group: one per node the group spans.
+    pub pods_per_group: u32,
+    /// Ranks in each pod.
+    pub ranks_per_pod: u32,
+}
+
+/// The pod layout of `spec` alone (no model shape, no GPU memory), and why
+/// it cannot run (empty when it can): what the operator needs when the
+/// model's shape is unknown.
+pub fn layout(spec: &ModelDeploymentSpec) -> (Layout, Vec<Misfit>) {
+    let mut reasons = Vec::new();
+    let (pods_per_group, ranks_per_pod) = topology(spec, &mut reasons);
+    let layout = Layout {
+        pods_per_group,
+        ranks_per_pod,
+    };
+    (layout, reasons)
+}
+
 /// Pods per group and ranks per pod: a group fills nodes, one pod per node.
 fn topology(spec: &ModelDeploymentSpec, reasons: &mut Vec<Misfit>) -> (u32, u32) {
     let tensor = spec.tensor.max(1);

@@ -128,6 +128,12 @@ impl From<PickError> for ApiError {
                 format!("model is required: this router serves {models:?}"),
                 Some("model"),
             ),
+            PickError::NoBackends(m) => ApiError::new(
+                ErrorKind::Unavailable,
+                format!(
+                    "no backend ready for model {m:?}: its workers are starting (or it has none); try again shortly"
+                ),
+            ),
             PickError::NoHealthy(m) => ApiError::new(
                 ErrorKind::Unavailable,
                 format!("no healthy backend for model {m:?}; try again shortly"),
@@ -209,6 +215,9 @@ mod tests {
         assert_eq!(response.headers()[header::RETRY_AFTER], "1");
         let e = ApiError::from(PickError::NoHealthy("m".into()));
         assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let e = ApiError::from(PickError::NoBackends("m".into()));
+        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(e.message.starts_with("no backend ready for model \"m\""));
     }
 
     #[test]

@@ -10,6 +10,7 @@ pub(crate) mod openai;
 mod params;
 pub(crate) mod tgi;
 
+use std::sync::Arc;
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use std::convert::Infallible;
@@ -27,12 +28,17 @@ pub(crate) use params::{Limits, Sampling, check_max_tokens, stop_list};
 
 use tonic::Status;
 
+use crate::config::Readiness;
+use crate::discovery::Discovery;
 use crate::dispatch::{Generation, Upstream, retryable};
 
 /// What every HTTP handler gets.
 #[derive(Clone)]
 pub(crate) struct AppState {
     pub upstream: Upstream,
+    /// Asked by `/readyz` whether the deployments are known yet.
+    pub discovery: Arc<dyn Discovery>,
+    pub readiness: Readiness,
 }
 
 /// Parses a JSON body; malformed JSON and wrong types are 400s whose message

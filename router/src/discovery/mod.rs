@@ -1,8 +1,14 @@
 //! Where backends come from. The router watches a [`Discovery`] and rebuilds
 //! its index whenever the list changes: [`StaticDiscovery`] for local runs
-//! (`shardserve up`, `--backend MODEL=URL`), a Kubernetes watcher later.
+//! (`shardserve up`, `--backend MODEL=URL`), [`KubernetesDiscovery`] in a
+//! cluster (ModelDeployments and the EndpointSlices of their rank-0
+//! Services).
+
+mod kubernetes;
 
 use tokio::sync::watch;
+
+pub use kubernetes::KubernetesDiscovery;
 
 /// One worker group's leader, reachable over gRPC.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -13,7 +19,9 @@ pub struct Backend {
     pub grpc_uri: String,
 }
 
-/// The backends that serve one model.
+/// The backends that serve one model. A deployment without backends is a
+/// model that exists but has nothing ready yet (its pods are starting):
+/// requests for it answer 503, not 404.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Deployment {
     /// The served model name clients ask for.
@@ -24,6 +32,12 @@ pub struct Deployment {
 /// A source of deployments; the router follows the latest value.
 pub trait Discovery: Send + Sync + 'static {
     fn watch(&self) -> watch::Receiver<Vec<Deployment>>;
+
+    /// Whether the deployments are complete: a watcher has listed everything
+    /// once. Until then an empty list means "not known yet", not "none".
+    fn synced(&self) -> bool {
+        true
+    }
 }
 
 /// A fixed list of deployments.

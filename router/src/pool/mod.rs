@@ -29,6 +29,9 @@ pub(crate) enum PickError {
     UnknownModel(String),
     /// The request named no model and several are served.
     ModelRequired(Vec<String>),
+    /// The model exists but has no backend at all yet (its pods are
+    /// starting, or it was scaled to zero).
+    NoBackends(String),
     NoHealthy(String),
     Overloaded(String),
 }
@@ -218,6 +221,9 @@ impl Pool {
             .deployments
             .get_mut(model)
             .ok_or_else(|| PickError::UnknownModel(model.to_string()))?;
+        if deployment.backends.is_empty() {
+            return Err(PickError::NoBackends(model.to_string()));
+        }
         let candidates: Vec<Candidate> = deployment
             .backends
             .iter()

@@ -116,3 +116,16 @@ async fn updates_keep_the_state_of_backends_that_stay() {
     pool.update(&[]);
     assert!(pool.models().is_empty());
 }
+
+#[tokio::test]
+async fn a_known_model_without_backends_is_no_backends_not_unknown() {
+    let pool = pool(8, &[deployment("starting", &[])]);
+    assert_eq!(pool.resolve("starting").unwrap(), "starting");
+    assert_eq!(
+        pool.lease("starting", 1, &[]).err(),
+        Some(PickError::NoBackends("starting".into()))
+    );
+    assert_eq!(pool.models()[0].backends, 0);
+    pool.update(&[deployment("starting", &["a"])]);
+    assert_eq!(pool.lease("starting", 1, &[]).unwrap().backend, "a");
+}

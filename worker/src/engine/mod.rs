@@ -643,35 +643,74 @@ impl Engine {
         &mut self,
         prompt: &[u32],
         new_tokens: usize,
-        mut on_phase: impl FnMut(BenchPhase, std::time::Duration),
+        on_phase: impl FnMut(BenchPhase, std::time::Duration),
     ) -> Result<Vec<u32>, EngineError> {
-        if prompt.is_empty() || prompt.len() + new_tokens + 1 > self.info.max_seq_len {
-            return Err(EngineError::InvalidRequest(format!(
-                "{} prompt and {new_tokens} generated tokens do not fit the context of {}",
-                prompt.len(),
-                self.info.max_seq_len
-            )));
+        let mut out = self.run_fixed_batch(&[prompt.to_vec()], new_tokens, on_phase)?;
+        Ok(out.pop().unwrap_or_default())
+    }
+
+    /// For benchmarks: `prompts` together, as one batch: every prompt is
+    /// prefilled (in chunks, several per step), then `new_tokens` greedy
+    /// decode steps run over all of them. `on_phase` marks the end of the
+    /// prefill (every sequence has its first token) and of the decode.
+    pub fn run_fixed_batch(
+        &mut self,
+        prompts: &[Vec<u32>],
+        new_tokens: usize,
+        mut on_phase: impl FnMut(BenchPhase, std::time::Duration),
+    ) -> Result<Vec<Vec<u32>>, EngineError> {
+        let mut ids = Vec::with_capacity(prompts.len());
+        for prompt in prompts {
+            if prompt.is_empty() || prompt.len() + new_tokens + 1 > self.info.max_seq_len {
+                return Err(EngineError::InvalidRequest(format!(
+                    "{} prompt and {new_tokens} generated tokens do not fit the context of {}",
+                    prompt.len(),
+                    self.info.max_seq_len
+                )));
+            }
+            let mut request = GenerationRequest::new(Prompt::Ids(prompt.clone()));
+            // The prefill's token, then one per decode step.
+            request.stopping.max_tokens = Some(new_tokens + 1);
+            request.stopping.ignore_eos = true;
+            // Repetitions of one prompt must compute it every time.
+            ids.push(self.add_with(request, false)?);
         }
-        let mut request = GenerationRequest::new(Prompt::Ids(prompt.to_vec()));
-        // The prefill's token, then one per decode step.
-        request.stopping.max_tokens = Some(new_tokens + 1);
-        request.stopping.ignore_eos = true;
-        // Repetitions of one prompt must compute it every time.
-        let id = self.add_with(request, false)?;
-        let group = self.group.clone();
-        let mut first = true;
-        let finished = self
-            .run_alone(id, &mut |_| {
-                if std::mem::take(&mut first) {
-                    on_phase(BenchPhase::Prefilled, group.time_spent());
+        let mut started = 0;
+        let mut done = std::collections::HashMap::new();
+        while done.len() < ids.len() {
+            for StepEvent { seq, event } in self.step()? {
+                match event {
+                    EngineEvent::Token(_) => {}
+                    EngineEvent::Finished(f) => {
+                        done.insert(seq, f.token_ids);
+                    }
+                    EngineEvent::Error(e) => return Err(e),
                 }
-                Flow::Continue
-            })?
-            .ok_or(EngineError::Stopped)?;
+            }
+            if started < ids.len() {
+                started = ids.iter().filter(|id| self.started(**id)).count();
+                if started == ids.len() {
+                    on_phase(BenchPhase::Prefilled, self.group.time_spent());
+                }
+            }
+            if !self.has_work() && done.len() < ids.len() {
+                return Err(EngineError::Stopped);
+            }
+        }
         on_phase(BenchPhase::Decoded, self.group.time_spent());
-        let mut ids = finished.token_ids;
-        ids.truncate(new_tokens);
-        Ok(ids)
+        Ok(ids
+            .iter()
+            .map(|id| {
+                let mut out = done.remove(id).unwrap_or_default();
+                out.truncate(new_tokens);
+                out
+            })
+            .collect())
+    }
+
+    /// Whether a sequence has sampled its first token (or ended).
+    fn started(&self, seq: SeqId) -> bool {
+        self.active.get(&seq).is_none_or(|a| a.generated() > 0)
     }
 }
 

@@ -48,6 +48,11 @@ impl Active {
         }
     }
 
+    /// Tokens generated so far.
+    pub fn generated(&self) -> usize {
+        self.generated.len()
+    }
+
     /// Whether the next prompt span must return every token's logits.
     pub fn wants_prompt_scores(&self) -> bool {
         self.prompt_scores

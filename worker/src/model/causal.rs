@@ -92,7 +92,11 @@ fn attend_row(args: &RowArgs<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
     let mut left = args.len;
     for block in &view.keys {
         let n = left.min(bs);
-        scores.extend((0..n).map(|i| dot(args.q, &block[i * kv_row + off..][..d]) * scale));
+        // A plain loop, not an iterator closure: a closure is compiled on its
+        // own, without the AVX2 of this function, and `dot` would not vectorise.
+        for i in 0..n {
+            scores.push(dot(args.q, &block[i * kv_row + off..][..d]) * scale);
+        }
         left -= n;
     }
     let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);

@@ -231,22 +231,31 @@ impl Transformer {
             let h = swiglu(&block.gate_up.forward(&h)?);
             x.add_assign(&block.down.forward(&h)?);
         }
-        let mut out = Vec::with_capacity(spans.len());
+        // Every row any span wants, gathered so the head runs once per step.
+        let mut wanted = Vec::new();
+        let mut counts = Vec::with_capacity(spans.len());
         let mut offset = 0;
         for span in spans {
             let n = span.tokens.len();
             let rows = match span.logits {
-                LogitsFor::Last if n > 0 => Some(x.slice(offset + n - 1, 1)),
-                LogitsFor::All if n > 0 => Some(x.slice(offset, n)),
-                _ => None,
+                LogitsFor::Last if n > 0 => offset + n - 1..offset + n,
+                LogitsFor::All => offset..offset + n,
+                _ => 0..0,
             };
-            out.push(match rows {
-                Some(rows) => self.logits(&rows)?,
-                None => Vec::new(),
-            });
+            counts.push(rows.len());
+            wanted.extend(rows);
             offset += n;
         }
-        Ok(out)
+        let mut rows = if wanted.is_empty() {
+            Vec::new()
+        } else {
+            self.logits(&x.gather(&wanted))?
+        }
+        .into_iter();
+        Ok(counts
+            .into_iter()
+            .map(|n| rows.by_ref().take(n).collect())
+            .collect())
     }
 
     fn logits(&self, hidden: &Rows) -> Result<Vec<Vec<f32>>, ModelError> {

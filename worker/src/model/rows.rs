@@ -33,12 +33,13 @@ impl Rows {
         &self.data[i * self.width..(i + 1) * self.width]
     }
 
-    /// Rows `start..start + len` as a new block.
-    pub fn slice(&self, start: usize, len: usize) -> Rows {
-        Rows::new(
-            self.data[start * self.width..(start + len) * self.width].to_vec(),
-            self.width,
-        )
+    /// The rows at `indices`, in that order, as a new block.
+    pub fn gather(&self, indices: &[usize]) -> Rows {
+        let mut data = Vec::with_capacity(indices.len() * self.width);
+        for &i in indices {
+            data.extend_from_slice(self.row(i));
+        }
+        Rows::new(data, self.width)
     }
 
     /// Splits each row into consecutive column blocks of `widths`.
@@ -166,7 +167,7 @@ mod tests {
         let w: Vec<f32> = (0..1200).map(|i| i as f32 / 600.0).collect();
         let big = rms_norm(&all, &w, 1e-5);
         for i in [0, 31, 63] {
-            assert_eq!(rms_norm(&all.slice(i, 1), &w, 1e-5).row(0), big.row(i));
+            assert_eq!(rms_norm(&all.gather(&[i]), &w, 1e-5).row(0), big.row(i));
         }
     }
 }

@@ -1,0 +1,160 @@
+//! `shardserve operator`: the ModelDeployment controller, as the Helm chart
+//! runs it (`charts/shardserve/templates/operator-deployment.yaml`).
+
+use std::net::SocketAddr;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use shardserve_operator::leader::LeaseSettings;
+use shardserve_operator::{OperatorSettings, run as run_operator};
+
+#[derive(Args, Debug)]
+pub struct OperatorArgs {
+    /// Address to serve /healthz, /readyz and /metrics on.
+    #[arg(long, default_value = "0.0.0.0:8081")]
+    pub health_addr: SocketAddr,
+    /// Image of the worker pods when a ModelDeployment names none (the operator's own).
+    #[arg(long, env = "SHARDSERVE_WORKER_IMAGE")]
+    pub worker_image: String,
+    /// Watch ModelDeployments in this namespace only (default: every namespace).
+    #[arg(long)]
+    pub namespace: Option<String>,
+    /// Reconcile only while holding a Lease, so that several replicas can run.
+    #[arg(long)]
+    pub leader_election: bool,
+    /// Namespace of the Lease (default: the pod's own, from POD_NAMESPACE).
+    #[arg(long, env = "POD_NAMESPACE")]
+    pub leader_election_namespace: Option<String>,
+    /// Name of the Lease.
+    #[arg(long, default_value = "shardserve-operator")]
+    pub leader_election_lease: String,
+    /// This replica's name in the Lease and in events (default: POD_NAME, else the host name).
+    #[arg(long, env = "POD_NAME")]
+    pub identity: Option<String>,
+}
+
+pub fn run(args: OperatorArgs) -> Result<()> {
+    let identity = args
+        .identity
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| format!("shardserve-operator-{}", std::process::id()));
+    let leader_election = args.leader_election.then(|| LeaseSettings {
+        namespace: args
+            .leader_election_namespace
+            .clone()
+            .unwrap_or_else(|| "default".into()),
+        name: args.leader_election_lease.clone(),
+        identity: identity.clone(),
+    });
+    let settings = OperatorSettings {
+        health_addr: args.health_addr,
+        worker_image: args.worker_image,
+        namespace: args.namespace,
+        leader_election,
+        identity,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    runtime.block_on(run_operator(settings))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: OperatorArgs,
+    }
+
+    #[test]
+    fn the_charts_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "operator",
+            "--health-addr=0.0.0.0:8081",
+            "--worker-image=ghcr.io/shardserve/shardserve:0.1.0",
+            "--namespace=models",
+            "--leader-election",
+            "--leader-election-namespace=shardserve",
+            "--leader-election-lease=shardserve-operator",
+        ])
+        .unwrap();
+        let a = cli.args;
+        assert_eq!(a.health_addr, "0.0.0.0:8081".parse().unwrap());
+        assert_eq!(a.worker_image, "ghcr.io/shardserve/shardserve:0.1.0");
+        assert_eq!(a.namespace.as_deref(), Some("models"));
+        assert!(a.leader_election);
+        assert_eq!(a.leader_election_namespace.as_deref(), Some("shardserve"));
+        assert_eq!(a.leader_election_lease, "shardserve-operator");
+    }
+
+    /// The operator points workers at the file `shardserve model fetch`
+    /// leaves in the cache; both must agree on the layout.
+    #[test]
+    fn workers_load_the_file_model_fetch_writes() {
+        use shardserve_operator::controller::desired::{MODEL_DIR, ModelFiles};
+        let source = shardserve_operator::ModelSource::parse(crate::model::DEMO_SOURCE).unwrap();
+        let fetched = crate::model::demo_path(std::path::Path::new(MODEL_DIR));
+        assert_eq!(ModelFiles::of(&source).path(), fetched.to_str().unwrap());
+    }
+
+    /// The worker accepts the arguments the operator gives rank pods, and
+    /// every rank of a group spanning pods gets its own global rank.
+    #[test]
+    fn rank_pods_arguments_make_every_rank_once() {
+        use shardserve_operator::controller::{check::check, desired};
+        #[derive(Parser)]
+        struct Worker {
+            #[command(flatten)]
+            args: crate::worker::WorkerArgs,
+        }
+        let text = include_str!("../../examples/llama-3-70b-2-nodes.yaml");
+        let mut md = shardserve_operator::parse_manifests(text)
+            .unwrap()
+            .remove(0);
+        md.metadata.namespace = Some("llm".into());
+        md.metadata.uid = Some("uid".into());
+        let settings = desired::WorkerSettings {
+            image: "shardserve".into(),
+        };
+        let objects = desired::desired(&md, &check(&md).unwrap(), &settings).unwrap();
+        let statefulset = &objects.groups[0].statefulset;
+        let pod = statefulset
+            .spec
+            .as_ref()
+            .unwrap()
+            .template
+            .spec
+            .as_ref()
+            .unwrap();
+        let mut ranks = Vec::new();
+        for index in 0..2 {
+            for container in &pod.containers {
+                // What Kubernetes does with $(VAR) in args.
+                let args = container.args.as_ref().unwrap();
+                assert_eq!(args[0], "worker");
+                let args = args[1..]
+                    .iter()
+                    .map(|a| a.replace("$(SHARDSERVE_POD_INDEX)", &index.to_string()));
+                let worker =
+                    Worker::try_parse_from(std::iter::once("shardserve".to_string()).chain(args))
+                        .unwrap()
+                        .args;
+                let group = worker.global_group().unwrap();
+                assert_eq!(group.tensor, 8);
+                assert_eq!(
+                    group.coordinator.as_deref(),
+                    Some("llama-3-70b-2-nodes-g0-0.llama-3-70b-2-nodes-g0.llm.svc:29500")
+                );
+                ranks.push(group.rank);
+            }
+        }
+        assert_eq!(ranks, (0..8).collect::<Vec<_>>());
+    }
+}

