@@ -29,6 +29,10 @@ impl Target {
         let client = reqwest::Client::builder()
             .connect_timeout(CONNECT_TIMEOUT)
             .timeout(timeout)
+            // A fresh connection per request: some servers (llama-server)
+            // close idle keep-alive connections just as a client reuses them,
+            // which would count as a failed request.
+            .pool_max_idle_per_host(0)
             .build()
             .context("setting up the HTTP client")?;
         Ok(Self {
