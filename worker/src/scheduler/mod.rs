@@ -193,50 +193,64 @@ impl Scheduler {
         }
     }
 
-    /// Plans the next step.
+    /// Plans the next step: one token for every decoding sequence, then the
+    /// first chunk of newly admitted requests, then further chunks of
+    /// prompts already being read. New requests go before continuing
+    /// prompts so that a short request's first token never waits for a long
+    /// prompt to be read; half the budget stays for those prompts when there
+    /// are any, so they keep progressing too.
     pub fn schedule(&mut self) -> StepPlan {
         let mut plan = StepPlan::default();
         let mut budget = self.config.max_batch_tokens;
-        // Decoders first (one token each), then prompts being prefilled.
-        let mut order: Vec<SeqId> = self.running.clone();
-        order.sort_by_key(|id| {
-            let s = &self.seqs[id];
-            s.tokens.len() - s.computed > 1
-        });
-        for id in order {
-            if budget == 0 {
+        let (decoding, prefilling): (Vec<SeqId>, Vec<SeqId>) =
+            self.running.iter().partition(|id| {
+                let s = &self.seqs[id];
+                s.tokens.len() - s.computed <= 1
+            });
+        self.continue_running(&decoding, &mut plan, &mut budget);
+        let reserve = if prefilling.is_empty() { 0 } else { budget / 2 };
+        let mut admission = budget - reserve;
+        while admission > 0 && self.running.len() < self.config.max_num_seqs {
+            let Some(&id) = self.waiting.first() else {
+                break;
+            };
+            let Some(n) = self.admit(id, admission) else {
+                break;
+            };
+            admission -= n;
+            budget -= n;
+            plan.spans.push(self.span(id, n));
+        }
+        self.continue_running(&prefilling, &mut plan, &mut budget);
+        plan
+    }
+
+    /// Gives each of `ids` (running, in admission order) its next span,
+    /// within `budget`.
+    fn continue_running(&mut self, ids: &[SeqId], plan: &mut StepPlan, budget: &mut usize) {
+        for &id in ids {
+            if *budget == 0 {
                 break;
             }
             if !self.running.contains(&id) {
-                continue; // preempted for an earlier sequence in this loop
+                continue; // preempted for an earlier sequence in this step
             }
             let (need, computed, held) = {
                 let s = &self.seqs[&id];
                 (s.tokens.len() - s.computed, s.computed, s.blocks.len())
             };
-            let n = need.min(budget);
+            let n = need.min(*budget);
             if n == 0 {
                 continue;
             }
             let want = self.blocks.blocks_for(computed + n).saturating_sub(held);
-            if !self.make_room(id, want, &mut plan, &mut budget) {
+            if !self.make_room(id, want, plan, budget) {
                 continue; // it was preempted itself
             }
             self.grant(id, want);
-            budget -= n;
+            *budget -= n;
             plan.spans.push(self.span(id, n));
         }
-        while budget > 0 && self.running.len() < self.config.max_num_seqs {
-            let Some(&id) = self.waiting.first() else {
-                break;
-            };
-            let Some(n) = self.admit(id, budget) else {
-                break;
-            };
-            budget -= n;
-            plan.spans.push(self.span(id, n));
-        }
-        plan
     }
 
     fn span(&self, id: SeqId, n: usize) -> ScheduledSpan {

@@ -121,6 +121,46 @@ fn a_tiny_cache_preempts_and_still_finishes_everything_the_same() {
 }
 
 #[test]
+fn a_new_request_starts_while_a_long_prompt_is_read() {
+    let mut s = scheduler(256, 4, 4, 16);
+    s.add(1, prompt(200, 1), 0, true);
+    let plan = s.schedule();
+    assert_eq!(
+        plan.spans[0].len, 16,
+        "the long prompt takes the whole budget alone"
+    );
+    s.complete(&plan);
+    s.add(2, prompt(5, 2), 0, true);
+    let plan = s.schedule();
+    check_plan(&s, &plan);
+    let short = plan
+        .spans
+        .iter()
+        .find(|sp| sp.seq == 2)
+        .expect("admitted at once");
+    assert_eq!(short.len, 5);
+    assert!(short.completes, "its first token comes out of this step");
+    let long = plan
+        .spans
+        .iter()
+        .find(|sp| sp.seq == 1)
+        .expect("the long prompt goes on");
+    assert_eq!(long.len, 11, "with the rest of the budget");
+    // With half the budget reserved, a stream of new long prompts cannot stall it.
+    s.complete(&plan);
+    s.append(2, 7);
+    s.add(3, prompt(100, 3), 0, true);
+    let plan = s.schedule();
+    let len = |id| {
+        plan.spans
+            .iter()
+            .find(|sp| sp.seq == id)
+            .map_or(0, |sp| sp.len)
+    };
+    assert_eq!((len(2), len(3), len(1)), (1, 8, 7));
+}
+
+#[test]
 fn a_repeated_prefix_is_served_from_the_cache() {
     let mut s = scheduler(64, 4, 4, 64);
     let system = prompt(40, 3);
