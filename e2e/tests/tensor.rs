@@ -106,8 +106,9 @@ fn post(addr: &str, url_path: &str, body: &str, timeout: Duration) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
-#[test]
-fn a_killed_rank_fails_the_request_fast_and_the_group_exits() {
+/// Starts `shardserve up examples/smollm2-tp3.yaml` and waits until it answers;
+/// returns the process and its HTTP address.
+fn start_tensor_3_stack() -> (std::process::Child, String) {
     demo_model();
     let http = format!("127.0.0.1:{}", free_port());
     let grpc = format!("127.0.0.1:{}", free_port());
@@ -140,7 +141,73 @@ fn a_killed_rank_fails_the_request_fast_and_the_group_exits() {
         }
         std::thread::sleep(Duration::from_millis(300));
     };
-    assert!(ready, "the tensor-3 stack did not come up");
+    if !ready {
+        let _ = up.kill();
+        panic!("the tensor-3 stack did not come up");
+    }
+    (up, http)
+}
+
+/// The generated text of a non-streamed completion response.
+fn completion_text(response: &str) -> String {
+    let body = &response[response.find("\r\n\r\n").map_or(0, |i| i + 4)..];
+    let json: serde_json::Value = serde_json::from_str(body)
+        .unwrap_or_else(|e| panic!("not a JSON completion ({e}): {response}"));
+    json["choices"][0]["text"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no text in {json}"))
+        .to_string()
+}
+
+#[test]
+fn tensor_3_batches_requests_and_each_answer_is_the_one_it_gets_alone() {
+    let (mut up, http) = start_tensor_3_stack();
+    let request = |prompt: &str| {
+        format!(
+            r#"{{"model":"smollm2-tp3","prompt":{},"max_tokens":12,"temperature":0}}"#,
+            serde_json::Value::from(prompt)
+        )
+    };
+    let target = "The three primary colours are";
+    let alone = completion_text(&post(
+        &http,
+        "/v1/completions",
+        &request(target),
+        Duration::from_secs(120),
+    ));
+    let others = [
+        "Once upon a time",
+        "The capital of Italy is",
+        "def fibonacci(n):",
+        "My favourite food is",
+        "Water boils at",
+    ];
+    // All at once: the leader runs them as one batch and every rank follows
+    // the same batched steps.
+    let threads: Vec<_> = std::iter::once(target)
+        .chain(others)
+        .map(|prompt| {
+            let (http, body) = (http.clone(), request(prompt));
+            std::thread::spawn(move || {
+                completion_text(&post(
+                    &http,
+                    "/v1/completions",
+                    &body,
+                    Duration::from_secs(300),
+                ))
+            })
+        })
+        .collect();
+    let answers: Vec<String> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    let _ = up.kill();
+    let _ = up.wait();
+    assert_eq!(answers[0], alone, "batched at tensor 3, the answer changed");
+    assert!(answers.iter().all(|a| !a.is_empty()));
+}
+
+#[test]
+fn a_killed_rank_fails_the_request_fast_and_the_group_exits() {
+    let (mut up, http) = start_tensor_3_stack();
     let ranks: Vec<u32> = children_of(up.id())
         .into_iter()
         .filter(|&p| cmdline(p).contains(" worker "))
