@@ -1,8 +1,9 @@
 //! Helpers of the end-to-end tests (in `tests/`), which drive the
 //! `shardserve` binary as a user would.
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
 
 /// The `shardserve` binary of this build (next to the test executables).
 pub fn shardserve_bin() -> PathBuf {
@@ -120,4 +121,112 @@ pub fn signal(pid: u32, signal: &str) {
         .status()
         .expect("kill runs");
     assert!(status.success(), "kill -{signal} {pid} failed");
+}
+
+/// Loading the demo model takes seconds; this only guards against a hang.
+pub const STARTUP: Duration = Duration::from_secs(300);
+
+/// A `shardserve` process (one compute thread) whose output goes to files,
+/// so that tests can wait for it with deadlines; stopped with Ctrl-C, then
+/// killed, when dropped.
+pub struct Process {
+    pub child: Child,
+    stdout: PathBuf,
+    stderr: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Process {
+    pub fn start<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Self {
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let stdout = dir.path().join("stdout");
+        let stderr = dir.path().join("stderr");
+        let child = Command::new(shardserve_bin())
+            .args(args)
+            .env("SHARDSERVE_THREADS", "1")
+            .env_remove("SHARDSERVE_API_KEY")
+            .stdin(Stdio::null())
+            .stdout(std::fs::File::create(&stdout).expect("stdout file"))
+            .stderr(std::fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("shardserve starts");
+        Process {
+            child,
+            stdout,
+            stderr,
+            _dir: dir,
+        }
+    }
+
+    pub fn stdout(&self) -> String {
+        std::fs::read_to_string(&self.stdout).unwrap_or_default()
+    }
+
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits until `shardserve up` prints that everything is ready.
+    pub fn wait_ready(&mut self) {
+        let start = Instant::now();
+        while !self.stdout().contains("Ctrl-C stops") {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                panic!(
+                    "up exited ({status}) before it was ready:\n{}",
+                    self.stderr()
+                );
+            }
+            assert!(
+                start.elapsed() < STARTUP,
+                "up not ready:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+
+    /// Waits for the process to exit; kills it and fails after `within`.
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let start = Instant::now();
+        loop {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return status;
+            }
+            if start.elapsed() > within {
+                let _ = self.child.kill();
+                panic!("still running after {within:?}:\n{}", self.stderr());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            signal(self.child.id(), "INT");
+            let start = Instant::now();
+            while matches!(self.child.try_wait(), Ok(None))
+                && start.elapsed() < Duration::from_secs(20)
+            {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A manifest in `dir` for the demo model file already in the cache (no pip).
+pub fn demo_manifest(dir: &Path, name: &str, replicas: u32) -> PathBuf {
+    let path = dir.join(format!("{name}.yaml"));
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: shardserve.io/v1alpha1\nkind: ModelDeployment\nmetadata:\n  name: {name}\nspec:\n  model:\n    source: file://{}\n  replicas: {replicas}\n  engine:\n    maxSeqLen: 512\n",
+            demo_model().display()
+        ),
+    )
+    .expect("manifest written");
+    path
 }

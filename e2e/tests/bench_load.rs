@@ -2,129 +2,22 @@
 //! (`shardserve up` on the demo model), and against an address where
 //! nothing listens (it fails fast, saying why, instead of hanging).
 
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
-use shardserve_e2e::{demo_model, free_port, shardserve_bin, signal};
+use shardserve_e2e::{Process, demo_manifest, free_port};
 
-/// Loading the demo model takes seconds; this only guards against a hang.
-const STARTUP: Duration = Duration::from_secs(300);
 /// The bench below takes seconds; this only guards against a hang.
 const BENCH: Duration = Duration::from_secs(180);
-
-/// A process whose output goes to files, so that it can be waited for with
-/// a deadline; `shardserve up` is stopped with Ctrl-C when dropped.
-struct Proc {
-    child: Child,
-    stdout: PathBuf,
-    stderr: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Proc {
-    fn start(args: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let stdout = dir.path().join("stdout");
-        let stderr = dir.path().join("stderr");
-        let child = Command::new(shardserve_bin())
-            .args(args)
-            .env("SHARDSERVE_THREADS", "1")
-            .env_remove("SHARDSERVE_API_KEY")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&stdout).unwrap())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .expect("shardserve starts");
-        Proc {
-            child,
-            stdout,
-            stderr,
-            _dir: dir,
-        }
-    }
-
-    fn stdout(&self) -> String {
-        std::fs::read_to_string(&self.stdout).unwrap_or_default()
-    }
-
-    fn stderr(&self) -> String {
-        std::fs::read_to_string(&self.stderr).unwrap_or_default()
-    }
-
-    /// Waits until `up` prints that everything is ready.
-    fn wait_ready(&mut self) {
-        let start = Instant::now();
-        while !self.stdout().contains("Ctrl-C stops") {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!(
-                    "up exited ({status}) before it was ready:\n{}",
-                    self.stderr()
-                );
-            }
-            assert!(
-                start.elapsed() < STARTUP,
-                "up not ready:\n{}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            if start.elapsed() > within {
-                let _ = self.child.kill();
-                panic!("still running after {within:?}:\n{}", self.stderr());
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            signal(self.child.id(), "INT");
-            let start = Instant::now();
-            while matches!(self.child.try_wait(), Ok(None))
-                && start.elapsed() < Duration::from_secs(20)
-            {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// A manifest for the demo model file already in the cache (no pip).
-fn local_manifest(dir: &Path) -> PathBuf {
-    let path = dir.join("bench.yaml");
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: shardserve.io/v1alpha1\nkind: ModelDeployment\nmetadata:\n  name: bench\nspec:\n  model:\n    source: file://{}\n  replicas: 1\n  engine:\n    maxSeqLen: 512\n",
-            demo_model().display()
-        ),
-    )
-    .unwrap();
-    path
-}
 
 #[test]
 fn bench_url_measures_every_level_against_up() {
     let dir = tempfile::tempdir().unwrap();
-    let manifest = local_manifest(dir.path());
+    let manifest = demo_manifest(dir.path(), "bench", 1);
     let (http, grpc) = (free_port(), free_port());
     let http_addr = format!("127.0.0.1:{http}");
     let grpc_addr = format!("127.0.0.1:{grpc}");
-    let mut up = Proc::start(&[
+    let mut up = Process::start(&[
         "up",
         manifest.to_str().unwrap(),
         "--http-addr",
@@ -137,7 +30,7 @@ fn bench_url_measures_every_level_against_up() {
     // The model is not named: bench asks /v1/models. A trailing /v1 (an
     // OpenAI base URL) is accepted.
     let url = format!("http://{http_addr}/v1");
-    let mut bench = Proc::start(&[
+    let mut bench = Process::start(&[
         "bench",
         "--url",
         url.as_str(),
@@ -218,7 +111,7 @@ fn bench_url_without_a_server_fails_fast_saying_why() {
             args.extend(["--model", m]);
         }
         let start = Instant::now();
-        let mut bench = Proc::start(&args);
+        let mut bench = Process::start(&args);
         let status = bench.wait_exit(Duration::from_secs(60));
         assert!(!status.success(), "bench must fail without a server");
         assert!(

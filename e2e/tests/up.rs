@@ -3,128 +3,20 @@
 //! manifests; and supervision (a dying child stops everything, Ctrl-C
 //! leaves no orphans).
 
-use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
+use std::time::Duration;
 
 use shardserve_e2e::{
-    children_of, cmdline, demo_model, free_port, is_alive, repo_root, shardserve_bin, signal,
+    Process, children_of, cmdline, demo_manifest, demo_model, free_port, is_alive, repo_root,
+    shardserve_bin, signal,
 };
 
-/// Loading the demo model takes seconds; this only guards against a hang.
-const STARTUP: Duration = Duration::from_secs(300);
-
-/// A running `shardserve up`, its output collected in files.
-struct Up {
-    child: Child,
-    stdout: PathBuf,
-    stderr: PathBuf,
-    _dir: tempfile::TempDir,
-}
-
-impl Up {
-    fn start(manifest: &Path, extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let stdout = dir.path().join("stdout");
-        let stderr = dir.path().join("stderr");
-        let child = Command::new(shardserve_bin())
-            .arg("up")
-            .arg(manifest)
-            .args(extra)
-            .env("SHARDSERVE_THREADS", "1")
-            .stdin(Stdio::null())
-            .stdout(std::fs::File::create(&stdout).unwrap())
-            .stderr(std::fs::File::create(&stderr).unwrap())
-            .spawn()
-            .expect("shardserve up starts");
-        Up {
-            child,
-            stdout,
-            stderr,
-            _dir: dir,
-        }
-    }
-
-    fn stdout(&self) -> String {
-        std::fs::read_to_string(&self.stdout).unwrap_or_default()
-    }
-
-    fn stderr(&self) -> String {
-        let mut s = String::new();
-        if let Ok(mut f) = std::fs::File::open(&self.stderr) {
-            let _ = f.read_to_string(&mut s);
-        }
-        s
-    }
-
-    /// Waits until `up` prints that everything is ready.
-    fn wait_ready(&mut self) {
-        let start = Instant::now();
-        loop {
-            let out = self.stdout();
-            if out.contains("Ctrl-C stops") {
-                return;
-            }
-            if let Some(status) = self.child.try_wait().unwrap() {
-                panic!(
-                    "up exited ({status}) before it was ready:\n{}",
-                    self.stderr()
-                );
-            }
-            assert!(
-                start.elapsed() < STARTUP,
-                "up not ready:\n{}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-    }
-
-    fn wait_exit(&mut self, within: Duration) -> ExitStatus {
-        let start = Instant::now();
-        loop {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return status;
-            }
-            assert!(
-                start.elapsed() < within,
-                "up still running after {within:?}:\n{}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    }
-}
-
-impl Drop for Up {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            signal(self.child.id(), "INT");
-            let start = Instant::now();
-            while matches!(self.child.try_wait(), Ok(None))
-                && start.elapsed() < Duration::from_secs(20)
-            {
-                std::thread::sleep(Duration::from_millis(100));
-            }
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
-/// A manifest for the demo model file already in the cache (no pip).
-fn local_manifest(dir: &Path, name: &str, replicas: u32) -> PathBuf {
-    let path = dir.join(format!("{name}.yaml"));
-    std::fs::write(
-        &path,
-        format!(
-            "apiVersion: shardserve.io/v1alpha1\nkind: ModelDeployment\nmetadata:\n  name: {name}\nspec:\n  model:\n    source: file://{}\n  replicas: {replicas}\n  engine:\n    maxSeqLen: 512\n",
-            demo_model().display()
-        ),
-    )
-    .unwrap();
-    path
+/// A running `shardserve up MANIFEST EXTRA...`.
+fn start_up(manifest: &Path, extra: &[&str]) -> Process {
+    let mut args = vec![std::ffi::OsStr::new("up"), manifest.as_os_str()];
+    args.extend(extra.iter().map(std::ffi::OsStr::new));
+    Process::start(&args)
 }
 
 fn addr_args(http: u16, grpc: u16) -> [String; 4] {
@@ -150,7 +42,7 @@ fn up_serves_openai_clients() {
     let (http, grpc) = (free_port(), free_port());
     let args = addr_args(http, grpc);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut up = Up::start(&repo_root().join("examples/smollm2.yaml"), &args);
+    let mut up = start_up(&repo_root().join("examples/smollm2.yaml"), &args);
     up.wait_ready();
     assert!(up.stdout().contains("curl http://"), "{}", up.stdout());
     let out = Command::new(&python)
@@ -214,8 +106,8 @@ fn up_refuses_bad_manifests_naming_the_field() {
 #[test]
 fn up_stops_everything_when_a_worker_dies() {
     let dir = tempfile::tempdir().unwrap();
-    let manifest = local_manifest(dir.path(), "pair", 2);
-    let mut up = Up::start(&manifest, &["--no-router"]);
+    let manifest = demo_manifest(dir.path(), "pair", 2);
+    let mut up = start_up(&manifest, &["--no-router"]);
     up.wait_ready();
     let workers: Vec<u32> = children_of(up.child.id())
         .into_iter()
@@ -240,11 +132,11 @@ fn up_stops_everything_when_a_worker_dies() {
 #[test]
 fn ctrl_c_leaves_no_orphans() {
     let dir = tempfile::tempdir().unwrap();
-    let manifest = local_manifest(dir.path(), "solo", 1);
+    let manifest = demo_manifest(dir.path(), "solo", 1);
     let (http, grpc) = (free_port(), free_port());
     let args = addr_args(http, grpc);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
-    let mut up = Up::start(&manifest, &args);
+    let mut up = start_up(&manifest, &args);
     up.wait_ready();
     let children = children_of(up.child.id());
     assert!(
