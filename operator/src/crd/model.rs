@@ -38,6 +38,25 @@ pub struct ModelSpec {
     /// are read from the model's own config where it is reachable.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shape: Option<ModelShape>,
+
+    /// A Secret of the same namespace holding a Hugging Face access token,
+    /// for gated or private `hf://` models (Llama, for one): the model fetch
+    /// gets it as `HF_TOKEN`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub token_secret: Option<TokenSecret>,
+}
+
+/// Where a token is: a key of a Secret.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct TokenSecret {
+    /// The Secret's name.
+    #[schemars(length(min = 1, max = 253))]
+    pub name: String,
+    /// The key holding the token. Defaults to `token`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub key: Option<String>,
 }
 
 impl ModelSpec {
@@ -48,6 +67,7 @@ impl ModelSpec {
             format: None,
             dtype: None,
             shape: None,
+            token_secret: None,
         }
     }
 

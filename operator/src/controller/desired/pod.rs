@@ -12,8 +12,8 @@ use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
     GRPCAction, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodAffinityTerm,
     PodAntiAffinity, PodSecurityContext, PodSpec, Probe, ResourceFieldSelector,
-    ResourceRequirements, SeccompProfile, SecurityContext, Volume, VolumeMount,
-    WeightedPodAffinityTerm,
+    ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Volume,
+    VolumeMount, WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
@@ -202,6 +202,20 @@ fn fetch_container(group: &GroupContext<'_>, source: &str) -> Container {
         name: "fetch-model".into(),
         image: Some(group.image.to_string()),
         args: Some(strings(&["model", "fetch", source, "--cache", MODEL_DIR])),
+        env: group.md.spec.model.token_secret.as_ref().map(|secret| {
+            vec![EnvVar {
+                name: "HF_TOKEN".into(),
+                value_from: Some(EnvVarSource {
+                    secret_key_ref: Some(SecretKeySelector {
+                        name: secret.name.clone(),
+                        key: secret.key.clone().unwrap_or_else(|| "token".into()),
+                        optional: Some(false),
+                    }),
+                    ..EnvVarSource::default()
+                }),
+                ..EnvVar::default()
+            }]
+        }),
         resources: Some(resources(group, false)),
         volume_mounts: Some(vec![
             mount(TMP_VOLUME, "/tmp", false),

@@ -309,6 +309,29 @@ fn a_group_spanning_two_nodes_has_two_pods_of_four_ranks() {
 }
 
 #[test]
+fn a_token_secret_reaches_the_model_fetch_as_hf_token() {
+    let mut md = demo(1);
+    md.spec.model.source = "hf://meta-llama/Llama-3.2-1B-Instruct".into();
+    md.spec.model.token_secret = Some(crate::crd::TokenSecret {
+        name: "hf".into(),
+        key: None,
+    });
+    let desired = desired_of(&md);
+    let pod = to_json(&desired.groups[0].statefulset)["spec"]["template"]["spec"].clone();
+    assert_eq!(
+        pod["initContainers"][0]["env"],
+        json!([{"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token", "optional": false}}}])
+    );
+    // The ranks never see it.
+    assert!(!pod["containers"][0]["env"].to_string().contains("HF_TOKEN"));
+    // Without a secret, the fetch has no environment at all.
+    let plain = to_json(&desired_of(&demo(1)).groups[0].statefulset)["spec"]["template"]["spec"]
+        ["initContainers"][0]["env"]
+        .clone();
+    assert!(plain.is_null());
+}
+
+#[test]
 fn a_pvc_source_mounts_the_claim_read_only_and_fetches_nothing() {
     let mut md = demo(1);
     md.spec.model.source = "pvc://weights/smollm2/model.gguf".into();
