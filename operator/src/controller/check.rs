@@ -128,7 +128,7 @@ fn cluster_problems(md: &ModelDeployment) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::crd::{GpuSpec, ModelDeploymentSpec, ModelShape};
+    use crate::crd::{GpuSpec, ModelDeploymentSpec};
 
     fn md(name: &str, source: &str) -> ModelDeployment {
         ModelDeployment::new(name, ModelDeploymentSpec::from_source(source))
@@ -188,17 +188,7 @@ mod tests {
     fn a_model_that_does_not_split_is_refused_by_the_planner() {
         let mut md = md("smollm2", DEMO);
         md.spec.tensor = 2;
-        md.spec.model.shape = Some(ModelShape {
-            layers: 30,
-            hidden_size: 576,
-            heads: 9,
-            kv_heads: Some(3),
-            head_dim: None,
-            vocab_size: 49152,
-            intermediate_size: 1536,
-            tied_embeddings: true,
-            bytes_per_weight: Some(0.625),
-        });
+        md.spec.model.shape = Some(crate::controller::fixtures::demo_shape());
         let refusal = check(&md).unwrap_err();
         assert_eq!(refusal.reason, RefusalReason::DoesNotFit);
         assert_eq!(

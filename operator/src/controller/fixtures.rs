@@ -35,6 +35,21 @@ pub fn settings() -> WorkerSettings {
 }
 
 /// The demo deployment as the API server hands it out.
+/// SmolLM2-135M's sizes, for specs that plan without the model file.
+pub fn demo_shape() -> crate::crd::ModelShape {
+    crate::crd::ModelShape {
+        layers: 30,
+        hidden_size: 576,
+        heads: 9,
+        kv_heads: Some(3),
+        head_dim: None,
+        vocab_size: 49152,
+        intermediate_size: 1536,
+        tied_embeddings: true,
+        bytes_per_weight: Some(0.625),
+    }
+}
+
 pub fn demo(replicas: u32) -> ModelDeployment {
     let mut spec = ModelDeploymentSpec::from_source(DEMO_SOURCE);
     spec.replicas = replicas;

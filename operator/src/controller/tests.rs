@@ -522,17 +522,7 @@ async fn a_spec_change_rolls_one_group_per_reconcile_while_the_others_serve() {
 async fn an_invalid_spec_is_degraded_and_creates_nothing() {
     let mut md = demo(2);
     md.spec.tensor = 2;
-    md.spec.model.shape = Some(crate::crd::ModelShape {
-        layers: 30,
-        hidden_size: 576,
-        heads: 9,
-        kv_heads: Some(3),
-        head_dim: None,
-        vocab_size: 49152,
-        intermediate_size: 1536,
-        tied_embeddings: true,
-        bytes_per_weight: Some(0.625),
-    });
+    md.spec.model.shape = Some(crate::controller::fixtures::demo_shape());
     let script_md = md.clone();
     let (result, (status, events), _) = scripted(&md, move |mut api| async move {
         let status = api.status(&script_md).await;
