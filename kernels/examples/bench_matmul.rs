@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 use shardserve_kernels::{QuantFormat, QuantMatrix, SimdLevel};
 
 /// (rows n, cols k) of a layer's products: q, k, v, o, gate, up, down.
+/// The row-parallel ones (o and down, see `ROW_PARALLEL`) run as `matmul_wide`, as the model
+/// runs them.
 const LAYER: [(usize, usize); 7] = [
     (576, 576),
     (192, 576),
@@ -23,6 +25,8 @@ const LAYER: [(usize, usize); 7] = [
     (1536, 576),
     (576, 1536),
 ];
+/// Indices in [`LAYER`] of the row-parallel products.
+const ROW_PARALLEL: [usize; 2] = [3, 6];
 const HEAD: (usize, usize) = (49152, 576);
 const LAYERS: usize = 30;
 const MIN_TIME: Duration = Duration::from_millis(300);
@@ -74,10 +78,15 @@ fn time(mut f: impl FnMut()) -> f64 {
 fn model_step(layers: &[Vec<QuantMatrix>], head: &QuantMatrix, level: SimdLevel, m: usize) {
     let x = activations(m, 1536);
     let mut y = vec![0.0; m * 1536];
+    let mut wide = vec![0.0; m * 1536];
     for layer in layers {
-        for w in layer {
+        for (i, w) in layer.iter().enumerate() {
             let (n, k) = (w.rows(), w.cols());
-            w.matmul_with(level, &x[..m * k], m, &mut y[..m * n]);
+            if ROW_PARALLEL.contains(&i) {
+                w.matmul_wide_with(level, &x[..m * k], m, &mut wide[..m * n]);
+            } else {
+                w.matmul_with(level, &x[..m * k], m, &mut y[..m * n]);
+            }
         }
     }
     let mut logits = vec![0.0; head.rows()];
@@ -132,6 +141,17 @@ fn main() {
                         println!(
                             "{format:<6} {n:>6} {k:>5} {m:>4} {level:<7} {threads:>3} {ms:>9.4} {gflops:>8.1}"
                         );
+                        if n == 576 {
+                            // The row-parallel shapes, as f64 sums.
+                            let mut y = vec![0.0; m * n];
+                            let ms =
+                                pool.install(|| time(|| w.matmul_wide_with(level, &x, m, &mut y)));
+                            let gflops = 2.0 * (m * n * k) as f64 / ms / 1e6;
+                            println!(
+                                "{:<6} {n:>6} {k:>5} {m:>4} {level:<7} {threads:>3} {ms:>9.4} {gflops:>8.1}",
+                                "  wide"
+                            );
+                        }
                     }
                 }
             }

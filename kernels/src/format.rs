@@ -48,6 +48,11 @@ impl QuantFormat {
         }
     }
 
+    /// Whether blocks carry a minimum `m` (`value = q * d + m`).
+    pub const fn has_min(self) -> bool {
+        matches!(self, Self::Q4_1 | Self::Q5_1)
+    }
+
     /// The ggml name, as GGUF tools print it.
     pub fn name(self) -> &'static str {
         match self {

@@ -1,10 +1,10 @@
 //! The matmul driver: quantise the activations once, split the weight rows into tasks on
-//! the current rayon pool, let each task run a [`dot::panel`] over all activation rows,
+//! the current rayon pool, let each task run a kernel panel over all activation rows,
 //! and gather the tasks' column blocks into `y`.
 
 use rayon::prelude::*;
 
-use crate::dot::{self, Panel};
+use crate::dot::Panel;
 use crate::quantize::quantize;
 use crate::{QuantMatrix, SimdLevel};
 
@@ -16,7 +16,18 @@ const MIN_TASK_BLOCKS: usize = 1024;
 /// Weight rows the x86 kernels compute together: tasks of whole groups waste no lanes.
 const ROW_GROUP: usize = 8;
 
-pub(crate) fn matmul(level: SimdLevel, w: &QuantMatrix, x: &[f32], m: usize, y: &mut [f32]) {
+/// A kernel entry point of [`dot`]: f32 products ([`dot::panel`]) or f64 sums
+/// ([`dot::panel_wide`]).
+pub(crate) type PanelFn<T> = fn(SimdLevel, &Panel, &mut [T]);
+
+pub(crate) fn matmul<T: Copy + Default + Send + Sync>(
+    level: SimdLevel,
+    w: &QuantMatrix,
+    x: &[f32],
+    m: usize,
+    y: &mut [T],
+    panel: PanelFn<T>,
+) {
     let (n, k) = (w.rows(), w.cols());
     assert_eq!(
         x.len(),
@@ -35,20 +46,20 @@ pub(crate) fn matmul(level: SimdLevel, w: &QuantMatrix, x: &[f32], m: usize, y: 
         return;
     }
     if k == 0 {
-        y.fill(0.0);
+        y.fill(T::default());
         return;
     }
     let acts = quantize(level, x, m, k);
     let row_bytes = w.row_bytes();
     let rows = rows_per_task(n, m * acts.blocks());
-    let run = |(weights, out): (&[u8], &mut [f32])| {
-        let panel = Panel {
+    let run = |(weights, out): (&[u8], &mut [T])| {
+        let p = Panel {
             format: w.format(),
             weights,
             row_bytes,
             acts: &acts,
         };
-        dot::panel(level, &panel, out);
+        panel(level, &p, out);
     };
     let weights = w.bytes().par_chunks(rows * row_bytes);
     if m == 1 {
@@ -57,9 +68,9 @@ pub(crate) fn matmul(level: SimdLevel, w: &QuantMatrix, x: &[f32], m: usize, y: 
     }
     // Each task fills an activation-major buffer for its weight rows (a column block of y);
     // the rows of y then gather their pieces with contiguous copies.
-    let parts: Vec<Vec<f32>> = weights
+    let parts: Vec<Vec<T>> = weights
         .map(|weights| {
-            let mut out = vec![0.0f32; m * weights.len() / row_bytes];
+            let mut out = vec![T::default(); m * weights.len() / row_bytes];
             run((weights, &mut out));
             out
         })

@@ -1,7 +1,7 @@
 //! [`QuantMatrix`]: a weight matrix kept in its GGUF block layout, validated once.
 
 use crate::format::{BLOCK, dequantize_block};
-use crate::{KernelError, QuantFormat, SimdLevel, matmul, simd_level};
+use crate::{KernelError, QuantFormat, SimdLevel, dot, matmul, simd_level};
 
 /// A `rows x cols` weight matrix (`rows` output features, `cols` input features) in a ggml
 /// block format: row-major, each row `cols / 32` blocks, bytes exactly as a GGUF file
@@ -95,7 +95,31 @@ impl QuantMatrix {
     /// # Panics
     /// As [`QuantMatrix::matmul`], and if this CPU cannot run `level`.
     pub fn matmul_with(&self, level: SimdLevel, x: &[f32], m: usize, y: &mut [f32]) {
-        matmul::matmul(level, self, x, m, y);
+        matmul::matmul(level, self, x, m, y, dot::panel);
+    }
+
+    /// [`QuantMatrix::matmul`] with each output left as an f64 sum of its blocks' terms,
+    /// unrounded, for products split over the columns (a row-parallel layer's shards):
+    /// the f64 sums of a row's column slices (cut at block boundaries) add up to the whole
+    /// row's f64 sum up to f64 rounding, so once rounded to f32 a sharded product agrees
+    /// with an unsharded one (to within one f32 rounding, and almost always exactly).
+    ///
+    /// Every block's term is formed identically on every instruction set (integer block
+    /// sum times `f64(dw)·f64(da)`, then the minimum term), so the results are the same
+    /// bits on every [`SimdLevel`], and, as with `matmul`, whatever `m` and the threads.
+    ///
+    /// # Panics
+    /// As [`QuantMatrix::matmul`].
+    pub fn matmul_wide(&self, x: &[f32], m: usize, y: &mut [f64]) {
+        self.matmul_wide_with(simd_level(), x, m, y);
+    }
+
+    /// [`QuantMatrix::matmul_wide`] on a chosen instruction set.
+    ///
+    /// # Panics
+    /// As [`QuantMatrix::matmul_with`].
+    pub fn matmul_wide_with(&self, level: SimdLevel, x: &[f32], m: usize, y: &mut [f64]) {
+        matmul::matmul(level, self, x, m, y, dot::panel_wide);
     }
 
     /// Dequantise row `r` into `out` (`cols` floats), e.g. to look up a token embedding.

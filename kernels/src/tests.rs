@@ -7,10 +7,6 @@ use rand::{RngExt, SeedableRng};
 
 use crate::{KernelError, QuantFormat, QuantMatrix, SimdLevel};
 
-fn has_min(format: QuantFormat) -> bool {
-    matches!(format, QuantFormat::Q4_1 | QuantFormat::Q5_1)
-}
-
 /// Random but well-formed blocks: positive f16 scales, negative minimums, random quants
 /// (including `-128` for `Q8_0`).
 fn random_matrix(format: QuantFormat, rows: usize, cols: usize, seed: u64) -> QuantMatrix {
@@ -19,7 +15,7 @@ fn random_matrix(format: QuantFormat, rows: usize, cols: usize, seed: u64) -> Qu
     for _ in 0..rows * cols / 32 {
         let start = bytes.len();
         bytes.extend(f16::from_f32(rng.random_range(0.001..0.05)).to_le_bytes());
-        if has_min(format) {
+        if format.has_min() {
             bytes.extend(f16::from_f32(rng.random_range(-0.5..0.0)).to_le_bytes());
         }
         while bytes.len() < start + format.block_bytes() {
@@ -324,4 +320,113 @@ fn wrong_byte_length_is_refused() {
 fn wrong_activation_length_panics() {
     let w = random_matrix(QuantFormat::Q4_0, 2, 32, 1);
     w.matmul(&[0.0; 5], 1, &mut [0.0; 2]);
+}
+
+fn matmul_wide(w: &QuantMatrix, level: SimdLevel, x: &[f32], m: usize) -> Vec<f64> {
+    let mut y = vec![f64::NAN; m * w.rows()];
+    w.matmul_wide_with(level, x, m, &mut y);
+    y
+}
+
+/// Columns `cols` (whole blocks) of every row of `w`, as its own matrix: one rank's shard
+/// of a row-parallel layer.
+fn column_slice(w: &QuantMatrix, cols: std::ops::Range<usize>) -> QuantMatrix {
+    let (block_bytes, nb) = (w.format().block_bytes(), w.cols() / 32);
+    let bytes = w
+        .bytes()
+        .chunks_exact(nb * block_bytes)
+        .flat_map(|row| &row[cols.start / 32 * block_bytes..cols.end / 32 * block_bytes])
+        .copied()
+        .collect();
+    QuantMatrix::new(w.format(), w.rows(), cols.len(), bytes).unwrap()
+}
+
+/// The f64 sums are the same bits on every level, whatever the batch, the row's place in
+/// it and the threads: decode, prefill and every instruction set agree exactly.
+#[test]
+fn wide_sums_are_the_same_bits_on_every_level_and_batch() {
+    for format in QuantFormat::ALL {
+        for (n, k) in [(1, 32), (13, 96), (45, 160), (259, 128)] {
+            let w = random_matrix(format, n, k, (n * k) as u64);
+            let x = random_activations(20, k, (n + k) as u64);
+            let alone: Vec<Vec<f64>> = x
+                .chunks_exact(k)
+                .map(|xa| matmul_wide(&w, SimdLevel::Scalar, xa, 1))
+                .collect();
+            for level in SimdLevel::available() {
+                for (threads, m, offset) in [(1, 1, 0), (2, 5, 1), (2, 8, 3), (1, 17, 2)] {
+                    let batch = &x[offset * k..(offset + m) * k];
+                    let y = in_pool(threads, || matmul_wide(&w, level, batch, m));
+                    for (a, y) in y.chunks_exact(n).enumerate() {
+                        assert!(
+                            y.iter()
+                                .zip(&alone[offset + a])
+                                .all(|(g, w)| g.to_bits() == w.to_bits()),
+                            "{format} {level} n={n} k={k} m={m} row {a}: wide sums differ"
+                        );
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Wide sums round to within a few f32 steps of the ordinary products.
+#[test]
+fn wide_sums_round_close_to_the_f32_products() {
+    for format in QuantFormat::ALL {
+        let (n, k, m) = (37, 256, 7);
+        let w = random_matrix(format, n, k, 5);
+        let x = random_activations(m, k, 6);
+        let narrow = matmul(&w, crate::simd_level(), &x, m);
+        let wide = matmul_wide(&w, crate::simd_level(), &x, m);
+        let scale = narrow.iter().fold(0.0f32, |a, v| a.max(v.abs()));
+        for (i, (a, b)) in narrow.iter().zip(&wide).enumerate() {
+            assert!(
+                (a - *b as f32).abs() <= 1e-5 * scale,
+                "{format} y[{i}]: {a} vs wide {b}"
+            );
+        }
+    }
+}
+
+/// What tensor parallelism relies on: a row split into column shards (at block
+/// boundaries, in any number of pieces), each shard's wide sums added in f64 in shard
+/// order and rounded once, gives exactly the whole row's rounded wide sum.
+#[test]
+fn sharded_wide_sums_round_to_the_unsharded_result() {
+    for format in QuantFormat::ALL {
+        let (n, k, m) = (67, 1536, 9);
+        let w = random_matrix(format, n, k, 21);
+        let x = random_activations(m, k, 22);
+        let whole: Vec<f32> = matmul_wide(&w, crate::simd_level(), &x, m)
+            .into_iter()
+            .map(|v| v as f32)
+            .collect();
+        for shards in [2, 3, 4, 6, 8, 12] {
+            let len = k / shards;
+            let mut sum = vec![0.0f64; m * n];
+            for s in 0..shards {
+                let cols = s * len..(s + 1) * len;
+                let part = column_slice(&w, cols.clone());
+                let xs: Vec<f32> = x
+                    .chunks_exact(k)
+                    .flat_map(|row| &row[cols.clone()])
+                    .copied()
+                    .collect();
+                for (acc, v) in sum
+                    .iter_mut()
+                    .zip(matmul_wide(&part, crate::simd_level(), &xs, m))
+                {
+                    *acc += v;
+                }
+            }
+            let sharded: Vec<f32> = sum.into_iter().map(|v| v as f32).collect();
+            assert_eq!(
+                sharded.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                whole.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+                "{format} over {shards} shards"
+            );
+        }
+    }
 }

@@ -5,7 +5,7 @@
 use std::arch::x86_64::*;
 
 use super::Panel;
-use super::x86::{self, IntDot};
+use super::x86::{self, Acc, F32Acc, F64Acc, IntDot};
 use crate::QuantFormat;
 
 struct Maddubs;
@@ -23,20 +23,25 @@ impl IntDot for Maddubs {
 }
 
 pub(super) fn panel(p: &Panel, out: &mut [f32]) {
+    // SAFETY: as in `panel_wide`.
+    unsafe { panel_avx2::<F32Acc>(p, out) }
+}
+
+pub(super) fn panel_wide(p: &Panel, out: &mut [f64]) {
     // SAFETY: `super::panel` checked that this CPU has AVX2, FMA and F16C.
-    unsafe { panel_avx2(p, out) }
+    unsafe { panel_avx2::<F64Acc>(p, out) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-fn panel_avx2(p: &Panel, out: &mut [f32]) {
+fn panel_avx2<A: Acc>(p: &Panel, out: &mut [A::Out]) {
     // SAFETY: the panel's shapes were checked by `super::panel`; features are enabled here.
     unsafe {
         match p.format {
-            QuantFormat::Q4_0 => x86::panel::<Maddubs, x86::Q4_0>(p, out),
-            QuantFormat::Q4_1 => x86::panel::<Maddubs, x86::Q4_1>(p, out),
-            QuantFormat::Q5_0 => x86::panel::<Maddubs, x86::Q5_0>(p, out),
-            QuantFormat::Q5_1 => x86::panel::<Maddubs, x86::Q5_1>(p, out),
-            QuantFormat::Q8_0 => x86::panel::<Maddubs, x86::Q8_0>(p, out),
+            QuantFormat::Q4_0 => x86::panel::<Maddubs, x86::Q4_0, A>(p, out),
+            QuantFormat::Q4_1 => x86::panel::<Maddubs, x86::Q4_1, A>(p, out),
+            QuantFormat::Q5_0 => x86::panel::<Maddubs, x86::Q5_0, A>(p, out),
+            QuantFormat::Q5_1 => x86::panel::<Maddubs, x86::Q5_1, A>(p, out),
+            QuantFormat::Q8_0 => x86::panel::<Maddubs, x86::Q8_0, A>(p, out),
         }
     }
 }

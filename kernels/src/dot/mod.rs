@@ -37,11 +37,7 @@ impl Panel<'_> {
 /// same sequence of float operations, whatever the panel's shape, so results do not depend
 /// on batch size or task split (see `row_results_do_not_depend_on_batch`).
 pub(crate) fn panel(level: SimdLevel, p: &Panel, out: &mut [f32]) {
-    // The SIMD kernels index with raw pointers: these checks are what makes that sound.
-    assert_eq!(p.row_bytes, p.acts.blocks() * p.format.block_bytes());
-    assert_eq!(p.weights.len(), p.rows() * p.row_bytes);
-    assert_eq!(out.len(), p.rows() * p.acts.rows());
-    assert!(level.is_available(), "{level} is not available on this CPU");
+    check(level, p, out.len());
     match level {
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx2 => avx2::panel(p, out),
@@ -51,4 +47,29 @@ pub(crate) fn panel(level: SimdLevel, p: &Panel, out: &mut [f32]) {
         SimdLevel::Neon => neon::panel(p, out),
         _ => scalar::panel(p, out),
     }
+}
+
+/// [`panel`] with every block's term added into an f64 sum, left unrounded: per block in
+/// order, `sum + f64(sumi)·(f64(dw)·f64(da))` as one FMA, then `sum + f64(mw)·f64(sa)` for
+/// formats with a minimum. Every level follows these same operations, so unlike [`panel`]
+/// all levels agree bit for bit.
+pub(crate) fn panel_wide(level: SimdLevel, p: &Panel, out: &mut [f64]) {
+    check(level, p, out.len());
+    match level {
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx2 => avx2::panel_wide(p, out),
+        #[cfg(target_arch = "x86_64")]
+        SimdLevel::Avx512 => avx512::panel_wide(p, out),
+        #[cfg(target_arch = "aarch64")]
+        SimdLevel::Neon => neon::panel_wide(p, out),
+        _ => scalar::panel_wide(p, out),
+    }
+}
+
+fn check(level: SimdLevel, p: &Panel, outputs: usize) {
+    // The SIMD kernels index with raw pointers: these checks are what makes that sound.
+    assert_eq!(p.row_bytes, p.acts.blocks() * p.format.block_bytes());
+    assert_eq!(p.weights.len(), p.rows() * p.row_bytes);
+    assert_eq!(outputs, p.rows() * p.acts.rows());
+    assert!(level.is_available(), "{level} is not available on this CPU");
 }

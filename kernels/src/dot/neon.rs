@@ -167,41 +167,92 @@ fn dot_rows<B: Block, const R: usize>(row: &[u8], acts: [ActRow; R]) -> [f32; R]
     std::array::from_fn(|r| unsafe { vaddvq_f32(acc[r]) } + min_acc[r])
 }
 
-fn rows_at<B: Block, const R: usize>(
+/// The f64 sums of [`super::panel_wide`] of one weight row with `R` activation rows: the
+/// exact block sum leaves the vector as one integer, and the float steps are the scalar
+/// reference's.
+fn dot_rows_wide<B: Block, const R: usize>(row: &[u8], acts: [ActRow; R]) -> [f64; R] {
+    let mut acc = [0.0f64; R];
+    for (b, block) in row.chunks_exact(B::BYTES).enumerate() {
+        let (w, dw, mw) = B::unpack(block);
+        for r in 0..R {
+            // SAFETY: register-only intrinsic.
+            let sumi = unsafe { vaddvq_s32(block_sum(w, &acts[r].qs[b * BLOCK..])) };
+            let [da, sa] = acts[r].ds[b];
+            acc[r] = f64::from(sumi).mul_add(f64::from(dw) * f64::from(da), acc[r]);
+            if B::HAS_MIN {
+                acc[r] = f64::from(mw).mul_add(f64::from(sa), acc[r]);
+            }
+        }
+    }
+    acc
+}
+
+/// A dot-product routine of one weight row with `R` activation rows.
+trait RowDots {
+    type Out: Copy;
+    fn dots<B: Block, const R: usize>(row: &[u8], acts: [ActRow; R]) -> [Self::Out; R];
+}
+
+struct Narrow;
+struct Wide;
+
+impl RowDots for Narrow {
+    type Out = f32;
+    fn dots<B: Block, const R: usize>(row: &[u8], acts: [ActRow; R]) -> [f32; R] {
+        dot_rows::<B, R>(row, acts)
+    }
+}
+
+impl RowDots for Wide {
+    type Out = f64;
+    fn dots<B: Block, const R: usize>(row: &[u8], acts: [ActRow; R]) -> [f64; R] {
+        dot_rows_wide::<B, R>(row, acts)
+    }
+}
+
+fn rows_at<D: RowDots, B: Block, const R: usize>(
     p: &Panel,
     (r, row): (usize, &[u8]),
     a: usize,
-    out: &mut [f32],
+    out: &mut [D::Out],
 ) {
     let acts: [ActRow; R] = std::array::from_fn(|i| p.acts.row(a + i));
-    for (i, dot) in dot_rows::<B, R>(row, acts).into_iter().enumerate() {
+    for (i, dot) in D::dots::<B, R>(row, acts).into_iter().enumerate() {
         out[(a + i) * p.rows() + r] = dot;
     }
 }
 
-fn panel_for<B: Block>(p: &Panel, out: &mut [f32]) {
+fn panel_for<D: RowDots, B: Block>(p: &Panel, out: &mut [D::Out]) {
     let m = p.acts.rows();
     for (r, row) in p.weights.chunks_exact(p.row_bytes).enumerate() {
         let mut a = 0;
         while a + ROWS_PER_PASS <= m {
-            rows_at::<B, ROWS_PER_PASS>(p, (r, row), a, out);
+            rows_at::<D, B, ROWS_PER_PASS>(p, (r, row), a, out);
             a += ROWS_PER_PASS;
         }
         match m - a {
-            3 => rows_at::<B, 3>(p, (r, row), a, out),
-            2 => rows_at::<B, 2>(p, (r, row), a, out),
-            1 => rows_at::<B, 1>(p, (r, row), a, out),
+            3 => rows_at::<D, B, 3>(p, (r, row), a, out),
+            2 => rows_at::<D, B, 2>(p, (r, row), a, out),
+            1 => rows_at::<D, B, 1>(p, (r, row), a, out),
             _ => {}
         }
     }
 }
 
-pub(super) fn panel(p: &Panel, out: &mut [f32]) {
+fn panel_of<D: RowDots>(p: &Panel, out: &mut [D::Out]) {
     match p.format {
-        QuantFormat::Q4_0 => panel_for::<Q4_0>(p, out),
-        QuantFormat::Q4_1 => panel_for::<Q4_1>(p, out),
-        QuantFormat::Q5_0 => panel_for::<Q5_0>(p, out),
-        QuantFormat::Q5_1 => panel_for::<Q5_1>(p, out),
-        QuantFormat::Q8_0 => panel_for::<Q8_0>(p, out),
+        QuantFormat::Q4_0 => panel_for::<D, Q4_0>(p, out),
+        QuantFormat::Q4_1 => panel_for::<D, Q4_1>(p, out),
+        QuantFormat::Q5_0 => panel_for::<D, Q5_0>(p, out),
+        QuantFormat::Q5_1 => panel_for::<D, Q5_1>(p, out),
+        QuantFormat::Q8_0 => panel_for::<D, Q8_0>(p, out),
     }
+}
+
+pub(super) fn panel(p: &Panel, out: &mut [f32]) {
+    panel_of::<Narrow>(p, out)
+}
+
+pub(super) fn panel_wide(p: &Panel, out: &mut [f64]) {
+    panel_of::<Wide>(p, out)
 }

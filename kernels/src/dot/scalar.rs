@@ -14,6 +14,14 @@ pub(super) fn panel(p: &Panel, out: &mut [f32]) {
     }
 }
 
+pub(super) fn panel_wide(p: &Panel, out: &mut [f64]) {
+    for (a, out) in out.chunks_exact_mut(p.rows()).enumerate() {
+        for (w, o) in p.weights.chunks_exact(p.row_bytes).zip(out) {
+            *o = row_dot_wide(p.format, w, p.acts.row(a));
+        }
+    }
+}
+
 fn row_dot(format: QuantFormat, w: &[u8], act: ActRow) -> f32 {
     let blocks = w
         .chunks_exact(format.block_bytes())
@@ -24,5 +32,23 @@ fn row_dot(format: QuantFormat, w: &[u8], act: ActRow) -> f32 {
         let (q, dw, mw) = decode_block(format, w);
         let sumi: i32 = q.iter().zip(a).map(|(&q, &a)| q * i32::from(a)).sum();
         sum + sumi as f32 * (dw * da) + mw * sa
+    })
+}
+
+/// The f64 sum of [`super::panel_wide`]: the operations every level follows.
+fn row_dot_wide(format: QuantFormat, w: &[u8], act: ActRow) -> f64 {
+    let blocks = w
+        .chunks_exact(format.block_bytes())
+        .zip(act.qs.chunks_exact(BLOCK))
+        .zip(act.ds);
+    blocks.fold(0.0, |sum, ((w, a), &[da, sa])| {
+        let (q, dw, mw) = decode_block(format, w);
+        let sumi: i32 = q.iter().zip(a).map(|(&q, &a)| q * i32::from(a)).sum();
+        let sum = f64::from(sumi).mul_add(f64::from(dw) * f64::from(da), sum);
+        if format.has_min() {
+            f64::from(mw).mul_add(f64::from(sa), sum)
+        } else {
+            sum
+        }
     })
 }

@@ -1,4 +1,4 @@
-//! The element types that collectives move (f32, f16, bf16): their wire
+//! The element types that collectives move (f32, f64, f16, bf16): their wire
 //! encoding (little-endian) and the one summation rule every backend uses.
 
 use half::{bf16, f16};
@@ -7,6 +7,8 @@ use half::{bf16, f16};
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DType {
     F32,
+    /// Unrounded partial sums (the row-parallel layers' quantised products).
+    F64,
     F16,
     BF16,
 }
@@ -17,6 +19,7 @@ impl DType {
             DType::F32 => 1,
             DType::F16 => 2,
             DType::BF16 => 3,
+            DType::F64 => 4,
         }
     }
 }
@@ -25,6 +28,7 @@ impl DType {
 #[derive(Clone, Copy, Debug)]
 pub enum HostSlice<'a> {
     F32(&'a [f32]),
+    F64(&'a [f64]),
     F16(&'a [f16]),
     BF16(&'a [bf16]),
 }
@@ -33,6 +37,7 @@ pub enum HostSlice<'a> {
 #[derive(Debug)]
 pub enum HostSliceMut<'a> {
     F32(&'a mut [f32]),
+    F64(&'a mut [f64]),
     F16(&'a mut [f16]),
     BF16(&'a mut [bf16]),
 }
@@ -41,6 +46,7 @@ pub enum HostSliceMut<'a> {
 #[derive(Clone, Debug, PartialEq)]
 pub enum HostVec {
     F32(Vec<f32>),
+    F64(Vec<f64>),
     F16(Vec<f16>),
     BF16(Vec<bf16>),
 }
@@ -49,6 +55,7 @@ impl HostSlice<'_> {
     pub fn dtype(&self) -> DType {
         match self {
             HostSlice::F32(_) => DType::F32,
+            HostSlice::F64(_) => DType::F64,
             HostSlice::F16(_) => DType::F16,
             HostSlice::BF16(_) => DType::BF16,
         }
@@ -56,6 +63,7 @@ impl HostSlice<'_> {
     pub fn to_vec(&self) -> HostVec {
         match self {
             HostSlice::F32(s) => HostVec::F32(s.to_vec()),
+            HostSlice::F64(s) => HostVec::F64(s.to_vec()),
             HostSlice::F16(s) => HostVec::F16(s.to_vec()),
             HostSlice::BF16(s) => HostVec::BF16(s.to_vec()),
         }
@@ -66,6 +74,7 @@ impl HostVec {
     pub fn dtype(&self) -> DType {
         match self {
             HostVec::F32(_) => DType::F32,
+            HostVec::F64(_) => DType::F64,
             HostVec::F16(_) => DType::F16,
             HostVec::BF16(_) => DType::BF16,
         }
@@ -92,6 +101,7 @@ macro_rules! host_from {
     };
 }
 host_from!(f32, F32);
+host_from!(f64, F64);
 host_from!(f16, F16);
 host_from!(bf16, BF16);
 
@@ -119,6 +129,23 @@ impl Element for f32 {
     #[inline]
     fn get(b: &[u8]) -> Self {
         f32::from_le_bytes([b[0], b[1], b[2], b[3]])
+    }
+}
+
+impl Element for f64 {
+    const DTYPE: DType = DType::F64;
+    const SIZE: usize = 8;
+    #[inline]
+    fn add(self, other: Self) -> Self {
+        self + other
+    }
+    #[inline]
+    fn put(self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&self.to_le_bytes());
+    }
+    #[inline]
+    fn get(b: &[u8]) -> Self {
+        f64::from_le_bytes(b[..8].try_into().expect("eight bytes"))
     }
 }
 

@@ -143,6 +143,7 @@ impl Collective for LocalRank {
     fn all_reduce(&self, data: HostSliceMut<'_>) -> Result<(), CommError> {
         match data {
             HostSliceMut::F32(d) => self.reduce(d),
+            HostSliceMut::F64(d) => self.reduce(d),
             HostSliceMut::F16(d) => self.reduce(d),
             HostSliceMut::BF16(d) => self.reduce(d),
         }
@@ -150,6 +151,7 @@ impl Collective for LocalRank {
     fn all_gather_host(&self, data: HostSlice<'_>) -> Result<HostVec, CommError> {
         Ok(match data {
             HostSlice::F32(d) => self.gather(d)?.into(),
+            HostSlice::F64(d) => self.gather(d)?.into(),
             HostSlice::F16(d) => self.gather(d)?.into(),
             HostSlice::BF16(d) => self.gather(d)?.into(),
         })

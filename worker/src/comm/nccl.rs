@@ -143,6 +143,7 @@ impl Collective for NcclGroup {
     fn all_reduce(&self, data: HostSliceMut<'_>) -> Result<(), CommError> {
         match data {
             HostSliceMut::F32(d) => self.reduce(d),
+            HostSliceMut::F64(d) => self.reduce(d),
             HostSliceMut::F16(d) => self.reduce(d),
             HostSliceMut::BF16(d) => self.reduce(d),
         }

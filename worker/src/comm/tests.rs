@@ -68,7 +68,7 @@ where
 {
     fn from_f32(x: f32) -> Self;
     fn to_f32(self) -> f32;
-    fn bits(self) -> u32;
+    fn bits(self) -> u64;
     const TOLERANCE: f32;
 }
 impl Testable for f32 {
@@ -78,7 +78,19 @@ impl Testable for f32 {
     fn to_f32(self) -> f32 {
         self
     }
-    fn bits(self) -> u32 {
+    fn bits(self) -> u64 {
+        self.to_bits().into()
+    }
+    const TOLERANCE: f32 = 1e-5;
+}
+impl Testable for f64 {
+    fn from_f32(x: f32) -> Self {
+        x.into()
+    }
+    fn to_f32(self) -> f32 {
+        self as f32
+    }
+    fn bits(self) -> u64 {
         self.to_bits()
     }
     const TOLERANCE: f32 = 1e-5;
@@ -90,8 +102,8 @@ impl Testable for f16 {
     fn to_f32(self) -> f32 {
         f16::to_f32(self)
     }
-    fn bits(self) -> u32 {
-        self.to_bits() as u32
+    fn bits(self) -> u64 {
+        self.to_bits().into()
     }
     const TOLERANCE: f32 = 1e-2;
 }
@@ -102,8 +114,8 @@ impl Testable for bf16 {
     fn to_f32(self) -> f32 {
         bf16::to_f32(self)
     }
-    fn bits(self) -> u32 {
-        self.to_bits() as u32
+    fn bits(self) -> u64 {
+        self.to_bits().into()
     }
     const TOLERANCE: f32 = 6e-2;
 }
@@ -123,9 +135,9 @@ where
         c.all_reduce((&mut data[..]).into()).unwrap();
         data
     });
-    let first: Vec<u32> = outs[0].iter().map(|x| x.bits()).collect();
+    let first: Vec<u64> = outs[0].iter().map(|x| x.bits()).collect();
     for (r, out) in outs.iter().enumerate() {
-        let bits: Vec<u32> = out.iter().map(|x| x.bits()).collect();
+        let bits: Vec<u64> = out.iter().map(|x| x.bits()).collect();
         assert!(
             bits == first,
             "{name}: rank {r} differs from rank 0 (len {len}, world {world})"
@@ -142,14 +154,16 @@ where
 }
 
 fn check_all_gather(name: &str, group: &Group) {
-    // Odd, rank-dependent lengths; f32, f16 and bf16.
+    // Odd, rank-dependent lengths; f32, f64, f16 and bf16.
     let outs = on_ranks(group, |c| {
         let r = c.rank().0;
         let mine: Vec<f32> = (0..2 * r + 3).map(|i| (r * 100 + i) as f32).collect();
         let halves: Vec<f16> = mine.iter().map(|&x| f16::from_f32(x)).collect();
         let bhalves: Vec<bf16> = mine.iter().map(|&x| bf16::from_f32(x)).collect();
+        let wide: Vec<f64> = mine.iter().map(|&x| f64::from(x) + 0.125e-9).collect();
         (
             c.all_gather(&mine).unwrap(),
+            c.all_gather_host(HostSlice::F64(&wide)).unwrap(),
             c.all_gather_host(HostSlice::F16(&halves)).unwrap(),
             c.all_gather_host(HostSlice::BF16(&bhalves)).unwrap(),
         )
@@ -157,8 +171,12 @@ fn check_all_gather(name: &str, group: &Group) {
     let want: Vec<f32> = (0..group.len())
         .flat_map(|r| (0..2 * r + 3).map(move |i| (r * 100 + i) as f32))
         .collect();
-    for (f, h, b) in outs {
+    for (f, w, h, b) in outs {
         assert_eq!(f, want, "{name}: all_gather order");
+        assert_eq!(
+            w,
+            HostVec::F64(want.iter().map(|&x| f64::from(x) + 0.125e-9).collect())
+        );
         assert_eq!(
             h,
             HostVec::F16(want.iter().map(|&x| f16::from_f32(x)).collect())
@@ -237,6 +255,7 @@ fn check_sums_do_not_depend_on_length(name: &str, group: &Group) {
 fn conformance(name: &str, group: &Group) {
     for len in [1, 7, 576, 4097, 1 << 20] {
         check_all_reduce::<f32>(name, group, len);
+        check_all_reduce::<f64>(name, group, len);
     }
     check_sums_do_not_depend_on_length(name, group);
     // Half types, small and large buffers.

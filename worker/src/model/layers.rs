@@ -8,7 +8,7 @@ use candle_core::Device;
 
 use super::ModelError;
 use super::rows::{Rows, rms_norm};
-use crate::comm::Collective;
+use crate::comm::{Collective, HostSliceMut};
 use crate::weights::{Split, TensorSource, Weight};
 
 /// Where a layer reads its tensors from (by canonical GGUF names) and which
@@ -198,10 +198,19 @@ impl RowParallelLinear {
         })
     }
 
+    /// Block-quantised shards all-reduce unrounded f64 sums and round once,
+    /// so that the result is the one rank's product whatever the tensor size
+    /// (tensor 3 answers exactly as tensor 1). Other weight forms sum f32
+    /// partial products, which agree with one rank's to rounding only.
     pub fn forward(&self, x: &Rows) -> Result<Rows, ModelError> {
+        let n = self.weight.dims()[0];
+        if let Some(mut wide) = self.weight.matmul_t_wide(x.as_slice(), x.m())? {
+            self.comm.all_reduce(HostSliceMut::F64(&mut wide))?;
+            return Ok(Rows::new(wide.into_iter().map(|v| v as f32).collect(), n));
+        }
         let mut partial = self.weight.matmul_t(x.as_slice(), x.m())?;
         self.comm.all_reduce_sum(&mut partial)?;
-        Ok(Rows::new(partial, self.weight.dims()[0]))
+        Ok(Rows::new(partial, n))
     }
 }
 

@@ -63,8 +63,8 @@ impl Weight {
         Err(parts)
     }
 
-    /// `x · Wᵀ` for `m` rows of `cols` floats in `x`; returns `m` rows of `rows` floats.
-    pub fn matmul_t(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+    /// `[rows, cols]` of a matrix whose product with `m` rows of `x` is asked for.
+    fn product_shape(&self, x: &[f32], m: usize) -> Result<(usize, usize)> {
         let dims = self.dims();
         let (n, k) = (dims[0], dims.get(1).copied().unwrap_or(1));
         if x.len() != m * k {
@@ -73,6 +73,28 @@ impl Weight {
                 x.len()
             );
         }
+        Ok((n, k))
+    }
+
+    /// `x · Wᵀ` as unrounded f64 sums of the blocks' terms, for weights in the project's
+    /// block formats (`None` for the others): what a row-parallel shard all-reduces, so
+    /// that the sum over shards, rounded once, is what one rank's product gives (see
+    /// `QuantMatrix::matmul_wide`).
+    pub fn matmul_t_wide(&self, x: &[f32], m: usize) -> Result<Option<Vec<f64>>> {
+        let (n, _) = self.product_shape(x, m)?;
+        match self {
+            Weight::Blocks(w) => {
+                let mut y = vec![0f64; m * n];
+                w.matmul_wide(x, m, &mut y);
+                Ok(Some(y))
+            }
+            Weight::Ggml(_) | Weight::Dense(_) => Ok(None),
+        }
+    }
+
+    /// `x · Wᵀ` for `m` rows of `cols` floats in `x`; returns `m` rows of `rows` floats.
+    pub fn matmul_t(&self, x: &[f32], m: usize) -> Result<Vec<f32>> {
+        let (n, k) = self.product_shape(x, m)?;
         match self {
             Weight::Blocks(w) => {
                 let mut y = vec![0f32; m * n];

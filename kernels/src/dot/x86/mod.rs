@@ -9,7 +9,7 @@
 //! Both give bit-identical results, so that an output does not depend on how many
 //! activation rows share a call, where its row sits among them, or how the weight rows are
 //! split into tasks. They compute eight weight rows at a time, one per float lane, and
-//! every lane follows the one order of float operations of [`add_block`] and [`add_min`]: per
+//! every lane follows the one order of float operations of [`Acc::add_block`] and [`Acc::add_min`]: per
 //! block in order, the exact integer block sum is converted and added with one FMA, then
 //! the minimum term with another. The integer sums are exact whatever their order.
 //!
@@ -30,7 +30,7 @@ use crate::quantize::ActRow;
 const PACKED_MIN_ROWS: usize = 6;
 
 /// Weight rows computed together, one per lane of a 256-bit vector.
-const LANES: usize = 8;
+pub(super) const LANES: usize = 8;
 
 /// `acc + Σ u8 x i8` over each group of four bytes, in eight i32 lanes.
 pub(super) trait IntDot {
@@ -192,36 +192,126 @@ impl From<ActRow<'_>> for ActPtr {
 
 /// Fill `out` for a whole panel (shape contract checked by [`super::panel`]).
 #[inline(always)]
-pub(super) unsafe fn panel<I: IntDot, B: Block>(p: &Panel, out: &mut [f32]) {
+pub(super) unsafe fn panel<I: IntDot, B: Block, A: Acc>(p: &Panel, out: &mut [A::Out]) {
     // SAFETY: forwarded caller contract (shapes checked, features enabled).
     unsafe {
         if p.acts.rows() >= PACKED_MIN_ROWS && (I::FULL_RANGE || !B::SIGNED) {
-            packed::panel::<I, B>(p, out)
+            packed::panel::<I, B, A>(p, out)
         } else {
-            rows::panel::<I, B>(p, out)
+            rows::panel::<I, B, A>(p, out)
         }
     }
 }
 
-/// The float steps of one block of a row·row product, lane by lane:
-/// `acc + sumi·(dw·da)` as one FMA (the product `dw·da` rounded first); formats with a
-/// minimum then add `mw·sa` with [`add_min`], another FMA. `isum` holds exact integer
-/// block sums (below 2^24, so their conversion is exact); `dw` the weight rows' scales.
+/// How a kernel turns exact integer block sums into its outputs, lane by lane (one lane
+/// per weight row): per block in order, `acc + sumi·(dw·da)` as one FMA, then, for formats
+/// with a minimum, `acc + mw·sa` as another. `isum` holds exact integer block sums (below
+/// 2^24, so their conversion is exact); `dw` and `mw` the weight rows' scales and minimums.
 ///
 /// Every x86 kernel ends each block with these calls, in this order, so that an output's
-/// bits depend only on its weight row and activation row.
-#[inline(always)]
-unsafe fn add_block(acc: __m256, isum: __m256i, dw: __m256, da: f32) -> __m256 {
-    // SAFETY: register-only intrinsics; the caller runs with AVX2 and FMA enabled.
-    unsafe {
-        let sumi = _mm256_cvtepi32_ps(isum);
-        _mm256_fmadd_ps(sumi, _mm256_mul_ps(dw, _mm256_set1_ps(da)), acc)
+/// bits depend only on its weight row and activation row. [`F32Acc`] rounds every step to
+/// f32 (the ordinary products); [`F64Acc`] keeps them in f64, where a row split into column
+/// slices sums to what the whole row gives (see `QuantMatrix::matmul_wide`).
+pub(super) trait Acc: Copy {
+    type Out: Copy;
+    unsafe fn zero() -> Self;
+    unsafe fn add_block(self, isum: __m256i, dw: __m256, da: f32) -> Self;
+    unsafe fn add_min(self, mw: __m256, sa: f32) -> Self;
+    /// The eight lanes, row 0 first.
+    unsafe fn lanes(self) -> [Self::Out; LANES];
+}
+
+/// f32 lanes: `dw·da` is rounded to f32 first, then fused into the sum.
+#[derive(Clone, Copy)]
+pub(super) struct F32Acc(__m256);
+
+impl Acc for F32Acc {
+    type Out = f32;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        // SAFETY: register-only intrinsic; the caller runs with AVX enabled.
+        unsafe { F32Acc(_mm256_setzero_ps()) }
+    }
+    #[inline(always)]
+    unsafe fn add_block(self, isum: __m256i, dw: __m256, da: f32) -> Self {
+        // SAFETY: register-only intrinsics; the caller runs with AVX2 and FMA enabled.
+        unsafe {
+            let sumi = _mm256_cvtepi32_ps(isum);
+            F32Acc(_mm256_fmadd_ps(
+                sumi,
+                _mm256_mul_ps(dw, _mm256_set1_ps(da)),
+                self.0,
+            ))
+        }
+    }
+    #[inline(always)]
+    unsafe fn add_min(self, mw: __m256, sa: f32) -> Self {
+        // SAFETY: register-only intrinsics; the caller runs with AVX2 and FMA enabled.
+        unsafe { F32Acc(_mm256_fmadd_ps(mw, _mm256_set1_ps(sa), self.0)) }
+    }
+    #[inline(always)]
+    unsafe fn lanes(self) -> [f32; LANES] {
+        // SAFETY: __m256 and [f32; 8] have the same size and no invalid bit patterns.
+        unsafe { std::mem::transmute::<__m256, [f32; LANES]>(self.0) }
     }
 }
 
-/// The minimum term of a block, after [`add_block`]: `acc + mw·sa` as one FMA.
+/// f64 lanes (rows 0..4, 4..8): `dw·da` is exact in f64, and so is its product with the
+/// integer sum as long as that stays below 2^18; the FMA rounds only the running sum.
+#[derive(Clone, Copy)]
+pub(super) struct F64Acc([__m256d; 2]);
+
+impl Acc for F64Acc {
+    type Out = f64;
+    #[inline(always)]
+    unsafe fn zero() -> Self {
+        // SAFETY: register-only intrinsic; the caller runs with AVX enabled.
+        unsafe { F64Acc([_mm256_setzero_pd(); 2]) }
+    }
+    #[inline(always)]
+    unsafe fn add_block(self, isum: __m256i, dw: __m256, da: f32) -> Self {
+        // SAFETY: register-only intrinsics; the caller runs with AVX2 and FMA enabled.
+        unsafe {
+            let da = _mm256_set1_pd(f64::from(da));
+            let sumi = [
+                _mm256_cvtepi32_pd(_mm256_castsi256_si128(isum)),
+                _mm256_cvtepi32_pd(_mm256_extracti128_si256::<1>(isum)),
+            ];
+            let dw = halves_f64(dw);
+            // No closures here: they would not inherit the caller's target features.
+            F64Acc([
+                _mm256_fmadd_pd(sumi[0], _mm256_mul_pd(dw[0], da), self.0[0]),
+                _mm256_fmadd_pd(sumi[1], _mm256_mul_pd(dw[1], da), self.0[1]),
+            ])
+        }
+    }
+    #[inline(always)]
+    unsafe fn add_min(self, mw: __m256, sa: f32) -> Self {
+        // SAFETY: register-only intrinsics; the caller runs with AVX2 and FMA enabled.
+        unsafe {
+            let sa = _mm256_set1_pd(f64::from(sa));
+            let mw = halves_f64(mw);
+            F64Acc([
+                _mm256_fmadd_pd(mw[0], sa, self.0[0]),
+                _mm256_fmadd_pd(mw[1], sa, self.0[1]),
+            ])
+        }
+    }
+    #[inline(always)]
+    unsafe fn lanes(self) -> [f64; LANES] {
+        // SAFETY: [__m256d; 2] and [f64; 8] have the same size and no invalid bit patterns.
+        unsafe { std::mem::transmute::<[__m256d; 2], [f64; LANES]>(self.0) }
+    }
+}
+
+/// Lanes 0..4 and 4..8 of `v`, widened to f64 (exactly).
 #[inline(always)]
-unsafe fn add_min(acc: __m256, mw: __m256, sa: f32) -> __m256 {
-    // SAFETY: register-only intrinsics; the caller runs with AVX2 and FMA enabled.
-    unsafe { _mm256_fmadd_ps(mw, _mm256_set1_ps(sa), acc) }
+unsafe fn halves_f64(v: __m256) -> [__m256d; 2] {
+    // SAFETY: register-only intrinsics; the caller runs with AVX enabled.
+    unsafe {
+        [
+            _mm256_cvtps_pd(_mm256_castps256_ps128(v)),
+            _mm256_cvtps_pd(_mm256_extractf128_ps::<1>(v)),
+        ]
+    }
 }

@@ -2,14 +2,14 @@
 //! interleaved four bytes at a time, so that one integer instruction multiplies four
 //! activation bytes (broadcast) into the running sums of all eight rows, one row per i32
 //! lane. A block's eight integer sums then come out one per lane, ready for
-//! [`super::add_block`], without the sum across lanes the [`super::rows`] kernel needs.
+//! [`super::Acc::add_block`], without the sum across lanes the [`super::rows`] kernel needs.
 //!
 //! Rows are packed [`PACK_ROWS`] at a time into a buffer the panel reuses; each packed group
 //! is multiplied into every activation row, four rows per pass.
 
 use std::arch::x86_64::*;
 
-use super::{ActPtr, Block, IntDot, LANES, add_block, add_min};
+use super::{Acc, ActPtr, Block, IntDot, LANES};
 use crate::dot::Panel;
 use crate::format::BLOCK;
 
@@ -109,16 +109,16 @@ unsafe fn pack_group<B: Block>(
 /// Dot products of one packed group (`nb` blocks from `u`, `d`, `m`) with `R` activation
 /// rows: lane `i` of result `r` is weight row `i` · activation row `r`.
 #[inline(always)]
-unsafe fn dot_group<I: IntDot, B: Block, const R: usize>(
+unsafe fn dot_group<I: IntDot, B: Block, A: Acc, const R: usize>(
     u: *const Lane32,
     d: *const f32,
     m: *const f32,
     nb: usize,
     acts: [ActPtr; R],
-) -> [__m256; R] {
+) -> [A; R] {
     // SAFETY: u, d, m hold nb * 8 entries and each activation row nb blocks (caller contract).
     unsafe {
-        let mut acc = [_mm256_setzero_ps(); R];
+        let mut acc = [A::zero(); R];
         for b in 0..nb {
             let w: [__m256i; LANES] =
                 std::array::from_fn(|g| _mm256_load_si256(u.add(b * LANES + g).cast()));
@@ -140,9 +140,9 @@ unsafe fn dot_group<I: IntDot, B: Block, const R: usize>(
                     odd = I::dot(odd, w[g + 1], a1);
                 }
                 let [da, sa] = *acts[r].ds.add(b);
-                acc[r] = add_block(acc[r], _mm256_add_epi32(even, odd), dw, da);
+                acc[r] = acc[r].add_block(_mm256_add_epi32(even, odd), dw, da);
                 if B::HAS_MIN {
-                    acc[r] = add_min(acc[r], _mm256_loadu_ps(m.add(b * LANES)), sa);
+                    acc[r] = acc[r].add_min(_mm256_loadu_ps(m.add(b * LANES)), sa);
                 }
             }
         }
@@ -153,19 +153,19 @@ unsafe fn dot_group<I: IntDot, B: Block, const R: usize>(
 /// Multiply packed group `group` (`valid` rows from weight row `row0`) into activation rows
 /// `a..a + R`, writing `out[(a + r) * rows + row0 + i]`.
 #[inline(always)]
-unsafe fn group_at<I: IntDot, B: Block, const R: usize>(
+unsafe fn group_at<I: IntDot, B: Block, A: Acc, const R: usize>(
     p: &Panel,
     buf: &PackBuf,
     (group, row0, valid): (usize, usize, usize),
     a: usize,
-    out: &mut [f32],
+    out: &mut [A::Out],
 ) {
     let (rows, nb) = (p.rows(), p.acts.blocks());
     let at = group * nb * LANES;
     let acts: [ActPtr; R] = std::array::from_fn(|i| p.acts.row(a + i).into());
     // SAFETY: the group's nb * 8 entries start at `at`; activation rows a..a+R exist.
     let acc = unsafe {
-        dot_group::<I, B, R>(
+        dot_group::<I, B, A, R>(
             buf.u[at..].as_ptr(),
             buf.d[at..].as_ptr(),
             buf.m[at..].as_ptr(),
@@ -173,9 +173,9 @@ unsafe fn group_at<I: IntDot, B: Block, const R: usize>(
             acts,
         )
     };
-    for (r, acc) in acc.iter().enumerate() {
-        // SAFETY: __m256 and [f32; 8] have the same size and no invalid bit patterns.
-        let lanes = unsafe { std::mem::transmute::<__m256, [f32; 8]>(*acc) };
+    for (r, acc) in acc.into_iter().enumerate() {
+        // SAFETY: register-only; the caller's level enables the accumulator's intrinsics.
+        let lanes = unsafe { acc.lanes() };
         let at = (a + r) * rows + row0;
         out[at..at + valid].copy_from_slice(&lanes[..valid]);
     }
@@ -183,7 +183,7 @@ unsafe fn group_at<I: IntDot, B: Block, const R: usize>(
 
 /// Fill `out` for a whole panel (shape contract checked by [`crate::dot::panel`]).
 #[inline(always)]
-pub(super) unsafe fn panel<I: IntDot, B: Block>(p: &Panel, out: &mut [f32]) {
+pub(super) unsafe fn panel<I: IntDot, B: Block, A: Acc>(p: &Panel, out: &mut [A::Out]) {
     let (m, nb, rows) = (p.acts.rows(), p.acts.blocks(), p.rows());
     let entries = PACK_ROWS.min(rows).div_ceil(LANES) * nb * LANES;
     let mut buf = PackBuf {
@@ -214,13 +214,13 @@ pub(super) unsafe fn panel<I: IntDot, B: Block>(p: &Panel, out: &mut [f32]) {
             let mut a = 0;
             // SAFETY (all calls below): activation rows a..a+R exist; the group is packed.
             while a + ROWS_PER_PASS <= m {
-                unsafe { group_at::<I, B, ROWS_PER_PASS>(p, &buf, group, a, out) };
+                unsafe { group_at::<I, B, A, ROWS_PER_PASS>(p, &buf, group, a, out) };
                 a += ROWS_PER_PASS;
             }
             match m - a {
-                3 => unsafe { group_at::<I, B, 3>(p, &buf, group, a, out) },
-                2 => unsafe { group_at::<I, B, 2>(p, &buf, group, a, out) },
-                1 => unsafe { group_at::<I, B, 1>(p, &buf, group, a, out) },
+                3 => unsafe { group_at::<I, B, A, 3>(p, &buf, group, a, out) },
+                2 => unsafe { group_at::<I, B, A, 2>(p, &buf, group, a, out) },
+                1 => unsafe { group_at::<I, B, A, 1>(p, &buf, group, a, out) },
                 _ => {}
             }
         }

@@ -6,7 +6,7 @@
 
 use std::arch::x86_64::*;
 
-use super::{ActPtr, Block, IntDot, LANES, add_block, add_min};
+use super::{Acc, ActPtr, Block, IntDot, LANES};
 use crate::dot::Panel;
 use crate::format::BLOCK;
 
@@ -87,13 +87,18 @@ const AHEAD: usize = 2 * LANES;
 /// The rows are read side by side, a block of each per step, which hardware prefetchers do
 /// not follow as streams: each step prefetches the same blocks of the next eight rows.
 #[inline(always)]
-unsafe fn dot8<I: IntDot, B: Block>(w: *const u8, stride: usize, nb: usize, act: ActPtr) -> __m256 {
+unsafe fn dot8<I: IntDot, B: Block, A: Acc>(
+    w: *const u8,
+    stride: usize,
+    nb: usize,
+    act: ActPtr,
+) -> A {
     let zero_point = B::ZERO_POINT != 0 && !sign_trick::<I, B>();
     // SAFETY: the eight rows hold nb blocks and the activation row nb blocks (caller
     // contract); intrinsics are enabled by the caller's level. Plain loops, not closures,
     // which would not inherit the target features.
     unsafe {
-        let mut acc = _mm256_setzero_ps();
+        let mut acc = A::zero();
         for b in 0..nb {
             let a = _mm256_loadu_si256(act.qs.add(b * BLOCK).cast());
             let at = w.add(b * B::BYTES);
@@ -114,9 +119,9 @@ unsafe fn dot8<I: IntDot, B: Block>(w: *const u8, stride: usize, nb: usize, act:
             let dm = _mm256_setr_epi32(dm[0], dm[1], dm[2], dm[3], dm[4], dm[5], dm[6], dm[7]);
             let (dw, mw) = scales::<B>(dm);
             let [da, sa] = *act.ds.add(b);
-            acc = add_block(acc, isum, dw, da);
+            acc = acc.add_block(isum, dw, da);
             if B::HAS_MIN {
-                acc = add_min(acc, mw, sa);
+                acc = acc.add_min(mw, sa);
             }
         }
         acc
@@ -125,7 +130,7 @@ unsafe fn dot8<I: IntDot, B: Block>(w: *const u8, stride: usize, nb: usize, act:
 
 /// Fill `out` for a whole panel (shape contract checked by [`crate::dot::panel`]).
 #[inline(always)]
-pub(super) unsafe fn panel<I: IntDot, B: Block>(p: &Panel, out: &mut [f32]) {
+pub(super) unsafe fn panel<I: IntDot, B: Block, A: Acc>(p: &Panel, out: &mut [A::Out]) {
     let (m, nb, rows, stride) = (p.acts.rows(), p.acts.blocks(), p.rows(), p.row_bytes);
     // The last rows when fewer than eight remain, zero-padded (zero scales) to eight.
     let mut tail = Vec::new();
@@ -147,9 +152,8 @@ pub(super) unsafe fn panel<I: IntDot, B: Block>(p: &Panel, out: &mut [f32]) {
         };
         for a in 0..m {
             // SAFETY: w points at eight whole weight rows; activation row a exists.
-            let dots = unsafe { dot8::<I, B>(w, stride, nb, p.acts.row(a).into()) };
-            // SAFETY: __m256 and [f32; 8] have the same size and no invalid bit patterns.
-            let lanes = unsafe { std::mem::transmute::<__m256, [f32; LANES]>(dots) };
+            // The accumulator's intrinsics are enabled by the caller's level.
+            let lanes = unsafe { dot8::<I, B, A>(w, stride, nb, p.acts.row(a).into()).lanes() };
             let at = a * rows + row0;
             out[at..at + valid].copy_from_slice(&lanes[..valid]);
         }
