@@ -6,12 +6,14 @@
 //! 32 values to 8 bits (ggml `Q8_0`/`Q8_1`), each weight block is multiplied as an exact
 //! integer dot product and scaled, exactly as llama.cpp's CPU backend does, so greedy
 //! decoding agrees with it. The model code calls [`QuantMatrix::matmul`] for its linear
-//! layers and [`QuantMatrix::dequantize_row`] for embedding lookups; parallelism runs on
+//! layers ([`QuantMatrix::matmul_wide`] for tensor-parallel shards whose sums must round
+//! like the whole) and [`QuantMatrix::dequantize_row`] for embedding lookups; parallelism runs on
 //! the caller's rayon pool.
 //!
 //! Layout: `format` (block layouts, reference dequantiser), `quantize` (activations),
 //! `dot` (one kernel module per instruction set: scalar reference, AVX2, AVX-512 VNNI,
-//! NEON; on x86 a row kernel for decode and a packed eight-row kernel for prefill),
+//! NEON; on x86 a row kernel for decode and packed eight- or sixteen-row kernels for
+//! batches),
 //! `matmul` (threading over weight rows), `simd` (run-time detection).
 
 mod dot;

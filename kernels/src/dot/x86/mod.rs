@@ -2,11 +2,12 @@
 //! ([`Block`]: how 32 stored weights become 32 unsigned bytes and a scale) and the integer
 //! product ([`IntDot`]: `vpmaddubsw` pairs, or VNNI `vpdpbusd`).
 //!
-//! Two kernels: [`rows`] multiplies weight rows in their GGUF layout (decode, few
+//! Three kernels: [`rows`] multiplies weight rows in their GGUF layout (decode, few
 //! activation rows); [`packed`] first interleaves eight weight rows so that one integer
-//! instruction advances eight dot products (prefill). [`panel`] picks one.
+//! instruction advances eight dot products (prefill, batches); [`packed16`] does the same
+//! with sixteen rows in 512-bit vectors (AVX-512 VNNI). [`panel`] and [`panel16`] pick one.
 //!
-//! Both give bit-identical results, so that an output does not depend on how many
+//! All give bit-identical results, so that an output does not depend on how many
 //! activation rows share a call, where its row sits among them, or how the weight rows are
 //! split into tasks. They compute eight weight rows at a time, one per float lane, and
 //! every lane follows the one order of float operations of [`Acc::add_block`] and [`Acc::add_min`]: per
@@ -17,7 +18,10 @@
 //! a `#[target_feature]` function of the level that owns the [`IntDot`].
 
 mod packed;
+mod packed16;
 mod rows;
+
+pub(super) use packed16::{Acc16, F32x16, F64x16};
 
 use std::arch::x86_64::*;
 
@@ -197,6 +201,23 @@ pub(super) unsafe fn panel<I: IntDot, B: Block, A: Acc>(p: &Panel, out: &mut [A:
     unsafe {
         if p.acts.rows() >= PACKED_MIN_ROWS && (I::FULL_RANGE || !B::SIGNED) {
             packed::panel::<I, B, A>(p, out)
+        } else {
+            rows::panel::<I, B, A>(p, out)
+        }
+    }
+}
+
+/// The AVX-512 level's panel: the sixteen-row packed kernel ([`packed16`], VNNI only) for
+/// batches, the row kernel below [`PACKED_MIN_ROWS`]. Same bits as [`panel`].
+#[inline(always)]
+pub(super) unsafe fn panel16<I: IntDot, B: Block, A: Acc, W: Acc16<Out = A::Out>>(
+    p: &Panel,
+    out: &mut [A::Out],
+) {
+    // SAFETY: forwarded caller contract (shapes checked, AVX-512 VNNI enabled).
+    unsafe {
+        if p.acts.rows() >= PACKED_MIN_ROWS {
+            packed16::panel::<B, W>(p, out)
         } else {
             rows::panel::<I, B, A>(p, out)
         }

@@ -34,7 +34,7 @@ struct PackBuf {
 
 /// Transpose an 8x8 matrix of 32-bit elements: row `i` of the result is column `i`.
 #[inline(always)]
-unsafe fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
+pub(super) unsafe fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
     // SAFETY: register-only intrinsics; the caller runs with AVX2 enabled.
     unsafe {
         let t: [__m256i; 8] = std::array::from_fn(|i| {
