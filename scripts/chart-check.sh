@@ -35,7 +35,7 @@ done
 
 # 4. The values schema refuses typos and bad values (each of these must fail).
 for bad in "router.discovry=kubernetes" "router.discovery=dns" "image.flavor=rocm" \
-           "operator.healthPort=0" "router.replicas=-1"; do
+           "operator.healthPort=0" "router.replicas=-1" "hub.endpoint=hub-mirror.internal"; do
   if "$HELM" template x "$CHART" --set "$bad" >/dev/null 2>&1; then
     fail "values.schema.json accepted --set $bad"
   fi

@@ -16,6 +16,10 @@ pub struct OperatorArgs {
     /// Image of the worker pods when a ModelDeployment names none (the operator's own).
     #[arg(long, env = "SHARDSERVE_WORKER_IMAGE")]
     pub worker_image: String,
+    /// A Hugging Face Hub mirror or proxy for the worker pods' model downloads
+    /// (their `HF_ENDPOINT`), for clusters that must not reach the public Hub.
+    #[arg(long, env = "SHARDSERVE_HUB_ENDPOINT")]
+    pub hub_endpoint: Option<String>,
     /// Watch ModelDeployments in this namespace only (default: every namespace).
     #[arg(long)]
     pub namespace: Option<String>,
@@ -49,6 +53,7 @@ pub fn run(args: OperatorArgs) -> Result<()> {
     let settings = OperatorSettings {
         health_addr: args.health_addr,
         worker_image: args.worker_image,
+        hub_endpoint: args.hub_endpoint.filter(|url| !url.is_empty()),
         namespace: args.namespace,
         leader_election,
         identity,
@@ -122,6 +127,7 @@ mod tests {
         md.metadata.uid = Some("uid".into());
         let settings = desired::WorkerSettings {
             image: "shardserve".into(),
+            hub_endpoint: None,
         };
         let objects = desired::desired(&md, &check(&md).unwrap(), &settings).unwrap();
         let statefulset = &objects.groups[0].statefulset;

@@ -24,6 +24,8 @@ pub struct OperatorSettings {
     pub health_addr: SocketAddr,
     /// The image of rank pods (unless a spec names its own).
     pub worker_image: String,
+    /// `HF_ENDPOINT` of the pods' model fetch (a Hub mirror), if any.
+    pub hub_endpoint: Option<String>,
     /// Watch this namespace only (else every namespace).
     pub namespace: Option<String>,
     /// Lead through this Lease (else lead alone).
@@ -89,6 +91,7 @@ pub async fn run(settings: OperatorSettings) -> Result<(), RunError> {
     };
     let worker = WorkerSettings {
         image: settings.worker_image.clone(),
+        hub_endpoint: settings.hub_endpoint.clone(),
     };
     let ctx = Arc::new(Context::new(
         client.clone(),

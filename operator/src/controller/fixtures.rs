@@ -31,6 +31,7 @@ pub fn ago(seconds: i64) -> Timestamp {
 pub fn settings() -> WorkerSettings {
     WorkerSettings {
         image: IMAGE.into(),
+        hub_endpoint: None,
     }
 }
 

@@ -30,6 +30,9 @@ pub use model::{MODEL_DIR, ModelFiles};
 pub struct WorkerSettings {
     /// The image of rank pods when `spec.image` is unset: the operator's own.
     pub image: String,
+    /// A Hugging Face Hub mirror or proxy (`HF_ENDPOINT` of the model fetch), for
+    /// clusters that must not reach the public Hub.
+    pub hub_endpoint: Option<String>,
 }
 
 /// Everything one `ModelDeployment` should have.
@@ -81,6 +84,7 @@ pub fn desired(
                 id,
                 topology,
                 image: md.spec.image.as_deref().unwrap_or(&settings.image),
+                hub_endpoint: settings.hub_endpoint.as_deref(),
                 files: &files,
             };
             let (statefulset, spec_hash) = statefulset(&group);
@@ -158,6 +162,7 @@ pub(super) struct GroupContext<'a> {
     id: GroupId,
     topology: &'a Topology,
     image: &'a str,
+    hub_endpoint: Option<&'a str>,
     files: &'a ModelFiles,
 }
 

@@ -202,20 +202,7 @@ fn fetch_container(group: &GroupContext<'_>, source: &str) -> Container {
         name: "fetch-model".into(),
         image: Some(group.image.to_string()),
         args: Some(strings(&["model", "fetch", source, "--cache", MODEL_DIR])),
-        env: group.md.spec.model.token_secret.as_ref().map(|secret| {
-            vec![EnvVar {
-                name: "HF_TOKEN".into(),
-                value_from: Some(EnvVarSource {
-                    secret_key_ref: Some(SecretKeySelector {
-                        name: secret.name.clone(),
-                        key: secret.key.clone().unwrap_or_else(|| "token".into()),
-                        optional: Some(false),
-                    }),
-                    ..EnvVarSource::default()
-                }),
-                ..EnvVar::default()
-            }]
-        }),
+        env: Some(fetch_env(group)).filter(|env| !env.is_empty()),
         resources: Some(resources(group, false)),
         volume_mounts: Some(vec![
             mount(TMP_VOLUME, "/tmp", false),
@@ -224,6 +211,35 @@ fn fetch_container(group: &GroupContext<'_>, source: &str) -> Container {
         security_context: Some(container_security()),
         ..Container::default()
     }
+}
+
+/// The fetch's `HF_TOKEN` (from the spec's Secret) and `HF_ENDPOINT` (the
+/// operator's Hub mirror), where set.
+fn fetch_env(group: &GroupContext<'_>) -> Vec<EnvVar> {
+    let token = group
+        .md
+        .spec
+        .model
+        .token_secret
+        .as_ref()
+        .map(|secret| EnvVar {
+            name: "HF_TOKEN".into(),
+            value_from: Some(EnvVarSource {
+                secret_key_ref: Some(SecretKeySelector {
+                    name: secret.name.clone(),
+                    key: secret.key.clone().unwrap_or_else(|| "token".into()),
+                    optional: Some(false),
+                }),
+                ..EnvVarSource::default()
+            }),
+            ..EnvVar::default()
+        });
+    let endpoint = group.hub_endpoint.map(|url| EnvVar {
+        name: "HF_ENDPOINT".into(),
+        value: Some(url.into()),
+        ..EnvVar::default()
+    });
+    token.into_iter().chain(endpoint).collect()
 }
 
 /// CPU and memory from `spec.resources`; a rank adds its GPUs (as requests

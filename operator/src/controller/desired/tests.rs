@@ -5,7 +5,8 @@ use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use serde_json::{Value, json};
 
 use super::*;
-use crate::controller::fixtures::{IMAGE, UID, demo, desired_of};
+use crate::controller::check::check;
+use crate::controller::fixtures::{self, IMAGE, UID, demo, desired_of};
 use crate::crd::{ComputeResources, CpuMemory};
 
 fn to_json<T: serde::Serialize>(value: &T) -> Value {
@@ -384,5 +385,38 @@ fn objects_need_an_owner_uid_and_a_namespace() {
     assert_eq!(
         err.to_string(),
         "ModelDeployment \"smollm2\" has no metadata.uid"
+    );
+}
+
+#[test]
+fn a_hub_mirror_reaches_the_model_fetch_as_hf_endpoint() {
+    let mut md = demo(1);
+    md.spec.model.source = "hf://meta-llama/Llama-3.2-1B-Instruct".into();
+    md.spec.model.token_secret = Some(crate::crd::TokenSecret {
+        name: "hf".into(),
+        key: Some("hub-token".into()),
+    });
+    let settings = WorkerSettings {
+        hub_endpoint: Some("https://hub-mirror.internal".into()),
+        ..fixtures::settings()
+    };
+    let desired = desired(&md, &check(&md).unwrap(), &settings).unwrap();
+    let pod = to_json(&desired.groups[0].statefulset)["spec"]["template"]["spec"].clone();
+    assert_eq!(
+        pod["initContainers"][0]["env"],
+        json!([
+            {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "hub-token", "optional": false}}},
+            {"name": "HF_ENDPOINT", "value": "https://hub-mirror.internal"}
+        ])
+    );
+    assert!(
+        !pod["containers"][0]["env"]
+            .to_string()
+            .contains("HF_ENDPOINT")
+    );
+    // A new mirror is a new pod template: the groups roll onto it.
+    assert_ne!(
+        desired.groups[0].spec_hash,
+        desired_of(&md).groups[0].spec_hash
     );
 }
