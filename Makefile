@@ -45,8 +45,10 @@ $(VENV_STAMP):
 	$(VENV)/bin/python -m pip install --quiet --disable-pip-version-check openai==$(OPENAI_VERSION)
 	touch $@
 
+# The whole workspace, as `make test` builds it (same features, same artefacts): building
+# `-p shardserve` alone resolves features differently and recompiles half the workspace.
 build:
-	$(CARGO) build -p shardserve $(FEATURES)
+	$(CARGO) build --workspace $(FEATURES)
 
 ## Lint, render and strictly validate the Helm chart (and the examples).
 chart-check: chart-tools
