@@ -7,7 +7,7 @@
 //! alone allow: decode (m=1) and prefill (m=128 through the layers, head on one row).
 //!
 //! `cargo run -p shardserve-kernels --example bench_matmul [-- LEVEL... m=M...]`, e.g.
-//! `-- avx512 m=1`.
+//! `-- avx512 m=1` (any row counts; 1 and 128 by default).
 
 use std::time::{Duration, Instant};
 
@@ -102,10 +102,14 @@ fn main() {
         .into_iter()
         .filter(|l| level_args.is_empty() || level_args.iter().any(|w| *w == l.name()))
         .collect();
-    let ms: Vec<usize> = [1, 128]
-        .into_iter()
-        .filter(|m| m_args.is_empty() || m_args.iter().any(|a| **a == format!("m={m}")))
-        .collect();
+    let ms: Vec<usize> = if m_args.is_empty() {
+        vec![1, 128]
+    } else {
+        m_args
+            .iter()
+            .filter_map(|a| a.strip_prefix("m=")?.parse().ok())
+            .collect()
+    };
     let pools: Vec<(usize, rayon::ThreadPool)> = [1, 2]
         .into_iter()
         .map(|t| {
