@@ -29,14 +29,14 @@ use super::Panel;
 use crate::quantize::ActRow;
 
 /// Activation rows from which the packed kernel pays for its packing (a speed choice only:
-/// both kernels give the same bits). On a Zen 4 core the row kernel was still ahead at 6
-/// to 7 rows (2.7x at 2 rows), so small decode batches stay on it.
-const PACKED_MIN_ROWS: usize = 6;
+/// all kernels give the same bits). The row kernel unpacks each weight block once for up to
+/// four activation rows; measured on a Xeon (Q4_1, 1536 x 576 and 576 x 1536, 2 threads,
+/// AVX2 level) it was ahead up to 4 rows, level at 6 to 8, behind from 12.
+const PACKED_MIN_ROWS: usize = 8;
 
-/// The same for the sixteen-row kernel, which halves the integer instructions: on a Xeon
-/// with AVX-512 (Q4_1, n x k = 1536 x 576) it was level with the row kernel at 4 rows and
-/// twice as fast at 5.
-const PACKED16_MIN_ROWS: usize = 5;
+/// The same for the sixteen-row kernel (AVX-512 VNNI): level with the row kernel from 5 to
+/// 12 rows, ahead from 16 (1.5x), and 3x at 128.
+const PACKED16_MIN_ROWS: usize = 12;
 
 /// Weight rows computed together, one per lane of a 256-bit vector.
 pub(super) const LANES: usize = 8;

@@ -1,5 +1,6 @@
-//! The row kernel (decode): weight rows read in their GGUF layout, eight at a time. Each
-//! row's blocks are multiplied into the activation blocks in eight i32 lanes each; then,
+//! The row kernel (decode): weight rows read in their GGUF layout, eight at a time, each
+//! block unpacked once for up to four activation rows. Each row's blocks are multiplied
+//! into the activation blocks in eight i32 lanes each; then,
 //! per block, the eight rows' lanes are summed across into one vector (lane `i` = row `i`'s
 //! exact block sum), which is scaled exactly as the [`super::packed`] kernel scales its
 //! own, so both give the same bits.
@@ -57,14 +58,12 @@ fn sign_trick<I: IntDot, B: Block>() -> bool {
     B::SIGNED && !I::FULL_RANGE
 }
 
-/// Row `i`'s exact partial sums of one block (at `w`) times the activation block `a`, in
-/// eight i32 lanes.
+/// Row `i`'s exact partial sums of one unpacked block `u` times the activation block `a`,
+/// in eight i32 lanes.
 #[inline(always)]
-unsafe fn block_sums<I: IntDot, B: Block>(w: *const u8, a: __m256i) -> __m256i {
-    // SAFETY: w points at a whole block (caller contract); intrinsics are enabled by the
-    // caller's level.
+unsafe fn block_sums<I: IntDot, B: Block>(u: __m256i, a: __m256i) -> __m256i {
+    // SAFETY: register-only intrinsics, enabled by the caller's level.
     unsafe {
-        let (u, _) = B::unpack(w);
         if sign_trick::<I, B>() {
             let q = _mm256_xor_si256(u, _mm256_set1_epi8(i8::MIN));
             I::dot(
@@ -81,57 +80,90 @@ unsafe fn block_sums<I: IntDot, B: Block>(w: *const u8, a: __m256i) -> __m256i {
 /// How far ahead, in weight rows, [`dot8`] prefetches (into L2).
 const AHEAD: usize = 2 * LANES;
 
+/// Activation rows multiplied per pass over a group of eight weight rows.
+const ROWS_PER_PASS: usize = 4;
+
 /// Dot products of eight weight rows (`nb` blocks each, row `i` at `w + i * stride`) with
-/// one activation row: lane `i` is row `i`'s.
+/// `R` activation rows: lane `i` of result `r` is row `i` · activation row `r`. Each
+/// weight block is unpacked once for the `R` rows.
 ///
 /// The rows are read side by side, a block of each per step, which hardware prefetchers do
 /// not follow as streams: each step prefetches the same blocks of the next eight rows.
 #[inline(always)]
-unsafe fn dot8<I: IntDot, B: Block, A: Acc>(
+unsafe fn dot8<I: IntDot, B: Block, A: Acc, const R: usize>(
     w: *const u8,
     stride: usize,
     nb: usize,
-    act: ActPtr,
-) -> A {
+    acts: [ActPtr; R],
+) -> [A; R] {
     let zero_point = B::ZERO_POINT != 0 && !sign_trick::<I, B>();
-    // SAFETY: the eight rows hold nb blocks and the activation row nb blocks (caller
+    // SAFETY: the eight rows hold nb blocks and each activation row nb blocks (caller
     // contract); intrinsics are enabled by the caller's level. Plain loops, not closures,
     // which would not inherit the target features.
     unsafe {
-        let mut acc = A::zero();
+        let mut acc = [A::zero(); R];
         for b in 0..nb {
-            let a = _mm256_loadu_si256(act.qs.add(b * BLOCK).cast());
             let at = w.add(b * B::BYTES);
-            let mut sums = [_mm256_setzero_si256(); LANES];
+            let mut u = [_mm256_setzero_si256(); LANES];
             let mut dm = [0i32; LANES];
             for i in 0..LANES {
                 let block = at.add(i * stride);
                 // A prefetch never faults, wherever it points.
                 _mm_prefetch::<_MM_HINT_T1>(block.wrapping_add(AHEAD * stride).cast());
-                sums[i] = block_sums::<I, B>(block, a);
+                u[i] = B::unpack(block).0;
                 dm[i] = block.cast::<i32>().read_unaligned();
-            }
-            let mut isum = sum_across(sums);
-            if zero_point {
-                let zero_point = -B::ZERO_POINT * *act.qsum.add(b);
-                isum = _mm256_add_epi32(isum, _mm256_set1_epi32(zero_point));
             }
             let dm = _mm256_setr_epi32(dm[0], dm[1], dm[2], dm[3], dm[4], dm[5], dm[6], dm[7]);
             let (dw, mw) = scales::<B>(dm);
-            let [da, sa] = *act.ds.add(b);
-            acc = acc.add_block(isum, dw, da);
-            if B::HAS_MIN {
-                acc = acc.add_min(mw, sa);
+            for r in 0..R {
+                let a = _mm256_loadu_si256(acts[r].qs.add(b * BLOCK).cast());
+                let mut sums = [_mm256_setzero_si256(); LANES];
+                for i in 0..LANES {
+                    sums[i] = block_sums::<I, B>(u[i], a);
+                }
+                let mut isum = sum_across(sums);
+                if zero_point {
+                    let zero_point = -B::ZERO_POINT * *acts[r].qsum.add(b);
+                    isum = _mm256_add_epi32(isum, _mm256_set1_epi32(zero_point));
+                }
+                let [da, sa] = *acts[r].ds.add(b);
+                acc[r] = acc[r].add_block(isum, dw, da);
+                if B::HAS_MIN {
+                    acc[r] = acc[r].add_min(mw, sa);
+                }
             }
         }
         acc
     }
 }
 
+/// Multiply the eight weight rows at `w` into activation rows `a..a + R`, writing the
+/// first `valid` of them to `out[(a + r) * rows + row0 ..]`.
+#[inline(always)]
+unsafe fn rows_at<I: IntDot, B: Block, A: Acc, const R: usize>(
+    p: &Panel,
+    (w, row0, valid): (*const u8, usize, usize),
+    a: usize,
+    out: &mut [A::Out],
+) {
+    let mut acts = [ActPtr::from(p.acts.row(a)); R];
+    for (i, act) in acts.iter_mut().enumerate() {
+        *act = p.acts.row(a + i).into();
+    }
+    // SAFETY: w points at eight whole weight rows; activation rows a..a+R exist.
+    let dots = unsafe { dot8::<I, B, A, R>(w, p.row_bytes, p.acts.blocks(), acts) };
+    for (r, dots) in dots.into_iter().enumerate() {
+        // SAFETY: register-only; the caller's level enables the accumulator's intrinsics.
+        let lanes = unsafe { dots.lanes() };
+        let at = (a + r) * p.rows() + row0;
+        out[at..at + valid].copy_from_slice(&lanes[..valid]);
+    }
+}
+
 /// Fill `out` for a whole panel (shape contract checked by [`crate::dot::panel`]).
 #[inline(always)]
 pub(super) unsafe fn panel<I: IntDot, B: Block, A: Acc>(p: &Panel, out: &mut [A::Out]) {
-    let (m, nb, rows, stride) = (p.acts.rows(), p.acts.blocks(), p.rows(), p.row_bytes);
+    let (m, rows, stride) = (p.acts.rows(), p.rows(), p.row_bytes);
     // The last rows when fewer than eight remain, zero-padded (zero scales) to eight.
     let mut tail = Vec::new();
     // The rows that no earlier step prefetches.
@@ -150,12 +182,18 @@ pub(super) unsafe fn panel<I: IntDot, B: Block, A: Acc>(p: &Panel, out: &mut [A:
             tail[..valid * stride].copy_from_slice(&p.weights[row0 * stride..]);
             tail.as_ptr()
         };
-        for a in 0..m {
-            // SAFETY: w points at eight whole weight rows; activation row a exists.
-            // The accumulator's intrinsics are enabled by the caller's level.
-            let lanes = unsafe { dot8::<I, B, A>(w, stride, nb, p.acts.row(a).into()).lanes() };
-            let at = a * rows + row0;
-            out[at..at + valid].copy_from_slice(&lanes[..valid]);
+        let group = (w, row0, valid);
+        let mut a = 0;
+        // SAFETY (all calls below): w holds eight whole rows; activation rows a..a+R exist.
+        while a + ROWS_PER_PASS <= m {
+            unsafe { rows_at::<I, B, A, ROWS_PER_PASS>(p, group, a, out) };
+            a += ROWS_PER_PASS;
+        }
+        match m - a {
+            3 => unsafe { rows_at::<I, B, A, 3>(p, group, a, out) },
+            2 => unsafe { rows_at::<I, B, A, 2>(p, group, a, out) },
+            1 => unsafe { rows_at::<I, B, A, 1>(p, group, a, out) },
+            _ => {}
         }
     }
 }
