@@ -4,10 +4,17 @@
 //! block manager ([`BlockManager`]) decides which blocks a sequence gets, and
 //! every rank of a group writes where the step plan says.
 //!
-//! Within a block, entries are position-major (`[position][kv_head][head_dim]`),
-//! so a block is one contiguous run that attention reads in order.
+//! Within a block, entries are head-major (`[kv_head][position][head_dim]`),
+//! so one KV head's part of a block is one contiguous run that attention
+//! reads in order. Entries are kept at half precision (f16), as in
+//! llama.cpp's default cache: the model rounds keys and values to f16 before
+//! writing them, so storing f16 loses nothing and halves the memory and the
+//! bytes attention reads.
 
 mod blocks;
+
+use half::f16;
+use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 
 pub use blocks::{BlockHash, BlockId, BlockManager};
 
@@ -23,14 +30,14 @@ pub struct KvShape {
 }
 
 impl KvShape {
-    /// Floats per position per layer, for keys or for values.
+    /// Entries per position per layer, for keys or for values.
     pub fn row(&self) -> usize {
         self.kv_heads * self.head_dim
     }
 
     /// Bytes of one block of `block_size` positions, keys and values of every layer.
     pub fn block_bytes(&self, block_size: usize) -> usize {
-        2 * self.layers * block_size * self.row() * std::mem::size_of::<f32>()
+        2 * self.layers * block_size * self.row() * std::mem::size_of::<f16>()
     }
 }
 
@@ -47,10 +54,43 @@ pub enum KvError {
     Ragged { got: usize, row: usize },
 }
 
+/// One layer's entries.
 #[derive(Debug)]
 struct LayerStore {
-    keys: Vec<f32>,
-    values: Vec<f32>,
+    keys: HalfBuffer,
+    values: HalfBuffer,
+}
+
+/// Zeroed f16 storage starting on a 128-byte boundary, so that each head's
+/// run in a block starts on a cache-line pair (the unit the hardware
+/// prefetches) when a run is a multiple of 128 bytes.
+#[derive(Debug)]
+struct HalfBuffer {
+    /// f16 bit patterns: a zeroed `u16` buffer is reserved without touching
+    /// its pages.
+    bits: Vec<u16>,
+    start: usize,
+    len: usize,
+}
+
+impl HalfBuffer {
+    const ALIGN: usize = 128;
+
+    fn zeroed(len: usize) -> Self {
+        let pad = Self::ALIGN / 2;
+        let bits = vec![0u16; len + pad];
+        let misalign = bits.as_ptr() as usize % Self::ALIGN;
+        let start = (Self::ALIGN - misalign) % Self::ALIGN / 2;
+        Self { bits, start, len }
+    }
+
+    fn get(&self) -> &[f16] {
+        self.bits[self.start..self.start + self.len].reinterpret_cast()
+    }
+
+    fn get_mut(&mut self) -> &mut [f16] {
+        self.bits[self.start..self.start + self.len].reinterpret_cast_mut()
+    }
 }
 
 #[derive(Debug)]
@@ -65,11 +105,11 @@ impl KvCache {
     /// Storage for `num_blocks` blocks of `block_size` positions. The memory
     /// is reserved zeroed, so the system commits pages only as they are used.
     pub fn new(shape: KvShape, num_blocks: usize, block_size: usize) -> Self {
-        let floats = num_blocks * block_size * shape.row();
+        let entries = num_blocks * block_size * shape.row();
         let layers = (0..shape.layers)
             .map(|_| LayerStore {
-                keys: vec![0.0; floats],
-                values: vec![0.0; floats],
+                keys: HalfBuffer::zeroed(entries),
+                values: HalfBuffer::zeroed(entries),
             })
             .collect();
         Self {
@@ -124,7 +164,8 @@ impl KvCache {
     }
 
     /// Writes keys and values (`[tokens][kv_head][head_dim]`) of positions
-    /// `start..` of `layer` into the blocks `table` names.
+    /// `start..` of `layer` into the blocks `table` names, each rounded to
+    /// the nearest f16.
     pub fn write(
         &mut self,
         layer: usize,
@@ -143,12 +184,18 @@ impl KvCache {
         let tokens = keys.len() / row;
         self.check(layer, table, start + tokens)?;
         let bs = self.block_size;
+        let d = self.shape.head_dim;
         let store = &mut self.layers[layer];
+        let (k_store, v_store) = (store.keys.get_mut(), store.values.get_mut());
         for t in 0..tokens {
             let pos = start + t;
-            let at = (table[pos / bs] as usize * bs + pos % bs) * row;
-            store.keys[at..at + row].copy_from_slice(&keys[t * row..(t + 1) * row]);
-            store.values[at..at + row].copy_from_slice(&values[t * row..(t + 1) * row]);
+            let block = table[pos / bs] as usize;
+            for h in 0..self.shape.kv_heads {
+                let at = ((block * self.shape.kv_heads + h) * bs + pos % bs) * d;
+                let from = t * row + h * d..t * row + (h + 1) * d;
+                k_store[at..at + d].convert_from_f32_slice(&keys[from.clone()]);
+                v_store[at..at + d].convert_from_f32_slice(&values[from]);
+            }
         }
         Ok(())
     }
@@ -160,9 +207,10 @@ impl KvCache {
         let block = self.block_size * self.shape.row();
         let used = &table[..len.div_ceil(self.block_size)];
         let range = |b: BlockId| b as usize * block..(b as usize + 1) * block;
+        let (keys, values) = (store.keys.get(), store.values.get());
         Ok(KvView {
-            keys: used.iter().map(|&b| &store.keys[range(b)]).collect(),
-            values: used.iter().map(|&b| &store.values[range(b)]).collect(),
+            keys: used.iter().map(|&b| &keys[range(b)]).collect(),
+            values: used.iter().map(|&b| &values[range(b)]).collect(),
             block_size: self.block_size,
             len,
         })
@@ -170,25 +218,14 @@ impl KvCache {
 }
 
 /// One sequence's keys and values for one layer: `len` positions spread over
-/// blocks of `block_size` positions (the last one possibly part-filled).
+/// blocks of `block_size` positions (the last one possibly part-filled),
+/// each block `[kv_head][block_size][head_dim]`.
 #[derive(Debug)]
 pub struct KvView<'a> {
-    pub keys: Vec<&'a [f32]>,
-    pub values: Vec<&'a [f32]>,
+    pub keys: Vec<&'a [f16]>,
+    pub values: Vec<&'a [f16]>,
     pub block_size: usize,
     pub len: usize,
-}
-
-impl<'a> KvView<'a> {
-    /// A view of contiguous `[position][kv_head][head_dim]` entries (one block).
-    pub fn contiguous(keys: &'a [f32], values: &'a [f32], len: usize) -> Self {
-        Self {
-            keys: vec![keys],
-            values: vec![values],
-            block_size: len.max(1),
-            len,
-        }
-    }
 }
 
 #[cfg(test)]
@@ -201,11 +238,16 @@ mod tests {
         head_dim: 3,
     };
 
-    fn gather(view: &KvView<'_>, row: usize) -> Vec<f32> {
+    /// Keys of every position, `[position][kv_head][head_dim]`.
+    fn gather(view: &KvView<'_>, shape: KvShape) -> Vec<f32> {
+        let (bs, d) = (view.block_size, shape.head_dim);
         let mut out = Vec::new();
-        for (i, block) in view.keys.iter().enumerate() {
-            let n = view.block_size.min(view.len - i * view.block_size);
-            out.extend_from_slice(&block[..n * row]);
+        for pos in 0..view.len {
+            let block = view.keys[pos / bs];
+            for h in 0..shape.kv_heads {
+                let at = (h * bs + pos % bs) * d;
+                out.extend(block[at..at + d].iter().map(|x| x.to_f32()));
+            }
         }
         out
     }
@@ -215,18 +257,30 @@ mod tests {
         let mut kv = KvCache::new(SHAPE, 8, 4);
         // Blocks out of order, as a real table is.
         let table = [5, 2, 7];
+        let entry = |pos: usize| (0..6).map(|i| (10 * pos + i) as f32).collect::<Vec<_>>();
         for step in 0..10usize {
-            let k = vec![step as f32; 6];
-            kv.write(1, &table, step, &k, &k).unwrap();
+            kv.write(1, &table, step, &entry(step), &entry(step))
+                .unwrap();
         }
         let view = kv.view(1, &table, 10).unwrap();
         assert_eq!(view.keys.len(), 3);
-        let keys = gather(&view, 6);
+        let keys = gather(&view, SHAPE);
         assert_eq!(keys.len(), 60);
         for (pos, chunk) in keys.chunks(6).enumerate() {
-            assert_eq!(chunk, &[pos as f32; 6]);
+            assert_eq!(chunk, entry(pos));
         }
         assert_eq!(kv.bytes(), 8 * SHAPE.block_bytes(4));
+    }
+
+    #[test]
+    fn entries_are_kept_at_half_precision() {
+        let mut kv = KvCache::new(SHAPE, 2, 4);
+        let k = [0.1f32, 1.0 / 3.0, 65504.0, -2.5e-8, 1.0, 1e-3];
+        kv.write(0, &[1], 0, &k, &k).unwrap();
+        let view = kv.view(0, &[1], 1).unwrap();
+        let want: Vec<f32> = k.iter().map(|x| f16::from_f32(*x).to_f32()).collect();
+        assert_eq!(gather(&view, SHAPE), want);
+        assert_eq!(SHAPE.block_bytes(4), 2 * 2 * 4 * 6 * 2);
     }
 
     #[test]

@@ -1,9 +1,9 @@
 //! Grouped-query attention over this rank's heads, reading and writing the KV cache.
 
-use super::causal::{Heads, attend, to_half_precision};
+use super::causal::{Heads, Queries, attend, round_to_half};
 use super::config::ModelConfig;
 use super::layers::{LoadContext, RowParallelLinear, StackedColumns};
-use super::rope::Rope;
+use super::rope::{Angles, Rope};
 use super::rows::Rows;
 use super::{ModelError, SeqSpan};
 use crate::kv::KvCache;
@@ -62,35 +62,49 @@ impl Attention {
         self.kv_heads
     }
 
-    /// `x` holds the normalised hidden states of every span's tokens, in order.
+    /// The rotary angles of every span's token positions, in order: the
+    /// same for every layer, so computed once per step.
+    pub fn angles(&self, spans: &[SeqSpan<'_>]) -> Angles {
+        self.rope.angles(
+            spans
+                .iter()
+                .flat_map(|s| s.start_pos..s.start_pos + s.tokens.len()),
+        )
+    }
+
+    /// `x` holds the normalised hidden states of every span's tokens, in
+    /// order; `angles` their rotary angles ([`Attention::angles`]).
     pub fn forward(
         &self,
         x: &Rows,
         spans: &[SeqSpan<'_>],
+        angles: &Angles,
         layer: usize,
         kv: &mut KvCache,
     ) -> Result<Rows, ModelError> {
         let (h, kvh, d) = (self.heads, self.kv_heads, self.head_dim);
-        let qkv = self.qkv.forward(x)?.split_columns(self.qkv.widths());
-        let (q, k, v) = (qkv[0].as_slice(), qkv[1].as_slice(), qkv[2].as_slice());
-        let mut queries = Vec::with_capacity(q.len());
-        let mut offset = 0;
+        // Q|K|V side by side in each row; queries are rotated and rounded in
+        // place, keys and values go straight into the cache.
+        let (qw, kw) = match self.qkv.widths() {
+            [q, k, _] => (*q, *k),
+            _ => (h * d, kvh * d),
+        };
+        let mut qkv = self.qkv.forward(x)?;
+        let mut row = 0;
         for span in spans {
-            let t = span.tokens.len();
-            let mut qs = q[offset * h * d..(offset + t) * h * d].to_vec();
-            let mut ks = k[offset * kvh * d..(offset + t) * kvh * d].to_vec();
-            let mut vs = v[offset * kvh * d..(offset + t) * kvh * d].to_vec();
-            self.rope.apply(&mut qs, h, d, span.start_pos);
-            self.rope.apply(&mut ks, kvh, d, span.start_pos);
-            // Keys, values and queries meet at half precision, as in llama.cpp's
-            // f16 cache: on small models, where the best two tokens are often
-            // hundredths of a nat apart, matching its rounding keeps answers aligned.
-            for x in qs.iter_mut().chain(ks.iter_mut()).chain(vs.iter_mut()) {
-                *x = to_half_precision(*x);
+            for t in 0..span.tokens.len() {
+                let (q, kv_part) = qkv.row_mut(row).split_at_mut(qw);
+                let (k, v) = kv_part.split_at_mut(kw);
+                self.rope.rotate(q, d, angles, row);
+                self.rope.rotate(k, d, angles, row);
+                // Keys, values and queries meet at half precision, as in llama.cpp's
+                // f16 cache: on small models, where the best two tokens are often
+                // hundredths of a nat apart, matching its rounding keeps answers
+                // aligned. The cache rounds keys and values as it stores them.
+                round_to_half(q);
+                kv.write(layer, span.blocks, span.start_pos + t, k, v)?;
+                row += 1;
             }
-            kv.write(layer, span.blocks, span.start_pos, &ks, &vs)?;
-            queries.extend_from_slice(&qs);
-            offset += t;
         }
         // Every span's entries are in place: attend over all of them at once.
         let views = spans
@@ -107,8 +121,12 @@ impl Attention {
             kv_heads: kvh,
             head_dim: d,
         };
+        let queries = Queries {
+            data: qkv.as_slice(),
+            stride: qkv.width(),
+        };
         let mut out = vec![0f32; x.m() * h * d];
-        attend(&queries, &views, &seen, shape, &mut out);
+        attend(queries, &views, &seen, shape, &mut out);
         self.o.forward(&Rows::new(out, h * d))
     }
 }

@@ -4,9 +4,16 @@
 //! operations, so a token's output does not depend on how many tokens were
 //! computed with it: prefill and decode give the same numbers, and so will a
 //! request alone or inside a batch.
+//!
+//! The work is cut into (token, KV head) groups: the query heads that share a
+//! KV head read its cached entries once (widened from f16 into a small f32
+//! buffer), and each keeps its own scores and output. Grouping and the SIMD
+//! width change how many rows run at a time, never a row's operations.
 
+use half::f16;
 use rayon::prelude::*;
 
+use super::exp::exp;
 use crate::kv::KvView;
 
 /// Shapes of one attention call.
@@ -17,37 +24,65 @@ pub struct Heads {
     pub head_dim: usize,
 }
 
-/// `q` is `[tokens][heads][head_dim]`; token `t` attends to the first
-/// `seen[t].1` positions of `views[seen[t].0]` (its sequence's keys and
-/// values, `[position][kv_head][head_dim]` block by block). Writes
-/// `[tokens][heads][head_dim]` into `out`. Every (token, head) row is one
-/// parallel task, so a batch of one-token decodes spreads over the cores.
+/// The queries of one call: token `t`'s `[heads][head_dim]` start at
+/// `data[t * stride]` (rows of a wider activation, such as fused Q|K|V).
+#[derive(Clone, Copy, Debug)]
+pub struct Queries<'a> {
+    pub data: &'a [f32],
+    pub stride: usize,
+}
+
+/// Token `t` attends to the first `seen[t].1` positions of
+/// `views[seen[t].0]` (its sequence's keys and values, `[position][kv_head]
+/// [head_dim]` block by block). Writes `[tokens][heads][head_dim]` into
+/// `out`. Every (token, KV head) group is one parallel task, so a batch of
+/// one-token decodes spreads over the cores.
 pub fn attend(
-    q: &[f32],
+    q: Queries<'_>,
     views: &[KvView<'_>],
     seen: &[(usize, usize)],
     shape: Heads,
     out: &mut [f32],
 ) {
     let d = shape.head_dim;
-    let row_fn = row_kernel();
-    out.par_chunks_mut(d)
+    let group = shape.heads / shape.kv_heads;
+    let kernel = group_kernel();
+    out.par_chunks_mut(group * d)
         .enumerate()
-        .for_each_init(Vec::new, |scores, (row, o)| {
-            let (view, len) = seen[row / shape.heads];
-            let args = RowArgs {
-                q: &q[row * d..(row + 1) * d],
+        .for_each_init(Scratch::default, |scratch, (i, o)| {
+            let (token, kv_head) = (i / shape.kv_heads, i % shape.kv_heads);
+            let (view, len) = seen[token];
+            let args = GroupArgs {
+                q: &q.data[token * q.stride + kv_head * group * d..][..group * d],
                 view: &views[view],
-                kv_head: (row % shape.heads) / (shape.heads / shape.kv_heads),
+                kv_head,
                 len,
                 shape,
             };
-            row_fn(&args, scores, o);
+            kernel(&args, scratch, o);
         });
 }
 
-/// One query row's inputs.
-struct RowArgs<'a> {
+/// Rounds every element to the nearest f16 value, in place (kept as f32 for
+/// the arithmetic).
+pub fn round_to_half(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("f16c") {
+        // SAFETY: F16C was detected on this CPU just above.
+        return unsafe { round_f16c(x) };
+    }
+    Portable::round(x)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx,f16c")]
+unsafe fn round_f16c(x: &mut [f32]) {
+    F16c::round(x)
+}
+
+/// The query heads sharing one KV head, for one token.
+struct GroupArgs<'a> {
+    /// `[group][head_dim]`.
     q: &'a [f32],
     view: &'a KvView<'a>,
     kv_head: usize,
@@ -55,94 +90,368 @@ struct RowArgs<'a> {
     shape: Heads,
 }
 
-type RowFn = fn(&RowArgs<'_>, &mut Vec<f32>, &mut [f32]);
+/// Buffers a task reuses from group to group.
+#[derive(Default)]
+struct Scratch {
+    /// `[group][len]`: scores, then weights.
+    scores: Vec<f32>,
+    /// One block's keys or values of the KV head, widened: `[position][head_dim]`.
+    block: Vec<f32>,
+}
 
-/// The row kernel for this CPU: the same code compiled for wider vectors
-/// where the CPU has them (the operations, hence the results, are the same).
-fn row_kernel() -> RowFn {
+type GroupFn = fn(&GroupArgs<'_>, &mut Scratch, &mut [f32]);
+
+/// The group kernel for this CPU: the same code compiled for wider vectors
+/// where the CPU has them. None of them fuses a multiply and an add, so all
+/// do the same operations and give the same bits.
+fn group_kernel() -> GroupFn {
     #[cfg(target_arch = "x86_64")]
-    if std::is_x86_feature_detected!("avx2") {
-        return |a, s, o| {
-            // SAFETY: AVX2 was detected on this CPU just above.
-            unsafe { attend_row_avx2(a, s, o) }
-        };
+    {
+        if std::is_x86_feature_detected!("avx512f")
+            && std::is_x86_feature_detected!("avx512vl")
+            && std::is_x86_feature_detected!("f16c")
+        {
+            return |a, s, o| {
+                // SAFETY: AVX-512F/VL and F16C were detected on this CPU just above.
+                unsafe { attend_group_avx512(a, s, o) }
+            };
+        }
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c") {
+            return |a, s, o| {
+                // SAFETY: AVX2 and F16C were detected on this CPU just above.
+                unsafe { attend_group_avx2(a, s, o) }
+            };
+        }
     }
-    attend_row
+    attend_group::<Portable>
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn attend_row_avx2(args: &RowArgs<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
-    attend_row(args, scores, out)
+#[target_feature(enable = "avx2,f16c,avx512f,avx512vl")]
+unsafe fn attend_group_avx512(args: &GroupArgs<'_>, scratch: &mut Scratch, out: &mut [f32]) {
+    attend_group::<F16c>(args, scratch, out)
 }
 
-#[inline(always)]
-fn attend_row(args: &RowArgs<'_>, scores: &mut Vec<f32>, out: &mut [f32]) {
-    let Heads {
-        kv_heads,
-        head_dim: d,
-        ..
-    } = args.shape;
-    let kv_row = kv_heads * d;
-    let scale = 1.0 / (d as f32).sqrt();
-    let off = args.kv_head * d;
-    let view = args.view;
-    let bs = view.block_size;
-    scores.clear();
-    let mut left = args.len;
-    for block in &view.keys {
-        let n = left.min(bs);
-        // A plain loop, not an iterator closure: a closure is compiled on its
-        // own, without the AVX2 of this function, and `dot` would not vectorise.
-        for i in 0..n {
-            scores.push(dot(args.q, &block[i * kv_row + off..][..d]) * scale);
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,f16c")]
+unsafe fn attend_group_avx2(args: &GroupArgs<'_>, scratch: &mut Scratch, out: &mut [f32]) {
+    attend_group::<F16c>(args, scratch, out)
+}
+
+/// The vector parts of a group: f16 ↔ f32 conversions of slices (exact
+/// widening; rounding to nearest even) and the query-key scores.
+trait Simd {
+    /// Asks for `x` to be brought into the cache (the next block, read soon).
+    fn prefetch(x: &[f16]);
+    fn widen(src: &[f16], dst: &mut [f32]);
+    fn round(x: &mut [f32]);
+    /// `out[j] = dot(q, keys[j]) · scale` for the `out.len()` rows of `keys`.
+    fn scores(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]);
+}
+
+struct Portable;
+
+impl Simd for Portable {
+    #[inline(always)]
+    fn prefetch(_: &[f16]) {}
+
+    #[inline(always)]
+    fn widen(src: &[f16], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.to_f32();
         }
-        left -= n;
     }
-    let max = scores.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for s in scores.iter_mut() {
-        *s = (*s - max).exp();
-        sum += *s;
+
+    #[inline(always)]
+    fn round(x: &mut [f32]) {
+        for v in x {
+            *v = f16::from_f32(*v).to_f32();
+        }
     }
-    let inv = 1.0 / sum;
-    out.fill(0.0);
-    for (probs, block) in scores.chunks(bs).zip(&view.values) {
-        for (i, p) in probs.iter().enumerate() {
-            let v = &block[i * kv_row + off..][..d];
-            let w = to_half_precision(p * inv);
-            for (acc, x) in out.iter_mut().zip(v) {
-                *acc += w * x;
+
+    #[inline(always)]
+    fn scores(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+        for (o, key) in out.iter_mut().zip(keys.chunks_exact(q.len())) {
+            *o = dot(q, key) * scale;
+        }
+    }
+}
+
+/// F16C instructions; only called from functions compiled with F16C.
+#[cfg(target_arch = "x86_64")]
+struct F16c;
+
+#[cfg(target_arch = "x86_64")]
+impl Simd for F16c {
+    #[inline(always)]
+    fn prefetch(x: &[f16]) {
+        use std::arch::x86_64::{_MM_HINT_T0, _mm_prefetch};
+        for line in x.chunks(32) {
+            // SAFETY: a prefetch only hints; the address is within `x`.
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(line.as_ptr().cast()) };
+        }
+    }
+
+    #[inline(always)]
+    fn widen(src: &[f16], dst: &mut [f32]) {
+        use std::arch::x86_64::{__m128i, _mm_loadu_si128, _mm256_cvtph_ps, _mm256_storeu_ps};
+        let mut s = src.chunks_exact(8);
+        let mut d = dst.chunks_exact_mut(8);
+        for (s, d) in (&mut s).zip(&mut d) {
+            // SAFETY: 8 f16 are read and 8 f32 written, within the chunks;
+            // callers are compiled with F16C.
+            unsafe {
+                let h = _mm_loadu_si128(s.as_ptr().cast::<__m128i>());
+                _mm256_storeu_ps(d.as_mut_ptr(), _mm256_cvtph_ps(h));
             }
         }
+        Portable::widen(s.remainder(), d.into_remainder());
+    }
+
+    #[inline(always)]
+    fn round(x: &mut [f32]) {
+        use std::arch::x86_64::{
+            _MM_FROUND_TO_NEAREST_INT, _mm256_cvtph_ps, _mm256_cvtps_ph, _mm256_loadu_ps,
+            _mm256_storeu_ps,
+        };
+        let mut chunks = x.chunks_exact_mut(8);
+        for c in &mut chunks {
+            // SAFETY: 8 f32 read and written within the chunk; callers are
+            // compiled with F16C (which implies AVX).
+            unsafe {
+                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(c.as_ptr()));
+                _mm256_storeu_ps(c.as_mut_ptr(), _mm256_cvtph_ps(h));
+            }
+        }
+        Portable::round(chunks.into_remainder());
+    }
+
+    /// Eight keys at a time: eight independent chains of additions instead
+    /// of one, and the eight lane sums of [`finish`] done for all eight keys
+    /// at once, in the same order.
+    #[inline(always)]
+    fn scores(q: &[f32], keys: &[f32], scale: f32, out: &mut [f32]) {
+        use std::arch::x86_64::*;
+        let d = q.len();
+        let whole = d / 8 * 8;
+        let mut j = 0;
+        while j + 8 <= out.len() {
+            let k = &keys[j * d..(j + 8) * d];
+            let mut tails = [0f32; 8];
+            for (t, key) in tails.iter_mut().zip(k.chunks_exact(d)) {
+                for (x, y) in q[whole..].iter().zip(&key[whole..]) {
+                    *t += x * y;
+                }
+            }
+            // SAFETY: every load reads 8 floats at `c < whole ≤ d` within one
+            // of the 8 keys (`k` holds 8·d floats) or within `q`; the store
+            // writes out[j..j + 8]. Callers are compiled with AVX2.
+            unsafe {
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for c in (0..whole).step_by(8) {
+                    let qc = _mm256_loadu_ps(q.as_ptr().add(c));
+                    for (i, a) in acc.iter_mut().enumerate() {
+                        let kc = _mm256_loadu_ps(k.as_ptr().add(i * d + c));
+                        *a = _mm256_add_ps(*a, _mm256_mul_ps(qc, kc));
+                    }
+                }
+                // Halves: [l0+l4, l1+l5, l2+l6, l3+l7] of key i beside key i+4's.
+                // (A function, not a closure: it must inline to get AVX.)
+                #[inline(always)]
+                unsafe fn half(a: __m256, b: __m256) -> __m256 {
+                    // SAFETY: inlined into callers compiled with AVX.
+                    unsafe {
+                        _mm256_add_ps(
+                            _mm256_permute2f128_ps::<0x20>(a, b),
+                            _mm256_permute2f128_ps::<0x31>(a, b),
+                        )
+                    }
+                }
+                let h04 = half(acc[0], acc[4]);
+                let h15 = half(acc[1], acc[5]);
+                let h26 = half(acc[2], acc[6]);
+                let h37 = half(acc[3], acc[7]);
+                // Pairs, then the pairs' sum: keys 0..3 in the low half, 4..7 in the high.
+                let sums = _mm256_hadd_ps(_mm256_hadd_ps(h04, h15), _mm256_hadd_ps(h26, h37));
+                let dots = _mm256_add_ps(sums, _mm256_loadu_ps(tails.as_ptr()));
+                let scaled = _mm256_mul_ps(dots, _mm256_set1_ps(scale));
+                _mm256_storeu_ps(out.as_mut_ptr().add(j), scaled);
+            }
+            j += 8;
+        }
+        Portable::scores(q, &keys[j * d..], scale, &mut out[j..]);
     }
 }
 
-/// `x` rounded to the nearest f16 value (kept as f32 for the arithmetic).
 #[inline(always)]
-pub fn to_half_precision(x: f32) -> f32 {
-    half::f16::from_f32(x).to_f32()
+fn attend_group<H: Simd>(args: &GroupArgs<'_>, scratch: &mut Scratch, out: &mut [f32]) {
+    let Heads {
+        heads,
+        kv_heads,
+        head_dim: d,
+    } = args.shape;
+    let group = heads / kv_heads;
+    let view = args.view;
+    let bs = view.block_size;
+    // This head's run in each block.
+    let (off, len) = (args.kv_head * bs * d, args.len);
+    let scale = 1.0 / (d as f32).sqrt();
+    let Scratch { scores, block } = scratch;
+    scores.clear();
+    scores.resize(group * len, 0.0);
+    block.resize(bs * d, 0.0);
+
+    // Scores, block by block. Plain loops, not iterator closures: a closure
+    // is compiled on its own, without this function's target features.
+    let mut pos = 0;
+    for (i, keys) in view.keys.iter().enumerate() {
+        let n = (len - pos).min(bs);
+        if n == 0 {
+            break;
+        }
+        if let Some(next) = view.keys.get(i + 1) {
+            H::prefetch(&next[off..off + (len - pos - n).min(bs) * d]);
+        }
+        let k = &mut block[..n * d];
+        H::widen(&keys[off..off + n * d], k);
+        for h in 0..group {
+            let s = &mut scores[h * len + pos..][..n];
+            H::scores(&args.q[h * d..(h + 1) * d], k, scale, s);
+        }
+        pos += n;
+    }
+
+    // Softmax per head, each weight rounded to f16 as llama.cpp's f16 cache does.
+    for h in 0..group {
+        let s = &mut scores[h * len..(h + 1) * len];
+        let max = max(s);
+        for x in s.iter_mut() {
+            *x = exp(*x - max);
+        }
+        let inv = 1.0 / sum(s);
+        for x in s.iter_mut() {
+            *x *= inv;
+        }
+        H::round(s);
+    }
+
+    // Weighted sum of the values, position by position from zero.
+    out.fill(0.0);
+    let mut pos = 0;
+    for (i, values) in view.values.iter().enumerate() {
+        let n = (len - pos).min(bs);
+        if n == 0 {
+            break;
+        }
+        if let Some(next) = view.values.get(i + 1) {
+            H::prefetch(&next[off..off + (len - pos - n).min(bs) * d]);
+        }
+        let v = &mut block[..n * d];
+        H::widen(&values[off..off + n * d], v);
+        for h in 0..group {
+            accumulate(
+                &scores[h * len + pos..][..n],
+                v,
+                &mut out[h * d..(h + 1) * d],
+            );
+        }
+        pos += n;
+    }
 }
 
-#[inline(always)]
 /// Dot product in eight lanes, summed in a fixed order (vectorises well and
 /// gives the same bits for the same inputs whatever else runs).
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let whole = a.len() / 8 * 8;
     let mut lanes = [0f32; 8];
-    let mut ca = a.chunks_exact(8);
-    let mut cb = b.chunks_exact(8);
-    for (x, y) in (&mut ca).zip(&mut cb) {
+    for c in (0..whole).step_by(8) {
+        let (x, y): (&[f32; 8], &[f32; 8]) = (
+            a[c..c + 8].try_into().unwrap(),
+            b[c..c + 8].try_into().unwrap(),
+        );
         for l in 0..8 {
             lanes[l] += x[l] * y[l];
         }
     }
+    finish(&lanes, &a[whole..], &b[whole..])
+}
+
+/// The eight lanes summed pairwise, then the products of the leftover tail.
+#[inline(always)]
+fn finish(lanes: &[f32; 8], a: &[f32], b: &[f32]) -> f32 {
     let mut tail = 0f32;
-    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+    for (x, y) in a.iter().zip(b) {
         tail += x * y;
     }
     ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
         + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
         + tail
+}
+
+/// The largest element (exact in any order).
+#[inline(always)]
+fn max(x: &[f32]) -> f32 {
+    let mut lanes = [f32::NEG_INFINITY; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for l in 0..8 {
+            lanes[l] = lanes[l].max(c[l]);
+        }
+    }
+    let rest = chunks.remainder().iter().copied();
+    lanes
+        .into_iter()
+        .chain(rest)
+        .fold(f32::NEG_INFINITY, f32::max)
+}
+
+/// The sum in eight lanes, combined in a fixed order (one order for a given
+/// length, whatever else runs).
+#[inline(always)]
+fn sum(x: &[f32]) -> f32 {
+    let mut lanes = [0f32; 8];
+    let mut chunks = x.chunks_exact(8);
+    for c in &mut chunks {
+        for l in 0..8 {
+            lanes[l] += c[l];
+        }
+    }
+    let mut tail = 0f32;
+    for v in chunks.remainder() {
+        tail += v;
+    }
+    ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+        + tail
+}
+
+/// Output columns accumulated at a time, held in registers across positions.
+const COLS: usize = 64;
+
+/// `out[x] += w[j] · values[j][x]` for every position `j`, in order.
+#[inline(always)]
+fn accumulate(w: &[f32], values: &[f32], out: &mut [f32]) {
+    let d = out.len();
+    let mut x0 = 0;
+    while x0 + COLS <= d {
+        let mut acc: [f32; COLS] = out[x0..x0 + COLS].try_into().unwrap();
+        for (j, &wj) in w.iter().enumerate() {
+            let v: &[f32; COLS] = values[j * d + x0..][..COLS].try_into().unwrap();
+            for l in 0..COLS {
+                acc[l] += wj * v[l];
+            }
+        }
+        out[x0..x0 + COLS].copy_from_slice(&acc);
+        x0 += COLS;
+    }
+    if x0 < d {
+        for (j, &wj) in w.iter().enumerate() {
+            for (o, v) in out[x0..].iter_mut().zip(&values[j * d + x0..(j + 1) * d]) {
+                *o += wj * v;
+            }
+        }
+    }
 }
 
 #[cfg(test)]
@@ -188,23 +497,69 @@ mod tests {
             .collect()
     }
 
+    fn halves(x: &[f32]) -> Vec<f16> {
+        x.iter().map(|v| f16::from_f32(*v)).collect()
+    }
+
+    /// `[position][kv_head][head_dim]` entries cut into blocks of `bs`
+    /// positions laid out as the cache does (`[kv_head][bs][head_dim]`).
+    fn paged(x: &[f16], s: Heads, bs: usize) -> Vec<Vec<f16>> {
+        let (kvh, d) = (s.kv_heads, s.head_dim);
+        let len = x.len() / (kvh * d);
+        (0..len.div_ceil(bs))
+            .map(|b| {
+                let mut block = vec![f16::ZERO; kvh * bs * d];
+                for p in b * bs..len.min((b + 1) * bs) {
+                    for h in 0..kvh {
+                        block[(h * bs + p % bs) * d..][..d]
+                            .copy_from_slice(&x[(p * kvh + h) * d..][..d]);
+                    }
+                }
+                block
+            })
+            .collect()
+    }
+
+    fn view<'a>(k: &'a [Vec<f16>], v: &'a [Vec<f16>], bs: usize, len: usize) -> KvView<'a> {
+        KvView {
+            keys: k.iter().map(Vec::as_slice).collect(),
+            values: v.iter().map(Vec::as_slice).collect(),
+            block_size: bs,
+            len,
+        }
+    }
+
+    fn queries(q: &[f32], s: Heads) -> Queries<'_> {
+        Queries {
+            data: q,
+            stride: s.heads * s.head_dim,
+        }
+    }
+
     #[test]
     fn matches_a_naive_softmax_attention() {
-        let s = Heads {
-            heads: 6,
-            kv_heads: 2,
-            head_dim: 20,
-        };
-        let (start, tokens) = (5, 4);
-        let q = values(tokens * 6 * 20, 1);
-        let k = values((start + tokens) * 2 * 20, 2);
-        let v = values((start + tokens) * 2 * 20, 3);
-        let mut out = vec![0f32; q.len()];
-        let views = [KvView::contiguous(&k, &v, start + tokens)];
-        let seen: Vec<_> = (0..tokens).map(|t| (0, start + t + 1)).collect();
-        attend(&q, &views, &seen, s, &mut out);
-        for (a, b) in out.iter().zip(naive(&q, &k, &v, start, s)) {
-            assert!((a - b).abs() < 2e-3, "{a} vs {b}");
+        // 20 and 72: a dimension with a tail after the 8-lane chunks, and one
+        // with columns beyond the 64 accumulated in registers.
+        for head_dim in [20, 72] {
+            let s = Heads {
+                heads: 6,
+                kv_heads: 2,
+                head_dim,
+            };
+            let (start, tokens) = (5, 4);
+            let q = values(tokens * 6 * head_dim, 1);
+            let k = halves(&values((start + tokens) * 2 * head_dim, 2));
+            let v = halves(&values((start + tokens) * 2 * head_dim, 3));
+            let mut out = vec![0f32; q.len()];
+            let (pk, pv) = (paged(&k, s, 4), paged(&v, s, 4));
+            let views = [view(&pk, &pv, 4, start + tokens)];
+            let seen: Vec<_> = (0..tokens).map(|t| (0, start + t + 1)).collect();
+            attend(queries(&q, s), &views, &seen, s, &mut out);
+            let widen = |x: &[f16]| x.iter().map(|h| h.to_f32()).collect::<Vec<_>>();
+            let want = naive(&q, &widen(&k), &widen(&v), start, s);
+            for (a, b) in out.iter().zip(want) {
+                assert!((a - b).abs() < 2e-3, "head_dim {head_dim}: {a} vs {b}");
+            }
         }
     }
 
@@ -212,34 +567,60 @@ mod tests {
     fn a_token_gives_the_same_bits_alone_or_with_others() {
         let s = Heads {
             heads: 4,
-            kv_heads: 4,
+            kv_heads: 2,
             head_dim: 16,
         };
-        let tokens = 7;
+        // 20 positions in one block (scored eight keys at a time, then four)
+        // against blocks of 3 (never eight at a time).
+        let tokens = 20;
         let q = values(tokens * 64, 4);
-        let k = values(tokens * 64, 5);
-        let v = values(tokens * 64, 6);
+        let k = halves(&values(tokens * 32, 5));
+        let v = halves(&values(tokens * 32, 6));
         let mut all = vec![0f32; q.len()];
-        let whole = [KvView::contiguous(&k, &v, tokens)];
+        let (wk, wv) = (paged(&k, s, tokens), paged(&v, s, tokens));
+        let whole = [view(&wk, &wv, tokens, tokens)];
         let seen: Vec<_> = (0..tokens).map(|t| (0, t + 1)).collect();
-        attend(&q, &whole, &seen, s, &mut all);
+        attend(queries(&q, s), &whole, &seen, s, &mut all);
+        let (pk, pv) = (paged(&k, s, 3), paged(&v, s, 3));
         for t in 0..tokens {
             // Alone, and reading the same entries cut into blocks of 3.
             let mut one = vec![0f32; 64];
-            let blocks = [KvView {
-                keys: k[..(t + 1) * 64].chunks(3 * 64).collect(),
-                values: v[..(t + 1) * 64].chunks(3 * 64).collect(),
-                block_size: 3,
-                len: t + 1,
-            }];
-            attend(
-                &q[t * 64..(t + 1) * 64],
-                &blocks,
-                &[(0, t + 1)],
-                s,
-                &mut one,
-            );
+            let blocks = [view(&pk, &pv, 3, t + 1)];
+            let q = &q[t * 64..(t + 1) * 64];
+            attend(queries(q, s), &blocks, &[(0, t + 1)], s, &mut one);
             assert_eq!(one, all[t * 64..(t + 1) * 64], "token {t}");
         }
+    }
+
+    #[test]
+    fn every_kernel_gives_the_same_bits() {
+        let shape = Heads {
+            heads: 3,
+            kv_heads: 1,
+            head_dim: 72,
+        };
+        let len = 37;
+        let q = values(3 * 72, 7);
+        let k = paged(&halves(&values(len * 72, 8)), shape, 16);
+        let v = paged(&halves(&values(len * 72, 9)), shape, 16);
+        let view = view(&k, &v, 16, len);
+        let args = GroupArgs {
+            q: &q,
+            view: &view,
+            kv_head: 0,
+            len,
+            shape,
+        };
+        let mut portable = vec![0f32; 3 * 72];
+        attend_group::<Portable>(&args, &mut Scratch::default(), &mut portable);
+        let mut chosen = vec![0f32; 3 * 72];
+        group_kernel()(&args, &mut Scratch::default(), &mut chosen);
+        assert_eq!(portable, chosen);
+
+        let mut rounded = values(37, 10);
+        let mut one_by_one = rounded.clone();
+        round_to_half(&mut rounded);
+        Portable::round(&mut one_by_one);
+        assert_eq!(rounded, one_by_one);
     }
 }

@@ -9,6 +9,7 @@
 mod attention;
 mod causal;
 mod config;
+mod exp;
 mod hf;
 mod layers;
 mod rope;
@@ -224,9 +225,12 @@ impl Transformer {
             .flat_map(|s| s.tokens.iter().copied())
             .collect();
         let mut x = self.embed.forward(&ids)?;
+        // Every layer rotates by the same positions: one table per step.
+        let mut angles = None;
         for (layer, block) in self.blocks.iter().enumerate() {
+            let angles = angles.get_or_insert_with(|| block.attn.angles(spans));
             let h = block.attn_norm.forward(&x);
-            x.add_assign(&block.attn.forward(&h, spans, layer, kv)?);
+            x.add_assign(&block.attn.forward(&h, spans, angles, layer, kv)?);
             let h = block.mlp_norm.forward(&x);
             let h = swiglu(&block.gate_up.forward(&h)?);
             x.add_assign(&block.down.forward(&h)?);

@@ -1,5 +1,6 @@
-//! Rotary position embeddings, computed for the positions of each span
-//! (no table sized to the context, so a 128k-context model costs nothing up front).
+//! Rotary position embeddings, computed for the positions of each step
+//! (no table sized to the context, so a 128k-context model costs nothing up
+//! front): [`Rope::angles`] once per step, then [`Rope::rotate`] in every layer.
 
 use super::config::{RopeConfig, RopeScaling, RopeStyle};
 
@@ -30,32 +31,66 @@ impl Rope {
         }
     }
 
-    /// Rotates `x`, laid out `[tokens][heads][head_dim]`, in place; its
-    /// first token is at position `start`.
-    pub fn apply(&self, x: &mut [f32], heads: usize, head_dim: usize, start: usize) {
+    /// The cosines and sines of each of `positions`, in order.
+    pub fn angles(&self, positions: impl IntoIterator<Item = usize>) -> Angles {
         let half = self.dims / 2;
-        let mut cos = vec![0f32; half];
-        let mut sin = vec![0f32; half];
-        for (tok, rows) in x.chunks_exact_mut(heads * head_dim).enumerate() {
-            let pos = (start + tok) as f64;
-            for i in 0..half {
-                let (s, c) = (pos * self.inv_freq[i]).sin_cos();
-                cos[i] = c as f32;
-                sin[i] = s as f32;
+        let (mut cos, mut sin) = (Vec::new(), Vec::new());
+        for pos in positions {
+            for f in &self.inv_freq {
+                let (s, c) = (pos as f64 * f).sin_cos();
+                cos.push(c as f32);
+                sin.push(s as f32);
             }
-            for v in rows.chunks_exact_mut(head_dim) {
-                for i in 0..half {
-                    let (a, b) = match self.style {
-                        RopeStyle::Interleaved => (2 * i, 2 * i + 1),
-                        RopeStyle::Halves => (i, i + half),
-                    };
-                    let (x0, x1) = (v[a], v[b]);
-                    v[a] = x0 * cos[i] - x1 * sin[i];
-                    v[b] = x0 * sin[i] + x1 * cos[i];
+        }
+        Angles { half, cos, sin }
+    }
+
+    /// Rotates one token's `[heads][head_dim]` in place by the `i`-th
+    /// position of `angles`.
+    pub fn rotate(&self, x: &mut [f32], head_dim: usize, angles: &Angles, i: usize) {
+        let half = angles.half;
+        let cos = &angles.cos[i * half..(i + 1) * half];
+        let sin = &angles.sin[i * half..(i + 1) * half];
+        for v in x.chunks_exact_mut(head_dim) {
+            match self.style {
+                RopeStyle::Halves => {
+                    let (lo, hi) = v[..2 * half].split_at_mut(half);
+                    for (((a, b), c), s) in lo.iter_mut().zip(hi).zip(cos).zip(sin) {
+                        let (x0, x1) = (*a, *b);
+                        *a = x0 * c - x1 * s;
+                        *b = x0 * s + x1 * c;
+                    }
+                }
+                RopeStyle::Interleaved => {
+                    for ((p, c), s) in v[..2 * half].chunks_exact_mut(2).zip(cos).zip(sin) {
+                        let (x0, x1) = (p[0], p[1]);
+                        p[0] = x0 * c - x1 * s;
+                        p[1] = x0 * s + x1 * c;
+                    }
                 }
             }
         }
     }
+
+    /// Rotates `x`, laid out `[tokens][heads][head_dim]`, in place; its
+    /// first token is at position `start`.
+    #[cfg(test)]
+    pub fn apply(&self, x: &mut [f32], heads: usize, head_dim: usize, start: usize) {
+        let tokens = x.len() / (heads * head_dim);
+        let angles = self.angles(start..start + tokens);
+        for (i, row) in x.chunks_exact_mut(heads * head_dim).enumerate() {
+            self.rotate(row, head_dim, &angles, i);
+        }
+    }
+}
+
+/// Cosines and sines of the rotary frequencies for a run of positions:
+/// `[position][dims / 2]`.
+#[derive(Debug)]
+pub struct Angles {
+    half: usize,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
 }
 
 #[cfg(test)]

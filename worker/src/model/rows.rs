@@ -5,6 +5,8 @@
 
 use rayon::prelude::*;
 
+use super::exp::exp;
+
 /// Rows of this many elements or more are processed in parallel.
 const PARALLEL_ELEMENTS: usize = 1 << 15;
 
@@ -25,8 +27,17 @@ impl Rows {
         self.data.len() / self.width
     }
 
+    /// Floats per row.
+    pub fn width(&self) -> usize {
+        self.width
+    }
+
     pub fn as_slice(&self) -> &[f32] {
         &self.data
+    }
+
+    pub fn row_mut(&mut self, i: usize) -> &mut [f32] {
+        &mut self.data[i * self.width..(i + 1) * self.width]
     }
 
     pub fn row(&self, i: usize) -> &[f32] {
@@ -40,26 +51,6 @@ impl Rows {
             data.extend_from_slice(self.row(i));
         }
         Rows::new(data, self.width)
-    }
-
-    /// Splits each row into consecutive column blocks of `widths`.
-    pub fn split_columns(&self, widths: &[usize]) -> Vec<Rows> {
-        let mut parts: Vec<Vec<f32>> = widths
-            .iter()
-            .map(|w| Vec::with_capacity(w * self.m()))
-            .collect();
-        for row in self.data.chunks_exact(self.width) {
-            let mut start = 0;
-            for (part, &w) in parts.iter_mut().zip(widths) {
-                part.extend_from_slice(&row[start..start + w]);
-                start += w;
-            }
-        }
-        parts
-            .into_iter()
-            .zip(widths)
-            .map(|(d, &w)| Rows::new(d, w))
-            .collect()
     }
 
     /// `self += other`, element-wise (the residual connection).
@@ -96,26 +87,63 @@ impl Rows {
 }
 
 /// Root-mean-square normalisation of each row, scaled by `weight`. The sum
-/// of squares is taken in f64, as llama.cpp does.
+/// of squares is taken in f64, as llama.cpp does (in eight lanes, combined in
+/// a fixed order).
 pub fn rms_norm(x: &Rows, weight: &[f32], eps: f32) -> Rows {
-    x.map_rows(|row, out| {
-        let sum: f64 = row.iter().map(|v| (*v as f64) * (*v as f64)).sum();
-        let scale = 1.0 / ((sum / row.len() as f64) as f32 + eps).sqrt();
-        for ((o, v), w) in out.iter_mut().zip(row).zip(weight) {
-            *o = (*v * scale) * *w;
+    let norm_row = norm_row_kernel();
+    x.map_rows(|row, out| norm_row(row, weight, eps, out))
+}
+
+type NormFn = fn(&[f32], &[f32], f32, &mut [f32]);
+
+/// The row kernel for this CPU (the same operations, hence bits, in each).
+fn norm_row_kernel() -> NormFn {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        return |row, w, eps, out| {
+            // SAFETY: AVX2 was detected on this CPU just above.
+            unsafe { norm_row_avx2(row, w, eps, out) }
+        };
+    }
+    norm_row
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn norm_row_avx2(row: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    norm_row(row, weight, eps, out)
+}
+
+#[inline(always)]
+fn norm_row(row: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
+    let mut lanes = [0f64; 8];
+    let mut chunks = row.chunks_exact(8);
+    for c in &mut chunks {
+        for l in 0..8 {
+            lanes[l] += (c[l] as f64) * (c[l] as f64);
         }
-    })
+    }
+    let mut tail = 0f64;
+    for v in chunks.remainder() {
+        tail += (*v as f64) * (*v as f64);
+    }
+    let sum = ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
+        + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
+        + tail;
+    let scale = 1.0 / ((sum / row.len() as f64) as f32 + eps).sqrt();
+    for ((o, v), w) in out.iter_mut().zip(row).zip(weight) {
+        *o = (*v * scale) * *w;
+    }
 }
 
 /// `silu(gate) · up`, the SwiGLU activation; `gate_up` holds gate then up in each row.
 pub fn swiglu(gate_up: &Rows) -> Rows {
     let half = gate_up.width / 2;
     let mut out = vec![0f32; gate_up.m() * half];
+    let silu_row = swiglu_row_kernel();
     let f = |(o, row): (&mut [f32], &[f32])| {
         let (gate, up) = row.split_at(half);
-        for ((o, g), u) in o.iter_mut().zip(gate).zip(up) {
-            *o = *g / (1.0 + (-*g).exp()) * *u;
-        }
+        silu_row(gate, up, o);
     };
     if gate_up.data.len() >= PARALLEL_ELEMENTS {
         out.par_chunks_mut(half)
@@ -127,6 +155,32 @@ pub fn swiglu(gate_up: &Rows) -> Rows {
             .for_each(f);
     }
     Rows::new(out, half)
+}
+
+type SwigluFn = fn(&[f32], &[f32], &mut [f32]);
+
+fn swiglu_row_kernel() -> SwigluFn {
+    #[cfg(target_arch = "x86_64")]
+    if std::is_x86_feature_detected!("avx2") {
+        return |g, u, o| {
+            // SAFETY: AVX2 was detected on this CPU just above.
+            unsafe { swiglu_row_avx2(g, u, o) }
+        };
+    }
+    swiglu_row
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn swiglu_row_avx2(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    swiglu_row(gate, up, out)
+}
+
+#[inline(always)]
+fn swiglu_row(gate: &[f32], up: &[f32], out: &mut [f32]) {
+    for ((o, g), u) in out.iter_mut().zip(gate).zip(up) {
+        *o = *g / (1.0 + exp(-*g)) * *u;
+    }
 }
 
 #[cfg(test)]
@@ -145,17 +199,9 @@ mod tests {
     #[test]
     fn swiglu_multiplies_silu_of_gate_by_up() {
         let y = swiglu(&Rows::new(vec![0.0, 2.0, 5.0, 3.0], 4));
-        let silu2 = 2.0 / (1.0 + (-2f32).exp());
+        let silu2 = 2.0 / (1.0 + exp(-2.0));
         assert_eq!(y.as_slice(), &[0.0, silu2 * 3.0]);
-    }
-
-    #[test]
-    fn split_columns_undoes_side_by_side() {
-        let x = Rows::new((0..12).map(|v| v as f32).collect(), 6);
-        let parts = x.split_columns(&[1, 2, 3]);
-        assert_eq!(parts[0].as_slice(), &[0.0, 6.0]);
-        assert_eq!(parts[1].as_slice(), &[1.0, 2.0, 7.0, 8.0]);
-        assert_eq!(parts[2].row(1), &[9.0, 10.0, 11.0]);
+        assert!((silu2 - 2.0 / (1.0 + (-2f32).exp())).abs() < 1e-6);
     }
 
     #[test]
