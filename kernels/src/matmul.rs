@@ -16,8 +16,8 @@ const MIN_TASK_BLOCKS: usize = 1024;
 /// Weight rows the x86 kernels compute together: tasks of whole groups waste no lanes.
 const ROW_GROUP: usize = 8;
 
-/// A kernel entry point of [`dot`]: f32 products ([`dot::panel`]) or f64 sums
-/// ([`dot::panel_wide`]).
+/// A kernel entry point of [`crate::dot`]: f32 products ([`crate::dot::panel`]) or f64 sums
+/// ([`crate::dot::panel_wide`]).
 pub(crate) type PanelFn<T> = fn(SimdLevel, &Panel, &mut [T]);
 
 pub(crate) fn matmul<T: Copy + Default + Send + Sync>(

@@ -205,7 +205,7 @@ pub(super) unsafe fn panel<I: IntDot, B: Block, A: Acc>(p: &Panel, out: &mut [A:
     // SAFETY: forwarded caller contract (shapes checked, features enabled).
     unsafe {
         if p.acts.rows() >= PACKED_MIN_ROWS && (I::FULL_RANGE || !B::SIGNED) {
-            packed::panel::<I, B, A>(p, out)
+            packed_panel::<packed::Packed8<I, B, A>>(p, out)
         } else {
             rows::panel::<I, B, A>(p, out)
         }
@@ -222,9 +222,76 @@ pub(super) unsafe fn panel16<I: IntDot, B: Block, A: Acc, W: Acc16<Out = A::Out>
     // SAFETY: forwarded caller contract (shapes checked, AVX-512 VNNI enabled).
     unsafe {
         if p.acts.rows() >= PACKED16_MIN_ROWS {
-            packed16::panel::<B, W>(p, out)
+            packed_panel::<packed16::Packed16<B, W>>(p, out)
         } else {
             rows::panel::<I, B, A>(p, out)
+        }
+    }
+}
+
+/// A packed kernel as [`packed_panel`] drives it: weight rows are packed [`Self::ROWS`] at
+/// a time into a buffer the panel reuses, and each packed group is multiplied into every
+/// activation row, [`ROWS_PER_PASS`] rows per pass.
+pub(super) trait PackedKernel {
+    /// Weight rows per packed group.
+    const ROWS: usize;
+    type Out: Copy;
+    type Buf;
+    /// A buffer for `groups` packed groups of `nb` blocks.
+    fn buffer(groups: usize, nb: usize) -> Self::Buf;
+    /// Pack `valid` (1..=ROWS) weight rows starting at `w` into group `group` of `buf`;
+    /// missing rows are packed as zeros, scale 0.
+    unsafe fn pack(p: &Panel, w: *const u8, valid: usize, group: usize, buf: &mut Self::Buf);
+    /// Multiply packed group `group` (`valid` rows from weight row `row0`) into activation
+    /// rows `a..a + R`, writing `out[(a + r) * rows + row0 + i]`.
+    unsafe fn multiply<const R: usize>(
+        p: &Panel,
+        buf: &Self::Buf,
+        group: (usize, usize, usize),
+        a: usize,
+        out: &mut [Self::Out],
+    );
+}
+
+/// Weight rows packed per refill of a packed kernel's buffer (kept in L2 while all
+/// activations pass).
+const PACK_ROWS: usize = 64;
+/// Activation rows multiplied per pass over a packed group.
+const ROWS_PER_PASS: usize = 4;
+
+/// Fill `out` for a whole panel with packed kernel `K` (shape contract checked by
+/// [`super::panel`]).
+#[inline(always)]
+unsafe fn packed_panel<K: PackedKernel>(p: &Panel, out: &mut [K::Out]) {
+    let (m, rows) = (p.acts.rows(), p.rows());
+    let mut buf = K::buffer(PACK_ROWS.min(rows).div_ceil(K::ROWS), p.acts.blocks());
+    for r0 in (0..rows).step_by(PACK_ROWS) {
+        let r1 = (r0 + PACK_ROWS).min(rows);
+        let groups: Vec<(usize, usize, usize)> = (r0..r1)
+            .step_by(K::ROWS)
+            .enumerate()
+            .map(|(g, row0)| (g, row0, K::ROWS.min(r1 - row0)))
+            .collect();
+        for &(g, row0, valid) in &groups {
+            // SAFETY: rows row0..row0+valid lie inside the panel.
+            unsafe {
+                let w = p.weights.as_ptr().add(row0 * p.row_bytes);
+                K::pack(p, w, valid, g, &mut buf)
+            };
+        }
+        for &group in &groups {
+            let mut a = 0;
+            // SAFETY (all calls below): activation rows a..a+R exist; the group is packed.
+            while a + ROWS_PER_PASS <= m {
+                unsafe { K::multiply::<ROWS_PER_PASS>(p, &buf, group, a, out) };
+                a += ROWS_PER_PASS;
+            }
+            match m - a {
+                3 => unsafe { K::multiply::<3>(p, &buf, group, a, out) },
+                2 => unsafe { K::multiply::<2>(p, &buf, group, a, out) },
+                1 => unsafe { K::multiply::<1>(p, &buf, group, a, out) },
+                _ => {}
+            }
         }
     }
 }

@@ -4,29 +4,25 @@
 //! lane. A block's eight integer sums then come out one per lane, ready for
 //! [`super::Acc::add_block`], without the sum across lanes the [`super::rows`] kernel needs.
 //!
-//! Rows are packed [`PACK_ROWS`] at a time into a buffer the panel reuses; each packed group
+//! Rows are packed [`super::PACK_ROWS`] at a time into a buffer the panel reuses; each packed group
 //! is multiplied into every activation row, four rows per pass.
 
 use std::arch::x86_64::*;
+use std::marker::PhantomData;
 
-use super::{Acc, ActPtr, Block, IntDot, LANES};
+use super::{Acc, ActPtr, Block, IntDot, LANES, PackedKernel};
 use crate::dot::Panel;
 use crate::format::BLOCK;
-
-/// Weight rows packed per refill of the buffer (kept in L2 while all activations pass).
-const PACK_ROWS: usize = 64;
-/// Activation rows multiplied per pass over a packed group.
-const ROWS_PER_PASS: usize = 4;
 
 /// One 32-byte vector of packed weights, aligned for `vmovdqa`.
 #[derive(Clone, Copy)]
 #[repr(C, align(32))]
 struct Lane32([u8; 32]);
 
-/// Up to [`PACK_ROWS`] weight rows, packed. For group `G` (rows `8G..8G+8`) and block `b`,
+/// Up to [`super::PACK_ROWS`] weight rows, packed. For group `G` (rows `8G..8G+8`) and block `b`,
 /// vector `(G * nb + b) * 8 + g` holds elements `4g..4g+4` of the eight rows, row `i` in
 /// lane `i`; `d` and `m` hold the rows' scales and minimums at `(G * nb + b) * 8 + i`.
-struct PackBuf {
+pub(super) struct PackBuf {
     u: Vec<Lane32>,
     d: Vec<f32>,
     m: Vec<f32>,
@@ -181,48 +177,35 @@ unsafe fn group_at<I: IntDot, B: Block, A: Acc, const R: usize>(
     }
 }
 
-/// Fill `out` for a whole panel (shape contract checked by [`crate::dot::panel`]).
-#[inline(always)]
-pub(super) unsafe fn panel<I: IntDot, B: Block, A: Acc>(p: &Panel, out: &mut [A::Out]) {
-    let (m, nb, rows) = (p.acts.rows(), p.acts.blocks(), p.rows());
-    let entries = PACK_ROWS.min(rows).div_ceil(LANES) * nb * LANES;
-    let mut buf = PackBuf {
-        u: vec![Lane32([0; 32]); entries],
-        d: vec![0.0; entries],
-        m: vec![0.0; entries],
-    };
-    for r0 in (0..rows).step_by(PACK_ROWS) {
-        let r1 = (r0 + PACK_ROWS).min(rows);
-        let groups: Vec<(usize, usize, usize)> = (r0..r1)
-            .step_by(LANES)
-            .enumerate()
-            .map(|(g, row0)| (g, row0, LANES.min(r1 - row0)))
-            .collect();
-        for &(g, row0, valid) in &groups {
-            // SAFETY: rows row0..row0+valid lie inside the panel.
-            unsafe {
-                pack_group::<B>(
-                    p,
-                    p.weights.as_ptr().add(row0 * p.row_bytes),
-                    valid,
-                    g,
-                    &mut buf,
-                )
-            };
+/// The kernel, for [`super::packed_panel`].
+pub(super) struct Packed8<I, B, A>(PhantomData<(I, B, A)>);
+
+impl<I: IntDot, B: Block, A: Acc> PackedKernel for Packed8<I, B, A> {
+    const ROWS: usize = LANES;
+    type Out = A::Out;
+    type Buf = PackBuf;
+    fn buffer(groups: usize, nb: usize) -> PackBuf {
+        let entries = groups * nb * LANES;
+        PackBuf {
+            u: vec![Lane32([0; 32]); entries],
+            d: vec![0.0; entries],
+            m: vec![0.0; entries],
         }
-        for &group in &groups {
-            let mut a = 0;
-            // SAFETY (all calls below): activation rows a..a+R exist; the group is packed.
-            while a + ROWS_PER_PASS <= m {
-                unsafe { group_at::<I, B, A, ROWS_PER_PASS>(p, &buf, group, a, out) };
-                a += ROWS_PER_PASS;
-            }
-            match m - a {
-                3 => unsafe { group_at::<I, B, A, 3>(p, &buf, group, a, out) },
-                2 => unsafe { group_at::<I, B, A, 2>(p, &buf, group, a, out) },
-                1 => unsafe { group_at::<I, B, A, 1>(p, &buf, group, a, out) },
-                _ => {}
-            }
-        }
+    }
+    #[inline(always)]
+    unsafe fn pack(p: &Panel, w: *const u8, valid: usize, group: usize, buf: &mut PackBuf) {
+        // SAFETY: forwarded caller contract.
+        unsafe { pack_group::<B>(p, w, valid, group, buf) }
+    }
+    #[inline(always)]
+    unsafe fn multiply<const R: usize>(
+        p: &Panel,
+        buf: &PackBuf,
+        group: (usize, usize, usize),
+        a: usize,
+        out: &mut [A::Out],
+    ) {
+        // SAFETY: forwarded caller contract.
+        unsafe { group_at::<I, B, A, R>(p, buf, group, a, out) }
     }
 }

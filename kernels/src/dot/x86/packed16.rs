@@ -8,18 +8,15 @@
 //! kernel's.
 
 use std::arch::x86_64::*;
+use std::marker::PhantomData;
 
 use super::packed::transpose8;
-use super::{ActPtr, Block, LANES};
+use super::{ActPtr, Block, LANES, PackedKernel};
 use crate::dot::Panel;
 use crate::format::BLOCK;
 
 /// Weight rows per packed group: one per lane of a 512-bit vector.
 const ROWS16: usize = 2 * LANES;
-/// Weight rows packed per refill of the buffer (kept in L2 while all activations pass).
-const PACK_ROWS: usize = 64;
-/// Activation rows multiplied per pass over a packed group.
-const ROWS_PER_PASS: usize = 4;
 
 /// One 64-byte vector of packed weights, aligned for `vmovdqa64`.
 #[derive(Clone, Copy)]
@@ -125,11 +122,11 @@ unsafe fn halves_f64(v: __m512) -> (__m512d, __m512d) {
     }
 }
 
-/// Up to [`PACK_ROWS`] weight rows, packed. For group `G` (rows `16G..16G+16`) and block
+/// Up to [`super::PACK_ROWS`] weight rows, packed. For group `G` (rows `16G..16G+16`) and block
 /// `b`, vector `(G * nb + b) * 8 + g` holds elements `4g..4g+4` of the sixteen rows, row
 /// `i` in lane `i`; `d` and `m` hold the rows' scales and minimums at
 /// `(G * nb + b) * 16 + i`.
-struct PackBuf {
+pub(super) struct PackBuf {
     u: Vec<Lane64>,
     d: Vec<f32>,
     m: Vec<f32>,
@@ -259,49 +256,34 @@ unsafe fn group_at<B: Block, A: Acc16, const R: usize>(
     }
 }
 
-/// Fill `out` for a whole panel (shape contract checked by [`crate::dot::panel`]). Only
-/// sound inlined into a function with AVX-512 F/BW/VL/VNNI enabled.
-#[inline(always)]
-pub(in crate::dot) unsafe fn panel<B: Block, A: Acc16>(p: &Panel, out: &mut [A::Out]) {
-    let (m, nb, rows) = (p.acts.rows(), p.acts.blocks(), p.rows());
-    let groups_per_fill = PACK_ROWS.min(rows).div_ceil(ROWS16);
-    let mut buf = PackBuf {
-        u: vec![Lane64([0; 64]); groups_per_fill * nb * LANES],
-        d: vec![0.0; groups_per_fill * nb * ROWS16],
-        m: vec![0.0; groups_per_fill * nb * ROWS16],
-    };
-    for r0 in (0..rows).step_by(PACK_ROWS) {
-        let r1 = (r0 + PACK_ROWS).min(rows);
-        let groups: Vec<(usize, usize, usize)> = (r0..r1)
-            .step_by(ROWS16)
-            .enumerate()
-            .map(|(g, row0)| (g, row0, ROWS16.min(r1 - row0)))
-            .collect();
-        for &(g, row0, valid) in &groups {
-            // SAFETY: rows row0..row0+valid lie inside the panel.
-            unsafe {
-                pack_group::<B>(
-                    p,
-                    p.weights.as_ptr().add(row0 * p.row_bytes),
-                    valid,
-                    g,
-                    &mut buf,
-                )
-            };
+/// The kernel, for [`super::packed_panel`].
+pub(super) struct Packed16<B, A>(PhantomData<(B, A)>);
+
+impl<B: Block, A: Acc16> PackedKernel for Packed16<B, A> {
+    const ROWS: usize = ROWS16;
+    type Out = A::Out;
+    type Buf = PackBuf;
+    fn buffer(groups: usize, nb: usize) -> PackBuf {
+        PackBuf {
+            u: vec![Lane64([0; 64]); groups * nb * LANES],
+            d: vec![0.0; groups * nb * ROWS16],
+            m: vec![0.0; groups * nb * ROWS16],
         }
-        for &group in &groups {
-            let mut a = 0;
-            // SAFETY (all calls below): activation rows a..a+R exist; the group is packed.
-            while a + ROWS_PER_PASS <= m {
-                unsafe { group_at::<B, A, ROWS_PER_PASS>(p, &buf, group, a, out) };
-                a += ROWS_PER_PASS;
-            }
-            match m - a {
-                3 => unsafe { group_at::<B, A, 3>(p, &buf, group, a, out) },
-                2 => unsafe { group_at::<B, A, 2>(p, &buf, group, a, out) },
-                1 => unsafe { group_at::<B, A, 1>(p, &buf, group, a, out) },
-                _ => {}
-            }
-        }
+    }
+    #[inline(always)]
+    unsafe fn pack(p: &Panel, w: *const u8, valid: usize, group: usize, buf: &mut PackBuf) {
+        // SAFETY: forwarded caller contract.
+        unsafe { pack_group::<B>(p, w, valid, group, buf) }
+    }
+    #[inline(always)]
+    unsafe fn multiply<const R: usize>(
+        p: &Panel,
+        buf: &PackBuf,
+        group: (usize, usize, usize),
+        a: usize,
+        out: &mut [A::Out],
+    ) {
+        // SAFETY: forwarded caller contract.
+        unsafe { group_at::<B, A, R>(p, buf, group, a, out) }
     }
 }
