@@ -115,39 +115,28 @@ pub(crate) trait Element: Copy + Default + Send + Sync + 'static {
     fn get(bytes: &[u8]) -> Self;
 }
 
-impl Element for f32 {
-    const DTYPE: DType = DType::F32;
-    const SIZE: usize = 4;
-    #[inline]
-    fn add(self, other: Self) -> Self {
-        self + other
-    }
-    #[inline]
-    fn put(self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.to_le_bytes());
-    }
-    #[inline]
-    fn get(b: &[u8]) -> Self {
-        f32::from_le_bytes([b[0], b[1], b[2], b[3]])
-    }
+macro_rules! float_element {
+    ($t:ty, $d:ident) => {
+        impl Element for $t {
+            const DTYPE: DType = DType::$d;
+            const SIZE: usize = std::mem::size_of::<$t>();
+            #[inline]
+            fn add(self, other: Self) -> Self {
+                self + other
+            }
+            #[inline]
+            fn put(self, out: &mut Vec<u8>) {
+                out.extend_from_slice(&self.to_le_bytes());
+            }
+            #[inline]
+            fn get(b: &[u8]) -> Self {
+                <$t>::from_le_bytes(b[..Self::SIZE].try_into().expect("one element's bytes"))
+            }
+        }
+    };
 }
-
-impl Element for f64 {
-    const DTYPE: DType = DType::F64;
-    const SIZE: usize = 8;
-    #[inline]
-    fn add(self, other: Self) -> Self {
-        self + other
-    }
-    #[inline]
-    fn put(self, out: &mut Vec<u8>) {
-        out.extend_from_slice(&self.to_le_bytes());
-    }
-    #[inline]
-    fn get(b: &[u8]) -> Self {
-        f64::from_le_bytes(b[..8].try_into().expect("eight bytes"))
-    }
-}
+float_element!(f32, F32);
+float_element!(f64, F64);
 
 macro_rules! half_element {
     ($t:ty, $d:ident) => {
