@@ -7,17 +7,18 @@ use crate::format::{BLOCK, decode_block};
 use crate::quantize::ActRow;
 
 pub(super) fn panel(p: &Panel, out: &mut [f32]) {
-    for (a, out) in out.chunks_exact_mut(p.rows()).enumerate() {
-        for (w, o) in p.weights.chunks_exact(p.row_bytes).zip(out) {
-            *o = row_dot(p.format, w, p.acts.row(a));
-        }
-    }
+    panel_with(p, out, row_dot);
 }
 
 pub(super) fn panel_wide(p: &Panel, out: &mut [f64]) {
+    panel_with(p, out, row_dot_wide);
+}
+
+/// Every (weight row, activation row) product of the panel, by `dot`.
+fn panel_with<T>(p: &Panel, out: &mut [T], dot: fn(QuantFormat, &[u8], ActRow) -> T) {
     for (a, out) in out.chunks_exact_mut(p.rows()).enumerate() {
         for (w, o) in p.weights.chunks_exact(p.row_bytes).zip(out) {
-            *o = row_dot_wide(p.format, w, p.acts.row(a));
+            *o = dot(p.format, w, p.acts.row(a));
         }
     }
 }

@@ -30,7 +30,7 @@ pub(super) struct PackBuf {
 
 /// Transpose an 8x8 matrix of 32-bit elements: row `i` of the result is column `i`.
 #[inline(always)]
-pub(super) unsafe fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
+unsafe fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
     // SAFETY: register-only intrinsics; the caller runs with AVX2 enabled.
     unsafe {
         let t: [__m256i; 8] = std::array::from_fn(|i| {
@@ -66,6 +66,30 @@ pub(super) unsafe fn transpose8(v: [__m256i; 8]) -> [__m256i; 8] {
     }
 }
 
+/// Block `b` of `valid` (0..=8) weight rows from `w`, transposed for a packed group:
+/// vector `g` holds elements `4g..4g+4` of the eight rows, row `i` in lane `i`, and entry
+/// `i` of the second value row `i`'s `[d, m, ..]`; missing rows are zeros (scale 0).
+#[inline(always)]
+pub(super) unsafe fn columns8<B: Block>(
+    p: &Panel,
+    w: *const u8,
+    valid: usize,
+    b: usize,
+) -> ([__m256i; LANES], [[f32; 4]; LANES]) {
+    // SAFETY: rows below `valid` lie inside the panel and block b inside each row (caller
+    // contract); register-only intrinsics otherwise.
+    unsafe {
+        let mut u = [_mm256_setzero_si256(); LANES];
+        let mut dm = [[0.0f32; 4]; LANES];
+        for i in 0..valid {
+            let (ui, dmi) = B::unpack(w.add(i * p.row_bytes + b * B::BYTES));
+            u[i] = ui;
+            _mm_storeu_ps(dm[i].as_mut_ptr(), dmi);
+        }
+        (transpose8(u), dm)
+    }
+}
+
 /// Pack `valid` (1..=8) weight rows starting at `w` into group `group` of `buf`; missing
 /// rows are packed as zeros, scale 0.
 #[inline(always)]
@@ -81,15 +105,9 @@ unsafe fn pack_group<B: Block>(
     // stores go to Lane32 values (32 bytes, 32-byte aligned) borrowed from `buf`.
     unsafe {
         for b in 0..nb {
-            let mut u = [_mm256_setzero_si256(); LANES];
-            let mut dm = [[0.0f32; 4]; LANES];
-            for i in 0..valid {
-                let (ui, dmi) = B::unpack(w.add(i * p.row_bytes + b * B::BYTES));
-                u[i] = ui;
-                _mm_storeu_ps(dm[i].as_mut_ptr(), dmi);
-            }
+            let (cols, dm) = columns8::<B>(p, w, valid, b);
             let at = (group * nb + b) * LANES;
-            for (dst, col) in buf.u[at..at + LANES].iter_mut().zip(transpose8(u)) {
+            for (dst, col) in buf.u[at..at + LANES].iter_mut().zip(cols) {
                 _mm256_store_si256((dst as *mut Lane32).cast(), col);
             }
             for (i, [d, m, ..]) in dm.into_iter().enumerate() {

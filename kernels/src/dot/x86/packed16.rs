@@ -10,7 +10,7 @@
 use std::arch::x86_64::*;
 use std::marker::PhantomData;
 
-use super::packed::transpose8;
+use super::packed::columns8;
 use super::{ActPtr, Block, LANES, PackedKernel};
 use crate::dot::Panel;
 use crate::format::BLOCK;
@@ -147,26 +147,18 @@ unsafe fn pack_group<B: Block>(
     // stores go to Lane64 values (64 bytes, 64-byte aligned) borrowed from `buf`.
     unsafe {
         for b in 0..nb {
-            let mut lo = [_mm256_setzero_si256(); LANES];
-            let mut hi = [_mm256_setzero_si256(); LANES];
-            let mut dm = [[0.0f32; 4]; ROWS16];
-            for i in 0..valid {
-                let (ui, dmi) = B::unpack(w.add(i * p.row_bytes + b * B::BYTES));
-                if i < LANES {
-                    lo[i] = ui;
-                } else {
-                    hi[i - LANES] = ui;
-                }
-                _mm_storeu_ps(dm[i].as_mut_ptr(), dmi);
-            }
-            let (lo, hi) = (transpose8(lo), transpose8(hi));
+            // Rows 0..8 in the low 256 bits of each vector, rows 8..16 in the high ones
+            // (not read when there are none: wrapping_add keeps the pointer harmless).
+            let (lo, dm_lo) = columns8::<B>(p, w, valid.min(LANES), b);
+            let w_hi = w.wrapping_add(LANES * p.row_bytes);
+            let (hi, dm_hi) = columns8::<B>(p, w_hi, valid.saturating_sub(LANES), b);
             let at = (group * nb + b) * LANES;
             for g in 0..LANES {
                 let col = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo[g]), hi[g]);
                 _mm512_store_si512((&mut buf.u[at + g] as *mut Lane64).cast(), col);
             }
             let at = (group * nb + b) * ROWS16;
-            for (i, [d, m, ..]) in dm.into_iter().enumerate() {
+            for (i, [d, m, ..]) in dm_lo.into_iter().chain(dm_hi).enumerate() {
                 buf.d[at + i] = d;
                 if B::HAS_MIN {
                     buf.m[at + i] = m;
