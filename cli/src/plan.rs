@@ -2,7 +2,9 @@
 //! manifest, and whether the model fits the GPUs — before applying it.
 //! The model's shape comes from `spec.model.shape`, else from the model's
 //! own config when the source is reachable here (a GGUF header or a
-//! `config.json`), so planning works offline.
+//! `config.json`), so planning works offline. For an `hf://` model directory
+//! only its `config.json` is fetched (a few KB, where the whole directory's
+//! fetch would put it), not the weights.
 
 use std::path::{Path, PathBuf};
 
@@ -41,9 +43,10 @@ pub fn run(args: PlanArgs) -> Result<()> {
         .with_context(|| format!("reading manifest {file}"))?;
     let mds = parse_manifests(&text).map_err(|e| anyhow!("{file}: {e}"))?;
     let base = args.manifest.parent().unwrap_or(Path::new("."));
+    let hub = model::hub_settings();
     let mut plans = Vec::new();
     for md in &mds {
-        let shape = shape_of(md, base, args.cache.clone())
+        let shape = shape_of(md, base, args.cache.clone(), &hub)
             .with_context(|| format!("{file}: {}: the model's shape", md.name()))?;
         let memory = gpu_memory(md, args.gpu_memory.as_deref())?;
         plans.push((md, memory, plan(&md.spec, &shape, memory)));
@@ -117,12 +120,34 @@ fn print_plan(md: &ModelDeployment, memory: u64, p: &Plan) {
 }
 
 /// `spec.model.shape`, else the shape read from the model's files here.
-fn shape_of(md: &ModelDeployment, base: &Path, cache: Option<PathBuf>) -> Result<Shape> {
+pub(crate) fn shape_of(
+    md: &ModelDeployment,
+    base: &Path,
+    cache: Option<PathBuf>,
+    hub: &model::HubSettings,
+) -> Result<Shape> {
     let model = &md.spec.model;
     if let Some(shape) = &model.shape {
         return Ok(Shape::from_spec(shape, model.dtype));
     }
     let source = ModelSource::parse(&model.source)?;
+    if let ModelSource::HuggingFace {
+        repo,
+        revision,
+        file: None,
+    } = &source
+    {
+        let config = ModelSource::HuggingFace {
+            repo: repo.clone(),
+            revision: revision.clone(),
+            file: Some("config.json".into()),
+        };
+        let path = model::resolve_with(&config, base, &model::cache_dir(cache)?, hub)
+            .with_context(|| {
+                format!("no spec.model.shape, and {source}'s config.json is not reachable here")
+            })?;
+        return shape_from_config_json(&path, md);
+    }
     if let ModelSource::File { path } = &source {
         let dir = base.join(path);
         if dir.is_dir() {
@@ -131,7 +156,7 @@ fn shape_of(md: &ModelDeployment, base: &Path, cache: Option<PathBuf>) -> Result
     }
     if model.effective_format() == ModelFormat::Safetensors {
         bail!(
-            "{source} is a safetensors checkpoint; give spec.model.shape, or a file:// directory holding its config.json"
+            "{source} is a safetensors checkpoint; give spec.model.shape, a file:// directory holding its config.json, or its hf:// directory"
         );
     }
     let path = model::resolve(&source, base, &model::cache_dir(cache)?).with_context(

@@ -62,6 +62,24 @@ fn tiny_files() -> Vec<(&'static str, Vec<u8>)> {
     ]
 }
 
+/// The tiny repository with Llama-3-8B's `config.json` (what `plan` reads).
+fn llama_files() -> Vec<(&'static str, Vec<u8>)> {
+    let config = json!({
+        "architectures": ["LlamaForCausalLM"],
+        "hidden_size": 4096,
+        "intermediate_size": 14336,
+        "num_attention_heads": 32,
+        "num_hidden_layers": 32,
+        "num_key_value_heads": 8,
+        "vocab_size": 128256,
+        "torch_dtype": "bfloat16",
+        "tie_word_embeddings": false,
+    });
+    let mut files = tiny_files();
+    files[0] = ("config.json", config.to_string().into_bytes());
+    files
+}
+
 fn is_lfs(name: &str) -> bool {
     [".safetensors", ".gguf", ".bin"]
         .iter()
@@ -169,6 +187,7 @@ impl FakeHub {
             ("org/tiny", repo(false, false, tiny_files())),
             ("org/gated", repo(true, false, tiny_files())),
             ("org/corrupt", repo(false, true, tiny_files())),
+            ("org/llama-8b", repo(false, false, llama_files())),
         ]);
         let fake = Fake {
             repos: Arc::new(repos),
@@ -557,4 +576,76 @@ fn repositories_the_engine_cannot_load_are_refused_by_name() {
         names(&ok),
         ["config.json", "tokenizer.json", "generation_config.json"]
     );
+}
+
+/// `shardserve plan` of an hf:// model directory without `spec.model.shape`
+/// fetches the config alone, into the place the directory's fetch puts it.
+#[test]
+fn plan_fetches_only_the_config_of_an_hf_directory() {
+    let hub = FakeHub::start();
+    let cache = tempfile::tempdir().unwrap();
+    let manifest = r#"
+apiVersion: shardserve.io/v1alpha1
+kind: ModelDeployment
+metadata: {name: llama}
+spec:
+  model: {source: "hf://org/llama-8b"}
+  tensor: 2
+"#;
+    let md = shardserve_operator::parse_manifests(manifest)
+        .unwrap()
+        .remove(0);
+    let settings = hub.settings(None);
+    let shape_of = || {
+        crate::plan::shape_of(
+            &md,
+            Path::new("."),
+            Some(cache.path().to_path_buf()),
+            &settings,
+        )
+    };
+    let shape = shape_of().unwrap();
+    assert_eq!(
+        (
+            shape.layers,
+            shape.hidden_size,
+            shape.heads,
+            shape.kv_heads,
+            shape.head_dim
+        ),
+        (32, 4096, 32, 8, 128)
+    );
+    assert_eq!(
+        (
+            shape.vocab_size,
+            shape.intermediate_size,
+            shape.tied_embeddings
+        ),
+        (128256, 14336, false)
+    );
+    assert_eq!(shape.bytes_per_weight, 2.0);
+    assert_eq!(
+        hub.take_requests(),
+        ["/org/llama-8b/resolve/main/config.json"]
+    );
+    assert_eq!(
+        files_in(&cache.path().join("hf/org/llama-8b/main")),
+        BTreeSet::from(["config.json".to_string()])
+    );
+    // Planned again: from the cache, no request.
+    shape_of().unwrap();
+    assert!(hub.take_requests().is_empty());
+    // A repository without it: the error says what was missing.
+    let missing =
+        shardserve_operator::parse_manifests(&manifest.replace("org/llama-8b", "org/none"))
+            .unwrap()
+            .remove(0);
+    let err = crate::plan::shape_of(
+        &missing,
+        Path::new("."),
+        Some(cache.path().into()),
+        &settings,
+    )
+    .unwrap_err();
+    assert!(format!("{err:#}").contains("config.json"), "{err:#}");
 }
