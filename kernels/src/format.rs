@@ -53,6 +53,22 @@ impl QuantFormat {
         matches!(self, Self::Q4_1 | Self::Q5_1)
     }
 
+    /// What the kernels add to a stored integer `q` to make it the unsigned byte they
+    /// multiply (`u = q + zero_point`, so that `Σ q·a = Σ u·a - zero_point·Σa`).
+    pub(crate) const fn zero_point(self) -> i32 {
+        match self {
+            Self::Q4_0 => 8,
+            Self::Q5_0 => 16,
+            Self::Q8_0 => 128,
+            Self::Q4_1 | Self::Q5_1 => 0,
+        }
+    }
+
+    /// Whether every `u` fits in a nibble (the 4-bit formats).
+    pub(crate) const fn is_nibbles(self) -> bool {
+        matches!(self, Self::Q4_0 | Self::Q4_1)
+    }
+
     /// The ggml name, as GGUF tools print it.
     pub fn name(self) -> &'static str {
         match self {

@@ -19,6 +19,7 @@
 mod dot;
 mod error;
 mod format;
+mod interleaved;
 mod matmul;
 mod matrix;
 mod quantize;

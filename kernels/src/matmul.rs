@@ -4,7 +4,8 @@
 
 use rayon::prelude::*;
 
-use crate::dot::Panel;
+use crate::dot::{Panel, uses_interleaved};
+use crate::interleaved::GROUP_ROWS;
 use crate::quantize::quantize;
 use crate::{QuantMatrix, SimdLevel};
 
@@ -13,8 +14,9 @@ const TASKS_PER_THREAD: usize = 4;
 /// Smallest task, in block products (about 1 ns each with SIMD): a microsecond or two of
 /// work, enough to outweigh rayon's scheduling and let small decode products use 2 threads.
 const MIN_TASK_BLOCKS: usize = 1024;
-/// Weight rows the x86 kernels compute together: tasks of whole groups waste no lanes.
-const ROW_GROUP: usize = 8;
+/// Tasks are whole interleaved groups: they waste no lanes, and each task's records start
+/// at a group.
+const ROW_GROUP: usize = GROUP_ROWS;
 
 /// A kernel entry point of [`crate::dot`]: f32 products ([`crate::dot::panel`]) or f64 sums
 /// ([`crate::dot::panel_wide`]).
@@ -51,27 +53,40 @@ pub(crate) fn matmul<T: Copy + Default + Send + Sync>(
     }
     let acts = quantize(level, x, m, k);
     let row_bytes = w.row_bytes();
+    let interleaved = uses_interleaved(level, w.format()).then(|| w.interleaved());
+    // Only the layout the kernels read is touched (the other may not exist).
+    let gguf = if interleaved.is_some() {
+        &[][..]
+    } else {
+        w.bytes()
+    };
     let rows = rows_per_task(n, m * acts.blocks());
-    let run = |(weights, out): (&[u8], &mut [T])| {
+    let run = |task: usize, out: &mut [T]| {
+        let (r0, r1) = (task * rows, ((task + 1) * rows).min(n));
         let p = Panel {
             format: w.format(),
-            weights,
+            rows: r1 - r0,
+            weights: gguf.get(r0 * row_bytes..r1 * row_bytes).unwrap_or_default(),
             row_bytes,
+            interleaved: interleaved
+                .map(|il| il.groups_from(w.format(), acts.blocks(), r0 / GROUP_ROWS)),
             acts: &acts,
         };
         panel(level, &p, out);
     };
-    let weights = w.bytes().par_chunks(rows * row_bytes);
     if m == 1 {
-        weights.zip(y.par_chunks_mut(rows)).for_each(run);
+        y.par_chunks_mut(rows)
+            .enumerate()
+            .for_each(|(task, out)| run(task, out));
         return;
     }
     // Each task fills an activation-major buffer for its weight rows (a column block of y);
     // the rows of y then gather their pieces with contiguous copies.
-    let parts: Vec<Vec<T>> = weights
-        .map(|weights| {
-            let mut out = vec![T::default(); m * weights.len() / row_bytes];
-            run((weights, &mut out));
+    let parts: Vec<Vec<T>> = (0..n.div_ceil(rows))
+        .into_par_iter()
+        .map(|task| {
+            let mut out = vec![T::default(); m * rows.min(n - task * rows)];
+            run(task, &mut out);
             out
         })
         .collect();
@@ -86,7 +101,7 @@ pub(crate) fn matmul<T: Copy + Default + Send + Sync>(
 }
 
 /// Weight rows per task when each row costs `blocks_per_row` block products: rounded to
-/// the nearest multiple of [`ROW_GROUP`] where `n` allows.
+/// the nearest multiple of [`ROW_GROUP`] where `n` allows, else all `n` in one task.
 fn rows_per_task(n: usize, blocks_per_row: usize) -> usize {
     let even = n.div_ceil(rayon::current_num_threads() * TASKS_PER_THREAD);
     let min = MIN_TASK_BLOCKS.div_ceil(blocks_per_row);

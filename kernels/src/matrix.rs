@@ -1,18 +1,38 @@
 //! [`QuantMatrix`]: a weight matrix kept in its GGUF block layout, validated once.
 
+use std::sync::OnceLock;
+
 use crate::format::{BLOCK, dequantize_block};
+use crate::interleaved::Interleaved;
 use crate::{KernelError, QuantFormat, SimdLevel, dot, matmul, simd_level};
 
 /// A `rows x cols` weight matrix (`rows` output features, `cols` input features) in a ggml
 /// block format: row-major, each row `cols / 32` blocks, bytes exactly as a GGUF file
 /// stores them.
-#[derive(Clone, PartialEq, Eq)]
+///
+/// The weights are held in one or both of two layouts, each built from the other when
+/// first needed: the GGUF blocks, and on x86 a copy interleaved sixteen rows at a time for
+/// the packed kernels (the size of the GGUF bytes for the 4-bit formats), which the
+/// products of the AVX2 and AVX-512 levels use. [`QuantMatrix::prepare`] keeps only the
+/// layout this CPU's products need.
+#[derive(Clone)]
 pub struct QuantMatrix {
     format: QuantFormat,
     rows: usize,
     cols: usize,
-    bytes: Vec<u8>,
+    /// At least one of the two is set.
+    gguf: OnceLock<Vec<u8>>,
+    interleaved: OnceLock<Interleaved>,
 }
+
+impl PartialEq for QuantMatrix {
+    fn eq(&self, other: &Self) -> bool {
+        (self.format, self.rows, self.cols, self.bytes())
+            == (other.format, other.rows, other.cols, other.bytes())
+    }
+}
+
+impl Eq for QuantMatrix {}
 
 impl QuantMatrix {
     /// Wrap GGUF tensor bytes, checking that `cols` splits into blocks and that `bytes`
@@ -48,8 +68,31 @@ impl QuantMatrix {
             format,
             rows,
             cols,
-            bytes,
+            gguf: OnceLock::from(bytes),
+            interleaved: OnceLock::new(),
         })
+    }
+
+    /// Arrange the weights for this CPU's kernels now (while a model loads) rather than in
+    /// the first product, and keep only that layout: where the products use the
+    /// interleaved copy, build it and drop the GGUF bytes (rebuilt should they be asked
+    /// for again), so the weights are held once.
+    pub fn prepare(&mut self) {
+        if dot::uses_interleaved(simd_level(), self.format) {
+            self.interleaved();
+            self.gguf.take();
+        }
+    }
+
+    /// Bytes held for this matrix, in whichever layouts it holds.
+    pub fn memory_bytes(&self) -> usize {
+        self.gguf.get().map_or(0, Vec::len) + self.interleaved.get().map_or(0, Interleaved::bytes)
+    }
+
+    /// The interleaved copy, built on first use.
+    pub(crate) fn interleaved(&self) -> &Interleaved {
+        self.interleaved
+            .get_or_init(|| Interleaved::new(self.format, self.rows, self.cols, self.bytes()))
     }
 
     /// Output features.
@@ -66,9 +109,16 @@ impl QuantMatrix {
         self.format
     }
 
-    /// The blocks, as stored in the GGUF file.
+    /// The blocks, as stored in the GGUF file (rebuilt from the interleaved copy if
+    /// [`QuantMatrix::prepare`] dropped them).
     pub fn bytes(&self) -> &[u8] {
-        &self.bytes
+        self.gguf.get_or_init(|| {
+            let il = self
+                .interleaved
+                .get()
+                .expect("a matrix holds at least one layout");
+            il.to_gguf(self.format, self.rows, self.cols)
+        })
     }
 
     /// Bytes of one row.
@@ -134,13 +184,25 @@ impl QuantMatrix {
             "output length vs {} columns",
             self.cols
         );
-        let rb = self.row_bytes();
-        let row = &self.bytes[r * rb..(r + 1) * rb];
-        for (block, out) in row
-            .chunks_exact(self.format.block_bytes())
-            .zip(out.chunks_exact_mut(BLOCK))
-        {
-            dequantize_block(self.format, block, out);
+        let bb = self.format.block_bytes();
+        if let Some(gguf) = self.gguf.get() {
+            let rb = self.row_bytes();
+            for (block, out) in gguf[r * rb..(r + 1) * rb]
+                .chunks_exact(bb)
+                .zip(out.chunks_exact_mut(BLOCK))
+            {
+                dequantize_block(self.format, block, out);
+            }
+            return;
+        }
+        let il = self
+            .interleaved
+            .get()
+            .expect("a matrix holds at least one layout");
+        let mut block = [0u8; 34];
+        for (b, out) in out.chunks_exact_mut(BLOCK).enumerate() {
+            il.block(self.format, self.cols / BLOCK, r, b, &mut block[..bb]);
+            dequantize_block(self.format, &block[..bb], out);
         }
     }
 }

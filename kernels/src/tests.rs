@@ -154,7 +154,7 @@ fn thread_count_does_not_change_results() {
 /// (the prefill kernel), at any position in it, on one thread or two (other task splits).
 #[test]
 fn row_results_do_not_depend_on_batch() {
-    // (n, k): n = 1, n not a multiple of 8 (ragged last group of eight), k = one block.
+    // (n, k): n = 1, n not a multiple of 8 or 16 (ragged last groups), k = one block.
     let shapes = [
         (1, 32),
         (3, 64),
@@ -249,6 +249,65 @@ fn q4_1_minimum_uses_the_f16_rounded_activation_sum() {
     for level in SimdLevel::available() {
         assert_eq!(matmul(&w, level, &x, 1), [2048.0], "{level}");
     }
+}
+
+/// The x86 levels follow the same float steps in all their kernels (the row kernel on GGUF
+/// blocks, the eight- and sixteen-row packed kernels on interleaved records), so AVX2 and
+/// AVX-512 give the same bits.
+#[test]
+fn x86_levels_give_the_same_bits() {
+    let levels = [SimdLevel::Avx2, SimdLevel::Avx512];
+    if !levels.iter().all(|l| l.is_available()) {
+        eprintln!("skipped: this CPU lacks AVX2 or AVX-512 VNNI");
+        return;
+    }
+    let bits = |y: Vec<f32>| y.into_iter().map(f32::to_bits).collect::<Vec<u32>>();
+    for format in QuantFormat::ALL {
+        for (n, k, m) in [(45, 160, 1), (37, 96, 5), (259, 128, 17)] {
+            let w = random_matrix(format, n, k, (n + k + m) as u64);
+            let x = random_activations(m, k, k as u64);
+            let [avx2, avx512] = levels.map(|l| bits(matmul(&w, l, &x, m)));
+            assert_eq!(avx2, avx512, "{format} n={n} k={k} m={m}");
+        }
+    }
+}
+
+/// A prepared matrix may hold only its interleaved copy: its products on every level, its
+/// rows and its GGUF bytes are what the unprepared matrix gives.
+#[test]
+fn prepared_matrices_answer_as_before() {
+    for format in QuantFormat::ALL {
+        let (n, k, m) = (37, 96, 13);
+        let original = random_matrix(format, n, k, 7);
+        let mut prepared = original.clone();
+        prepared.prepare();
+        // Rows first, while the GGUF bytes may be gone; the scalar level (which rebuilds
+        // them) last.
+        for r in [0, 17, n - 1] {
+            let (mut got, mut want) = (vec![0.0; k], vec![0.0; k]);
+            prepared.dequantize_row(r, &mut got);
+            original.dequantize_row(r, &mut want);
+            assert_eq!(got, want, "{format} row {r}");
+        }
+        let x = random_activations(m, k, 3);
+        for level in SimdLevel::available().into_iter().rev() {
+            assert_eq!(
+                matmul(&prepared, level, &x, m),
+                matmul(&original, level, &x, m),
+                "{format} {level}"
+            );
+        }
+        assert!(prepared == original, "{format}: GGUF bytes rebuilt");
+    }
+}
+
+/// Preparing keeps one layout: a 4-bit matrix holds what its GGUF bytes take.
+#[test]
+fn prepared_q4_matrices_hold_their_weights_once() {
+    let original = random_matrix(QuantFormat::Q4_1, 64, 256, 1);
+    let mut prepared = original.clone();
+    prepared.prepare();
+    assert_eq!(prepared.memory_bytes(), original.bytes().len());
 }
 
 #[test]

@@ -183,7 +183,9 @@ impl Transformer {
         let head = if config.tied_embeddings {
             None
         } else {
-            Some(ctx.load("output.weight", &crate::weights::Split::Full)?)
+            let mut head = ctx.load("output.weight", &crate::weights::Split::Full)?;
+            head.prepare();
+            Some(head)
         };
         Ok(Self {
             config,

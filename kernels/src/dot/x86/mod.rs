@@ -2,10 +2,11 @@
 //! ([`Block`]: how 32 stored weights become 32 unsigned bytes and a scale) and the integer
 //! product ([`IntDot`]: `vpmaddubsw` pairs, or VNNI `vpdpbusd`).
 //!
-//! Three kernels: [`rows`] multiplies weight rows in their GGUF layout (decode, few
-//! activation rows); [`packed`] first interleaves eight weight rows so that one integer
-//! instruction advances eight dot products (prefill, batches); [`packed16`] does the same
-//! with sixteen rows in 512-bit vectors (AVX-512 VNNI). [`panel`] and [`panel16`] pick one.
+//! Three kernels: [`packed`] multiplies eight weight rows of an interleaved copy
+//! ([`crate::interleaved`]) at once, one integer instruction advancing eight dot products;
+//! [`packed16`] does the same with sixteen rows in 512-bit vectors (AVX-512 VNNI); [`rows`]
+//! multiplies weight rows in their GGUF layout (AVX2 `Q8_0`, whose full byte range the
+//! packed AVX2 kernel cannot take). [`panel`] and [`panel16`] pick one.
 //!
 //! All give bit-identical results, so that an output does not depend on how many
 //! activation rows share a call, where its row sits among them, or how the weight rows are
@@ -26,17 +27,9 @@ pub(super) use packed16::{Acc16, F32x16, F64x16};
 use std::arch::x86_64::*;
 
 use super::Panel;
+use crate::QuantFormat;
+use crate::interleaved::{GROUP_ROWS, Line, record_lines, weight_lines};
 use crate::quantize::ActRow;
-
-/// Activation rows from which the packed kernel pays for its packing (a speed choice only:
-/// all kernels give the same bits). The row kernel unpacks each weight block once for up to
-/// four activation rows; measured on a Xeon (Q4_1, 1536 x 576 and 576 x 1536, 2 threads,
-/// AVX2 level) it was ahead up to 4 rows, level at 6 to 8, behind from 12.
-const PACKED_MIN_ROWS: usize = 8;
-
-/// The same for the sixteen-row kernel (AVX-512 VNNI): level with the row kernel from 5 to
-/// 12 rows, ahead from 16 (1.5x), and 3x at 128.
-const PACKED16_MIN_ROWS: usize = 12;
 
 /// Weight rows computed together, one per lane of a 256-bit vector.
 pub(super) const LANES: usize = 8;
@@ -52,12 +45,18 @@ pub(super) trait IntDot {
 /// A ggml block format as the x86 kernels see it: the weight integer `q` is stored as the
 /// unsigned byte `u = q + ZERO_POINT`, and `Σ q·a = Σ u·a - ZERO_POINT·Σa`.
 pub(super) trait Block {
-    const BYTES: usize;
-    const ZERO_POINT: i32;
+    const FORMAT: QuantFormat;
+    const BYTES: usize = Self::FORMAT.block_bytes();
+    const ZERO_POINT: i32 = Self::FORMAT.zero_point();
     /// Whether the block has a minimum `m` (value `q * d + m`).
-    const HAS_MIN: bool = false;
+    const HAS_MIN: bool = Self::FORMAT.has_min();
     /// Whether `q` is a signed byte (`Q8_0`), so that `u` spans `0..=255`.
-    const SIGNED: bool = false;
+    const SIGNED: bool = matches!(Self::FORMAT, QuantFormat::Q8_0);
+    /// Whether interleaved records hold `u` as nibbles ([`crate::interleaved`]).
+    const NIBBLES: bool = Self::FORMAT.is_nibbles();
+    /// Lines per interleaved record, and of them the weight lines.
+    const RECORD_LINES: usize = record_lines(Self::FORMAT);
+    const WEIGHT_LINES: usize = weight_lines(Self::FORMAT);
     /// `u` of the 32 weights in element order, and `[d, m]` in lanes 0 and 1.
     unsafe fn unpack(p: *const u8) -> (__m256i, __m128);
 }
@@ -69,8 +68,7 @@ pub(super) struct Q5_1;
 pub(super) struct Q8_0;
 
 impl Block for Q4_0 {
-    const BYTES: usize = 18;
-    const ZERO_POINT: i32 = 8;
+    const FORMAT: QuantFormat = QuantFormat::Q4_0;
     #[inline(always)]
     unsafe fn unpack(p: *const u8) -> (__m256i, __m128) {
         // SAFETY: p points at a whole 18-byte block (caller contract).
@@ -79,9 +77,7 @@ impl Block for Q4_0 {
 }
 
 impl Block for Q4_1 {
-    const BYTES: usize = 20;
-    const ZERO_POINT: i32 = 0;
-    const HAS_MIN: bool = true;
+    const FORMAT: QuantFormat = QuantFormat::Q4_1;
     #[inline(always)]
     unsafe fn unpack(p: *const u8) -> (__m256i, __m128) {
         // SAFETY: p points at a whole 20-byte block (caller contract).
@@ -90,8 +86,7 @@ impl Block for Q4_1 {
 }
 
 impl Block for Q5_0 {
-    const BYTES: usize = 22;
-    const ZERO_POINT: i32 = 16;
+    const FORMAT: QuantFormat = QuantFormat::Q5_0;
     #[inline(always)]
     unsafe fn unpack(p: *const u8) -> (__m256i, __m128) {
         // SAFETY: p points at a whole 22-byte block (caller contract).
@@ -103,9 +98,7 @@ impl Block for Q5_0 {
 }
 
 impl Block for Q5_1 {
-    const BYTES: usize = 24;
-    const ZERO_POINT: i32 = 0;
-    const HAS_MIN: bool = true;
+    const FORMAT: QuantFormat = QuantFormat::Q5_1;
     #[inline(always)]
     unsafe fn unpack(p: *const u8) -> (__m256i, __m128) {
         // SAFETY: p points at a whole 24-byte block (caller contract).
@@ -120,9 +113,7 @@ impl Block for Q5_1 {
 }
 
 impl Block for Q8_0 {
-    const BYTES: usize = 34;
-    const ZERO_POINT: i32 = 128;
-    const SIGNED: bool = true;
+    const FORMAT: QuantFormat = QuantFormat::Q8_0;
     #[inline(always)]
     unsafe fn unpack(p: *const u8) -> (__m256i, __m128) {
         // SAFETY: p points at a whole 34-byte block (caller contract).
@@ -199,21 +190,21 @@ impl From<ActRow<'_>> for ActPtr {
     }
 }
 
-/// Fill `out` for a whole panel (shape contract checked by [`super::panel`]).
+/// Fill `out` for a whole panel (shape contract checked by [`super::panel`]): the packed
+/// kernel where the panel carries interleaved records, else the row kernel.
 #[inline(always)]
 pub(super) unsafe fn panel<I: IntDot, B: Block, A: Acc>(p: &Panel, out: &mut [A::Out]) {
     // SAFETY: forwarded caller contract (shapes checked, features enabled).
     unsafe {
-        if p.acts.rows() >= PACKED_MIN_ROWS && (I::FULL_RANGE || !B::SIGNED) {
-            packed_panel::<packed::Packed8<I, B, A>>(p, out)
-        } else {
-            rows::panel::<I, B, A>(p, out)
+        match p.interleaved {
+            Some(lines) => interleaved_panel::<packed::Packed8<I, B, A>>(p, lines, out),
+            None => rows::panel::<I, B, A>(p, out),
         }
     }
 }
 
-/// The AVX-512 level's panel: the sixteen-row packed kernel ([`packed16`], VNNI only) for
-/// batches, the row kernel below [`PACKED16_MIN_ROWS`]. Same bits as [`panel`].
+/// The AVX-512 level's panel: the sixteen-row packed kernel ([`packed16`], VNNI only) on
+/// interleaved records, else the row kernel. Same bits as [`panel`].
 #[inline(always)]
 pub(super) unsafe fn panel16<I: IntDot, B: Block, A: Acc, W: Acc16<Out = A::Out>>(
     p: &Panel,
@@ -221,75 +212,61 @@ pub(super) unsafe fn panel16<I: IntDot, B: Block, A: Acc, W: Acc16<Out = A::Out>
 ) {
     // SAFETY: forwarded caller contract (shapes checked, AVX-512 VNNI enabled).
     unsafe {
-        if p.acts.rows() >= PACKED16_MIN_ROWS {
-            packed_panel::<packed16::Packed16<B, W>>(p, out)
-        } else {
-            rows::panel::<I, B, A>(p, out)
+        match p.interleaved {
+            Some(lines) => interleaved_panel::<packed16::Packed16<B, W>>(p, lines, out),
+            None => rows::panel::<I, B, A>(p, out),
         }
     }
 }
 
-/// A packed kernel as [`packed_panel`] drives it: weight rows are packed [`Self::ROWS`] at
-/// a time into a buffer the panel reuses, and each packed group is multiplied into every
-/// activation row, [`ROWS_PER_PASS`] rows per pass.
-pub(super) trait PackedKernel {
-    /// Weight rows per packed group.
+/// A packed kernel as [`interleaved_panel`] drives it: [`Self::ROWS`] weight rows of one
+/// interleaved group (all sixteen, or the low or high eight) multiplied into `R`
+/// activation rows at once.
+pub(super) trait GroupKernel {
+    /// Weight rows per call: [`GROUP_ROWS`] or half of it.
     const ROWS: usize;
     type Out: Copy;
-    type Buf;
-    /// A buffer for `groups` packed groups of `nb` blocks.
-    fn buffer(groups: usize, nb: usize) -> Self::Buf;
-    /// Pack `valid` (1..=ROWS) weight rows starting at `w` into group `group` of `buf`;
-    /// missing rows are packed as zeros, scale 0.
-    unsafe fn pack(p: &Panel, w: *const u8, valid: usize, group: usize, buf: &mut Self::Buf);
-    /// Multiply packed group `group` (`valid` rows from weight row `row0`) into activation
-    /// rows `a..a + R`, writing `out[(a + r) * rows + row0 + i]`.
+    /// Multiply part `part` (rows `part * ROWS..`) of the group whose records start at
+    /// `rec` into activation rows `a..a + R`, writing `out[(a + r) * p.rows() + row0 + i]`
+    /// for `i < valid`, where `rows` is `(row0, valid)`.
     unsafe fn multiply<const R: usize>(
         p: &Panel,
-        buf: &Self::Buf,
-        group: (usize, usize, usize),
+        rec: *const Line,
+        part: usize,
+        rows: (usize, usize),
         a: usize,
         out: &mut [Self::Out],
     );
 }
 
-/// Weight rows packed per refill of a packed kernel's buffer (kept in L2 while all
-/// activations pass).
-const PACK_ROWS: usize = 64;
-/// Activation rows multiplied per pass over a packed group.
+/// Activation rows multiplied per pass over a group's records (kept in L1 meanwhile).
 const ROWS_PER_PASS: usize = 4;
 
-/// Fill `out` for a whole panel with packed kernel `K` (shape contract checked by
-/// [`super::panel`]).
+/// Fill `out` for a whole panel with packed kernel `K` on the panel's interleaved records
+/// (`lines`, checked by [`super::panel`] to cover its groups).
 #[inline(always)]
-unsafe fn packed_panel<K: PackedKernel>(p: &Panel, out: &mut [K::Out]) {
+unsafe fn interleaved_panel<K: GroupKernel>(p: &Panel, lines: &[Line], out: &mut [K::Out]) {
     let (m, rows) = (p.acts.rows(), p.rows());
-    let mut buf = K::buffer(PACK_ROWS.min(rows).div_ceil(K::ROWS), p.acts.blocks());
-    for r0 in (0..rows).step_by(PACK_ROWS) {
-        let r1 = (r0 + PACK_ROWS).min(rows);
-        let groups: Vec<(usize, usize, usize)> = (r0..r1)
-            .step_by(K::ROWS)
-            .enumerate()
-            .map(|(g, row0)| (g, row0, K::ROWS.min(r1 - row0)))
-            .collect();
-        for &(g, row0, valid) in &groups {
-            // SAFETY: rows row0..row0+valid lie inside the panel.
-            unsafe {
-                let w = p.weights.as_ptr().add(row0 * p.row_bytes);
-                K::pack(p, w, valid, g, &mut buf)
-            };
-        }
-        for &group in &groups {
+    let group_lines = p.acts.blocks() * record_lines(p.format);
+    for (g, g0) in (0..rows).step_by(GROUP_ROWS).enumerate() {
+        let rec = lines[g * group_lines..].as_ptr();
+        for part in 0..GROUP_ROWS / K::ROWS {
+            let row0 = g0 + part * K::ROWS;
+            if row0 >= rows {
+                break;
+            }
+            let rows = (row0, K::ROWS.min(rows - row0));
             let mut a = 0;
-            // SAFETY (all calls below): activation rows a..a+R exist; the group is packed.
+            // SAFETY (all calls below): activation rows a..a+R exist; the group's records
+            // are in `lines`.
             while a + ROWS_PER_PASS <= m {
-                unsafe { K::multiply::<ROWS_PER_PASS>(p, &buf, group, a, out) };
+                unsafe { K::multiply::<ROWS_PER_PASS>(p, rec, part, rows, a, out) };
                 a += ROWS_PER_PASS;
             }
             match m - a {
-                3 => unsafe { K::multiply::<3>(p, &buf, group, a, out) },
-                2 => unsafe { K::multiply::<2>(p, &buf, group, a, out) },
-                1 => unsafe { K::multiply::<1>(p, &buf, group, a, out) },
+                3 => unsafe { K::multiply::<3>(p, rec, part, rows, a, out) },
+                2 => unsafe { K::multiply::<2>(p, rec, part, rows, a, out) },
+                1 => unsafe { K::multiply::<1>(p, rec, part, rows, a, out) },
                 _ => {}
             }
         }

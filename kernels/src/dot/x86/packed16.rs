@@ -1,7 +1,7 @@
-//! The AVX-512 packed kernel (prefill and batched decode): the [`super::packed`] layout
-//! widened to sixteen weight rows, one per i32 lane of a 512-bit vector, so that one VNNI
-//! `vpdpbusd` advances sixteen dot products by four bytes each (twice the work of the
-//! 256-bit kernel per instruction, and per broadcast activation word).
+//! The AVX-512 packed kernel (prefill and batched decode): a whole interleaved group
+//! ([`crate::interleaved`]), sixteen weight rows, one per i32 lane of a 512-bit vector, so
+//! that one VNNI `vpdpbusd` advances sixteen dot products by four bytes each (twice the
+//! work of the 256-bit kernel per instruction, and per broadcast activation word).
 //!
 //! Every lane follows the float steps of [`super::Acc`] (`acc + sumi·(dw·da)`, then the
 //! minimum term), so its outputs are the same bits as the 256-bit kernels' and the row
@@ -10,18 +10,13 @@
 use std::arch::x86_64::*;
 use std::marker::PhantomData;
 
-use super::packed::columns8;
-use super::{ActPtr, Block, LANES, PackedKernel};
+use super::{ActPtr, Block, GroupKernel, LANES};
 use crate::dot::Panel;
 use crate::format::BLOCK;
+use crate::interleaved::{GROUP_ROWS, Line};
 
-/// Weight rows per packed group: one per lane of a 512-bit vector.
-const ROWS16: usize = 2 * LANES;
-
-/// One 64-byte vector of packed weights, aligned for `vmovdqa64`.
-#[derive(Clone, Copy)]
-#[repr(C, align(64))]
-struct Lane64([u8; 64]);
+/// Weight rows per group: one per lane of a 512-bit vector.
+const ROWS16: usize = GROUP_ROWS;
 
 /// How sixteen lanes of exact integer block sums become outputs: the float steps of
 /// [`super::Acc`], sixteen lanes at a time.
@@ -122,72 +117,50 @@ unsafe fn halves_f64(v: __m512) -> (__m512d, __m512d) {
     }
 }
 
-/// Up to [`super::PACK_ROWS`] weight rows, packed. For group `G` (rows `16G..16G+16`) and block
-/// `b`, vector `(G * nb + b) * 8 + g` holds elements `4g..4g+4` of the sixteen rows, row
-/// `i` in lane `i`; `d` and `m` hold the rows' scales and minimums at
-/// `(G * nb + b) * 16 + i`.
-pub(super) struct PackBuf {
-    u: Vec<Lane64>,
-    d: Vec<f32>,
-    m: Vec<f32>,
-}
-
-/// Pack `valid` (1..=16) weight rows starting at `w` into group `group` of `buf`; missing
-/// rows are packed as zeros, scale 0.
+/// The eight `u` vectors of one record (vector `g`: elements `4g..4g+4` of the sixteen rows,
+/// row `i` in lane `i`), and the rows' `d` and `m` (zero without minimum).
 #[inline(always)]
-unsafe fn pack_group<B: Block>(
-    p: &Panel,
-    w: *const u8,
-    valid: usize,
-    group: usize,
-    buf: &mut PackBuf,
-) {
-    let nb = p.acts.blocks();
-    // SAFETY: rows below `valid` lie inside the panel and block b < nb inside each row;
-    // stores go to Lane64 values (64 bytes, 64-byte aligned) borrowed from `buf`.
+unsafe fn record<B: Block>(rec: *const Line) -> ([__m512i; LANES], __m512, __m512) {
+    // SAFETY: rec points at a whole record of 64-byte aligned lines (caller contract).
     unsafe {
-        for b in 0..nb {
-            // Rows 0..8 in the low 256 bits of each vector, rows 8..16 in the high ones
-            // (not read when there are none: wrapping_add keeps the pointer harmless).
-            let (lo, dm_lo) = columns8::<B>(p, w, valid.min(LANES), b);
-            let w_hi = w.wrapping_add(LANES * p.row_bytes);
-            let (hi, dm_hi) = columns8::<B>(p, w_hi, valid.saturating_sub(LANES), b);
-            let at = (group * nb + b) * LANES;
-            for g in 0..LANES {
-                let col = _mm512_inserti64x4::<1>(_mm512_castsi256_si512(lo[g]), hi[g]);
-                _mm512_store_si512((&mut buf.u[at + g] as *mut Lane64).cast(), col);
+        let mut w = [_mm512_setzero_si512(); LANES];
+        if B::NIBBLES {
+            let low = _mm512_set1_epi8(0x0F);
+            for g in 0..LANES / 2 {
+                let v = _mm512_load_si512(rec.add(g).cast());
+                w[g] = _mm512_and_si512(v, low);
+                w[g + LANES / 2] = _mm512_and_si512(_mm512_srli_epi16::<4>(v), low);
             }
-            let at = (group * nb + b) * ROWS16;
-            for (i, [d, m, ..]) in dm_lo.into_iter().chain(dm_hi).enumerate() {
-                buf.d[at + i] = d;
-                if B::HAS_MIN {
-                    buf.m[at + i] = m;
-                }
+        } else {
+            for (g, w) in w.iter_mut().enumerate() {
+                *w = _mm512_load_si512(rec.add(g).cast());
             }
         }
+        let scales = rec.add(B::WEIGHT_LINES).cast::<u8>();
+        let dw = _mm512_cvtph_ps(_mm256_load_si256(scales.cast()));
+        let mw = if B::HAS_MIN {
+            _mm512_cvtph_ps(_mm256_load_si256(scales.add(32).cast()))
+        } else {
+            _mm512_setzero_ps()
+        };
+        (w, dw, mw)
     }
 }
 
-/// Dot products of one packed group (`nb` blocks from `u`, `d`, `m`) with `R` activation
-/// rows: lane `i` of result `r` is weight row `i` · activation row `r`.
+/// Dot products of one group (`nb` records from `rec`) with `R` activation rows: lane `i`
+/// of result `r` is weight row `i` · activation row `r`.
 #[inline(always)]
 unsafe fn dot_group<B: Block, A: Acc16, const R: usize>(
-    u: *const Lane64,
-    d: *const f32,
-    m: *const f32,
+    rec: *const Line,
     nb: usize,
     acts: [ActPtr; R],
 ) -> [A; R] {
-    // SAFETY: u holds nb * 8 vectors, d and m nb * 16 entries and each activation row nb
-    // blocks (caller contract). Plain loops: closures would not inherit target features.
+    // SAFETY: rec holds nb records and each activation row nb blocks (caller contract).
+    // Plain loops: closures would not inherit the caller's target features.
     unsafe {
         let mut acc = [A::zero(); R];
         for b in 0..nb {
-            let mut w = [_mm512_setzero_si512(); LANES];
-            for (g, w) in w.iter_mut().enumerate() {
-                *w = _mm512_load_si512(u.add(b * LANES + g).cast());
-            }
-            let dw = _mm512_loadu_ps(d.add(b * ROWS16));
+            let (w, dw, mw) = record::<B>(rec.add(b * B::RECORD_LINES));
             for r in 0..R {
                 let qs = acts[r].qs.add(b * BLOCK).cast::<i32>();
                 let init = if B::ZERO_POINT != 0 {
@@ -207,7 +180,7 @@ unsafe fn dot_group<B: Block, A: Acc16, const R: usize>(
                 let [da, sa] = *acts[r].ds.add(b);
                 acc[r] = acc[r].add_block(_mm512_add_epi32(even, odd), dw, da);
                 if B::HAS_MIN {
-                    acc[r] = acc[r].add_min(_mm512_loadu_ps(m.add(b * ROWS16)), sa);
+                    acc[r] = acc[r].add_min(mw, sa);
                 }
             }
         }
@@ -215,67 +188,33 @@ unsafe fn dot_group<B: Block, A: Acc16, const R: usize>(
     }
 }
 
-/// Multiply packed group `group` (`valid` rows from weight row `row0`) into activation rows
-/// `a..a + R`, writing `out[(a + r) * rows + row0 + i]`.
-#[inline(always)]
-unsafe fn group_at<B: Block, A: Acc16, const R: usize>(
-    p: &Panel,
-    buf: &PackBuf,
-    (group, row0, valid): (usize, usize, usize),
-    a: usize,
-    out: &mut [A::Out],
-) {
-    let (rows, nb) = (p.rows(), p.acts.blocks());
-    let mut acts = [ActPtr::from(p.acts.row(a)); R];
-    for (i, act) in acts.iter_mut().enumerate() {
-        *act = p.acts.row(a + i).into();
-    }
-    // SAFETY: the group's entries start at these offsets; activation rows a..a+R exist.
-    let acc = unsafe {
-        dot_group::<B, A, R>(
-            buf.u[group * nb * LANES..].as_ptr(),
-            buf.d[group * nb * ROWS16..].as_ptr(),
-            buf.m[group * nb * ROWS16..].as_ptr(),
-            nb,
-            acts,
-        )
-    };
-    for (r, acc) in acc.into_iter().enumerate() {
-        // SAFETY: register-only; the caller runs with AVX-512 enabled.
-        let lanes = unsafe { acc.lanes() };
-        let at = (a + r) * rows + row0;
-        out[at..at + valid].copy_from_slice(&lanes[..valid]);
-    }
-}
-
-/// The kernel, for [`super::packed_panel`].
+/// The kernel, for [`super::interleaved_panel`]: a whole group per call.
 pub(super) struct Packed16<B, A>(PhantomData<(B, A)>);
 
-impl<B: Block, A: Acc16> PackedKernel for Packed16<B, A> {
-    const ROWS: usize = ROWS16;
+impl<B: Block, A: Acc16> GroupKernel for Packed16<B, A> {
+    const ROWS: usize = GROUP_ROWS;
     type Out = A::Out;
-    type Buf = PackBuf;
-    fn buffer(groups: usize, nb: usize) -> PackBuf {
-        PackBuf {
-            u: vec![Lane64([0; 64]); groups * nb * LANES],
-            d: vec![0.0; groups * nb * ROWS16],
-            m: vec![0.0; groups * nb * ROWS16],
-        }
-    }
-    #[inline(always)]
-    unsafe fn pack(p: &Panel, w: *const u8, valid: usize, group: usize, buf: &mut PackBuf) {
-        // SAFETY: forwarded caller contract.
-        unsafe { pack_group::<B>(p, w, valid, group, buf) }
-    }
     #[inline(always)]
     unsafe fn multiply<const R: usize>(
         p: &Panel,
-        buf: &PackBuf,
-        group: (usize, usize, usize),
+        rec: *const Line,
+        _part: usize,
+        (row0, valid): (usize, usize),
         a: usize,
         out: &mut [A::Out],
     ) {
-        // SAFETY: forwarded caller contract.
-        unsafe { group_at::<B, A, R>(p, buf, group, a, out) }
+        let rows = p.rows();
+        let mut acts = [ActPtr::from(p.acts.row(a)); R];
+        for (i, act) in acts.iter_mut().enumerate() {
+            *act = p.acts.row(a + i).into();
+        }
+        // SAFETY: forwarded caller contract (the group's records, activation rows a..a+R).
+        let acc = unsafe { dot_group::<B, A, R>(rec, p.acts.blocks(), acts) };
+        for (r, acc) in acc.into_iter().enumerate() {
+            // SAFETY: register-only; the caller runs with AVX-512 enabled.
+            let lanes = unsafe { acc.lanes() };
+            let at = (a + r) * rows + row0;
+            out[at..at + valid].copy_from_slice(&lanes[..valid]);
+        }
     }
 }
