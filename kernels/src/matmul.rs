@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use crate::dot::{Panel, uses_interleaved};
+use crate::dot::{Outputs, Panel, uses_interleaved};
 use crate::interleaved::GROUP_ROWS;
 use crate::quantize::quantize;
 use crate::{QuantMatrix, SimdLevel};
@@ -20,7 +20,7 @@ const ROW_GROUP: usize = GROUP_ROWS;
 
 /// A kernel entry point of [`crate::dot`]: f32 products ([`crate::dot::panel`]) or f64 sums
 /// ([`crate::dot::panel_wide`]).
-pub(crate) type PanelFn<T> = fn(SimdLevel, &Panel, &mut [T]);
+pub(crate) type PanelFn<T> = fn(SimdLevel, &Panel, &mut Outputs<T>);
 
 pub(crate) fn matmul<T: Copy + Default + Send + Sync>(
     level: SimdLevel,
@@ -61,7 +61,7 @@ pub(crate) fn matmul<T: Copy + Default + Send + Sync>(
         w.bytes()
     };
     let rows = rows_per_task(n, m * acts.blocks());
-    let run = |task: usize, out: &mut [T]| {
+    let run = |task: usize, out: &mut Outputs<T>| {
         let (r0, r1) = (task * rows, ((task + 1) * rows).min(n));
         let p = Panel {
             format: w.format(),
@@ -77,27 +77,31 @@ pub(crate) fn matmul<T: Copy + Default + Send + Sync>(
     if m == 1 {
         y.par_chunks_mut(rows)
             .enumerate()
-            .for_each(|(task, out)| run(task, out));
+            .for_each(|(task, out)| run(task, &mut Outputs::whole(out, out.len())));
         return;
     }
-    // Each task fills an activation-major buffer for its weight rows (a column block of y);
-    // the rows of y then gather their pieces with contiguous copies.
-    let parts: Vec<Vec<T>> = (0..n.div_ceil(rows))
-        .into_par_iter()
-        .map(|task| {
-            let mut out = vec![T::default(); m * rows.min(n - task * rows)];
-            run(task, &mut out);
-            out
-        })
-        .collect();
-    y.par_chunks_mut(n).enumerate().for_each(|(a, y)| {
-        let mut r0 = 0;
-        for part in &parts {
-            let len = part.len() / m;
-            y[r0..r0 + len].copy_from_slice(&part[a * len..(a + 1) * len]);
-            r0 += len;
-        }
+    // Each task writes its weight rows' columns of every row of y, in place.
+    let y = SharedOutputs(y.as_mut_ptr());
+    (0..n.div_ceil(rows)).into_par_iter().for_each(|task| {
+        let cols = task * rows..((task + 1) * rows).min(n);
+        // SAFETY: y holds m rows of n outputs and is borrowed for this whole call; each
+        // task reaches only its own columns.
+        let mut out = unsafe { Outputs::columns(y.get(), n, m, cols) };
+        run(task, &mut out);
     });
+}
+
+/// The output matrix, shared by the tasks of one product (each writes its own columns).
+struct SharedOutputs<T>(*mut T);
+
+// SAFETY: the tasks write disjoint columns (see `matmul`).
+unsafe impl<T: Send> Sync for SharedOutputs<T> {}
+
+impl<T> SharedOutputs<T> {
+    // A method, so closures capture the wrapper (Sync), not the raw pointer field.
+    fn get(&self) -> *mut T {
+        self.0
+    }
 }
 
 /// Weight rows per task when each row costs `blocks_per_row` block products: rounded to

@@ -4,8 +4,8 @@
 
 use std::arch::x86_64::*;
 
-use super::Panel;
 use super::x86::{self, Acc, F32Acc, F64Acc, IntDot};
+use super::{Outputs, Panel};
 use crate::QuantFormat;
 
 struct Maddubs;
@@ -22,18 +22,18 @@ impl IntDot for Maddubs {
     }
 }
 
-pub(super) fn panel(p: &Panel, out: &mut [f32]) {
+pub(super) fn panel(p: &Panel, out: &mut Outputs<f32>) {
     // SAFETY: as in `panel_wide`.
     unsafe { panel_avx2::<F32Acc>(p, out) }
 }
 
-pub(super) fn panel_wide(p: &Panel, out: &mut [f64]) {
+pub(super) fn panel_wide(p: &Panel, out: &mut Outputs<f64>) {
     // SAFETY: `super::panel` checked that this CPU has AVX2, FMA and F16C.
     unsafe { panel_avx2::<F64Acc>(p, out) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-fn panel_avx2<A: Acc>(p: &Panel, out: &mut [A::Out]) {
+fn panel_avx2<A: Acc>(p: &Panel, out: &mut Outputs<A::Out>) {
     // SAFETY: the panel's shapes were checked by `super::panel`; features are enabled here.
     unsafe {
         match p.format {

@@ -6,8 +6,8 @@
 
 use std::arch::x86_64::*;
 
-use super::Panel;
 use super::x86::{self, Acc, Acc16, F32Acc, F32x16, F64Acc, F64x16, IntDot};
+use super::{Outputs, Panel};
 use crate::QuantFormat;
 
 struct Vnni;
@@ -21,18 +21,18 @@ impl IntDot for Vnni {
     }
 }
 
-pub(super) fn panel(p: &Panel, out: &mut [f32]) {
+pub(super) fn panel(p: &Panel, out: &mut Outputs<f32>) {
     // SAFETY: as in `panel_wide`.
     unsafe { panel_avx512::<F32Acc, F32x16>(p, out) }
 }
 
-pub(super) fn panel_wide(p: &Panel, out: &mut [f64]) {
+pub(super) fn panel_wide(p: &Panel, out: &mut Outputs<f64>) {
     // SAFETY: `super::panel` checked that this CPU has AVX2, FMA, F16C and AVX-512 F/BW/VL/VNNI.
     unsafe { panel_avx512::<F64Acc, F64x16>(p, out) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-fn panel_avx512<A: Acc, W: Acc16<Out = A::Out>>(p: &Panel, out: &mut [A::Out]) {
+fn panel_avx512<A: Acc, W: Acc16<Out = A::Out>>(p: &Panel, out: &mut Outputs<A::Out>) {
     // SAFETY: the panel's shapes were checked by `super::panel`; features are enabled here.
     unsafe {
         match p.format {

@@ -12,6 +12,8 @@ mod scalar;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
+use std::marker::PhantomData;
+
 use crate::interleaved::{GROUP_ROWS, Line, record_lines};
 use crate::quantize::QuantizedActs;
 use crate::{QuantFormat, SimdLevel};
@@ -35,14 +37,69 @@ impl Panel<'_> {
     }
 }
 
-/// `out[a * rows + r] = weight row r · activation row a` for the panel's `rows` weight rows
+/// Where a panel writes its products: for each activation row, the panel's columns of a
+/// row-major `m x n` output that other panels (other column ranges) fill at the same time.
+pub(crate) struct Outputs<'a, T> {
+    first: *mut T,
+    stride: usize,
+    m: usize,
+    cols: usize,
+    _rows: PhantomData<&'a mut [T]>,
+}
+
+// SAFETY: an `Outputs` is the only access to its columns (see `Outputs::columns`).
+unsafe impl<T: Send> Send for Outputs<'_, T> {}
+
+impl<'a, T> Outputs<'a, T> {
+    /// All of `y`, `cols` outputs per row.
+    pub fn whole(y: &'a mut [T], cols: usize) -> Self {
+        Self {
+            first: y.as_mut_ptr(),
+            m: y.len().checked_div(cols).unwrap_or(0),
+            stride: cols,
+            cols,
+            _rows: PhantomData,
+        }
+    }
+
+    /// Columns `cols` of each of the `m` rows of `stride` outputs starting at `y`.
+    ///
+    /// # Safety
+    /// `y` must point at `m * stride` outputs that live, and are accessed only through
+    /// `Outputs` of disjoint column ranges, for `'a`; `cols` must lie within `0..stride`.
+    pub unsafe fn columns(
+        y: *mut T,
+        stride: usize,
+        m: usize,
+        cols: std::ops::Range<usize>,
+    ) -> Self {
+        Self {
+            // SAFETY: cols.start <= stride, inside row 0 (or one past it when empty).
+            first: unsafe { y.add(cols.start) },
+            stride,
+            m,
+            cols: cols.len(),
+            _rows: PhantomData,
+        }
+    }
+
+    /// The panel's outputs of activation row `a`.
+    pub fn row(&mut self, a: usize) -> &mut [T] {
+        assert!(a < self.m, "activation row {a} of {}", self.m);
+        // SAFETY: row a's columns lie inside the outputs and no other `Outputs` reaches
+        // them (constructor contracts); `&mut self` keeps the slices from overlapping.
+        unsafe { std::slice::from_raw_parts_mut(self.first.add(a * self.stride), self.cols) }
+    }
+}
+
+/// `out.row(a)[r] = weight row r · activation row a` for the panel's `rows` weight rows
 /// and all activation rows. `level` must be available on this CPU.
 ///
 /// Every kernel of a level computes a given (weight row, activation row) product with the
 /// same sequence of float operations, whatever the panel's shape, so results do not depend
 /// on batch size or task split (see `row_results_do_not_depend_on_batch`).
-pub(crate) fn panel(level: SimdLevel, p: &Panel, out: &mut [f32]) {
-    check(level, p, out.len());
+pub(crate) fn panel(level: SimdLevel, p: &Panel, out: &mut Outputs<f32>) {
+    check(level, p, out);
     match level {
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx2 => avx2::panel(p, out),
@@ -58,8 +115,8 @@ pub(crate) fn panel(level: SimdLevel, p: &Panel, out: &mut [f32]) {
 /// order, `sum + f64(sumi)·(f64(dw)·f64(da))` as one FMA, then `sum + f64(mw)·f64(sa)` for
 /// formats with a minimum. Every level follows these same operations, so unlike [`panel`]
 /// all levels agree bit for bit.
-pub(crate) fn panel_wide(level: SimdLevel, p: &Panel, out: &mut [f64]) {
-    check(level, p, out.len());
+pub(crate) fn panel_wide(level: SimdLevel, p: &Panel, out: &mut Outputs<f64>) {
+    check(level, p, out);
     match level {
         #[cfg(target_arch = "x86_64")]
         SimdLevel::Avx2 => avx2::panel_wide(p, out),
@@ -89,10 +146,10 @@ pub(crate) fn uses_interleaved(level: SimdLevel, format: QuantFormat) -> bool {
     }
 }
 
-fn check(level: SimdLevel, p: &Panel, outputs: usize) {
+fn check<T>(level: SimdLevel, p: &Panel, out: &Outputs<T>) {
     // The SIMD kernels index with raw pointers: these checks are what makes that sound.
     assert_eq!(p.row_bytes, p.acts.blocks() * p.format.block_bytes());
-    assert_eq!(outputs, p.rows() * p.acts.rows());
+    assert_eq!((out.m, out.cols), (p.acts.rows(), p.rows()));
     match p.interleaved {
         Some(lines) => {
             let groups = p.rows().div_ceil(GROUP_ROWS);

@@ -12,7 +12,7 @@ use std::arch::aarch64::*;
 
 use half::f16;
 
-use super::Panel;
+use super::{Outputs, Panel};
 use crate::QuantFormat;
 use crate::format::BLOCK;
 use crate::quantize::ActRow;
@@ -214,15 +214,15 @@ fn rows_at<D: RowDots, B: Block, const R: usize>(
     p: &Panel,
     (r, row): (usize, &[u8]),
     a: usize,
-    out: &mut [D::Out],
+    out: &mut Outputs<D::Out>,
 ) {
     let acts: [ActRow; R] = std::array::from_fn(|i| p.acts.row(a + i));
     for (i, dot) in D::dots::<B, R>(row, acts).into_iter().enumerate() {
-        out[(a + i) * p.rows() + r] = dot;
+        out.row(a + i)[r] = dot;
     }
 }
 
-fn panel_for<D: RowDots, B: Block>(p: &Panel, out: &mut [D::Out]) {
+fn panel_for<D: RowDots, B: Block>(p: &Panel, out: &mut Outputs<D::Out>) {
     let m = p.acts.rows();
     for (r, row) in p.weights.chunks_exact(p.row_bytes).enumerate() {
         let mut a = 0;
@@ -239,7 +239,7 @@ fn panel_for<D: RowDots, B: Block>(p: &Panel, out: &mut [D::Out]) {
     }
 }
 
-fn panel_of<D: RowDots>(p: &Panel, out: &mut [D::Out]) {
+fn panel_of<D: RowDots>(p: &Panel, out: &mut Outputs<D::Out>) {
     match p.format {
         QuantFormat::Q4_0 => panel_for::<D, Q4_0>(p, out),
         QuantFormat::Q4_1 => panel_for::<D, Q4_1>(p, out),
@@ -249,10 +249,10 @@ fn panel_of<D: RowDots>(p: &Panel, out: &mut [D::Out]) {
     }
 }
 
-pub(super) fn panel(p: &Panel, out: &mut [f32]) {
+pub(super) fn panel(p: &Panel, out: &mut Outputs<f32>) {
     panel_of::<Narrow>(p, out)
 }
 
-pub(super) fn panel_wide(p: &Panel, out: &mut [f64]) {
+pub(super) fn panel_wide(p: &Panel, out: &mut Outputs<f64>) {
     panel_of::<Wide>(p, out)
 }

@@ -1,23 +1,23 @@
 //! Portable kernels, written as ggml's reference `vec_dot` loops: an exact integer sum per
 //! block, scaled by `d_w * d_a`, plus `m_w * s_a` for formats with a minimum.
 
-use super::Panel;
+use super::{Outputs, Panel};
 use crate::QuantFormat;
 use crate::format::{BLOCK, decode_block};
 use crate::quantize::ActRow;
 
-pub(super) fn panel(p: &Panel, out: &mut [f32]) {
+pub(super) fn panel(p: &Panel, out: &mut Outputs<f32>) {
     panel_with(p, out, row_dot);
 }
 
-pub(super) fn panel_wide(p: &Panel, out: &mut [f64]) {
+pub(super) fn panel_wide(p: &Panel, out: &mut Outputs<f64>) {
     panel_with(p, out, row_dot_wide);
 }
 
 /// Every (weight row, activation row) product of the panel, by `dot`.
-fn panel_with<T>(p: &Panel, out: &mut [T], dot: fn(QuantFormat, &[u8], ActRow) -> T) {
-    for (a, out) in out.chunks_exact_mut(p.rows()).enumerate() {
-        for (w, o) in p.weights.chunks_exact(p.row_bytes).zip(out) {
+fn panel_with<T>(p: &Panel, out: &mut Outputs<T>, dot: fn(QuantFormat, &[u8], ActRow) -> T) {
+    for a in 0..p.acts.rows() {
+        for (w, o) in p.weights.chunks_exact(p.row_bytes).zip(out.row(a)) {
             *o = dot(p.format, w, p.acts.row(a));
         }
     }

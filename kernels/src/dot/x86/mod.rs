@@ -26,7 +26,7 @@ pub(super) use packed16::{Acc16, F32x16, F64x16};
 
 use std::arch::x86_64::*;
 
-use super::Panel;
+use super::{Outputs, Panel};
 use crate::QuantFormat;
 use crate::interleaved::{GROUP_ROWS, Line, record_lines, weight_lines};
 use crate::quantize::ActRow;
@@ -193,7 +193,7 @@ impl From<ActRow<'_>> for ActPtr {
 /// Fill `out` for a whole panel (shape contract checked by [`super::panel`]): the packed
 /// kernel where the panel carries interleaved records, else the row kernel.
 #[inline(always)]
-pub(super) unsafe fn panel<I: IntDot, B: Block, A: Acc>(p: &Panel, out: &mut [A::Out]) {
+pub(super) unsafe fn panel<I: IntDot, B: Block, A: Acc>(p: &Panel, out: &mut Outputs<A::Out>) {
     // SAFETY: forwarded caller contract (shapes checked, features enabled).
     unsafe {
         match p.interleaved {
@@ -208,7 +208,7 @@ pub(super) unsafe fn panel<I: IntDot, B: Block, A: Acc>(p: &Panel, out: &mut [A:
 #[inline(always)]
 pub(super) unsafe fn panel16<I: IntDot, B: Block, A: Acc, W: Acc16<Out = A::Out>>(
     p: &Panel,
-    out: &mut [A::Out],
+    out: &mut Outputs<A::Out>,
 ) {
     // SAFETY: forwarded caller contract (shapes checked, AVX-512 VNNI enabled).
     unsafe {
@@ -227,15 +227,15 @@ pub(super) trait GroupKernel {
     const ROWS: usize;
     type Out: Copy;
     /// Multiply part `part` (rows `part * ROWS..`) of the group whose records start at
-    /// `rec` into activation rows `a..a + R`, writing `out[(a + r) * p.rows() + row0 + i]`
-    /// for `i < valid`, where `rows` is `(row0, valid)`.
+    /// `rec` into activation rows `a..a + R`, writing `out.row(a + r)[row0 + i]` for
+    /// `i < valid`, where `rows` is `(row0, valid)`.
     unsafe fn multiply<const R: usize>(
         p: &Panel,
         rec: *const Line,
         part: usize,
         rows: (usize, usize),
         a: usize,
-        out: &mut [Self::Out],
+        out: &mut Outputs<Self::Out>,
     );
 }
 
@@ -245,7 +245,7 @@ const ROWS_PER_PASS: usize = 4;
 /// Fill `out` for a whole panel with packed kernel `K` on the panel's interleaved records
 /// (`lines`, checked by [`super::panel`] to cover its groups).
 #[inline(always)]
-unsafe fn interleaved_panel<K: GroupKernel>(p: &Panel, lines: &[Line], out: &mut [K::Out]) {
+unsafe fn interleaved_panel<K: GroupKernel>(p: &Panel, lines: &[Line], out: &mut Outputs<K::Out>) {
     let (m, rows) = (p.acts.rows(), p.rows());
     let group_lines = p.acts.blocks() * record_lines(p.format);
     for (g, g0) in (0..rows).step_by(GROUP_ROWS).enumerate() {
@@ -284,9 +284,13 @@ unsafe fn interleaved_panel<K: GroupKernel>(p: &Panel, lines: &[Line], out: &mut
 /// slices sums to what the whole row gives (see `QuantMatrix::matmul_wide`).
 pub(super) trait Acc: Copy {
     type Out: Copy;
+    /// A block's `dw` and `mw` as [`Acc::add_block`] and [`Acc::add_min`] take them,
+    /// formed once per block for all the activation rows it multiplies.
+    type Scales: Copy;
     unsafe fn zero() -> Self;
-    unsafe fn add_block(self, isum: __m256i, dw: __m256, da: f32) -> Self;
-    unsafe fn add_min(self, mw: __m256, sa: f32) -> Self;
+    unsafe fn scales(dw: __m256, mw: __m256) -> Self::Scales;
+    unsafe fn add_block(self, isum: __m256i, s: Self::Scales, da: f32) -> Self;
+    unsafe fn add_min(self, s: Self::Scales, sa: f32) -> Self;
     /// The eight lanes, row 0 first.
     unsafe fn lanes(self) -> [Self::Out; LANES];
 }
@@ -297,13 +301,18 @@ pub(super) struct F32Acc(__m256);
 
 impl Acc for F32Acc {
     type Out = f32;
+    type Scales = [__m256; 2];
     #[inline(always)]
     unsafe fn zero() -> Self {
         // SAFETY: register-only intrinsic; the caller runs with AVX enabled.
         unsafe { F32Acc(_mm256_setzero_ps()) }
     }
     #[inline(always)]
-    unsafe fn add_block(self, isum: __m256i, dw: __m256, da: f32) -> Self {
+    unsafe fn scales(dw: __m256, mw: __m256) -> [__m256; 2] {
+        [dw, mw]
+    }
+    #[inline(always)]
+    unsafe fn add_block(self, isum: __m256i, [dw, _]: [__m256; 2], da: f32) -> Self {
         // SAFETY: register-only intrinsics; the caller runs with AVX2 and FMA enabled.
         unsafe {
             let sumi = _mm256_cvtepi32_ps(isum);
@@ -315,7 +324,7 @@ impl Acc for F32Acc {
         }
     }
     #[inline(always)]
-    unsafe fn add_min(self, mw: __m256, sa: f32) -> Self {
+    unsafe fn add_min(self, [_, mw]: [__m256; 2], sa: f32) -> Self {
         // SAFETY: register-only intrinsics; the caller runs with AVX2 and FMA enabled.
         unsafe { F32Acc(_mm256_fmadd_ps(mw, _mm256_set1_ps(sa), self.0)) }
     }
@@ -333,13 +342,20 @@ pub(super) struct F64Acc([__m256d; 2]);
 
 impl Acc for F64Acc {
     type Out = f64;
+    /// `dw` and `mw`, each widened to two halves of f64.
+    type Scales = [[__m256d; 2]; 2];
     #[inline(always)]
     unsafe fn zero() -> Self {
         // SAFETY: register-only intrinsic; the caller runs with AVX enabled.
         unsafe { F64Acc([_mm256_setzero_pd(); 2]) }
     }
     #[inline(always)]
-    unsafe fn add_block(self, isum: __m256i, dw: __m256, da: f32) -> Self {
+    unsafe fn scales(dw: __m256, mw: __m256) -> [[__m256d; 2]; 2] {
+        // SAFETY: register-only intrinsics; the caller runs with AVX enabled.
+        unsafe { [halves_f64(dw), halves_f64(mw)] }
+    }
+    #[inline(always)]
+    unsafe fn add_block(self, isum: __m256i, [dw, _]: Self::Scales, da: f32) -> Self {
         // SAFETY: register-only intrinsics; the caller runs with AVX2 and FMA enabled.
         unsafe {
             let da = _mm256_set1_pd(f64::from(da));
@@ -347,7 +363,6 @@ impl Acc for F64Acc {
                 _mm256_cvtepi32_pd(_mm256_castsi256_si128(isum)),
                 _mm256_cvtepi32_pd(_mm256_extracti128_si256::<1>(isum)),
             ];
-            let dw = halves_f64(dw);
             // No closures here: they would not inherit the caller's target features.
             F64Acc([
                 _mm256_fmadd_pd(sumi[0], _mm256_mul_pd(dw[0], da), self.0[0]),
@@ -356,11 +371,10 @@ impl Acc for F64Acc {
         }
     }
     #[inline(always)]
-    unsafe fn add_min(self, mw: __m256, sa: f32) -> Self {
+    unsafe fn add_min(self, [_, mw]: Self::Scales, sa: f32) -> Self {
         // SAFETY: register-only intrinsics; the caller runs with AVX2 and FMA enabled.
         unsafe {
             let sa = _mm256_set1_pd(f64::from(sa));
-            let mw = halves_f64(mw);
             F64Acc([
                 _mm256_fmadd_pd(mw[0], sa, self.0[0]),
                 _mm256_fmadd_pd(mw[1], sa, self.0[1]),

@@ -8,7 +8,7 @@ use std::arch::x86_64::*;
 use std::marker::PhantomData;
 
 use super::{Acc, ActPtr, Block, GroupKernel, IntDot, LANES};
-use crate::dot::Panel;
+use crate::dot::{Outputs, Panel};
 use crate::format::BLOCK;
 use crate::interleaved::{GROUP_ROWS, Line};
 
@@ -62,6 +62,7 @@ unsafe fn dot_half<I: IntDot, B: Block, A: Acc, const R: usize>(
         let mut acc = [A::zero(); R];
         for b in 0..nb {
             let (w, dw, mw) = record_half::<B>(rec.add(b * B::RECORD_LINES), part);
+            let scales = A::scales(dw, mw);
             for r in 0..R {
                 let qs = acts[r].qs.add(b * BLOCK).cast::<i32>();
                 let init = if B::ZERO_POINT != 0 {
@@ -79,9 +80,9 @@ unsafe fn dot_half<I: IntDot, B: Block, A: Acc, const R: usize>(
                     odd = I::dot(odd, w[g + 1], a1);
                 }
                 let [da, sa] = *acts[r].ds.add(b);
-                acc[r] = acc[r].add_block(_mm256_add_epi32(even, odd), dw, da);
+                acc[r] = acc[r].add_block(_mm256_add_epi32(even, odd), scales, da);
                 if B::HAS_MIN {
-                    acc[r] = acc[r].add_min(mw, sa);
+                    acc[r] = acc[r].add_min(scales, sa);
                 }
             }
         }
@@ -102,17 +103,15 @@ impl<I: IntDot, B: Block, A: Acc> GroupKernel for Packed8<I, B, A> {
         part: usize,
         (row0, valid): (usize, usize),
         a: usize,
-        out: &mut [A::Out],
+        out: &mut Outputs<A::Out>,
     ) {
-        let rows = p.rows();
         let acts: [ActPtr; R] = std::array::from_fn(|i| p.acts.row(a + i).into());
         // SAFETY: forwarded caller contract (the group's records, activation rows a..a+R).
         let acc = unsafe { dot_half::<I, B, A, R>(rec, part, p.acts.blocks(), acts) };
         for (r, acc) in acc.into_iter().enumerate() {
             // SAFETY: register-only; the caller's level enables the accumulator's intrinsics.
             let lanes = unsafe { acc.lanes() };
-            let at = (a + r) * rows + row0;
-            out[at..at + valid].copy_from_slice(&lanes[..valid]);
+            out.row(a + r)[row0..row0 + valid].copy_from_slice(&lanes[..valid]);
         }
     }
 }

@@ -11,7 +11,7 @@ use std::arch::x86_64::*;
 use std::marker::PhantomData;
 
 use super::{ActPtr, Block, GroupKernel, LANES};
-use crate::dot::Panel;
+use crate::dot::{Outputs, Panel};
 use crate::format::BLOCK;
 use crate::interleaved::{GROUP_ROWS, Line};
 
@@ -22,9 +22,12 @@ const ROWS16: usize = GROUP_ROWS;
 /// [`super::Acc`], sixteen lanes at a time.
 pub(in crate::dot) trait Acc16: Copy {
     type Out: Copy;
+    /// A block's `dw` and `mw`, formed once per block (see [`super::Acc::Scales`]).
+    type Scales: Copy;
     unsafe fn zero() -> Self;
-    unsafe fn add_block(self, isum: __m512i, dw: __m512, da: f32) -> Self;
-    unsafe fn add_min(self, mw: __m512, sa: f32) -> Self;
+    unsafe fn scales(dw: __m512, mw: __m512) -> Self::Scales;
+    unsafe fn add_block(self, isum: __m512i, s: Self::Scales, da: f32) -> Self;
+    unsafe fn add_min(self, s: Self::Scales, sa: f32) -> Self;
     unsafe fn lanes(self) -> [Self::Out; ROWS16];
 }
 
@@ -34,13 +37,18 @@ pub(in crate::dot) struct F32x16(__m512);
 
 impl Acc16 for F32x16 {
     type Out = f32;
+    type Scales = [__m512; 2];
     #[inline(always)]
     unsafe fn zero() -> Self {
         // SAFETY: register-only intrinsic; inlined into an AVX-512 function.
         unsafe { F32x16(_mm512_setzero_ps()) }
     }
     #[inline(always)]
-    unsafe fn add_block(self, isum: __m512i, dw: __m512, da: f32) -> Self {
+    unsafe fn scales(dw: __m512, mw: __m512) -> [__m512; 2] {
+        [dw, mw]
+    }
+    #[inline(always)]
+    unsafe fn add_block(self, isum: __m512i, [dw, _]: [__m512; 2], da: f32) -> Self {
         // SAFETY: register-only intrinsics; inlined into an AVX-512 function.
         unsafe {
             let scale = _mm512_mul_ps(dw, _mm512_set1_ps(da));
@@ -48,7 +56,7 @@ impl Acc16 for F32x16 {
         }
     }
     #[inline(always)]
-    unsafe fn add_min(self, mw: __m512, sa: f32) -> Self {
+    unsafe fn add_min(self, [_, mw]: [__m512; 2], sa: f32) -> Self {
         // SAFETY: register-only intrinsics; inlined into an AVX-512 function.
         unsafe { F32x16(_mm512_fmadd_ps(mw, _mm512_set1_ps(sa), self.0)) }
     }
@@ -65,18 +73,24 @@ pub(in crate::dot) struct F64x16([__m512d; 2]);
 
 impl Acc16 for F64x16 {
     type Out = f64;
+    /// `dw` and `mw`, each widened to two halves of f64.
+    type Scales = [(__m512d, __m512d); 2];
     #[inline(always)]
     unsafe fn zero() -> Self {
         // SAFETY: register-only intrinsic; inlined into an AVX-512 function.
         unsafe { F64x16([_mm512_setzero_pd(); 2]) }
     }
     #[inline(always)]
-    unsafe fn add_block(self, isum: __m512i, dw: __m512, da: f32) -> Self {
+    unsafe fn scales(dw: __m512, mw: __m512) -> Self::Scales {
+        // SAFETY: register-only intrinsics; inlined into an AVX-512 function.
+        unsafe { [halves_f64(dw), halves_f64(mw)] }
+    }
+    #[inline(always)]
+    unsafe fn add_block(self, isum: __m512i, [(lo, hi), _]: Self::Scales, da: f32) -> Self {
         // SAFETY: register-only intrinsics; inlined into an AVX-512 function. No
         // closures: they would not inherit the caller's target features.
         unsafe {
             let da = _mm512_set1_pd(f64::from(da));
-            let (lo, hi) = halves_f64(dw);
             let sumi_lo = _mm512_cvtepi32_pd(_mm512_castsi512_si256(isum));
             let sumi_hi = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64::<1>(isum));
             F64x16([
@@ -86,11 +100,10 @@ impl Acc16 for F64x16 {
         }
     }
     #[inline(always)]
-    unsafe fn add_min(self, mw: __m512, sa: f32) -> Self {
+    unsafe fn add_min(self, [_, (lo, hi)]: Self::Scales, sa: f32) -> Self {
         // SAFETY: register-only intrinsics; inlined into an AVX-512 function.
         unsafe {
             let sa = _mm512_set1_pd(f64::from(sa));
-            let (lo, hi) = halves_f64(mw);
             F64x16([
                 _mm512_fmadd_pd(lo, sa, self.0[0]),
                 _mm512_fmadd_pd(hi, sa, self.0[1]),
@@ -161,6 +174,7 @@ unsafe fn dot_group<B: Block, A: Acc16, const R: usize>(
         let mut acc = [A::zero(); R];
         for b in 0..nb {
             let (w, dw, mw) = record::<B>(rec.add(b * B::RECORD_LINES));
+            let scales = A::scales(dw, mw);
             for r in 0..R {
                 let qs = acts[r].qs.add(b * BLOCK).cast::<i32>();
                 let init = if B::ZERO_POINT != 0 {
@@ -178,9 +192,9 @@ unsafe fn dot_group<B: Block, A: Acc16, const R: usize>(
                     odd = _mm512_dpbusd_epi32(odd, w[g + 1], a1);
                 }
                 let [da, sa] = *acts[r].ds.add(b);
-                acc[r] = acc[r].add_block(_mm512_add_epi32(even, odd), dw, da);
+                acc[r] = acc[r].add_block(_mm512_add_epi32(even, odd), scales, da);
                 if B::HAS_MIN {
-                    acc[r] = acc[r].add_min(mw, sa);
+                    acc[r] = acc[r].add_min(scales, sa);
                 }
             }
         }
@@ -201,9 +215,8 @@ impl<B: Block, A: Acc16> GroupKernel for Packed16<B, A> {
         _part: usize,
         (row0, valid): (usize, usize),
         a: usize,
-        out: &mut [A::Out],
+        out: &mut Outputs<A::Out>,
     ) {
-        let rows = p.rows();
         let mut acts = [ActPtr::from(p.acts.row(a)); R];
         for (i, act) in acts.iter_mut().enumerate() {
             *act = p.acts.row(a + i).into();
@@ -213,8 +226,7 @@ impl<B: Block, A: Acc16> GroupKernel for Packed16<B, A> {
         for (r, acc) in acc.into_iter().enumerate() {
             // SAFETY: register-only; the caller runs with AVX-512 enabled.
             let lanes = unsafe { acc.lanes() };
-            let at = (a + r) * rows + row0;
-            out[at..at + valid].copy_from_slice(&lanes[..valid]);
+            out.row(a + r)[row0..row0 + valid].copy_from_slice(&lanes[..valid]);
         }
     }
 }

@@ -8,7 +8,7 @@
 use std::arch::x86_64::*;
 
 use super::{Acc, ActPtr, Block, IntDot, LANES};
-use crate::dot::Panel;
+use crate::dot::{Outputs, Panel};
 use crate::format::BLOCK;
 
 /// Lane `i` of the result is the sum of the eight lanes of `v[i]`.
@@ -115,6 +115,7 @@ unsafe fn dot8<I: IntDot, B: Block, A: Acc, const R: usize>(
             }
             let dm = _mm256_setr_epi32(dm[0], dm[1], dm[2], dm[3], dm[4], dm[5], dm[6], dm[7]);
             let (dw, mw) = scales::<B>(dm);
+            let scales = A::scales(dw, mw);
             for r in 0..R {
                 let a = _mm256_loadu_si256(acts[r].qs.add(b * BLOCK).cast());
                 let mut sums = [_mm256_setzero_si256(); LANES];
@@ -127,9 +128,9 @@ unsafe fn dot8<I: IntDot, B: Block, A: Acc, const R: usize>(
                     isum = _mm256_add_epi32(isum, _mm256_set1_epi32(zero_point));
                 }
                 let [da, sa] = *acts[r].ds.add(b);
-                acc[r] = acc[r].add_block(isum, dw, da);
+                acc[r] = acc[r].add_block(isum, scales, da);
                 if B::HAS_MIN {
-                    acc[r] = acc[r].add_min(mw, sa);
+                    acc[r] = acc[r].add_min(scales, sa);
                 }
             }
         }
@@ -138,13 +139,13 @@ unsafe fn dot8<I: IntDot, B: Block, A: Acc, const R: usize>(
 }
 
 /// Multiply the eight weight rows at `w` into activation rows `a..a + R`, writing the
-/// first `valid` of them to `out[(a + r) * rows + row0 ..]`.
+/// first `valid` of them to `out.row(a + r)[row0..]`.
 #[inline(always)]
 unsafe fn rows_at<I: IntDot, B: Block, A: Acc, const R: usize>(
     p: &Panel,
     (w, row0, valid): (*const u8, usize, usize),
     a: usize,
-    out: &mut [A::Out],
+    out: &mut Outputs<A::Out>,
 ) {
     let mut acts = [ActPtr::from(p.acts.row(a)); R];
     for (i, act) in acts.iter_mut().enumerate() {
@@ -155,14 +156,13 @@ unsafe fn rows_at<I: IntDot, B: Block, A: Acc, const R: usize>(
     for (r, dots) in dots.into_iter().enumerate() {
         // SAFETY: register-only; the caller's level enables the accumulator's intrinsics.
         let lanes = unsafe { dots.lanes() };
-        let at = (a + r) * p.rows() + row0;
-        out[at..at + valid].copy_from_slice(&lanes[..valid]);
+        out.row(a + r)[row0..row0 + valid].copy_from_slice(&lanes[..valid]);
     }
 }
 
 /// Fill `out` for a whole panel (shape contract checked by [`crate::dot::panel`]).
 #[inline(always)]
-pub(super) unsafe fn panel<I: IntDot, B: Block, A: Acc>(p: &Panel, out: &mut [A::Out]) {
+pub(super) unsafe fn panel<I: IntDot, B: Block, A: Acc>(p: &Panel, out: &mut Outputs<A::Out>) {
     let (m, rows, stride) = (p.acts.rows(), p.rows(), p.row_bytes);
     // The last rows when fewer than eight remain, zero-padded (zero scales) to eight.
     let mut tail = Vec::new();
