@@ -50,9 +50,10 @@ $(VENV_STAMP):
 build:
 	$(CARGO) build --workspace $(FEATURES)
 
-## Lint, render and strictly validate the Helm chart (and the examples).
-chart-check: chart-tools
-	HELM=$(HELM) PYTHON=$(VENV)/bin/python CRD=$(CRD) scripts/chart-check.sh
+## Lint, render and strictly validate the Helm chart (and the examples); the rendered
+## shardserve command lines must parse with the built binary.
+chart-check: chart-tools build
+	HELM=$(HELM) PYTHON=$(VENV)/bin/python CRD=$(CRD) SHARDSERVE_BIN=$(BIN) scripts/chart-check.sh
 
 ## Copy the generated CRD into the chart (Helm installs CRDs from the chart's crds/).
 chart-crds:

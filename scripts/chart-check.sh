@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
 # The chart's checks (run by `make chart-check`, part of `make test`):
 # versions agree, the chart ships exactly the generated CRD, `helm lint --strict`,
-# the values schema refuses what it should, and `helm template` output passes
-# strict Kubernetes schema validation with default values and with every option on.
+# the values schema refuses what it should, `helm template` output passes strict
+# Kubernetes schema validation with default values and with every option on, and
+# the rendered shardserve command lines parse with the binary ($SHARDSERVE_BIN).
 set -euo pipefail
 HELM=${HELM:-.tools/helm}
 PYTHON=${PYTHON:-.venv/bin/python}
+SHARDSERVE_BIN=${SHARDSERVE_BIN:-target/debug/shardserve}
 CHART=charts/shardserve
 CRD=${CRD:-crds/modeldeployments.shardserve.io.yaml}
 CHART_CRD=$CHART/crds/modeldeployments.shardserve.io.yaml
@@ -55,4 +57,8 @@ for values in "$CHART"/ci/*-values.yaml; do
   render "$(basename "$values" .yaml)" -f "$values"
 done
 "$PYTHON" scripts/validate-manifests.py "${versions[@]}" --crd "$CRD" "${files[@]}" examples/*.yaml
+
+# 6. The operator's and router's flags as rendered are flags the binary has.
+[ -x "$SHARDSERVE_BIN" ] || fail "$SHARDSERVE_BIN is missing: build it first (\`make build\`)"
+"$PYTHON" scripts/check-chart-args.py "$SHARDSERVE_BIN" "${files[@]}"
 echo "chart-check: ok (${files[*]})"
