@@ -5,10 +5,14 @@
 //! computed with it: prefill and decode give the same numbers, and so will a
 //! request alone or inside a batch.
 //!
-//! The work is cut into (token, KV head) groups: the query heads that share a
-//! KV head read its cached entries once (widened from f16 into a small f32
-//! buffer), and each keeps its own scores and output. Grouping and the SIMD
-//! width change how many rows run at a time, never a row's operations.
+//! The work is cut into (tile, KV head) tasks: a tile is a run of up to
+//! [`TILE_TOKENS`] consecutive tokens of one sequence (a prompt chunk; a
+//! decoding sequence is a tile of one), and all its query heads that share a
+//! KV head read the cached entries once (widened from f16 into a small f32
+//! buffer, block by block), each row keeping its own scores and output. A
+//! prompt's tokens thus read its cache once per tile rather than once each.
+//! Tiling and the SIMD width change how many rows run at a time, never a
+//! row's operations.
 
 use half::f16;
 use rayon::prelude::*;
@@ -32,11 +36,17 @@ pub struct Queries<'a> {
     pub stride: usize,
 }
 
+/// Most consecutive tokens of one sequence in a tile: each tile reads its
+/// sequence's cache once, so a long prompt chunk is read `tokens / 16` times
+/// instead of once per token, while a chunk still splits into tasks enough
+/// for every core.
+const TILE_TOKENS: usize = 16;
+
 /// Token `t` attends to the first `seen[t].1` positions of
 /// `views[seen[t].0]` (its sequence's keys and values, `[position][kv_head]
 /// [head_dim]` block by block). Writes `[tokens][heads][head_dim]` into
-/// `out`. Every (token, KV head) group is one parallel task, so a batch of
-/// one-token decodes spreads over the cores.
+/// `out`. Every (tile, KV head) pair is one parallel task, so a batch of
+/// one-token decodes spreads over the cores, and so does a prompt chunk.
 pub fn attend(
     q: Queries<'_>,
     views: &[KvView<'_>],
@@ -47,20 +57,47 @@ pub fn attend(
     let d = shape.head_dim;
     let group = shape.heads / shape.kv_heads;
     let kernel = group_kernel();
-    out.par_chunks_mut(group * d)
-        .enumerate()
-        .for_each_init(Scratch::default, |scratch, (i, o)| {
-            let (token, kv_head) = (i / shape.kv_heads, i % shape.kv_heads);
-            let (view, len) = seen[token];
+    let tasks: Vec<(std::ops::Range<usize>, usize)> = tiles(seen)
+        .into_iter()
+        .flat_map(|tile| (0..shape.kv_heads).map(move |kv_head| (tile.clone(), kv_head)))
+        .collect();
+    // Each task's rows are `[token][group][head_dim]`, strided in `out`:
+    // computed apart, then put in place.
+    let parts: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map_init(Scratch::default, |scratch, (tile, kv_head)| {
             let args = GroupArgs {
-                q: &q.data[token * q.stride + kv_head * group * d..][..group * d],
-                view: &views[view],
-                kv_head,
-                len,
+                q,
+                first: tile.start,
+                lens: &seen[tile.clone()].iter().map(|s| s.1).collect::<Vec<_>>(),
+                view: &views[seen[tile.start].0],
+                kv_head: *kv_head,
                 shape,
             };
-            kernel(&args, scratch, o);
-        });
+            let mut o = vec![0f32; tile.len() * group * d];
+            kernel(&args, scratch, &mut o);
+            o
+        })
+        .collect();
+    for ((tile, kv_head), part) in tasks.iter().zip(parts) {
+        for (t, rows) in tile.clone().zip(part.chunks_exact(group * d)) {
+            out[(t * shape.kv_heads + kv_head) * group * d..][..group * d].copy_from_slice(rows);
+        }
+    }
+}
+
+/// Runs of at most [`TILE_TOKENS`] consecutive tokens reading the same view.
+fn tiles(seen: &[(usize, usize)]) -> Vec<std::ops::Range<usize>> {
+    let mut tiles: Vec<std::ops::Range<usize>> = Vec::new();
+    for (t, &(view, _)) in seen.iter().enumerate() {
+        match tiles.last_mut() {
+            Some(last) if seen[last.start].0 == view && last.len() < TILE_TOKENS => {
+                last.end = t + 1
+            }
+            _ => tiles.push(t..t + 1),
+        }
+    }
+    tiles
 }
 
 /// Rounds every element to the nearest f16 value, in place (kept as f32 for
@@ -80,20 +117,34 @@ unsafe fn round_f16c(x: &mut [f32]) {
     F16c::round(x)
 }
 
-/// The query heads sharing one KV head, for one token.
+/// The query heads sharing one KV head, for a tile of tokens: token
+/// `first + i` sees the first `lens[i]` positions of `view`.
 struct GroupArgs<'a> {
-    /// `[group][head_dim]`.
-    q: &'a [f32],
+    q: Queries<'a>,
+    first: usize,
+    lens: &'a [usize],
     view: &'a KvView<'a>,
     kv_head: usize,
-    len: usize,
     shape: Heads,
+}
+
+impl GroupArgs<'_> {
+    /// Query row of tile token `i`, head `h` of the group.
+    fn query(&self, i: usize, h: usize) -> &[f32] {
+        let Heads {
+            heads,
+            kv_heads,
+            head_dim: d,
+        } = self.shape;
+        let head = self.kv_head * (heads / kv_heads) + h;
+        &self.q.data[(self.first + i) * self.q.stride + head * d..][..d]
+    }
 }
 
 /// Buffers a task reuses from group to group.
 #[derive(Default)]
 struct Scratch {
-    /// `[group][len]`: scores, then weights.
+    /// `[token][group][longest len]`: scores, then weights.
     scores: Vec<f32>,
     /// One block's keys or values of the KV head, widened: `[position][head_dim]`.
     block: Vec<f32>,
@@ -293,67 +344,80 @@ fn attend_group<H: Simd>(args: &GroupArgs<'_>, scratch: &mut Scratch, out: &mut 
     let group = heads / kv_heads;
     let view = args.view;
     let bs = view.block_size;
+    let lens = args.lens;
+    // Row (i, h) keeps its scores at `(i * group + h) * longest`.
+    let longest = lens.iter().copied().max().unwrap_or(0);
     // This head's run in each block.
-    let (off, len) = (args.kv_head * bs * d, args.len);
+    let off = args.kv_head * bs * d;
     let scale = 1.0 / (d as f32).sqrt();
     let Scratch { scores, block } = scratch;
     scores.clear();
-    scores.resize(group * len, 0.0);
+    scores.resize(lens.len() * group * longest, 0.0);
     block.resize(bs * d, 0.0);
 
-    // Scores, block by block. Plain loops, not iterator closures: a closure
-    // is compiled on its own, without this function's target features.
+    // Scores, block by block, each block widened once for the whole tile.
+    // Plain loops, not iterator closures: a closure is compiled on its own,
+    // without this function's target features.
     let mut pos = 0;
-    for (i, keys) in view.keys.iter().enumerate() {
-        let n = (len - pos).min(bs);
+    for (b, keys) in view.keys.iter().enumerate() {
+        let n = (longest - pos).min(bs);
         if n == 0 {
             break;
         }
-        if let Some(next) = view.keys.get(i + 1) {
-            H::prefetch(&next[off..off + (len - pos - n).min(bs) * d]);
+        if let Some(next) = view.keys.get(b + 1) {
+            H::prefetch(&next[off..off + (longest - pos - n).min(bs) * d]);
         }
         let k = &mut block[..n * d];
         H::widen(&keys[off..off + n * d], k);
-        for h in 0..group {
-            let s = &mut scores[h * len + pos..][..n];
-            H::scores(&args.q[h * d..(h + 1) * d], k, scale, s);
+        for (i, &len) in lens.iter().enumerate() {
+            let seen = len.saturating_sub(pos).min(n);
+            for h in 0..group {
+                let s = &mut scores[(i * group + h) * longest + pos..][..seen];
+                H::scores(args.query(i, h), &k[..seen * d], scale, s);
+            }
         }
         pos += n;
     }
 
-    // Softmax per head, each weight rounded to f16 as llama.cpp's f16 cache does.
-    for h in 0..group {
-        let s = &mut scores[h * len..(h + 1) * len];
-        let max = max(s);
-        for x in s.iter_mut() {
-            *x = exp(*x - max);
+    // Softmax per row, each weight rounded to f16 as llama.cpp's f16 cache does.
+    for (i, &len) in lens.iter().enumerate() {
+        for h in 0..group {
+            let s = &mut scores[(i * group + h) * longest..][..len];
+            let max = max(s);
+            for x in s.iter_mut() {
+                *x = exp(*x - max);
+            }
+            let inv = 1.0 / sum(s);
+            for x in s.iter_mut() {
+                *x *= inv;
+            }
+            H::round(s);
         }
-        let inv = 1.0 / sum(s);
-        for x in s.iter_mut() {
-            *x *= inv;
-        }
-        H::round(s);
     }
 
     // Weighted sum of the values, position by position from zero.
     out.fill(0.0);
     let mut pos = 0;
-    for (i, values) in view.values.iter().enumerate() {
-        let n = (len - pos).min(bs);
+    for (b, values) in view.values.iter().enumerate() {
+        let n = (longest - pos).min(bs);
         if n == 0 {
             break;
         }
-        if let Some(next) = view.values.get(i + 1) {
-            H::prefetch(&next[off..off + (len - pos - n).min(bs) * d]);
+        if let Some(next) = view.values.get(b + 1) {
+            H::prefetch(&next[off..off + (longest - pos - n).min(bs) * d]);
         }
         let v = &mut block[..n * d];
         H::widen(&values[off..off + n * d], v);
-        for h in 0..group {
-            accumulate(
-                &scores[h * len + pos..][..n],
-                v,
-                &mut out[h * d..(h + 1) * d],
-            );
+        for (i, &len) in lens.iter().enumerate() {
+            let seen = len.saturating_sub(pos).min(n);
+            for h in 0..group {
+                let row = i * group + h;
+                accumulate(
+                    &scores[row * longest + pos..][..seen],
+                    &v[..seen * d],
+                    &mut out[row * d..(row + 1) * d],
+                );
+            }
         }
         pos += n;
     }
@@ -605,10 +669,11 @@ mod tests {
         let v = paged(&halves(&values(len * 72, 9)), shape, 16);
         let view = view(&k, &v, 16, len);
         let args = GroupArgs {
-            q: &q,
+            q: queries(&q, shape),
+            first: 0,
+            lens: &[len],
             view: &view,
             kv_head: 0,
-            len,
             shape,
         };
         let mut portable = vec![0f32; 3 * 72];
