@@ -12,7 +12,7 @@
 //!
 //! Layout: `format` (block layouts, reference dequantiser), `quantize` (activations),
 //! `dot` (one kernel module per instruction set: scalar reference, AVX2, AVX-512 VNNI,
-//! NEON; on x86 a row kernel for decode and packed eight- or sixteen-row kernels for
+//! NEON; on x86 packed eight- or sixteen-row kernels on an interleaved copy for
 //! batches),
 //! `matmul` (threading over weight rows), `simd` (run-time detection).
 

@@ -53,7 +53,7 @@ pub(crate) fn matmul<T: Copy + Default + Send + Sync>(
     }
     let acts = quantize(level, x, m, k);
     let row_bytes = w.row_bytes();
-    let interleaved = uses_interleaved(level, w.format()).then(|| w.interleaved());
+    let interleaved = uses_interleaved(level).then(|| w.interleaved());
     // Only the layout the kernels read is touched (the other may not exist).
     let gguf = if interleaved.is_some() {
         &[][..]

@@ -78,7 +78,7 @@ impl QuantMatrix {
     /// interleaved copy, build it and drop the GGUF bytes (rebuilt should they be asked
     /// for again), so the weights are held once.
     pub fn prepare(&mut self) {
-        if dot::uses_interleaved(simd_level(), self.format) {
+        if dot::uses_interleaved(simd_level()) {
             self.interleaved();
             self.gguf.take();
         }

@@ -251,9 +251,9 @@ fn q4_1_minimum_uses_the_f16_rounded_activation_sum() {
     }
 }
 
-/// The x86 levels follow the same float steps in all their kernels (the row kernel on GGUF
-/// blocks, the eight- and sixteen-row packed kernels on interleaved records), so AVX2 and
-/// AVX-512 give the same bits.
+/// The x86 levels follow the same float steps in their kernels (eight rows per 256-bit
+/// vector with `vpmaddubsw`, Q8_0 through the sign trick; sixteen per 512-bit vector with
+/// VNNI), so AVX2 and AVX-512 give the same bits.
 #[test]
 fn x86_levels_give_the_same_bits() {
     let levels = [SimdLevel::Avx2, SimdLevel::Avx512];

@@ -7,6 +7,7 @@ use std::arch::x86_64::*;
 use super::x86::{self, Acc, F32Acc, F64Acc, IntDot};
 use super::{Outputs, Panel};
 use crate::QuantFormat;
+use crate::interleaved::Line;
 
 struct Maddubs;
 
@@ -22,26 +23,26 @@ impl IntDot for Maddubs {
     }
 }
 
-pub(super) fn panel(p: &Panel, out: &mut Outputs<f32>) {
+pub(super) fn panel(p: &Panel, lines: &[Line], out: &mut Outputs<f32>) {
     // SAFETY: as in `panel_wide`.
-    unsafe { panel_avx2::<F32Acc>(p, out) }
+    unsafe { panel_avx2::<F32Acc>(p, lines, out) }
 }
 
-pub(super) fn panel_wide(p: &Panel, out: &mut Outputs<f64>) {
-    // SAFETY: `super::panel` checked that this CPU has AVX2, FMA and F16C.
-    unsafe { panel_avx2::<F64Acc>(p, out) }
+pub(super) fn panel_wide(p: &Panel, lines: &[Line], out: &mut Outputs<f64>) {
+    // SAFETY: `super::panel` checked that this CPU has AVX2, FMA and F16C, and the shapes.
+    unsafe { panel_avx2::<F64Acc>(p, lines, out) }
 }
 
 #[target_feature(enable = "avx2,fma,f16c")]
-fn panel_avx2<A: Acc>(p: &Panel, out: &mut Outputs<A::Out>) {
+fn panel_avx2<A: Acc>(p: &Panel, lines: &[Line], out: &mut Outputs<A::Out>) {
     // SAFETY: the panel's shapes were checked by `super::panel`; features are enabled here.
     unsafe {
         match p.format {
-            QuantFormat::Q4_0 => x86::panel::<Maddubs, x86::Q4_0, A>(p, out),
-            QuantFormat::Q4_1 => x86::panel::<Maddubs, x86::Q4_1, A>(p, out),
-            QuantFormat::Q5_0 => x86::panel::<Maddubs, x86::Q5_0, A>(p, out),
-            QuantFormat::Q5_1 => x86::panel::<Maddubs, x86::Q5_1, A>(p, out),
-            QuantFormat::Q8_0 => x86::panel::<Maddubs, x86::Q8_0, A>(p, out),
+            QuantFormat::Q4_0 => x86::panel::<Maddubs, x86::Q4_0, A>(p, lines, out),
+            QuantFormat::Q4_1 => x86::panel::<Maddubs, x86::Q4_1, A>(p, lines, out),
+            QuantFormat::Q5_0 => x86::panel::<Maddubs, x86::Q5_0, A>(p, lines, out),
+            QuantFormat::Q5_1 => x86::panel::<Maddubs, x86::Q5_1, A>(p, lines, out),
+            QuantFormat::Q8_0 => x86::panel::<Maddubs, x86::Q8_0, A>(p, lines, out),
         }
     }
 }

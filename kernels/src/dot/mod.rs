@@ -100,13 +100,13 @@ impl<'a, T> Outputs<'a, T> {
 /// on batch size or task split (see `row_results_do_not_depend_on_batch`).
 pub(crate) fn panel(level: SimdLevel, p: &Panel, out: &mut Outputs<f32>) {
     check(level, p, out);
-    match level {
+    match (level, p.interleaved) {
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 => avx2::panel(p, out),
+        (SimdLevel::Avx2, Some(lines)) => avx2::panel(p, lines, out),
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 => avx512::panel(p, out),
+        (SimdLevel::Avx512, Some(lines)) => avx512::panel(p, lines, out),
         #[cfg(target_arch = "aarch64")]
-        SimdLevel::Neon => neon::panel(p, out),
+        (SimdLevel::Neon, _) => neon::panel(p, out),
         _ => scalar::panel(p, out),
     }
 }
@@ -117,39 +117,40 @@ pub(crate) fn panel(level: SimdLevel, p: &Panel, out: &mut Outputs<f32>) {
 /// all levels agree bit for bit.
 pub(crate) fn panel_wide(level: SimdLevel, p: &Panel, out: &mut Outputs<f64>) {
     check(level, p, out);
-    match level {
+    match (level, p.interleaved) {
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 => avx2::panel_wide(p, out),
+        (SimdLevel::Avx2, Some(lines)) => avx2::panel_wide(p, lines, out),
         #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 => avx512::panel_wide(p, out),
+        (SimdLevel::Avx512, Some(lines)) => avx512::panel_wide(p, lines, out),
         #[cfg(target_arch = "aarch64")]
-        SimdLevel::Neon => neon::panel_wide(p, out),
+        (SimdLevel::Neon, _) => neon::panel_wide(p, out),
         _ => scalar::panel_wide(p, out),
     }
 }
 
 /// Whether products on `level` run on the interleaved copy of the weights (the packed
-/// kernels) rather than on their GGUF layout (the row kernel). Measured on a Xeon (Q4_1,
-/// the demo's shapes, 1 and 2 threads): on interleaved records the packed kernels are
-/// ahead at every row count, from one (AVX-512 VNNI 2-3x, AVX2 1.4-2x) to batches.
-pub(crate) fn uses_interleaved(level: SimdLevel, format: QuantFormat) -> bool {
-    match level {
-        // vpmaddubsw would saturate on Q8_0's full byte range.
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx2 => format != QuantFormat::Q8_0,
-        #[cfg(target_arch = "x86_64")]
-        SimdLevel::Avx512 => true,
-        _ => {
-            let _ = format;
-            false
-        }
+/// kernels of the x86 levels) rather than on their GGUF layout (the scalar and NEON
+/// kernels). Measured on a Xeon (the demo's shapes, 1 and 2 threads): on interleaved
+/// records the packed kernels were ahead of the former GGUF row kernel at every row
+/// count, from one (AVX-512 VNNI 2-3x, AVX2 1.1-2x) to batches.
+pub(crate) fn uses_interleaved(level: SimdLevel) -> bool {
+    #[cfg(target_arch = "x86_64")]
+    if matches!(level, SimdLevel::Avx2 | SimdLevel::Avx512) {
+        return true;
     }
+    let _ = level;
+    false
 }
 
 fn check<T>(level: SimdLevel, p: &Panel, out: &Outputs<T>) {
     // The SIMD kernels index with raw pointers: these checks are what makes that sound.
     assert_eq!(p.row_bytes, p.acts.blocks() * p.format.block_bytes());
     assert_eq!((out.m, out.cols), (p.acts.rows(), p.rows()));
+    assert_eq!(
+        p.interleaved.is_some(),
+        uses_interleaved(level),
+        "{level} reads interleaved weights exactly when uses_interleaved says so"
+    );
     match p.interleaved {
         Some(lines) => {
             let groups = p.rows().div_ceil(GROUP_ROWS);

@@ -1,26 +1,25 @@
-//! The x86 kernels shared by the AVX2 and AVX-512 levels, generic over the block format
-//! ([`Block`]: how 32 stored weights become 32 unsigned bytes and a scale) and the integer
+//! The x86 kernels of the AVX2 and AVX-512 levels, on weights interleaved sixteen rows at
+//! a time ([`crate::interleaved`]), generic over the block format ([`Block`]: how a record
+//! holds the unsigned bytes `u` and the scales) and, for 256-bit vectors, the integer
 //! product ([`IntDot`]: `vpmaddubsw` pairs, or VNNI `vpdpbusd`).
 //!
-//! Three kernels: [`packed`] multiplies eight weight rows of an interleaved copy
-//! ([`crate::interleaved`]) at once, one integer instruction advancing eight dot products;
-//! [`packed16`] does the same with sixteen rows in 512-bit vectors (AVX-512 VNNI); [`rows`]
-//! multiplies weight rows in their GGUF layout (AVX2 `Q8_0`, whose full byte range the
-//! packed AVX2 kernel cannot take). [`panel`] and [`panel16`] pick one.
+//! Two kernels: [`packed`] multiplies eight weight rows (half a group) at once, one
+//! integer instruction advancing eight dot products (AVX2); [`packed16`] does the same
+//! with a whole group of sixteen rows in 512-bit vectors (AVX-512 VNNI). [`panel`] and
+//! [`panel16`] drive them.
 //!
-//! All give bit-identical results, so that an output does not depend on how many
+//! Both give bit-identical results, so that an output does not depend on how many
 //! activation rows share a call, where its row sits among them, or how the weight rows are
-//! split into tasks. They compute eight weight rows at a time, one per float lane, and
-//! every lane follows the one order of float operations of [`Acc::add_block`] and [`Acc::add_min`]: per
-//! block in order, the exact integer block sum is converted and added with one FMA, then
-//! the minimum term with another. The integer sums are exact whatever their order.
+//! split into tasks or levels. Every lane follows the one order of float operations of
+//! [`Acc::add_block`] and [`Acc::add_min`]: per block in order, the exact integer block sum
+//! is converted and added with one FMA, then the minimum term with another. The integer
+//! sums are exact whatever their order.
 //!
 //! Everything here is `#[inline(always)]` and only sound (and only fast) when inlined into
 //! a `#[target_feature]` function of the level that owns the [`IntDot`].
 
 mod packed;
 mod packed16;
-mod rows;
 
 pub(super) use packed16::{Acc16, F32x16, F64x16};
 
@@ -46,7 +45,6 @@ pub(super) trait IntDot {
 /// unsigned byte `u = q + ZERO_POINT`, and `Σ q·a = Σ u·a - ZERO_POINT·Σa`.
 pub(super) trait Block {
     const FORMAT: QuantFormat;
-    const BYTES: usize = Self::FORMAT.block_bytes();
     const ZERO_POINT: i32 = Self::FORMAT.zero_point();
     /// Whether the block has a minimum `m` (value `q * d + m`).
     const HAS_MIN: bool = Self::FORMAT.has_min();
@@ -57,8 +55,6 @@ pub(super) trait Block {
     /// Lines per interleaved record, and of them the weight lines.
     const RECORD_LINES: usize = record_lines(Self::FORMAT);
     const WEIGHT_LINES: usize = weight_lines(Self::FORMAT);
-    /// `u` of the 32 weights in element order, and `[d, m]` in lanes 0 and 1.
-    unsafe fn unpack(p: *const u8) -> (__m256i, __m128);
 }
 
 pub(super) struct Q4_0;
@@ -69,107 +65,22 @@ pub(super) struct Q8_0;
 
 impl Block for Q4_0 {
     const FORMAT: QuantFormat = QuantFormat::Q4_0;
-    #[inline(always)]
-    unsafe fn unpack(p: *const u8) -> (__m256i, __m128) {
-        // SAFETY: p points at a whole 18-byte block (caller contract).
-        unsafe { (nibbles(p.add(2)), scale(p)) }
-    }
 }
 
 impl Block for Q4_1 {
     const FORMAT: QuantFormat = QuantFormat::Q4_1;
-    #[inline(always)]
-    unsafe fn unpack(p: *const u8) -> (__m256i, __m128) {
-        // SAFETY: p points at a whole 20-byte block (caller contract).
-        unsafe { (nibbles(p.add(4)), scale_min(p)) }
-    }
 }
 
 impl Block for Q5_0 {
     const FORMAT: QuantFormat = QuantFormat::Q5_0;
-    #[inline(always)]
-    unsafe fn unpack(p: *const u8) -> (__m256i, __m128) {
-        // SAFETY: p points at a whole 22-byte block (caller contract).
-        unsafe {
-            let qh = p.add(2).cast::<u32>().read_unaligned();
-            (_mm256_or_si256(nibbles(p.add(6)), high_bits(qh)), scale(p))
-        }
-    }
 }
 
 impl Block for Q5_1 {
     const FORMAT: QuantFormat = QuantFormat::Q5_1;
-    #[inline(always)]
-    unsafe fn unpack(p: *const u8) -> (__m256i, __m128) {
-        // SAFETY: p points at a whole 24-byte block (caller contract).
-        unsafe {
-            let qh = p.add(4).cast::<u32>().read_unaligned();
-            (
-                _mm256_or_si256(nibbles(p.add(8)), high_bits(qh)),
-                scale_min(p),
-            )
-        }
-    }
 }
 
 impl Block for Q8_0 {
     const FORMAT: QuantFormat = QuantFormat::Q8_0;
-    #[inline(always)]
-    unsafe fn unpack(p: *const u8) -> (__m256i, __m128) {
-        // SAFETY: p points at a whole 34-byte block (caller contract).
-        unsafe {
-            let q = _mm256_loadu_si256(p.add(2).cast());
-            (_mm256_xor_si256(q, _mm256_set1_epi8(i8::MIN)), scale(p))
-        }
-    }
-}
-
-/// 16 bytes of packed nibbles as 32 bytes: low nibbles (elements 0..16), then high ones.
-#[inline(always)]
-unsafe fn nibbles(p: *const u8) -> __m256i {
-    // SAFETY: p points at 16 readable bytes (caller contract).
-    unsafe {
-        // The 16 bytes in both halves; the upper half shifted right by 4 (bits that cross
-        // into a byte from its neighbour are masked off with the high nibble).
-        let both = _mm256_broadcastsi128_si256(_mm_loadu_si128(p.cast()));
-        let shifted = _mm256_srlv_epi32(both, _mm256_setr_epi32(0, 0, 0, 0, 4, 4, 4, 4));
-        _mm256_and_si256(shifted, _mm256_set1_epi8(0x0F))
-    }
-}
-
-/// Byte `e` is `0x10` where bit `e` of `qh` is set, else 0.
-#[inline(always)]
-unsafe fn high_bits(qh: u32) -> __m256i {
-    // SAFETY: register-only intrinsics; the caller runs with AVX2 enabled.
-    unsafe {
-        let v = _mm256_set1_epi32(qh as i32);
-        #[rustfmt::skip]
-        let byte_of = _mm256_setr_epi8(
-            0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-            2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3,
-        );
-        let bit = _mm256_set1_epi64x(0x8040_2010_0804_0201_u64 as i64);
-        let set = _mm256_cmpeq_epi8(_mm256_and_si256(_mm256_shuffle_epi8(v, byte_of), bit), bit);
-        _mm256_and_si256(set, _mm256_set1_epi8(0x10))
-    }
-}
-
-/// The block's f16 `d` in lane 0.
-#[inline(always)]
-unsafe fn scale(p: *const u8) -> __m128 {
-    // SAFETY: p points at a block, whose first two bytes are d.
-    unsafe {
-        _mm_cvtph_ps(_mm_cvtsi32_si128(i32::from(
-            p.cast::<u16>().read_unaligned(),
-        )))
-    }
-}
-
-/// The block's f16 `d` and `m` in lanes 0 and 1.
-#[inline(always)]
-unsafe fn scale_min(p: *const u8) -> __m128 {
-    // SAFETY: p points at a block, whose first four bytes are d and m.
-    unsafe { _mm_cvtph_ps(_mm_cvtsi32_si128(p.cast::<i32>().read_unaligned())) }
 }
 
 /// Raw pointers into one activation row (lengths checked by [`super::panel`]).
@@ -190,33 +101,28 @@ impl From<ActRow<'_>> for ActPtr {
     }
 }
 
-/// Fill `out` for a whole panel (shape contract checked by [`super::panel`]): the packed
-/// kernel where the panel carries interleaved records, else the row kernel.
+/// Fill `out` for a whole panel with the eight-row kernel (shape contract checked by
+/// [`super::panel`]; the panel's interleaved records are `lines`).
 #[inline(always)]
-pub(super) unsafe fn panel<I: IntDot, B: Block, A: Acc>(p: &Panel, out: &mut Outputs<A::Out>) {
-    // SAFETY: forwarded caller contract (shapes checked, features enabled).
-    unsafe {
-        match p.interleaved {
-            Some(lines) => interleaved_panel::<packed::Packed8<I, B, A>>(p, lines, out),
-            None => rows::panel::<I, B, A>(p, out),
-        }
-    }
-}
-
-/// The AVX-512 level's panel: the sixteen-row packed kernel ([`packed16`], VNNI only) on
-/// interleaved records, else the row kernel. Same bits as [`panel`].
-#[inline(always)]
-pub(super) unsafe fn panel16<I: IntDot, B: Block, A: Acc, W: Acc16<Out = A::Out>>(
+pub(super) unsafe fn panel<I: IntDot, B: Block, A: Acc>(
     p: &Panel,
+    lines: &[Line],
     out: &mut Outputs<A::Out>,
 ) {
+    // SAFETY: forwarded caller contract (shapes checked, features enabled).
+    unsafe { interleaved_panel::<packed::Packed8<I, B, A>>(p, lines, out) }
+}
+
+/// The AVX-512 level's panel: the sixteen-row kernel ([`packed16`], VNNI). Same bits as
+/// [`panel`].
+#[inline(always)]
+pub(super) unsafe fn panel16<B: Block, W: Acc16>(
+    p: &Panel,
+    lines: &[Line],
+    out: &mut Outputs<W::Out>,
+) {
     // SAFETY: forwarded caller contract (shapes checked, AVX-512 VNNI enabled).
-    unsafe {
-        match p.interleaved {
-            Some(lines) => interleaved_panel::<packed16::Packed16<B, W>>(p, lines, out),
-            None => rows::panel::<I, B, A>(p, out),
-        }
-    }
+    unsafe { interleaved_panel::<packed16::Packed16<B, W>>(p, lines, out) }
 }
 
 /// A packed kernel as [`interleaved_panel`] drives it: [`Self::ROWS`] weight rows of one

@@ -56,16 +56,27 @@ unsafe fn dot_half<I: IntDot, B: Block, A: Acc, const R: usize>(
     nb: usize,
     acts: [ActPtr; R],
 ) -> [A; R] {
+    // With vpmaddubsw, Q8_0's full byte range would saturate its pairs: the signed
+    // weights' magnitudes multiply the activations carrying the weights' signs instead
+    // (|q|·sign(a, q) = q·a), and no zero point is subtracted.
+    let sign_trick = B::SIGNED && !I::FULL_RANGE;
     // SAFETY: rec holds nb records and each activation row nb blocks (caller contract).
     // Plain loops: closures would not inherit the caller's target features.
     unsafe {
         let mut acc = [A::zero(); R];
         for b in 0..nb {
-            let (w, dw, mw) = record_half::<B>(rec.add(b * B::RECORD_LINES), part);
+            let (mut w, dw, mw) = record_half::<B>(rec.add(b * B::RECORD_LINES), part);
+            let mut signed = [_mm256_setzero_si256(); LANES];
+            if sign_trick {
+                for g in 0..LANES {
+                    signed[g] = _mm256_xor_si256(w[g], _mm256_set1_epi8(i8::MIN));
+                    w[g] = _mm256_abs_epi8(signed[g]);
+                }
+            }
             let scales = A::scales(dw, mw);
             for r in 0..R {
                 let qs = acts[r].qs.add(b * BLOCK).cast::<i32>();
-                let init = if B::ZERO_POINT != 0 {
+                let init = if B::ZERO_POINT != 0 && !sign_trick {
                     _mm256_set1_epi32(-B::ZERO_POINT * *acts[r].qsum.add(b))
                 } else {
                     _mm256_setzero_si256()
@@ -74,8 +85,12 @@ unsafe fn dot_half<I: IntDot, B: Block, A: Acc, const R: usize>(
                 let mut even = init;
                 let mut odd = _mm256_setzero_si256();
                 for g in (0..LANES).step_by(2) {
-                    let a0 = _mm256_set1_epi32(qs.add(g).read_unaligned());
-                    let a1 = _mm256_set1_epi32(qs.add(g + 1).read_unaligned());
+                    let mut a0 = _mm256_set1_epi32(qs.add(g).read_unaligned());
+                    let mut a1 = _mm256_set1_epi32(qs.add(g + 1).read_unaligned());
+                    if sign_trick {
+                        a0 = _mm256_sign_epi8(a0, signed[g]);
+                        a1 = _mm256_sign_epi8(a1, signed[g + 1]);
+                    }
                     even = I::dot(even, w[g], a0);
                     odd = I::dot(odd, w[g + 1], a1);
                 }
