@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use anyhow::{Result, bail};
 use clap::Args;
 use serde_json::{Value, json};
+use shardserve_worker::device::DeviceSpec;
 use shardserve_worker::engine::{EngineOptions, Flow, GenerationRequest, LogprobEntry, Prompt};
 use shardserve_worker::sampling::SamplingParams;
 use shardserve_worker::tokenizer::ChatMessage;
@@ -66,6 +67,10 @@ pub struct GenerateArgs {
     /// processes (TCP between them, as between pods).
     #[arg(long, default_value_t = 1)]
     pub tensor: usize,
+    /// Where the ranks compute: `cpu`, `cuda:N`, or `cuda` (rank R on GPU R); GPUs
+    /// need a CUDA build.
+    #[arg(long, default_value_t = DeviceSpec::Cpu)]
+    pub device: DeviceSpec,
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
@@ -74,7 +79,8 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         max_seq_len: args.max_seq_len,
         ..EngineOptions::default()
     };
-    let mut engine = crate::group::load_local(&args.model, &options, args.tensor, threads)?;
+    let mut engine =
+        crate::group::load_local(&args.model, &options, args.tensor, threads, args.device)?;
     let prompt = match (&args.chat, &args.prompt, &args.prompt_ids) {
         (Some(text), _, _) => Prompt::Chat(vec![ChatMessage {
             role: "user".into(),

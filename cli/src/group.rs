@@ -9,9 +9,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use candle_core::Device;
 use clap::Args;
-use shardserve_worker::comm::{CommConfig, Deferred, RankId};
+use shardserve_worker::comm::{CommConfig, Deferred, RankId, SingleRank};
+use shardserve_worker::device::DeviceSpec;
 use shardserve_worker::engine::{Engine, EngineOptions};
 
 /// How this process takes part in a tensor-parallel group.
@@ -32,23 +32,28 @@ pub struct GroupArgs {
     /// Seconds the ranks wait for each other to finish loading and meet.
     #[arg(long, default_value_t = 1800)]
     pub rendezvous_timeout: u64,
+    /// Where this rank computes: `cpu`, or an NVIDIA GPU, `cuda:N` (GPU N) or `cuda`
+    /// (rank R of a machine takes its R-th visible GPU); GPUs need a CUDA build.
+    #[arg(long, default_value_t = DeviceSpec::Cpu)]
+    pub device: DeviceSpec,
 }
 
 impl GroupArgs {
     /// Loads this rank's shard, then meets the other ranks: every rank loads
     /// first, so the slowest load never trips a collective's timeout.
     pub fn load(&self, model: &Path, options: &EngineOptions) -> Result<Engine> {
+        let device = self.device.open(self.rank)?;
         if self.tensor <= 1 {
-            return Engine::load(model, options)
-                .with_context(|| format!("loading {}", model.display()));
+            return Engine::load_rank(model, options, Arc::new(SingleRank), device)
+                .with_context(|| format!("loading {} ({})", model.display(), self.device));
         }
         let coordinator = self
             .coordinator
             .clone()
             .context("--tensor above 1 needs --coordinator HOST:PORT (rank 0's address)")?;
         let member = Arc::new(Deferred::new(RankId(self.rank), self.tensor));
-        let mut engine = Engine::load_rank(model, options, member.clone(), Device::Cpu)
-            .with_context(|| {
+        let mut engine =
+            Engine::load_rank(model, options, member.clone(), device).with_context(|| {
                 format!("loading rank {}'s shard of {}", self.rank, model.display())
             })?;
         let mut config = CommConfig::tcp(RankId(self.rank), self.tensor, coordinator);
@@ -108,21 +113,29 @@ impl std::ops::DerefMut for LocalEngine {
 }
 
 /// Loads `model` as rank 0 of a local group of `tensor` ranks (the others
-/// are child processes of this one) — or alone when `tensor` is 1.
+/// are child processes of this one) — or alone when `tensor` is 1 — on
+/// `device` (bare `cuda`: rank R on GPU R).
 pub fn load_local(
     model: &Path,
     options: &EngineOptions,
     tensor: usize,
     threads: usize,
+    device: DeviceSpec,
 ) -> Result<LocalEngine> {
     let mut ranks = LocalRanks {
         children: Vec::new(),
     };
     if tensor <= 1 {
-        let engine =
-            Engine::load(model, options).with_context(|| format!("loading {}", model.display()))?;
+        let group = GroupArgs {
+            tensor: 1,
+            rank: 0,
+            coordinator: None,
+            comm_timeout: 10,
+            rendezvous_timeout: 600,
+            device,
+        };
         return Ok(LocalEngine {
-            engine,
+            engine: group.load(model, options)?,
             _ranks: ranks,
         });
     }
@@ -142,6 +155,8 @@ pub fn load_local(
                 &coordinator,
                 "--threads",
                 &per_rank.to_string(),
+                "--device",
+                &device.for_local_rank(rank).to_string(),
             ])
             .stdin(Stdio::null())
             .spawn()
@@ -154,6 +169,7 @@ pub fn load_local(
         coordinator: Some(coordinator),
         comm_timeout: 10,
         rendezvous_timeout: 600,
+        device,
     };
     let engine = group.load(model, options)?;
     Ok(LocalEngine {

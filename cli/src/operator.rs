@@ -8,6 +8,13 @@ use clap::Args;
 use shardserve_operator::leader::LeaseSettings;
 use shardserve_operator::{OperatorSettings, run as run_operator};
 
+/// `--worker-device`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum WorkerDevice {
+    Cpu,
+    Cuda,
+}
+
 #[derive(Args, Debug)]
 pub struct OperatorArgs {
     /// Address to serve /healthz, /readyz and /metrics on.
@@ -20,6 +27,10 @@ pub struct OperatorArgs {
     /// (their `HF_ENDPOINT`), for clusters that must not reach the public Hub.
     #[arg(long, env = "SHARDSERVE_HUB_ENDPOINT")]
     pub hub_endpoint: Option<String>,
+    /// Where the worker pods' ranks compute: `cuda` when the worker image is a CUDA
+    /// build (each rank container then runs `--device cuda:0` on the GPU it is given).
+    #[arg(long, env = "SHARDSERVE_WORKER_DEVICE", value_enum, default_value_t = WorkerDevice::Cpu)]
+    pub worker_device: WorkerDevice,
     /// Watch ModelDeployments in this namespace only (default: every namespace).
     #[arg(long)]
     pub namespace: Option<String>,
@@ -54,6 +65,7 @@ pub fn run(args: OperatorArgs) -> Result<()> {
         health_addr: args.health_addr,
         worker_image: args.worker_image,
         hub_endpoint: args.hub_endpoint.filter(|url| !url.is_empty()),
+        worker_cuda: args.worker_device == WorkerDevice::Cuda,
         namespace: args.namespace,
         leader_election,
         identity,
@@ -110,10 +122,12 @@ mod tests {
     }
 
     /// The worker accepts the arguments the operator gives rank pods, and
-    /// every rank of a group spanning pods gets its own global rank.
+    /// every rank of a group spanning pods gets its own global rank (and,
+    /// with CUDA workers, the GPU its container is given).
     #[test]
     fn rank_pods_arguments_make_every_rank_once() {
         use shardserve_operator::controller::{check::check, desired};
+        use shardserve_worker::device::DeviceSpec;
         #[derive(Parser)]
         struct Worker {
             #[command(flatten)]
@@ -128,6 +142,7 @@ mod tests {
         let settings = desired::WorkerSettings {
             image: "shardserve".into(),
             hub_endpoint: None,
+            cuda: true,
         };
         let objects = desired::desired(&md, &check(&md).unwrap(), &settings).unwrap();
         let statefulset = &objects.groups[0].statefulset;
@@ -158,6 +173,7 @@ mod tests {
                     group.coordinator.as_deref(),
                     Some("llama-3-70b-2-nodes-g0-0.llama-3-70b-2-nodes-g0.llm.svc:29500")
                 );
+                assert_eq!(group.device, DeviceSpec::Cuda(Some(0)));
                 ranks.push(group.rank);
             }
         }

@@ -55,6 +55,9 @@ impl WorkerArgs {
                 "--rank {} is not below --ranks-per-pod {per_pod}",
                 group.rank
             );
+            // Bare `cuda` means the rank's GPU on its machine: fixed before the
+            // rank becomes global.
+            group.device = group.device.for_local_rank(group.rank);
             group.rank += index * per_pod;
         }
         Ok(group)

@@ -224,3 +224,37 @@ fn overlong_prompt_is_refused_with_counts() {
         "unclear error: {err}"
     );
 }
+
+/// `--device cuda` on a build without CUDA (as `make test` builds) stops before loading,
+/// saying what is missing; `--device cpu` is the default and works; a bad name is refused
+/// by the argument parser.
+#[test]
+fn cuda_without_a_cuda_build_is_refused_clearly() {
+    let model = demo_model();
+    let model = model.to_str().unwrap();
+    let out = run(&[
+        "generate", "--model", model, "--device", "cuda:0", "--prompt", "Hi",
+    ]);
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("--device cuda:0: this shardserve was built without CUDA"),
+        "{stderr}"
+    );
+    let out = run(&["bench", "--model", model, "--device", "gpu"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("expected `cpu`, `cuda` or `cuda:N`"));
+    let out = run_json(&[
+        "generate",
+        "--model",
+        model,
+        "--device",
+        "cpu",
+        "--prompt",
+        "Hi",
+        "--max-tokens",
+        "2",
+        "--json",
+    ]);
+    assert!(!ids(&out["token_ids"]).is_empty());
+}

@@ -26,6 +26,8 @@ pub struct OperatorSettings {
     pub worker_image: String,
     /// `HF_ENDPOINT` of the pods' model fetch (a Hub mirror), if any.
     pub hub_endpoint: Option<String>,
+    /// Whether rank pods compute on their GPUs (a CUDA worker image).
+    pub worker_cuda: bool,
     /// Watch this namespace only (else every namespace).
     pub namespace: Option<String>,
     /// Lead through this Lease (else lead alone).
@@ -92,6 +94,7 @@ pub async fn run(settings: OperatorSettings) -> Result<(), RunError> {
     let worker = WorkerSettings {
         image: settings.worker_image.clone(),
         hub_endpoint: settings.hub_endpoint.clone(),
+        cuda: settings.worker_cuda,
     };
     let ctx = Arc::new(Context::new(
         client.clone(),

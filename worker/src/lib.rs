@@ -10,6 +10,7 @@
 //! `shardserve-kernels` crate.
 
 pub mod comm;
+pub mod device;
 pub mod engine;
 pub mod kv;
 pub mod model;

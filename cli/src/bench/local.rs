@@ -41,7 +41,7 @@ pub(super) fn run(args: &BenchArgs, model: &Path, prompt_tokens: &[usize]) -> Re
         max_num_seqs: widest,
         ..EngineOptions::default()
     };
-    let mut engine = crate::group::load_local(model, &options, args.tensor, threads)?;
+    let mut engine = crate::group::load_local(model, &options, args.tensor, threads, args.device)?;
     let filler = engine.tokenizer().encode(super::FILLER, false, false)?;
     // Sequence i starts i tokens into the filler: equal lengths, different tokens.
     let prompt_of = |n: usize, i: usize| -> Vec<u32> {

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Result, bail};
 use clap::Args;
+use shardserve_worker::device::DeviceSpec;
 
 use crate::runtime::ThreadArgs;
 
@@ -53,6 +54,10 @@ pub struct BenchArgs {
     /// processes (TCP between them, as between pods).
     #[arg(long, default_value_t = 1, conflicts_with = "url")]
     pub tensor: usize,
+    /// Without --url: where the ranks compute, `cpu`, `cuda:N`, or `cuda` (rank R on
+    /// GPU R); GPUs need a CUDA build.
+    #[arg(long, default_value_t = DeviceSpec::Cpu, conflicts_with = "url")]
+    pub device: DeviceSpec,
     /// Load-test the OpenAI API at this base URL (our router,
     /// llama-server, vLLM, ...) instead of loading a model here.
     #[arg(long)]

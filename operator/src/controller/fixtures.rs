@@ -32,6 +32,7 @@ pub fn settings() -> WorkerSettings {
     WorkerSettings {
         image: IMAGE.into(),
         hub_endpoint: None,
+        cuda: false,
     }
 }
 

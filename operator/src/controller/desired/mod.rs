@@ -33,6 +33,9 @@ pub struct WorkerSettings {
     /// A Hugging Face Hub mirror or proxy (`HF_ENDPOINT` of the model fetch), for
     /// clusters that must not reach the public Hub.
     pub hub_endpoint: Option<String>,
+    /// Whether ranks compute on their GPUs (`--device cuda:0`: each rank container is
+    /// given its own): the worker image is a CUDA build.
+    pub cuda: bool,
 }
 
 /// Everything one `ModelDeployment` should have.
@@ -85,6 +88,7 @@ pub fn desired(
                 topology,
                 image: md.spec.image.as_deref().unwrap_or(&settings.image),
                 hub_endpoint: settings.hub_endpoint.as_deref(),
+                cuda: settings.cuda,
                 files: &files,
             };
             let (statefulset, spec_hash) = statefulset(&group);
@@ -163,6 +167,7 @@ pub(super) struct GroupContext<'a> {
     topology: &'a Topology,
     image: &'a str,
     hub_endpoint: Option<&'a str>,
+    cuda: bool,
     files: &'a ModelFiles,
 }
 

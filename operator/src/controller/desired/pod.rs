@@ -152,6 +152,10 @@ fn rank_container(group: &GroupContext<'_>, local: u32) -> Container {
             });
         }
     }
+    if group.cuda {
+        // The container sees only the GPUs it was given: its first is its own.
+        args.extend(strings(&["--device", "cuda:0"]));
+    }
     if let Some(max) = md.spec.engine.max_seq_len {
         args.extend(strings(&["--max-seq-len", &max.to_string()]));
     }

@@ -389,6 +389,32 @@ fn objects_need_an_owner_uid_and_a_namespace() {
 }
 
 #[test]
+fn cuda_workers_compute_on_the_gpu_each_rank_container_is_given() {
+    let md = demo(1);
+    let rank_args = |cuda: bool| {
+        let settings = WorkerSettings {
+            cuda,
+            ..fixtures::settings()
+        };
+        let desired = desired(&md, &check(&md).unwrap(), &settings).unwrap();
+        to_json(&desired.groups[0].statefulset)["spec"]["template"]["spec"]["containers"][0]["args"]
+            .clone()
+    };
+    let on_gpu = rank_args(true);
+    let args: Vec<&str> = on_gpu
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|a| a.as_str())
+        .collect();
+    assert!(
+        args.windows(2).any(|w| w == ["--device", "cuda:0"]),
+        "{args:?}"
+    );
+    assert!(!rank_args(false).to_string().contains("--device"));
+}
+
+#[test]
 fn a_hub_mirror_reaches_the_model_fetch_as_hf_endpoint() {
     let mut md = demo(1);
     md.spec.model.source = "hf://meta-llama/Llama-3.2-1B-Instruct".into();

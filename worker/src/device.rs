@@ -1,0 +1,173 @@
+//! Where a rank computes: `cpu` (the project's own kernels), or an NVIDIA GPU through
+//! candle's CUDA backend (`cuda`, `cuda:N`), in builds with the `cuda` feature.
+//!
+//! A CUDA device is opened only after checking that this build has CUDA and that the
+//! machine has a driver: without them cudarc would panic on first use, and a user should
+//! instead read what is missing.
+
+use std::fmt;
+use std::str::FromStr;
+
+use candle_core::Device;
+
+/// A device as `--device` names it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum DeviceSpec {
+    #[default]
+    Cpu,
+    /// `cuda:N` names GPU `N`; bare `cuda` lets each rank take its own (see
+    /// [`DeviceSpec::ordinal`]).
+    Cuda(Option<usize>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum DeviceError {
+    #[error("`{0}` is not a device: expected `cpu`, `cuda` or `cuda:N`")]
+    Parse(String),
+    #[error(
+        "--device {0}: this shardserve was built without CUDA (the `cuda` cargo feature, \
+         which needs a CUDA toolkit to build); use --device cpu, or a CUDA build such as \
+         the chart's `image.flavor: cuda`"
+    )]
+    NotBuilt(DeviceSpec),
+    #[error("--device {0}: no CUDA driver (libcuda.so.1) on this machine")]
+    NoDriver(DeviceSpec),
+    #[error("--device {spec}: opening GPU {ordinal}: {source}")]
+    Open {
+        spec: DeviceSpec,
+        ordinal: usize,
+        source: candle_core::Error,
+    },
+}
+
+impl FromStr for DeviceSpec {
+    type Err = DeviceError;
+
+    fn from_str(s: &str) -> Result<Self, DeviceError> {
+        match s {
+            "cpu" => Ok(Self::Cpu),
+            "cuda" => Ok(Self::Cuda(None)),
+            _ => s
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(|n| Self::Cuda(Some(n)))
+                .ok_or_else(|| DeviceError::Parse(s.into())),
+        }
+    }
+}
+
+impl fmt::Display for DeviceSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(None) => f.write_str("cuda"),
+            Self::Cuda(Some(n)) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+impl DeviceSpec {
+    /// The GPU the rank that is `local_rank`-th on its machine uses: `cuda:N` names it,
+    /// bare `cuda` gives rank R the R-th visible GPU. `None` on CPU.
+    pub fn ordinal(self, local_rank: usize) -> Option<usize> {
+        match self {
+            Self::Cpu => None,
+            Self::Cuda(n) => Some(n.unwrap_or(local_rank)),
+        }
+    }
+
+    /// The same device with bare `cuda` made explicit for the `local_rank`-th rank of a
+    /// machine, for a process that will not know its place on the machine.
+    pub fn for_local_rank(self, local_rank: usize) -> Self {
+        match self {
+            Self::Cpu => Self::Cpu,
+            Self::Cuda(_) => Self::Cuda(self.ordinal(local_rank)),
+        }
+    }
+
+    /// Opens the device of the `local_rank`-th rank of this machine.
+    pub fn open(self, local_rank: usize) -> Result<Device, DeviceError> {
+        let Some(ordinal) = self.ordinal(local_rank) else {
+            return Ok(Device::Cpu);
+        };
+        if !cfg!(feature = "cuda") {
+            return Err(DeviceError::NotBuilt(self));
+        }
+        if !cuda_driver_present() {
+            return Err(DeviceError::NoDriver(self));
+        }
+        Device::new_cuda(ordinal).map_err(|source| DeviceError::Open {
+            spec: self,
+            ordinal,
+            source,
+        })
+    }
+}
+
+/// Whether libcuda can be loaded (cudarc, present with the `nccl` feature, which `cuda`
+/// implies).
+fn cuda_driver_present() -> bool {
+    #[cfg(feature = "nccl")]
+    {
+        // SAFETY: this only tries to open the shared library by name.
+        unsafe { cudarc::driver::sys::is_culib_present() }
+    }
+    #[cfg(not(feature = "nccl"))]
+    {
+        false
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn devices_parse_and_print_back() {
+        for (text, spec) in [
+            ("cpu", DeviceSpec::Cpu),
+            ("cuda", DeviceSpec::Cuda(None)),
+            ("cuda:3", DeviceSpec::Cuda(Some(3))),
+        ] {
+            assert_eq!(text.parse::<DeviceSpec>().unwrap(), spec);
+            assert_eq!(spec.to_string(), text);
+        }
+        for bad in ["gpu", "cuda:", "cuda:x", "cuda:-1", "CPU", ""] {
+            let err = bad.parse::<DeviceSpec>().unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains("expected `cpu`, `cuda` or `cuda:N`"),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn bare_cuda_gives_each_rank_its_own_gpu() {
+        assert_eq!(DeviceSpec::Cpu.ordinal(2), None);
+        assert_eq!(DeviceSpec::Cuda(None).ordinal(2), Some(2));
+        assert_eq!(DeviceSpec::Cuda(Some(5)).ordinal(2), Some(5));
+        assert_eq!(
+            DeviceSpec::Cuda(None).for_local_rank(1),
+            DeviceSpec::Cuda(Some(1))
+        );
+        assert_eq!(DeviceSpec::Cpu.for_local_rank(1), DeviceSpec::Cpu);
+    }
+
+    #[test]
+    fn cpu_opens_and_cuda_says_what_is_missing() {
+        assert!(matches!(DeviceSpec::Cpu.open(0), Ok(Device::Cpu)));
+        let missing = if !cfg!(feature = "cuda") {
+            "built without CUDA"
+        } else if !cuda_driver_present() {
+            "no CUDA driver (libcuda.so.1)"
+        } else {
+            return; // a CUDA build on a GPU machine: opening may well succeed
+        };
+        let err = DeviceSpec::Cuda(Some(0)).open(0).unwrap_err().to_string();
+        assert!(
+            err.starts_with("--device cuda:0: ") && err.contains(missing),
+            "{err}"
+        );
+    }
+}
