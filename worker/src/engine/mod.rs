@@ -735,4 +735,3 @@ fn release_freed_memory() {
 
 #[cfg(test)]
 mod tests;
-

@@ -153,23 +153,26 @@ struct Scratch {
 type GroupFn = fn(&GroupArgs<'_>, &mut Scratch, &mut [f32]);
 
 /// The group kernel for this CPU: the same code compiled for wider vectors
-/// where the CPU has them. None of them fuses a multiply and an add, so all
-/// do the same operations and give the same bits.
+/// where the CPU has them. Every multiply-add is fused (one rounding), in
+/// the portable code too (`f32::mul_add`, a library call where the CPU has
+/// no FMA), so all do the same operations and give the same bits.
 fn group_kernel() -> GroupFn {
     #[cfg(target_arch = "x86_64")]
     {
+        let fma = std::is_x86_feature_detected!("fma");
         if std::is_x86_feature_detected!("avx512f")
             && std::is_x86_feature_detected!("avx512vl")
             && std::is_x86_feature_detected!("f16c")
+            && fma
         {
             return |a, s, o| {
-                // SAFETY: AVX-512F/VL and F16C were detected on this CPU just above.
+                // SAFETY: AVX-512F/VL, F16C and FMA were detected on this CPU just above.
                 unsafe { attend_group_avx512(a, s, o) }
             };
         }
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c") {
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("f16c") && fma {
             return |a, s, o| {
-                // SAFETY: AVX2 and F16C were detected on this CPU just above.
+                // SAFETY: AVX2, F16C and FMA were detected on this CPU just above.
                 unsafe { attend_group_avx2(a, s, o) }
             };
         }
@@ -178,13 +181,13 @@ fn group_kernel() -> GroupFn {
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,f16c,avx512f,avx512vl")]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512vl")]
 unsafe fn attend_group_avx512(args: &GroupArgs<'_>, scratch: &mut Scratch, out: &mut [f32]) {
     attend_group::<F16c>(args, scratch, out)
 }
 
 #[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,f16c")]
+#[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn attend_group_avx2(args: &GroupArgs<'_>, scratch: &mut Scratch, out: &mut [f32]) {
     attend_group::<F16c>(args, scratch, out)
 }
@@ -291,7 +294,7 @@ impl Simd for F16c {
             let mut tails = [0f32; 8];
             for (t, key) in tails.iter_mut().zip(k.chunks_exact(d)) {
                 for (x, y) in q[whole..].iter().zip(&key[whole..]) {
-                    *t += x * y;
+                    *t = x.mul_add(*y, *t);
                 }
             }
             // SAFETY: every load reads 8 floats at `c < whole ≤ d` within one
@@ -303,7 +306,7 @@ impl Simd for F16c {
                     let qc = _mm256_loadu_ps(q.as_ptr().add(c));
                     for (i, a) in acc.iter_mut().enumerate() {
                         let kc = _mm256_loadu_ps(k.as_ptr().add(i * d + c));
-                        *a = _mm256_add_ps(*a, _mm256_mul_ps(qc, kc));
+                        *a = _mm256_fmadd_ps(qc, kc, *a);
                     }
                 }
                 // Halves: [l0+l4, l1+l5, l2+l6, l3+l7] of key i beside key i+4's.
@@ -435,7 +438,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
             b[c..c + 8].try_into().unwrap(),
         );
         for l in 0..8 {
-            lanes[l] += x[l] * y[l];
+            lanes[l] = x[l].mul_add(y[l], lanes[l]);
         }
     }
     finish(&lanes, &a[whole..], &b[whole..])
@@ -446,7 +449,7 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 fn finish(lanes: &[f32; 8], a: &[f32], b: &[f32]) -> f32 {
     let mut tail = 0f32;
     for (x, y) in a.iter().zip(b) {
-        tail += x * y;
+        tail = x.mul_add(*y, tail);
     }
     ((lanes[0] + lanes[4]) + (lanes[1] + lanes[5]))
         + ((lanes[2] + lanes[6]) + (lanes[3] + lanes[7]))
@@ -503,7 +506,7 @@ fn accumulate(w: &[f32], values: &[f32], out: &mut [f32]) {
         for (j, &wj) in w.iter().enumerate() {
             let v: &[f32; COLS] = values[j * d + x0..][..COLS].try_into().unwrap();
             for l in 0..COLS {
-                acc[l] += wj * v[l];
+                acc[l] = wj.mul_add(v[l], acc[l]);
             }
         }
         out[x0..x0 + COLS].copy_from_slice(&acc);
@@ -512,7 +515,7 @@ fn accumulate(w: &[f32], values: &[f32], out: &mut [f32]) {
     if x0 < d {
         for (j, &wj) in w.iter().enumerate() {
             for (o, v) in out[x0..].iter_mut().zip(&values[j * d + x0..(j + 1) * d]) {
-                *o += wj * v;
+                *o = wj.mul_add(*v, *o);
             }
         }
     }
