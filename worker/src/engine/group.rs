@@ -88,7 +88,7 @@ pub fn follow(
                 logits: LogitsFor::None,
             })
             .collect();
-        rayon::scope(|_| model.forward(&spans, kv))?;
+        super::pool::step(|| model.forward(&spans, kv))?;
     }
 }
 

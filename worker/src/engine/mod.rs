@@ -9,6 +9,7 @@
 
 mod group;
 mod handle;
+mod pool;
 mod request;
 mod sequence;
 mod stats;
@@ -511,10 +512,8 @@ impl Engine {
             let message = group::GroupMessage::step(&spans);
             group::announce(self.group.as_ref(), &message).map_err(ModelError::from)?;
         }
-        // The whole step runs on a compute-pool thread: its parallel products
-        // then fork from inside the pool instead of waking it once per product.
         let (model, kv) = (&self.model, &mut self.kv);
-        let logits = rayon::scope(|_| model.forward(&spans, kv))?;
+        let logits = pool::step(|| model.forward(&spans, kv))?;
         drop(spans);
         self.scheduler.complete(&plan);
 
