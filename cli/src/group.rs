@@ -178,8 +178,14 @@ pub fn load_local(
     })
 }
 
-/// A follower rank's whole life: load its shard, run the leader's steps.
-pub fn follow(model: &Path, options: &EngineOptions, group: &GroupArgs) -> Result<()> {
+/// A follower rank's whole life: load its shard, meet the group (then call
+/// `joined`), run the leader's steps.
+pub fn follow(
+    model: &Path,
+    options: &EngineOptions,
+    group: &GroupArgs,
+    joined: impl FnOnce(),
+) -> Result<()> {
     if group.rank == 0 || group.rank >= group.tensor {
         bail!(
             "rank {} cannot follow in a group of {}",
@@ -188,6 +194,7 @@ pub fn follow(model: &Path, options: &EngineOptions, group: &GroupArgs) -> Resul
         );
     }
     let engine = group.load(model, options)?;
+    joined();
     tracing::info!(
         rank = group.rank,
         tensor = group.tensor,

@@ -65,6 +65,8 @@ impl WorkerArgs {
 }
 
 pub fn run(mut args: WorkerArgs) -> Result<()> {
+    // The rank within the pod: its first rank answers the pod's probes.
+    let first_in_pod = args.group.rank == 0;
     args.group = args.global_group()?;
     let threads = args.threads.apply()?;
     let mut options = EngineOptions {
@@ -74,8 +76,17 @@ pub fn run(mut args: WorkerArgs) -> Result<()> {
     };
     args.batching.apply(&mut options);
     if args.group.rank > 0 {
-        // A follower serves nothing: it runs the leader's steps on its shard.
-        return crate::group::follow(&args.model, &options, &args.group);
+        // A follower serves no calls: it runs the leader's steps on its shard. The
+        // first rank of another pod than the leader's answers that pod's gRPC health
+        // probe (SERVING once its group has met), so every pod of a group turns Ready.
+        let health = first_in_pod
+            .then(|| FollowerHealth::start(args.listen))
+            .transpose()?;
+        return crate::group::follow(&args.model, &options, &args.group, || {
+            if let Some(health) = &health {
+                health.joined();
+            }
+        });
     }
     let engine = args.group.load(&args.model, &options)?;
     let info = engine.info().clone();
@@ -131,4 +142,49 @@ pub fn run(mut args: WorkerArgs) -> Result<()> {
         }
         Ok(())
     })
+}
+
+/// A follower's health server, on a thread of its own for the process's life.
+struct FollowerHealth {
+    joined: tokio::sync::watch::Sender<bool>,
+}
+
+impl FollowerHealth {
+    /// Binds `addr` (an error now if it cannot) and serves NOT_SERVING until
+    /// [`FollowerHealth::joined`].
+    fn start(addr: SocketAddr) -> Result<Self> {
+        let listener =
+            std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+        listener.set_nonblocking(true)?;
+        let (joined, joined_rx) = tokio::sync::watch::channel(false);
+        std::thread::Builder::new()
+            .name("follower-health".into())
+            .spawn(move || {
+                let served = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(anyhow::Error::from)
+                    .and_then(|runtime| {
+                        runtime.block_on(async {
+                            let listener = tokio::net::TcpListener::from_std(listener)?;
+                            shardserve_worker::server::serve_health(
+                                listener,
+                                joined_rx,
+                                std::future::pending(),
+                            )
+                            .await?;
+                            Ok(())
+                        })
+                    });
+                if let Err(e) = served {
+                    tracing::error!(error = %e, "the follower's health server failed");
+                }
+            })
+            .context("starting the follower's health server")?;
+        Ok(Self { joined })
+    }
+
+    fn joined(&self) {
+        let _ = self.joined.send(true);
+    }
 }

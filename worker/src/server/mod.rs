@@ -148,6 +148,31 @@ pub async fn serve_with_metrics(
     Ok(())
 }
 
+/// Serves only `grpc.health.v1.Health` on `listener`, for a follower rank whose pod must
+/// answer a readiness probe but serves no calls: the overall status ("") is NOT_SERVING
+/// until `joined` turns true (the rank's shard is loaded and its group has met), SERVING
+/// from then on, until `shutdown` completes.
+pub async fn serve_health(
+    listener: TcpListener,
+    mut joined: tokio::sync::watch::Receiver<bool>,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), ServerError> {
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    tokio::spawn(async move {
+        if joined.wait_for(|joined| *joined).await.is_ok() {
+            health.set_service_status("", ServingStatus::Serving).await;
+        }
+    });
+    Server::builder()
+        .add_service(health_service)
+        .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
+        .await?;
+    Ok(())
+}
+
 /// Sets the overall status ("") and the Inference service's together.
 async fn set_status(health: &HealthReporter, status: ServingStatus) {
     health.set_service_status("", status).await;

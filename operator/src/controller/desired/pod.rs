@@ -182,11 +182,13 @@ fn rank_container(group: &GroupContext<'_>, local: u32) -> Container {
                 container_port(COORDINATOR_PORT_NAME, COORDINATOR_PORT),
             ]
         }),
-        // rank-0 of pod 0 serves gRPC health once the whole group has met;
-        // until then the pod is not ready and the router does not see it.
+        // The first rank of every pod serves gRPC health, SERVING once the whole
+        // group has met (rank 0 beside the Inference API, a follower alone):
+        // until then the pod is not ready. The router sees pod 0 only.
         readiness_probe: leader.then(|| grpc_probe(5, 3)),
-        // A startup probe would restart the ranks of other pods (they serve
-        // no gRPC), so only groups of one pod have it.
+        // A startup probe would restart a pod while it waits for the others
+        // to start (its ranks wait for the group as long as they need), so
+        // only groups of one pod have it.
         startup_probe: (leader && topology.pods_per_group == 1).then(|| {
             grpc_probe(
                 STARTUP_PERIOD_SECONDS,
