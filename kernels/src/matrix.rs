@@ -1,4 +1,5 @@
-//! [`QuantMatrix`]: a weight matrix kept in its GGUF block layout, validated once.
+//! [`QuantMatrix`]: a block-quantised weight matrix, validated once, held in the layout its
+//! kernels read (GGUF blocks, or interleaved rows on x86).
 
 use std::sync::OnceLock;
 
