@@ -145,6 +145,30 @@ pub(super) trait GroupKernel {
     );
 }
 
+/// Pointers into activation rows `a..a + R` of the panel.
+#[inline(always)]
+fn act_rows<const R: usize>(p: &Panel, a: usize) -> [ActPtr; R] {
+    let mut acts = [ActPtr::from(p.acts.row(a)); R];
+    for (i, act) in acts.iter_mut().enumerate() {
+        *act = p.acts.row(a + i).into();
+    }
+    acts
+}
+
+/// Writes the first `valid` lanes of each of `rows` (activation rows `a..`, weight rows
+/// `row0..` of the panel) into `out`.
+#[inline(always)]
+fn write_rows<T: Copy, const L: usize>(
+    out: &mut Outputs<T>,
+    a: usize,
+    (row0, valid): (usize, usize),
+    rows: impl IntoIterator<Item = [T; L]>,
+) {
+    for (r, lanes) in rows.into_iter().enumerate() {
+        out.row(a + r)[row0..row0 + valid].copy_from_slice(&lanes[..valid]);
+    }
+}
+
 /// Activation rows multiplied per pass over a group's records (kept in L1 meanwhile).
 const ROWS_PER_PASS: usize = 4;
 

@@ -7,7 +7,7 @@
 use std::arch::x86_64::*;
 use std::marker::PhantomData;
 
-use super::{Acc, ActPtr, Block, GroupKernel, IntDot, LANES};
+use super::{Acc, ActPtr, Block, GroupKernel, IntDot, LANES, act_rows, write_rows};
 use crate::dot::{Outputs, Panel};
 use crate::format::BLOCK;
 use crate::interleaved::{GROUP_ROWS, Line};
@@ -116,17 +116,15 @@ impl<I: IntDot, B: Block, A: Acc> GroupKernel for Packed8<I, B, A> {
         p: &Panel,
         rec: *const Line,
         part: usize,
-        (row0, valid): (usize, usize),
+        rows: (usize, usize),
         a: usize,
         out: &mut Outputs<A::Out>,
     ) {
-        let acts: [ActPtr; R] = std::array::from_fn(|i| p.acts.row(a + i).into());
-        // SAFETY: forwarded caller contract (the group's records, activation rows a..a+R).
-        let acc = unsafe { dot_half::<I, B, A, R>(rec, part, p.acts.blocks(), acts) };
-        for (r, acc) in acc.into_iter().enumerate() {
-            // SAFETY: register-only; the caller's level enables the accumulator's intrinsics.
-            let lanes = unsafe { acc.lanes() };
-            out.row(a + r)[row0..row0 + valid].copy_from_slice(&lanes[..valid]);
+        // SAFETY: forwarded caller contract (the group's records, activation rows a..a+R);
+        // `lanes` is register-only, its intrinsics enabled by the caller's level.
+        unsafe {
+            let acc = dot_half::<I, B, A, R>(rec, part, p.acts.blocks(), act_rows(p, a));
+            write_rows(out, a, rows, acc.map(|acc| acc.lanes()));
         }
     }
 }

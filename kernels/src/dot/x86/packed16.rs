@@ -10,7 +10,7 @@
 use std::arch::x86_64::*;
 use std::marker::PhantomData;
 
-use super::{ActPtr, Block, GroupKernel, LANES};
+use super::{ActPtr, Block, GroupKernel, LANES, act_rows, write_rows};
 use crate::dot::{Outputs, Panel};
 use crate::format::BLOCK;
 use crate::interleaved::{GROUP_ROWS, Line};
@@ -213,20 +213,15 @@ impl<B: Block, A: Acc16> GroupKernel for Packed16<B, A> {
         p: &Panel,
         rec: *const Line,
         _part: usize,
-        (row0, valid): (usize, usize),
+        rows: (usize, usize),
         a: usize,
         out: &mut Outputs<A::Out>,
     ) {
-        let mut acts = [ActPtr::from(p.acts.row(a)); R];
-        for (i, act) in acts.iter_mut().enumerate() {
-            *act = p.acts.row(a + i).into();
-        }
-        // SAFETY: forwarded caller contract (the group's records, activation rows a..a+R).
-        let acc = unsafe { dot_group::<B, A, R>(rec, p.acts.blocks(), acts) };
-        for (r, acc) in acc.into_iter().enumerate() {
-            // SAFETY: register-only; the caller runs with AVX-512 enabled.
-            let lanes = unsafe { acc.lanes() };
-            out.row(a + r)[row0..row0 + valid].copy_from_slice(&lanes[..valid]);
+        // SAFETY: forwarded caller contract (the group's records, activation rows a..a+R);
+        // `lanes` is register-only, and the caller runs with AVX-512 enabled.
+        unsafe {
+            let acc = dot_group::<B, A, R>(rec, p.acts.blocks(), act_rows(p, a));
+            write_rows(out, a, rows, acc.map(|acc| acc.lanes()));
         }
     }
 }
