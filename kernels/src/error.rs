@@ -25,4 +25,13 @@ pub enum KernelError {
         expected: usize,
         actual: usize,
     },
+    /// [`crate::QuantMatrix::stack`] was given no matrix.
+    #[error("no matrices to stack")]
+    NothingToStack,
+    /// Matrices stacked one under the other must share their format and width.
+    #[error("cannot stack a {} matrix of {} columns under a {} one of {}", other.0, other.1, first.0, first.1)]
+    StackMismatch {
+        first: (QuantFormat, usize),
+        other: (QuantFormat, usize),
+    },
 }

@@ -76,6 +76,14 @@ impl Interleaved {
         &self.lines[from * nb * record_lines(format)..]
     }
 
+    /// The groups of `parts` one after the other: the matrix of their rows, one under
+    /// the other, when every part but the last fills whole groups.
+    pub(crate) fn concat(parts: &[&Interleaved]) -> Self {
+        Self {
+            lines: parts.iter().flat_map(|p| p.lines.iter().copied()).collect(),
+        }
+    }
+
     /// Bytes held.
     pub(crate) fn bytes(&self) -> usize {
         std::mem::size_of_val(self.lines.as_slice())

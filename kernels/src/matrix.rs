@@ -4,7 +4,7 @@
 use std::sync::OnceLock;
 
 use crate::format::{BLOCK, dequantize_block};
-use crate::interleaved::Interleaved;
+use crate::interleaved::{GROUP_ROWS, Interleaved};
 use crate::{KernelError, QuantFormat, SimdLevel, dot, matmul, simd_level};
 
 /// A `rows x cols` weight matrix (`rows` output features, `cols` input features) in a ggml
@@ -44,6 +44,78 @@ impl QuantMatrix {
         cols: usize,
         bytes: Vec<u8>,
     ) -> Result<Self, KernelError> {
+        Self::check(format, rows, cols, bytes.len())?;
+        Ok(Self {
+            format,
+            rows,
+            cols,
+            gguf: OnceLock::from(bytes),
+            interleaved: OnceLock::new(),
+        })
+    }
+
+    /// [`QuantMatrix::new`] already [prepared](QuantMatrix::prepare), reading `bytes` (a
+    /// memory-mapped file, say) without keeping them: where this CPU's products use the
+    /// interleaved layout it is built straight from them, with no copy of the GGUF bytes.
+    pub fn prepared(
+        format: QuantFormat,
+        rows: usize,
+        cols: usize,
+        bytes: &[u8],
+    ) -> Result<Self, KernelError> {
+        Self::check(format, rows, cols, bytes.len())?;
+        if !dot::uses_interleaved(simd_level()) {
+            return Self::new(format, rows, cols, bytes.to_vec());
+        }
+        Ok(Self {
+            format,
+            rows,
+            cols,
+            gguf: OnceLock::new(),
+            interleaved: OnceLock::from(Interleaved::new(format, rows, cols, bytes)),
+        })
+    }
+
+    /// The matrices `parts` one under the other (same format and columns), in the layout
+    /// they hold: interleaved records are joined as they are where every part but the last
+    /// fills whole groups of sixteen rows, else through the GGUF bytes.
+    pub fn stack(parts: &[&QuantMatrix]) -> Result<Self, KernelError> {
+        let first = parts.first().ok_or(KernelError::NothingToStack)?;
+        let (format, cols) = (first.format, first.cols);
+        if let Some(other) = parts.iter().find(|m| (m.format, m.cols) != (format, cols)) {
+            return Err(KernelError::StackMismatch {
+                first: (format, cols),
+                other: (other.format, other.cols),
+            });
+        }
+        let rows = parts.iter().map(|m| m.rows).sum();
+        let whole_groups = parts[..parts.len() - 1]
+            .iter()
+            .all(|m| m.rows.is_multiple_of(GROUP_ROWS));
+        let records: Option<Vec<&Interleaved>> =
+            parts.iter().map(|m| m.interleaved.get()).collect();
+        if let Some(records) = records.filter(|_| whole_groups) {
+            return Ok(Self {
+                format,
+                rows,
+                cols,
+                gguf: OnceLock::new(),
+                interleaved: OnceLock::from(Interleaved::concat(&records)),
+            });
+        }
+        let bytes = parts
+            .iter()
+            .flat_map(|m| m.bytes().iter().copied())
+            .collect();
+        let mut stacked = Self::new(format, rows, cols, bytes)?;
+        if parts.iter().any(|m| m.gguf.get().is_none()) {
+            stacked.prepare();
+        }
+        Ok(stacked)
+    }
+
+    /// Whether `len` bytes hold `rows x cols` weights of `format`.
+    fn check(format: QuantFormat, rows: usize, cols: usize, len: usize) -> Result<(), KernelError> {
         let block_len = format.block_len();
         if !cols.is_multiple_of(block_len) {
             return Err(KernelError::RaggedColumns {
@@ -54,7 +126,7 @@ impl QuantMatrix {
         }
         let blocks = rows * (cols / block_len);
         let expected = blocks * format.block_bytes();
-        if bytes.len() != expected {
+        if len != expected {
             return Err(KernelError::ByteLength {
                 format,
                 rows,
@@ -62,16 +134,10 @@ impl QuantMatrix {
                 blocks,
                 block_bytes: format.block_bytes(),
                 expected,
-                actual: bytes.len(),
+                actual: len,
             });
         }
-        Ok(Self {
-            format,
-            rows,
-            cols,
-            gguf: OnceLock::from(bytes),
-            interleaved: OnceLock::new(),
-        })
+        Ok(())
     }
 
     /// Arrange the weights for this CPU's kernels now (while a model loads) rather than in

@@ -301,6 +301,85 @@ fn prepared_matrices_answer_as_before() {
     }
 }
 
+/// A matrix prepared straight from borrowed bytes is the one `new` then `prepare` give.
+#[test]
+fn prepared_from_bytes_equals_new_then_prepare() {
+    for format in QuantFormat::ALL {
+        let original = random_matrix(format, 37, 96, 11);
+        let from_bytes = QuantMatrix::prepared(format, 37, 96, original.bytes()).unwrap();
+        let mut prepared = original.clone();
+        prepared.prepare();
+        assert_eq!(
+            from_bytes.memory_bytes(),
+            prepared.memory_bytes(),
+            "{format}"
+        );
+        let x = random_activations(5, 96, 2);
+        for level in SimdLevel::available().into_iter().rev() {
+            assert_eq!(
+                matmul(&from_bytes, level, &x, 5),
+                matmul(&original, level, &x, 5),
+                "{format} {level}"
+            );
+        }
+        assert!(from_bytes == original, "{format}");
+    }
+    let err = QuantMatrix::prepared(QuantFormat::Q4_0, 2, 32, &[0; 35]).unwrap_err();
+    assert!(
+        matches!(err, KernelError::ByteLength { actual: 35, .. }),
+        "{err}"
+    );
+}
+
+/// Stacking keeps every row where it belongs, in either layout: parts that fill whole
+/// groups of sixteen join their records, others go through the GGUF bytes.
+#[test]
+fn stacked_matrices_are_their_parts_one_under_the_other() {
+    for format in QuantFormat::ALL {
+        for sizes in [[32, 16, 7], [16, 7, 16]] {
+            let parts: Vec<QuantMatrix> = sizes
+                .iter()
+                .enumerate()
+                .map(|(i, &rows)| random_matrix(format, rows, 64, i as u64))
+                .collect();
+            let bytes: Vec<u8> = parts.iter().flat_map(|p| p.bytes().to_vec()).collect();
+            let whole = QuantMatrix::new(format, sizes.iter().sum(), 64, bytes).unwrap();
+            let prepared: Vec<QuantMatrix> = parts
+                .iter()
+                .map(|p| {
+                    let mut p = p.clone();
+                    p.prepare();
+                    p
+                })
+                .collect();
+            let x = random_activations(3, 64, 5);
+            for stack in [&parts, &prepared] {
+                let stacked = QuantMatrix::stack(&stack.iter().collect::<Vec<_>>()).unwrap();
+                for level in SimdLevel::available().into_iter().rev() {
+                    assert_eq!(
+                        matmul(&stacked, level, &x, 3),
+                        matmul(&whole, level, &x, 3),
+                        "{format} {sizes:?} {level}"
+                    );
+                }
+                assert!(stacked == whole, "{format} {sizes:?}");
+            }
+        }
+    }
+    assert_eq!(
+        QuantMatrix::stack(&[]).unwrap_err(),
+        KernelError::NothingToStack
+    );
+    let (a, b) = (
+        random_matrix(QuantFormat::Q4_1, 16, 64, 1),
+        random_matrix(QuantFormat::Q4_1, 16, 96, 2),
+    );
+    assert!(matches!(
+        QuantMatrix::stack(&[&a, &b]).unwrap_err(),
+        KernelError::StackMismatch { .. }
+    ));
+}
+
 /// Preparing keeps one layout: a 4-bit matrix holds what its GGUF bytes take.
 #[test]
 fn prepared_q4_matrices_hold_their_weights_once() {

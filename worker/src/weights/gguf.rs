@@ -176,7 +176,8 @@ impl GgufFile {
             }),
             _ => match (block_format(dtype), device) {
                 (Some(format), Device::Cpu) => {
-                    let m = QuantMatrix::new(format, out_rows, out_cols, bytes.into_owned())
+                    // Arranged for this CPU's kernels straight from the file's bytes.
+                    let m = QuantMatrix::prepared(format, out_rows, out_cols, &bytes)
                         .map_err(|e| bad(e.to_string()))?;
                     Ok(Weight::Blocks(m))
                 }

@@ -46,16 +46,9 @@ impl Weight {
             })
             .collect();
         if let Some(ms) = blocks
-            && let Some(first) = ms.first()
-            && ms
-                .iter()
-                .all(|m| m.format() == first.format() && m.cols() == first.cols())
+            && let Ok(m) = QuantMatrix::stack(&ms)
         {
-            let rows = ms.iter().map(|m| m.rows()).sum();
-            let bytes = ms.iter().flat_map(|m| m.bytes().iter().copied()).collect();
-            if let Ok(m) = QuantMatrix::new(first.format(), rows, first.cols(), bytes) {
-                return Ok(Weight::Blocks(m));
-            }
+            return Ok(Weight::Blocks(m));
         }
         let dense: Option<Vec<&Tensor>> = parts
             .iter()
