@@ -133,7 +133,7 @@ impl StackedColumns {
         let widths: Vec<usize> = layers.iter().map(|l| l.weight.dims()[0]).collect();
         let biases: Option<Vec<Vec<f32>>> = layers.iter().map(|l| l.bias.clone()).collect();
         let weights: Vec<Weight> = layers.into_iter().map(|l| l.weight).collect();
-        let mut layers = match Weight::stack_rows(weights) {
+        let layers = match Weight::stack_rows(weights) {
             Ok(weight) => vec![ColumnParallelLinear {
                 weight,
                 bias: biases.map(|b| b.concat()),
@@ -150,9 +150,6 @@ impl StackedColumns {
                     .collect()
             }
         };
-        for layer in &mut layers {
-            layer.weight.prepare();
-        }
         Ok(Self { layers, widths })
     }
 
@@ -194,8 +191,7 @@ impl RowParallelLinear {
         let name = format!("{prefix}.weight");
         let cols = ctx.dims(&name)?[1];
         let range = even(&name, cols, ctx.rank(), ctx.world())?;
-        let mut weight = ctx.load(&name, &Split::Cols(range))?;
-        weight.prepare();
+        let weight = ctx.load(&name, &Split::Cols(range))?;
         Ok(Self {
             weight,
             comm: ctx.comm.clone(),
@@ -245,11 +241,10 @@ pub struct Embedding {
 }
 
 impl Embedding {
-    /// The table is prepared for products too: a tied output head multiplies it.
     pub fn load(ctx: &LoadContext<'_>, name: &str) -> Result<Self, ModelError> {
-        let mut table = ctx.load(name, &Split::Full)?;
-        table.prepare();
-        Ok(Self { table })
+        Ok(Self {
+            table: ctx.load(name, &Split::Full)?,
+        })
     }
 
     pub fn forward(&self, ids: &[u32]) -> Result<Rows, ModelError> {

@@ -183,9 +183,7 @@ impl Transformer {
         let head = if config.tied_embeddings {
             None
         } else {
-            let mut head = ctx.load("output.weight", &crate::weights::Split::Full)?;
-            head.prepare();
-            Some(head)
+            Some(ctx.load("output.weight", &crate::weights::Split::Full)?)
         };
         Ok(Self {
             config,

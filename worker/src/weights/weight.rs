@@ -25,15 +25,6 @@ impl Weight {
         }
     }
 
-    /// Arrange the weight for this CPU's kernels now, while the model loads (see
-    /// `QuantMatrix::prepare`: on x86 the block formats are held interleaved for the
-    /// packed kernels, once). Call it when no more rows will be stacked onto it.
-    pub fn prepare(&mut self) {
-        if let Weight::Blocks(m) = self {
-            m.prepare();
-        }
-    }
-
     /// The matrices `parts` one under the other, as one weight, when they
     /// share a form that stacks (same block format and width, or same dense
     /// type); otherwise the parts are handed back unchanged.
