@@ -1,6 +1,6 @@
 //! The matmul driver: quantise the activations once, split the weight rows into tasks on
 //! the current rayon pool, let each task run a kernel panel over all activation rows,
-//! and gather the tasks' column blocks into `y`.
+//! and let each task write its weight rows' columns of `y` in place.
 
 use rayon::prelude::*;
 
@@ -74,12 +74,6 @@ pub(crate) fn matmul<T: Copy + Default + Send + Sync>(
         };
         panel(level, &p, out);
     };
-    if m == 1 {
-        y.par_chunks_mut(rows)
-            .enumerate()
-            .for_each(|(task, out)| run(task, &mut Outputs::whole(out, out.len())));
-        return;
-    }
     // Each task writes its weight rows' columns of every row of y, in place.
     let y = SharedOutputs(y.as_mut_ptr());
     (0..n.div_ceil(rows)).into_par_iter().for_each(|task| {

@@ -51,17 +51,6 @@ pub(crate) struct Outputs<'a, T> {
 unsafe impl<T: Send> Send for Outputs<'_, T> {}
 
 impl<'a, T> Outputs<'a, T> {
-    /// All of `y`, `cols` outputs per row.
-    pub fn whole(y: &'a mut [T], cols: usize) -> Self {
-        Self {
-            first: y.as_mut_ptr(),
-            m: y.len().checked_div(cols).unwrap_or(0),
-            stride: cols,
-            cols,
-            _rows: PhantomData,
-        }
-    }
-
     /// Columns `cols` of each of the `m` rows of `stride` outputs starting at `y`.
     ///
     /// # Safety
