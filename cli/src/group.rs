@@ -125,52 +125,41 @@ pub fn load_local(
     let mut ranks = LocalRanks {
         children: Vec::new(),
     };
-    if tensor <= 1 {
-        let group = GroupArgs {
-            tensor: 1,
-            rank: 0,
-            coordinator: None,
-            comm_timeout: 10,
-            rendezvous_timeout: 600,
-            device,
-        };
-        return Ok(LocalEngine {
-            engine: group.load(model, options)?,
-            _ranks: ranks,
-        });
-    }
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let coordinator = format!("127.0.0.1:{port}");
-    let exe = std::env::current_exe().context("finding the shardserve binary")?;
-    let per_rank = (threads / tensor).max(1);
-    for rank in 1..tensor {
-        let child = Command::new(&exe)
-            .args(["worker", "--model"])
-            .arg(model)
-            .args(["--tensor", &tensor.to_string(), "--rank", &rank.to_string()])
-            .args([
-                "--coordinator",
-                &coordinator,
-                "--threads",
-                &per_rank.to_string(),
-                "--device",
-                &device.for_local_rank(rank).to_string(),
-            ])
-            .stdin(Stdio::null())
-            .spawn()
-            .with_context(|| format!("starting rank {rank}"))?;
-        ranks.children.push(child);
-    }
-    let group = GroupArgs {
-        tensor,
+    let mut group = GroupArgs {
+        tensor: tensor.max(1),
         rank: 0,
-        coordinator: Some(coordinator),
+        coordinator: None,
         comm_timeout: 10,
         rendezvous_timeout: 600,
         device,
     };
+    if tensor > 1 {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let coordinator = format!("127.0.0.1:{port}");
+        let exe = std::env::current_exe().context("finding the shardserve binary")?;
+        let per_rank = (threads / tensor).max(1);
+        for rank in 1..tensor {
+            let child = Command::new(&exe)
+                .args(["worker", "--model"])
+                .arg(model)
+                .args(["--tensor", &tensor.to_string(), "--rank", &rank.to_string()])
+                .args([
+                    "--coordinator",
+                    &coordinator,
+                    "--threads",
+                    &per_rank.to_string(),
+                    "--device",
+                    &device.for_local_rank(rank).to_string(),
+                ])
+                .stdin(Stdio::null())
+                .spawn()
+                .with_context(|| format!("starting rank {rank}"))?;
+            ranks.children.push(child);
+        }
+        group.coordinator = Some(coordinator);
+    }
     let engine = group.load(model, options)?;
     Ok(LocalEngine {
         engine,
