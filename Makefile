@@ -27,7 +27,7 @@ KV_STAMP := $(VENV)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION)
 CRD := crds/modeldeployments.shardserve.io.yaml
 CHART_CRD := charts/shardserve/$(CRD)
 
-.PHONY: up test build build-tests fetch-demo venv bench lint chart-check chart-crds chart-tools
+.PHONY: up test build build-tests fetch-demo venv bench lint chart-check chart-crds chart-tools cuda-check
 
 ## Build, then run the demo manifest locally (workers + router) until Ctrl-C.
 up: build
@@ -84,3 +84,8 @@ bench: build fetch-demo
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets $(FEATURES) -- -D warnings
+
+## The `cuda` build compiles (nvcc included) and is clippy-clean; no GPU needed. Not
+## part of `make test` (about 11 minutes cold, its own target dir).
+cuda-check:
+	CARGO=$(CARGO) TOOLS=$(TOOLS) scripts/cuda-check.sh

@@ -58,7 +58,8 @@ for values in "$CHART"/ci/*-values.yaml; do
 done
 "$PYTHON" scripts/validate-manifests.py "${versions[@]}" --crd "$CRD" "${files[@]}" examples/*.yaml
 
-# 6. The operator's and router's flags as rendered are flags the binary has.
+# 6. The operator's and router's flags as rendered are flags the binary has, and
+#    their images match them (CPU image for the control plane, -cuda for GPU workers).
 [ -x "$SHARDSERVE_BIN" ] || fail "$SHARDSERVE_BIN is missing: build it first (\`make build\`)"
 "$PYTHON" scripts/check-chart-args.py "$SHARDSERVE_BIN" "${files[@]}"
 echo "chart-check: ok (${files[*]})"

@@ -36,13 +36,16 @@ app.kubernetes.io/instance: {{ .ctx.Release.Name }}
 app.kubernetes.io/component: {{ .component }}
 {{- end -}}
 
-{{/* The image with its tag: image.tag or appVersion, "-cuda" for the cuda flavor. */}}
+{{/* The image of the operator and the router: image.tag or appVersion, always the CPU
+build (a CUDA build links libcuda and starts only on GPU nodes). */}}
 {{- define "shardserve.image" -}}
-{{- $tag := default .Chart.AppVersion .Values.image.tag -}}
-{{- if eq .Values.image.flavor "cuda" -}}
-{{- $tag = printf "%s-cuda" $tag -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) -}}
 {{- end -}}
-{{- printf "%s:%s" .Values.image.repository $tag -}}
+
+{{/* The image of the worker pods: the same version, "-cuda" for the cuda flavor. */}}
+{{- define "shardserve.workerImage" -}}
+{{- include "shardserve.image" . -}}
+{{- if eq .Values.image.flavor "cuda" -}}-cuda{{- end -}}
 {{- end -}}
 
 {{- define "shardserve.operator.serviceAccountName" -}}

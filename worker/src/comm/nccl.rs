@@ -9,7 +9,8 @@
 //! device memory; a device-resident path belongs to the CUDA engine.
 //!
 //! cudarc panics when `libcuda` or `libnccl` is missing, so [`probe`] checks
-//! for them (and for a device) before anything else touches cudarc.
+//! for them (and for a device) before anything else touches cudarc. In `cuda`
+//! builds candle's backend links them instead of loading them at run time.
 
 use std::sync::Mutex;
 
@@ -21,17 +22,7 @@ use super::{Collective, CommConfig, CommError, HostSlice, HostSliceMut, HostVec,
 
 /// Whether NCCL can run here: the CUDA driver, NCCL and a device.
 pub(crate) fn probe() -> Result<(), CommError> {
-    // SAFETY: these only try to open the shared libraries by name.
-    if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err(CommError::Unavailable(
-            "no CUDA driver (libcuda.so.1) on this machine".into(),
-        ));
-    }
-    if !unsafe { cudarc::nccl::sys::is_culib_present() } {
-        return Err(CommError::Unavailable(
-            "no NCCL library (libnccl.so.2) on this machine".into(),
-        ));
-    }
+    libraries_present()?;
     match CudaContext::device_count() {
         Ok(n) if n > 0 => Ok(()),
         Ok(_) => Err(CommError::Unavailable("no CUDA device visible".into())),
@@ -39,6 +30,26 @@ pub(crate) fn probe() -> Result<(), CommError> {
             "the CUDA driver failed: {e}"
         ))),
     }
+}
+
+/// Whether libcuda and libnccl can be loaded. A `cuda` build links them (candle's CUDA
+/// backend makes cudarc link rather than load), so a running process has them.
+fn libraries_present() -> Result<(), CommError> {
+    #[cfg(not(feature = "cuda"))]
+    {
+        // SAFETY: these only try to open the shared libraries by name.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            return Err(CommError::Unavailable(
+                "no CUDA driver (libcuda.so.1) on this machine".into(),
+            ));
+        }
+        if !unsafe { cudarc::nccl::sys::is_culib_present() } {
+            return Err(CommError::Unavailable(
+                "no NCCL library (libnccl.so.2) on this machine".into(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The NCCL communicator. NCCL allows a communicator to be used from any
