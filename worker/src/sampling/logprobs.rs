@@ -23,15 +23,26 @@ pub(super) fn clean(logit: f32) -> f32 {
 /// Greedy pick: the highest logit, ties broken by the lowest id. A row with no
 /// usable logit (empty, or all NaN/`-inf`) gives id 0.
 pub fn argmax(logits: &[f32]) -> u32 {
-    let mut best = (0, f32::NEG_INFINITY);
-    for (id, &logit) in logits.iter().enumerate() {
-        let logit = clean(logit);
-        // Strictly greater keeps the first (lowest) id among equal logits.
-        if logit > best.1 {
-            best = (id, logit);
+    // The maximum in independent lanes, which the compiler turns into SIMD (`f32::max`
+    // passes over NaN), then its first position: a running (id, max) pair would be a
+    // serial chain of compares over the whole vocabulary.
+    const LANES: usize = 16;
+    let mut lanes = [f32::NEG_INFINITY; LANES];
+    let chunks = logits.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (lane, &l) in lanes.iter_mut().zip(chunk) {
+            *lane = lane.max(l);
         }
     }
-    best.0 as u32
+    let max = lanes
+        .iter()
+        .chain(tail)
+        .fold(f32::NEG_INFINITY, |m, &l| m.max(l));
+    if max == f32::NEG_INFINITY {
+        return 0;
+    }
+    logits.iter().position(|&l| l == max).unwrap_or(0) as u32
 }
 
 /// What a row's probabilities are normalised by.
@@ -132,6 +143,35 @@ mod tests {
         assert_eq!(argmax(&[f32::NAN, f32::NAN]), 0);
         assert_eq!(argmax(&[]), 0);
         assert_eq!(argmax(&[0.0, f32::INFINITY, 1.0]), 1);
+    }
+
+    #[test]
+    fn argmax_is_the_first_largest_at_every_length() {
+        // Lengths around the 16 lanes, NaN and -inf sprinkled in, many ties.
+        for len in [1, 15, 16, 17, 31, 33, 100, 49_152] {
+            for salt in 0..4u32 {
+                let row: Vec<f32> = (0..len as u32)
+                    .map(|i| match (i * 2_654_435_761u32.wrapping_add(salt)) % 97 {
+                        0 => f32::NAN,
+                        1 => f32::NEG_INFINITY,
+                        v => (v % 23) as f32 - 11.0,
+                    })
+                    .collect();
+                let max = row
+                    .iter()
+                    .copied()
+                    .filter(|l| !l.is_nan())
+                    .fold(f32::NEG_INFINITY, f32::max);
+                let first = row
+                    .iter()
+                    .position(|&l| l == max && max > f32::NEG_INFINITY);
+                assert_eq!(
+                    argmax(&row),
+                    first.unwrap_or(0) as u32,
+                    "len {len} salt {salt}"
+                );
+            }
+        }
     }
 
     #[test]
