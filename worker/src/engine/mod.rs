@@ -43,6 +43,8 @@ pub enum EngineError {
     Model(#[from] ModelError),
     #[error(transparent)]
     Tokenizer(#[from] TokenizerError),
+    #[error(transparent)]
+    KvCache(#[from] crate::kv::KvCacheTooLarge),
     /// The request cannot run as asked; the message says which part and why.
     #[error("invalid request: {0}")]
     InvalidRequest(String),
@@ -249,15 +251,15 @@ impl Engine {
         let block_bytes = shape.block_bytes(block_size).max(1);
         let max_num_seqs = options.max_num_seqs.max(1);
         let bytes = options.kv_cache_bytes.unwrap_or_else(|| {
-            let want = max_num_seqs * max_seq_len.div_ceil(block_size) * block_bytes;
-            let one = max_seq_len.div_ceil(block_size) * block_bytes;
+            let one = max_seq_len.div_ceil(block_size).saturating_mul(block_bytes);
+            let want = max_num_seqs.saturating_mul(one);
             want.min(DEFAULT_KV_CACHE_BYTES).max(one)
         });
         let blocks = (bytes / block_bytes).max(1);
         let kv_cache = KvCacheInfo {
             blocks,
             block_size,
-            bytes: blocks * block_bytes,
+            bytes: blocks.saturating_mul(block_bytes),
         };
         // A sequence can never outgrow the whole cache.
         let max_seq_len = max_seq_len.min(kv_cache.tokens());
@@ -284,7 +286,7 @@ impl Engine {
             max_num_seqs,
         };
         release_freed_memory();
-        let kv = KvCache::new(shape, blocks, block_size);
+        let kv = KvCache::new(shape, blocks, block_size)?;
         let scheduler = Scheduler::new(
             SchedulerConfig {
                 max_num_seqs,
@@ -354,7 +356,7 @@ impl Engine {
             info.bytes = info.bytes / info.blocks * blocks;
             info.blocks = blocks;
             self.info.max_seq_len = self.info.max_seq_len.min(info.tokens());
-            self.kv = KvCache::new(self.kv.shape(), blocks, info.block_size);
+            self.kv = KvCache::new(self.kv.shape(), blocks, info.block_size)?;
             self.scheduler = Scheduler::new(
                 self.scheduler.config(),
                 BlockManager::new(blocks, info.block_size),

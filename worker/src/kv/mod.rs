@@ -18,6 +18,18 @@ use half::slice::{HalfBitsSliceExt, HalfFloatSliceExt};
 
 pub use blocks::{BlockHash, BlockId, BlockManager};
 
+/// The memory a KV cache asked for could not be reserved.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "cannot reserve {bytes} bytes for the KV cache ({blocks} blocks of {block_size} positions): \
+     lower --kv-cache-memory, or --max-seq-len if the model's context length sized it"
+)]
+pub struct KvCacheTooLarge {
+    pub bytes: u128,
+    pub blocks: usize,
+    pub block_size: usize,
+}
+
 /// Positions per block unless configured otherwise.
 pub const DEFAULT_BLOCK_SIZE: usize = 16;
 
@@ -37,7 +49,16 @@ impl KvShape {
 
     /// Bytes of one block of `block_size` positions, keys and values of every layer.
     pub fn block_bytes(&self, block_size: usize) -> usize {
-        2 * self.layers * block_size * self.row() * std::mem::size_of::<f16>()
+        // Saturating: a block size or context nobody could allocate must be refused
+        // by the allocation, not overflow here.
+        [
+            self.layers,
+            block_size,
+            self.row(),
+            std::mem::size_of::<f16>(),
+        ]
+        .iter()
+        .fold(2usize, |n, &f| n.saturating_mul(f))
     }
 }
 
@@ -76,12 +97,23 @@ struct HalfBuffer {
 impl HalfBuffer {
     const ALIGN: usize = 128;
 
-    fn zeroed(len: usize) -> Self {
-        let pad = Self::ALIGN / 2;
-        let bits = vec![0u16; len + pad];
+    /// `None` when the memory cannot be had: `vec![0; n]` would abort the process.
+    fn zeroed(len: usize) -> Option<Self> {
+        let total = len.checked_add(Self::ALIGN / 2)?;
+        let layout = std::alloc::Layout::array::<u16>(total).ok()?;
+        // SAFETY: `total` is at least ALIGN / 2, so the layout is not zero-sized; a
+        // non-null block from the global allocator with this layout, all zero (valid
+        // u16s), is what `Vec::from_raw_parts` takes, with capacity `total`.
+        let bits = unsafe {
+            let ptr = std::alloc::alloc_zeroed(layout).cast::<u16>();
+            if ptr.is_null() {
+                return None;
+            }
+            Vec::from_raw_parts(ptr, total, total)
+        };
         let misalign = bits.as_ptr() as usize % Self::ALIGN;
         let start = (Self::ALIGN - misalign) % Self::ALIGN / 2;
-        Self { bits, start, len }
+        Some(Self { bits, start, len })
     }
 
     fn get(&self) -> &[f16] {
@@ -104,20 +136,36 @@ pub struct KvCache {
 impl KvCache {
     /// Storage for `num_blocks` blocks of `block_size` positions. The memory
     /// is reserved zeroed, so the system commits pages only as they are used.
-    pub fn new(shape: KvShape, num_blocks: usize, block_size: usize) -> Self {
-        let entries = num_blocks * block_size * shape.row();
+    /// Refused, rather than aborting the process, when it cannot be reserved.
+    pub fn new(
+        shape: KvShape,
+        num_blocks: usize,
+        block_size: usize,
+    ) -> Result<Self, KvCacheTooLarge> {
+        let too_large = || KvCacheTooLarge {
+            bytes: (shape.block_bytes(block_size) as u128) * num_blocks as u128,
+            blocks: num_blocks,
+            block_size,
+        };
+        let entries = num_blocks
+            .checked_mul(block_size)
+            .and_then(|n| n.checked_mul(shape.row()))
+            .ok_or_else(too_large)?;
         let layers = (0..shape.layers)
-            .map(|_| LayerStore {
-                keys: HalfBuffer::zeroed(entries),
-                values: HalfBuffer::zeroed(entries),
+            .map(|_| {
+                Some(LayerStore {
+                    keys: HalfBuffer::zeroed(entries)?,
+                    values: HalfBuffer::zeroed(entries)?,
+                })
             })
-            .collect();
-        Self {
+            .collect::<Option<_>>()
+            .ok_or_else(too_large)?;
+        Ok(Self {
             shape,
             block_size,
             num_blocks,
             layers,
-        }
+        })
     }
 
     pub fn shape(&self) -> KvShape {
@@ -254,7 +302,7 @@ mod tests {
 
     #[test]
     fn entries_written_through_a_table_read_back_in_order() {
-        let mut kv = KvCache::new(SHAPE, 8, 4);
+        let mut kv = KvCache::new(SHAPE, 8, 4).unwrap();
         // Blocks out of order, as a real table is.
         let table = [5, 2, 7];
         let entry = |pos: usize| (0..6).map(|i| (10 * pos + i) as f32).collect::<Vec<_>>();
@@ -274,7 +322,7 @@ mod tests {
 
     #[test]
     fn entries_are_kept_at_half_precision() {
-        let mut kv = KvCache::new(SHAPE, 2, 4);
+        let mut kv = KvCache::new(SHAPE, 2, 4).unwrap();
         let k = [0.1f32, 1.0 / 3.0, 65504.0, -2.5e-8, 1.0, 1e-3];
         kv.write(0, &[1], 0, &k, &k).unwrap();
         let view = kv.view(0, &[1], 1).unwrap();
@@ -285,7 +333,7 @@ mod tests {
 
     #[test]
     fn short_tables_bad_blocks_and_ragged_rows_are_refused() {
-        let mut kv = KvCache::new(SHAPE, 4, 2);
+        let mut kv = KvCache::new(SHAPE, 4, 2).unwrap();
         assert!(matches!(
             kv.write(0, &[0], 1, &[0.0; 12], &[0.0; 12]),
             Err(KvError::ShortTable { .. })

@@ -183,7 +183,7 @@ fn gguf_tensors(spec: &TinySpec, tensors: &[(String, Tensor)]) -> Vec<(String, T
 }
 
 fn logits(model: &Transformer, tokens: &[u32]) -> Vec<Vec<f32>> {
-    let mut kv = KvCache::new(model.kv_shape(), 64, 4);
+    let mut kv = KvCache::new(model.kv_shape(), 64, 4).unwrap();
     let slot: Vec<u32> = (0..32).collect();
     let span = SeqSpan {
         tokens,
@@ -414,6 +414,124 @@ fn truncated_shard_is_refused() {
     let err = HfCheckpoint::open(root.path()).unwrap_err().to_string();
     assert!(
         err.contains("model-00003-of-00003.safetensors") && err.contains("truncated"),
+        "{err}"
+    );
+}
+
+/// Loads `dir` and generates two tokens; `Err` is a refusal, a panic fails the caller.
+fn load_and_generate(dir: &Path) -> std::thread::Result<Result<(), String>> {
+    std::panic::catch_unwind(|| {
+        let mut engine = Engine::load(dir, &EngineOptions::default()).map_err(|e| e.to_string())?;
+        let mut req = GenerationRequest::new(Prompt::Text("Hello".into()));
+        req.stopping.max_tokens = Some(2);
+        engine
+            .generate(&req, &mut |_| Flow::Continue)
+            .map_err(|e| e.to_string())?;
+        Ok(())
+    })
+}
+
+/// Every config.json key set to zero, a negative, a huge number, a string, null or
+/// removed, and every byte of a safetensors header (its length and JSON) damaged: each
+/// directory is refused with an error or loads and generates. Never a panic.
+#[test]
+fn damaged_checkpoints_are_refused_or_run_never_panic() {
+    let spec = TinySpec {
+        layers: 1,
+        ..spec()
+    };
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("tiny");
+    write_hf_dir(&dir, &spec, &tiny_tensors(&spec).unwrap(), Dtype::BF16, 1);
+    let (mut ran, mut refused) = (0, 0);
+    let mut count = |what: &str, outcome: std::thread::Result<Result<(), String>>| match outcome {
+        Ok(Ok(())) => ran += 1,
+        Ok(Err(_)) => refused += 1,
+        Err(_) => panic!("{what}: panicked"),
+    };
+
+    let good = hf_config(&spec);
+    let keys: Vec<String> = good.as_object().unwrap().keys().cloned().collect();
+    let damages = [
+        Some(json!(0)),
+        Some(json!(-1)),
+        Some(json!(1_000_000_000_000u64)),
+        Some(json!("x")),
+        Some(json!(null)),
+        Some(json!(true)),
+        None,
+    ];
+    for key in &keys {
+        for damage in &damages {
+            let mut config = good.clone();
+            match damage {
+                Some(value) => config[key] = value.clone(),
+                None => {
+                    config.as_object_mut().unwrap().remove(key);
+                }
+            }
+            std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+            count(
+                &format!("config {key} = {damage:?}"),
+                load_and_generate(&dir),
+            );
+        }
+    }
+    std::fs::write(dir.join("config.json"), good.to_string()).unwrap();
+
+    let shard = dir.join("model.safetensors");
+    let bytes = std::fs::read(&shard).unwrap();
+    let header_end = 8 + u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+    // Every byte of the length, then every 3rd byte of the JSON (numbers and names).
+    for at in (0..8).chain((8..header_end).step_by(3)) {
+        for value in [b'0', b'9', b'"', 0xFF] {
+            if bytes[at] == value {
+                continue;
+            }
+            let mut damaged = bytes.clone();
+            damaged[at] = value;
+            std::fs::write(&shard, &damaged).unwrap();
+            count(
+                &format!("safetensors byte {at} -> {value:#04x}"),
+                load_and_generate(&dir),
+            );
+        }
+    }
+    assert!(ran > 0 && refused > 0, "ran {ran}, refused {refused}");
+}
+
+#[test]
+fn a_kv_cache_that_cannot_be_had_is_refused_not_aborted() {
+    let spec = spec();
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("tiny");
+    write_hf_dir(&dir, &spec, &tiny_tensors(&spec).unwrap(), Dtype::BF16, 1);
+    // A context length nobody could cache, sized by default...
+    let mut config = hf_config(&spec);
+    config["max_position_embeddings"] = json!(1_000_000_000_000u64);
+    std::fs::write(dir.join("config.json"), config.to_string()).unwrap();
+    let err = Engine::load(&dir, &EngineOptions::default())
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("cannot reserve") && err.contains("--max-seq-len"),
+        "{err}"
+    );
+    // ... and fine again once the sequences are limited.
+    let limited = EngineOptions {
+        max_seq_len: Some(512),
+        ..EngineOptions::default()
+    };
+    assert!(Engine::load(&dir, &limited).is_ok());
+    // An explicit budget beyond any machine.
+    let huge = EngineOptions {
+        kv_cache_bytes: Some(usize::MAX / 2),
+        ..limited
+    };
+    let err = Engine::load(&dir, &huge).err().unwrap().to_string();
+    assert!(
+        err.contains("cannot reserve") && err.contains("--kv-cache-memory"),
         "{err}"
     );
 }

@@ -39,7 +39,7 @@ fn token_by_token_decode_equals_full_prefill() {
             dtype,
             ..TinySpec::default()
         });
-        let mut kv = KvCache::new(model.kv_shape(), 64, 4);
+        let mut kv = KvCache::new(model.kv_shape(), 64, 4).unwrap();
         let full = logits_all(&model, &mut kv, &TOKENS);
         let slot: Vec<u32> = (0..32).collect();
         for (pos, tok) in TOKENS.iter().enumerate() {
@@ -72,7 +72,7 @@ fn spans_batched_together_equal_separate_runs() {
         dtype: GgmlDType::Q8_0,
         ..TinySpec::default()
     });
-    let mut kv = KvCache::new(model.kv_shape(), 64, 4);
+    let mut kv = KvCache::new(model.kv_shape(), 64, 4).unwrap();
     let a = &TOKENS[..7];
     let b = &TOKENS[3..];
     let alone_a = logits_all(&model, &mut kv, a);
@@ -110,7 +110,7 @@ fn chunked_prefill_equals_one_shot() {
         dtype: GgmlDType::Q4_1,
         ..TinySpec::default()
     });
-    let mut kv = KvCache::new(model.kv_shape(), 64, 4);
+    let mut kv = KvCache::new(model.kv_shape(), 64, 4).unwrap();
     let full = logits_all(&model, &mut kv, &TOKENS);
     let slot: Vec<u32> = (0..32).collect();
     let (first, rest) = TOKENS.split_at(4);
@@ -146,7 +146,7 @@ fn separate_head_and_qkv_bias_change_the_output() {
     assert!(!separate.config().tied_embeddings);
     assert!(biased.config().qkv_bias);
     assert_eq!(biased.config().rope.style, RopeStyle::Halves);
-    let mut kv = KvCache::new(tied.kv_shape(), 64, 4);
+    let mut kv = KvCache::new(tied.kv_shape(), 64, 4).unwrap();
     let a = logits_all(&tied, &mut kv, &TOKENS);
     let b = logits_all(&separate, &mut kv, &TOKENS);
     let c = logits_all(&biased, &mut kv, &TOKENS);
@@ -233,4 +233,83 @@ fn unknown_architecture_is_refused() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("gptneox"), "{err}");
+}
+
+/// Every byte of the header, metadata and tensor table of a small model, set to 0x00,
+/// 0xFF or with its top bit flipped, and the file cut at every 7th byte: each is either
+/// refused with an error or loads and runs a forward step. Never a panic: a worker
+/// handed a damaged file must say so, not crash.
+#[test]
+fn damaged_files_are_refused_or_run_never_panic() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("tiny.gguf");
+    write_tiny_gguf(
+        &good,
+        &TinySpec {
+            dtype: GgmlDType::Q4_1,
+            hidden: 64,
+            ffn: 128,
+            vocab: 64,
+            layers: 1,
+            ..TinySpec::default()
+        },
+    )
+    .unwrap();
+    let bytes = std::fs::read(&good).unwrap();
+    // The tensor table ends where the tensors' data starts.
+    let data_start =
+        candle_core::quantized::gguf_file::Content::read(&mut std::fs::File::open(&good).unwrap())
+            .unwrap()
+            .tensor_data_offset as usize;
+    let path = dir.path().join("damaged.gguf");
+    let (mut ran, mut refused) = (0, 0);
+    let mut try_file = |damaged: &[u8], what: &str| {
+        std::fs::write(&path, damaged).unwrap();
+        let outcome = std::panic::catch_unwind(|| -> Result<(), String> {
+            let file = GgufFile::open(&path).map_err(|e| e.to_string())?;
+            let model = Transformer::from_gguf(&file, Arc::new(SingleRank), Device::Cpu)
+                .map_err(|e| e.to_string())?;
+            let mut kv = KvCache::new(model.kv_shape(), 16, 4).unwrap();
+            let slot: Vec<u32> = (0..4).collect();
+            let span = SeqSpan {
+                tokens: &[1, 2, 3],
+                start_pos: 0,
+                blocks: &slot,
+                logits: LogitsFor::Last,
+            };
+            model.forward(&[span], &mut kv).map_err(|e| e.to_string())?;
+            Ok(())
+        });
+        match outcome {
+            Ok(Ok(())) => ran += 1,
+            Ok(Err(_)) => refused += 1,
+            Err(e) => {
+                let msg = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                panic!("{what}: panicked: {msg}");
+            }
+        }
+    };
+    for at in 0..data_start {
+        let original = bytes[at];
+        for value in [0x00, 0xFF, original ^ 0x80] {
+            if value == original {
+                continue;
+            }
+            let mut damaged = bytes.clone();
+            damaged[at] = value;
+            try_file(
+                &damaged,
+                &format!("byte {at} {original:#04x} -> {value:#04x}"),
+            );
+        }
+    }
+    for len in (0..bytes.len()).step_by(7) {
+        try_file(&bytes[..len], &format!("cut at {len} of {}", bytes.len()));
+    }
+    // Both kinds of outcome occur: some damage (a float's low bits) still runs.
+    assert!(ran > 0 && refused > 0, "ran {ran}, refused {refused}");
 }

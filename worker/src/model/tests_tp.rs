@@ -35,7 +35,7 @@ fn logits(path: &std::path::Path, world: usize) -> Vec<Vec<f32>> {
                 pool.install(|| {
                     let file = GgufFile::open(&path).unwrap();
                     let model = Transformer::from_gguf(&file, comm, Device::Cpu).unwrap();
-                    let mut kv = KvCache::new(model.kv_shape(), 64, 4);
+                    let mut kv = KvCache::new(model.kv_shape(), 64, 4).unwrap();
                     let slot: Vec<u32> = (0..32).collect();
                     let mut out = Vec::new();
                     let steps: [(&[u32], usize); 3] =

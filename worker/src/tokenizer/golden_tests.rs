@@ -331,3 +331,64 @@ fn missing_tokenizer_json_names_the_path() {
         "{err}"
     );
 }
+
+/// Each tokenizer key of the demo model's metadata, damaged (a wrong type, an
+/// out-of-range id, an empty or halved array, a different tokenizer model) or missing:
+/// the tokenizer is refused with an error, or it builds and then encodes, decodes and
+/// renders a chat. Never a panic.
+#[test]
+fn damaged_tokenizer_metadata_is_refused_or_works_never_panics() {
+    use gguf_file::Value;
+    let good = demo_metadata();
+    let mut keys: Vec<&String> = good
+        .keys()
+        .filter(|k| k.starts_with("tokenizer."))
+        .collect();
+    keys.sort();
+    assert!(keys.len() >= 6, "demo tokenizer keys: {keys:?}");
+    let damages = |value: &Value| -> Vec<Option<Value>> {
+        let mut out = vec![
+            None,
+            Some(Value::U32(u32::MAX)),
+            Some(Value::I32(-1)),
+            Some(Value::String("llama".into())),
+            Some(Value::Array(Vec::new())),
+        ];
+        if let Value::Array(items) = value {
+            out.push(Some(Value::Array(items[..items.len() / 2].to_vec())));
+            out.push(Some(Value::Array(vec![Value::Bool(true); items.len()])));
+        }
+        out
+    };
+    let mut refused = 0;
+    for key in keys {
+        for damage in damages(&good[key]) {
+            let what = format!("{key} = {damage:?}");
+            let what = &what[..what.len().min(120)];
+            let mut meta = good.clone();
+            match damage {
+                Some(value) => meta.insert(key.clone(), value),
+                None => meta.remove(key),
+            };
+            let outcome = std::panic::catch_unwind(|| -> Result<(), super::TokenizerError> {
+                let tokenizer = Tokenizer::from_gguf(&meta)?;
+                let ids = tokenizer.encode("Hello, 세계! <|im_start|>", true, true)?;
+                tokenizer.decode(&ids, false)?;
+                if let Some(template) = tokenizer.chat_template() {
+                    let hi = ChatMessage {
+                        role: "user".into(),
+                        content: "hi".into(),
+                    };
+                    template.render(&[hi], true)?;
+                }
+                Ok(())
+            });
+            match outcome {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => refused += 1,
+                Err(_) => panic!("{what}: panicked"),
+            }
+        }
+    }
+    assert!(refused > 0, "no damage was refused");
+}

@@ -211,7 +211,16 @@ impl GgufFile {
     fn check_tensor_bounds(&self) -> Result<(), WeightsError> {
         let file_len = self.map.len() as u64;
         for (name, info) in &self.content.tensor_infos {
-            let elems = info.shape.elem_count() as u64;
+            // A damaged header can claim dimensions whose product overflows.
+            let dims = info.shape.dims();
+            let Some(elems) = dims.iter().try_fold(1u64, |n, &d| n.checked_mul(d as u64)) else {
+                return Err(WeightsError::BadHeader {
+                    path: self.path.clone(),
+                    reason: format!(
+                        "tensor '{name}' has dimensions {dims:?}, more values than fit in 64 bits"
+                    ),
+                });
+            };
             let block = info.ggml_dtype.block_size() as u64;
             if !elems.is_multiple_of(block) {
                 return Err(WeightsError::BadHeader {
