@@ -23,6 +23,8 @@ pub mod status;
 mod fixtures;
 #[cfg(test)]
 mod tests;
+#[cfg(test)]
+mod tests_damaged;
 
 use std::sync::Arc;
 

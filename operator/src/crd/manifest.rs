@@ -169,7 +169,7 @@ spec:
         let e = err(&format!("{DEMO}  tensor: 0\n"));
         assert_eq!(
             e,
-            "spec.tensor: 0 is not a valid tensor parallel size (must be ≥ 1)"
+            "spec.tensor: 0 is not a valid tensor parallel size (must be 1 to 1024)"
         );
         let e = err(&DEMO.replace("pip://", "ftp://"));
         assert!(

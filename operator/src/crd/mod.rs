@@ -90,14 +90,17 @@ pub struct ModelDeploymentSpec {
     pub served_model_name: Option<String>,
 
     /// Tensor parallel size: how many ranks one copy of the model is split
-    /// across. Attention heads must divide evenly among them. Defaults to 1.
+    /// across. Attention heads must divide evenly among them. Defaults to 1;
+    /// at most 1024.
     #[serde(default = "one")]
-    #[schemars(range(min = 1))]
+    #[schemars(range(min = 1, max = 1024))]
     pub tensor: u32,
 
     /// How many independent copies (groups of `tensor` ranks) serve the
-    /// model. Defaults to 1; 0 keeps the resource but runs nothing.
+    /// model. Defaults to 1; 0 keeps the resource but runs nothing; at most
+    /// 1000.
     #[serde(default = "one")]
+    #[schemars(range(max = 1000))]
     pub replicas: u32,
 
     /// Limits of the inference engine in every rank.

@@ -6,6 +6,11 @@ use super::source::{ModelSource, SourceError, is_dns_label};
 
 /// Longest served model name: it travels in URLs, JSON and metric labels.
 const MAX_SERVED_NAME: usize = 256;
+/// Most ranks in one group (the schema's maximum too): far past any model, and small
+/// enough that the objects of a group are always a sane size.
+pub const MAX_TENSOR: u32 = 1024;
+/// Most groups of one deployment (the schema's maximum too): one StatefulSet each.
+pub const MAX_REPLICAS: u32 = 1000;
 
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 pub enum ValidationError {
@@ -19,8 +24,10 @@ pub enum ValidationError {
     Source(#[from] SourceError),
     #[error("spec.servedModelName: {0:?} {1}")]
     BadServedName(String, &'static str),
-    #[error("spec.tensor: {0} is not a valid tensor parallel size (must be ≥ 1)")]
+    #[error("spec.tensor: {0} is not a valid tensor parallel size (must be 1 to 1024)")]
     Tensor(u32),
+    #[error("spec.replicas: {0} groups are more than the 1000 one deployment may run")]
+    Replicas(u32),
     #[error("spec.engine.maxSeqLen: {0} is not a valid sequence length (must be ≥ 1)")]
     MaxSeqLen(u32),
     #[error("spec.engine.maxNumSeqs: {0} is not a valid number of sequences (must be ≥ 1)")]
@@ -44,8 +51,11 @@ pub fn validate(md: &ModelDeployment) -> Vec<ValidationError> {
     {
         errors.push(ValidationError::BadServedName(name.clone(), problem));
     }
-    if spec.tensor == 0 {
+    if !(1..=MAX_TENSOR).contains(&spec.tensor) {
         errors.push(ValidationError::Tensor(spec.tensor));
+    }
+    if spec.replicas > MAX_REPLICAS {
+        errors.push(ValidationError::Replicas(spec.replicas));
     }
     if spec.engine.max_seq_len == Some(0) {
         errors.push(ValidationError::MaxSeqLen(0));
@@ -99,8 +109,25 @@ mod tests {
         md.spec.tensor = 0;
         assert_eq!(
             messages(&md),
-            ["spec.tensor: 0 is not a valid tensor parallel size (must be ≥ 1)"]
+            ["spec.tensor: 0 is not a valid tensor parallel size (must be 1 to 1024)"]
         );
+    }
+
+    #[test]
+    fn groups_beyond_any_cluster_are_refused() {
+        let mut md = demo();
+        md.spec.tensor = MAX_TENSOR + 1;
+        md.spec.replicas = u32::MAX;
+        assert_eq!(
+            messages(&md),
+            [
+                "spec.tensor: 1025 is not a valid tensor parallel size (must be 1 to 1024)",
+                "spec.replicas: 4294967295 groups are more than the 1000 one deployment may run",
+            ]
+        );
+        md.spec.tensor = MAX_TENSOR;
+        md.spec.replicas = MAX_REPLICAS;
+        assert!(validate(&md).is_empty());
     }
 
     #[test]

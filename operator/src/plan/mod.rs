@@ -147,7 +147,7 @@ pub fn plan(spec: &ModelDeploymentSpec, shape: &Shape, gpu_memory: u64) -> Plan 
         .gpu_memory_utilization_percent
         .unwrap_or(DEFAULT_GPU_MEMORY_UTILIZATION_PERCENT);
     let usable = (u128::from(gpu_memory) * u128::from(percent) / 100) as u64;
-    let needed = weight_bytes_per_gpu + RUNTIME_OVERHEAD_BYTES;
+    let needed = weight_bytes_per_gpu.saturating_add(RUNTIME_OVERHEAD_BYTES);
     let kv_cache_bytes_per_gpu = usable.saturating_sub(needed);
     if needed > usable {
         reasons.push(Misfit::WeightsTooBig { needed, usable });
@@ -166,7 +166,7 @@ pub fn plan(spec: &ModelDeploymentSpec, shape: &Shape, gpu_memory: u64) -> Plan 
         groups: spec.replicas,
         pods_per_group,
         ranks_per_pod,
-        gpus_per_pod: ranks_per_pod * spec.gpu.per_rank,
+        gpus_per_pod: ranks_per_pod.saturating_mul(spec.gpu.per_rank),
         weight_bytes_per_gpu,
         kv_cache_bytes_per_gpu,
         kv_bytes_per_token_per_gpu,

@@ -59,24 +59,44 @@ impl Shape {
     /// output projection and MLP are split `tensor` ways; key/value
     /// projections by KV head (replicated once `tensor` exceeds the KV
     /// heads); norms are replicated.
+    /// Saturating, as is the rest of the planner's arithmetic: a shape no GPU could
+    /// hold must come out as too big, not overflow.
     pub fn rank_params(&self, tensor: u64) -> u64 {
+        let tensor = tensor.max(1);
         let h = self.hidden_size;
-        let vocab_share = self.vocab_size.div_ceil(tensor) * h;
+        let vocab_share = product(&[self.vocab_size.div_ceil(tensor), h]);
         let embeddings = if self.tied_embeddings {
             vocab_share
         } else {
-            2 * vocab_share
+            vocab_share.saturating_mul(2)
         };
-        let q_o = 2 * h * self.heads.div_ceil(tensor) * self.head_dim;
-        let k_v = 2 * h * self.local_kv_heads(tensor) * self.head_dim;
-        let mlp = 3 * h * self.intermediate_size.div_ceil(tensor);
-        let norms = 2 * h;
-        embeddings + self.layers * (q_o + k_v + mlp + norms) + h
+        let q_o = product(&[2, h, self.heads.div_ceil(tensor), self.head_dim]);
+        let k_v = product(&[2, h, self.local_kv_heads(tensor), self.head_dim]);
+        let mlp = product(&[3, h, self.intermediate_size.div_ceil(tensor)]);
+        let norms = h.saturating_mul(2);
+        let layer = q_o
+            .saturating_add(k_v)
+            .saturating_add(mlp)
+            .saturating_add(norms);
+        embeddings
+            .saturating_add(self.layers.saturating_mul(layer))
+            .saturating_add(h)
     }
 
     /// KV cache bytes of one token in one rank: keys and values of every
     /// layer for the rank's KV heads.
     pub fn rank_kv_bytes_per_token(&self, tensor: u64, kv_dtype_bytes: u64) -> u64 {
-        2 * self.layers * self.local_kv_heads(tensor) * self.head_dim * kv_dtype_bytes
+        product(&[
+            2,
+            self.layers,
+            self.local_kv_heads(tensor.max(1)),
+            self.head_dim,
+            kv_dtype_bytes,
+        ])
     }
+}
+
+/// The product of `factors`, saturating at `u64::MAX`.
+fn product(factors: &[u64]) -> u64 {
+    factors.iter().fold(1u64, |n, &f| n.saturating_mul(f))
 }
