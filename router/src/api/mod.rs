@@ -8,6 +8,8 @@ mod error;
 pub(crate) mod ollama;
 pub(crate) mod openai;
 mod params;
+#[cfg(test)]
+mod tests_damaged;
 pub(crate) mod tgi;
 
 use std::sync::Arc;

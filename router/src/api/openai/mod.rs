@@ -1,7 +1,7 @@
 //! OpenAI-compatible `/v1/chat/completions`, `/v1/completions` and
 //! `/v1/models`: parse and check (`request`), generate, shape (`response`).
 
-mod request;
+pub(crate) mod request;
 mod response;
 
 use axum::Json;
