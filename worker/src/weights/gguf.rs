@@ -222,11 +222,14 @@ impl GgufFile {
                 });
             };
             let block = info.ggml_dtype.block_size() as u64;
-            if !elems.is_multiple_of(block) {
+            // Blocks run along a row, as in ggml: the row length (the last dimension
+            // here) must be whole blocks, or every row after the first would be misread.
+            let row_len = dims.last().map_or(1, |&d| d as u64);
+            if !row_len.is_multiple_of(block) {
                 return Err(WeightsError::BadHeader {
                     path: self.path.clone(),
                     reason: format!(
-                        "tensor '{name}' has {elems} values, not a multiple of its {:?} block of {block}",
+                        "tensor '{name}' has rows of {row_len} values, not a multiple of its {:?} block of {block}",
                         info.ggml_dtype
                     ),
                 });

@@ -205,3 +205,42 @@ fn assert_product_matches_dense(w: &Weight, m: usize, slack: f32, what: &str) {
         );
     }
 }
+
+/// A GGUF file written byte by byte: one tensor `t` of ggml dims `ne` (innermost first),
+/// type `ggml_type`, and `data`.
+fn handmade_gguf(ne: &[u64], ggml_type: u32, data: &[u8]) -> Vec<u8> {
+    let mut f = Vec::new();
+    f.extend_from_slice(b"GGUF");
+    f.extend_from_slice(&3u32.to_le_bytes()); // version
+    f.extend_from_slice(&1u64.to_le_bytes()); // tensors
+    f.extend_from_slice(&0u64.to_le_bytes()); // metadata pairs
+    f.extend_from_slice(&1u64.to_le_bytes());
+    f.push(b't');
+    f.extend_from_slice(&(ne.len() as u32).to_le_bytes());
+    for d in ne {
+        f.extend_from_slice(&d.to_le_bytes());
+    }
+    f.extend_from_slice(&ggml_type.to_le_bytes());
+    f.extend_from_slice(&0u64.to_le_bytes()); // offset in the data section
+    f.resize(f.len().next_multiple_of(32), 0);
+    f.extend_from_slice(data);
+    f
+}
+
+#[test]
+fn rows_that_cut_blocks_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("rows.gguf");
+    // Q8_0 (type 8, blocks of 32 values in 34 bytes): 2 rows of 48 values hold 3 whole
+    // blocks in total, but each row ends inside one.
+    std::fs::write(&path, handmade_gguf(&[48, 2], 8, &[0; 3 * 34])).unwrap();
+    let msg = GgufFile::open(&path).unwrap_err().to_string();
+    assert!(
+        msg.contains("rows.gguf") && msg.contains("rows of 48 values"),
+        "{msg}"
+    );
+    // The same bytes as 3 rows of 32 values are a valid tensor.
+    std::fs::write(&path, handmade_gguf(&[32, 3], 8, &[0; 3 * 34])).unwrap();
+    let file = GgufFile::open(&path).unwrap();
+    assert_eq!(file.tensor_meta("t").unwrap().dims, [3, 32]);
+}
