@@ -16,6 +16,12 @@ use super::TokenizerError;
 
 const NAME: &str = "chat_template";
 
+/// Instructions one render may run. A template comes with the model file and runs for
+/// every chat request: a broken one (nested loops) must fail, not stall the worker. Real
+/// templates use a few thousand per message; this is tens of thousands of messages, and
+/// under a second at worst.
+const RENDER_FUEL: u64 = 20_000_000;
+
 /// One message of a chat, as the template sees it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ChatMessage {
@@ -54,6 +60,7 @@ impl ChatTemplate {
             .build()
             .map_err(compile_error)?;
         env.set_syntax(syntax);
+        env.set_fuel(Some(RENDER_FUEL));
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
         env.add_function("raise_exception", raise_exception);
         env.add_filter("tojson", tojson);
@@ -275,6 +282,17 @@ mod tests {
 
     fn render_one(source: &str, messages: &[ChatMessage]) -> Result<String, TokenizerError> {
         ChatTemplate::new(source, Some("<s>"), Some("</s>"))?.render(messages, true)
+    }
+
+    #[test]
+    fn a_runaway_template_fails_instead_of_stalling() {
+        // 10^12 iterations: without a fuel limit this would run for a day.
+        let source = "{% for a in range(10000) %}{% for b in range(10000) %}\
+                      {% for c in range(10000) %}x{% endfor %}{% endfor %}{% endfor %}";
+        let started = std::time::Instant::now();
+        let err = render_one(source, &[ChatMessage::new("user", "hi")]).unwrap_err();
+        assert!(err.to_string().contains("fuel"), "{err}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(30));
     }
 
     #[test]

@@ -392,3 +392,18 @@ fn damaged_tokenizer_metadata_is_refused_or_works_never_panics() {
     }
     assert!(refused > 0, "no damage was refused");
 }
+
+#[test]
+fn the_demo_template_renders_ten_thousand_messages_within_its_fuel() {
+    let template = demo()
+        .chat_template()
+        .expect("the demo model has a chat template");
+    let messages: Vec<ChatMessage> = (0..10_000)
+        .map(|i| ChatMessage {
+            role: if i % 2 == 0 { "user" } else { "assistant" }.into(),
+            content: format!("message number {i}"),
+        })
+        .collect();
+    let text = template.render(&messages, true).unwrap();
+    assert!(text.contains("message number 9999"));
+}
