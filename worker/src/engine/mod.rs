@@ -90,6 +90,36 @@ pub enum EngineEvent {
 /// at full length, up to this much.
 pub const DEFAULT_KV_CACHE_BYTES: usize = 1 << 30;
 
+/// A prompt's token ids for a model with `vocab` tokens (its chat template rendered and
+/// the text tokenized as the model asks), or why the request cannot run. A free function
+/// so that servers can run it on their own threads: a long prompt or a heavy template
+/// then never stalls the engine's steps.
+pub fn prompt_ids(
+    tokenizer: &Tokenizer,
+    vocab: usize,
+    prompt: &Prompt,
+) -> Result<Vec<u32>, EngineError> {
+    let ids = match prompt {
+        Prompt::Text(text) => tokenizer.encode(text, true, true)?,
+        Prompt::Chat(messages) => {
+            let template = tokenizer.chat_template().ok_or_else(|| {
+                EngineError::InvalidRequest(
+                    "this model has no chat template; send a text prompt".into(),
+                )
+            })?;
+            let text = template.render(messages, true)?;
+            tokenizer.encode(&text, false, true)?
+        }
+        Prompt::Ids(ids) => ids.clone(),
+    };
+    if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
+        return Err(EngineError::InvalidRequest(format!(
+            "prompt token id {bad} is outside the vocabulary of {vocab}"
+        )));
+    }
+    Ok(ids)
+}
+
 /// Limits of the engine, set at start-up.
 #[derive(Clone, Debug)]
 pub struct EngineOptions {
@@ -368,26 +398,7 @@ impl Engine {
 
     /// The prompt's token ids, or why the request cannot run.
     pub fn prompt_ids(&self, prompt: &Prompt) -> Result<Vec<u32>, EngineError> {
-        let ids = match prompt {
-            Prompt::Text(text) => self.tokenizer.encode(text, true, true)?,
-            Prompt::Chat(messages) => {
-                let template = self.tokenizer.chat_template().ok_or_else(|| {
-                    EngineError::InvalidRequest(
-                        "this model has no chat template; send a text prompt".into(),
-                    )
-                })?;
-                let text = template.render(messages, true)?;
-                self.tokenizer.encode(&text, false, true)?
-            }
-            Prompt::Ids(ids) => ids.clone(),
-        };
-        let vocab = self.info.config.vocab_size;
-        if let Some(bad) = ids.iter().find(|&&id| id as usize >= vocab) {
-            return Err(EngineError::InvalidRequest(format!(
-                "prompt token id {bad} is outside the vocabulary of {vocab}"
-            )));
-        }
-        Ok(ids)
+        prompt_ids(&self.tokenizer, self.info.config.vocab_size, prompt)
     }
 
     /// Checks a request and returns its prompt ids.

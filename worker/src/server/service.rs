@@ -15,7 +15,7 @@ use tracing::{Instrument, Span};
 
 use super::convert;
 use super::metrics::{Metrics, RequestRecord};
-use crate::engine::{EngineEvent, EngineHandle};
+use crate::engine::{EngineEvent, EngineHandle, Prompt, prompt_ids};
 use crate::tokenizer::Tokenizer;
 
 /// Serves `shardserve.v1.Inference` from one engine.
@@ -111,7 +111,20 @@ impl InferenceService {
         &self,
         req: &pb::GenerateRequest,
     ) -> Result<(EngineEvent, mpsc::UnboundedReceiver<EngineEvent>), Status> {
-        let gen_request = convert::generation_request(req)?;
+        let mut gen_request = convert::generation_request(req)?;
+        // Template and tokenizer run here, on a blocking thread: on the engine's thread
+        // a long prompt (~0.5 ms per thousand tokens) or a heavy template would stall
+        // every running sequence's next step.
+        if !matches!(gen_request.prompt, Prompt::Ids(_)) {
+            let tokenizer = self.engine.tokenizer().clone();
+            let vocab = self.engine.info().config.vocab_size;
+            let prompt = std::mem::replace(&mut gen_request.prompt, Prompt::Ids(Vec::new()));
+            let ids = tokio::task::spawn_blocking(move || prompt_ids(&tokenizer, vocab, &prompt))
+                .await
+                .map_err(|e| Status::internal(format!("tokenizer task failed: {e}")))?
+                .map_err(|e| convert::engine_status(&e))?;
+            gen_request.prompt = Prompt::Ids(ids);
+        }
         tracing::info!(prompt = prompt_kind(req), "submitted");
         let mut events = self
             .engine
