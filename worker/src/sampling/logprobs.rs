@@ -151,11 +151,13 @@ mod tests {
         for len in [1, 15, 16, 17, 31, 33, 100, 49_152] {
             for salt in 0..4u32 {
                 let row: Vec<f32> = (0..len as u32)
-                    .map(|i| match (i * 2_654_435_761u32.wrapping_add(salt)) % 97 {
-                        0 => f32::NAN,
-                        1 => f32::NEG_INFINITY,
-                        v => (v % 23) as f32 - 11.0,
-                    })
+                    .map(
+                        |i| match i.wrapping_mul(2_654_435_761).wrapping_add(salt) % 97 {
+                            0 => f32::NAN,
+                            1 => f32::NEG_INFINITY,
+                            v => (v % 23) as f32 - 11.0,
+                        },
+                    )
                     .collect();
                 let max = row
                     .iter()
