@@ -74,7 +74,7 @@ pub fn run(mut args: WorkerArgs) -> Result<()> {
         served_model_name: args.served_model_name.clone(),
         ..EngineOptions::default()
     };
-    args.batching.apply(&mut options);
+    args.batching.apply(&mut options, args.group.device);
     if args.group.rank > 0 {
         // A follower serves no calls: it runs the leader's steps on its shard. The
         // first rank of another pod than the leader's answers that pod's gRPC health

@@ -1,5 +1,7 @@
 //! Where a rank computes: `cpu` (the project's own kernels), or an NVIDIA GPU through
-//! candle's CUDA backend (`cuda`, `cuda:N`), in builds with the `cuda` feature.
+//! the device backend on candle's CUDA backend (`cuda`, `cuda:N`), in builds with the
+//! `cuda` feature. `candle-cpu` runs that device backend on candle's CPU device: the
+//! GPU engine's code path without a GPU, for tests and CI, never for speed.
 //!
 //! A build without CUDA refuses `cuda` with a message saying so. A `cuda` build links
 //! libcuda (candle's CUDA backend has cudarc link its libraries), so it starts only
@@ -15,6 +17,8 @@ use candle_core::Device;
 pub enum DeviceSpec {
     #[default]
     Cpu,
+    /// The device backend on candle's CPU device (test-only: slow).
+    CandleCpu,
     /// `cuda:N` names GPU `N`; bare `cuda` lets each rank take its own (see
     /// [`DeviceSpec::ordinal`]).
     Cuda(Option<usize>),
@@ -22,7 +26,7 @@ pub enum DeviceSpec {
 
 #[derive(Debug, thiserror::Error)]
 pub enum DeviceError {
-    #[error("`{0}` is not a device: expected `cpu`, `cuda` or `cuda:N`")]
+    #[error("`{0}` is not a device: expected `cpu`, `cuda`, `cuda:N` or `candle-cpu`")]
     Parse(String),
     #[error(
         "--device {0}: this shardserve was built without CUDA (the `cuda` cargo feature, \
@@ -44,6 +48,7 @@ impl FromStr for DeviceSpec {
     fn from_str(s: &str) -> Result<Self, DeviceError> {
         match s {
             "cpu" => Ok(Self::Cpu),
+            "candle-cpu" => Ok(Self::CandleCpu),
             "cuda" => Ok(Self::Cuda(None)),
             _ => s
                 .strip_prefix("cuda:")
@@ -58,6 +63,7 @@ impl fmt::Display for DeviceSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Self::Cpu => f.write_str("cpu"),
+            Self::CandleCpu => f.write_str("candle-cpu"),
             Self::Cuda(None) => f.write_str("cuda"),
             Self::Cuda(Some(n)) => write!(f, "cuda:{n}"),
         }
@@ -69,7 +75,7 @@ impl DeviceSpec {
     /// bare `cuda` gives rank R the R-th visible GPU. `None` on CPU.
     pub fn ordinal(self, local_rank: usize) -> Option<usize> {
         match self {
-            Self::Cpu => None,
+            Self::Cpu | Self::CandleCpu => None,
             Self::Cuda(n) => Some(n.unwrap_or(local_rank)),
         }
     }
@@ -78,25 +84,64 @@ impl DeviceSpec {
     /// machine, for a process that will not know its place on the machine.
     pub fn for_local_rank(self, local_rank: usize) -> Self {
         match self {
-            Self::Cpu => Self::Cpu,
+            Self::Cpu | Self::CandleCpu => self,
             Self::Cuda(_) => Self::Cuda(self.ordinal(local_rank)),
         }
     }
 
     /// Opens the device of the `local_rank`-th rank of this machine.
-    pub fn open(self, local_rank: usize) -> Result<Device, DeviceError> {
-        let Some(ordinal) = self.ordinal(local_rank) else {
-            return Ok(Device::Cpu);
+    pub fn open(self, local_rank: usize) -> Result<Compute, DeviceError> {
+        let ordinal = match self.ordinal(local_rank) {
+            Some(ordinal) => ordinal,
+            None if self == Self::CandleCpu => return Ok(Compute::Device(Device::Cpu)),
+            None => return Ok(Compute::Host),
         };
         if !cfg!(feature = "cuda") {
             return Err(DeviceError::NotBuilt(self));
         }
-        Device::new_cuda(ordinal).map_err(|source| DeviceError::Open {
-            spec: self,
-            ordinal,
-            source,
-        })
+        Device::new_cuda(ordinal)
+            .map(Compute::Device)
+            .map_err(|source| DeviceError::Open {
+                spec: self,
+                ordinal,
+                source,
+            })
     }
+}
+
+/// Where a rank's model runs, once its device is open.
+#[derive(Clone, Debug)]
+pub enum Compute {
+    /// The CPU kernels on host rows (`--device cpu`).
+    Host,
+    /// The device backend: candle tensors on this device.
+    Device(Device),
+}
+
+impl Compute {
+    /// Whether this is a GPU (its memory, not the host's, holds weights and cache).
+    pub fn is_gpu(&self) -> bool {
+        matches!(self, Self::Device(d) if !d.is_cpu())
+    }
+
+    /// `(free, total)` bytes of the GPU's memory; `None` off GPUs.
+    pub fn gpu_memory(&self) -> Option<(usize, usize)> {
+        match self {
+            Self::Device(d) if !d.is_cpu() => gpu_memory(d),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn gpu_memory(device: &Device) -> Option<(usize, usize)> {
+    let cuda = device.as_cuda_device().ok()?;
+    cuda.cuda_stream().context().mem_get_info().ok()
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_memory(_: &Device) -> Option<(usize, usize)> {
+    None
 }
 
 #[cfg(test)]
@@ -109,6 +154,7 @@ mod tests {
             ("cpu", DeviceSpec::Cpu),
             ("cuda", DeviceSpec::Cuda(None)),
             ("cuda:3", DeviceSpec::Cuda(Some(3))),
+            ("candle-cpu", DeviceSpec::CandleCpu),
         ] {
             assert_eq!(text.parse::<DeviceSpec>().unwrap(), spec);
             assert_eq!(spec.to_string(), text);
@@ -117,7 +163,7 @@ mod tests {
             let err = bad.parse::<DeviceSpec>().unwrap_err();
             assert!(
                 err.to_string()
-                    .contains("expected `cpu`, `cuda` or `cuda:N`"),
+                    .contains("expected `cpu`, `cuda`, `cuda:N` or `candle-cpu`"),
                 "{bad}"
             );
         }
@@ -137,7 +183,11 @@ mod tests {
 
     #[test]
     fn cpu_opens_and_cuda_says_what_is_missing() {
-        assert!(matches!(DeviceSpec::Cpu.open(0), Ok(Device::Cpu)));
+        assert!(matches!(DeviceSpec::Cpu.open(0), Ok(Compute::Host)));
+        assert!(matches!(
+            DeviceSpec::CandleCpu.open(1),
+            Ok(Compute::Device(Device::Cpu))
+        ));
         if cfg!(feature = "cuda") {
             return; // a CUDA build runs only where libcuda is: opening may well succeed
         }

@@ -105,6 +105,12 @@ pub trait Collective: Send + Sync + std::fmt::Debug {
     fn all_reduce_sum(&self, data: &mut [f32]) -> Result<(), CommError> {
         self.all_reduce(HostSliceMut::F32(data))
     }
+    /// The element-wise sum over all ranks of an f32 tensor, as a new tensor on the
+    /// same device. This default goes through host memory (what the TCP and
+    /// in-process groups need anyway); NCCL reduces device buffers in place.
+    fn all_reduce_tensor(&self, t: &candle_core::Tensor) -> Result<candle_core::Tensor, CommError> {
+        host_all_reduce(self, t)
+    }
     /// `all_gather_host` of f32 data.
     fn all_gather(&self, data: &[f32]) -> Result<Vec<f32>, CommError> {
         match self.all_gather_host(HostSlice::F32(data))? {
@@ -116,6 +122,24 @@ pub trait Collective: Send + Sync + std::fmt::Debug {
             }),
         }
     }
+}
+
+/// [`Collective::all_reduce_tensor`] through host memory.
+pub(crate) fn host_all_reduce<C: Collective + ?Sized>(
+    comm: &C,
+    t: &candle_core::Tensor,
+) -> Result<candle_core::Tensor, CommError> {
+    let failed = |e: candle_core::Error| CommError::Failed {
+        op: "all_reduce_tensor",
+        reason: e.to_string(),
+    };
+    let mut host = t
+        .to_dtype(candle_core::DType::F32)
+        .and_then(|t| t.flatten_all())
+        .and_then(|t| t.to_vec1::<f32>())
+        .map_err(failed)?;
+    comm.all_reduce_sum(&mut host)?;
+    candle_core::Tensor::from_vec(host, t.shape(), t.device()).map_err(failed)
 }
 
 /// Any group, with the time its collectives take added up.
@@ -155,6 +179,9 @@ impl Collective for Timed {
     }
     fn all_gather_host(&self, data: HostSlice<'_>) -> Result<HostVec, CommError> {
         self.timed(|c| c.all_gather_host(data))
+    }
+    fn all_reduce_tensor(&self, t: &candle_core::Tensor) -> Result<candle_core::Tensor, CommError> {
+        self.timed(|c| c.all_reduce_tensor(t))
     }
     fn broadcast_bytes(&self, bytes: Vec<u8>) -> Result<Vec<u8>, CommError> {
         self.timed(|c| c.broadcast_bytes(bytes))
@@ -220,6 +247,9 @@ impl Collective for Deferred {
     }
     fn all_gather_host(&self, data: HostSlice<'_>) -> Result<HostVec, CommError> {
         self.group()?.all_gather_host(data)
+    }
+    fn all_reduce_tensor(&self, t: &candle_core::Tensor) -> Result<candle_core::Tensor, CommError> {
+        self.group()?.all_reduce_tensor(t)
     }
     fn broadcast_bytes(&self, bytes: Vec<u8>) -> Result<Vec<u8>, CommError> {
         self.group()?.broadcast_bytes(bytes)

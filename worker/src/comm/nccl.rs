@@ -5,8 +5,10 @@
 //! backend); rank 0 creates the NCCL unique id and broadcasts it over that
 //! group. All-reduce, the per-layer hot path, runs in NCCL; all-gather,
 //! broadcast and barrier are host-side control traffic and use the TCP
-//! group. The host slices of the `Collective` trait are staged through
-//! device memory; a device-resident path belongs to the CUDA engine.
+//! group. In `cuda` builds the communicator runs on the stream of the rank's
+//! candle device ([`CommConfig::device`]) and `all_reduce_tensor` reduces the
+//! device buffers the model holds, on that stream, with no host copy; host
+//! slices (the `Collective` trait's other calls) are staged through device memory.
 //!
 //! cudarc panics when `libcuda` or `libnccl` is missing, so [`probe`] checks
 //! for them (and for a device) before anything else touches cudarc. In `cuda`
@@ -112,14 +114,14 @@ impl NcclGroup {
         for (r, b) in raw.iter_mut().zip(&id) {
             *r = *b as std::ffi::c_char;
         }
-        let ctx = CudaContext::new(device).map_err(|e| cuda_err("cuda init", rank, e))?;
-        let comm = Comm::from_rank(
-            ctx.default_stream(),
-            rank.0,
-            cfg.world_size,
-            Id::uninit(raw),
-        )
-        .map_err(|e| cuda_err("nccl init", rank, e))?;
+        let stream = match compute_stream(cfg) {
+            Some(stream) => stream,
+            None => CudaContext::new(device)
+                .map_err(|e| cuda_err("cuda init", rank, e))?
+                .default_stream(),
+        };
+        let comm = Comm::from_rank(stream, rank.0, cfg.world_size, Id::uninit(raw))
+            .map_err(|e| cuda_err("nccl init", rank, e))?;
         Ok(Self {
             control,
             device,
@@ -144,7 +146,76 @@ impl NcclGroup {
     }
 }
 
+/// The stream of the candle device the model computes on, so that collectives queue
+/// behind the products that feed them (`cuda` builds with a CUDA device configured).
+#[cfg(feature = "cuda")]
+fn compute_stream(cfg: &CommConfig) -> Option<std::sync::Arc<cudarc::driver::CudaStream>> {
+    let device = cfg.device.as_ref()?.as_cuda_device().ok()?;
+    Some(device.cuda_stream())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn compute_stream(_: &CommConfig) -> Option<std::sync::Arc<cudarc::driver::CudaStream>> {
+    None
+}
+
+/// All-reduce of a CUDA tensor as a candle op: NCCL sums the tensor's buffer into a
+/// new one on the communicator's stream (the compute stream).
+#[cfg(feature = "cuda")]
+struct DeviceAllReduce<'a> {
+    comm: &'a Comm,
+}
+
+#[cfg(feature = "cuda")]
+impl candle_core::CustomOp1 for DeviceAllReduce<'_> {
+    fn name(&self) -> &'static str {
+        "nccl-all-reduce"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CpuStorage, candle_core::Shape)> {
+        candle_core::bail!("nccl-all-reduce: the tensor is not on a GPU")
+    }
+
+    fn cuda_fwd(
+        &self,
+        s: &candle_core::CudaStorage,
+        l: &candle_core::Layout,
+    ) -> candle_core::Result<(candle_core::CudaStorage, candle_core::Shape)> {
+        let Some((start, end)) = l.contiguous_offsets() else {
+            candle_core::bail!("nccl-all-reduce: the tensor must be contiguous");
+        };
+        let src = s.as_cuda_slice::<f32>()?.slice(start..end);
+        let mut dst = s.device.alloc_zeros::<f32>(end - start)?;
+        self.comm
+            .all_reduce(&src, &mut dst, &ReduceOp::Sum)
+            .map_err(|e| candle_core::Error::Msg(format!("NCCL all-reduce: {e:?}")))?;
+        Ok((
+            candle_core::CudaStorage::wrap_cuda_slice(dst, s.device.clone()),
+            l.shape().clone(),
+        ))
+    }
+}
+
 impl Collective for NcclGroup {
+    #[cfg(feature = "cuda")]
+    fn all_reduce_tensor(&self, t: &candle_core::Tensor) -> Result<candle_core::Tensor, CommError> {
+        if !t.device().is_cuda() {
+            return super::host_all_reduce(self, t);
+        }
+        let rank = self.control.rank();
+        let comm = self
+            .comm
+            .lock()
+            .map_err(|_| CommError::Broken("an NCCL call panicked".into()))?;
+        t.to_dtype(candle_core::DType::F32)
+            .and_then(|t| t.contiguous())
+            .and_then(|t| t.apply_op1_no_bwd(&DeviceAllReduce { comm: &comm.0 }))
+            .map_err(|e| cuda_err("all_reduce", rank, e))
+    }
     fn rank(&self) -> RankId {
         self.control.rank()
     }

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use super::EngineError;
 use crate::comm::{Collective, CommError};
-use crate::kv::{BlockId, KvCache};
-use crate::model::{LogitsFor, SeqSpan, Transformer};
+use crate::kv::BlockId;
+use crate::model::{LogitsFor, SeqSpan, StepModel};
 
 /// What the leader tells the followers, once per step.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -58,11 +58,7 @@ pub fn announce(comm: &dyn Collective, message: &GroupMessage) -> Result<(), Com
 
 /// Follower side: runs the leader's steps on this rank's shard until the
 /// leader says stop (`Ok`) or the group breaks (`Err`).
-pub fn follow(
-    model: &Transformer,
-    kv: &mut KvCache,
-    comm: &dyn Collective,
-) -> Result<(), EngineError> {
+pub fn follow(model: &mut dyn StepModel, comm: &dyn Collective) -> Result<(), EngineError> {
     loop {
         let bytes = comm
             .broadcast_bytes(Vec::new())
@@ -88,7 +84,7 @@ pub fn follow(
                 logits: LogitsFor::None,
             })
             .collect();
-        super::pool::step(|| model.forward(&spans, kv))?;
+        super::pool::step(|| model.forward(&spans))?;
     }
 }
 

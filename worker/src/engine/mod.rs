@@ -17,8 +17,6 @@ mod stats;
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::Device;
-
 pub use handle::{EngineHandle, EngineLoad};
 pub use request::{
     FinishReason, Finished, GenerationRequest, LogprobEntry, Prompt, Stopping, TokenEvent,
@@ -26,8 +24,12 @@ pub use request::{
 pub use stats::EngineStats;
 
 use crate::comm::{Collective, SingleRank};
-use crate::kv::{BlockManager, DEFAULT_BLOCK_SIZE, KvCache};
-use crate::model::{HfCheckpoint, LogitsFor, ModelConfig, ModelError, SeqSpan, Transformer};
+use crate::device::Compute;
+use crate::kv::{BlockManager, DEFAULT_BLOCK_SIZE};
+use crate::model::{
+    Backend, CacheDtype, HfCheckpoint, Host, LogitsFor, ModelConfig, ModelError, SeqSpan,
+    StepModel, Tensors, Transformer, WithCache,
+};
 use crate::sampling::SamplingError;
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
 use crate::tokenizer::{Tokenizer, TokenizerError};
@@ -90,6 +92,66 @@ pub enum EngineEvent {
 /// at full length, up to this much.
 pub const DEFAULT_KV_CACHE_BYTES: usize = 1 << 30;
 
+/// The running batch on a GPU unless configured otherwise (a CPU's is 16).
+pub const GPU_MAX_NUM_SEQS: usize = 256;
+/// Tokens per step on a GPU unless configured otherwise (a CPU's is 256).
+pub const GPU_MAX_BATCH_TOKENS: usize = 8192;
+
+/// What a GPU's memory leaves for the KV cache: `utilization_percent` of it for
+/// weights and cache together, less what is in use once the weights are loaded (the
+/// weights, the CUDA context, the collectives' buffers) and a step's activations.
+/// The planner (`shardserve plan`, the operator's fit check) applies the same rule
+/// with the weights computed from the shape and 2 GiB for the rest.
+#[derive(Clone, Copy, Debug)]
+pub struct GpuBudget {
+    /// `(free, total)` bytes of the GPU, measured after loading.
+    pub memory: (usize, usize),
+    pub utilization_percent: u8,
+    pub activations: usize,
+}
+
+impl GpuBudget {
+    /// Bytes for the KV cache, `None` when nothing is left.
+    pub fn kv_cache_bytes(&self) -> Option<usize> {
+        let (free, total) = self.memory;
+        let allowed = (total as u128 * self.utilization_percent.min(100) as u128 / 100) as usize;
+        let used = total.saturating_sub(free);
+        allowed
+            .checked_sub(used)?
+            .checked_sub(self.activations)
+            .filter(|&b| b > 0)
+    }
+
+    /// Why no cache fits, and what to change.
+    fn too_small(&self) -> EngineError {
+        let (free, total) = self.memory;
+        let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+        EngineError::InvalidRequest(format!(
+            "the GPU has no room for a KV cache: {:.2} GiB in use after loading the weights, \
+             {:.2} GiB for a step's activations, {}% of {:.2} GiB allowed; raise tensor (more \
+             GPUs share the weights) or --gpu-memory-utilization, or lower --max-seq-len, \
+             --max-num-seqs or --max-batch-tokens",
+            gib(total.saturating_sub(free)),
+            gib(self.activations),
+            self.utilization_percent,
+            gib(total)
+        ))
+    }
+}
+
+/// Device memory a step's activations may take at most: each of `max_batch_tokens`
+/// tokens holds a few hidden-size rows and this rank's share of the MLP and the
+/// attention (f32), and every sequence of the batch may want a row of logits.
+fn activation_bytes(config: &ModelConfig, options: &EngineOptions, world: usize) -> usize {
+    let world = world.max(1);
+    let per_token = 6 * config.hidden_size
+        + 3 * config.intermediate_size / world
+        + 3 * config.num_heads * config.head_dim / world;
+    let tokens = options.max_batch_tokens.saturating_mul(per_token);
+    let logits = options.max_num_seqs.saturating_mul(2 * config.vocab_size);
+    tokens.saturating_add(logits).saturating_mul(4)
+}
+
 /// A prompt's token ids for a model with `vocab` tokens (its chat template rendered and
 /// the text tokenized as the model asks), or why the request cannot run. A free function
 /// so that servers can run it on their own threads: a long prompt or a heavy template
@@ -137,6 +199,11 @@ pub struct EngineOptions {
     pub kv_cache_bytes: Option<usize>,
     /// Positions per KV cache block.
     pub block_size: usize,
+    /// Element type of the KV cache (the CPU engine keeps f16 only).
+    pub kv_cache_dtype: CacheDtype,
+    /// On a GPU, without `kv_cache_bytes`: percent of its memory for weights and
+    /// cache together ([`GpuBudget`]).
+    pub gpu_memory_utilization: u8,
     /// Name clients use for the model; defaults to the file's stem.
     pub served_model_name: Option<String>,
 }
@@ -149,6 +216,8 @@ impl Default for EngineOptions {
             max_batch_tokens: 256,
             kv_cache_bytes: None,
             block_size: DEFAULT_BLOCK_SIZE,
+            kv_cache_dtype: CacheDtype::F16,
+            gpu_memory_utilization: 90,
             served_model_name: None,
         }
     }
@@ -190,9 +259,9 @@ pub struct StepEvent {
 }
 
 pub struct Engine {
-    model: Transformer,
+    /// This rank's shard and its KV cache, on the CPU kernels or on a device.
+    model: Box<dyn StepModel>,
     tokenizer: Arc<Tokenizer>,
-    kv: KvCache,
     info: ModelInfo,
     /// This rank's group; the leader announces each step to the others.
     group: Arc<dyn Collective>,
@@ -214,6 +283,30 @@ pub enum Flow {
     Continue,
     /// The caller went away: stop now and free the sequence's memory.
     Cancel,
+}
+
+/// This rank's shard of a model (a GGUF file or a Hugging Face directory) on
+/// `backend`, with the model's tokenizer and its weight format.
+fn load_shard<B: Backend>(
+    path: &Path,
+    comm: Arc<dyn Collective>,
+    backend: B,
+) -> Result<(Box<dyn StepModel>, Tokenizer, String), EngineError> {
+    Ok(if path.is_dir() {
+        let checkpoint = HfCheckpoint::open(path)?;
+        let tokenizer = hf_tokenizer(path)?;
+        let model = Transformer::from_hf(&checkpoint, comm, backend)?;
+        (
+            Box::new(WithCache::new(model)),
+            tokenizer,
+            checkpoint.format(),
+        )
+    } else {
+        let file = GgufFile::open(path)?;
+        let tokenizer = Tokenizer::from_gguf(file.metadata())?;
+        let model = Transformer::from_gguf(&file, comm, backend)?;
+        (Box::new(WithCache::new(model)), tokenizer, file.format())
+    })
 }
 
 /// The tokenizer of a Hugging Face directory: `tokenizer.json`, with
@@ -247,7 +340,7 @@ impl Engine {
     /// Loads a model (a GGUF file or a Hugging Face directory) on CPU as a
     /// group of one rank.
     pub fn load(path: &Path, options: &EngineOptions) -> Result<Self, EngineError> {
-        Self::load_rank(path, options, Arc::new(SingleRank), Device::Cpu)
+        Self::load_rank(path, options, Arc::new(SingleRank), Compute::Host)
     }
 
     /// Loads this rank's shard of a model: a GGUF file, or a Hugging Face
@@ -257,22 +350,37 @@ impl Engine {
         path: &Path,
         options: &EngineOptions,
         comm: Arc<dyn Collective>,
-        device: Device,
+        compute: Compute,
     ) -> Result<Self, EngineError> {
         let world = comm.world_size();
-        let (model, tokenizer, format) = if path.is_dir() {
-            let checkpoint = HfCheckpoint::open(path)?;
-            let tokenizer = hf_tokenizer(path)?;
-            let model = Transformer::from_hf(&checkpoint, comm.clone(), device.clone())?;
-            (model, tokenizer, checkpoint.format())
-        } else {
-            let file = GgufFile::open(path)?;
-            let tokenizer = Tokenizer::from_gguf(file.metadata())?;
-            let model = Transformer::from_gguf(&file, comm.clone(), device.clone())?;
-            (model, tokenizer, file.format())
+        let is_gpu = compute.is_gpu();
+        let (mut model, tokenizer, format) = match compute.clone() {
+            Compute::Host => {
+                if options.kv_cache_dtype != CacheDtype::F16 {
+                    return Err(EngineError::InvalidRequest(format!(
+                        "--kv-cache-dtype {}: the CPU engine keeps its cache in float16 \
+                         (other cache types need --device cuda)",
+                        options.kv_cache_dtype
+                    )));
+                }
+                load_shard(path, comm.clone(), Host)?
+            }
+            Compute::Device(device) => load_shard(
+                path,
+                comm.clone(),
+                Tensors::new(device, options.kv_cache_dtype),
+            )?,
         };
         let tokenizer = Arc::new(tokenizer);
         let config = model.config().clone();
+        // Measured once the weights are on the GPU: what is left is the cache's.
+        let compute_memory = compute.gpu_memory();
+        if is_gpu && compute_memory.is_none() && options.kv_cache_bytes.is_none() {
+            return Err(EngineError::InvalidRequest(
+                "cannot read the GPU's free memory to size the KV cache; set --kv-cache-memory"
+                    .into(),
+            ));
+        }
         let max_seq_len = options
             .max_seq_len
             .map_or(config.max_position, |m| m.min(config.max_position));
@@ -280,11 +388,22 @@ impl Engine {
         let block_size = options.block_size.max(1);
         let block_bytes = shape.block_bytes(block_size).max(1);
         let max_num_seqs = options.max_num_seqs.max(1);
-        let bytes = options.kv_cache_bytes.unwrap_or_else(|| {
-            let one = max_seq_len.div_ceil(block_size).saturating_mul(block_bytes);
-            let want = max_num_seqs.saturating_mul(one);
-            want.min(DEFAULT_KV_CACHE_BYTES).max(one)
-        });
+        let bytes = match (options.kv_cache_bytes, compute_memory) {
+            (Some(bytes), _) => bytes,
+            (None, Some(memory)) => {
+                let budget = GpuBudget {
+                    memory,
+                    utilization_percent: options.gpu_memory_utilization,
+                    activations: activation_bytes(&config, options, world),
+                };
+                budget.kv_cache_bytes().ok_or_else(|| budget.too_small())?
+            }
+            (None, None) => {
+                let one = max_seq_len.div_ceil(block_size).saturating_mul(block_bytes);
+                let want = max_num_seqs.saturating_mul(one);
+                want.min(DEFAULT_KV_CACHE_BYTES).max(one)
+            }
+        };
         let blocks = (bytes / block_bytes).max(1);
         let kv_cache = KvCacheInfo {
             blocks,
@@ -316,7 +435,7 @@ impl Engine {
             max_num_seqs,
         };
         release_freed_memory();
-        let kv = KvCache::new(shape, blocks, block_size)?;
+        model.reserve_cache(blocks, block_size)?;
         let scheduler = Scheduler::new(
             SchedulerConfig {
                 max_num_seqs,
@@ -329,7 +448,6 @@ impl Engine {
         Ok(Self {
             model,
             tokenizer,
-            kv,
             info,
             group: comm,
             scheduler,
@@ -386,7 +504,7 @@ impl Engine {
             info.bytes = info.bytes / info.blocks * blocks;
             info.blocks = blocks;
             self.info.max_seq_len = self.info.max_seq_len.min(info.tokens());
-            self.kv = KvCache::new(self.kv.shape(), blocks, info.block_size)?;
+            self.model.reserve_cache(blocks, info.block_size)?;
             self.scheduler = Scheduler::new(
                 self.scheduler.config(),
                 BlockManager::new(blocks, info.block_size),
@@ -525,8 +643,8 @@ impl Engine {
             let message = group::GroupMessage::step(&spans);
             group::announce(self.group.as_ref(), &message).map_err(ModelError::from)?;
         }
-        let (model, kv) = (&self.model, &mut self.kv);
-        let logits = pool::step(|| model.forward(&spans, kv))?;
+        let model = &mut self.model;
+        let logits = pool::step(|| model.forward(&spans))?;
         drop(spans);
         self.scheduler.complete(&plan);
 
@@ -625,7 +743,7 @@ impl Engine {
     /// A follower rank's life: run the leader's steps on this shard until it
     /// stops (`Ok`) or the group breaks (`Err`, the process should exit).
     pub fn follow(mut self) -> Result<(), EngineError> {
-        group::follow(&self.model, &mut self.kv, self.group.as_ref())
+        group::follow(self.model.as_mut(), self.group.as_ref())
     }
 
     /// Leader, while idle: tells the followers it is alive (and learns

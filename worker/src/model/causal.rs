@@ -429,7 +429,7 @@ fn attend_group<H: Simd>(args: &GroupArgs<'_>, scratch: &mut Scratch, out: &mut 
 /// Dot product in eight lanes, summed in a fixed order (vectorises well and
 /// gives the same bits for the same inputs whatever else runs).
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot(a: &[f32], b: &[f32]) -> f32 {
     let whole = a.len() / 8 * 8;
     let mut lanes = [0f32; 8];
     for c in (0..whole).step_by(8) {
@@ -458,7 +458,7 @@ fn finish(lanes: &[f32; 8], a: &[f32], b: &[f32]) -> f32 {
 
 /// The largest element (exact in any order).
 #[inline(always)]
-fn max(x: &[f32]) -> f32 {
+pub(crate) fn max(x: &[f32]) -> f32 {
     let mut lanes = [f32::NEG_INFINITY; 8];
     let mut chunks = x.chunks_exact(8);
     for c in &mut chunks {
@@ -476,7 +476,7 @@ fn max(x: &[f32]) -> f32 {
 /// The sum in eight lanes, combined in a fixed order (one order for a given
 /// length, whatever else runs).
 #[inline(always)]
-fn sum(x: &[f32]) -> f32 {
+pub(crate) fn sum(x: &[f32]) -> f32 {
     let mut lanes = [0f32; 8];
     let mut chunks = x.chunks_exact(8);
     for c in &mut chunks {

@@ -3,7 +3,7 @@
 use std::path::Path;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Tensor};
+use candle_core::{DType, Tensor};
 use safetensors::tensor::{Dtype, TensorView};
 use serde_json::json;
 
@@ -196,7 +196,7 @@ fn logits(model: &Transformer, tokens: &[u32]) -> Vec<Vec<f32>> {
 
 fn hf_model(dir: &Path) -> Transformer {
     let checkpoint = HfCheckpoint::open(dir).unwrap();
-    Transformer::from_hf(&checkpoint, Arc::new(SingleRank), Device::Cpu).unwrap()
+    Transformer::from_hf(&checkpoint, Arc::new(SingleRank), Host).unwrap()
 }
 
 fn worst(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
@@ -225,7 +225,7 @@ fn hf_directory_equals_the_same_weights_as_gguf() {
         let gguf_path = root.path().join(format!("m{}.gguf", spec.seed));
         write_gguf(&gguf_path, &spec, &gguf_tensors(&spec, &tensors)).unwrap();
         let file = GgufFile::open(&gguf_path).unwrap();
-        let gguf = Transformer::from_gguf(&file, Arc::new(SingleRank), Device::Cpu).unwrap();
+        let gguf = Transformer::from_gguf(&file, Arc::new(SingleRank), Host).unwrap();
         let want = logits(&gguf, &TOKENS);
         for shards in [1, 3] {
             let dir = root.path().join(format!("hf{}-{shards}", spec.seed));
@@ -260,7 +260,7 @@ fn bf16_checkpoint_equals_its_weights_rounded_in_f32() {
     write_hf_dir(&root.path().join("f32"), &spec, &rounded, Dtype::F32, 1);
     let bf16 = HfCheckpoint::open(root.path().join("bf16")).unwrap();
     assert_eq!(bf16.format(), "safetensors:BF16");
-    let bf16 = Transformer::from_hf(&bf16, Arc::new(SingleRank), Device::Cpu).unwrap();
+    let bf16 = Transformer::from_hf(&bf16, Arc::new(SingleRank), Host).unwrap();
     let f32 = hf_model(&root.path().join("f32"));
     assert_eq!(logits(&bf16, &TOKENS), logits(&f32, &TOKENS));
 }

@@ -1,25 +1,23 @@
-//! Parallel-ready building blocks. A column-parallel layer owns a range of
-//! output features and needs no communication; a row-parallel layer owns a
-//! range of input features and sums its partial product over the group.
+//! Parallel-ready building blocks over any [`Backend`]. A column-parallel layer owns
+//! a range of output features and needs no communication; a row-parallel layer owns
+//! a range of input features and sums its partial product over the group.
 
 use std::sync::Arc;
 
-use candle_core::Device;
-
 use super::ModelError;
-use super::rows::{Rows, rms_norm};
-use crate::comm::{Collective, HostSliceMut};
+use super::backend::Backend;
+use crate::comm::Collective;
 use crate::weights::{Split, TensorSource, Weight};
 
-/// Where a layer reads its tensors from (by canonical GGUF names) and which
-/// shard it owns.
-pub struct LoadContext<'a> {
+/// Where a layer reads its tensors from (by canonical GGUF names), which shard it
+/// owns, and the backend that holds it.
+pub struct LoadContext<'a, B: Backend> {
     pub file: &'a dyn TensorSource,
     pub comm: Arc<dyn Collective>,
-    pub device: Device,
+    pub backend: &'a B,
 }
 
-impl LoadContext<'_> {
+impl<B: Backend> LoadContext<'_, B> {
     pub fn rank(&self) -> usize {
         self.comm.rank().0
     }
@@ -29,7 +27,11 @@ impl LoadContext<'_> {
     }
 
     pub fn load(&self, name: &str, split: &Split) -> Result<Weight, ModelError> {
-        Ok(self.file.load(name, split, &self.device)?)
+        Ok(self.file.load(name, split, &self.backend.device())?)
+    }
+
+    pub fn matrix(&self, name: &str, split: &Split) -> Result<B::Matrix, ModelError> {
+        self.backend.matrix(self.load(name, split)?)
     }
 
     /// A vector (norm weight, bias) as plain floats.
@@ -75,37 +77,14 @@ fn even(
 
 /// `y = x · Wᵀ (+ b)` over this rank's output features.
 #[derive(Debug)]
-pub struct ColumnParallelLinear {
-    weight: Weight,
-    bias: Option<Vec<f32>>,
+struct ColumnParallelLinear<B: Backend> {
+    weight: B::Matrix,
+    bias: Option<B::Vector>,
 }
 
-impl ColumnParallelLinear {
-    /// Loads `rows` of `{prefix}.weight` (and its bias when `bias` is set).
-    pub fn load(
-        ctx: &LoadContext<'_>,
-        prefix: &str,
-        rows: Split,
-        bias: bool,
-    ) -> Result<Self, ModelError> {
-        let weight = ctx.load(&format!("{prefix}.weight"), &rows)?;
-        let bias = if bias {
-            Some(ctx.load_vector(&format!("{prefix}.bias"), &rows)?)
-        } else {
-            None
-        };
-        Ok(Self { weight, bias })
-    }
-
-    pub fn forward(&self, x: &Rows) -> Result<Rows, ModelError> {
-        let mut y = Rows::new(
-            self.weight.matmul_t(x.as_slice(), x.m())?,
-            self.weight.dims()[0],
-        );
-        if let Some(b) = &self.bias {
-            y.add_row_vector(b);
-        }
-        Ok(y)
+impl<B: Backend> ColumnParallelLinear<B> {
+    fn forward(&self, b: &B, x: &B::Hidden) -> Result<B::Hidden, ModelError> {
+        b.linear(x, &self.weight, self.bias.as_ref())
     }
 }
 
@@ -113,148 +92,102 @@ impl ColumnParallelLinear {
 /// stacked into one product where their weights allow: one pass over the
 /// input and one parallel section instead of several.
 #[derive(Debug)]
-pub struct StackedColumns {
+pub struct StackedColumns<B: Backend> {
     /// One layer when stacked, else one per part.
-    layers: Vec<ColumnParallelLinear>,
-    widths: Vec<usize>,
+    layers: Vec<ColumnParallelLinear<B>>,
 }
 
-impl StackedColumns {
+impl<B: Backend> StackedColumns<B> {
     /// Loads each `(prefix, rows)` part (with biases when `bias` is set).
     pub fn load(
-        ctx: &LoadContext<'_>,
+        ctx: &LoadContext<'_, B>,
         parts: &[(String, Split)],
         bias: bool,
     ) -> Result<Self, ModelError> {
-        let layers = parts
-            .iter()
-            .map(|(prefix, rows)| ColumnParallelLinear::load(ctx, prefix, rows.clone(), bias))
-            .collect::<Result<Vec<_>, _>>()?;
-        let widths: Vec<usize> = layers.iter().map(|l| l.weight.dims()[0]).collect();
-        let biases: Option<Vec<Vec<f32>>> = layers.iter().map(|l| l.bias.clone()).collect();
-        let weights: Vec<Weight> = layers.into_iter().map(|l| l.weight).collect();
-        let layers = match Weight::stack_rows(weights) {
+        let mut weights = Vec::with_capacity(parts.len());
+        let mut biases = Vec::with_capacity(parts.len());
+        for (prefix, rows) in parts {
+            weights.push(ctx.matrix(&format!("{prefix}.weight"), rows)?);
+            if bias {
+                biases.push(ctx.load_vector(&format!("{prefix}.bias"), rows)?);
+            }
+        }
+        let vector = |v: Vec<f32>| ctx.backend.vector(v);
+        let layers = match ctx.backend.stack(weights) {
             Ok(weight) => vec![ColumnParallelLinear {
                 weight,
-                bias: biases.map(|b| b.concat()),
+                bias: bias.then(|| vector(biases.concat())).transpose()?,
             }],
             Err(weights) => {
-                let biases: Vec<Option<Vec<f32>>> = match biases {
-                    Some(b) => b.into_iter().map(Some).collect(),
-                    None => vec![None; weights.len()],
-                };
+                let mut biases = biases.into_iter();
                 weights
                     .into_iter()
-                    .zip(biases)
-                    .map(|(weight, bias)| ColumnParallelLinear { weight, bias })
-                    .collect()
+                    .map(|weight| {
+                        Ok(ColumnParallelLinear {
+                            weight,
+                            bias: biases.next().map(vector).transpose()?,
+                        })
+                    })
+                    .collect::<Result<_, ModelError>>()?
             }
         };
-        Ok(Self { layers, widths })
+        Ok(Self { layers })
     }
 
     /// All parts side by side in each row, in the order they were loaded.
-    pub fn forward(&self, x: &Rows) -> Result<Rows, ModelError> {
+    pub fn forward(&self, b: &B, x: &B::Hidden) -> Result<B::Hidden, ModelError> {
         if let [stacked] = self.layers.as_slice() {
-            return stacked.forward(x);
+            return stacked.forward(b, x);
         }
         let parts = self
             .layers
             .iter()
-            .map(|l| l.forward(x))
+            .map(|l| l.forward(b, x))
             .collect::<Result<Vec<_>, _>>()?;
-        let width: usize = self.widths.iter().sum();
-        let mut out = Vec::with_capacity(x.m() * width);
-        for i in 0..x.m() {
-            for p in &parts {
-                out.extend_from_slice(p.row(i));
-            }
-        }
-        Ok(Rows::new(out, width))
-    }
-
-    pub fn widths(&self) -> &[usize] {
-        &self.widths
+        b.concat(parts)
     }
 }
 
 /// `y = Σ_ranks x_r · W_rᵀ`: each rank multiplies its share of the input
 /// features, then the partial sums are all-reduced.
 #[derive(Debug)]
-pub struct RowParallelLinear {
-    weight: Weight,
+pub struct RowParallelLinear<B: Backend> {
+    weight: B::Matrix,
     comm: Arc<dyn Collective>,
 }
 
-impl RowParallelLinear {
-    pub fn load_even(ctx: &LoadContext<'_>, prefix: &str) -> Result<Self, ModelError> {
+impl<B: Backend> RowParallelLinear<B> {
+    pub fn load_even(ctx: &LoadContext<'_, B>, prefix: &str) -> Result<Self, ModelError> {
         let name = format!("{prefix}.weight");
         let cols = ctx.dims(&name)?[1];
         let range = even(&name, cols, ctx.rank(), ctx.world())?;
-        let weight = ctx.load(&name, &Split::Cols(range))?;
         Ok(Self {
-            weight,
+            weight: ctx.matrix(&name, &Split::Cols(range))?,
             comm: ctx.comm.clone(),
         })
     }
 
-    /// Block-quantised shards all-reduce unrounded f64 sums and round once,
-    /// so that the result is the one rank's product whatever the tensor size
-    /// (tensor 3 answers exactly as tensor 1). Other weight forms sum f32
-    /// partial products, which agree with one rank's to rounding only.
-    pub fn forward(&self, x: &Rows) -> Result<Rows, ModelError> {
-        let n = self.weight.dims()[0];
-        if let Some(mut wide) = self.weight.matmul_t_wide(x.as_slice(), x.m())? {
-            self.comm.all_reduce(HostSliceMut::F64(&mut wide))?;
-            return Ok(Rows::new(wide.into_iter().map(|v| v as f32).collect(), n));
-        }
-        let mut partial = self.weight.matmul_t(x.as_slice(), x.m())?;
-        self.comm.all_reduce_sum(&mut partial)?;
-        Ok(Rows::new(partial, n))
+    pub fn forward(&self, b: &B, x: &B::Hidden) -> Result<B::Hidden, ModelError> {
+        b.linear_all_reduce(x, &self.weight, self.comm.as_ref())
     }
 }
 
 /// Root-mean-square normalisation with a learned scale.
 #[derive(Debug)]
-pub struct RmsNorm {
-    weight: Vec<f32>,
+pub struct RmsNorm<B: Backend> {
+    weight: B::Vector,
     eps: f32,
 }
 
-impl RmsNorm {
-    pub fn load(ctx: &LoadContext<'_>, name: &str, eps: f32) -> Result<Self, ModelError> {
+impl<B: Backend> RmsNorm<B> {
+    pub fn load(ctx: &LoadContext<'_, B>, name: &str, eps: f32) -> Result<Self, ModelError> {
         Ok(Self {
-            weight: ctx.load_vector(name, &Split::Full)?,
+            weight: ctx.backend.vector(ctx.load_vector(name, &Split::Full)?)?,
             eps,
         })
     }
 
-    pub fn forward(&self, x: &Rows) -> Rows {
-        rms_norm(x, &self.weight, self.eps)
-    }
-}
-
-/// Token embedding, replicated on every rank (it is read, not multiplied).
-#[derive(Debug)]
-pub struct Embedding {
-    table: Weight,
-}
-
-impl Embedding {
-    pub fn load(ctx: &LoadContext<'_>, name: &str) -> Result<Self, ModelError> {
-        Ok(Self {
-            table: ctx.load(name, &Split::Full)?,
-        })
-    }
-
-    pub fn forward(&self, ids: &[u32]) -> Result<Rows, ModelError> {
-        Ok(Rows::new(
-            self.table.gather_rows(ids)?,
-            self.table.dims()[1],
-        ))
-    }
-
-    pub fn weight(&self) -> &Weight {
-        &self.table
+    pub fn forward(&self, b: &B, x: &B::Hidden) -> Result<B::Hidden, ModelError> {
+        b.rms_norm(x, &self.weight, self.eps)
     }
 }

@@ -7,6 +7,7 @@
 //! asked for.
 
 mod attention;
+pub mod backend;
 mod causal;
 mod config;
 mod exp;
@@ -17,18 +18,18 @@ mod rows;
 
 use std::sync::Arc;
 
-use candle_core::Device;
-
+pub use backend::{Backend, CacheDtype, Host, SpanLogits, Tensors};
 pub use config::{ModelConfig, RopeConfig, RopeScaling, RopeStyle};
 pub use hf::HfCheckpoint;
 pub use layers::LoadContext;
 
-use crate::comm::Collective;
-use crate::kv::{BlockId, KvCache, KvShape};
-use crate::weights::{GgufFile, TensorSource, Weight, WeightsError};
+use crate::comm::{Collective, CommError};
+use crate::kv::{BlockId, KvShape};
+use crate::weights::{GgufFile, Split, TensorSource, WeightsError};
 use attention::Attention;
-use layers::{Embedding, RmsNorm, RowParallelLinear, StackedColumns};
-use rows::{Rows, swiglu};
+use backend::StepLayout;
+use layers::{RmsNorm, RowParallelLinear, StackedColumns};
+use rope::Rope;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ModelError {
@@ -88,43 +89,47 @@ pub struct SeqSpan<'a> {
 }
 
 #[derive(Debug)]
-struct Block {
-    attn_norm: RmsNorm,
-    attn: Attention,
-    mlp_norm: RmsNorm,
+struct Block<B: Backend> {
+    attn_norm: RmsNorm<B>,
+    attn: Attention<B>,
+    mlp_norm: RmsNorm<B>,
     /// Gate and up, stacked.
-    gate_up: StackedColumns,
-    down: RowParallelLinear,
+    gate_up: StackedColumns<B>,
+    down: RowParallelLinear<B>,
 }
 
+/// One rank's shard of the model, on backend `B` (the CPU kernels by default).
 #[derive(Debug)]
-pub struct Transformer {
+pub struct Transformer<B: Backend = Host> {
     config: ModelConfig,
-    embed: Embedding,
-    blocks: Vec<Block>,
-    norm: RmsNorm,
+    /// The token embedding, replicated on every rank (read, and the tied head).
+    embed: B::Matrix,
+    blocks: Vec<Block<B>>,
+    norm: RmsNorm<B>,
     /// `None` when the output head is the token embedding.
-    head: Option<Weight>,
-    device: Device,
+    head: Option<B::Matrix>,
+    /// Every layer rotates by the same positions.
+    rope: Rope,
+    backend: B,
 }
 
-impl Transformer {
+impl<B: Backend> Transformer<B> {
     /// Loads this rank's shard of a GGUF model.
     pub fn from_gguf(
         file: &GgufFile,
         comm: Arc<dyn Collective>,
-        device: Device,
+        backend: B,
     ) -> Result<Self, ModelError> {
-        Self::load(file, ModelConfig::from_gguf(file)?, comm, device)
+        Self::load(file, ModelConfig::from_gguf(file)?, comm, backend)
     }
 
     /// Loads this rank's shard of a Hugging Face checkpoint.
     pub fn from_hf(
         checkpoint: &HfCheckpoint,
         comm: Arc<dyn Collective>,
-        device: Device,
+        backend: B,
     ) -> Result<Self, ModelError> {
-        Self::load(checkpoint, checkpoint.config().clone(), comm, device)
+        Self::load(checkpoint, checkpoint.config().clone(), comm, backend)
     }
 
     /// Loads this rank's shard of the model `config` describes from `file`
@@ -133,20 +138,20 @@ impl Transformer {
         file: &dyn TensorSource,
         config: ModelConfig,
         comm: Arc<dyn Collective>,
-        device: Device,
+        backend: B,
     ) -> Result<Self, ModelError> {
         config.check_split(comm.world_size())?;
         let ctx = LoadContext {
             file,
             comm,
-            device: device.clone(),
+            backend: &backend,
         };
-        let embed = Embedding::load(&ctx, "token_embd.weight")?;
-        let dims = embed.weight().dims();
+        let embed = ctx.matrix("token_embd.weight", &Split::Full)?;
+        let dims = B::dims(&embed);
         if dims != [config.vocab_size, config.hidden_size] {
             return Err(ModelError::Shape {
                 tensor: "token_embd.weight".into(),
-                found: dims,
+                found: dims.to_vec(),
                 expected: vec![config.vocab_size, config.hidden_size],
             });
         }
@@ -183,15 +188,17 @@ impl Transformer {
         let head = if config.tied_embeddings {
             None
         } else {
-            Some(ctx.load("output.weight", &crate::weights::Split::Full)?)
+            Some(ctx.matrix("output.weight", &Split::Full)?)
         };
+        let rope = Rope::new(&config.rope);
         Ok(Self {
             config,
             embed,
             blocks,
             norm,
             head,
-            device,
+            rope,
+            backend,
         })
     }
 
@@ -208,8 +215,17 @@ impl Transformer {
         }
     }
 
-    pub fn device(&self) -> &Device {
-        &self.device
+    pub fn backend(&self) -> &B {
+        &self.backend
+    }
+
+    /// A zeroed KV cache of `blocks` blocks of `block_size` positions for this shard.
+    pub fn new_cache(
+        &self,
+        blocks: usize,
+        block_size: usize,
+    ) -> Result<B::Cache, crate::kv::KvCacheTooLarge> {
+        self.backend.new_cache(self.kv_shape(), blocks, block_size)
     }
 
     /// Runs one step over `spans`, writing their keys and values into `kv`.
@@ -218,58 +234,118 @@ impl Transformer {
     pub fn forward(
         &self,
         spans: &[SeqSpan<'_>],
-        kv: &mut KvCache,
-    ) -> Result<Vec<Vec<Vec<f32>>>, ModelError> {
-        let ids: Vec<u32> = spans
-            .iter()
-            .flat_map(|s| s.tokens.iter().copied())
-            .collect();
-        let mut x = self.embed.forward(&ids)?;
-        // Every layer rotates by the same positions: one table per step.
-        let mut angles = None;
+        kv: &mut B::Cache,
+    ) -> Result<SpanLogits, ModelError> {
+        let layout = StepLayout::new(spans);
+        if layout.ids.is_empty() {
+            return Ok(vec![Vec::new(); spans.len()]);
+        }
+        let b = &self.backend;
+        let step = b.begin(&layout, &self.rope, kv)?;
+        let mut x = b.embed(&self.embed, &step)?;
         for (layer, block) in self.blocks.iter().enumerate() {
-            let angles = angles.get_or_insert_with(|| block.attn.angles(spans));
-            let h = block.attn_norm.forward(&x);
-            x.add_assign(&block.attn.forward(&h, spans, angles, layer, kv)?);
-            let h = block.mlp_norm.forward(&x);
-            let h = swiglu(&block.gate_up.forward(&h)?);
-            x.add_assign(&block.down.forward(&h)?);
+            let h = block.attn_norm.forward(b, &x)?;
+            let a = block.attn.forward(b, &h, layer, &step, kv)?;
+            b.add(&mut x, &a)?;
+            let h = block.mlp_norm.forward(b, &x)?;
+            let h = b.swiglu(&block.gate_up.forward(b, &h)?)?;
+            let m = block.down.forward(b, &h)?;
+            b.add(&mut x, &m)?;
         }
         // Every row any span wants, gathered so the head runs once per step.
-        let mut wanted = Vec::new();
-        let mut counts = Vec::with_capacity(spans.len());
-        let mut offset = 0;
+        let mut rows = if layout.wanted.is_empty() {
+            Vec::new()
+        } else {
+            let h = self.norm.forward(b, &b.wanted_rows(&x, &step)?)?;
+            let head = self.head.as_ref().unwrap_or(&self.embed);
+            b.download(&b.linear(&h, head, None)?)?
+        }
+        .into_iter();
+        Ok(layout
+            .counts
+            .iter()
+            .map(|&n| rows.by_ref().take(n).collect())
+            .collect())
+    }
+}
+
+impl<'a> StepLayout<'a> {
+    fn new(spans: &'a [SeqSpan<'a>]) -> Self {
+        let mut layout = StepLayout {
+            spans,
+            ids: Vec::new(),
+            positions: Vec::new(),
+            wanted: Vec::new(),
+            counts: Vec::with_capacity(spans.len()),
+        };
         for span in spans {
-            let n = span.tokens.len();
+            let (offset, n) = (layout.ids.len(), span.tokens.len());
+            layout.ids.extend_from_slice(span.tokens);
+            layout.positions.extend(span.start_pos..span.start_pos + n);
             let rows = match span.logits {
                 LogitsFor::Last if n > 0 => offset + n - 1..offset + n,
                 LogitsFor::All => offset..offset + n,
                 _ => 0..0,
             };
-            counts.push(rows.len());
-            wanted.extend(rows);
-            offset += n;
+            layout.counts.push(rows.len());
+            layout.wanted.extend(rows);
         }
-        let mut rows = if wanted.is_empty() {
-            Vec::new()
-        } else {
-            self.logits(&x.gather(&wanted))?
-        }
-        .into_iter();
-        Ok(counts
-            .into_iter()
-            .map(|n| rows.by_ref().take(n).collect())
-            .collect())
+        layout
+    }
+}
+
+/// A loaded shard and its KV cache, on whichever backend: what the engine steps.
+pub trait StepModel: Send + std::fmt::Debug {
+    fn config(&self) -> &ModelConfig;
+    fn kv_shape(&self) -> KvShape;
+    /// (Re)makes the KV cache: `blocks` blocks of `block_size` positions, zeroed.
+    fn reserve_cache(
+        &mut self,
+        blocks: usize,
+        block_size: usize,
+    ) -> Result<(), crate::kv::KvCacheTooLarge>;
+    /// [`Transformer::forward`] over the cache.
+    fn forward(&mut self, spans: &[SeqSpan<'_>]) -> Result<SpanLogits, ModelError>;
+}
+
+/// [`StepModel`] for a transformer on backend `B`.
+#[derive(Debug)]
+pub struct WithCache<B: Backend> {
+    model: Transformer<B>,
+    cache: Option<B::Cache>,
+}
+
+impl<B: Backend> WithCache<B> {
+    pub fn new(model: Transformer<B>) -> Self {
+        Self { model, cache: None }
+    }
+}
+
+impl<B: Backend> StepModel for WithCache<B> {
+    fn config(&self) -> &ModelConfig {
+        self.model.config()
     }
 
-    fn logits(&self, hidden: &Rows) -> Result<Vec<Vec<f32>>, ModelError> {
-        let h = self.norm.forward(hidden);
-        let head = self.head.as_ref().unwrap_or(self.embed.weight());
-        let flat = head.matmul_t(h.as_slice(), h.m())?;
-        Ok(flat
-            .chunks_exact(self.config.vocab_size)
-            .map(<[f32]>::to_vec)
-            .collect())
+    fn kv_shape(&self) -> KvShape {
+        self.model.kv_shape()
+    }
+
+    fn reserve_cache(
+        &mut self,
+        blocks: usize,
+        block_size: usize,
+    ) -> Result<(), crate::kv::KvCacheTooLarge> {
+        // The old cache goes first: both may not fit at once.
+        self.cache = None;
+        self.cache = Some(self.model.new_cache(blocks, block_size)?);
+        Ok(())
+    }
+
+    fn forward(&mut self, spans: &[SeqSpan<'_>]) -> Result<SpanLogits, ModelError> {
+        let cache = self.cache.as_mut().ok_or_else(|| {
+            ModelError::from(CommError::Config("the KV cache was not reserved".into()))
+        })?;
+        self.model.forward(spans, cache)
     }
 }
 
@@ -281,6 +357,9 @@ mod tests;
 
 #[cfg(test)]
 mod tests_tp;
+
+#[cfg(test)]
+mod tests_device;
 
 #[cfg(test)]
 mod hf_tests;

@@ -31,6 +31,10 @@ impl Rope {
         }
     }
 
+    pub fn style(&self) -> RopeStyle {
+        self.style
+    }
+
     /// The cosines and sines of each of `positions`, in order.
     pub fn angles(&self, positions: impl IntoIterator<Item = usize>) -> Angles {
         let half = self.dims / 2;
@@ -91,6 +95,23 @@ pub struct Angles {
     half: usize,
     cos: Vec<f32>,
     sin: Vec<f32>,
+}
+
+impl Angles {
+    /// Frequencies per position (`dims / 2`).
+    pub fn half(&self) -> usize {
+        self.half
+    }
+
+    /// `[position][half]`.
+    pub fn cos(&self) -> &[f32] {
+        &self.cos
+    }
+
+    /// `[position][half]`.
+    pub fn sin(&self) -> &[f32] {
+        &self.sin
+    }
 }
 
 #[cfg(test)]

@@ -36,6 +36,10 @@ impl Rows {
         &self.data
     }
 
+    pub fn into_vec(self) -> Vec<f32> {
+        self.data
+    }
+
     pub fn row_mut(&mut self, i: usize) -> &mut [f32] {
         &mut self.data[i * self.width..(i + 1) * self.width]
     }

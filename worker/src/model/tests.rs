@@ -1,6 +1,5 @@
 use std::sync::Arc;
 
-use candle_core::Device;
 use candle_core::quantized::GgmlDType;
 
 use super::tiny::{TinySpec, write_tiny_gguf};
@@ -14,7 +13,7 @@ fn load(spec: &TinySpec) -> (tempfile::TempDir, Transformer) {
     let path = dir.path().join("tiny.gguf");
     write_tiny_gguf(&path, spec).unwrap();
     let file = GgufFile::open(&path).unwrap();
-    let model = Transformer::from_gguf(&file, Arc::new(SingleRank), Device::Cpu).unwrap();
+    let model = Transformer::from_gguf(&file, Arc::new(SingleRank), Host).unwrap();
     (dir, model)
 }
 
@@ -207,7 +206,7 @@ fn missing_tensor_is_refused_by_name() {
     };
     write_tiny_gguf(&path, &spec).unwrap();
     let file = GgufFile::open(&path).unwrap();
-    let err = Transformer::from_gguf(&file, Arc::new(SingleRank), Device::Cpu)
+    let err = Transformer::from_gguf(&file, Arc::new(SingleRank), Host)
         .unwrap_err()
         .to_string();
     assert!(
@@ -229,7 +228,7 @@ fn unknown_architecture_is_refused() {
     )
     .unwrap();
     let file = GgufFile::open(&path).unwrap();
-    let err = Transformer::from_gguf(&file, Arc::new(SingleRank), Device::Cpu)
+    let err = Transformer::from_gguf(&file, Arc::new(SingleRank), Host)
         .unwrap_err()
         .to_string();
     assert!(err.contains("gptneox"), "{err}");
@@ -267,7 +266,7 @@ fn damaged_files_are_refused_or_run_never_panic() {
         std::fs::write(&path, damaged).unwrap();
         let outcome = std::panic::catch_unwind(|| -> Result<(), String> {
             let file = GgufFile::open(&path).map_err(|e| e.to_string())?;
-            let model = Transformer::from_gguf(&file, Arc::new(SingleRank), Device::Cpu)
+            let model = Transformer::from_gguf(&file, Arc::new(SingleRank), Host)
                 .map_err(|e| e.to_string())?;
             let mut kv = KvCache::new(model.kv_shape(), 16, 4).unwrap();
             let slot: Vec<u32> = (0..4).collect();

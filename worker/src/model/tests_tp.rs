@@ -3,13 +3,11 @@
 
 use std::sync::Arc;
 
-use candle_core::Device;
 use candle_core::quantized::GgmlDType;
 
 use super::tiny::{TinySpec, write_tiny_gguf};
 use super::*;
 use crate::comm::{Collective, LocalGroup, SingleRank};
-use crate::kv::KvCache;
 use crate::weights::GgufFile;
 
 const TOKENS: [u32; 9] = [5, 17, 3, 90, 42, 42, 7, 0, 61];
@@ -17,6 +15,15 @@ const TOKENS: [u32; 9] = [5, 17, 3, 90, 42, 42, 7, 0, 61];
 /// Logits of every token, prefilled in two chunks then one decode step, on a
 /// group of `world` ranks; rank 0's answer.
 fn logits(path: &std::path::Path, world: usize) -> Vec<Vec<f32>> {
+    logits_on(path, world, Host)
+}
+
+/// [`logits`] on `backend`.
+pub(super) fn logits_on<B: Backend + Clone>(
+    path: &std::path::Path,
+    world: usize,
+    backend: B,
+) -> Vec<Vec<f32>> {
     let comms: Vec<Arc<dyn Collective>> = if world == 1 {
         vec![Arc::new(SingleRank)]
     } else {
@@ -26,6 +33,7 @@ fn logits(path: &std::path::Path, world: usize) -> Vec<Vec<f32>> {
         .into_iter()
         .map(|comm| {
             let path = path.to_path_buf();
+            let backend = backend.clone();
             std::thread::spawn(move || {
                 // Each rank computes on its own pool, as a rank process would.
                 let pool = rayon::ThreadPoolBuilder::new()
@@ -34,8 +42,8 @@ fn logits(path: &std::path::Path, world: usize) -> Vec<Vec<f32>> {
                     .unwrap();
                 pool.install(|| {
                     let file = GgufFile::open(&path).unwrap();
-                    let model = Transformer::from_gguf(&file, comm, Device::Cpu).unwrap();
-                    let mut kv = KvCache::new(model.kv_shape(), 64, 4).unwrap();
+                    let model = Transformer::from_gguf(&file, comm, backend).unwrap();
+                    let mut kv = model.new_cache(64, 4).unwrap();
                     let slot: Vec<u32> = (0..32).collect();
                     let mut out = Vec::new();
                     let steps: [(&[u32], usize); 3] =
@@ -157,7 +165,7 @@ fn splits_that_cut_quantisation_blocks_are_refused() {
     .unwrap();
     let comms = LocalGroup::new(4);
     let file = GgufFile::open(&path).unwrap();
-    let err = Transformer::from_gguf(&file, comms[1].clone(), Device::Cpu)
+    let err = Transformer::from_gguf(&file, comms[1].clone(), Host)
         .unwrap_err()
         .to_string();
     assert!(err.contains("32"), "{err}");

@@ -1,0 +1,152 @@
+//! The operations a transformer step is written against, and their two
+//! implementations: [`Host`] (the project's CPU kernels on host rows: bit-exact and
+//! batch-invariant) and [`Tensors`] (candle tensors on a device: a GPU, or candle's
+//! CPU device for tests). The model (`super::Transformer`) and everything above it
+//! (scheduler, block manager, sampling) are the same over both.
+//!
+//! A step begins with [`Backend::begin`], which turns the step's layout (token ids,
+//! positions, block tables, the rows whose logits are wanted) into what the backend
+//! reads in every layer — on a device, one upload — and ends with
+//! [`Backend::download`], the only copy back.
+
+mod host;
+mod ops;
+mod tensors;
+
+pub use host::Host;
+pub use tensors::{CacheDtype, Tensors};
+
+use candle_core::Device;
+
+use super::rope::Rope;
+use super::{ModelError, SeqSpan};
+use crate::comm::Collective;
+use crate::kv::{KvCacheTooLarge, KvShape};
+use crate::weights::Weight;
+
+/// One step's tokens as every backend needs them, computed once by the model.
+#[derive(Debug)]
+pub struct StepLayout<'a> {
+    pub spans: &'a [SeqSpan<'a>],
+    /// Every span's tokens, in order.
+    pub ids: Vec<u32>,
+    /// The position of each of `ids`.
+    pub positions: Vec<usize>,
+    /// The rows (indices into `ids`) whose logits are wanted, in order.
+    pub wanted: Vec<usize>,
+    /// How many of `wanted` each span owns.
+    pub counts: Vec<usize>,
+}
+
+/// The heads of one rank's attention and where Q, K and V sit in a row of the
+/// stacked projection.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionShape {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+impl AttentionShape {
+    pub fn q_width(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    pub fn kv_width(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+}
+
+/// Logits rows per span, each over the whole vocabulary.
+pub type SpanLogits = Vec<Vec<Vec<f32>>>;
+
+/// Where a transformer computes. Each method is one operation of a step; the
+/// associated types are the backend's forms of activations, weights and cache.
+pub trait Backend: Send + Sync + std::fmt::Debug + Sized + 'static {
+    /// The activations of a step: one row per token.
+    type Hidden;
+    /// A matrix (a rank's shard) in the form this backend multiplies.
+    type Matrix: Send + Sync + std::fmt::Debug;
+    /// A vector: a norm's weight, a bias.
+    type Vector: Send + Sync + std::fmt::Debug;
+    /// The paged KV cache of every layer.
+    type Cache: Send + std::fmt::Debug;
+    /// What a step's layers read besides activations (ids, rotary angles, slot
+    /// mapping, block tables), prepared once per step.
+    type Step<'a>;
+
+    /// Where weights are loaded to.
+    fn device(&self) -> Device;
+    fn matrix(&self, weight: Weight) -> Result<Self::Matrix, ModelError>;
+    fn vector(&self, values: Vec<f32>) -> Result<Self::Vector, ModelError>;
+    /// `[rows, cols]` of a matrix.
+    fn dims(matrix: &Self::Matrix) -> [usize; 2];
+    /// Matrices one under the other, as one, where their forms allow it; else the
+    /// parts handed back.
+    fn stack(&self, parts: Vec<Self::Matrix>) -> Result<Self::Matrix, Vec<Self::Matrix>>;
+    /// A cache of `blocks` blocks of `block_size` positions, zeroed.
+    fn new_cache(
+        &self,
+        shape: KvShape,
+        blocks: usize,
+        block_size: usize,
+    ) -> Result<Self::Cache, KvCacheTooLarge>;
+
+    fn begin<'a>(
+        &self,
+        layout: &'a StepLayout<'a>,
+        rope: &'a Rope,
+        cache: &Self::Cache,
+    ) -> Result<Self::Step<'a>, ModelError>;
+    /// Rows of `table` for the step's ids.
+    fn embed(
+        &self,
+        table: &Self::Matrix,
+        step: &Self::Step<'_>,
+    ) -> Result<Self::Hidden, ModelError>;
+    /// `x · Wᵀ (+ b)`.
+    fn linear(
+        &self,
+        x: &Self::Hidden,
+        w: &Self::Matrix,
+        bias: Option<&Self::Vector>,
+    ) -> Result<Self::Hidden, ModelError>;
+    /// Parts side by side in each row.
+    fn concat(&self, parts: Vec<Self::Hidden>) -> Result<Self::Hidden, ModelError>;
+    /// `Σ_ranks x_r · W_rᵀ`: this rank's partial product, all-reduced.
+    fn linear_all_reduce(
+        &self,
+        x: &Self::Hidden,
+        w: &Self::Matrix,
+        comm: &dyn Collective,
+    ) -> Result<Self::Hidden, ModelError>;
+    fn rms_norm(
+        &self,
+        x: &Self::Hidden,
+        weight: &Self::Vector,
+        eps: f32,
+    ) -> Result<Self::Hidden, ModelError>;
+    /// `silu(gate) · up` of rows holding gate then up.
+    fn swiglu(&self, gate_up: &Self::Hidden) -> Result<Self::Hidden, ModelError>;
+    /// `x += y` (the residual connection).
+    fn add(&self, x: &mut Self::Hidden, y: &Self::Hidden) -> Result<(), ModelError>;
+    /// Rotates Q and K of `qkv` (rows of Q|K|V), writes K and V into `layer` of the
+    /// cache, and returns each token's attention output over its sequence's
+    /// positions (`[tokens, heads · head_dim]`).
+    fn attention(
+        &self,
+        qkv: Self::Hidden,
+        shape: AttentionShape,
+        layer: usize,
+        step: &Self::Step<'_>,
+        cache: &mut Self::Cache,
+    ) -> Result<Self::Hidden, ModelError>;
+    /// The rows of the step's wanted logits ([`StepLayout::wanted`]).
+    fn wanted_rows(
+        &self,
+        x: &Self::Hidden,
+        step: &Self::Step<'_>,
+    ) -> Result<Self::Hidden, ModelError>;
+    /// Rows of f32 back on the host.
+    fn download(&self, x: &Self::Hidden) -> Result<Vec<Vec<f32>>, ModelError>;
+}

@@ -1,0 +1,331 @@
+//! The CPU implementations of the device backend's ops, with the CPU engine's
+//! arithmetic (its dot products, exponential, sums and row kernels), so that on
+//! candle's CPU device the device backend computes the CPU engine's numbers.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, Layout, Result, WithDType, bail};
+use half::{bf16, f16};
+use rayon::prelude::*;
+
+use crate::model::causal::{dot, max, sum};
+use crate::model::exp::exp;
+use crate::model::rows::{self, Rows};
+
+/// The elements of a contiguous tensor's storage, from its offset.
+fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<&'a [T]> {
+    let Some((start, end)) = l.contiguous_offsets() else {
+        bail!("paged op: {what} must be contiguous");
+    };
+    Ok(&T::cpu_storage_as_slice(s)?[start..end])
+}
+
+pub fn u32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
+    slice(s, l, "an index tensor")
+}
+
+pub fn write_cache(
+    dst: &mut CpuStorage,
+    dst_l: &Layout,
+    new: &CpuStorage,
+    new_l: &Layout,
+    slots: &CpuStorage,
+    slots_l: &Layout,
+) -> Result<()> {
+    let new = slice::<f32>(new, new_l, "the new entries")?;
+    let slots = u32s(slots, slots_l)?;
+    let Some((start, end)) = dst_l.contiguous_offsets() else {
+        bail!("write_cache: the cache must be contiguous");
+    };
+    let dims = dst_l.dims();
+    let row = dims[2] * dims[3];
+    let capacity = dims[0] * dims[1];
+    fn store<T: WithDType + Stored>(
+        cache: &mut [T],
+        new: &[f32],
+        slots: &[u32],
+        row: usize,
+        capacity: usize,
+    ) -> Result<()> {
+        for (entry, &slot) in new.chunks_exact(row).zip(slots) {
+            let slot = slot as usize;
+            if slot >= capacity {
+                bail!("write_cache: slot {slot} is outside the cache of {capacity}");
+            }
+            store_row(&mut cache[slot * row..(slot + 1) * row], entry);
+        }
+        Ok(())
+    }
+    match dst {
+        CpuStorage::F16(c) => store::<f16>(&mut c[start..end], new, slots, row, capacity),
+        CpuStorage::BF16(c) => store::<bf16>(&mut c[start..end], new, slots, row, capacity),
+        CpuStorage::F32(c) => store::<f32>(&mut c[start..end], new, slots, row, capacity),
+        other => bail!(
+            "write_cache: a cache of {:?} is not supported",
+            other.dtype()
+        ),
+    }
+}
+
+pub struct AttendArgs<'a> {
+    pub tables: &'a [u32],
+    pub max_blocks: usize,
+    /// `(sequence, positions seen)` per token, flattened.
+    pub tokens: &'a [u32],
+    pub scale: f32,
+}
+
+pub fn attend(
+    q: &CpuStorage,
+    q_l: &Layout,
+    k: &CpuStorage,
+    k_l: &Layout,
+    v: &CpuStorage,
+    v_l: &Layout,
+    args: &AttendArgs<'_>,
+) -> Result<CpuStorage> {
+    let q = slice::<f32>(q, q_l, "the queries")?;
+    let out = match (k, v) {
+        (CpuStorage::F16(_), CpuStorage::F16(_)) => {
+            attend_typed::<f16>(q, q_l, k, k_l, v, v_l, args)?
+        }
+        (CpuStorage::BF16(_), CpuStorage::BF16(_)) => {
+            attend_typed::<bf16>(q, q_l, k, k_l, v, v_l, args)?
+        }
+        (CpuStorage::F32(_), CpuStorage::F32(_)) => {
+            attend_typed::<f32>(q, q_l, k, k_l, v, v_l, args)?
+        }
+        _ => bail!("attend: a cache of {:?} is not supported", k.dtype()),
+    };
+    Ok(CpuStorage::F32(out))
+}
+
+fn attend_typed<T: WithDType + Stored>(
+    q: &[f32],
+    q_l: &Layout,
+    k: &CpuStorage,
+    k_l: &Layout,
+    v: &CpuStorage,
+    v_l: &Layout,
+    args: &AttendArgs<'_>,
+) -> Result<Vec<f32>> {
+    let keys = slice::<T>(k, k_l, "the key cache")?;
+    let values = slice::<T>(v, v_l, "the value cache")?;
+    let [tokens, heads, d] = q_l.dims() else {
+        bail!("attend: queries must be [tokens, heads, head_dim]");
+    };
+    let (tokens, heads, d) = (*tokens, *heads, *d);
+    let [blocks, bs, kvh, _] = k_l.dims() else {
+        bail!("attend: the cache must be [blocks, block_size, kv_heads, head_dim]");
+    };
+    let (blocks, bs, kvh) = (*blocks, *bs, *kvh);
+    let group = heads / kvh;
+    let sequences = args.tables.len() / args.max_blocks.max(1);
+    // Every token's table and length checked once, before the parallel part.
+    for t in 0..tokens {
+        let (seq, len) = (args.tokens[2 * t] as usize, args.tokens[2 * t + 1] as usize);
+        if seq >= sequences || len.div_ceil(bs) > args.max_blocks {
+            bail!("attend: token {t} reads sequence {seq} ({len} positions) beyond the tables");
+        }
+        let table = &args.tables[seq * args.max_blocks..][..len.div_ceil(bs)];
+        if let Some(b) = table.iter().find(|&&b| b as usize >= blocks) {
+            bail!("attend: block {b} is outside the cache of {blocks}");
+        }
+    }
+    // One task per (sequence, KV head): its cached positions are widened to f32 once,
+    // then every query head of the group, for every token of the sequence, reads them.
+    let mut by_seq: Vec<Vec<usize>> = vec![Vec::new(); sequences];
+    for t in 0..tokens {
+        by_seq[args.tokens[2 * t] as usize].push(t);
+    }
+    let tasks: Vec<(usize, usize)> = (0..sequences)
+        .filter(|&s| !by_seq[s].is_empty())
+        .flat_map(|s| (0..kvh).map(move |h| (s, h)))
+        .collect();
+    let parts: Vec<Vec<f32>> = tasks
+        .par_iter()
+        .map(|&(seq, kv_head)| {
+            let task = Task {
+                q,
+                keys,
+                values,
+                args,
+                tokens: &by_seq[seq],
+                seq,
+                kv_head,
+                shape: (heads, kvh, d, bs),
+            };
+            task.run()
+        })
+        .collect();
+    let mut out = vec![0f32; tokens * heads * d];
+    for (&(seq, kv_head), part) in tasks.iter().zip(parts) {
+        for (&t, rows) in by_seq[seq].iter().zip(part.chunks_exact(group * d)) {
+            out[(t * heads + kv_head * group) * d..][..group * d].copy_from_slice(rows);
+        }
+    }
+    Ok(out)
+}
+
+pub fn rms_norm(
+    x: &CpuStorage,
+    x_l: &Layout,
+    w: &CpuStorage,
+    w_l: &Layout,
+    eps: f32,
+) -> Result<CpuStorage> {
+    let width = x_l.dims()[1];
+    let x = Rows::new(slice::<f32>(x, x_l, "the rows")?.to_vec(), width);
+    let w = slice::<f32>(w, w_l, "the weight")?;
+    Ok(CpuStorage::F32(rows::rms_norm(&x, w, eps).into_vec()))
+}
+
+pub fn swiglu(x: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
+    let width = l.dims()[1];
+    let x = Rows::new(slice::<f32>(x, l, "the rows")?.to_vec(), width);
+    Ok(CpuStorage::F32(rows::swiglu(&x).into_vec()))
+}
+
+/// How entries of the cache's type are stored and weights rounded to it: f16 with the
+/// CPU engine's own conversions (F16C where the CPU has it), the others through f64.
+pub trait Stored: Sized {
+    fn store(dst: &mut [Self], src: &[f32]);
+    fn round(x: &mut [f32]);
+}
+
+impl Stored for f16 {
+    fn store(dst: &mut [f16], src: &[f32]) {
+        use half::slice::HalfFloatSliceExt;
+        dst.convert_from_f32_slice(src);
+    }
+    fn round(x: &mut [f32]) {
+        crate::model::causal::round_to_half(x);
+    }
+}
+
+impl Stored for bf16 {
+    fn store(dst: &mut [bf16], src: &[f32]) {
+        use half::slice::HalfFloatSliceExt;
+        dst.convert_from_f32_slice(src);
+    }
+    fn round(x: &mut [f32]) {
+        for v in x {
+            *v = bf16::from_f32(*v).to_f32();
+        }
+    }
+}
+
+impl Stored for f32 {
+    fn store(dst: &mut [f32], src: &[f32]) {
+        dst.copy_from_slice(src);
+    }
+    fn round(_: &mut [f32]) {}
+}
+
+fn store_row<T: Stored>(dst: &mut [T], src: &[f32]) {
+    T::store(dst, src)
+}
+
+fn rounding<T: Stored>() -> fn(&mut [f32]) {
+    T::round
+}
+
+/// One (sequence, KV head) of an attention call.
+struct Task<'a, T> {
+    q: &'a [f32],
+    keys: &'a [T],
+    values: &'a [T],
+    args: &'a AttendArgs<'a>,
+    /// The step's tokens of this sequence.
+    tokens: &'a [usize],
+    seq: usize,
+    kv_head: usize,
+    /// Query heads, KV heads, head size, block size.
+    shape: (usize, usize, usize, usize),
+}
+
+impl<T: WithDType + Stored> Task<'_, T> {
+    /// The rows `[token][group][head_dim]`, with fused multiply-adds in hardware where
+    /// the CPU has them (the CPU engine's kernels make the same choice; the bits are
+    /// the same either way).
+    fn run(&self) -> Vec<f32> {
+        #[cfg(target_arch = "x86_64")]
+        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+            // SAFETY: AVX2 and FMA were detected on this CPU just above.
+            return unsafe { self.run_fma() };
+        }
+        self.compute()
+    }
+
+    #[cfg(target_arch = "x86_64")]
+    #[target_feature(enable = "avx2,fma")]
+    unsafe fn run_fma(&self) -> Vec<f32> {
+        self.compute()
+    }
+
+    #[inline(always)]
+    fn compute(&self) -> Vec<f32> {
+        let Self {
+            q,
+            keys,
+            values,
+            args,
+            tokens: mine,
+            seq,
+            kv_head,
+            shape: (heads, kvh, d, bs),
+        } = *self;
+        let group = heads / kvh;
+        let len = mine
+            .iter()
+            .map(|&t| args.tokens[2 * t + 1] as usize)
+            .max()
+            .unwrap_or(0);
+        let table = &args.tables[seq * args.max_blocks..];
+        let round_weights = rounding::<T>();
+        // Plain loops, not closures: a closure is compiled on its own, without this
+        // function's target features.
+        let (mut k, mut v) = (Vec::with_capacity(len * d), Vec::with_capacity(len * d));
+        for p in 0..len {
+            let at = ((table[p / bs] as usize * bs + p % bs) * kvh + kv_head) * d;
+            for x in &keys[at..at + d] {
+                k.push(x.to_f64() as f32);
+            }
+            for x in &values[at..at + d] {
+                v.push(x.to_f64() as f32);
+            }
+        }
+        let mut out = vec![0f32; mine.len() * group * d];
+        let mut scores = Vec::with_capacity(len);
+        for (i, &t) in mine.iter().enumerate() {
+            let seen = args.tokens[2 * t + 1] as usize;
+            for g in 0..group {
+                let h = kv_head * group + g;
+                let qr = &q[(t * heads + h) * d..][..d];
+                scores.clear();
+                for key in k[..seen * d].chunks_exact(d) {
+                    scores.push(dot(qr, key) * args.scale);
+                }
+                // The CPU engine's softmax, step for step: on the CPU device this
+                // backend gives its numbers.
+                let max = max(&scores);
+                for s in scores.iter_mut() {
+                    *s = exp(*s - max);
+                }
+                let inv = 1.0 / sum(&scores);
+                // Weights meet values at the cache's precision, as in half-precision
+                // attention kernels (and the CPU engine).
+                for s in scores.iter_mut() {
+                    *s *= inv;
+                }
+                round_weights(&mut scores);
+                let o = &mut out[(i * group + g) * d..][..d];
+                for (w, value) in scores.iter().zip(v.chunks_exact(d)) {
+                    for (x, val) in o.iter_mut().zip(value) {
+                        *x = w.mul_add(*val, *x);
+                    }
+                }
+            }
+        }
+        out
+    }
+}

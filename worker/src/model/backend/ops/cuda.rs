@@ -1,0 +1,232 @@
+//! Launching the device backend's kernels (`kernels.cu`, built into a fat binary for the
+//! GPU generations the build names, with PTX for newer ones) on candle's stream.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+use candle_core::{CudaStorage, DType, Layout, Result, Shape, bail};
+use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+
+use super::AttendPlan;
+
+/// `kernels.cu`, compiled by `build.rs`.
+static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ops.fatbin"));
+
+/// Threads per block of the attention kernel (`THREADS` in `kernels.cu`) and the
+/// widest head it takes (`THREADS * PER_THREAD`).
+const THREADS: u32 = 128;
+const MAX_HEAD_DIM: usize = 512;
+
+fn cuda_error(e: impl std::error::Error + Send + Sync + 'static) -> candle_core::Error {
+    candle_core::Error::Cuda(Box::new(e))
+}
+
+/// The kernel `name`, its module loaded once per GPU.
+fn function(storage: &CudaStorage, name: &str) -> Result<CudaFunction> {
+    static MODULES: OnceLock<Mutex<HashMap<usize, Arc<CudaModule>>>> = OnceLock::new();
+    let stream = storage.device.cuda_stream();
+    let ctx = stream.context();
+    let module = {
+        let mut modules = MODULES
+            .get_or_init(Default::default)
+            .lock()
+            .map_err(|_| candle_core::Error::Msg("paged kernels: a load panicked".into()))?;
+        match modules.get(&ctx.ordinal()) {
+            Some(m) => m.clone(),
+            None => {
+                let m = ctx
+                    .load_module(cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec()))
+                    .map_err(cuda_error)?;
+                modules.insert(ctx.ordinal(), m.clone());
+                m
+            }
+        }
+    };
+    module.load_function(name).map_err(cuda_error)
+}
+
+fn suffix(dtype: DType) -> Result<&'static str> {
+    Ok(match dtype {
+        DType::F16 => "f16",
+        DType::BF16 => "bf16",
+        DType::F32 => "f32",
+        other => bail!("paged kernels: a cache of {other:?} is not supported"),
+    })
+}
+
+fn offsets(l: &Layout, what: &str) -> Result<(usize, usize)> {
+    l.contiguous_offsets()
+        .ok_or_else(|| candle_core::Error::Msg(format!("paged kernels: {what} must be contiguous")))
+}
+
+pub fn write_cache(
+    dst: &mut CudaStorage,
+    dst_l: &Layout,
+    new: &CudaStorage,
+    new_l: &Layout,
+    slots: &CudaStorage,
+    slots_l: &Layout,
+) -> Result<()> {
+    let dims = dst_l.dims();
+    let row = (dims[2] * dims[3]) as u32;
+    let tokens = new_l.dims()[0] as u32;
+    let (c0, _) = offsets(dst_l, "the cache")?;
+    let (n0, n1) = offsets(new_l, "the new entries")?;
+    let (s0, s1) = offsets(slots_l, "the slots")?;
+    let func = function(dst, &format!("paged_write_{}", suffix(dst.dtype())?))?;
+    let src = new.as_cuda_slice::<f32>()?.slice(n0..n1);
+    let slots = slots.as_cuda_slice::<u32>()?.slice(s0..s1);
+    let stream = dst.device.cuda_stream();
+    let cfg = LaunchConfig::for_num_elems(tokens * row);
+    macro_rules! launch {
+        ($t:ty) => {{
+            let mut cache = dst.as_cuda_slice_mut::<$t>()?.slice_mut(c0..);
+            let mut b = stream.launch_builder(&func);
+            b.arg(&mut cache)
+                .arg(&src)
+                .arg(&slots)
+                .arg(&tokens)
+                .arg(&row);
+            // SAFETY: the arguments match the kernel's signature; `attend`'s caller
+            // checked the shapes, and slots come from block tables checked against
+            // the cache's size before the step.
+            unsafe { b.launch(cfg) }.map_err(cuda_error)?;
+        }};
+    }
+    match dst.dtype() {
+        DType::F16 => launch!(half::f16),
+        DType::BF16 => launch!(half::bf16),
+        _ => launch!(f32),
+    }
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)] // candle's CustomOp3::cuda_fwd, plus the op's fields
+pub fn attend(
+    q: &CudaStorage,
+    q_l: &Layout,
+    k: &CudaStorage,
+    k_l: &Layout,
+    v: &CudaStorage,
+    v_l: &Layout,
+    plan: &AttendPlan,
+    scale: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let [tokens, heads, d] = *q_l.dims() else {
+        bail!("attend: queries must be [tokens, heads, head_dim]");
+    };
+    let [_, bs, kv_heads, _] = *k_l.dims() else {
+        bail!("attend: the cache must be [blocks, block_size, kv_heads, head_dim]");
+    };
+    if d > MAX_HEAD_DIM {
+        bail!("attend: head_dim {d} is above the kernel's {MAX_HEAD_DIM}");
+    }
+    let (tables, tables_l) = plan.tables.storage_and_layout();
+    let (meta, meta_l) = plan.tokens.storage_and_layout();
+    let (candle_core::Storage::Cuda(tables), candle_core::Storage::Cuda(meta)) = (&*tables, &*meta)
+    else {
+        bail!("attend: the plan is not on the GPU with the queries");
+    };
+    let max_blocks = tables_l.dims()[1] as u32;
+    let (t0, t1) = offsets(tables_l, "the block tables")?;
+    let (m0, m1) = offsets(meta_l, "the token plan")?;
+    let (q0, q1) = offsets(q_l, "the queries")?;
+    let (k0, _) = offsets(k_l, "the key cache")?;
+    let (v0, _) = offsets(v_l, "the value cache")?;
+    let dev = &q.device;
+    let out = dev.alloc_zeros::<f32>(tokens * heads * d)?;
+    let func = function(q, &format!("paged_attend_{}", suffix(k.dtype())?))?;
+    let stream = dev.cuda_stream();
+    let q_s = q.as_cuda_slice::<f32>()?.slice(q0..q1);
+    let tables = tables.as_cuda_slice::<u32>()?.slice(t0..t1);
+    let meta = meta.as_cuda_slice::<u32>()?.slice(m0..m1);
+    let (heads, kv_heads, d32, bs) = (heads as u32, kv_heads as u32, d as u32, bs as u32);
+    let cfg = LaunchConfig {
+        grid_dim: (tokens as u32, heads, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: (d as u32 + THREADS) * 4,
+    };
+    macro_rules! launch {
+        ($t:ty) => {{
+            let keys = k.as_cuda_slice::<$t>()?.slice(k0..);
+            let values = v.as_cuda_slice::<$t>()?.slice(v0..);
+            let mut b = stream.launch_builder(&func);
+            b.arg(&out)
+                .arg(&q_s)
+                .arg(&keys)
+                .arg(&values)
+                .arg(&tables)
+                .arg(&max_blocks);
+            b.arg(&meta)
+                .arg(&heads)
+                .arg(&kv_heads)
+                .arg(&d32)
+                .arg(&bs)
+                .arg(&scale);
+            // SAFETY: the arguments match the kernel's signature; the plan's tables
+            // were checked against the cache's size before the step.
+            unsafe { b.launch(cfg) }.map_err(cuda_error)?;
+        }};
+    }
+    match k.dtype() {
+        DType::F16 => launch!(half::f16),
+        DType::BF16 => launch!(half::bf16),
+        _ => launch!(f32),
+    }
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev.clone()),
+        q_l.shape().clone(),
+    ))
+}
+
+pub fn rms_norm(
+    x: &CudaStorage,
+    x_l: &Layout,
+    w: &CudaStorage,
+    w_l: &Layout,
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let (rows, width) = x_l.shape().dims2()?;
+    let (x0, x1) = offsets(x_l, "the rows")?;
+    let (w0, w1) = offsets(w_l, "the weight")?;
+    let dev = &x.device;
+    let out = dev.alloc_zeros::<f32>(rows * width)?;
+    let func = function(x, "rms_norm_f32")?;
+    let stream = dev.cuda_stream();
+    let xs = x.as_cuda_slice::<f32>()?.slice(x0..x1);
+    let ws = w.as_cuda_slice::<f32>()?.slice(w0..w1);
+    let width32 = width as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    };
+    let mut b = stream.launch_builder(&func);
+    b.arg(&out).arg(&xs).arg(&ws).arg(&width32).arg(&eps);
+    // SAFETY: the arguments match the kernel's signature and the shapes were checked.
+    unsafe { b.launch(cfg) }.map_err(cuda_error)?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev.clone()),
+        x_l.shape().clone(),
+    ))
+}
+
+pub fn swiglu(x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+    let (rows, width) = l.shape().dims2()?;
+    let half = width / 2;
+    let (x0, x1) = offsets(l, "the rows")?;
+    let dev = &x.device;
+    let out = dev.alloc_zeros::<f32>(rows * half)?;
+    let func = function(x, "swiglu_f32")?;
+    let stream = dev.cuda_stream();
+    let xs = x.as_cuda_slice::<f32>()?.slice(x0..x1);
+    let (rows32, half32) = (rows as u32, half as u32);
+    let mut b = stream.launch_builder(&func);
+    b.arg(&out).arg(&xs).arg(&rows32).arg(&half32);
+    // SAFETY: the arguments match the kernel's signature and the shapes were checked.
+    unsafe { b.launch(LaunchConfig::for_num_elems(rows32 * half32)) }.map_err(cuda_error)?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev.clone()),
+        Shape::from((rows, half)),
+    ))
+}

@@ -1,0 +1,248 @@
+//! The device backend's own operations on candle tensors, as custom ops, each with a
+//! CPU implementation (what `--device candle-cpu` and the tests run, with the CPU
+//! engine's arithmetic) and a CUDA kernel (`kernels.cu`, compiled by nvcc in the
+//! `cuda` feature): the paged KV cache's write and attention, and RMSNorm and SwiGLU
+//! fused into one kernel each (several candle ops otherwise, each a launch).
+//!
+//! The cache of one layer is a pair of tensors `[blocks, block_size, kv_heads,
+//! head_dim]` (keys, values). [`write_cache`] stores a step's new keys or values
+//! through a slot mapping (slot = block · block_size + offset, one per token);
+//! [`attend`] computes each query token's causal attention by reading its sequence's
+//! positions through that sequence's block table. One op serves decode, prefill and
+//! chunked prefill alike: every token carries its sequence and how many positions it
+//! sees.
+
+mod cpu;
+#[cfg(feature = "cuda")]
+mod cuda;
+
+use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor, bail};
+
+/// Where each query token of a step reads the cache.
+#[derive(Clone, Debug)]
+pub struct AttendPlan {
+    /// `[sequences, max_blocks]` u32: each sequence's block table, padded.
+    pub tables: Tensor,
+    /// `[tokens, 2]` u32: the token's sequence (a row of `tables`) and the number of
+    /// positions it attends to (its own position + 1).
+    pub tokens: Tensor,
+}
+
+/// Stores `new` (`[tokens, kv_heads, head_dim]`, f32) into `cache` (`[blocks,
+/// block_size, kv_heads, head_dim]`, f16, bf16 or f32) at `slots` (`[tokens]` u32),
+/// converting to the cache's type.
+pub fn write_cache(cache: &Tensor, new: &Tensor, slots: &Tensor) -> Result<()> {
+    let (blocks, bs, kvh, d) = cache.dims4()?;
+    let (tokens, nkvh, nd) = new.dims3()?;
+    if (nkvh, nd) != (kvh, d) || new.dtype() != DType::F32 {
+        bail!(
+            "write_cache: entries {:?} {:?} do not fit a cache of [{blocks}, {bs}, {kvh}, {d}]",
+            new.dims(),
+            new.dtype()
+        );
+    }
+    if slots.dims1()? != tokens || slots.dtype() != DType::U32 {
+        bail!("write_cache: {tokens} entries need {tokens} u32 slots");
+    }
+    cache.inplace_op3(new, slots, &WriteCache)
+}
+
+struct WriteCache;
+
+impl candle_core::InplaceOp3 for WriteCache {
+    fn name(&self) -> &'static str {
+        "paged-write-cache"
+    }
+
+    fn cpu_fwd(
+        &self,
+        dst: &mut CpuStorage,
+        dst_l: &Layout,
+        new: &CpuStorage,
+        new_l: &Layout,
+        slots: &CpuStorage,
+        slots_l: &Layout,
+    ) -> Result<()> {
+        cpu::write_cache(dst, dst_l, new, new_l, slots, slots_l)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        dst: &mut candle_core::CudaStorage,
+        dst_l: &Layout,
+        new: &candle_core::CudaStorage,
+        new_l: &Layout,
+        slots: &candle_core::CudaStorage,
+        slots_l: &Layout,
+    ) -> Result<()> {
+        cuda::write_cache(dst, dst_l, new, new_l, slots, slots_l)
+    }
+}
+
+/// Causal attention of `q` (`[tokens, heads, head_dim]`, f32) over the cached `keys`
+/// and `values` (`[blocks, block_size, kv_heads, head_dim]`): token `t` attends to the
+/// first `len` positions of its sequence, as `plan` says. Returns `[tokens, heads,
+/// head_dim]` f32.
+pub fn attend(q: &Tensor, keys: &Tensor, values: &Tensor, plan: &AttendPlan) -> Result<Tensor> {
+    let (tokens, heads, d) = q.dims3()?;
+    let (_, _, kvh, kd) = keys.dims4()?;
+    if kd != d || keys.dims() != values.dims() || keys.dtype() != values.dtype() {
+        bail!(
+            "attend: queries {:?}, keys {:?} and values {:?} do not agree",
+            q.dims(),
+            keys.dims(),
+            values.dims()
+        );
+    }
+    if kvh == 0 || !heads.is_multiple_of(kvh) || q.dtype() != DType::F32 {
+        bail!("attend: {heads} query heads cannot share {kvh} KV heads");
+    }
+    if plan.tokens.dims2()? != (tokens, 2) || plan.tokens.dtype() != DType::U32 {
+        bail!("attend: {tokens} tokens need a [{tokens}, 2] u32 plan");
+    }
+    if plan.tables.rank() != 2 || plan.tables.dtype() != DType::U32 {
+        bail!("attend: block tables must be [sequences, blocks] u32");
+    }
+    let op = Attend {
+        plan: plan.clone(),
+        scale: 1.0 / (d as f32).sqrt(),
+    };
+    q.contiguous()?.apply_op3_no_bwd(keys, values, &op)
+}
+
+struct Attend {
+    plan: AttendPlan,
+    scale: f32,
+}
+
+impl candle_core::CustomOp3 for Attend {
+    fn name(&self) -> &'static str {
+        "paged-attend"
+    }
+
+    fn cpu_fwd(
+        &self,
+        q: &CpuStorage,
+        q_l: &Layout,
+        k: &CpuStorage,
+        k_l: &Layout,
+        v: &CpuStorage,
+        v_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (tables, tables_l) = self.plan.tables.storage_and_layout();
+        let (tokens, tokens_l) = self.plan.tokens.storage_and_layout();
+        let (candle_core::Storage::Cpu(tables), candle_core::Storage::Cpu(tokens)) =
+            (&*tables, &*tokens)
+        else {
+            bail!("attend: the plan is not on the CPU with the queries");
+        };
+        let args = cpu::AttendArgs {
+            tables: cpu::u32s(tables, tables_l)?,
+            max_blocks: tables_l.dims()[1],
+            tokens: cpu::u32s(tokens, tokens_l)?,
+            scale: self.scale,
+        };
+        let out = cpu::attend(q, q_l, k, k_l, v, v_l, &args)?;
+        Ok((out, q_l.shape().clone()))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        q: &candle_core::CudaStorage,
+        q_l: &Layout,
+        k: &candle_core::CudaStorage,
+        k_l: &Layout,
+        v: &candle_core::CudaStorage,
+        v_l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::attend(q, q_l, k, k_l, v, v_l, &self.plan, self.scale)
+    }
+}
+
+/// RMSNorm of each row of `x` (`[rows, width]` f32) scaled by `weight` (`[width]`):
+/// the sum of squares in f64, as the CPU engine and llama.cpp take it.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    let (_, width) = x.dims2()?;
+    if weight.dims1()? != width || x.dtype() != DType::F32 || weight.dtype() != DType::F32 {
+        bail!(
+            "rms_norm: rows {:?} and weight {:?} must be f32 of one width",
+            x.dims(),
+            weight.dims()
+        );
+    }
+    x.contiguous()?
+        .apply_op2_no_bwd(&weight.contiguous()?, &RmsNorm { eps })
+}
+
+struct RmsNorm {
+    eps: f32,
+}
+
+impl candle_core::CustomOp2 for RmsNorm {
+    fn name(&self) -> &'static str {
+        "rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        w: &CpuStorage,
+        w_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Ok((
+            cpu::rms_norm(x, x_l, w, w_l, self.eps)?,
+            x_l.shape().clone(),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_l: &Layout,
+        w: &candle_core::CudaStorage,
+        w_l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::rms_norm(x, x_l, w, w_l, self.eps)
+    }
+}
+
+/// `silu(gate) · up` of rows holding gate then up (`[rows, 2 · h]` f32) → `[rows, h]`.
+pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
+    let (_, width) = gate_up.dims2()?;
+    if !width.is_multiple_of(2) || gate_up.dtype() != DType::F32 {
+        bail!(
+            "swiglu: rows {:?} must be f32 of an even width",
+            gate_up.dims()
+        );
+    }
+    gate_up.contiguous()?.apply_op1_no_bwd(&Swiglu)
+}
+
+struct Swiglu;
+
+impl candle_core::CustomOp1 for Swiglu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (rows, width) = l.shape().dims2()?;
+        Ok((cpu::swiglu(x, l)?, Shape::from((rows, width / 2))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::swiglu(x, l)
+    }
+}
+
+#[cfg(test)]
+mod tests;

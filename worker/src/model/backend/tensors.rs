@@ -1,0 +1,537 @@
+//! The device backend: activations, weights and the paged KV cache as candle tensors
+//! on one device (an NVIDIA GPU, or candle's CPU device under `--device candle-cpu`,
+//! which is how the tests run it). A step uploads its integers (ids, slot mapping,
+//! per-token sequence and length, wanted rows, block tables) in one buffer and its
+//! rotary angles in another, runs every layer on the device, and downloads only the
+//! logits rows it was asked for.
+
+use std::borrow::Cow;
+
+use candle_core::quantized::{GgmlDType, QMatMul, QStorage, QTensor};
+use candle_core::{DType, Device, Module, Tensor};
+use shardserve_kernels::QuantFormat;
+
+use super::ops::{self, AttendPlan};
+use super::{AttentionShape, Backend, ModelError, StepLayout};
+use crate::comm::Collective;
+use crate::kv::{KvCacheTooLarge, KvShape};
+use crate::model::config::RopeStyle;
+use crate::model::rope::Rope;
+use crate::weights::Weight;
+
+/// Element type of the device KV cache.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum CacheDtype {
+    #[default]
+    F16,
+    BF16,
+}
+
+impl std::fmt::Display for CacheDtype {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::F16 => "float16",
+            Self::BF16 => "bfloat16",
+        })
+    }
+}
+
+impl std::str::FromStr for CacheDtype {
+    type Err = String;
+
+    /// The names of the CRD's `engine.kvCacheDtype`, and their short forms. FP8 caches
+    /// are refused by name, not taken for something else.
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "float16" | "f16" | "fp16" | "half" => Ok(Self::F16),
+            "bfloat16" | "bf16" => Ok(Self::BF16),
+            "fp8" | "fp8_e4m3" | "fp8_e5m2" | "float8" => Err(format!(
+                "KV cache type `{s}` is not supported yet (float16 or bfloat16)"
+            )),
+            _ => Err(format!(
+                "`{s}` is not a KV cache type: expected float16 or bfloat16"
+            )),
+        }
+    }
+}
+
+impl CacheDtype {
+    fn dtype(self) -> DType {
+        match self {
+            Self::F16 => DType::F16,
+            Self::BF16 => DType::BF16,
+        }
+    }
+}
+
+/// Candle tensors on `device`.
+#[derive(Clone, Debug)]
+pub struct Tensors {
+    device: Device,
+    cache_dtype: CacheDtype,
+    /// On candle's CPU device, multiply the project's block formats with the CPU
+    /// engine's kernels ([`DeviceMatrix::Kernels`]).
+    cpu_kernels: bool,
+}
+
+impl Tensors {
+    pub fn new(device: Device, cache_dtype: CacheDtype) -> Self {
+        Self {
+            device,
+            cache_dtype,
+            cpu_kernels: true,
+        }
+    }
+
+    /// The same, with candle's own quantised kernels for every quantised product
+    /// (what a GPU runs), on the CPU device too.
+    pub fn with_candle_kernels(mut self) -> Self {
+        self.cpu_kernels = false;
+        self
+    }
+}
+
+/// A matrix on the device: quantised (candle's quantised products) or dense; on
+/// candle's CPU device, the project's block formats keep the project's kernels.
+#[derive(Debug)]
+pub enum DeviceMatrix {
+    Quant(QMatMul),
+    Dense(Tensor),
+    /// Q4_0/Q4_1/Q5_0/Q5_1/Q8_0 on candle's CPU device, multiplied by the CPU
+    /// engine's kernels: candle's own CPU kernels round the activations differently
+    /// (the demo model's best token then differs from the CPU engine's at ~3% of
+    /// positions instead of <1%) and are several times slower. GPUs use candle's
+    /// quantised CUDA kernels.
+    Kernels(Weight),
+}
+
+/// Every layer's keys and values, `[blocks, block_size, kv_heads, head_dim]` each.
+#[derive(Debug)]
+pub struct DeviceCache {
+    keys: Vec<Tensor>,
+    values: Vec<Tensor>,
+    blocks: usize,
+    block_size: usize,
+}
+
+/// A step's uploads, as views into the two buffers.
+pub struct DeviceStep {
+    ids: Tensor,
+    slots: Tensor,
+    plan: AttendPlan,
+    wanted: Option<Tensor>,
+    /// `[tokens, 1, dims / 2]` each.
+    cos: Tensor,
+    sin: Tensor,
+    style: RopeStyle,
+}
+
+fn ggml_dtype(format: QuantFormat) -> GgmlDType {
+    match format {
+        QuantFormat::Q4_0 => GgmlDType::Q4_0,
+        QuantFormat::Q4_1 => GgmlDType::Q4_1,
+        QuantFormat::Q5_0 => GgmlDType::Q5_0,
+        QuantFormat::Q5_1 => GgmlDType::Q5_1,
+        QuantFormat::Q8_0 => GgmlDType::Q8_0,
+    }
+}
+
+fn quant(
+    bytes: Cow<'_, [u8]>,
+    dtype: GgmlDType,
+    dims: [usize; 2],
+    device: &Device,
+) -> candle_core::Result<DeviceMatrix> {
+    let storage = QStorage::from_data(bytes, device, dtype)?;
+    let q = QTensor::new(storage, (dims[0], dims[1]))?;
+    Ok(DeviceMatrix::Quant(QMatMul::from_arc(
+        std::sync::Arc::new(q),
+    )?))
+}
+
+/// Physical memory of this machine, for refusing a cache on candle's CPU device that
+/// could never be held (allocating it would abort the process).
+fn host_memory() -> u128 {
+    // SAFETY: sysconf only reads system values.
+    let (pages, size) = unsafe {
+        (
+            libc::sysconf(libc::_SC_PHYS_PAGES),
+            libc::sysconf(libc::_SC_PAGESIZE),
+        )
+    };
+    (pages.max(0) as u128) * (size.max(0) as u128)
+}
+
+impl Tensors {
+    /// Rotates `x` (`[tokens, heads, head_dim]`) by the step's angles: the first
+    /// `2 · half` features of each head, as pairs of halves or of neighbours.
+    fn rotate(&self, x: &Tensor, step: &DeviceStep) -> candle_core::Result<Tensor> {
+        let (t, h, d) = x.dims3()?;
+        let half = step.cos.dim(2)?;
+        let rot = 2 * half;
+        let part = if rot < d {
+            x.narrow(2, 0, rot)?
+        } else {
+            x.clone()
+        };
+        let rotated = match step.style {
+            RopeStyle::Halves => {
+                let (x0, x1) = (part.narrow(2, 0, half)?, part.narrow(2, half, half)?);
+                let a = (x0.broadcast_mul(&step.cos)? - x1.broadcast_mul(&step.sin)?)?;
+                let b = (x0.broadcast_mul(&step.sin)? + x1.broadcast_mul(&step.cos)?)?;
+                Tensor::cat(&[a, b], 2)?
+            }
+            RopeStyle::Interleaved => {
+                let pairs = part.reshape((t, h, half, 2))?;
+                let (x0, x1) = (pairs.narrow(3, 0, 1)?, pairs.narrow(3, 1, 1)?);
+                let (cos, sin) = (step.cos.unsqueeze(3)?, step.sin.unsqueeze(3)?);
+                let a = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
+                let b = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
+                Tensor::cat(&[a, b], 3)?.reshape((t, h, rot))?
+            }
+        };
+        if rot < d {
+            Tensor::cat(&[rotated, x.narrow(2, rot, d - rot)?], 2)
+        } else {
+            Ok(rotated)
+        }
+    }
+}
+
+impl Backend for Tensors {
+    type Hidden = Tensor;
+    type Matrix = DeviceMatrix;
+    type Vector = Tensor;
+    type Cache = DeviceCache;
+    type Step<'a> = DeviceStep;
+
+    fn device(&self) -> Device {
+        self.device.clone()
+    }
+
+    fn matrix(&self, weight: Weight) -> Result<DeviceMatrix, ModelError> {
+        Ok(match weight {
+            // The project's block formats, loaded for the CPU kernels: the same
+            // GGUF blocks, handed to candle.
+            Weight::Blocks(m) if self.device.is_cpu() && self.cpu_kernels => {
+                DeviceMatrix::Kernels(Weight::Blocks(m))
+            }
+            Weight::Blocks(m) => quant(
+                Cow::Borrowed(m.bytes()),
+                ggml_dtype(m.format()),
+                [m.rows(), m.cols()],
+                &self.device,
+            )?,
+            Weight::Ggml(q) => DeviceMatrix::Quant(QMatMul::from_arc(q)?),
+            Weight::Dense(t) => DeviceMatrix::Dense(t.to_device(&self.device)?),
+        })
+    }
+
+    fn vector(&self, values: Vec<f32>) -> Result<Tensor, ModelError> {
+        let n = values.len();
+        Ok(Tensor::from_vec(values, n, &self.device)?)
+    }
+
+    fn dims(matrix: &DeviceMatrix) -> [usize; 2] {
+        let dims = match matrix {
+            DeviceMatrix::Quant(QMatMul::QTensor(q)) => q.shape().dims().to_vec(),
+            DeviceMatrix::Quant(QMatMul::Tensor(t) | QMatMul::TensorF16(t))
+            | DeviceMatrix::Dense(t) => t.dims().to_vec(),
+            DeviceMatrix::Kernels(w) => w.dims(),
+        };
+        [dims[0], dims.get(1).copied().unwrap_or(1)]
+    }
+
+    fn stack(&self, parts: Vec<DeviceMatrix>) -> Result<DeviceMatrix, Vec<DeviceMatrix>> {
+        if parts.iter().all(|p| matches!(p, DeviceMatrix::Kernels(_))) {
+            let weights = parts
+                .into_iter()
+                .filter_map(|p| match p {
+                    DeviceMatrix::Kernels(w) => Some(w),
+                    _ => None,
+                })
+                .collect();
+            return Weight::stack_rows(weights)
+                .map(DeviceMatrix::Kernels)
+                .map_err(|ws| ws.into_iter().map(DeviceMatrix::Kernels).collect());
+        }
+        let stacked = || -> candle_core::Result<Option<DeviceMatrix>> {
+            let quantised: Option<Vec<&QTensor>> = parts
+                .iter()
+                .map(|p| match p {
+                    DeviceMatrix::Quant(QMatMul::QTensor(q)) => Some(q.as_ref()),
+                    _ => None,
+                })
+                .collect();
+            if let Some(qs) = quantised {
+                let dtype = qs[0].dtype();
+                let cols = qs[0].shape().dims2()?.1;
+                let mut rows = 0;
+                let mut bytes = Vec::new();
+                for q in &qs {
+                    let (r, c) = q.shape().dims2()?;
+                    if q.dtype() != dtype || c != cols {
+                        return Ok(None);
+                    }
+                    rows += r;
+                    // Rows of blocks, one after another: stacking is concatenation.
+                    bytes.extend_from_slice(&q.data()?);
+                }
+                return quant(Cow::Owned(bytes), dtype, [rows, cols], &self.device).map(Some);
+            }
+            let dense: Option<Vec<&Tensor>> = parts
+                .iter()
+                .map(|p| match p {
+                    DeviceMatrix::Dense(t) if t.rank() == 2 => Some(t),
+                    _ => None,
+                })
+                .collect();
+            match dense {
+                Some(ts) if ts.iter().all(|t| t.dtype() == ts[0].dtype()) => {
+                    Ok(Some(DeviceMatrix::Dense(Tensor::cat(&ts, 0)?)))
+                }
+                _ => Ok(None),
+            }
+        };
+        match stacked() {
+            Ok(Some(m)) => Ok(m),
+            _ => Err(parts),
+        }
+    }
+
+    fn new_cache(
+        &self,
+        shape: KvShape,
+        blocks: usize,
+        block_size: usize,
+    ) -> Result<DeviceCache, KvCacheTooLarge> {
+        let bytes = (shape.block_bytes(block_size) as u128) * blocks as u128;
+        let too_large = KvCacheTooLarge {
+            bytes,
+            blocks,
+            block_size,
+        };
+        if self.device.is_cpu() && bytes > host_memory() {
+            return Err(too_large);
+        }
+        let dims = (blocks, block_size, shape.kv_heads, shape.head_dim);
+        let dtype = self.cache_dtype.dtype();
+        let layer = || Tensor::zeros(dims, dtype, &self.device);
+        let (mut keys, mut values) = (Vec::new(), Vec::new());
+        for _ in 0..shape.layers {
+            match (layer(), layer()) {
+                (Ok(k), Ok(v)) => {
+                    keys.push(k);
+                    values.push(v);
+                }
+                _ => return Err(too_large),
+            }
+        }
+        Ok(DeviceCache {
+            keys,
+            values,
+            blocks,
+            block_size,
+        })
+    }
+
+    fn begin<'a>(
+        &self,
+        layout: &'a StepLayout<'a>,
+        rope: &'a Rope,
+        cache: &DeviceCache,
+    ) -> Result<DeviceStep, ModelError> {
+        let bs = cache.block_size;
+        let tokens = layout.ids.len();
+        let spans = layout.spans;
+        let max_blocks = spans
+            .iter()
+            .map(|s| s.blocks.len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
+        // Followers run the leader's block tables: an index outside the cache must be
+        // refused here, the kernels do not check.
+        for s in spans {
+            let used = (s.start_pos + s.tokens.len()).div_ceil(bs);
+            let table = s.blocks.get(..used).ok_or(crate::kv::KvError::ShortTable {
+                table: s.blocks.len(),
+                positions: s.start_pos + s.tokens.len(),
+            })?;
+            if let Some(&block) = table.iter().find(|&&b| b as usize >= cache.blocks) {
+                return Err(crate::kv::KvError::NoSuchBlock {
+                    block,
+                    blocks: cache.blocks,
+                }
+                .into());
+            }
+        }
+        let wanted = layout.wanted.len();
+        let mut ints: Vec<u32> = Vec::with_capacity(4 * tokens + wanted + spans.len() * max_blocks);
+        ints.extend(&layout.ids);
+        for s in spans {
+            ints.extend(
+                (s.start_pos..s.start_pos + s.tokens.len())
+                    .map(|p| s.blocks[p / bs] * bs as u32 + (p % bs) as u32),
+            );
+        }
+        for (i, s) in spans.iter().enumerate() {
+            for p in s.start_pos..s.start_pos + s.tokens.len() {
+                ints.extend([i as u32, p as u32 + 1]);
+            }
+        }
+        ints.extend(layout.wanted.iter().map(|&r| r as u32));
+        for s in spans {
+            ints.extend(s.blocks);
+            ints.extend(std::iter::repeat_n(0, max_blocks - s.blocks.len()));
+        }
+        let n = ints.len();
+        let all = Tensor::from_vec(ints, n, &self.device)?;
+        let angles = rope.angles(layout.positions.iter().copied());
+        let half = angles.half();
+        let mut floats = angles.cos().to_vec();
+        floats.extend_from_slice(angles.sin());
+        let trig = Tensor::from_vec(floats, (2, tokens, 1, half), &self.device)?;
+        Ok(DeviceStep {
+            ids: all.narrow(0, 0, tokens)?,
+            slots: all.narrow(0, tokens, tokens)?,
+            plan: AttendPlan {
+                tokens: all
+                    .narrow(0, 2 * tokens, 2 * tokens)?
+                    .reshape((tokens, 2))?,
+                tables: all
+                    .narrow(0, 4 * tokens + wanted, spans.len() * max_blocks)?
+                    .reshape((spans.len(), max_blocks))?,
+            },
+            wanted: (wanted > 0)
+                .then(|| all.narrow(0, 4 * tokens, wanted))
+                .transpose()?,
+            cos: trig.get(0)?,
+            sin: trig.get(1)?,
+            style: rope.style(),
+        })
+    }
+
+    fn embed(&self, table: &DeviceMatrix, step: &DeviceStep) -> Result<Tensor, ModelError> {
+        let rows = match table {
+            DeviceMatrix::Quant(q) => q.embedding(&step.ids)?,
+            DeviceMatrix::Dense(t) => t.index_select(&step.ids, 0)?,
+            DeviceMatrix::Kernels(w) => {
+                let ids = step.ids.to_vec1::<u32>()?;
+                let k = w.dims()[1];
+                Tensor::from_vec(w.gather_rows(&ids)?, (ids.len(), k), &self.device)?
+            }
+        };
+        Ok(rows.to_dtype(DType::F32)?)
+    }
+
+    fn linear(
+        &self,
+        x: &Tensor,
+        w: &DeviceMatrix,
+        bias: Option<&Tensor>,
+    ) -> Result<Tensor, ModelError> {
+        let y = match w {
+            DeviceMatrix::Quant(q) => q.forward(x)?,
+            DeviceMatrix::Dense(w) => x
+                .to_dtype(w.dtype())?
+                .matmul(&w.t()?)?
+                .to_dtype(DType::F32)?,
+            DeviceMatrix::Kernels(w) => {
+                let m = x.dim(0)?;
+                let rows = x.flatten_all()?.to_vec1::<f32>()?;
+                Tensor::from_vec(w.matmul_t(&rows, m)?, (m, w.dims()[0]), &self.device)?
+            }
+        };
+        Ok(match bias {
+            Some(b) => y.broadcast_add(b)?,
+            None => y,
+        })
+    }
+
+    fn concat(&self, parts: Vec<Tensor>) -> Result<Tensor, ModelError> {
+        Ok(Tensor::cat(&parts, 1)?)
+    }
+
+    fn linear_all_reduce(
+        &self,
+        x: &Tensor,
+        w: &DeviceMatrix,
+        comm: &dyn Collective,
+    ) -> Result<Tensor, ModelError> {
+        if let DeviceMatrix::Kernels(w) = w {
+            // As the CPU engine does: block formats all-reduce unrounded f64 sums.
+            let m = x.dim(0)?;
+            let rows = x.flatten_all()?.to_vec1::<f32>()?;
+            if let Some(mut wide) = w.matmul_t_wide(&rows, m)? {
+                comm.all_reduce(crate::comm::HostSliceMut::F64(&mut wide))?;
+                let y: Vec<f32> = wide.into_iter().map(|v| v as f32).collect();
+                return Ok(Tensor::from_vec(y, (m, w.dims()[0]), &self.device)?);
+            }
+        }
+        let partial = self.linear(x, w, None)?;
+        if comm.world_size() == 1 {
+            return Ok(partial);
+        }
+        Ok(comm.all_reduce_tensor(&partial)?)
+    }
+
+    fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor, ModelError> {
+        Ok(ops::rms_norm(x, weight, eps)?)
+    }
+
+    fn swiglu(&self, gate_up: &Tensor) -> Result<Tensor, ModelError> {
+        Ok(ops::swiglu(gate_up)?)
+    }
+
+    fn add(&self, x: &mut Tensor, y: &Tensor) -> Result<(), ModelError> {
+        *x = (&*x + y)?;
+        Ok(())
+    }
+
+    fn attention(
+        &self,
+        qkv: Tensor,
+        shape: AttentionShape,
+        layer: usize,
+        step: &DeviceStep,
+        cache: &mut DeviceCache,
+    ) -> Result<Tensor, ModelError> {
+        let (tokens, d) = (qkv.dim(0)?, shape.head_dim);
+        let (qw, kw) = (shape.q_width(), shape.kv_width());
+        let q = qkv.narrow(1, 0, qw)?.reshape((tokens, shape.heads, d))?;
+        let k = qkv
+            .narrow(1, qw, kw)?
+            .reshape((tokens, shape.kv_heads, d))?;
+        let v = qkv
+            .narrow(1, qw + kw, kw)?
+            .reshape((tokens, shape.kv_heads, d))?;
+        // Queries meet keys at the cache's precision, as in the CPU engine (and as
+        // half-precision attention kernels do).
+        let dtype = self.cache_dtype.dtype();
+        let q = self
+            .rotate(&q, step)?
+            .to_dtype(dtype)?
+            .to_dtype(DType::F32)?;
+        let k = self.rotate(&k, step)?.contiguous()?;
+        let (keys, values) = (&cache.keys[layer], &cache.values[layer]);
+        ops::write_cache(keys, &k, &step.slots)?;
+        ops::write_cache(values, &v.contiguous()?, &step.slots)?;
+        let out = ops::attend(&q, keys, values, &step.plan)?;
+        Ok(out.reshape((tokens, qw))?)
+    }
+
+    fn wanted_rows(&self, x: &Tensor, step: &DeviceStep) -> Result<Tensor, ModelError> {
+        match &step.wanted {
+            Some(rows) => Ok(x.index_select(rows, 0)?),
+            None => Ok(x.narrow(0, 0, 0)?),
+        }
+    }
+
+    fn download(&self, x: &Tensor) -> Result<Vec<Vec<f32>>, ModelError> {
+        if x.dim(0)? == 0 {
+            return Ok(Vec::new());
+        }
+        Ok(x.to_dtype(DType::F32)?.to_vec2()?)
+    }
+}
