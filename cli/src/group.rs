@@ -10,8 +10,8 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use clap::Args;
-use shardserve_worker::comm::{CommConfig, Deferred, RankId, SingleRank};
-use shardserve_worker::device::DeviceSpec;
+use shardserve_worker::comm::{CommBackend, CommConfig, Deferred, RankId, SingleRank};
+use shardserve_worker::device::{Compute, DeviceSpec};
 use shardserve_worker::engine::{Engine, EngineOptions};
 
 /// How this process takes part in a tensor-parallel group.
@@ -36,6 +36,19 @@ pub struct GroupArgs {
     /// (rank R of a machine takes its R-th visible GPU); GPUs need a CUDA build.
     #[arg(long, default_value_t = DeviceSpec::Cpu)]
     pub device: DeviceSpec,
+    /// How the ranks exchange activations: `auto` (NCCL on device buffers when the
+    /// ranks compute on GPUs, TCP otherwise), `tcp`, or `nccl`. Ranks sharing one GPU
+    /// need `tcp` (NCCL allows one rank per GPU).
+    #[arg(long, value_enum, default_value_t = CollectiveChoice::Auto)]
+    pub collective: CollectiveChoice,
+}
+
+/// `--collective`.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CollectiveChoice {
+    Auto,
+    Tcp,
+    Nccl,
 }
 
 impl GroupArgs {
@@ -43,8 +56,14 @@ impl GroupArgs {
     /// first, so the slowest load never trips a collective's timeout.
     pub fn load(&self, model: &Path, options: &EngineOptions) -> Result<Engine> {
         let device = self.device.open(self.rank)?;
+        let nccl = match (self.collective, self.device.ordinal(self.rank)) {
+            (CollectiveChoice::Tcp, _) => None,
+            (CollectiveChoice::Auto | CollectiveChoice::Nccl, Some(gpu)) => Some(gpu),
+            (CollectiveChoice::Auto, None) => None,
+            (CollectiveChoice::Nccl, None) => bail!("--collective nccl needs --device cuda"),
+        };
         if self.tensor <= 1 {
-            return Engine::load_rank(model, options, Arc::new(SingleRank), device)
+            return Engine::load_rank(model, options, Arc::new(SingleRank), device.clone())
                 .with_context(|| format!("loading {} ({})", model.display(), self.device));
         }
         let coordinator = self
@@ -52,13 +71,18 @@ impl GroupArgs {
             .clone()
             .context("--tensor above 1 needs --coordinator HOST:PORT (rank 0's address)")?;
         let member = Arc::new(Deferred::new(RankId(self.rank), self.tensor));
-        let mut engine =
-            Engine::load_rank(model, options, member.clone(), device).with_context(|| {
+        let mut engine = Engine::load_rank(model, options, member.clone(), device.clone())
+            .with_context(|| {
                 format!("loading rank {}'s shard of {}", self.rank, model.display())
             })?;
         let mut config = CommConfig::tcp(RankId(self.rank), self.tensor, coordinator);
         config.timeout = Duration::from_secs(self.comm_timeout);
         config.connect_timeout = Duration::from_secs(self.rendezvous_timeout);
+        if let (Some(gpu), Compute::Device(device)) = (nccl, &device) {
+            // NCCL reduces the model's device buffers on its compute stream.
+            config.backend = CommBackend::Nccl { device: gpu };
+            config.device = Some(device.clone());
+        }
         member.connect(&config).with_context(|| {
             format!(
                 "rank {} of {} joining its group at {}",
@@ -132,6 +156,12 @@ pub fn load_local(
         comm_timeout: 10,
         rendezvous_timeout: 600,
         device,
+        // Ranks named onto one GPU (`cuda:N`) cannot be NCCL peers.
+        collective: if matches!(device, DeviceSpec::Cuda(Some(_))) {
+            CollectiveChoice::Tcp
+        } else {
+            CollectiveChoice::Auto
+        },
     };
     if tensor > 1 {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
@@ -153,6 +183,7 @@ pub fn load_local(
                     "--device",
                     &device.for_local_rank(rank).to_string(),
                 ])
+                .args(["--collective", collective_name(group.collective)])
                 .stdin(Stdio::null())
                 .spawn()
                 .with_context(|| format!("starting rank {rank}"))?;
@@ -165,6 +196,14 @@ pub fn load_local(
         engine,
         _ranks: ranks,
     })
+}
+
+fn collective_name(c: CollectiveChoice) -> &'static str {
+    match c {
+        CollectiveChoice::Auto => "auto",
+        CollectiveChoice::Tcp => "tcp",
+        CollectiveChoice::Nccl => "nccl",
+    }
 }
 
 /// A follower rank's whole life: load its shard, meet the group (then call

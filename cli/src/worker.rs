@@ -29,6 +29,11 @@ pub struct WorkerArgs {
     /// Longest sequence the engine accepts (default: the model's context).
     #[arg(long)]
     pub max_seq_len: Option<usize>,
+    /// What the weights are stored as, in the manifest's `model.dtype` names (`q4_1`,
+    /// `q8_0`, `q4_k`, `float16`, `bfloat16`, ...): a model stored otherwise is refused
+    /// at start-up (weights are served as stored, never converted).
+    #[arg(long)]
+    pub dtype: Option<String>,
     #[command(flatten)]
     pub batching: BatchArgs,
     #[command(flatten)]
@@ -72,6 +77,7 @@ pub fn run(mut args: WorkerArgs) -> Result<()> {
     let mut options = EngineOptions {
         max_seq_len: args.max_seq_len,
         served_model_name: args.served_model_name.clone(),
+        weight_dtype: args.dtype.clone(),
         ..EngineOptions::default()
     };
     args.batching.apply(&mut options, args.group.device);

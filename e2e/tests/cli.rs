@@ -243,7 +243,10 @@ fn cuda_without_a_cuda_build_is_refused_clearly() {
     );
     let out = run(&["bench", "--model", model, "--device", "gpu"]);
     assert_eq!(out.status.code(), Some(2));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("expected `cpu`, `cuda` or `cuda:N`"));
+    assert!(
+        String::from_utf8_lossy(&out.stderr)
+            .contains("expected `cpu`, `cuda`, `cuda:N` or `candle-cpu`")
+    );
     let out = run_json(&[
         "generate",
         "--model",
@@ -257,4 +260,28 @@ fn cuda_without_a_cuda_build_is_refused_clearly() {
         "--json",
     ]);
     assert!(!ids(&out["token_ids"]).is_empty());
+}
+
+/// `--device candle-cpu` runs the GPU engine's device backend on the CPU: the same
+/// greedy answer as the CPU engine, alone and as a local group of three ranks.
+#[test]
+fn the_device_backend_answers_as_the_cpu_engine() {
+    let model = demo_model();
+    let answer = |extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--model",
+            model.to_str().unwrap(),
+            "--chat",
+            "Name three colours.",
+            "--max-tokens",
+            "16",
+            "--json",
+        ];
+        args.extend_from_slice(extra);
+        ids(&run_json(&args)["token_ids"])
+    };
+    let cpu = answer(&[]);
+    assert_eq!(answer(&["--device", "candle-cpu"]), cpu);
+    assert_eq!(answer(&["--device", "candle-cpu", "--tensor", "3"]), cpu);
 }

@@ -28,7 +28,9 @@ pub struct EngineSpec {
     #[schemars(range(min = 1, max = 100))]
     pub gpu_memory_utilization_percent: Option<u32>,
 
-    /// Data type of the KV cache. Defaults to `bfloat16`.
+    /// Data type of the KV cache on GPUs: `bfloat16` (the default) or `float16`. CPU
+    /// workers keep `float16` and refuse other types. `fp8` and `float32` are refused
+    /// (not supported by the engine yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_cache_dtype: Option<KvCacheDtype>,
 }
@@ -39,7 +41,9 @@ impl EngineSpec {
     }
 }
 
-/// The data type keys and values are cached in.
+/// The data type keys and values are cached in on GPUs: `bfloat16` (the default) or
+/// `float16`; CPU workers keep `float16`. `fp8` and `float32` are refused (not
+/// supported by the engine yet).
 #[derive(Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "lowercase")]
 pub enum KvCacheDtype {

@@ -1,8 +1,8 @@
 //! What the schema cannot say about a `ModelDeployment`: checks that are pure
 //! functions of the resource, each error naming the field and the value.
 
-use super::ModelDeployment;
 use super::source::{ModelSource, SourceError, is_dns_label};
+use super::{KvCacheDtype, ModelDeployment, WeightDtype};
 
 /// Longest served model name: it travels in URLs, JSON and metric labels.
 const MAX_SERVED_NAME: usize = 256;
@@ -32,6 +32,21 @@ pub enum ValidationError {
     MaxSeqLen(u32),
     #[error("spec.engine.maxNumSeqs: {0} is not a valid number of sequences (must be ≥ 1)")]
     MaxNumSeqs(u32),
+    #[error(
+        "spec.model.dtype: {0} weights cannot be served yet (GGUF block formats and K-quants, \
+         float32, float16 and bfloat16 can)"
+    )]
+    WeightDtype(String),
+    #[error("spec.engine.kvCacheDtype: a {0} KV cache is not supported yet (float16 or bfloat16)")]
+    KvCacheDtype(String),
+}
+
+/// A value's name as the manifest spells it.
+pub fn dtype_name<T: serde::Serialize>(value: &T) -> String {
+    serde_json::to_value(value)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_owned))
+        .unwrap_or_default()
 }
 
 /// Every problem of `md`, in field order (empty when it is valid).
@@ -62,6 +77,13 @@ pub fn validate(md: &ModelDeployment) -> Vec<ValidationError> {
     }
     if spec.engine.max_num_seqs == Some(0) {
         errors.push(ValidationError::MaxNumSeqs(0));
+    }
+    // What the engine cannot honour is refused here, not ignored by the workers.
+    if let Some(dtype @ (WeightDtype::Fp8 | WeightDtype::Int8)) = spec.model.dtype {
+        errors.push(ValidationError::WeightDtype(dtype_name(&dtype)));
+    }
+    if let Some(dtype @ (KvCacheDtype::Fp8 | KvCacheDtype::Float32)) = spec.engine.kv_cache_dtype {
+        errors.push(ValidationError::KvCacheDtype(dtype_name(&dtype)));
     }
     errors
 }
@@ -127,6 +149,24 @@ mod tests {
         );
         md.spec.tensor = MAX_TENSOR;
         md.spec.replicas = MAX_REPLICAS;
+        assert!(validate(&md).is_empty());
+    }
+
+    #[test]
+    fn types_the_engine_cannot_honour_are_refused_not_ignored() {
+        let mut md = demo();
+        md.spec.model.dtype = Some(WeightDtype::Fp8);
+        md.spec.engine.kv_cache_dtype = Some(KvCacheDtype::Fp8);
+        assert_eq!(
+            messages(&md),
+            [
+                "spec.model.dtype: fp8 weights cannot be served yet (GGUF block formats and \
+                 K-quants, float32, float16 and bfloat16 can)",
+                "spec.engine.kvCacheDtype: a fp8 KV cache is not supported yet (float16 or bfloat16)",
+            ]
+        );
+        md.spec.model.dtype = Some(WeightDtype::Q4_1);
+        md.spec.engine.kv_cache_dtype = Some(KvCacheDtype::Bfloat16);
         assert!(validate(&md).is_empty());
     }
 

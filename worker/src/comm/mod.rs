@@ -315,6 +315,9 @@ pub struct CommConfig {
     pub timeout: Duration,
     /// How long the rendezvous waits for the other ranks to show up.
     pub connect_timeout: Duration,
+    /// NCCL: the candle device the model computes on, whose stream the collectives
+    /// join (`None`: the GPU's default stream).
+    pub device: Option<candle_core::Device>,
 }
 
 impl CommConfig {
@@ -328,6 +331,7 @@ impl CommConfig {
             listen: None,
             timeout: Duration::from_secs(10),
             connect_timeout: Duration::from_secs(120),
+            device: None,
         }
     }
 }

@@ -204,6 +204,10 @@ pub struct EngineOptions {
     /// On a GPU, without `kv_cache_bytes`: percent of its memory for weights and
     /// cache together ([`GpuBudget`]).
     pub gpu_memory_utilization: u8,
+    /// What the weights must be stored as (a manifest's `model.dtype`, in its names:
+    /// `q4_1`, `bfloat16`, ...); a model stored otherwise is refused, since the
+    /// engine does not convert weights between types.
+    pub weight_dtype: Option<String>,
     /// Name clients use for the model; defaults to the file's stem.
     pub served_model_name: Option<String>,
 }
@@ -218,6 +222,7 @@ impl Default for EngineOptions {
             block_size: DEFAULT_BLOCK_SIZE,
             kv_cache_dtype: CacheDtype::F16,
             gpu_memory_utilization: 90,
+            weight_dtype: None,
             served_model_name: None,
         }
     }
@@ -283,6 +288,20 @@ pub enum Flow {
     Continue,
     /// The caller went away: stop now and free the sequence's memory.
     Cancel,
+}
+
+/// A weight format (`gguf:Q4_1`, `safetensors:BF16`) in a manifest's `model.dtype`
+/// names (`q4_1`, `bfloat16`, `q6_k`).
+pub fn weight_dtype_name(format: &str) -> String {
+    let stored = format.rsplit(':').next().unwrap_or(format).to_lowercase();
+    match stored.as_str() {
+        "f32" => "float32".into(),
+        "f16" => "float16".into(),
+        "bf16" => "bfloat16".into(),
+        // K-quants: Q6K is `q6_k`.
+        k if k.ends_with('k') && !k.ends_with("_k") => format!("{}_k", &k[..k.len() - 1]),
+        other => other.into(),
+    }
 }
 
 /// This rank's shard of a model (a GGUF file or a Hugging Face directory) on
@@ -371,6 +390,16 @@ impl Engine {
                 Tensors::new(device, options.kv_cache_dtype),
             )?,
         };
+        if let Some(want) = &options.weight_dtype {
+            let stored = weight_dtype_name(&format);
+            if *want != stored {
+                return Err(EngineError::InvalidRequest(format!(
+                    "the model's weights are {stored} ({format}) but --dtype (model.dtype) asks \
+                     for {want}: weights are served as stored, not converted; set model.dtype \
+                     to {stored} or leave it out"
+                )));
+            }
+        }
         let tokenizer = Arc::new(tokenizer);
         let config = model.config().clone();
         // Measured once the weights are on the GPU: what is left is the cache's.

@@ -225,3 +225,28 @@ fn cancelled_and_refused_requests_leave_no_blocks_behind() {
     assert_eq!(engine.stats().kv_blocks_used, 0);
     assert!(!engine.has_work());
 }
+
+#[test]
+fn a_model_stored_otherwise_than_its_manifest_says_is_refused() {
+    assert_eq!(weight_dtype_name("gguf:Q4_1"), "q4_1");
+    assert_eq!(weight_dtype_name("gguf:Q6K"), "q6_k");
+    assert_eq!(weight_dtype_name("safetensors:BF16"), "bfloat16");
+    let err = Engine::load(
+        &demo_model(),
+        &EngineOptions {
+            weight_dtype: Some("float16".into()),
+            ..EngineOptions::default()
+        },
+    )
+    .err()
+    .expect("refused")
+    .to_string();
+    assert!(
+        err.contains("q4_1 (gguf:Q4_1)") && err.contains("float16"),
+        "{err}"
+    );
+    load(EngineOptions {
+        weight_dtype: Some("q4_1".into()),
+        ..EngineOptions::default()
+    });
+}

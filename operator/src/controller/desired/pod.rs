@@ -23,7 +23,8 @@ use crate::controller::labels::{
     COORDINATOR_PORT, COORDINATOR_PORT_NAME, GROUP_LABEL, GRPC_PORT, GRPC_PORT_NAME, METRICS_PORT,
     METRICS_PORT_NAME, MODEL_DEPLOYMENT_LABEL, POD_INDEX_LABEL, coordinator_address, labels,
 };
-use crate::crd::CpuMemory;
+use crate::crd::validate::dtype_name;
+use crate::crd::{CpuMemory, DEFAULT_GPU_MEMORY_UTILIZATION_PERCENT};
 
 /// The uid and gid of the image's `shardserve` user.
 const USER: i64 = 65532;
@@ -152,9 +153,25 @@ fn rank_container(group: &GroupContext<'_>, local: u32) -> Container {
             });
         }
     }
+    if let Some(dtype) = &md.spec.model.dtype {
+        args.extend(strings(&["--dtype", &dtype_name(dtype)]));
+    }
+    let engine = &md.spec.engine;
     if group.cuda {
         // The container sees only the GPUs it was given: its first is its own.
         args.extend(strings(&["--device", "cuda:0"]));
+        let percent = engine
+            .gpu_memory_utilization_percent
+            .unwrap_or(DEFAULT_GPU_MEMORY_UTILIZATION_PERCENT);
+        args.extend(strings(&[
+            "--gpu-memory-utilization",
+            &percent.to_string(),
+            "--kv-cache-dtype",
+            &dtype_name(&engine.kv_cache_dtype.unwrap_or_default()),
+        ]));
+    } else if let Some(dtype) = &engine.kv_cache_dtype {
+        // A CPU worker keeps float16 and refuses other types by name at start-up.
+        args.extend(strings(&["--kv-cache-dtype", &dtype_name(dtype)]));
     }
     if let Some(max) = md.spec.engine.max_seq_len {
         args.extend(strings(&["--max-seq-len", &max.to_string()]));

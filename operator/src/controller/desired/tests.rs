@@ -275,6 +275,8 @@ fn a_group_spanning_two_nodes_has_two_pods_of_four_ranks() {
             "$(SHARDSERVE_POD_INDEX)",
             "--ranks-per-pod",
             "4",
+            "--dtype",
+            "bfloat16",
             "--max-seq-len",
             "8192"
         ]
@@ -412,6 +414,44 @@ fn cuda_workers_compute_on_the_gpu_each_rank_container_is_given() {
         "{args:?}"
     );
     assert!(!rank_args(false).to_string().contains("--device"));
+}
+
+#[test]
+fn engine_types_and_gpu_memory_reach_the_rank_containers() {
+    let mut md = demo(1);
+    md.spec.model.dtype = Some(crate::crd::WeightDtype::Q4_1);
+    let rank_args = |md: &ModelDeployment, cuda: bool| -> Vec<String> {
+        let settings = WorkerSettings {
+            cuda,
+            ..fixtures::settings()
+        };
+        let desired = desired(md, &check(md).unwrap(), &settings).unwrap();
+        let args = to_json(&desired.groups[0].statefulset)["spec"]["template"]["spec"]
+            ["containers"][0]["args"]
+            .clone();
+        serde_json::from_value(args).unwrap()
+    };
+    let has = |args: &[String], flag: &str, value: &str| {
+        args.windows(2).any(|w| w[0] == flag && w[1] == value)
+    };
+    // A GPU worker gets the defaults spelled out: 90% and a bfloat16 cache.
+    let gpu = rank_args(&md, true);
+    assert!(has(&gpu, "--dtype", "q4_1"), "{gpu:?}");
+    assert!(has(&gpu, "--gpu-memory-utilization", "90"), "{gpu:?}");
+    assert!(has(&gpu, "--kv-cache-dtype", "bfloat16"), "{gpu:?}");
+    // A CPU worker gets what the manifest sets, nothing for the GPU.
+    let cpu = rank_args(&md, false);
+    assert!(has(&cpu, "--dtype", "q4_1"), "{cpu:?}");
+    assert!(
+        !cpu.iter()
+            .any(|a| a.starts_with("--gpu-memory") || a == "--kv-cache-dtype")
+    );
+    md.spec.engine.gpu_memory_utilization_percent = Some(75);
+    md.spec.engine.kv_cache_dtype = Some(crate::crd::KvCacheDtype::Float16);
+    let gpu = rank_args(&md, true);
+    assert!(has(&gpu, "--gpu-memory-utilization", "75"), "{gpu:?}");
+    assert!(has(&gpu, "--kv-cache-dtype", "float16"), "{gpu:?}");
+    assert!(has(&rank_args(&md, false), "--kv-cache-dtype", "float16"));
 }
 
 #[test]
