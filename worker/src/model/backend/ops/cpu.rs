@@ -51,7 +51,7 @@ pub fn write_cache(
             if slot >= capacity {
                 bail!("write_cache: slot {slot} is outside the cache of {capacity}");
             }
-            store_row(&mut cache[slot * row..(slot + 1) * row], entry);
+            T::store(&mut cache[slot * row..(slot + 1) * row], entry);
         }
         Ok(())
     }
@@ -221,14 +221,6 @@ impl Stored for f32 {
     fn round(_: &mut [f32]) {}
 }
 
-fn store_row<T: Stored>(dst: &mut [T], src: &[f32]) {
-    T::store(dst, src)
-}
-
-fn rounding<T: Stored>() -> fn(&mut [f32]) {
-    T::round
-}
-
 /// One (sequence, KV head) of an attention call.
 struct Task<'a, T> {
     q: &'a [f32],
@@ -281,7 +273,6 @@ impl<T: WithDType + Stored> Task<'_, T> {
             .max()
             .unwrap_or(0);
         let table = &args.tables[seq * args.max_blocks..];
-        let round_weights = rounding::<T>();
         // Plain loops, not closures: a closure is compiled on its own, without this
         // function's target features.
         let (mut k, mut v) = (Vec::with_capacity(len * d), Vec::with_capacity(len * d));
@@ -317,7 +308,7 @@ impl<T: WithDType + Stored> Task<'_, T> {
                 for s in scores.iter_mut() {
                     *s *= inv;
                 }
-                round_weights(&mut scores);
+                T::round(&mut scores);
                 let o = &mut out[(i * group + g) * d..][..d];
                 for (w, value) in scores.iter().zip(v.chunks_exact(d)) {
                     for (x, val) in o.iter_mut().zip(value) {
