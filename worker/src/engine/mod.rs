@@ -34,7 +34,7 @@ use crate::sampling::SamplingError;
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 use crate::weights::{GgufFile, TensorSource, WeightsError};
-use sequence::{Active, Advance};
+use sequence::{Active, Advance, Next};
 use stats::StatsCell;
 
 #[derive(Debug, thiserror::Error)]
@@ -652,6 +652,7 @@ impl Engine {
             .iter()
             .map(|sp| match &self.active[&sp.seq] {
                 a if a.wants_prompt_scores() => LogitsFor::All,
+                a if sp.completes && a.wants_best_only() => LogitsFor::Best,
                 _ if sp.completes => LogitsFor::Last,
                 _ => LogitsFor::None,
             })
@@ -673,12 +674,13 @@ impl Engine {
             group::announce(self.group.as_ref(), &message).map_err(ModelError::from)?;
         }
         let model = &mut self.model;
-        let logits = pool::step(|| model.forward(&spans))?;
+        let output = pool::step(|| model.forward(&spans))?;
         drop(spans);
         self.scheduler.complete(&plan);
 
         let mut events = Vec::new();
-        for ((span, rows), want) in plan.spans.iter().zip(logits).zip(wants) {
+        let outputs = output.logits.into_iter().zip(output.best);
+        for ((span, (rows, best)), want) in plan.spans.iter().zip(outputs).zip(wants) {
             let active = self
                 .active
                 .get_mut(&span.seq)
@@ -689,8 +691,12 @@ impl Engine {
             if !span.completes {
                 continue;
             }
-            let Some(row) = rows.last() else { continue };
-            match active.advance(row, &self.tokenizer) {
+            let next = match (best, rows.last()) {
+                (Some(id), _) => Next::Best(id),
+                (None, Some(row)) => Next::Row(row),
+                (None, None) => continue,
+            };
+            match active.advance(next, &self.tokenizer) {
                 Advance::Token(token) => {
                     self.scheduler.append(span.seq, token.id);
                     events.push(StepEvent {

@@ -16,6 +16,15 @@ pub enum Advance {
     },
 }
 
+/// What a step gave a sequence to pick its next token from.
+#[derive(Clone, Copy, Debug)]
+pub enum Next<'a> {
+    /// The next-token logits.
+    Row(&'a [f32]),
+    /// The best id, picked where the logits are (see [`Active::wants_best_only`]).
+    Best(u32),
+}
+
 pub struct Active {
     pub request: GenerationRequest,
     pub prompt: Vec<u32>,
@@ -60,6 +69,14 @@ impl Active {
             .is_some_and(|s| s.len() < self.prompt.len())
     }
 
+    /// Whether its next token is the best id of the logits and nothing else reads
+    /// them (greedy, no penalties, no log-probabilities): the step then hands back
+    /// the id alone ([`Next::Best`]).
+    pub fn wants_best_only(&self) -> bool {
+        let sampling = self.sampler.params();
+        sampling.is_greedy() && !sampling.has_penalties() && self.request.logprobs.is_none()
+    }
+
     /// Takes the logits rows of a prompt span starting at `start`: row `i`
     /// predicts the token at `start + i + 1`. Rows already scored (a span
     /// recomputed after preemption) are skipped.
@@ -77,20 +94,27 @@ impl Active {
         }
     }
 
-    /// Samples from the next-token distribution `row` and applies the stop
-    /// rules.
-    pub fn advance(&mut self, row: &[f32], tokenizer: &Tokenizer) -> Advance {
+    /// Samples from the next-token distribution (or takes the picked id) and
+    /// applies the stop rules.
+    pub fn advance(&mut self, next: Next<'_>, tokenizer: &Tokenizer) -> Advance {
         if self.generated.len() >= self.budget {
             return self.finish(None, self.budget_reason());
         }
         let stopping = &self.request.stopping;
-        let id = self.sampler.sample(row, &self.prompt, &self.generated);
+        let (id, row) = match next {
+            Next::Row(row) => (
+                self.sampler.sample(row, &self.prompt, &self.generated),
+                Some(row),
+            ),
+            Next::Best(id) => (id, None),
+        };
         if (!stopping.ignore_eos && tokenizer.eog_ids().contains(&id))
             || stopping.stop_token_ids.contains(&id)
         {
             return self.finish(None, FinishReason::Stop);
         }
-        let logprob = self.request.logprobs.map(|k| {
+        // A `Best` step only comes without logprobs asked for.
+        let logprob = self.request.logprobs.zip(row).map(|(k, row)| {
             let (token, top) = logprobs_of(row, id, k);
             LogprobEntry { token, top }
         });

@@ -191,7 +191,7 @@ fn logits(model: &Transformer, tokens: &[u32]) -> Vec<Vec<f32>> {
         blocks: &slot,
         logits: LogitsFor::All,
     };
-    model.forward(&[span], &mut kv).unwrap().remove(0)
+    model.forward(&[span], &mut kv).unwrap().logits.remove(0)
 }
 
 fn hf_model(dir: &Path) -> Transformer {

@@ -18,7 +18,7 @@ mod rows;
 
 use std::sync::Arc;
 
-pub use backend::{Backend, CacheDtype, Host, SpanLogits, Tensors};
+pub use backend::{Backend, CacheDtype, Host, SpanLogits, StepOutput, Tensors};
 pub use config::{ModelConfig, RopeConfig, RopeScaling, RopeStyle};
 pub use hf::HfCheckpoint;
 pub use layers::LoadContext;
@@ -70,6 +70,9 @@ pub enum ModelError {
 pub enum LogitsFor {
     /// Only its last token's (the next-token distribution).
     Last,
+    /// Only the best id of its last token's (greedy decoding with nothing else
+    /// reading the row): a device backend downloads the id, not the row.
+    Best,
     /// Every token's (prompt scoring).
     All,
     /// None (a chunk of a prompt whose end comes in a later step).
@@ -230,15 +233,18 @@ impl<B: Backend> Transformer<B> {
 
     /// Runs one step over `spans`, writing their keys and values into `kv`.
     /// Returns, per span, the logits rows it asked for (one, one per token,
-    /// or none), each over the whole vocabulary.
+    /// or none), each over the whole vocabulary, or its best id.
     pub fn forward(
         &self,
         spans: &[SeqSpan<'_>],
         kv: &mut B::Cache,
-    ) -> Result<SpanLogits, ModelError> {
+    ) -> Result<StepOutput, ModelError> {
         let layout = StepLayout::new(spans);
         if layout.ids.is_empty() {
-            return Ok(vec![Vec::new(); spans.len()]);
+            return Ok(StepOutput {
+                logits: vec![Vec::new(); spans.len()],
+                best: vec![None; spans.len()],
+            });
         }
         let b = &self.backend;
         let step = b.begin(&layout, &self.rope, kv)?;
@@ -253,19 +259,27 @@ impl<B: Backend> Transformer<B> {
             b.add(&mut x, &m)?;
         }
         // Every row any span wants, gathered so the head runs once per step.
-        let mut rows = if layout.wanted.is_empty() {
-            Vec::new()
+        let (rows, ids) = if layout.wanted.is_empty() {
+            (Vec::new(), Vec::new())
         } else {
             let h = self.norm.forward(b, &b.wanted_rows(&x, &step)?)?;
             let head = self.head.as_ref().unwrap_or(&self.embed);
-            b.download(&b.linear(&h, head, None)?)?
+            let whole = layout.wanted.len() - layout.greedy.len();
+            b.download(&b.linear(&h, head, None)?, whole)?
+        };
+        let mut rows = rows.into_iter();
+        let mut best = vec![None; spans.len()];
+        for (&span, id) in layout.greedy.iter().zip(ids) {
+            best[span] = Some(id);
         }
-        .into_iter();
-        Ok(layout
-            .counts
-            .iter()
-            .map(|&n| rows.by_ref().take(n).collect())
-            .collect())
+        Ok(StepOutput {
+            logits: layout
+                .counts
+                .iter()
+                .map(|&n| rows.by_ref().take(n).collect())
+                .collect(),
+            best,
+        })
     }
 }
 
@@ -277,19 +291,28 @@ impl<'a> StepLayout<'a> {
             positions: Vec::new(),
             wanted: Vec::new(),
             counts: Vec::with_capacity(spans.len()),
+            greedy: Vec::new(),
         };
-        for span in spans {
+        let mut best_rows = Vec::new();
+        for (i, span) in spans.iter().enumerate() {
             let (offset, n) = (layout.ids.len(), span.tokens.len());
             layout.ids.extend_from_slice(span.tokens);
             layout.positions.extend(span.start_pos..span.start_pos + n);
             let rows = match span.logits {
                 LogitsFor::Last if n > 0 => offset + n - 1..offset + n,
                 LogitsFor::All => offset..offset + n,
+                LogitsFor::Best if n > 0 => {
+                    layout.greedy.push(i);
+                    best_rows.push(offset + n - 1);
+                    0..0
+                }
                 _ => 0..0,
             };
             layout.counts.push(rows.len());
             layout.wanted.extend(rows);
         }
+        // The rows downloaded whole first, then those of which only the best id is.
+        layout.wanted.extend(best_rows);
         layout
     }
 }
@@ -305,7 +328,7 @@ pub trait StepModel: Send + std::fmt::Debug {
         block_size: usize,
     ) -> Result<(), crate::kv::KvCacheTooLarge>;
     /// [`Transformer::forward`] over the cache.
-    fn forward(&mut self, spans: &[SeqSpan<'_>]) -> Result<SpanLogits, ModelError>;
+    fn forward(&mut self, spans: &[SeqSpan<'_>]) -> Result<StepOutput, ModelError>;
 }
 
 /// [`StepModel`] for a transformer on backend `B`.
@@ -341,7 +364,7 @@ impl<B: Backend> StepModel for WithCache<B> {
         Ok(())
     }
 
-    fn forward(&mut self, spans: &[SeqSpan<'_>]) -> Result<SpanLogits, ModelError> {
+    fn forward(&mut self, spans: &[SeqSpan<'_>]) -> Result<StepOutput, ModelError> {
         let cache = self.cache.as_mut().ok_or_else(|| {
             ModelError::from(CommError::Config("the KV cache was not reserved".into()))
         })?;

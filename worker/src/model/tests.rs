@@ -25,7 +25,7 @@ fn logits_all(model: &Transformer, kv: &mut KvCache, tokens: &[u32]) -> Vec<Vec<
         blocks: &slot,
         logits: LogitsFor::All,
     };
-    let out = model.forward(&[span], kv).unwrap();
+    let out = model.forward(&[span], kv).unwrap().logits;
     out[0].clone()
 }
 
@@ -48,7 +48,7 @@ fn token_by_token_decode_equals_full_prefill() {
                 blocks: &slot,
                 logits: LogitsFor::Last,
             };
-            let step = model.forward(&[span], &mut kv).unwrap()[0].clone();
+            let step = model.forward(&[span], &mut kv).unwrap().logits[0].clone();
             if dtype == GgmlDType::F32 {
                 // Dense products go through a general matmul whose order depends on the shape.
                 let worst = step[0]
@@ -93,7 +93,7 @@ fn spans_batched_together_equal_separate_runs() {
             logits: LogitsFor::Last,
         },
     ];
-    let out = model.forward(&spans, &mut kv).unwrap();
+    let out = model.forward(&spans, &mut kv).unwrap().logits;
     let batched_a = &out[0];
     let batched_b = &out[1];
     for (x, y) in batched_a.iter().zip(&alone_a) {
@@ -122,11 +122,45 @@ fn chunked_prefill_equals_one_shot() {
     let none = model
         .forward(&[span(first, 0, LogitsFor::None)], &mut kv)
         .unwrap();
-    assert!(none[0].is_empty());
+    assert!(none.logits[0].is_empty());
+    assert_eq!(none.best, [None]);
     let last = model
         .forward(&[span(rest, 4, LogitsFor::Last)], &mut kv)
         .unwrap();
-    assert_eq!(&last[0][0], full.last().unwrap(), "last token");
+    assert_eq!(&last.logits[0][0], full.last().unwrap(), "last token");
+    assert_eq!(last.best, [None]);
+}
+
+#[test]
+fn a_best_span_gets_its_last_rows_argmax_and_no_rows() {
+    let (_dir, model) = load(&TinySpec::default());
+    let mut kv = KvCache::new(model.kv_shape(), 64, 4).unwrap();
+    let (a, b) = TOKENS.split_at(5);
+    let full_a = logits_all(&model, &mut kv, a);
+    let slots: [Vec<u32>; 2] = [(0..8).collect(), (8..16).collect()];
+    let spans = [
+        SeqSpan {
+            tokens: a,
+            start_pos: 0,
+            blocks: &slots[0],
+            logits: LogitsFor::Best,
+        },
+        SeqSpan {
+            tokens: b,
+            start_pos: 0,
+            blocks: &slots[1],
+            logits: LogitsFor::All,
+        },
+    ];
+    let out = model.forward(&spans, &mut kv).unwrap();
+    let best = crate::sampling::argmax(full_a.last().unwrap());
+    assert_eq!(out.best, [Some(best), None]);
+    assert!(out.logits[0].is_empty());
+    assert_eq!(
+        out.logits[1].len(),
+        b.len(),
+        "the other span's rows come whole"
+    );
 }
 
 #[test]

@@ -168,3 +168,35 @@ fn a_quantised_product_agrees_with_the_cpu_kernels() {
         &got[..4]
     );
 }
+
+#[test]
+fn the_device_picks_a_best_span_s_id_itself() {
+    // One prompt twice in a step: as `Best` (only the id comes back) and as `Last`
+    // (the row comes back); the id is the row's argmax.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&path, &TinySpec::default()).unwrap();
+    let file = crate::weights::GgufFile::open(&path).unwrap();
+    let model = Transformer::from_gguf(&file, Arc::new(crate::comm::SingleRank), device()).unwrap();
+    let mut kv = model.new_cache(16, 4).unwrap();
+    let tokens = [5, 17, 3, 90, 42];
+    let slots: [Vec<u32>; 2] = [(0..4).collect(), (4..8).collect()];
+    let span = |blocks, logits| SeqSpan {
+        tokens: &tokens,
+        start_pos: 0,
+        blocks,
+        logits,
+    };
+    let out = model
+        .forward(
+            &[
+                span(&slots[0], LogitsFor::Best),
+                span(&slots[1], LogitsFor::Last),
+            ],
+            &mut kv,
+        )
+        .unwrap();
+    assert!(out.logits[0].is_empty());
+    let row = &out.logits[1][0];
+    assert_eq!(out.best, [Some(crate::sampling::argmax(row)), None]);
+}

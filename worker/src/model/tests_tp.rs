@@ -55,7 +55,7 @@ pub(super) fn logits_on<B: Backend + Clone>(
                             blocks: &slot,
                             logits: LogitsFor::All,
                         };
-                        out.extend(model.forward(&[span], &mut kv).unwrap().remove(0));
+                        out.extend(model.forward(&[span], &mut kv).unwrap().logits.remove(0));
                     }
                     out
                 })

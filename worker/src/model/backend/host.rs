@@ -191,10 +191,9 @@ impl Backend for Host {
         Ok(x.gather(&step.layout.wanted))
     }
 
-    fn download(&self, x: &Rows) -> Result<Vec<Vec<f32>>, ModelError> {
-        Ok(x.as_slice()
-            .chunks_exact(x.width())
-            .map(<[f32]>::to_vec)
-            .collect())
+    fn download(&self, x: &Rows, whole: usize) -> Result<(Vec<Vec<f32>>, Vec<u32>), ModelError> {
+        let mut rows = x.as_slice().chunks_exact(x.width());
+        let logits = rows.by_ref().take(whole).map(<[f32]>::to_vec).collect();
+        Ok((logits, rows.map(crate::sampling::argmax).collect()))
     }
 }

@@ -32,10 +32,14 @@ pub struct StepLayout<'a> {
     pub ids: Vec<u32>,
     /// The position of each of `ids`.
     pub positions: Vec<usize>,
-    /// The rows (indices into `ids`) whose logits are wanted, in order.
+    /// The rows (indices into `ids`) whose logits are wanted: first those
+    /// downloaded whole, in span order, then the last rows of the `greedy` spans.
     pub wanted: Vec<usize>,
-    /// How many of `wanted` each span owns.
+    /// How many of the rows downloaded whole each span owns.
     pub counts: Vec<usize>,
+    /// The spans (indices into `spans`) that want only their last row's best id
+    /// ([`super::LogitsFor::Best`]), in order.
+    pub greedy: Vec<usize>,
 }
 
 /// The heads of one rank's attention and where Q, K and V sit in a row of the
@@ -59,6 +63,15 @@ impl AttentionShape {
 
 /// Logits rows per span, each over the whole vocabulary.
 pub type SpanLogits = Vec<Vec<Vec<f32>>>;
+
+/// What one step hands back, per span.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct StepOutput {
+    /// The logits rows each span asked for (none for a `Best` span).
+    pub logits: SpanLogits,
+    /// The best id of each `Best` span's last row (`None` for the others).
+    pub best: Vec<Option<u32>>,
+}
 
 /// Where a transformer computes. Each method is one operation of a step; the
 /// associated types are the backend's forms of activations, weights and cache.
@@ -147,6 +160,12 @@ pub trait Backend: Send + Sync + std::fmt::Debug + Sized + 'static {
         x: &Self::Hidden,
         step: &Self::Step<'_>,
     ) -> Result<Self::Hidden, ModelError>;
-    /// Rows of f32 back on the host.
-    fn download(&self, x: &Self::Hidden) -> Result<Vec<Vec<f32>>, ModelError>;
+    /// Logits back on the host: the first `whole` rows of `logits` as f32, and of
+    /// each row after them only its best id (the highest logit; on the host,
+    /// ties go to the lowest id). A step's only download.
+    fn download(
+        &self,
+        logits: &Self::Hidden,
+        whole: usize,
+    ) -> Result<(Vec<Vec<f32>>, Vec<u32>), ModelError>;
 }
