@@ -27,7 +27,7 @@ KV_STAMP := $(VENV)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION)
 CRD := crds/modeldeployments.shardserve.io.yaml
 CHART_CRD := charts/shardserve/$(CRD)
 
-.PHONY: up test build build-tests fetch-demo venv bench lint chart-check chart-crds chart-tools cuda-check
+.PHONY: up test build build-tests fetch-demo venv bench lint chart-check chart-crds chart-tools cuda-check cuda-build gpu-carry
 
 ## Build, then run the demo manifest locally (workers + router) until Ctrl-C.
 up: build
@@ -86,6 +86,23 @@ lint:
 	$(CARGO) clippy --workspace --all-targets $(FEATURES) -- -D warnings
 
 ## The `cuda` build compiles (nvcc included) and is clippy-clean; no GPU needed. Not
-## part of `make test` (about 11 minutes cold, its own target dir).
+## part of `make test` (15 to 60 minutes cold, its own target dir).
 cuda-check:
 	CARGO=$(CARGO) TOOLS=$(TOOLS) scripts/cuda-check.sh
+
+## A stripped release binary for NVIDIA GPU machines (CUDA 13, driver 580+), linked
+## against NVIDIA's PyPI wheels and a libcuda stub: target/cuda-build/shardserve.
+cuda-build:
+	CARGO=$(CARGO) TOOLS=$(TOOLS) scripts/cuda-build.sh
+
+## What scripts/gpu-check.sh needs on a GPU machine, in folders of under 64 MiB each
+## (the binary with the golden answers; the demo model in two parts).
+GPU_CARRY := target/gpu-carry
+gpu-carry: cuda-build fetch-demo
+	rm -rf $(GPU_CARRY)
+	mkdir -p $(GPU_CARRY)/bin $(GPU_CARRY)/demo-part-1 $(GPU_CARRY)/demo-part-2
+	cp target/cuda-build/shardserve ../shared/golden/smollm2-q4_1-chat.jsonl $(GPU_CARRY)/bin/
+	split -n 2 -d --additional-suffix=.part $(DEMO_MODEL) $(GPU_CARRY)/part-
+	mv $(GPU_CARRY)/part-00.part $(GPU_CARRY)/demo-part-1/
+	mv $(GPU_CARRY)/part-01.part $(GPU_CARRY)/demo-part-2/
+	du -sh $(GPU_CARRY)/*

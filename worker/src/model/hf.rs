@@ -195,8 +195,30 @@ impl ModelConfig {
         if !head_dim.is_multiple_of(2) {
             return Err(c.bad("head_dim", format!("{head_dim}, which must be even")));
         }
-        let theta = c.opt_f64("rope_theta")?.unwrap_or(10_000.0);
-        let scaling = rope_scaling(&c, theta, head_dim)?;
+        // transformers 5 writes `rope_parameters` (theta and scaling in one object)
+        // where earlier versions wrote `rope_theta` and `rope_scaling`.
+        let parameters = match c.0.get("rope_parameters") {
+            None | Some(Json::Null) => None,
+            Some(p @ Json::Object(_)) => Some(HfKeys(p)),
+            Some(other) => {
+                return Err(c.bad("rope_parameters", format!("{other}, not an object")));
+            }
+        };
+        let theta = match c.opt_f64("rope_theta")? {
+            Some(theta) => theta,
+            None => match &parameters {
+                Some(p) => p
+                    .opt_f64("rope_theta")
+                    .map_err(|e| c.rename(e, "rope_parameters.rope_theta"))?,
+                None => None,
+            }
+            .unwrap_or(10_000.0),
+        };
+        let scaling = match c.0.get("rope_scaling") {
+            None | Some(Json::Null) if parameters.is_some() => "rope_parameters",
+            _ => "rope_scaling",
+        };
+        let scaling = rope_scaling(&c, scaling, theta, head_dim)?;
         Ok(Self {
             architecture: arch.into(),
             num_layers: c.usize("num_hidden_layers")?,
@@ -221,17 +243,25 @@ impl ModelConfig {
     }
 }
 
-/// `rope_scaling`: absent, null or `default` → none; `linear`; `llama3`
-/// (per-frequency divisors as in the Llama 3.1 reference); others refused.
-fn rope_scaling(c: &HfKeys<'_>, theta: f64, dims: usize) -> Result<RopeScaling, ModelError> {
-    let scaling = match c.0.get("rope_scaling") {
+/// The scaling of `key` (`rope_scaling`, or transformers 5's `rope_parameters`):
+/// absent, null or `default` → none; `linear`; `llama3` (per-frequency divisors as in
+/// the Llama 3.1 reference); others refused.
+fn rope_scaling(
+    c: &HfKeys<'_>,
+    key: &str,
+    theta: f64,
+    dims: usize,
+) -> Result<RopeScaling, ModelError> {
+    let scaling = match c.0.get(key) {
         None | Some(Json::Null) => return Ok(RopeScaling::None),
         Some(s @ Json::Object(_)) => HfKeys(s),
-        Some(other) => return Err(c.bad("rope_scaling", format!("{other}, not an object"))),
+        Some(other) => return Err(c.bad(key, format!("{other}, not an object"))),
     };
-    let prefixed = |key: &str| format!("rope_scaling.{key}");
+    let prefixed = |name: &str| format!("{key}.{name}");
     let kind = match (scaling.0.get("rope_type"), scaling.0.get("type")) {
         (Some(Json::String(t)), _) | (None, Some(Json::String(t))) => t.as_str(),
+        // `rope_parameters` may hold only the theta.
+        (None, None) if key == "rope_parameters" => "default",
         _ => {
             return Err(c.bad(&prefixed("rope_type"), "missing or not a string".into()));
         }

@@ -338,6 +338,41 @@ fn llama3_rope_scaling_follows_the_reference() {
 }
 
 #[test]
+fn transformers_5_rope_parameters_give_the_same_rope() {
+    // transformers 5 saves theta and scaling together under `rope_parameters`.
+    let mut old = hf_config(&spec());
+    old["rope_theta"] = json!(500000.0);
+    old["rope_scaling"] = json!({
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192
+    });
+    let mut new = hf_config(&spec());
+    new.as_object_mut().unwrap().remove("rope_theta");
+    new["rope_parameters"] = json!({
+        "rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0, "original_max_position_embeddings": 8192
+    });
+    let (old, new_cfg) = (
+        ModelConfig::from_hf_config(&old).unwrap(),
+        ModelConfig::from_hf_config(&new).unwrap(),
+    );
+    assert_eq!(old.rope, new_cfg.rope);
+    assert_eq!(new_cfg.rope.theta, 500000.0);
+
+    new["rope_parameters"] = json!({"rope_type": "default", "rope_theta": 1e6});
+    let cfg = ModelConfig::from_hf_config(&new).unwrap();
+    assert_eq!(
+        (cfg.rope.theta, &cfg.rope.scaling),
+        (1e6, &RopeScaling::None)
+    );
+    new["rope_parameters"] = json!({"rope_theta": 1e6});
+    assert_eq!(ModelConfig::from_hf_config(&new).unwrap().rope.theta, 1e6);
+    new["rope_parameters"] = json!({"rope_type": "yarn", "rope_theta": 1e6, "factor": 4.0});
+    let err = ModelConfig::from_hf_config(&new).unwrap_err().to_string();
+    assert!(err.contains("rope_parameters.rope_type"), "{err}");
+}
+
+#[test]
 fn qwen2_config_has_qkv_bias() {
     let mut config = hf_config(&spec());
     config["architectures"] = json!(["Qwen2ForCausalLM"]);

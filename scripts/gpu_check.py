@@ -1,0 +1,392 @@
+"""The GPU check (scripts/gpu-check.sh runs it): shardserve's `cuda` binary against
+transformers on random-weight Llama checkpoints made here with torch, its speed on
+Llama-3.1-8B's shape in bf16, and the GGUF demo model through `--device cuda`.
+
+Prints one line per check and a summary; exits non-zero when a check fails. Needs
+torch, transformers and safetensors, no internet. `--dry-run` runs the same plumbing on
+a machine without a GPU (candle's CPU device, a small stand-in for the 8B shape), to
+test this script.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+
+# A prompt position passes when shardserve's log-probabilities of its 20 best tokens
+# are within this of transformers' f32 ones (the KV cache is f16 on the device, which
+# alone moves them by ~1e-3)...
+MAX_ABS_LOGPROB = 0.05
+# ...and the mean KL divergence over positions, on those 20 tokens (renormalised), is
+# below this.
+MAX_MEAN_KL = 1e-3
+TOP = 20
+# Teacher-forced best token of the demo model against the golden answers (README:
+# a faithful engine agrees at >= 96% of positions).
+DEMO_AGREEMENT = 0.96
+
+FAILURES = []
+
+
+def log(msg):
+    print(msg, flush=True)
+
+
+def check(name, ok, detail):
+    log(f"{'PASS' if ok else 'FAIL'} {name}: {detail}")
+    if not ok:
+        FAILURES.append(name)
+
+
+def run(cmd, timeout):
+    started = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        raise RuntimeError(
+            f"{' '.join(cmd[:3])} ... exited {proc.returncode}:\n{proc.stderr[-3000:]}"
+        )
+    return proc.stdout, time.time() - started
+
+
+def bytes_to_unicode():
+    """GPT-2's byte-level alphabet: printable stand-ins for the 256 bytes."""
+    bs = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def write_tokenizer(path, vocab_size):
+    """A byte-level BPE without merges (id = byte), an end-of-text token, and fillers
+    up to the model's vocabulary so that every id decodes."""
+    vocab = {c: b for b, c in bytes_to_unicode().items()}
+    eos = 256
+    for i in range(257, vocab_size):
+        vocab[f"<filler_{i}>"] = i
+    tokenizer = {
+        "version": "1.0",
+        "truncation": None,
+        "padding": None,
+        "added_tokens": [
+            {"id": eos, "content": "<|end_of_text|>", "single_word": False,
+             "lstrip": False, "rstrip": False, "normalized": False, "special": True}
+        ],
+        "normalizer": None,
+        "pre_tokenizer": {"type": "ByteLevel", "add_prefix_space": False,
+                          "trim_offsets": True, "use_regex": True},
+        "post_processor": None,
+        "decoder": {"type": "ByteLevel", "add_prefix_space": True,
+                    "trim_offsets": True, "use_regex": True},
+        "model": {"type": "BPE", "dropout": None, "unk_token": None,
+                  "continuing_subword_prefix": None, "end_of_word_suffix": None,
+                  "fuse_unk": False, "byte_fallback": False, "vocab": vocab, "merges": []},
+    }
+    with open(os.path.join(path, "tokenizer.json"), "w") as f:
+        json.dump(tokenizer, f)
+    with open(os.path.join(path, "tokenizer_config.json"), "w") as f:
+        json.dump({"eos_token": "<|end_of_text|>", "add_bos_token": False}, f)
+
+
+def llama_config(hidden, layers, heads, kv_heads, ffn, vocab, dtype):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        hidden_size=hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=kv_heads,
+        intermediate_size=ffn,
+        vocab_size=vocab,
+        max_position_embeddings=131072,
+        rms_norm_eps=1e-5,
+        rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                      "high_freq_factor": 4.0, "original_max_position_embeddings": 8192},
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=256,
+        torch_dtype=dtype,
+        architectures=["LlamaForCausalLM"],
+    )
+
+
+# -- 1. logits against transformers, f32 ----------------------------------------------
+
+
+def small_model_check(args, work, device):
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    vocab = 2048
+    config = llama_config(512, 4, 8, 2, 1408, vocab, "float32")
+    # Wider than the default init, so that distributions are peaked, not flat.
+    config.initializer_range = 0.08
+    model = LlamaForCausalLM(config).eval()
+    path = os.path.join(work, "llama-small-f32")
+    model.save_pretrained(path, safe_serialization=True)
+    write_tokenizer(path, vocab)
+    model = LlamaForCausalLM.from_pretrained(
+        path, torch_dtype=torch.float32, attn_implementation="eager"
+    ).to(device).eval()
+    ids = torch.randint(0, 256, (160,), generator=torch.Generator().manual_seed(1)).tolist()
+    with torch.no_grad():
+        ref = torch.log_softmax(
+            model(torch.tensor([ids], device=device)).logits[0].float(), dim=-1
+        ).cpu()
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+    for tensor in (1, 2):
+        out, secs = run(
+            [args.bin, "generate", "--model", path, "--device", args.device,
+             "--tensor", str(tensor), "--prompt-ids", ",".join(map(str, ids)),
+             "--max-tokens", "0", "--prompt-logprobs", str(TOP), "--json",
+             "--max-seq-len", "512"],
+            timeout=120,
+        )
+        scores = json.loads(out)["prompt_logprobs"]
+        worst, kls, agree = 0.0, [], 0
+        for pos in range(1, len(ids)):
+            row = ref[pos - 1]
+            top = scores[pos]["top"]
+            got = torch.tensor([t["logprob"] for t in top], dtype=torch.float64)
+            want = torch.tensor([row[t["id"]].item() for t in top], dtype=torch.float64)
+            worst = max(worst, (got - want).abs().max().item())
+            # KL(transformers || shardserve) over these tokens, each side renormalised.
+            p, q = torch.log_softmax(want, 0), torch.log_softmax(got, 0)
+            kls.append(float((p.exp() * (p - q)).sum()))
+            agree += top[0]["id"] == int(row.argmax())
+        mean_kl = sum(kls) / len(kls)
+        check(
+            f"f32 logits vs transformers, tensor={tensor}",
+            worst <= MAX_ABS_LOGPROB and mean_kl <= MAX_MEAN_KL,
+            f"max |Δ logprob| {worst:.2e} (limit {MAX_ABS_LOGPROB}), mean KL on the top "
+            f"{TOP} {mean_kl:.2e} (limit {MAX_MEAN_KL}), best token equal at "
+            f"{agree}/{len(ids) - 1} positions; {secs:.1f} s",
+        )
+
+
+# -- 2. throughput on Llama-3.1-8B's shape, bf16 --------------------------------------
+
+
+def hbm_bandwidth():
+    """The GPU's memory bandwidth bound, bytes/s, from its clock and bus width, and the
+    name of the GPU."""
+    props = torch.cuda.get_device_properties(0)
+    clock_khz = getattr(props, "memory_clock_rate", 0)
+    bus_bits = getattr(props, "memory_bus_width", 0)
+    if clock_khz and bus_bits:
+        return 2 * clock_khz * 1e3 * bus_bits / 8, props.name
+    known = {"H200": 4.8e12, "H100 NVL": 3.9e12, "H100 PCIe": 2.0e12, "H100": 3.35e12,
+             "A100-SXM4-80GB": 2.04e12, "A100": 1.56e12, "L40S": 0.864e12}
+    for key, bw in known.items():
+        if key in props.name:
+            return bw, props.name
+    return None, props.name
+
+
+def measured_copy_bandwidth():
+    """What a device-to-device copy reaches (read + write), bytes/s."""
+    x = torch.empty(1 << 30, dtype=torch.uint8, device="cuda")
+    y = torch.empty_like(x)
+    y.copy_(x)
+    torch.cuda.synchronize()
+    started = time.time()
+    for _ in range(10):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    rate = 2 * 10 * x.numel() / (time.time() - started)
+    del x, y
+    torch.cuda.empty_cache()
+    return rate
+
+
+def write_random_checkpoint(path, config, device, dtype):
+    """Llama weights, N(0, 0.02), written straight as safetensors shards (building a
+    transformers model of 8B parameters on the host would take minutes)."""
+    from safetensors.torch import save_file
+
+    h, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+    d = h // config.num_attention_heads
+    kv = config.num_key_value_heads * d
+    shapes = {"model.embed_tokens.weight": (v, h), "model.norm.weight": (h,),
+              "lm_head.weight": (v, h)}
+    for i in range(config.num_hidden_layers):
+        p = f"model.layers.{i}."
+        shapes.update({
+            p + "input_layernorm.weight": (h,),
+            p + "post_attention_layernorm.weight": (h,),
+            p + "self_attn.q_proj.weight": (h, h),
+            p + "self_attn.k_proj.weight": (kv, h),
+            p + "self_attn.v_proj.weight": (kv, h),
+            p + "self_attn.o_proj.weight": (h, h),
+            p + "mlp.gate_proj.weight": (f, h),
+            p + "mlp.up_proj.weight": (f, h),
+            p + "mlp.down_proj.weight": (h, f),
+        })
+    os.makedirs(path, exist_ok=True)
+    config.save_pretrained(path)
+    write_tokenizer(path, v)
+    generator = torch.Generator(device=device).manual_seed(2)
+    shard, shard_bytes, index, n = {}, 0, {}, 0
+    total = 0
+
+    def flush():
+        nonlocal shard, shard_bytes, n
+        if shard:
+            n += 1
+            name = f"model-{n:05d}.safetensors"
+            save_file(shard, os.path.join(path, name), metadata={"format": "pt"})
+            index.update({k: name for k in shard})
+            shard, shard_bytes = {}, 0
+
+    for name, shape in shapes.items():
+        if len(shape) == 1:
+            t = torch.ones(shape, dtype=dtype)
+        else:
+            t = torch.empty(shape, dtype=dtype, device=device).normal_(
+                0.0, 0.02, generator=generator).cpu()
+        shard[name] = t
+        shard_bytes += t.numel() * t.element_size()
+        total += t.numel() * t.element_size()
+        if shard_bytes >= 4 << 30:
+            flush()
+    flush()
+    with open(os.path.join(path, "model.safetensors.index.json"), "w") as f:
+        json.dump({"metadata": {"total_size": total}, "weight_map": index}, f)
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return total
+
+
+def throughput_check(args, work, device):
+    if args.dry_run:
+        config = llama_config(256, 2, 8, 2, 512, 4096, "bfloat16")
+        label = "a 2-layer stand-in for Llama-3.1-8B's shape"
+    else:
+        config = llama_config(4096, 32, 32, 8, 14336, 128256, "bfloat16")
+        label = "Llama-3.1-8B's shape"
+    path = os.path.join(work, "llama-8b-shape-bf16")
+    started = time.time()
+    weight_bytes = write_random_checkpoint(path, config, device, torch.bfloat16)
+    log(f"made {label} in bf16: {weight_bytes / 1e9:.2f} GB of random weights in "
+        f"{time.time() - started:.0f} s")
+    prompt, gen = (512, 64) if not args.dry_run else (64, 8)
+    out, secs = run(
+        [args.bin, "bench", "--model", path, "--device", args.device,
+         "--prompt-tokens", str(prompt), "--gen-tokens", str(gen),
+         "--batch", "1,16,64", "--repetitions", "1", "--json"],
+        timeout=args.bench_timeout,
+    )
+    report = json.loads(out)
+    bound = None
+    if device == "cuda":
+        bandwidth, name = hbm_bandwidth()
+        copy = measured_copy_bandwidth()
+        log(f"GPU: {name}; HBM bound {bandwidth / 1e12 if bandwidth else float('nan'):.2f} TB/s"
+            f" (clock x bus width), a device copy reaches {copy / 1e12:.2f} TB/s")
+        if bandwidth:
+            # Batch-1 decode reads every weight once per token (the KV cache of 576
+            # positions is ~0.1% of that).
+            bound = bandwidth / weight_bytes
+    log(f"bench on {label}, {prompt}-token prompts, {gen} generated ({secs:.0f} s in all):")
+    log("  batch  prefill tok/s  decode tok/s")
+    for row in report["results"]:
+        extra = ""
+        if row["batch"] == 1 and bound:
+            extra = (f"   HBM bound {bound:.0f} tok/s: {100 * row['decode_tok_s'] / bound:.0f}% "
+                     "of it (goal >= 80%)")
+        log(f"  {row['batch']:>5}  {row['prefill_tok_s']:>13.0f}  {row['decode_tok_s']:>12.1f}{extra}")
+    check("bf16 bench ran at batch 1, 16 and 64", len(report["results"]) == 3,
+          f"{len(report['results'])} rows")
+
+
+# -- 3. the GGUF demo model ------------------------------------------------------------
+
+
+def demo_check(args):
+    if not (args.demo and os.path.exists(args.demo)):
+        check("GGUF demo model through --device " + args.device, False,
+              f"the demo model is not at {args.demo} (carry it: see scripts/gpu-check.sh)")
+        return
+    if not (args.golden and os.path.exists(args.golden)):
+        check("GGUF demo model through --device " + args.device, False,
+              f"the golden answers are not at {args.golden}")
+        return
+    agree = total = 0
+    worst_gap = 0.0
+    started = time.time()
+    with open(args.golden) as f:
+        cases = [json.loads(line) for line in f if line.strip()]
+    for case in cases:
+        prompt = case["chat_prompt_ids"]
+        ids = prompt + case["greedy_ids"]
+        out, _ = run(
+            [args.bin, "generate", "--model", args.demo, "--device", args.device,
+             "--prompt-ids", ",".join(map(str, ids)), "--max-tokens", "0",
+             "--prompt-logprobs", "1", "--json"],
+            timeout=60,
+        )
+        scores = json.loads(out)["prompt_logprobs"]
+        for pos in range(len(prompt), len(ids)):
+            entry = scores[pos]
+            best = entry["top"][0]
+            total += 1
+            if best["id"] == ids[pos]:
+                agree += 1
+            else:
+                worst_gap = max(worst_gap, best["logprob"] - entry["logprob"])
+    rate = agree / max(total, 1)
+    check(
+        "GGUF demo model through --device " + args.device,
+        total > 0 and rate >= DEMO_AGREEMENT,
+        f"best token equals the golden answer at {agree}/{total} teacher-forced positions "
+        f"({100 * rate:.1f}%, limit {100 * DEMO_AGREEMENT:.0f}%), the golden token at most "
+        f"{worst_gap:.2f} nats below the best; {len(cases)} prompts in {time.time() - started:.0f} s",
+    )
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--bin", required=True)
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--demo")
+    parser.add_argument("--golden")
+    parser.add_argument("--dry-run", action="store_true")
+    parser.add_argument("--bench-timeout", type=int, default=240)
+    args = parser.parse_args()
+    device = "cpu" if args.dry_run else "cuda"
+    if device == "cuda" and not torch.cuda.is_available():
+        sys.exit("gpu-check: torch sees no GPU")
+    started = time.time()
+    with tempfile.TemporaryDirectory(dir=os.environ.get("GPU_CHECK_WORK")) as work:
+        steps = [("f32 logits vs transformers", lambda: small_model_check(args, work, device)),
+                 ("GGUF demo model", lambda: demo_check(args)),
+                 ("bf16 throughput", lambda: throughput_check(args, work, device))]
+        for name, step in steps:
+            try:
+                step()
+            except Exception as e:  # one check's failure must not hide the others
+                check(name, False, f"{type(e).__name__}: {e}")
+    log(f"gpu-check: {len(FAILURES)} failed ({', '.join(FAILURES) or 'none'}) in "
+        f"{time.time() - started:.0f} s")
+    sys.exit(1 if FAILURES else 0)
+
+
+if __name__ == "__main__":
+    main()
