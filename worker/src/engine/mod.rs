@@ -60,6 +60,9 @@ pub enum EngineError {
     /// A step this request was in failed (a bug, not the request's fault).
     #[error("the engine failed: {0}")]
     StepFailed(String),
+    /// The weights do not fit the GPU.
+    #[error("{0}")]
+    OutOfMemory(String),
 }
 
 impl EngineError {
@@ -71,6 +74,57 @@ impl EngineError {
             EngineError::Model(ModelError::Comm(_)) | EngineError::GroupFailed(_)
         )
     }
+
+    /// Whether a step failed inside the device's computation. On a GPU that leaves
+    /// its context in an unknown state (CUDA errors are sticky): the rank cannot go
+    /// on, and its group fails as when a rank is killed.
+    pub fn is_device_failure(&self) -> bool {
+        matches!(self, EngineError::Model(ModelError::Candle { .. }))
+    }
+}
+
+/// Whether `error` says the device ran out of memory (cudarc's
+/// `CUDA_ERROR_OUT_OF_MEMORY`, cuBLAS' allocation failures).
+fn is_out_of_memory(error: &EngineError) -> bool {
+    let text = error.to_string();
+    text.contains("OUT_OF_MEMORY")
+        || text.contains("ALLOC_FAILED")
+        || text.contains("out of memory")
+}
+
+/// The bytes of a model's weights on disk: a GGUF file, or a directory's safetensors.
+fn weights_on_disk(path: &Path) -> u64 {
+    if !path.is_dir() {
+        return std::fs::metadata(path).map_or(0, |m| m.len());
+    }
+    std::fs::read_dir(path)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().extension().is_some_and(|x| x == "safetensors"))
+        .filter_map(|e| e.metadata().ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+/// What to say when a rank's weights do not fit its GPU: how much they need and what
+/// to change.
+fn weights_do_not_fit(total: u64, world: usize, memory: Option<(usize, usize)>) -> EngineError {
+    let gib = |b: f64| b / (1u64 << 30) as f64;
+    let total = total as f64;
+    let gpu = match memory {
+        Some((free, all)) => format!(
+            "the GPU has {:.1} GiB, {:.1} GiB of it free now",
+            gib(all as f64),
+            gib(free as f64)
+        ),
+        None => "the GPU's memory could not be read".into(),
+    };
+    EngineError::OutOfMemory(format!(
+        "out of GPU memory while loading the weights: this rank needs at least {:.1} GiB          ({:.1} GiB of weights over tensor={world}; the embedding and the output head are          whole on every rank), and {gpu}. Raise tensor (more GPUs share the weights) or          serve a smaller quantisation; --gpu-memory-utilization, --max-seq-len and          --max-num-seqs size the KV cache, which comes after the weights",
+        gib(total / world.max(1) as f64),
+        gib(total),
+    ))
 }
 
 impl From<candle_core::Error> for EngineError {
@@ -274,6 +328,9 @@ pub struct Engine {
     active: std::collections::HashMap<SeqId, Active>,
     next_seq: SeqId,
     stats: Arc<StatsCell>,
+    /// A failed step ends the engine (and its group), not only its requests: set on
+    /// a GPU, whose context a failed kernel leaves unusable.
+    device_failures_are_fatal: bool,
 }
 
 impl Drop for Engine {
@@ -384,11 +441,18 @@ impl Engine {
                 }
                 load_shard(path, comm.clone(), Host)?
             }
-            Compute::Device(device) => load_shard(
-                path,
-                comm.clone(),
-                Tensors::new(device, options.kv_cache_dtype),
-            )?,
+            Compute::Device(device) => {
+                let before = compute.gpu_memory();
+                load_shard(
+                    path,
+                    comm.clone(),
+                    Tensors::new(device, options.kv_cache_dtype),
+                )
+                .map_err(|e| match is_gpu && is_out_of_memory(&e) {
+                    true => weights_do_not_fit(weights_on_disk(path), world, before),
+                    false => e,
+                })?
+            }
         };
         if let Some(want) = &options.weight_dtype {
             let stored = weight_dtype_name(&format);
@@ -483,6 +547,7 @@ impl Engine {
             active: Default::default(),
             next_seq: 0,
             stats,
+            device_failures_are_fatal: is_gpu,
         })
     }
 
@@ -622,7 +687,7 @@ impl Engine {
             Ok(events) => Ok(events),
             Err(e) => {
                 let message = e.to_string();
-                let group = e.is_group_failure();
+                let group = self.ends_the_engine(&e);
                 let ids: Vec<SeqId> = self.active.keys().copied().collect();
                 for &id in &ids {
                     self.cancel(id);
@@ -640,6 +705,12 @@ impl Engine {
                     .collect())
             }
         }
+    }
+
+    /// Whether a failed step ends the engine and its group (UNAVAILABLE, the group
+    /// restarts) rather than only the requests it held.
+    fn ends_the_engine(&self, e: &EngineError) -> bool {
+        e.is_group_failure() || (self.device_failures_are_fatal && e.is_device_failure())
     }
 
     fn try_step(&mut self) -> Result<Vec<StepEvent>, EngineError> {

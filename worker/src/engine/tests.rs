@@ -250,3 +250,50 @@ fn a_model_stored_otherwise_than_its_manifest_says_is_refused() {
         ..EngineOptions::default()
     });
 }
+
+#[test]
+fn a_failed_kernel_ends_a_gpu_engine_but_only_the_requests_of_a_cpu_engine() {
+    let mut engine = load(EngineOptions::default());
+    let kernel = EngineError::from(candle_core::Error::Msg(
+        "DriverError(CUDA_ERROR_ILLEGAL_ADDRESS, \"an illegal memory access\")".into(),
+    ));
+    let caller = EngineError::InvalidRequest("bad".into());
+    assert!(!engine.ends_the_engine(&kernel), "the CPU engine goes on");
+    engine.device_failures_are_fatal = true;
+    assert!(engine.ends_the_engine(&kernel), "a GPU's context is gone");
+    assert!(!engine.ends_the_engine(&caller));
+    let group = EngineError::GroupFailed("rank 1 is gone".into());
+    assert!(group.is_group_failure() && engine.ends_the_engine(&group));
+}
+
+#[test]
+fn out_of_memory_at_load_says_what_was_needed_and_what_to_change() {
+    let oom = EngineError::from(candle_core::Error::Msg(
+        "DriverError(CUDA_ERROR_OUT_OF_MEMORY, \"out of memory\")".into(),
+    ));
+    assert!(is_out_of_memory(&oom));
+    assert!(!is_out_of_memory(&EngineError::InvalidRequest("x".into())));
+
+    let gib = 1usize << 30;
+    let message = weights_do_not_fit(140 * gib as u64, 2, Some((gib / 2, 80 * gib))).to_string();
+    for part in [
+        "at least 70.0 GiB",
+        "140.0 GiB of weights over tensor=2",
+        "80.0 GiB, 0.5 GiB of it free",
+        "Raise tensor",
+        "--gpu-memory-utilization",
+    ] {
+        assert!(message.contains(part), "{part}: {message}");
+    }
+    // On disk: a GGUF file's size, a directory's safetensors shards.
+    let dir = tempfile::tempdir().unwrap();
+    for (name, len) in [
+        ("a.safetensors", 3000),
+        ("b.safetensors", 500),
+        ("config.json", 99),
+    ] {
+        std::fs::write(dir.path().join(name), vec![0u8; len]).unwrap();
+    }
+    assert_eq!(weights_on_disk(dir.path()), 3500);
+    assert_eq!(weights_on_disk(&dir.path().join("config.json")), 99);
+}
