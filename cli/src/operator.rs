@@ -121,9 +121,9 @@ mod tests {
         assert_eq!(ModelFiles::of(&source).path(), fetched.to_str().unwrap());
     }
 
-    /// The worker accepts the arguments the operator gives rank pods, and
-    /// every rank of a group spanning pods gets its own global rank (and,
-    /// with CUDA workers, the GPU its container is given).
+    /// The worker accepts the arguments the operator gives rank pods, and every rank
+    /// of a group spanning pods gets its own global rank and, with CUDA workers (one
+    /// container per pod starting the pod's other ranks), its own GPU of the pod.
     #[test]
     fn rank_pods_arguments_make_every_rank_once() {
         use shardserve_operator::controller::{check::check, desired};
@@ -155,25 +155,35 @@ mod tests {
             .as_ref()
             .unwrap();
         let mut ranks = Vec::new();
+        let parse = |args: Vec<String>| {
+            Worker::try_parse_from(std::iter::once("shardserve".to_string()).chain(args))
+                .unwrap()
+                .args
+        };
+        assert_eq!(pod.containers.len(), 1);
         for index in 0..2 {
-            for container in &pod.containers {
-                // What Kubernetes does with $(VAR) in args.
-                let args = container.args.as_ref().unwrap();
-                assert_eq!(args[0], "worker");
-                let args = args[1..]
-                    .iter()
-                    .map(|a| a.replace("$(SHARDSERVE_POD_INDEX)", &index.to_string()));
-                let worker =
-                    Worker::try_parse_from(std::iter::once("shardserve".to_string()).chain(args))
-                        .unwrap()
-                        .args;
+            // What Kubernetes does with $(VAR) in args.
+            let args: Vec<String> = pod.containers[0].args.as_ref().unwrap()[1..]
+                .iter()
+                .map(|a| a.replace("$(SHARDSERVE_POD_INDEX)", &index.to_string()))
+                .collect();
+            let first = parse(args.clone());
+            assert_eq!(first.local_ranks, Some(4));
+            // The processes it starts: its arguments, their own --rank.
+            let children = (1..4).map(|local| {
+                let mut child = crate::worker::child_rank_args(args.clone().into_iter());
+                child.extend(["--rank".to_string(), local.to_string()]);
+                parse(child)
+            });
+            for (local, worker) in std::iter::once(first).chain(children).enumerate() {
                 let group = worker.global_group().unwrap();
                 assert_eq!(group.tensor, 8);
                 assert_eq!(
                     group.coordinator.as_deref(),
                     Some("llama-3-70b-2-nodes-g0-0.llama-3-70b-2-nodes-g0.llm.svc:29500")
                 );
-                assert_eq!(group.device, DeviceSpec::Cuda(Some(0)));
+                assert_eq!(group.device, DeviceSpec::Cuda(Some(local)));
+                assert_eq!(worker.local_ranks.is_some(), local == 0);
                 ranks.push(group.rank);
             }
         }

@@ -102,6 +102,11 @@ fn print_plan(md: &ModelDeployment, memory: u64, p: &Plan) {
         spec.gpu.resource_name,
         spec.tensor
     );
+    println!(
+        "  pod layout: one container with the pod's {} {} runs its {} rank process(es), \
+         one GPU each, NCCL between them over NVLink",
+        p.gpus_per_pod, spec.gpu.resource_name, p.ranks_per_pod
+    );
     println!("  GPU memory: {} each", gib(memory));
     println!("  weights per GPU: {}", gib(p.weight_bytes_per_gpu));
     println!("  KV cache per GPU: {}", gib(p.kv_cache_bytes_per_gpu));

@@ -48,6 +48,13 @@ pub struct WorkerArgs {
     /// Ranks each pod of the group holds (with --pod-index).
     #[arg(long, requires = "pod_index")]
     pub ranks_per_pod: Option<usize>,
+    /// Run this pod's (or machine's) K ranks from this process: it is local rank 0 and
+    /// starts ranks 1 .. K-1 as child processes with the same arguments, each on its
+    /// own GPU under `--device cuda`. One container then holds all of a node's GPUs,
+    /// so NCCL sees its peers (NVLink) — the operator's GPU layout. The process exits,
+    /// failing the group, when any of its ranks exits.
+    #[arg(long, value_name = "K")]
+    pub local_ranks: Option<usize>,
 }
 
 impl WorkerArgs {
@@ -72,6 +79,19 @@ impl WorkerArgs {
 pub fn run(mut args: WorkerArgs) -> Result<()> {
     // The rank within the pod: its first rank answers the pod's probes.
     let first_in_pod = args.group.rank == 0;
+    if let Some(k) = args.local_ranks.filter(|&k| k > 1) {
+        anyhow::ensure!(
+            first_in_pod,
+            "--local-ranks starts local ranks 1..{k} itself; give it to rank 0 only"
+        );
+        if let Some(per_pod) = args.ranks_per_pod {
+            anyhow::ensure!(
+                per_pod == k,
+                "--local-ranks {k} and --ranks-per-pod {per_pod} disagree"
+            );
+        }
+        start_local_ranks(k)?;
+    }
     args.group = args.global_group()?;
     let threads = args.threads.apply()?;
     let mut options = EngineOptions {
@@ -150,6 +170,61 @@ pub fn run(mut args: WorkerArgs) -> Result<()> {
     })
 }
 
+/// Starts local ranks 1..k as children of this process (same arguments, their own
+/// `--rank`, no `--local-ranks`), and watches them: when one exits, so does this
+/// process, as a pod loses a killed rank, so the group restarts together.
+fn start_local_ranks(k: usize) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+
+    let exe = std::env::current_exe().context("finding the shardserve binary")?;
+    let args = child_rank_args(std::env::args().skip(1));
+    for rank in 1..k {
+        let mut command = std::process::Command::new(&exe);
+        command
+            .args(&args)
+            .args(["--rank", &rank.to_string()])
+            .stdin(std::process::Stdio::null());
+        // SAFETY: prctl only sets this child's parent-death signal, between fork
+        // and exec: a rank never outlives the process that started it.
+        unsafe {
+            command.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            });
+        }
+        let mut child = command
+            .spawn()
+            .with_context(|| format!("starting local rank {rank}"))?;
+        std::thread::Builder::new()
+            .name(format!("rank-{rank}-watch"))
+            .spawn(move || {
+                let status = child.wait();
+                tracing::error!(rank, ?status, "a local rank exited; its group fails");
+                std::process::exit(1);
+            })
+            .context("watching a local rank")?;
+    }
+    Ok(())
+}
+
+/// This process's arguments for a child rank: without `--local-ranks` and `--rank`
+/// (either form, `--flag value` or `--flag=value`).
+pub(crate) fn child_rank_args(args: impl Iterator<Item = String>) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut skip_value = false;
+    for arg in args {
+        if std::mem::take(&mut skip_value) {
+            continue;
+        }
+        match arg.as_str() {
+            "--local-ranks" | "--rank" => skip_value = true,
+            a if a.starts_with("--local-ranks=") || a.starts_with("--rank=") => {}
+            _ => out.push(arg),
+        }
+    }
+    out
+}
+
 /// A follower's health server, on a thread of its own for the process's life.
 struct FollowerHealth {
     joined: tokio::sync::watch::Sender<bool>,
@@ -192,5 +267,44 @@ impl FollowerHealth {
 
     fn joined(&self) {
         let _ = self.joined.send(true);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn child_ranks_get_the_arguments_without_rank_and_local_ranks() {
+        let args = [
+            "worker",
+            "--model",
+            "/m",
+            "--rank",
+            "0",
+            "--local-ranks",
+            "4",
+            "--device",
+            "cuda",
+            "--ranks-per-pod=4",
+            "--rank=0",
+            "--local-ranks=4",
+            "--tensor",
+            "8",
+        ]
+        .map(String::from);
+        assert_eq!(
+            child_rank_args(args.into_iter()),
+            [
+                "worker",
+                "--model",
+                "/m",
+                "--device",
+                "cuda",
+                "--ranks-per-pod=4",
+                "--tensor",
+                "8"
+            ]
+        );
     }
 }

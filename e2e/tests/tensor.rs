@@ -258,3 +258,76 @@ fn a_killed_rank_fails_the_request_fast_and_the_group_exits() {
         assert!(!is_alive(pid), "rank process {pid} outlived its group");
     }
 }
+
+/// The operator's GPU layout, on CPUs: one `worker --local-ranks 3` process is rank
+/// 0 and starts ranks 1 and 2 itself; the group meets and loads, and when one of
+/// its ranks is killed the whole process exits non-zero, taking the others along
+/// (as a pod's container does, so the group restarts together).
+#[test]
+fn a_worker_running_its_pods_ranks_lives_and_dies_with_them() {
+    let model = demo_model();
+    let (listen, coordinator) = (free_port(), free_port());
+    let mut worker = Command::new(shardserve_bin())
+        .args(["worker", "--model", model.to_str().unwrap()])
+        .args(["--tensor", "3", "--local-ranks", "3", "--threads", "1"])
+        .args(["--coordinator", &format!("127.0.0.1:{coordinator}")])
+        .args(["--listen", &format!("127.0.0.1:{listen}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut stderr = worker.stderr.take().unwrap();
+    let (loaded_tx, loaded) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut log = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = stderr.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            log.extend_from_slice(&buf[..n]);
+            if String::from_utf8_lossy(&log).contains("model loaded") {
+                let _ = loaded_tx.send(());
+            }
+        }
+    });
+    loaded
+        .recv_timeout(Duration::from_secs(180))
+        .expect("the three ranks did not meet and load");
+    let ranks = children_of(worker.id());
+    let args: Vec<String> = ranks.iter().map(|&p| cmdline(p)).collect();
+    assert_eq!(ranks.len(), 2, "ranks 1 and 2 run as children: {args:?}");
+    for (rank, line) in [1, 2].iter().zip({
+        let mut sorted = args.clone();
+        sorted.sort();
+        sorted
+    }) {
+        assert!(
+            line.trim_end().ends_with(&format!("--rank {rank}")),
+            "{line}"
+        );
+        assert!(!line.contains("--local-ranks"), "{line}");
+    }
+    assert!(
+        TcpStream::connect(("127.0.0.1", listen)).is_ok(),
+        "rank 0 serves"
+    );
+
+    signal(ranks[1], "KILL");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = worker.try_wait().unwrap() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "rank 0 outlived a killed rank");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while ranks.iter().any(|&p| is_alive(p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    for pid in ranks {
+        assert!(!is_alive(pid), "rank process {pid} outlived its group");
+    }
+}

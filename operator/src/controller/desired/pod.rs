@@ -1,10 +1,14 @@
-//! The pod of a group: one container per rank it holds (`rank-0`, …), each
-//! with its GPUs, an init container fetching the model, and the security
-//! settings of every shardserve pod (non-root, read-only root filesystem).
+//! The pod of a group: its ranks, an init container fetching the model, and the
+//! security settings of every shardserve pod (non-root, read-only root filesystem).
 //!
-//! A pod holds `ranks_per_pod` ranks; pod `p` holds ranks
-//! `p × ranks_per_pod + c`. The global rank 0 (pod 0, container `rank-0`)
-//! is the only one serving gRPC; the gRPC health probes sit on `rank-0`.
+//! A pod holds `ranks_per_pod` ranks; pod `p` holds ranks `p × ranks_per_pod + c`.
+//! On CPUs each rank is a container (`rank-0`, …) with its own CPU and memory. On
+//! GPUs one container, `rank-0`, holds all the pod's GPUs and runs its ranks as
+//! processes (`worker --local-ranks`), rank `c` on GPU `c`: ranks in one container see
+//! each other's GPUs, so NCCL moves activations over NVLink (peer to peer) rather
+//! than through host memory, which it must between containers that each see one
+//! GPU. The global rank 0 (pod 0, `rank-0`) is the only one serving gRPC; the gRPC
+//! health probes sit on `rank-0`.
 
 use std::collections::BTreeMap;
 
@@ -65,9 +69,13 @@ pub(super) fn pod_spec(group: &GroupContext<'_>) -> PodSpec {
     let spec = &group.md.spec;
     PodSpec {
         init_containers: fetch,
-        containers: (0..ranks_per_pod)
-            .map(|local| rank_container(group, local))
-            .collect(),
+        containers: if group.cuda {
+            vec![rank_container(group, 0)]
+        } else {
+            (0..ranks_per_pod)
+                .map(|local| rank_container(group, local))
+                .collect()
+        },
         volumes: Some(volumes),
         node_selector: (!spec.node_selector.is_empty()).then(|| spec.node_selector.clone()),
         tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
@@ -158,8 +166,14 @@ fn rank_container(group: &GroupContext<'_>, local: u32) -> Container {
     }
     let engine = &md.spec.engine;
     if group.cuda {
-        // The container sees only the GPUs it was given: its first is its own.
-        args.extend(strings(&["--device", "cuda:0"]));
+        // The container holds the pod's GPUs; bare `cuda` gives local rank c GPU c.
+        args.extend(strings(&["--device", "cuda"]));
+        if topology.ranks_per_pod > 1 {
+            args.extend(strings(&[
+                "--local-ranks",
+                &topology.ranks_per_pod.to_string(),
+            ]));
+        }
         let percent = engine
             .gpu_memory_utilization_percent
             .unwrap_or(DEFAULT_GPU_MEMORY_UTILIZATION_PERCENT);
@@ -269,10 +283,15 @@ fn fetch_env(group: &GroupContext<'_>) -> Vec<EnvVar> {
 /// and limits: extended resources cannot be overcommitted).
 fn resources(group: &GroupContext<'_>, with_gpus: bool) -> ResourceRequirements {
     let spec = &group.md.spec;
+    // On GPUs the one rank container holds every rank of the pod (see the module).
+    let ranks = match group.cuda {
+        true => group.topology.ranks_per_pod.max(1),
+        false => 1,
+    };
     let gpus = with_gpus.then(|| {
         (
             spec.gpu.resource_name.clone(),
-            Quantity(spec.gpu.per_rank.to_string()),
+            Quantity((spec.gpu.per_rank * ranks).to_string()),
         )
     });
     let amounts = |cpu_memory: Option<&CpuMemory>| {

@@ -391,7 +391,7 @@ fn objects_need_an_owner_uid_and_a_namespace() {
 }
 
 #[test]
-fn cuda_workers_compute_on_the_gpu_each_rank_container_is_given() {
+fn cuda_workers_compute_on_the_gpus_of_their_container() {
     let md = demo(1);
     let rank_args = |cuda: bool| {
         let settings = WorkerSettings {
@@ -410,10 +410,59 @@ fn cuda_workers_compute_on_the_gpu_each_rank_container_is_given() {
         .filter_map(|a| a.as_str())
         .collect();
     assert!(
-        args.windows(2).any(|w| w == ["--device", "cuda:0"]),
+        args.windows(2).any(|w| w == ["--device", "cuda"]),
         "{args:?}"
     );
+    // One rank in the pod: nothing to start beside it.
+    assert!(!args.contains(&"--local-ranks"), "{args:?}");
     assert!(!rank_args(false).to_string().contains("--device"));
+}
+
+/// The GPU layout of the two-node 70B example: per pod, one container holding the
+/// node's four GPUs and running its four ranks, so NCCL sees its peers (NVLink).
+#[test]
+fn on_gpus_one_container_holds_a_pods_gpus_and_runs_its_ranks() {
+    let text = include_str!("../../../../examples/llama-3-70b-2-nodes.yaml");
+    let mut md = crate::parse_manifests(text).unwrap().remove(0);
+    md.metadata.namespace = Some("llm".into());
+    md.metadata.uid = Some(UID.into());
+    let settings = WorkerSettings {
+        cuda: true,
+        ..fixtures::settings()
+    };
+    let desired = desired(&md, &check(&md).unwrap(), &settings).unwrap();
+    let sts = to_json(&desired.groups[0].statefulset);
+    assert_eq!(sts["spec"]["replicas"], 2);
+    let containers = sts["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .clone();
+    assert_eq!(containers.len(), 1);
+    let rank = &containers[0];
+    assert_eq!(rank["name"], "rank-0");
+    let args: Vec<&str> = rank["args"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|a| a.as_str().unwrap())
+        .collect();
+    for pair in [
+        ["--rank", "0"],
+        ["--pod-index", "$(SHARDSERVE_POD_INDEX)"],
+        ["--ranks-per-pod", "4"],
+        ["--device", "cuda"],
+        ["--local-ranks", "4"],
+    ] {
+        assert!(args.windows(2).any(|w| w == pair), "{pair:?}: {args:?}");
+    }
+    assert_eq!(
+        rank["resources"],
+        json!({
+            "requests": {"cpu": "8", "memory": "120Gi", "nvidia.com/gpu": "4"},
+            "limits": {"nvidia.com/gpu": "4"}
+        })
+    );
+    assert!(rank["readinessProbe"].is_object());
 }
 
 #[test]
