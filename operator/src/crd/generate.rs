@@ -2,6 +2,7 @@
 //! `crds/` and the Helm chart hold copies of this output; tests check they agree.
 
 use kube::CustomResourceExt;
+use serde_json::Value;
 
 use super::ModelDeployment;
 
@@ -11,6 +12,57 @@ const HEADER: &str =
 
 /// The `ModelDeployment` CRD as YAML, exactly what `shardserve crd` prints.
 pub fn crd_yaml() -> Result<String, serde_norway::Error> {
-    let body = serde_norway::to_string(&ModelDeployment::crd())?;
+    let mut crd = serde_json::to_value(ModelDeployment::crd())
+        .map_err(<serde_norway::Error as serde::ser::Error>::custom)?;
+    kubernetes_formats(&mut crd);
+    let body = serde_norway::to_string(&crd)?;
     Ok(format!("{HEADER}{body}"))
+}
+
+/// schemars names Rust's unsigned integers `uint32`/`uint64`, formats Kubernetes does
+/// not know (every apply of the CRD warned `unrecognized format "uint32"`): they
+/// become `int32`/`int64`, kept non-negative and, for 32 bits, within `int32`.
+fn kubernetes_formats(schema: &mut Value) {
+    match schema {
+        Value::Object(map) => {
+            let bits = match map.get("format").and_then(Value::as_str) {
+                Some("uint32") => Some(32),
+                Some("uint64") => Some(64),
+                _ => None,
+            };
+            if let Some(bits) = bits {
+                map.insert("format".into(), format!("int{bits}").into());
+                map.entry("minimum").or_insert(0.0.into());
+                if bits == 32 {
+                    map.entry("maximum").or_insert(f64::from(i32::MAX).into());
+                }
+            }
+            map.values_mut().for_each(kubernetes_formats);
+        }
+        Value::Array(items) => items.iter_mut().for_each(kubernetes_formats),
+        _ => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_crd_uses_only_formats_kubernetes_knows() {
+        let yaml = crd_yaml().unwrap();
+        for unknown in ["uint32", "uint64", "uint8", "uint16"] {
+            assert!(!yaml.contains(&format!("format: {unknown}")), "{unknown}");
+        }
+        assert!(yaml.contains("format: int32"));
+        let mut value = serde_json::json!({"a": {"format": "uint32", "minimum": 1.0}, "b": [{"format": "uint64"}]});
+        kubernetes_formats(&mut value);
+        assert_eq!(
+            value,
+            serde_json::json!({
+                "a": {"format": "int32", "minimum": 1.0, "maximum": 2147483647.0},
+                "b": [{"format": "int64", "minimum": 0.0}]
+            })
+        );
+    }
 }

@@ -107,6 +107,11 @@ pub(super) fn translate<'a>(
             continue;
         };
         let Some(port) = grpc_port(slice) else {
+            // The EndpointSlice controller writes a placeholder slice, with no
+            // endpoints and no ports, while a Service has no ready pod: normal.
+            if slice.endpoints.is_empty() {
+                continue;
+            }
             warnings.push(format!(
                 "EndpointSlice {namespace}/{} of Service {namespace}/{service} has no port named \"{GRPC_PORT_NAME}\"; model {model:?} gets no backends from it",
                 slice.metadata.name.as_deref().unwrap_or_default(),
@@ -356,6 +361,11 @@ mod tests {
             t.warnings
         );
         assert!(t.warnings[1].contains("ml/llama-2"));
+
+        // A Service with no ready pod has a placeholder slice: no ports, no endpoints.
+        let placeholder = [slice("ml", "llama-x", "llama", json!(null), vec![])];
+        let t = translate(&mds, &placeholder);
+        assert!(t.warnings.is_empty(), "{:?}", t.warnings);
     }
 
     #[test]
