@@ -53,6 +53,15 @@ grep -ohE 'pub unsafe fn cu[A-Za-z0-9_]+\(' "$CUDARC_SRC/src/driver/sys/mod.rs" 
   | sort -u > "$LINK_DIR/libcuda_stub.c"
 cc -shared -fPIC -o "$LINK_DIR/libcuda.so" -Wl,-soname,libcuda.so.1 "$LINK_DIR/libcuda_stub.c"
 
+# Size: the binary travels to GPU machines in 64 MiB loads. candle's quantised
+# kernels (SASS) are the largest part: nvcc compresses them for size (through $NVCC,
+# which candle's kernel builder runs and watches); fat LTO in one codegen unit cuts
+# the host code by about a third.
+NVCC_SIZE=$LINK_DIR/nvcc
+printf '#!/bin/sh\nexec %s --compress-mode=size "$@"\n' "$(command -v nvcc)" > "$NVCC_SIZE"
+chmod +x "$NVCC_SIZE"
+export NVCC=$NVCC_SIZE CARGO_PROFILE_RELEASE_LTO=fat CARGO_PROFILE_RELEASE_CODEGEN_UNITS=1
+
 echo "cuda-build: $(nvcc --version | tail -1), compute capability $CUDA_COMPUTE_CAP"
 RUSTFLAGS="${RUSTFLAGS:-} -L native=$LINK_DIR" "$CARGO" build --release --locked \
   --target-dir "$TARGET_DIR" -p shardserve --features cuda

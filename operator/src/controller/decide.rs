@@ -3,7 +3,12 @@
 //!
 //! - A missing group is created; a group at or above `replicas` is removed.
 //! - A group whose rank failed is restarted whole (its pods deleted; the
-//!   StatefulSet recreates them), at most once per [`RESTART_INTERVAL`].
+//!   StatefulSet recreates them). A rank failed when a pod failed, a rank
+//!   container restarted or exited, or a pod the group formed with is gone or was
+//!   replaced ([`GroupObserved::lost_member`]: the StatefulSet controller may
+//!   recreate a failed pod before the operator sees it fail). Repeated restarts
+//!   back off, 10 s doubling to 5 min; the count resets once the group has served
+//!   for 10 min.
 //! - A changed spec rolls groups: one that serves is rolled only when every
 //!   other group serves, one at a time; one that does not serve anyway is
 //!   rolled at once (waiting for it would deadlock a broken deployment).
@@ -15,11 +20,29 @@ use k8s_openapi::jiff::Timestamp;
 use super::check::Topology;
 use super::desired::Desired;
 use super::labels::GroupId;
-use super::observe::{GroupObserved, Observed};
+use super::observe::{GroupObserved, Observed, Restarts};
 
-/// The least time between two restarts of the same group: a rank that
-/// fails at once would otherwise make the group restart in a tight loop.
-pub const RESTART_INTERVAL: Duration = Duration::from_secs(30);
+/// The wait between a group's first restart and its second; it doubles with each
+/// restart that follows, up to [`RESTART_BACKOFF_MAX`]. The first is at once.
+pub const RESTART_BACKOFF: Duration = Duration::from_secs(10);
+pub const RESTART_BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// A group that has served this long has its restart count reset.
+pub const RESTART_RESET_AFTER: Duration = Duration::from_secs(600);
+
+/// The least time between a group's restart `count + 1` and `count + 2`.
+pub fn restart_backoff(count: u32) -> Duration {
+    RESTART_BACKOFF
+        .saturating_mul(1u32 << count.min(16))
+        .min(RESTART_BACKOFF_MAX)
+}
+
+/// What a group's StatefulSet records about it (annotations written with it).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct GroupRecord {
+    /// The uids of the pods it formed with, by index.
+    pub formed_with: Option<Vec<String>>,
+    pub restarts: Restarts,
+}
 
 /// What one reconcile does.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -36,8 +59,10 @@ pub struct Actions {
     pub waiting: Vec<GroupId>,
     /// Groups at or above `replicas`: StatefulSet and Service deleted.
     pub removed: Vec<GroupId>,
-    /// Come back this soon (a restart held back by [`RESTART_INTERVAL`]).
+    /// Come back this soon (a restart held back by its backoff).
     pub requeue_after: Option<Duration>,
+    /// What each applied group's StatefulSet records.
+    pub records: std::collections::BTreeMap<GroupId, GroupRecord>,
 }
 
 /// A group whose pods are deleted so that it restarts together.
@@ -70,6 +95,29 @@ impl Actions {
     }
 }
 
+impl GroupRecord {
+    /// `statefulset` with this record in its annotations (server-side apply drops
+    /// those left out, so a record is written whole every time).
+    pub fn written_on(
+        &self,
+        statefulset: &k8s_openapi::api::apps::v1::StatefulSet,
+    ) -> k8s_openapi::api::apps::v1::StatefulSet {
+        use super::labels::{POD_UIDS_ANNOTATION, RESTARTS_ANNOTATION};
+        let mut statefulset = statefulset.clone();
+        let annotations = statefulset
+            .metadata
+            .annotations
+            .get_or_insert_with(Default::default);
+        if let Some(uids) = &self.formed_with {
+            annotations.insert(POD_UIDS_ANNOTATION.into(), uids.join(","));
+        }
+        if let Some(restarts) = self.restarts.annotation() {
+            annotations.insert(RESTARTS_ANNOTATION.into(), restarts);
+        }
+        statefulset
+    }
+}
+
 /// The actions that bring `observed` to `desired`, at time `now`.
 pub fn decide(
     desired: &Desired,
@@ -97,28 +145,64 @@ pub fn decide(
             continue;
         }
         actions.apply.push(id);
-        // One rank alone is a whole group: the kubelet's restart suffices.
-        if topology.tensor > 1
-            && !obs.terminating()
-            && let Some(failure) = obs.failure()
-        {
-            let since = obs
-                .youngest_pod()
-                .map_or(RESTART_INTERVAL, |t| elapsed(t, now));
-            if since >= RESTART_INTERVAL {
-                actions
-                    .restarted
-                    .push(restart(id, obs, failure.to_string()));
+        let mut record = GroupRecord {
+            formed_with: obs.formed_with.clone(),
+            restarts: obs.restarts.clone(),
+        };
+        // One rank alone is a whole group: the kubelet's restart suffices. A member
+        // lost counts even while pods terminate (someone else deleted them); the
+        // other failures wait for a restart under way to finish.
+        let failure = match topology.tensor > 1 {
+            true => obs.lost_member().or_else(|| {
+                (!obs.terminating())
+                    .then(|| obs.failure().map(str::to_string))
+                    .flatten()
+            }),
+            false => None,
+        };
+        if let Some(failure) = failure {
+            // The first restart is at once; each after it waits for its backoff.
+            let since = record
+                .restarts
+                .last
+                .map_or(Duration::MAX, |t| elapsed(t, now));
+            let backoff = restart_backoff(record.restarts.count.saturating_sub(1));
+            if since >= backoff {
+                record.formed_with = None;
+                record.restarts = Restarts {
+                    count: record.restarts.count + 1,
+                    last: Some(now),
+                    reason: Some(failure.clone()),
+                };
+                actions.restarted.push(restart(id, obs, failure));
             } else {
-                let wait = RESTART_INTERVAL - since;
+                let wait = backoff - since;
                 actions.requeue_after = Some(actions.requeue_after.map_or(wait, |w| w.min(wait)));
             }
+        } else {
+            if record.formed_with.is_none() && !obs.terminating() {
+                record.formed_with = obs.formation(topology.pods_per_group);
+            }
+            let served_long = obs.is_ready(topology.pods_per_group)
+                && obs
+                    .youngest_pod()
+                    .is_some_and(|t| elapsed(t, now) >= RESTART_RESET_AFTER);
+            if served_long {
+                record.restarts.count = 0;
+            }
         }
+        actions.records.insert(id, record);
     }
+    // A rolled group forms anew; its restart count stays.
+    let rolled_record = |obs: &GroupObserved| GroupRecord {
+        formed_with: None,
+        restarts: obs.restarts.clone(),
+    };
     for &(id, obs, hash) in &stale {
         if !ready(id) {
             actions.apply.push(id);
             actions.rolled.push(roll(id, obs, hash));
+            actions.records.insert(id, rolled_record(obs));
         }
     }
     let mut ready_stale = stale.iter().filter(|(id, ..)| ready(*id));
@@ -131,6 +215,7 @@ pub fn decide(
         if others_serve {
             actions.apply.push(id);
             actions.rolled.push(roll(id, obs, hash));
+            actions.records.insert(id, rolled_record(obs));
         } else {
             actions.waiting.push(id);
         }

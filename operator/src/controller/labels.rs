@@ -24,6 +24,15 @@ pub const FIELD_MANAGER: &str = "shardserve-operator";
 /// Annotation on a group's StatefulSet and pods: the hash of the pod
 /// template they run, so that a changed spec is rolled one group at a time.
 pub const SPEC_HASH_ANNOTATION: &str = "shardserve.io/spec-hash";
+/// Annotation on a group's StatefulSet: the uids of the pods the group formed with,
+/// by pod index, comma-separated. A pod of the group not among them (recreated by
+/// the StatefulSet controller before the operator saw it fail), or one of them gone,
+/// means a rank left the group: it restarts whole.
+pub const POD_UIDS_ANNOTATION: &str = "shardserve.io/pod-uids";
+/// Annotation on a group's StatefulSet: its restarts since it last served for a
+/// while, the time of the last one and why, `N;RFC 3339 time;reason` (the backoff's
+/// memory; the operator keeps no state of its own).
+pub const RESTARTS_ANNOTATION: &str = "shardserve.io/restarts";
 
 /// The `app.kubernetes.io/name` of worker pods (as the chart's PodMonitor
 /// selects them).

@@ -10,7 +10,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 
 use super::labels::{
-    GROUP_LABEL, GroupId, MANAGED_BY, MANAGED_BY_LABEL, POD_INDEX_LABEL, SPEC_HASH_ANNOTATION,
+    GROUP_LABEL, GroupId, MANAGED_BY, MANAGED_BY_LABEL, POD_INDEX_LABEL, POD_UIDS_ANNOTATION,
+    RESTARTS_ANNOTATION, SPEC_HASH_ANNOTATION,
 };
 
 /// The groups that exist, by index.
@@ -27,6 +28,41 @@ pub struct GroupObserved {
     /// Whether its headless Service exists.
     pub service: bool,
     pub pods: Vec<PodObserved>,
+    /// The uids of the pods it formed with ([`POD_UIDS_ANNOTATION`]).
+    pub formed_with: Option<Vec<String>>,
+    /// Its restarts so far ([`RESTARTS_ANNOTATION`]).
+    pub restarts: Restarts,
+}
+
+/// A group's restarts since it last served for a while.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Restarts {
+    pub count: u32,
+    pub last: Option<Timestamp>,
+    pub reason: Option<String>,
+}
+
+impl Restarts {
+    /// `N;time;reason`, as [`RESTARTS_ANNOTATION`] holds it.
+    pub fn parse(text: &str) -> Self {
+        let mut parts = text.splitn(3, ';');
+        Self {
+            count: parts.next().and_then(|n| n.parse().ok()).unwrap_or(0),
+            last: parts.next().and_then(|t| t.parse().ok()),
+            reason: parts.next().map(str::to_string).filter(|r| !r.is_empty()),
+        }
+    }
+
+    pub fn annotation(&self) -> Option<String> {
+        (self.count > 0 || self.last.is_some()).then(|| {
+            format!(
+                "{};{};{}",
+                self.count,
+                self.last.map(|t| t.to_string()).unwrap_or_default(),
+                self.reason.as_deref().unwrap_or_default()
+            )
+        })
+    }
 }
 
 /// One rank pod as it is.
@@ -53,8 +89,14 @@ pub fn observe(statefulsets: &[StatefulSet], services: &[Service], pods: &[Pod])
     let mut observed = Observed::default();
     for sts in statefulsets {
         if let Some(id) = managed_group(&sts.metadata) {
-            let hash = annotation(&sts.metadata, SPEC_HASH_ANNOTATION);
-            observed.groups.entry(id).or_default().statefulset = Some(hash);
+            let group = observed.groups.entry(id).or_default();
+            group.statefulset = Some(annotation(&sts.metadata, SPEC_HASH_ANNOTATION));
+            group.formed_with = annotation(&sts.metadata, POD_UIDS_ANNOTATION)
+                .filter(|uids| !uids.is_empty())
+                .map(|uids| uids.split(',').map(str::to_string).collect());
+            group.restarts = annotation(&sts.metadata, RESTARTS_ANNOTATION)
+                .map(|r| Restarts::parse(&r))
+                .unwrap_or_default();
         }
     }
     for svc in services {
@@ -110,6 +152,40 @@ impl GroupObserved {
             .iter()
             .filter(|p| !p.terminating)
             .find_map(|p| p.failure.as_deref())
+    }
+
+    /// How the group lost a rank it formed with: a pod it formed with is going or
+    /// gone, or a pod is not one it formed with (recreated before anyone saw it
+    /// fail). `None` without a record.
+    pub fn lost_member(&self) -> Option<String> {
+        let formed = self.formed_with.as_ref()?;
+        if let Some(p) = self
+            .live_pods()
+            .find(|p| p.uid.as_ref().is_none_or(|u| !formed.contains(u)))
+        {
+            return Some(format!(
+                "pod {} is not the one the group formed with (it was recreated)",
+                p.name
+            ));
+        }
+        let live: Vec<&str> = self.live_pods().filter_map(|p| p.uid.as_deref()).collect();
+        formed
+            .iter()
+            .position(|uid| !live.contains(&uid.as_str()))
+            .map(|index| format!("pod {index} of the group was deleted"))
+    }
+
+    /// The uids of its pods by index, when exactly `pods_per_group` live pods, one
+    /// per index, all running, make it whole: what it forms with.
+    pub fn formation(&self, pods_per_group: u32) -> Option<Vec<String>> {
+        let mut live: Vec<&PodObserved> = self.live_pods().collect();
+        live.sort_by_key(|p| p.index);
+        let whole = live.len() == pods_per_group as usize
+            && live
+                .iter()
+                .enumerate()
+                .all(|(i, p)| p.index == Some(i as u32) && p.running && p.uid.is_some());
+        whole.then(|| live.iter().filter_map(|p| p.uid.clone()).collect())
     }
 
     /// When its youngest pod was created.

@@ -265,7 +265,9 @@ impl Objects {
         for group in &desired.groups {
             apply(&self.services, &group.service).await?;
             if actions.apply.contains(&group.id) {
-                apply(&self.statefulsets, &group.statefulset).await?;
+                let record = actions.records.get(&group.id).cloned().unwrap_or_default();
+                let statefulset = record.written_on(&group.statefulset);
+                apply(&self.statefulsets, &statefulset).await?;
             }
         }
         Ok(())

@@ -449,6 +449,74 @@ async fn a_failed_rank_restarts_its_whole_group() {
     );
 }
 
+/// The StatefulSet controller recreated a failed pod of group 0 before the operator
+/// saw it fail: the new pod is not among those the group formed with (its
+/// StatefulSet's record), so the whole group restarts, the record is dropped and the
+/// restart counted on the StatefulSet.
+#[tokio::test]
+async fn a_pod_recreated_before_the_operator_looked_restarts_its_group() {
+    let md = demo_tp3(1);
+    let h = desired_of(&md).groups[0].spec_hash.clone();
+    let (mut statefulsets, services) = existing(&md, &[0], None);
+    statefulsets[0]
+        .metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(
+            crate::controller::labels::POD_UIDS_ANNOTATION.into(),
+            "uid-smollm2-g0-0,uid-smollm2-g0-1,uid-smollm2-g0-2".into(),
+        );
+    let mut recreated = loading(pod("smollm2", 0, 1, &h));
+    recreated.metadata.uid = Some("uid-new".into());
+    let pods = vec![
+        pod("smollm2", 0, 0, &h),
+        recreated,
+        pod("smollm2", 0, 2, &h),
+    ];
+    let script_md = md.clone();
+    let (result, (applied, preconditions, status, events), _) =
+        scripted(&md, move |mut api| async move {
+            api.observe(&statefulsets, &services, &pods).await;
+            api.apply(&svc("smollm2")).await;
+            api.apply(&svc("smollm2-g0")).await;
+            let applied = api.apply(&sts("smollm2-g0")).await;
+            let mut preconditions = Vec::new();
+            for i in 0..3 {
+                let options = api
+                    .delete(&pod_path(&format!("smollm2-g0-{i}")), StatusCode::OK)
+                    .await;
+                preconditions.push(options["preconditions"]["uid"].clone());
+            }
+            let status = api.status(&script_md).await;
+            (applied, preconditions, status, api.done().await)
+        })
+        .await;
+    result.unwrap();
+    assert_eq!(
+        preconditions,
+        [
+            json!("uid-smollm2-g0-0"),
+            json!("uid-new"),
+            json!("uid-smollm2-g0-2")
+        ]
+    );
+    let annotations = &applied["metadata"]["annotations"];
+    assert!(
+        annotations["shardserve.io/pod-uids"].is_null(),
+        "{annotations}"
+    );
+    let restarts = annotations["shardserve.io/restarts"].as_str().unwrap();
+    assert!(
+        restarts.starts_with("1;")
+            && restarts.ends_with(
+                ";pod smollm2-g0-1 is not the one the group formed with (it was recreated)"
+            ),
+        "{restarts}"
+    );
+    assert_eq!(condition(&status, "Degraded").1, "RankFailed");
+    assert_eq!(reasons(&events), ["GroupRestarted"]);
+}
+
 #[tokio::test]
 async fn a_spec_change_rolls_one_group_per_reconcile_while_the_others_serve() {
     let mut md = demo(3);

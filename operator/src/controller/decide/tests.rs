@@ -5,7 +5,8 @@ use crate::controller::check::check;
 use crate::controller::fixtures::{
     ago, demo, demo_tp3, desired_of, existing, loading, now, pod, restarted,
 };
-use crate::controller::observe::observe;
+use crate::controller::labels::{POD_UIDS_ANNOTATION, RESTARTS_ANNOTATION};
+use crate::controller::observe::{Restarts, observe};
 use crate::crd::ModelDeployment;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
@@ -84,11 +85,199 @@ fn a_group_restarted_moments_ago_is_not_restarted_again_yet() {
     let md = demo_tp3(1);
     let h = hash(&md, 0);
     let mut young = restarted(pod("smollm2", 0, 1, &h));
-    young.metadata.creation_timestamp = Some(Time(ago(10)));
+    young.metadata.creation_timestamp = Some(Time(ago(4)));
     let pods = [pod("smollm2", 0, 0, &h), young, pod("smollm2", 0, 2, &h)];
-    let actions = decide_for(&md, &[0], false, &pods);
+    let last = (RESTARTS_ANNOTATION, format!("1;{};rank died", ago(4)));
+    let actions = decide_recorded(&[last], &pods);
     assert!(actions.restarted.is_empty());
-    assert_eq!(actions.requeue_after, Some(Duration::from_secs(20)));
+    assert_eq!(actions.requeue_after, Some(Duration::from_secs(6)));
+}
+
+/// Decides for the tensor-3 demo's group 0 (three one-rank pods) whose StatefulSet
+/// carries `annotations`.
+fn decide_recorded(annotations: &[(&str, String)], pods: &[Pod]) -> Actions {
+    let md = demo_tp3(1);
+    let (mut statefulsets, services) = existing(&md, &[0], None);
+    let meta = statefulsets[0].metadata.annotations.get_or_insert_default();
+    for (key, value) in annotations {
+        meta.insert(key.to_string(), value.clone());
+    }
+    let observed = observe(&statefulsets, &services, pods);
+    decide(&desired_of(&md), &observed, &check(&md).unwrap(), now())
+}
+
+fn formed(uids: &[&str]) -> (&'static str, String) {
+    (POD_UIDS_ANNOTATION, uids.join(","))
+}
+
+const UIDS: [&str; 3] = ["uid-smollm2-g0-0", "uid-smollm2-g0-1", "uid-smollm2-g0-2"];
+
+fn group_pods(md: &ModelDeployment) -> Vec<Pod> {
+    (0..3).map(|i| pod("smollm2", 0, i, &hash(md, 0))).collect()
+}
+
+#[test]
+fn a_whole_running_group_records_the_pods_it_formed_with() {
+    let md = demo_tp3(1);
+    let actions = decide_recorded(&[], &group_pods(&md));
+    assert_eq!(
+        actions.records[&GroupId(0)].formed_with,
+        Some(UIDS.map(String::from).to_vec())
+    );
+    // Not while a pod is missing or not running.
+    let mut pods = group_pods(&md);
+    pods.pop();
+    assert_eq!(
+        decide_recorded(&[], &pods).records[&GroupId(0)].formed_with,
+        None
+    );
+    // A record stays as it is.
+    let actions = decide_recorded(&[formed(&UIDS)], &group_pods(&md));
+    assert!(actions.restarted.is_empty());
+    assert_eq!(
+        actions.records[&GroupId(0)].formed_with.as_deref(),
+        Some(&UIDS.map(String::from)[..])
+    );
+}
+
+/// The race the StatefulSet controller wins: pod 1 failed and was recreated (a new
+/// uid, loading, no failure of its own) before the operator looked.
+#[test]
+fn a_pod_recreated_before_the_operator_saw_it_fail_restarts_its_group() {
+    let md = demo_tp3(1);
+    let mut pods = group_pods(&md);
+    pods[1] = loading(pod("smollm2", 0, 1, &hash(&md, 0)));
+    pods[1].metadata.uid = Some("uid-new".into());
+    pods[1].metadata.creation_timestamp = Some(Time(ago(1)));
+    let actions = decide_recorded(&[formed(&UIDS)], &pods);
+    assert_eq!(actions.restarted.len(), 1, "{actions:?}");
+    let restart = &actions.restarted[0];
+    assert!(
+        restart
+            .why
+            .contains("pod smollm2-g0-1 is not the one the group formed with")
+    );
+    let deleted: Vec<(&str, &str)> = restart
+        .pods
+        .iter()
+        .map(|(n, u)| (n.as_str(), u.as_deref().unwrap()))
+        .collect();
+    assert_eq!(
+        deleted,
+        [
+            ("smollm2-g0-0", "uid-smollm2-g0-0"),
+            ("smollm2-g0-1", "uid-new"),
+            ("smollm2-g0-2", "uid-smollm2-g0-2")
+        ]
+    );
+    let record = &actions.records[&GroupId(0)];
+    assert_eq!(record.formed_with, None, "the group forms anew");
+    assert_eq!(record.restarts.count, 1);
+    assert_eq!(record.restarts.last, Some(now()));
+    assert_eq!(
+        record.restarts.reason.as_deref(),
+        Some(restart.why.as_str())
+    );
+}
+
+#[test]
+fn a_member_deleted_by_someone_else_restarts_its_group_while_it_terminates() {
+    let md = demo_tp3(1);
+    let mut pods = group_pods(&md);
+    pods[2].metadata.deletion_timestamp = Some(Time(now()));
+    let actions = decide_recorded(&[formed(&UIDS)], &pods);
+    assert_eq!(actions.restarted.len(), 1);
+    assert_eq!(actions.restarted[0].why, "pod 2 of the group was deleted");
+    assert_eq!(actions.restarted[0].pods.len(), 2, "the two that stay");
+    // And once it is gone altogether.
+    pods.pop();
+    let actions = decide_recorded(&[formed(&UIDS)], &pods);
+    assert_eq!(actions.restarted[0].why, "pod 2 of the group was deleted");
+}
+
+#[test]
+fn repeated_restarts_back_off_from_10_s_doubling_to_5_min() {
+    assert_eq!(restart_backoff(0), Duration::from_secs(10));
+    assert_eq!(restart_backoff(1), Duration::from_secs(20));
+    assert_eq!(restart_backoff(3), Duration::from_secs(80));
+    assert_eq!(restart_backoff(5), Duration::from_secs(300));
+    assert_eq!(restart_backoff(40), Duration::from_secs(300));
+
+    let md = demo_tp3(1);
+    let mut pods = group_pods(&md);
+    pods[1] = restarted(pods[1].clone());
+    let restarts = |count: u32, seconds_ago: i64| {
+        (
+            RESTARTS_ANNOTATION,
+            format!("{count};{};rank died", ago(seconds_ago)),
+        )
+    };
+    // The first restart is at once.
+    assert_eq!(decide_recorded(&[], &pods).restarted.len(), 1);
+    // The third was 30 s ago: the fourth waits for 40 s.
+    let held = decide_recorded(&[restarts(3, 30)], &pods);
+    assert!(held.restarted.is_empty());
+    assert_eq!(held.requeue_after, Some(Duration::from_secs(10)));
+    assert_eq!(held.records[&GroupId(0)].restarts.count, 3);
+    let due = decide_recorded(&[restarts(3, 45)], &pods);
+    assert_eq!(due.restarted.len(), 1);
+    assert_eq!(due.records[&GroupId(0)].restarts.count, 4);
+    // Five minutes at most.
+    let capped = decide_recorded(&[restarts(12, 299)], &pods);
+    assert_eq!(capped.requeue_after, Some(Duration::from_secs(1)));
+}
+
+#[test]
+fn a_group_that_served_for_10_minutes_starts_its_backoff_over() {
+    let md = demo_tp3(1);
+    // Every pod 600 s old, ready: it has served long enough.
+    let record = (RESTARTS_ANNOTATION, format!("5;{};rank died", ago(700)));
+    let actions = decide_recorded(&[record.clone(), formed(&UIDS)], &group_pods(&md));
+    let restarts = &actions.records[&GroupId(0)].restarts;
+    assert_eq!(restarts.count, 0);
+    assert_eq!(
+        restarts.reason.as_deref(),
+        Some("rank died"),
+        "the last reason stays"
+    );
+    // Younger pods: not yet.
+    let mut pods = group_pods(&md);
+    pods[0].metadata.creation_timestamp = Some(Time(ago(120)));
+    let actions = decide_recorded(&[record], &pods);
+    assert_eq!(actions.records[&GroupId(0)].restarts.count, 5);
+}
+
+#[test]
+fn a_record_written_on_the_statefulset_is_read_back() {
+    let md = demo_tp3(1);
+    let record = GroupRecord {
+        formed_with: Some(UIDS.map(String::from).to_vec()),
+        restarts: Restarts {
+            count: 2,
+            last: Some(now()),
+            reason: Some("pod 1 failed; (OOMKilled)".into()),
+        },
+    };
+    let (statefulsets, services) = existing(&md, &[0], None);
+    let written = record.written_on(&statefulsets[0]);
+    let observed = observe(&[written], &services, &[]);
+    let group = &observed.groups[&GroupId(0)];
+    assert_eq!(group.formed_with, record.formed_with);
+    assert_eq!(group.restarts, record.restarts);
+    // No record: no annotations.
+    let bare = GroupRecord::default().written_on(&statefulsets[0]);
+    let keys: Vec<&String> = bare
+        .metadata
+        .annotations
+        .iter()
+        .flatten()
+        .map(|(k, _)| k)
+        .collect();
+    assert!(
+        !keys
+            .iter()
+            .any(|k| k.as_str() == POD_UIDS_ANNOTATION || k.as_str() == RESTARTS_ANNOTATION)
+    );
 }
 
 #[test]
