@@ -108,11 +108,18 @@ pub fn run(mut args: WorkerArgs) -> Result<()> {
         let health = first_in_pod
             .then(|| FollowerHealth::start(args.listen))
             .transpose()?;
-        return crate::group::follow(&args.model, &options, &args.group, || {
+        let followed = crate::group::follow(&args.model, &options, &args.group, || {
             if let Some(health) = &health {
-                health.joined();
+                health.set_serving(true);
             }
         });
+        if followed.is_err()
+            && let Some(health) = &health
+        {
+            // The group broke: NOT_SERVING for the moment before the process exits.
+            health.set_serving(false);
+        }
+        return followed;
     }
     let engine = args.group.load(&args.model, &options)?;
     let info = engine.info().clone();
@@ -265,8 +272,9 @@ impl FollowerHealth {
         Ok(Self { joined })
     }
 
-    fn joined(&self) {
-        let _ = self.joined.send(true);
+    /// SERVING once the group has met; NOT_SERVING again when it breaks.
+    fn set_serving(&self, serving: bool) {
+        let _ = self.joined.send(serving);
     }
 }
 

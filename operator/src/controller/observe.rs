@@ -118,14 +118,15 @@ pub fn observe(statefulsets: &[StatefulSet], services: &[Service], pods: &[Pod])
 }
 
 impl GroupObserved {
-    /// Whether the group serves: all its pods are up and running, and its
-    /// rank 0 (pod 0) passes its readiness probe, which it does only once
-    /// every rank has joined.
+    /// Whether the group serves: all its pods are up, running and ready. Rank 0
+    /// (pod 0) is ready once every rank has joined; the first rank of every other
+    /// pod answers that pod's probe, ready once its group has met and until it
+    /// breaks.
     pub fn is_ready(&self, pods_per_group: u32) -> bool {
         let live: Vec<&PodObserved> = self.pods.iter().filter(|p| !p.terminating).collect();
         live.len() == pods_per_group as usize
-            && live.iter().all(|p| p.running)
-            && live.iter().any(|p| p.index == Some(0) && p.ready)
+            && live.iter().all(|p| p.running && p.ready)
+            && live.iter().any(|p| p.index == Some(0))
     }
 
     /// Whether the StatefulSet and every pod that stays run the spec of
@@ -346,15 +347,21 @@ mod tests {
     }
 
     #[test]
-    fn a_group_is_ready_when_all_pods_run_and_rank_zero_is_ready() {
-        let mut follower = pod("m-g0-1", "0", "1");
-        // Followers serve no gRPC: their readiness does not count.
-        follower.status.as_mut().unwrap().conditions = None;
-        let observed = observe(&[], &[], &[pod("m-g0-0", "0", "0"), follower]);
+    fn a_group_is_ready_when_all_its_pods_run_and_are_ready() {
+        let observed = observe(
+            &[],
+            &[],
+            &[pod("m-g0-0", "0", "0"), pod("m-g0-1", "0", "1")],
+        );
         let group = &observed.groups[&GroupId(0)];
         assert!(group.is_ready(2));
         assert!(!group.is_ready(3), "a missing pod");
         assert_eq!(group.pods[1].index, Some(1));
+        // A follower pod not ready (its shard loading, or its group broken).
+        let mut follower = pod("m-g0-1", "0", "1");
+        follower.status.as_mut().unwrap().conditions = None;
+        let observed = observe(&[], &[], &[pod("m-g0-0", "0", "0"), follower]);
+        assert!(!observed.groups[&GroupId(0)].is_ready(2));
     }
 
     #[test]

@@ -149,9 +149,10 @@ pub async fn serve_with_metrics(
 }
 
 /// Serves only `grpc.health.v1.Health` on `listener`, for a follower rank whose pod must
-/// answer a readiness probe but serves no calls: the overall status ("") is NOT_SERVING
-/// until `joined` turns true (the rank's shard is loaded and its group has met), SERVING
-/// from then on, until `shutdown` completes.
+/// answer a readiness probe but serves no calls: the overall status ("") follows
+/// `joined`, NOT_SERVING until it turns true (the rank's shard is loaded and its group
+/// has met), SERVING while it stays true, NOT_SERVING again when it turns false (the
+/// group broke), until `shutdown` completes.
 pub async fn serve_health(
     listener: TcpListener,
     mut joined: tokio::sync::watch::Receiver<bool>,
@@ -162,8 +163,15 @@ pub async fn serve_health(
         .set_service_status("", ServingStatus::NotServing)
         .await;
     tokio::spawn(async move {
-        if joined.wait_for(|joined| *joined).await.is_ok() {
-            health.set_service_status("", ServingStatus::Serving).await;
+        loop {
+            let status = match *joined.borrow_and_update() {
+                true => ServingStatus::Serving,
+                false => ServingStatus::NotServing,
+            };
+            health.set_service_status("", status).await;
+            if joined.changed().await.is_err() {
+                return;
+            }
         }
     });
     Server::builder()

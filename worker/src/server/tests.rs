@@ -606,3 +606,54 @@ async fn metrics_count_requests_and_running_drops_to_zero_on_disconnect() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+#[tokio::test]
+async fn a_followers_health_follows_its_group_meeting_and_breaking() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (joined, joined_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(super::serve_health(
+        listener,
+        joined_rx,
+        std::future::pending(),
+    ));
+    let mut client = health_client(addr).await;
+    let mut status = async || {
+        client
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status()
+    };
+    // The status is set from a task of its own: poll until it shows.
+    async fn until(
+        want: ServingStatus,
+        status: &mut impl AsyncFnMut() -> ServingStatus,
+    ) -> ServingStatus {
+        for _ in 0..100 {
+            let now = status().await;
+            if now == want {
+                return now;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        status().await
+    }
+    assert_eq!(
+        until(ServingStatus::NotServing, &mut status).await,
+        ServingStatus::NotServing
+    );
+    joined.send(true).unwrap();
+    assert_eq!(
+        until(ServingStatus::Serving, &mut status).await,
+        ServingStatus::Serving
+    );
+    joined.send(false).unwrap();
+    assert_eq!(
+        until(ServingStatus::NotServing, &mut status).await,
+        ServingStatus::NotServing
+    );
+}
