@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ObjectReference, Pod, Service};
+use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
 use kube::runtime::controller::Action;
@@ -225,6 +226,7 @@ struct Objects {
     statefulsets: Api<StatefulSet>,
     services: Api<Service>,
     pods: Api<Pod>,
+    budgets: Api<PodDisruptionBudget>,
 }
 
 impl Objects {
@@ -233,6 +235,7 @@ impl Objects {
             statefulsets: Api::namespaced(client.clone(), namespace),
             services: Api::namespaced(client.clone(), namespace),
             pods: Api::namespaced(client.clone(), namespace),
+            budgets: Api::namespaced(client.clone(), namespace),
         }
     }
 
@@ -262,6 +265,7 @@ impl Objects {
     /// roll keep theirs).
     async fn apply(&self, desired: &Desired, actions: &Actions) -> Result<(), Error> {
         apply(&self.services, &desired.service).await?;
+        apply(&self.budgets, &desired.disruption_budget).await?;
         for group in &desired.groups {
             apply(&self.services, &group.service).await?;
             if actions.apply.contains(&group.id) {

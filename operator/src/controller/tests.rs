@@ -251,6 +251,10 @@ fn svc(name: &str) -> String {
     format!("{SERVICES}/{name}")
 }
 
+fn pdb(name: &str) -> String {
+    format!("/apis/policy/v1/namespaces/{NAMESPACE}/poddisruptionbudgets/{name}")
+}
+
 fn pod_path(name: &str) -> String {
     format!("{PODS}/{name}")
 }
@@ -265,6 +269,11 @@ async fn creating_applies_services_and_statefulsets_owned_by_the_deployment() {
         api.observe(&[], &[], &[]).await;
         let service = api.apply(&svc("smollm2")).await;
         assert_eq!(service, serde_json::to_value(&expected.service).unwrap());
+        let budget = api.apply(&pdb("smollm2")).await;
+        assert_eq!(
+            budget,
+            serde_json::to_value(&expected.disruption_budget).unwrap()
+        );
         for group in &expected.groups {
             let name = format!("smollm2-g{}", group.id);
             let headless = api.apply(&svc(&name)).await;
@@ -289,6 +298,7 @@ async fn creating_applies_services_and_statefulsets_owned_by_the_deployment() {
     }]);
     let objects = [
         serde_json::to_value(&desired.service).unwrap(),
+        serde_json::to_value(&desired.disruption_budget).unwrap(),
         serde_json::to_value(&desired.groups[0].service).unwrap(),
         serde_json::to_value(&desired.groups[1].statefulset).unwrap(),
     ];
@@ -328,6 +338,7 @@ async fn scaling_up_creates_the_new_groups() {
     let (result, (status, events), _) = scripted(&md, move |mut api| async move {
         api.observe(&statefulsets, &services, &pods).await;
         api.apply(&svc("smollm2")).await;
+        api.apply(&pdb("smollm2")).await;
         for g in 0..3 {
             api.apply(&svc(&format!("smollm2-g{g}"))).await;
             api.apply(&sts(&format!("smollm2-g{g}"))).await;
@@ -358,6 +369,7 @@ async fn scaling_down_deletes_the_extra_groups() {
     let (result, (status, options, events), _) = scripted(&md, move |mut api| async move {
         api.observe(&statefulsets, &services, &pods).await;
         api.apply(&svc("smollm2")).await;
+        api.apply(&pdb("smollm2")).await;
         api.apply(&svc("smollm2-g0")).await;
         api.apply(&sts("smollm2-g0")).await;
         let options = api.delete(&sts("smollm2-g1"), StatusCode::OK).await;
@@ -405,6 +417,7 @@ async fn a_failed_rank_restarts_its_whole_group() {
     let (result, (status, preconditions, events), ctx) = scripted(&md, move |mut api| async move {
         api.observe(&statefulsets, &services, &pods).await;
         api.apply(&svc("smollm2")).await;
+        api.apply(&pdb("smollm2")).await;
         for g in 0..2 {
             api.apply(&svc(&format!("smollm2-g{g}"))).await;
             api.apply(&sts(&format!("smollm2-g{g}"))).await;
@@ -478,6 +491,7 @@ async fn a_pod_recreated_before_the_operator_looked_restarts_its_group() {
         scripted(&md, move |mut api| async move {
             api.observe(&statefulsets, &services, &pods).await;
             api.apply(&svc("smollm2")).await;
+            api.apply(&pdb("smollm2")).await;
             api.apply(&svc("smollm2-g0")).await;
             let applied = api.apply(&sts("smollm2-g0")).await;
             let mut preconditions = Vec::new();
@@ -533,6 +547,7 @@ async fn a_spec_change_rolls_one_group_per_reconcile_while_the_others_serve() {
     let (result, (status, applied, events), _) = scripted(&md, move |mut api| async move {
         api.observe(&sts1, &svcs1, &pods1).await;
         api.apply(&svc("smollm2")).await;
+        api.apply(&pdb("smollm2")).await;
         api.apply(&svc("smollm2-g0")).await;
         let applied = api.apply(&sts("smollm2-g0")).await;
         api.apply(&svc("smollm2-g1")).await;
@@ -569,6 +584,7 @@ async fn a_spec_change_rolls_one_group_per_reconcile_while_the_others_serve() {
     let (result, (status, events), _) = scripted(&md, move |mut api| async move {
         api.observe(&statefulsets2, &services, &pods2).await;
         api.apply(&svc("smollm2")).await;
+        api.apply(&pdb("smollm2")).await;
         api.apply(&svc("smollm2-g0")).await;
         api.apply(&sts("smollm2-g0")).await;
         api.apply(&svc("smollm2-g1")).await;
@@ -768,7 +784,12 @@ async fn the_controller_watches_its_objects_and_reconciles_what_it_lists() {
     );
     assert_eq!(
         applied,
-        [svc("smollm2"), svc("smollm2-g0"), sts("smollm2-g0")]
+        [
+            svc("smollm2"),
+            pdb("smollm2"),
+            svc("smollm2-g0"),
+            sts("smollm2-g0")
+        ]
     );
     assert_eq!(status["replicas"], 1);
 }

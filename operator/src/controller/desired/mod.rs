@@ -3,6 +3,7 @@
 //! headless Service and a StatefulSet. Pure; the reconcile applies them with
 //! server-side apply.
 
+mod disruption;
 mod model;
 mod pod;
 mod service;
@@ -43,6 +44,8 @@ pub struct WorkerSettings {
 pub struct Desired {
     /// `<md>`: the rank-0 pods of every group (what the router finds).
     pub service: Service,
+    /// `<md>`: evictions take one rank pod, so one group, at a time.
+    pub disruption_budget: k8s_openapi::api::policy::v1::PodDisruptionBudget,
     /// Groups `0..replicas`.
     pub groups: Vec<DesiredGroup>,
 }
@@ -102,6 +105,7 @@ pub fn desired(
         .collect();
     Ok(Desired {
         service: service::leaders(&owner),
+        disruption_budget: disruption::budget(&owner),
         groups,
     })
 }

@@ -535,3 +535,22 @@ fn a_hub_mirror_reaches_the_model_fetch_as_hf_endpoint() {
         desired_of(&md).groups[0].spec_hash
     );
 }
+
+#[test]
+fn a_drain_evicts_one_rank_pod_and_so_one_group_at_a_time() {
+    let desired = desired_of(&crate::controller::fixtures::demo_tp3(2));
+    let budget = to_json(&desired.disruption_budget);
+    assert_eq!(budget["metadata"]["name"], "smollm2");
+    assert_eq!(
+        budget["spec"],
+        json!({
+            "maxUnavailable": 1,
+            "selector": {"matchLabels": {"shardserve.io/model-deployment": "smollm2"}},
+            "unhealthyPodEvictionPolicy": "AlwaysAllow"
+        })
+    );
+    assert_eq!(
+        budget["metadata"]["ownerReferences"][0]["kind"],
+        "ModelDeployment"
+    );
+}
