@@ -194,5 +194,8 @@ fn cel_rules_and_list_keys_are_in_the_schema() {
         .flatten()
         .map(|c| c.name.as_str())
         .collect();
-    assert_eq!(columns, ["Model", "TP", "Replicas", "Ready", "Age"]);
+    assert_eq!(
+        columns,
+        ["Model", "TP", "Replicas", "Ready", "Progress", "Age"]
+    );
 }

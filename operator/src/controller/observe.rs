@@ -80,6 +80,10 @@ pub struct PodObserved {
     pub terminating: bool,
     /// How a rank of it failed, when one did.
     pub failure: Option<String>,
+    /// Its init container (the model fetch) has not finished yet and runs.
+    pub downloading: bool,
+    /// Why the scheduler has not placed it, when it has not.
+    pub unschedulable: Option<String>,
 }
 
 /// Sorts the objects of one `ModelDeployment` (listed by its label) into
@@ -236,6 +240,24 @@ fn pod_observed(pod: &Pod) -> PodObserved {
         running: phase == Some("Running"),
         ready,
         terminating: meta.deletion_timestamp.is_some(),
+        downloading: status
+            .and_then(|s| s.init_container_statuses.as_ref())
+            .is_some_and(|cs| {
+                cs.iter()
+                    .any(|c| c.state.as_ref().is_some_and(|s| s.running.is_some()))
+            }),
+        unschedulable: status
+            .and_then(|s| s.conditions.as_ref())
+            .and_then(|cs| {
+                cs.iter()
+                    .find(|c| c.type_ == "PodScheduled" && c.status == "False")
+            })
+            .map(|c| {
+                c.message
+                    .clone()
+                    .or_else(|| c.reason.clone())
+                    .unwrap_or_else(|| "not scheduled".into())
+            }),
     }
 }
 

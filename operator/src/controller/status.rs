@@ -7,12 +7,12 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
-use crate::crd::{ConditionType, ModelDeployment, ModelDeploymentStatus};
+use crate::crd::{ConditionType, GroupPhase, GroupStatus, ModelDeployment, ModelDeploymentStatus};
 
 use super::check::{Refusal, Topology};
 use super::decide::Actions;
-use super::labels::{GroupId, model_selector};
-use super::observe::Observed;
+use super::labels::{GroupId, group_name, model_selector};
+use super::observe::{GroupObserved, Observed};
 
 /// The reason of `Degraded` after a rank failed; kept until every group
 /// serves again.
@@ -56,13 +56,96 @@ pub fn running_status(
             now,
         ),
     ];
+    let groups = group_statuses(md, topology, observed, actions);
+    let progress = groups
+        .iter()
+        .filter(|g| g.phase != GroupPhase::Draining)
+        .map(|g| g.phase)
+        .min()
+        .map(|phase| phase.as_str().to_string());
     ModelDeploymentStatus {
         observed_generation: md.metadata.generation,
         replicas: count.replicas,
         ready_replicas: count.ready,
         selector: Some(model_selector(md.name())),
         conditions,
+        groups,
+        progress,
     }
+}
+
+/// Every group that should exist (`0..replicas`) or still does.
+fn group_statuses(
+    md: &ModelDeployment,
+    topology: &Topology,
+    observed: &Observed,
+    actions: &Actions,
+) -> Vec<GroupStatus> {
+    let missing = GroupObserved::default();
+    let last = observed
+        .groups
+        .keys()
+        .map(|id| id.0 + 1)
+        .max()
+        .unwrap_or(0)
+        .max(topology.groups);
+    (0..last)
+        .map(GroupId)
+        .filter(|id| id.0 < topology.groups || observed.groups.contains_key(id))
+        .map(|id| {
+            let obs = observed.groups.get(&id).unwrap_or(&missing);
+            let record = actions.records.get(&id);
+            let restarts = record.map_or(&obs.restarts, |r| &r.restarts);
+            let (phase, message) = group_phase(id, obs, topology, actions);
+            let ranks_per_pod = topology.ranks_per_pod.max(1);
+            GroupStatus {
+                name: group_name(md.name(), id),
+                phase,
+                ranks_ready: obs.live_pods().filter(|p| p.ready).count() as u32 * ranks_per_pod,
+                ranks: topology.pods_per_group * ranks_per_pod,
+                restarts: restarts.count,
+                last_restart_reason: restarts.reason.clone(),
+                message,
+            }
+        })
+        .collect()
+}
+
+/// A group's phase, and what there is to say about it.
+fn group_phase(
+    id: GroupId,
+    obs: &GroupObserved,
+    topology: &Topology,
+    actions: &Actions,
+) -> (GroupPhase, Option<String>) {
+    if id.0 >= topology.groups {
+        return (GroupPhase::Draining, None);
+    }
+    if let Some(restart) = actions.restarted.iter().find(|r| r.id == id) {
+        return (GroupPhase::Restarting, Some(restart.why.clone()));
+    }
+    if actions.rolled.iter().any(|r| r.id == id) || obs.terminating() {
+        return (GroupPhase::Restarting, None);
+    }
+    if topology.tensor > 1
+        && let Some(failure) = obs.lost_member().or(obs.failure().map(str::to_string))
+    {
+        return (GroupPhase::Failed, Some(failure));
+    }
+    if obs.is_ready(topology.pods_per_group) {
+        return (GroupPhase::Serving, None);
+    }
+    let live: Vec<_> = obs.live_pods().collect();
+    if let Some(why) = live.iter().find_map(|p| p.unschedulable.as_deref()) {
+        return (GroupPhase::Pending, Some(why.to_string()));
+    }
+    if live.iter().any(|p| p.downloading) {
+        return (GroupPhase::Downloading, None);
+    }
+    if live.len() < topology.pods_per_group as usize || !live.iter().all(|p| p.running) {
+        return (GroupPhase::Pending, None);
+    }
+    (GroupPhase::Loading, None)
 }
 
 /// Groups that serve, of how many.
@@ -198,6 +281,9 @@ pub fn refused_status(
         ready_replicas: previous.ready_replicas,
         selector: Some(model_selector(md.name())),
         conditions,
+        // Nothing is changed: what the groups were stays.
+        groups: previous.groups.clone(),
+        progress: previous.progress.clone(),
     }
 }
 
@@ -241,4 +327,133 @@ fn list(ids: &[GroupId]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::core::v1::{
+        ContainerState, ContainerStateRunning, ContainerStatus, PodCondition,
+    };
+    use kube::CustomResourceExt;
+    use serde_json::Value;
+
+    use super::*;
+    use crate::controller::check::check;
+    use crate::controller::decide::decide;
+    use crate::controller::fixtures::{demo_tp3, desired_of, existing, loading, now, pod};
+    use crate::controller::observe::observe;
+
+    /// The status of the tensor-3 demo (one group of three one-rank pods) with
+    /// `pods`, as the operator writes it.
+    fn status_with(pods: &[k8s_openapi::api::core::v1::Pod]) -> ModelDeploymentStatus {
+        let md = demo_tp3(1);
+        let (statefulsets, services) = existing(&md, &[0], None);
+        let observed = observe(&statefulsets, &services, pods);
+        let topology = check(&md).unwrap();
+        let actions = decide(&desired_of(&md), &observed, &topology, now());
+        running_status(&md, &topology, &observed, &actions, now())
+    }
+
+    fn hash() -> String {
+        desired_of(&demo_tp3(1)).groups[0].spec_hash.clone()
+    }
+
+    /// A printer column's JSONPath (`.a.b`, what this CRD uses) on `object`.
+    fn column(object: &Value, path: &str) -> Value {
+        path.trim_start_matches('.')
+            .split('.')
+            .fold(object.clone(), |v, key| v[key].clone())
+    }
+
+    #[test]
+    fn the_progress_column_shows_the_least_advanced_group() {
+        let h = hash();
+        let pods: Vec<_> = (0..3).map(|i| loading(pod("smollm2", 0, i, &h))).collect();
+        let status = status_with(&pods);
+        assert_eq!(status.groups.len(), 1);
+        let group = &status.groups[0];
+        assert_eq!(group.name, "smollm2-g0");
+        assert_eq!(group.phase, GroupPhase::Loading);
+        assert_eq!((group.ranks_ready, group.ranks), (0, 3));
+
+        let mut md = demo_tp3(1);
+        md.status = Some(status);
+        let object = serde_json::to_value(&md).unwrap();
+        let crd = crate::crd::ModelDeployment::crd();
+        let columns = crd.spec.versions[0]
+            .additional_printer_columns
+            .clone()
+            .unwrap();
+        let progress = columns.iter().find(|c| c.name == "Progress").unwrap();
+        assert_eq!(column(&object, &progress.json_path), "Loading");
+        let ready = columns.iter().find(|c| c.name == "Ready").unwrap();
+        assert_eq!(column(&object, &ready.json_path), 0);
+
+        // Every pod ready: the group serves.
+        let pods: Vec<_> = (0..3).map(|i| pod("smollm2", 0, i, &h)).collect();
+        let status = status_with(&pods);
+        assert_eq!(status.groups[0].phase, GroupPhase::Serving);
+        assert_eq!(status.groups[0].ranks_ready, 3);
+        assert_eq!(status.progress.as_deref(), Some("Serving"));
+    }
+
+    #[test]
+    fn groups_report_pending_with_the_schedulers_reason_and_downloading() {
+        let h = hash();
+        let mut unscheduled = loading(pod("smollm2", 0, 2, &h));
+        let status = unscheduled.status.as_mut().unwrap();
+        status.phase = Some("Pending".into());
+        status.conditions = Some(vec![PodCondition {
+            type_: "PodScheduled".into(),
+            status: "False".into(),
+            reason: Some("Unschedulable".into()),
+            message: Some("0/4 nodes are available: 4 Insufficient nvidia.com/gpu.".into()),
+            ..PodCondition::default()
+        }]);
+        let pods = [
+            loading(pod("smollm2", 0, 0, &h)),
+            loading(pod("smollm2", 0, 1, &h)),
+            unscheduled,
+        ];
+        let group = &status_with(&pods).groups[0];
+        assert_eq!(group.phase, GroupPhase::Pending);
+        assert_eq!(
+            group.message.as_deref(),
+            Some("0/4 nodes are available: 4 Insufficient nvidia.com/gpu.")
+        );
+
+        let mut fetching = loading(pod("smollm2", 0, 0, &h));
+        let status = fetching.status.as_mut().unwrap();
+        status.phase = Some("Pending".into());
+        status.init_container_statuses = Some(vec![ContainerStatus {
+            name: "fetch-model".into(),
+            state: Some(ContainerState {
+                running: Some(ContainerStateRunning::default()),
+                ..ContainerState::default()
+            }),
+            ..ContainerStatus::default()
+        }]);
+        let pods = [
+            fetching,
+            loading(pod("smollm2", 0, 1, &h)),
+            loading(pod("smollm2", 0, 2, &h)),
+        ];
+        let status = status_with(&pods);
+        assert_eq!(status.groups[0].phase, GroupPhase::Downloading);
+        assert_eq!(status.progress.as_deref(), Some("Downloading"));
+    }
+
+    #[test]
+    fn a_failed_rank_shows_in_its_group_with_the_restart_count() {
+        let h = hash();
+        let mut pods: Vec<_> = (0..3).map(|i| pod("smollm2", 0, i, &h)).collect();
+        pods[1] = crate::controller::fixtures::restarted(pods[1].clone());
+        let group = &status_with(&pods).groups[0];
+        assert_eq!(group.phase, GroupPhase::Restarting);
+        assert_eq!(group.restarts, 1);
+        assert_eq!(
+            group.last_restart_reason.as_deref(),
+            Some("container rank-0 of pod smollm2-g0-1 restarted 1 time(s)")
+        );
+    }
 }

@@ -26,7 +26,7 @@ pub use pods::{ComputeResources, CpuMemory, DEFAULT_GPU_RESOURCE, DEFAULT_GPUS_P
 pub use serving::{
     AutoscalingSpec, DEFAULT_GPU_MEMORY_UTILIZATION_PERCENT, EngineSpec, KvCacheDtype, LoraAdapter,
 };
-pub use status::{ConditionType, ModelDeploymentStatus};
+pub use status::{ConditionType, GroupPhase, GroupStatus, ModelDeploymentStatus};
 
 /// The API group of every shardserve resource.
 pub const GROUP: &str = "shardserve.io";
@@ -62,6 +62,7 @@ pub const KIND: &str = "ModelDeployment";
     printcolumn(name = "TP", type_ = "integer", json_path = ".spec.tensor"),
     printcolumn(name = "Replicas", type_ = "integer", json_path = ".spec.replicas"),
     printcolumn(name = "Ready", type_ = "integer", json_path = ".status.readyReplicas"),
+    printcolumn(name = "Progress", type_ = "string", json_path = ".status.progress"),
     printcolumn(
         name = "Age",
         type_ = "date",

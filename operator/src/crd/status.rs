@@ -26,6 +26,71 @@ pub struct ModelDeploymentStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["type"]))]
     pub conditions: Vec<Condition>,
+    /// Every group that exists or should, by index.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
+    pub groups: Vec<GroupStatus>,
+    /// The phase of the least advanced group (`Serving` when all serve), for the
+    /// printer column: a column cannot compute over `groups`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub progress: Option<String>,
+}
+
+/// One replica group as the operator last saw it.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct GroupStatus {
+    /// Its StatefulSet, `<md>-g<g>`.
+    pub name: String,
+    pub phase: GroupPhase,
+    /// Ranks whose pod is ready, of `ranks`.
+    pub ranks_ready: u32,
+    pub ranks: u32,
+    /// Restarts since it last served for 10 minutes.
+    #[serde(default)]
+    pub restarts: u32,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_restart_reason: Option<String>,
+    /// Why it is in its phase, when there is more to say (the scheduler's reason a
+    /// pod is Pending, the failure of a rank).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+/// Where a group is, from least to most advanced.
+#[derive(
+    Deserialize, Serialize, Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, JsonSchema,
+)]
+pub enum GroupPhase {
+    /// A rank failed; the group restarts (after its backoff).
+    Failed,
+    /// Its pods are being deleted so that its ranks restart together.
+    Restarting,
+    /// Pods missing or not yet scheduled.
+    #[default]
+    Pending,
+    /// The model is being fetched (the init container runs).
+    Downloading,
+    /// The ranks run and load their shards, or wait for each other.
+    Loading,
+    /// Every rank is ready.
+    Serving,
+    /// Above `replicas`: being removed.
+    Draining,
+}
+
+impl GroupPhase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Failed => "Failed",
+            Self::Restarting => "Restarting",
+            Self::Pending => "Pending",
+            Self::Downloading => "Downloading",
+            Self::Loading => "Loading",
+            Self::Serving => "Serving",
+            Self::Draining => "Draining",
+        }
+    }
 }
 
 /// The condition types a `ModelDeployment` reports.
