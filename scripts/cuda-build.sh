@@ -55,8 +55,8 @@ cc -shared -fPIC -o "$LINK_DIR/libcuda.so" -Wl,-soname,libcuda.so.1 "$LINK_DIR/l
 
 # Size: the binary travels to GPU machines in 64 MiB loads. candle's quantised
 # kernels (SASS) are the largest part: nvcc compresses them for size (through $NVCC,
-# which candle's kernel builder runs and watches); fat LTO in one codegen unit cuts
-# the host code by about a third.
+# which candle's kernel builder runs and watches); fat LTO in one codegen unit shrinks
+# the host code (the first build without either was 71 MiB stripped).
 NVCC_SIZE=$LINK_DIR/nvcc
 printf '#!/bin/sh\nexec %s --compress-mode=size "$@"\n' "$(command -v nvcc)" > "$NVCC_SIZE"
 chmod +x "$NVCC_SIZE"
