@@ -10,20 +10,12 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 
 use super::Owner;
-use crate::controller::labels::{
-    MANAGED_BY, MANAGED_BY_LABEL, MODEL_DEPLOYMENT_LABEL, labels, service_name,
-};
+use crate::controller::labels::{MODEL_DEPLOYMENT_LABEL, labels};
 
 pub(super) fn budget(owner: &Owner) -> PodDisruptionBudget {
     let name = &owner.name;
     PodDisruptionBudget {
-        metadata: owner.meta(
-            service_name(name),
-            labels([
-                (MODEL_DEPLOYMENT_LABEL, name.as_str()),
-                (MANAGED_BY_LABEL, MANAGED_BY),
-            ]),
-        ),
+        metadata: owner.model_meta(),
         spec: Some(PodDisruptionBudgetSpec {
             max_unavailable: Some(IntOrString::Int(1)),
             selector: Some(LabelSelector {

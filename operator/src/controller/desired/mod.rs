@@ -150,6 +150,18 @@ impl Owner {
         }
     }
 
+    /// Metadata of a deployment-wide object named `<md>` (its Service, its
+    /// disruption budget).
+    fn model_meta(&self) -> ObjectMeta {
+        self.meta(
+            super::labels::service_name(&self.name),
+            super::labels::labels([
+                (super::labels::MODEL_DEPLOYMENT_LABEL, self.name.as_str()),
+                (MANAGED_BY_LABEL, MANAGED_BY),
+            ]),
+        )
+    }
+
     /// Labels of a group's objects and pods.
     fn group_labels(&self, id: GroupId) -> BTreeMap<String, String> {
         let mut labels = group_selector(&self.name, id);

@@ -7,8 +7,7 @@ use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
 use super::Owner;
 use crate::controller::labels::{
     COORDINATOR_PORT, COORDINATOR_PORT_NAME, GRPC_PORT, GRPC_PORT_NAME, GroupId, MANAGED_BY,
-    MANAGED_BY_LABEL, MODEL_DEPLOYMENT_LABEL, group_name, group_selector, labels, leader_selector,
-    service_name,
+    MANAGED_BY_LABEL, group_name, group_selector, leader_selector,
 };
 
 /// `<md>`: a ClusterIP Service on port `grpc` selecting every group's pod 0
@@ -17,13 +16,7 @@ use crate::controller::labels::{
 pub(super) fn leaders(owner: &Owner) -> Service {
     let name = &owner.name;
     Service {
-        metadata: owner.meta(
-            service_name(name),
-            labels([
-                (MODEL_DEPLOYMENT_LABEL, name.as_str()),
-                (MANAGED_BY_LABEL, MANAGED_BY),
-            ]),
-        ),
+        metadata: owner.model_meta(),
         spec: Some(ServiceSpec {
             type_: Some("ClusterIP".into()),
             selector: Some(leader_selector(name)),
