@@ -19,6 +19,8 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
+use shardserve_worker::progress::{PodProgress, Progress, Stage, Tally};
+use shardserve_worker::server::ProgressService;
 
 #[derive(Parser)]
 #[command(
@@ -67,6 +69,11 @@ enum ModelCommand {
         /// Cache directory.
         #[arg(long, env = "SHARDSERVE_CACHE")]
         cache: Option<PathBuf>,
+        /// Serve the download's progress (`shardserve.v1.Progress`, and gRPC health as
+        /// NOT_SERVING) on this address while it runs: the operator's init container
+        /// does, on the pod's gRPC port.
+        #[arg(long)]
+        progress_addr: Option<std::net::SocketAddr>,
     },
     /// Fetch the demo model (SmolLM2-135M-Instruct Q4_1) into the cache, if it is not there yet.
     FetchDemo {
@@ -95,10 +102,31 @@ fn main() -> Result<()> {
         Command::Plan(args) => plan::run(args),
         Command::Router(args) => router::run(args),
         Command::Model { command } => match command {
-            ModelCommand::Fetch { source, cache } => {
+            ModelCommand::Fetch {
+                source,
+                cache,
+                progress_addr,
+            } => {
                 let parsed = shardserve_operator::ModelSource::parse(&source)?;
                 let dir = std::env::current_dir()?;
-                let path = model::resolve(&parsed, &dir, &model::cache_dir(cache)?)?;
+                let tally = std::sync::Arc::new(Tally::default());
+                let server = progress_addr
+                    .map(|addr| {
+                        let progress = Progress::new(Stage::Downloading, tally.clone());
+                        let pod = PodProgress::new(progress, None);
+                        worker::EarlyServer::start(addr, ProgressService::new(pod, 0))
+                    })
+                    .transpose()?;
+                let path = model::resolve_counted(
+                    &parsed,
+                    &dir,
+                    &model::cache_dir(cache)?,
+                    &model::hub_settings(),
+                    &tally,
+                )?;
+                if let Some(server) = server {
+                    server.stop();
+                }
                 println!("{}", path.display());
                 Ok(())
             }

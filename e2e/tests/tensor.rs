@@ -1,6 +1,7 @@
 //! Tensor parallelism through the binary: `generate --tensor 3` against
 //! `--tensor 1` on the golden prompts, and a group whose rank is killed
-//! mid-generation (the request fails fast, every process exits).
+//! mid-generation (the request fails fast, every process exits); a pod's
+//! ranks report their load progress together while their group meets.
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -330,4 +331,68 @@ fn a_worker_running_its_pods_ranks_lives_and_dies_with_them() {
     for pid in ranks {
         assert!(!is_alive(pid), "rank process {pid} outlived its group");
     }
+}
+
+/// What a pod answers the operator's progress question (`shardserve.v1.Progress`).
+fn progress_of(port: u16) -> Option<shardserve_proto::v1::ProgressResponse> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    runtime.block_on(async {
+        let mut client = shardserve_proto::v1::progress_client::ProgressClient::connect(format!(
+            "http://127.0.0.1:{port}"
+        ))
+        .await
+        .ok()?;
+        let request = shardserve_proto::v1::ProgressRequest {};
+        Some(client.get(request).await.ok()?.into_inner())
+    })
+}
+
+#[test]
+fn a_pods_ranks_report_their_load_together_while_their_group_meets() {
+    use shardserve_proto::v1::progress_response::Stage;
+
+    let model = demo_model();
+    let (listen, coordinator) = (free_port(), free_port());
+    // Pod 0 of a group of three ranks, two per pod: ranks 0 and 1 load and wait
+    // for rank 2, which never comes.
+    let mut worker = Command::new(shardserve_bin())
+        .args(["worker", "--model", model.to_str().unwrap()])
+        .args(["--tensor", "3", "--local-ranks", "2", "--threads", "1"])
+        .args(["--pod-index", "0", "--ranks-per-pod", "2"])
+        .args(["--coordinator", &format!("127.0.0.1:{coordinator}")])
+        .args(["--listen", &format!("127.0.0.1:{listen}")])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let answer = loop {
+        let answer = progress_of(listen);
+        if let Some(a) = &answer
+            && a.processes == 2
+            && a.total_bytes > 0
+            && a.done_bytes == a.total_bytes
+        {
+            break *a;
+        }
+        if Instant::now() > deadline {
+            let _ = worker.kill();
+            panic!("the pod never reported both ranks loaded; last answer: {answer:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    let _ = worker.kill();
+    let _ = worker.wait();
+    // Each rank goes through every tensor of the file once: twice the file's
+    // tensors, a little less than twice the file (its header holds the tokenizer).
+    let file = std::fs::metadata(&model).unwrap().len();
+    assert!(
+        answer.total_bytes <= 2 * file && answer.total_bytes > 2 * file * 9 / 10,
+        "{} bytes counted for two ranks of a {file}-byte file",
+        answer.total_bytes
+    );
+    assert_eq!(answer.stage(), Stage::Loading, "the group has not met");
 }

@@ -14,6 +14,7 @@ pub mod device;
 pub mod engine;
 pub mod kv;
 pub mod model;
+pub mod progress;
 pub mod sampling;
 pub mod scheduler;
 pub mod server;

@@ -15,6 +15,7 @@ use std::error::Error as StdError;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use indicatif::{ProgressBar, ProgressStyle};
@@ -22,6 +23,7 @@ use reqwest::blocking::{Client, Response};
 use reqwest::{StatusCode, Url};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use shardserve_worker::progress::Tally;
 
 /// The public Hub, when `HF_ENDPOINT` names no mirror.
 pub const DEFAULT_ENDPOINT: &str = "https://huggingface.co";
@@ -120,15 +122,19 @@ pub enum HubError {
 /// returns `dest`. What is complete there already is not fetched again; a
 /// file in place, or a directory with its completion marker, needs no
 /// network at all.
+///
+/// Counts the bytes to fetch and fetched in `tally` (files already in place count
+/// as fetched).
 pub fn fetch(
     settings: &HubSettings,
     model: &HubModel<'_>,
     dest: &Path,
+    tally: Arc<Tally>,
 ) -> Result<PathBuf, HubError> {
     match model.file {
         Some(file) => {
             if !dest.is_file() {
-                let hub = Hub::new(settings)?;
+                let hub = Hub::new(settings, tally)?;
                 let url = hub.url(&resolve_segments(model.repo, model.revision, file))?;
                 eprintln!("downloading {url}");
                 hub.download(&url, dest, &Expected::default(), file)?;
@@ -137,7 +143,7 @@ pub fn fetch(
         }
         None => {
             if !marker_holds(dest) {
-                Hub::new(settings)?.fetch_directory(model, dest)?;
+                Hub::new(settings, tally)?.fetch_directory(model, dest)?;
             }
             Ok(dest.to_path_buf())
         }
@@ -149,6 +155,7 @@ struct Hub {
     endpoint: Url,
     token: Option<String>,
     client: Client,
+    tally: Arc<Tally>,
 }
 
 /// What the listing says a file should be; checked after download.
@@ -159,7 +166,7 @@ struct Expected {
 }
 
 impl Hub {
-    fn new(settings: &HubSettings) -> Result<Self, HubError> {
+    fn new(settings: &HubSettings, tally: Arc<Tally>) -> Result<Self, HubError> {
         let bad = |problem: String| HubError::Endpoint {
             endpoint: settings.endpoint.clone(),
             problem,
@@ -180,6 +187,7 @@ impl Hub {
             endpoint,
             token: settings.token.clone().filter(|t| !t.is_empty()),
             client,
+            tally,
         })
     }
 
@@ -266,11 +274,17 @@ impl Hub {
         done: &mut BTreeMap<String, u64>,
     ) -> Result<(), HubError> {
         for sibling in files {
+            self.tally.add_total(sibling.expected().size.unwrap_or(0));
+        }
+        for sibling in files {
             let name = sibling.rfilename.as_str();
             let dest = dir.join(name);
             let expected = sibling.expected();
             let size = match file_size(&dest) {
-                Some(size) if expected.size.is_none_or(|s| s == size) => size,
+                Some(size) if expected.size.is_none_or(|s| s == size) => {
+                    self.tally.add_done(size);
+                    size
+                }
                 _ => {
                     let url = self.url(&resolve_segments(repo, commit, name))?;
                     eprintln!("downloading {url}");
@@ -298,7 +312,7 @@ impl Hub {
             })?;
         }
         let partial = partial_path(dest);
-        let written = stream_to(&mut response, url, &partial, expected, name);
+        let written = stream_to(&mut response, url, &partial, expected, name, &self.tally);
         let size = match written {
             Ok(size) => size,
             Err(e) => {
@@ -321,12 +335,17 @@ fn stream_to(
     partial: &Path,
     expected: &Expected,
     name: &str,
+    tally: &Tally,
 ) -> Result<u64, HubError> {
     let io_error = |source| HubError::Io {
         path: partial.to_path_buf(),
         source,
     };
     let length = response.content_length().or(expected.size);
+    if expected.size.is_none() {
+        // Not counted from a listing beforehand.
+        tally.add_total(length.unwrap_or(0));
+    }
     let bar = progress(length, name);
     let mut file = File::create(partial).map_err(io_error)?;
     let mut hasher = expected.sha256.as_ref().map(|_| Sha256::new());
@@ -353,6 +372,7 @@ fn stream_to(
         }
         got += n as u64;
         bar.inc(n as u64);
+        tally.add_done(n as u64);
     }
     bar.finish_and_clear();
     let corrupt = |problem: String| HubError::Corrupt {

@@ -284,6 +284,7 @@ fn a_single_file_lands_in_the_cache_with_its_bytes() {
             &hub.settings(None),
             &model("org/tiny", "main", Some(file)),
             &dest,
+            Arc::default(),
         )
         .unwrap();
         assert_eq!(got, dest);
@@ -304,6 +305,7 @@ fn a_single_file_lands_in_the_cache_with_its_bytes() {
         &hub.settings(None),
         &model("org/tiny", "main", Some("m.Q4_1.gguf")),
         &dest,
+        Arc::default(),
     )
     .unwrap();
     assert!(hub.take_requests().is_empty());
@@ -314,7 +316,13 @@ fn a_model_directory_takes_exactly_what_the_engine_loads() {
     let hub = FakeHub::start();
     let cache = tempfile::tempdir().unwrap();
     let dir = cache.path().join("hf/org/tiny/main");
-    fetch(&hub.settings(None), &model("org/tiny", "main", None), &dir).unwrap();
+    fetch(
+        &hub.settings(None),
+        &model("org/tiny", "main", None),
+        &dir,
+        Arc::default(),
+    )
+    .unwrap();
     let expected: BTreeSet<String> = DIRECTORY.iter().map(|s| s.to_string()).collect();
     assert_eq!(files_in(&dir), expected);
     for name in DIRECTORY {
@@ -341,16 +349,23 @@ fn a_second_fetch_downloads_nothing_and_a_third_only_what_is_missing() {
     let cache = tempfile::tempdir().unwrap();
     let dir = cache.path().join("hf/org/tiny/main");
     let tiny = model("org/tiny", "main", None);
-    fetch(&hub.settings(None), &tiny, &dir).unwrap();
+    let all: u64 = DIRECTORY.iter().map(|name| served(name).len() as u64).sum();
+    let tally = Arc::new(Tally::default());
+    fetch(&hub.settings(None), &tiny, &dir, tally.clone()).unwrap();
     assert_eq!(hub.take_requests().len(), 1 + DIRECTORY.len());
+    // Every byte to fetch is counted from the listing, and every byte fetched.
+    assert_eq!(tally.bytes(), (all, all));
 
-    fetch(&hub.settings(None), &tiny, &dir).unwrap();
+    fetch(&hub.settings(None), &tiny, &dir, Arc::default()).unwrap();
     assert!(hub.take_requests().is_empty());
 
-    // A lost shard: the listing, then that shard alone.
+    // A lost shard: the listing, then that shard alone; the files in place count
+    // as fetched.
     let shard = "model-00002-of-00002.safetensors";
     std::fs::remove_file(dir.join(shard)).unwrap();
-    fetch(&hub.settings(None), &tiny, &dir).unwrap();
+    let tally = Arc::new(Tally::default());
+    fetch(&hub.settings(None), &tiny, &dir, tally.clone()).unwrap();
+    assert_eq!(tally.bytes(), (all, all));
     assert_eq!(
         hub.take_requests(),
         [
@@ -381,7 +396,7 @@ fn missing_repositories_revisions_and_files_are_404s_naming_the_url() {
     ];
     for (m, path) in cases {
         let dest = cache.path().join("out").join(m.file.unwrap_or("dir"));
-        let err = fetch(&hub.settings(None), &m, &dest).unwrap_err();
+        let err = fetch(&hub.settings(None), &m, &dest, Arc::default()).unwrap_err();
         let text = err.to_string();
         assert!(matches!(err, HubError::NotFound { .. }), "{text}");
         assert!(text.contains(&format!("{}{path}", hub.endpoint)), "{text}");
@@ -397,7 +412,7 @@ fn gated_models_need_a_token() {
     let gated = model("org/gated", "main", Some("m.Q4_1.gguf"));
     let dest = cache.path().join("m.gguf");
 
-    let err = fetch(&hub.settings(None), &gated, &dest).unwrap_err();
+    let err = fetch(&hub.settings(None), &gated, &dest, Arc::default()).unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, HubError::Denied { .. }), "{text}");
     assert!(text.contains("401") && text.contains("GatedRepo"), "{text}");
@@ -407,11 +422,11 @@ fn gated_models_need_a_token() {
         "{text}"
     );
 
-    let err = fetch(&hub.settings(Some("wrong")), &gated, &dest).unwrap_err();
+    let err = fetch(&hub.settings(Some("wrong")), &gated, &dest, Arc::default()).unwrap_err();
     assert!(err.to_string().contains("token sent"), "{err}");
     assert!(!dest.exists());
 
-    fetch(&hub.settings(Some(TOKEN)), &gated, &dest).unwrap();
+    fetch(&hub.settings(Some(TOKEN)), &gated, &dest, Arc::default()).unwrap();
     assert_eq!(std::fs::read(&dest).unwrap(), served("m.Q4_1.gguf"));
     // The directory too: the listing and files carry the token.
     let dir = cache.path().join("gated");
@@ -419,6 +434,7 @@ fn gated_models_need_a_token() {
         &hub.settings(Some(TOKEN)),
         &model("org/gated", "main", None),
         &dir,
+        Arc::default(),
     )
     .unwrap();
     assert_eq!(files_in(&dir).len(), DIRECTORY.len());
@@ -433,6 +449,7 @@ fn a_dropped_connection_leaves_no_file() {
         &hub.settings(None),
         &model("org/tiny", "main", Some(BROKEN)),
         &dest,
+        Arc::default(),
     )
     .unwrap_err();
     let text = err.to_string();
@@ -452,6 +469,7 @@ fn a_file_whose_sha256_differs_from_the_listing_is_discarded() {
         &hub.settings(None),
         &model("org/corrupt", "main", None),
         &dir,
+        Arc::default(),
     )
     .unwrap_err();
     let text = err.to_string();
@@ -474,7 +492,13 @@ fn an_unreachable_hub_says_where_it_looked() {
         token: None,
     };
     let cache = tempfile::tempdir().unwrap();
-    let err = fetch(&settings, &model("org/tiny", "main", None), cache.path()).unwrap_err();
+    let err = fetch(
+        &settings,
+        &model("org/tiny", "main", None),
+        cache.path(),
+        Arc::default(),
+    )
+    .unwrap_err();
     let text = err.to_string();
     assert!(matches!(err, HubError::Unreachable { .. }), "{text}");
     assert!(
@@ -492,7 +516,7 @@ fn urls_keep_a_mirror_path_and_encode_file_names() {
         endpoint: "https://mirror.example/hf/".into(),
         token: None,
     };
-    let hub = Hub::new(&settings).unwrap();
+    let hub = Hub::new(&settings, Arc::default()).unwrap();
     let url = hub
         .url(&resolve_segments("org/name", "main", "q/a b.gguf"))
         .unwrap();
@@ -504,7 +528,10 @@ fn urls_keep_a_mirror_path_and_encode_file_names() {
         endpoint: "ftp://x".into(),
         token: None,
     };
-    assert!(matches!(Hub::new(&bad), Err(HubError::Endpoint { .. })));
+    assert!(matches!(
+        Hub::new(&bad, Arc::default()),
+        Err(HubError::Endpoint { .. })
+    ));
 }
 
 fn listing_of(names: &[&str]) -> Listing {

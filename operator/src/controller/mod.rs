@@ -16,6 +16,7 @@ pub mod desired;
 pub mod labels;
 mod metrics;
 pub mod observe;
+pub mod progress;
 mod reconcile;
 pub mod status;
 

@@ -13,6 +13,7 @@ use super::labels::{
     GROUP_LABEL, GroupId, MANAGED_BY, MANAGED_BY_LABEL, POD_INDEX_LABEL, POD_UIDS_ANNOTATION,
     RESTARTS_ANNOTATION, SPEC_HASH_ANNOTATION,
 };
+use super::progress::PodLoad;
 
 /// The groups that exist, by index.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -84,6 +85,11 @@ pub struct PodObserved {
     pub downloading: bool,
     /// Why the scheduler has not placed it, when it has not.
     pub unschedulable: Option<String>,
+    /// Its IP, once it has one.
+    pub ip: Option<String>,
+    /// How far it is in fetching or loading, when it was asked and answered
+    /// ([`super::progress::ask_pods`]).
+    pub load: Option<PodLoad>,
 }
 
 /// Sorts the objects of one `ModelDeployment` (listed by its label) into
@@ -239,6 +245,10 @@ fn pod_observed(pod: &Pod) -> PodObserved {
         created: meta.creation_timestamp.as_ref().map(|t| t.0),
         running: phase == Some("Running"),
         ready,
+        ip: status
+            .and_then(|s| s.pod_ip.clone())
+            .filter(|ip| !ip.is_empty()),
+        load: None,
         terminating: meta.deletion_timestamp.is_some(),
         downloading: status
             .and_then(|s| s.init_container_statuses.as_ref())

@@ -24,14 +24,15 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::json;
 
-use crate::crd::{API_VERSION, KIND, ModelDeployment, ModelDeploymentStatus};
+use crate::crd::{API_VERSION, GroupPhase, KIND, ModelDeployment, ModelDeploymentStatus};
 
 use super::check::{Topology, check};
 use super::decide::{Actions, GroupRestart, decide};
 use super::desired::{BuildError, Desired, WorkerSettings, desired};
-use super::labels::{FIELD_MANAGER, GroupId, group_name, model_selector, service_name};
+use super::labels::{FIELD_MANAGER, GRPC_PORT, GroupId, group_name, model_selector, service_name};
 use super::metrics::{Metrics, ReconcileResult};
 use super::observe::{Observed, observe};
+use super::progress::ask_pods;
 use super::status::{already_degraded, refused_status, running_status};
 
 /// How often a settled deployment is looked at again without any change.
@@ -39,6 +40,9 @@ const RESYNC: Duration = Duration::from_secs(300);
 /// How soon a deployment with groups on their way is looked at again (pod
 /// changes trigger reconciles anyway; this is the safety net).
 const PROGRESS_RECHECK: Duration = Duration::from_secs(30);
+/// How soon a deployment with a group downloading or loading is looked at again,
+/// to update its progress.
+const LOAD_RECHECK: Duration = Duration::from_secs(10);
 /// First and longest wait after a failed reconcile.
 const BACKOFF_MIN: Duration = Duration::from_secs(5);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
@@ -192,7 +196,7 @@ async fn reconcile_once(
     };
     let desired = desired(md, &topology, &ctx.settings)?;
     let objects = Objects::new(&ctx.client, &namespace);
-    let observed = objects.observe(&name).await?;
+    let mut observed = objects.observe(&name).await?;
     let actions = decide(&desired, &observed, &topology, now);
 
     objects.apply(&desired, &actions).await?;
@@ -212,12 +216,21 @@ async fn reconcile_once(
     }
     announce(ctx, md, &topology, &observed, &actions).await;
 
+    ask_pods(&mut observed, GRPC_PORT as u16).await;
     let status = running_status(md, &topology, &observed, &actions, now);
     let settled = status.ready_replicas == topology.groups && actions.settled();
     write_status(&mds, &name, &status).await?;
-    let requeue = actions
-        .requeue_after
-        .unwrap_or(if settled { RESYNC } else { PROGRESS_RECHECK });
+    // Bytes move without any object changing: look again soon to show them.
+    let on_its_way = status
+        .groups
+        .iter()
+        .any(|g| matches!(g.phase, GroupPhase::Downloading | GroupPhase::Loading));
+    let idle = match (settled, on_its_way) {
+        (true, _) => RESYNC,
+        (false, true) => LOAD_RECHECK,
+        (false, false) => PROGRESS_RECHECK,
+    };
+    let requeue = actions.requeue_after.map_or(idle, |after| after.min(idle));
     Ok((ReconcileResult::Applied, Action::requeue(requeue)))
 }
 

@@ -13,6 +13,7 @@ use super::check::{Refusal, Topology};
 use super::decide::Actions;
 use super::labels::{GroupId, group_name, model_selector};
 use super::observe::{GroupObserved, Observed};
+use super::progress::LoadStage;
 
 /// The reason of `Degraded` after a rank failed; kept until every group
 /// serves again.
@@ -60,9 +61,11 @@ pub fn running_status(
     let progress = groups
         .iter()
         .filter(|g| g.phase != GroupPhase::Draining)
-        .map(|g| g.phase)
-        .min()
-        .map(|phase| phase.as_str().to_string());
+        .min_by_key(|g| (g.phase, percent(g)))
+        .map(|g| match percent(g) {
+            Some(percent) => format!("{} {percent}%", g.phase.as_str()),
+            None => g.phase.as_str().to_string(),
+        });
     ModelDeploymentStatus {
         observed_generation: md.metadata.generation,
         replicas: count.replicas,
@@ -98,6 +101,10 @@ fn group_statuses(
             let restarts = record.map_or(&obs.restarts, |r| &r.restarts);
             let (phase, message) = group_phase(id, obs, topology, actions);
             let ranks_per_pod = topology.ranks_per_pod.max(1);
+            let (bytes_done, bytes_total) = match bytes(obs, phase) {
+                Some((done, total)) => (Some(done), Some(total)),
+                None => (None, None),
+            };
             GroupStatus {
                 name: group_name(md.name(), id),
                 phase,
@@ -105,10 +112,33 @@ fn group_statuses(
                 ranks: topology.pods_per_group * ranks_per_pod,
                 restarts: restarts.count,
                 last_restart_reason: restarts.reason.clone(),
+                bytes_done,
+                bytes_total,
                 message,
             }
         })
         .collect()
+}
+
+/// A downloading or loading group's bytes done and to do, summed over the pods
+/// that answered at that stage (a pod loading counts as done downloading).
+fn bytes(obs: &GroupObserved, phase: GroupPhase) -> Option<(u64, u64)> {
+    let counts = |stage: &LoadStage| match phase {
+        GroupPhase::Downloading => *stage == LoadStage::Downloading,
+        GroupPhase::Loading => *stage >= LoadStage::Loading,
+        _ => false,
+    };
+    obs.live_pods()
+        .filter_map(|p| p.load)
+        .filter(|load| counts(&load.stage) && load.total > 0)
+        .map(|load| (load.done, load.total))
+        .reduce(|(d1, t1), (d2, t2)| (d1 + d2, t1 + t2))
+}
+
+/// A group's bytes done, in whole percent (rounded down: 100 only when done).
+fn percent(group: &GroupStatus) -> Option<u64> {
+    let (done, total) = (group.bytes_done?, group.bytes_total?);
+    (total > 0).then(|| (done.min(total) as u128 * 100 / total as u128) as u64)
 }
 
 /// A group's phase, and what there is to say about it.
@@ -342,13 +372,28 @@ mod tests {
     use crate::controller::decide::decide;
     use crate::controller::fixtures::{demo_tp3, desired_of, existing, loading, now, pod};
     use crate::controller::observe::observe;
+    use crate::controller::progress::PodLoad;
 
     /// The status of the tensor-3 demo (one group of three one-rank pods) with
     /// `pods`, as the operator writes it.
     fn status_with(pods: &[k8s_openapi::api::core::v1::Pod]) -> ModelDeploymentStatus {
+        status_answering(pods, &[])
+    }
+
+    /// [`status_with`], pod `i` having answered `loads[i]` when asked for its progress.
+    fn status_answering(
+        pods: &[k8s_openapi::api::core::v1::Pod],
+        loads: &[Option<PodLoad>],
+    ) -> ModelDeploymentStatus {
         let md = demo_tp3(1);
         let (statefulsets, services) = existing(&md, &[0], None);
-        let observed = observe(&statefulsets, &services, pods);
+        let mut observed = observe(&statefulsets, &services, pods);
+        for group in observed.groups.values_mut() {
+            for pod in &mut group.pods {
+                let index = pod.index.unwrap_or(u32::MAX) as usize;
+                pod.load = loads.get(index).copied().flatten();
+            }
+        }
         let topology = check(&md).unwrap();
         let actions = decide(&desired_of(&md), &observed, &topology, now());
         running_status(&md, &topology, &observed, &actions, now())
@@ -388,6 +433,29 @@ mod tests {
         assert_eq!(column(&object, &progress.json_path), "Loading");
         let ready = columns.iter().find(|c| c.name == "Ready").unwrap();
         assert_eq!(column(&object, &ready.json_path), 0);
+
+        // Two of its pods told how far they are: their bytes, 430 of 1000.
+        let load = |stage, done| {
+            Some(PodLoad {
+                stage,
+                done,
+                total: 500,
+            })
+        };
+        let loads = [
+            load(LoadStage::Loading, 180),
+            None,
+            load(LoadStage::Loaded, 250),
+        ];
+        let status = status_answering(&pods, &loads);
+        let group = &status.groups[0];
+        assert_eq!(
+            (group.bytes_done, group.bytes_total),
+            (Some(430), Some(1000))
+        );
+        md.status = Some(status);
+        let object = serde_json::to_value(&md).unwrap();
+        assert_eq!(column(&object, &progress.json_path), "Loading 43%");
 
         // Every pod ready: the group serves.
         let pods: Vec<_> = (0..3).map(|i| pod("smollm2", 0, i, &h)).collect();
@@ -441,6 +509,28 @@ mod tests {
         let status = status_with(&pods);
         assert_eq!(status.groups[0].phase, GroupPhase::Downloading);
         assert_eq!(status.progress.as_deref(), Some("Downloading"));
+
+        // The fetching pod told its bytes; the pods already loading do not count
+        // towards the download.
+        let loads = [
+            Some(PodLoad {
+                stage: LoadStage::Downloading,
+                done: 1 << 30,
+                total: 4 << 30,
+            }),
+            Some(PodLoad {
+                stage: LoadStage::Loading,
+                done: 10,
+                total: 10,
+            }),
+        ];
+        let status = status_answering(&pods, &loads);
+        let group = &status.groups[0];
+        assert_eq!(
+            (group.bytes_done, group.bytes_total),
+            (Some(1 << 30), Some(4 << 30))
+        );
+        assert_eq!(status.progress.as_deref(), Some("Downloading 25%"));
     }
 
     #[test]

@@ -30,8 +30,9 @@ pub struct ModelDeploymentStatus {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(extend("x-kubernetes-list-type" = "map", "x-kubernetes-list-map-keys" = ["name"]))]
     pub groups: Vec<GroupStatus>,
-    /// The phase of the least advanced group (`Serving` when all serve), for the
-    /// printer column: a column cannot compute over `groups`.
+    /// The phase of the least advanced group (`Serving` when all serve), with its
+    /// progress while it downloads or loads (`Loading 43%`), for the printer
+    /// column: a column cannot compute over `groups`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<String>,
 }
@@ -51,6 +52,13 @@ pub struct GroupStatus {
     pub restarts: u32,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_restart_reason: Option<String>,
+    /// While it downloads or loads: bytes fetched, or bytes of the checkpoint its
+    /// ranks have gone through (each reads only its slices), summed over its pods
+    /// that answered, of `bytesTotal`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_done: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bytes_total: Option<u64>,
     /// Why it is in its phase, when there is more to say (the scheduler's reason a
     /// pod is Pending, the failure of a rank).
     #[serde(default, skip_serializing_if = "Option::is_none")]

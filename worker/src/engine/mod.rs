@@ -30,6 +30,7 @@ use crate::model::{
     Backend, CacheDtype, HfCheckpoint, Host, LogitsFor, ModelConfig, ModelError, SeqSpan,
     StepModel, Tensors, Transformer, WithCache,
 };
+use crate::progress::Tally;
 use crate::sampling::SamplingError;
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
 use crate::tokenizer::{Tokenizer, TokenizerError};
@@ -264,6 +265,9 @@ pub struct EngineOptions {
     pub weight_dtype: Option<String>,
     /// Name clients use for the model; defaults to the file's stem.
     pub served_model_name: Option<String>,
+    /// Counts the bytes of the model the load has gone through (for the progress
+    /// a pod reports while it loads).
+    pub load_tally: Arc<Tally>,
 }
 
 impl Default for EngineOptions {
@@ -278,6 +282,7 @@ impl Default for EngineOptions {
             gpu_memory_utilization: 90,
             weight_dtype: None,
             served_model_name: None,
+            load_tally: Arc::default(),
         }
     }
 }
@@ -363,26 +368,36 @@ pub fn weight_dtype_name(format: &str) -> String {
 
 /// This rank's shard of a model (a GGUF file or a Hugging Face directory) on
 /// `backend`, with the model's tokenizer and its weight format.
+/// Counts the bytes it goes through in `tally`.
 fn load_shard<B: Backend>(
     path: &Path,
     comm: Arc<dyn Collective>,
     backend: B,
+    tally: &Arc<Tally>,
 ) -> Result<(Box<dyn StepModel>, Tokenizer, String), EngineError> {
-    Ok(if path.is_dir() {
-        let checkpoint = HfCheckpoint::open(path)?;
+    let loaded = if path.is_dir() {
+        let mut checkpoint = HfCheckpoint::open(path)?;
+        checkpoint.count_into(tally.clone());
         let tokenizer = hf_tokenizer(path)?;
         let model = Transformer::from_hf(&checkpoint, comm, backend)?;
         (
-            Box::new(WithCache::new(model)),
+            Box::new(WithCache::new(model)) as Box<dyn StepModel>,
             tokenizer,
             checkpoint.format(),
         )
     } else {
-        let file = GgufFile::open(path)?;
+        let mut file = GgufFile::open(path)?;
+        file.count_into(tally.clone());
         let tokenizer = Tokenizer::from_gguf(file.metadata())?;
         let model = Transformer::from_gguf(&file, comm, backend)?;
-        (Box::new(WithCache::new(model)), tokenizer, file.format())
-    })
+        (
+            Box::new(WithCache::new(model)) as _,
+            tokenizer,
+            file.format(),
+        )
+    };
+    tally.finish();
+    Ok(loaded)
 }
 
 /// The tokenizer of a Hugging Face directory: `tokenizer.json`, with
@@ -439,7 +454,7 @@ impl Engine {
                         options.kv_cache_dtype
                     )));
                 }
-                load_shard(path, comm.clone(), Host)?
+                load_shard(path, comm.clone(), Host, &options.load_tally)?
             }
             Compute::Device(device) => {
                 let before = compute.gpu_memory();
@@ -447,6 +462,7 @@ impl Engine {
                     path,
                     comm.clone(),
                     Tensors::new(device, options.kv_cache_dtype),
+                    &options.load_tally,
                 )
                 .map_err(|e| match is_gpu && is_out_of_memory(&e) {
                     true => weights_do_not_fit(weights_on_disk(path), world, before),

@@ -4,12 +4,14 @@
 //! one transformer loads from either source.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::Device;
 use serde_json::Value as Json;
 
 use super::ModelError;
 use super::config::{ModelConfig, RopeConfig, RopeScaling, RopeStyle};
+use crate::progress::Tally;
 use crate::weights::{Safetensors, Split, TensorSource, Weight, WeightsError};
 
 const CONFIG_FILE: &str = "config.json";
@@ -60,6 +62,11 @@ impl HfCheckpoint {
             config,
             tensors,
         })
+    }
+
+    /// Counts the load's progress in `tally` (see [`Safetensors::count_into`]).
+    pub fn count_into(&mut self, tally: Arc<Tally>) {
+        self.tensors.count_into(tally);
     }
 
     pub fn dir(&self) -> &Path {

@@ -8,6 +8,7 @@
 
 mod convert;
 mod metrics;
+mod progress;
 mod service;
 #[cfg(test)]
 mod tests;
@@ -27,6 +28,7 @@ use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
 pub use metrics::Metrics;
+pub use progress::ProgressService;
 pub use service::{GenerateStream, InferenceService};
 
 use crate::engine::EngineHandle;
@@ -148,14 +150,16 @@ pub async fn serve_with_metrics(
     Ok(())
 }
 
-/// Serves only `grpc.health.v1.Health` on `listener`, for a follower rank whose pod must
-/// answer a readiness probe but serves no calls: the overall status ("") follows
+/// Serves `grpc.health.v1.Health` and `shardserve.v1.Progress` on `listener`, for a
+/// rank whose pod must answer probes and the operator but serves no calls (yet): a
+/// follower, or the leader while it loads. The overall health status ("") follows
 /// `joined`, NOT_SERVING until it turns true (the rank's shard is loaded and its group
 /// has met), SERVING while it stays true, NOT_SERVING again when it turns false (the
 /// group broke), until `shutdown` completes.
 pub async fn serve_health(
     listener: TcpListener,
     mut joined: tokio::sync::watch::Receiver<bool>,
+    progress: ProgressService,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -176,6 +180,7 @@ pub async fn serve_health(
     });
     Server::builder()
         .add_service(health_service)
+        .add_service(progress.server())
         .serve_with_incoming_shutdown(TcpIncoming::from(listener), shutdown)
         .await?;
     Ok(())

@@ -6,12 +6,15 @@
 //! generated client, as the router does.
 
 use std::net::SocketAddr;
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use shardserve_proto::v1 as pb;
+use shardserve_proto::v1::ProgressRequest;
 use shardserve_proto::v1::generate_response::Event;
 use shardserve_proto::v1::inference_client::InferenceClient;
+use shardserve_proto::v1::progress_client::ProgressClient;
+use shardserve_proto::v1::progress_response::Stage as WireStage;
 use tokio_stream::StreamExt;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -19,8 +22,9 @@ use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
-use super::serve_on;
+use super::{ProgressService, serve_on};
 use crate::engine::{Engine, EngineHandle, EngineOptions};
+use crate::progress::{PodProgress, Progress, Stage, Tally};
 use shardserve_e2e::demo_model;
 
 /// Guards against a hung call; generous, since it is no speed check.
@@ -612,12 +616,34 @@ async fn a_followers_health_follows_its_group_meeting_and_breaking() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let (joined, joined_rx) = tokio::sync::watch::channel(false);
+    let tally = Arc::new(Tally::default());
+    tally.add_total(4096);
+    tally.add_done(1024);
+    let own = Progress::new(Stage::Loading, tally);
+    let progress = ProgressService::new(PodProgress::new(own.clone(), None), 0);
     tokio::spawn(super::serve_health(
         listener,
         joined_rx,
+        progress,
         std::future::pending(),
     ));
     let mut client = health_client(addr).await;
+    let mut progress_client = ProgressClient::connect(format!("http://{addr}"))
+        .await
+        .unwrap();
+    let answer = progress_client
+        .get(ProgressRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(answer.stage(), WireStage::Loading);
+    assert_eq!(
+        (answer.done_bytes, answer.total_bytes, answer.processes),
+        (1024, 4096, 1)
+    );
+    own.set_stage(Stage::Loaded);
+    let answer = progress_client.get(ProgressRequest {}).await.unwrap();
+    assert_eq!(answer.into_inner().stage(), WireStage::Loaded);
     let mut status = async || {
         client
             .check(HealthCheckRequest {

