@@ -91,11 +91,14 @@ fn operator_and_router_on_a_real_control_plane() {
     let router_config = plane.kubeconfig_for(&kubectl, &router_account);
 
     // The node the kubelet plays: the EndpointSlice controller skips pods on no node.
-    kubectl.apply(&json!({
-        "apiVersion": "v1",
-        "kind": "Node",
-        "metadata": {"name": NODE, "labels": {"kubernetes.io/hostname": NODE}},
-    }).to_string());
+    kubectl.apply(
+        &json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": NODE, "labels": {"kubernetes.io/hostname": NODE}},
+        })
+        .to_string(),
+    );
     let kubelet = Kubelet::start(kubectl.clone(), model);
     let operator = Logged::spawn(
         "operator",
@@ -209,7 +212,7 @@ fn operator_and_router_on_a_real_control_plane() {
     assert!(
         status["groups"][0]["lastRestartReason"]
             .as_str()
-            .is_some_and(|r| r.contains("pod 1")),
+            .is_some_and(|r| r.contains(&format!("pod {MODEL}-g0-1"))),
         "{status}"
     );
 
@@ -811,7 +814,10 @@ impl IpPool {
             return ip.clone();
         }
         let ip = format!("192.0.2.{}", self.by_name.len() + 2);
-        assert!(ip_addr("add", &ip), "cannot add {ip} to the loopback interface");
+        assert!(
+            ip_addr("add", &ip),
+            "cannot add {ip} to the loopback interface"
+        );
         self.by_name.insert(name.to_string(), ip.clone());
         ip
     }

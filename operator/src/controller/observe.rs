@@ -180,10 +180,16 @@ impl GroupObserved {
             ));
         }
         let live: Vec<&str> = self.live_pods().filter_map(|p| p.uid.as_deref()).collect();
-        formed
-            .iter()
-            .position(|uid| !live.contains(&uid.as_str()))
-            .map(|index| format!("pod {index} of the group was deleted"))
+        let index = formed.iter().position(|uid| !live.contains(&uid.as_str()))?;
+        // Named as its StatefulSet names it, `<group>-<index>`, when a pod shows the prefix.
+        let group = self.pods.iter().find_map(|p| {
+            let suffix = format!("-{}", p.index?);
+            p.name.strip_suffix(&suffix).map(str::to_string)
+        });
+        Some(match group {
+            Some(group) => format!("pod {group}-{index} of the group was deleted"),
+            None => format!("pod {index} of the group was deleted"),
+        })
     }
 
     /// The uids of its pods by index, when exactly `pods_per_group` live pods, one

@@ -24,7 +24,8 @@ pub use generate::crd_yaml;
 pub use model::{ModelFormat, ModelShape, ModelSpec, TokenSecret, WeightDtype};
 pub use pods::{ComputeResources, CpuMemory, DEFAULT_GPU_RESOURCE, DEFAULT_GPUS_PER_NODE, GpuSpec};
 pub use serving::{
-    AutoscalingSpec, DEFAULT_GPU_MEMORY_UTILIZATION_PERCENT, EngineSpec, KvCacheDtype, LoraAdapter,
+    AutoscalingMode, AutoscalingSpec, DEFAULT_GPU_MEMORY_UTILIZATION_PERCENT, EngineSpec,
+    KvCacheDtype, LoraAdapter,
 };
 pub use status::{ConditionType, GroupPhase, GroupStatus, ModelDeploymentStatus};
 
@@ -76,8 +77,8 @@ pub const KIND: &str = "ModelDeployment";
         "message": "a group spanning nodes needs the same ranks in every pod: tensor must be a multiple of the ranks one node holds (gpu.perNode / gpu.perRank)"
     },
     {
-        "rule": "!has(self.autoscaling) || (self.replicas >= self.autoscaling.minReplicas && self.replicas <= self.autoscaling.maxReplicas)",
-        "message": "replicas must lie within autoscaling.minReplicas and autoscaling.maxReplicas"
+        "rule": "!has(self.autoscaling) || (has(self.autoscaling.mode) ? self.autoscaling.mode == 'builtin' : has(self.autoscaling.targetInFlightRequests)) || (self.replicas >= self.autoscaling.minReplicas && self.replicas <= self.autoscaling.maxReplicas)",
+        "message": "replicas must lie within autoscaling.minReplicas and autoscaling.maxReplicas (unless autoscaling.mode is builtin, which sets replicas itself)"
     }
 ]))]
 pub struct ModelDeploymentSpec {

@@ -80,8 +80,9 @@ pub struct LoraAdapter {
     pub source: String,
 }
 
-/// Bounds for a HorizontalPodAutoscaler (or KEDA) scaling `spec.replicas`
-/// through the `scale` subresource.
+/// How `spec.replicas` follows the load: by the operator itself (`builtin`, from the
+/// routers' in-flight requests), or by an HPA or KEDA through the `scale` subresource
+/// (`external`), within the same bounds.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 #[schemars(extend("x-kubernetes-validations" = [{
@@ -89,16 +90,73 @@ pub struct LoraAdapter {
     "message": "autoscaling.minReplicas must not exceed autoscaling.maxReplicas"
 }]))]
 pub struct AutoscalingSpec {
+    /// `builtin`: the operator (and `shardserve up`) sets `replicas` from the routers'
+    /// in-flight requests; `external`: an HPA or KEDA does. Default: `builtin` when
+    /// `targetInFlightRequests` is set, else `external`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<AutoscalingMode>,
     /// Fewest groups to keep. Defaults to 1; 0 allows scaling to zero.
     #[serde(default = "one")]
     pub min_replicas: u32,
     /// Most groups to run.
     #[schemars(range(min = 1))]
     pub max_replicas: u32,
-    /// Requests in flight per group the autoscaler aims for.
+    /// Requests in flight (waiting or running) per group the autoscaler aims for.
+    /// Default 8 in builtin mode.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(min = 1))]
     pub target_in_flight_requests: Option<u32>,
+    /// How long the load must ask for more groups before they are added. Default 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 86400))]
+    pub scale_up_delay_seconds: Option<u32>,
+    /// How long the load must ask for fewer groups before one is removed. Default 300.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 86400))]
+    pub scale_down_delay_seconds: Option<u32>,
+}
+
+/// Who scales `replicas`.
+#[derive(Deserialize, Serialize, Clone, Copy, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub enum AutoscalingMode {
+    Builtin,
+    External,
+}
+
+/// The builtin autoscaler's defaults.
+pub const DEFAULT_TARGET_IN_FLIGHT_REQUESTS: u32 = 8;
+pub const DEFAULT_SCALE_UP_DELAY_SECONDS: u32 = 0;
+pub const DEFAULT_SCALE_DOWN_DELAY_SECONDS: u32 = 300;
+
+impl AutoscalingSpec {
+    /// The mode, its default applied.
+    pub fn mode(&self) -> AutoscalingMode {
+        self.mode.unwrap_or(match self.target_in_flight_requests {
+            Some(_) => AutoscalingMode::Builtin,
+            None => AutoscalingMode::External,
+        })
+    }
+
+    pub fn target_in_flight_requests(&self) -> u32 {
+        self.target_in_flight_requests
+            .unwrap_or(DEFAULT_TARGET_IN_FLIGHT_REQUESTS)
+            .max(1)
+    }
+
+    pub fn scale_up_delay(&self) -> std::time::Duration {
+        let seconds = self
+            .scale_up_delay_seconds
+            .unwrap_or(DEFAULT_SCALE_UP_DELAY_SECONDS);
+        std::time::Duration::from_secs(seconds.into())
+    }
+
+    pub fn scale_down_delay(&self) -> std::time::Duration {
+        let seconds = self
+            .scale_down_delay_seconds
+            .unwrap_or(DEFAULT_SCALE_DOWN_DELAY_SECONDS);
+        std::time::Duration::from_secs(seconds.into())
+    }
 }
 
 fn one() -> u32 {

@@ -2,7 +2,7 @@
 //! functions of the resource, each error naming the field and the value.
 
 use super::source::{ModelSource, SourceError, is_dns_label};
-use super::{KvCacheDtype, ModelDeployment, WeightDtype};
+use super::{AutoscalingMode, KvCacheDtype, ModelDeployment, WeightDtype};
 
 /// Longest served model name: it travels in URLs, JSON and metric labels.
 const MAX_SERVED_NAME: usize = 256;
@@ -39,6 +39,12 @@ pub enum ValidationError {
     WeightDtype(String),
     #[error("spec.engine.kvCacheDtype: a {0} KV cache is not supported yet (float16 or bfloat16)")]
     KvCacheDtype(String),
+    #[error("spec.autoscaling: minReplicas {min} is above maxReplicas {max}")]
+    AutoscalingBounds { min: u32, max: u32 },
+    #[error(
+        "spec.replicas: {replicas} lies outside autoscaling's {min}..={max} (an external autoscaler keeps replicas within them; leave replicas out with mode builtin)"
+    )]
+    ReplicasOutsideBounds { replicas: u32, min: u32, max: u32 },
 }
 
 /// A value's name as the manifest spells it.
@@ -85,6 +91,21 @@ pub fn validate(md: &ModelDeployment) -> Vec<ValidationError> {
     if let Some(dtype @ (KvCacheDtype::Fp8 | KvCacheDtype::Float32)) = spec.engine.kv_cache_dtype {
         errors.push(ValidationError::KvCacheDtype(dtype_name(&dtype)));
     }
+    // The CRD's CEL rules, for `shardserve up`, which has no API server to apply them.
+    if let Some(scaling) = &spec.autoscaling {
+        let (min, max) = (scaling.min_replicas, scaling.max_replicas);
+        if min > max {
+            errors.push(ValidationError::AutoscalingBounds { min, max });
+        } else if scaling.mode() == AutoscalingMode::External
+            && !(min..=max).contains(&spec.replicas)
+        {
+            errors.push(ValidationError::ReplicasOutsideBounds {
+                replicas: spec.replicas,
+                min,
+                max,
+            });
+        }
+    }
     errors
 }
 
@@ -123,6 +144,37 @@ mod tests {
         let md = demo();
         assert!(validate(&md).is_empty());
         assert_eq!(md.served_model_name(), "smollm2");
+    }
+
+    #[test]
+    fn autoscaling_bounds_are_the_crds_rules() {
+        let scaling = |json: serde_json::Value| {
+            Some(serde_json::from_value::<crate::crd::AutoscalingSpec>(json).unwrap())
+        };
+        let mut md = demo();
+        md.spec.autoscaling = scaling(serde_json::json!({"minReplicas": 3, "maxReplicas": 2}));
+        assert_eq!(
+            messages(&md),
+            ["spec.autoscaling: minReplicas 3 is above maxReplicas 2"]
+        );
+        // External mode (an HPA): replicas must lie within the bounds.
+        md.spec.autoscaling = scaling(serde_json::json!({"minReplicas": 2, "maxReplicas": 4}));
+        assert_eq!(
+            messages(&md),
+            [
+                "spec.replicas: 1 lies outside autoscaling's 2..=4 (an external autoscaler keeps \
+                 replicas within them; leave replicas out with mode builtin)"
+            ]
+        );
+        // Builtin mode sets replicas itself: a manifest leaves them out.
+        md.spec.autoscaling = scaling(
+            serde_json::json!({"minReplicas": 2, "maxReplicas": 4, "targetInFlightRequests": 4}),
+        );
+        assert!(messages(&md).is_empty());
+        md.spec.autoscaling =
+            scaling(serde_json::json!({"mode": "builtin", "minReplicas": 0, "maxReplicas": 2}));
+        md.spec.replicas = 7;
+        assert!(messages(&md).is_empty());
     }
 
     #[test]
