@@ -180,7 +180,9 @@ impl GroupObserved {
             ));
         }
         let live: Vec<&str> = self.live_pods().filter_map(|p| p.uid.as_deref()).collect();
-        let index = formed.iter().position(|uid| !live.contains(&uid.as_str()))?;
+        let index = formed
+            .iter()
+            .position(|uid| !live.contains(&uid.as_str()))?;
         // Named as its StatefulSet names it, `<group>-<index>`, when a pod shows the prefix.
         let group = self.pods.iter().find_map(|p| {
             let suffix = format!("-{}", p.index?);

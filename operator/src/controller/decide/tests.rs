@@ -187,12 +187,18 @@ fn a_member_deleted_by_someone_else_restarts_its_group_while_it_terminates() {
     pods[2].metadata.deletion_timestamp = Some(Time(now()));
     let actions = decide_recorded(&[formed(&UIDS)], &pods);
     assert_eq!(actions.restarted.len(), 1);
-    assert_eq!(actions.restarted[0].why, "pod smollm2-g0-2 of the group was deleted");
+    assert_eq!(
+        actions.restarted[0].why,
+        "pod smollm2-g0-2 of the group was deleted"
+    );
     assert_eq!(actions.restarted[0].pods.len(), 2, "the two that stay");
     // And once it is gone altogether.
     pods.pop();
     let actions = decide_recorded(&[formed(&UIDS)], &pods);
-    assert_eq!(actions.restarted[0].why, "pod smollm2-g0-2 of the group was deleted");
+    assert_eq!(
+        actions.restarted[0].why,
+        "pod smollm2-g0-2 of the group was deleted"
+    );
 }
 
 #[test]
