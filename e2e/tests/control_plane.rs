@@ -623,21 +623,7 @@ impl Kubectl {
     fn apply_with(&self, yaml: &str, flags: &[&str]) {
         let mut args = vec!["apply", "-f", "-"];
         args.extend_from_slice(flags);
-        let mut child = self
-            .command(&args)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        use std::io::Write;
-        child
-            .stdin
-            .take()
-            .unwrap()
-            .write_all(yaml.as_bytes())
-            .unwrap();
-        let out = child.wait_with_output().unwrap();
+        let out = self.with_input(&args, yaml);
         assert!(
             out.status.success(),
             "kubectl apply failed: {}",
@@ -658,20 +644,28 @@ impl Kubectl {
             "metadata": {"name": name, "namespace": NAMESPACE},
             "target": {"apiVersion": "v1", "kind": "Node", "name": NODE},
         });
-        let mut child = self
-            .command(&["create", "-f", "-"])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        self.with_input(&["create", "-f", "-"], &binding.to_string())
+            .status
+            .success()
+    }
+
+    /// kubectl with `args`, `input` on its standard input.
+    fn with_input(&self, args: &[&str], input: &str) -> std::process::Output {
         use std::io::Write;
-        let _ = child
+        let mut child = self
+            .command(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("kubectl runs");
+        child
             .stdin
             .take()
             .unwrap()
-            .write_all(binding.to_string().as_bytes());
-        child.wait().is_ok_and(|s| s.success())
+            .write_all(input.as_bytes())
+            .unwrap();
+        child.wait_with_output().expect("kubectl runs")
     }
 
     /// `status` merged into pod `name`'s status, as a kubelet writes it.
