@@ -158,10 +158,14 @@ pub fn run(mut args: WorkerArgs) -> Result<()> {
     }
     let engine = args.group.load(&args.model, &options)?;
     progress.set_stage(Stage::Loaded);
-    // The port is the engine's from here on.
+    // The port is the engine's from here on: bound before "model loaded" is logged,
+    // so whoever waits for that line finds it accepting.
     if let Some(early) = early {
         early.stop();
     }
+    let listener = std::net::TcpListener::bind(args.listen)
+        .with_context(|| format!("binding {}", args.listen))?;
+    listener.set_nonblocking(true)?;
     let info = engine.info().clone();
     tracing::info!(
         model = %info.served_model_name,
@@ -181,9 +185,7 @@ pub fn run(mut args: WorkerArgs) -> Result<()> {
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(args.listen)
-            .await
-            .with_context(|| format!("binding {}", args.listen))?;
+        let listener = tokio::net::TcpListener::from_std(listener)?;
         let metrics_listener = match args.metrics_addr {
             Some(addr) => Some(
                 tokio::net::TcpListener::bind(addr)
