@@ -48,6 +48,14 @@ pub struct RouterArgs {
     /// Seconds between health checks of each backend.
     #[arg(long, default_value_t = 1.0)]
     pub health_interval: f64,
+    /// Seconds a request waits for its model to get a ready backend (scaled from
+    /// zero, or its workers restarting) before it is answered 503 with Retry-After.
+    /// 0 answers at once.
+    #[arg(long, default_value_t = 300.0)]
+    pub hold_timeout: f64,
+    /// Most requests held per model while it has no ready backend; past it, 503.
+    #[arg(long, default_value_t = 1024)]
+    pub max_held: usize,
 }
 
 /// Groups `MODEL=URL` pairs into deployments; a backend's id is its URL.
@@ -118,6 +126,12 @@ pub fn run(args: RouterArgs) -> Result<()> {
         );
     }
     let health_interval = Duration::from_secs_f64(args.health_interval);
+    if !(args.hold_timeout.is_finite() && args.hold_timeout >= 0.0) {
+        bail!(
+            "--hold-timeout {} must be zero or a positive number of seconds",
+            args.hold_timeout
+        );
+    }
     let config = RouterConfig {
         http_addr: args.http_addr,
         grpc_addr: args.grpc_addr,
@@ -125,6 +139,8 @@ pub fn run(args: RouterArgs) -> Result<()> {
         max_queue_per_backend: args.max_queue.max(1),
         health_interval,
         health_timeout: health_interval.min(Duration::from_millis(500)),
+        hold_timeout: Duration::from_secs_f64(args.hold_timeout),
+        max_held_per_model: args.max_held,
         // In a cluster the router stays in its Service while some models load.
         readiness: match args.discovery {
             DiscoveryKind::Static => Readiness::EveryModel,

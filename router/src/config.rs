@@ -25,14 +25,21 @@ pub struct RouterConfig {
     pub affinity_capacity: usize,
     /// When `/readyz` answers 200.
     pub readiness: Readiness,
+    /// How long a request waits for its model to get a routable backend (scaled
+    /// from zero, or its groups restarting) before it is answered 503 with
+    /// `Retry-After`. Zero answers at once.
+    pub hold_timeout: Duration,
+    /// Most requests held per model; past it, 503 at once.
+    pub max_held_per_model: usize,
 }
 
 /// What `/readyz` waits for.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum Readiness {
-    /// Every discovered model has a healthy backend (and there is at least
-    /// one model): what `shardserve up` waits for before it reports the
-    /// stack ready.
+    /// Every discovered model that has backends has a healthy one (and there
+    /// is at least one model): what `shardserve up` waits for before it
+    /// reports the stack ready. A model scaled to zero does not hold readiness
+    /// back: its requests are held until a backend comes.
     #[default]
     EveryModel,
     /// Discovery has listed what exists. A model without a healthy backend
@@ -54,6 +61,8 @@ impl Default for RouterConfig {
             affinity_prefix: 256,
             affinity_capacity: 4096,
             readiness: Readiness::EveryModel,
+            hold_timeout: Duration::from_secs(300),
+            max_held_per_model: 1024,
         }
     }
 }

@@ -7,7 +7,7 @@
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use futures::Stream;
 use shardserve_proto::v1 as pb;
@@ -17,7 +17,10 @@ use tonic::{Code, Status, Streaming};
 
 use crate::balance::prefix_key;
 use crate::metrics::Metrics;
-use crate::pool::{Lease, PickError, Pool};
+use crate::pool::{Held, InFlight, Lease, PickError, Pool};
+
+/// How often a held request looks for a routable backend even without a wake-up.
+const HOLD_RECHECK: Duration = Duration::from_secs(1);
 
 /// Why a generation did not start.
 #[derive(Debug)]
@@ -39,6 +42,8 @@ pub(crate) struct Upstream {
     pub pool: Arc<Pool>,
     pub metrics: Arc<Metrics>,
     pub affinity_prefix: usize,
+    /// How long a request waits for a routable backend of its model.
+    pub hold_timeout: Duration,
 }
 
 /// Statuses that mean "this backend could not serve it" rather than "this
@@ -63,9 +68,37 @@ impl Upstream {
         let key = prefix_key(model, req.prompt.as_ref(), self.affinity_prefix);
         let mut tried: Vec<String> = Vec::new();
         let mut last_error: Option<Status> = None;
+        let in_flight = self.pool.enter(model);
+        let mut held: Option<Held> = None;
         loop {
+            let changed = self.pool.changed();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
             let lease = match self.pool.lease(model, key, &tried) {
                 Ok(lease) => lease,
+                // Nothing routable and nothing tried: the model is scaled to zero or
+                // its groups are (re)starting. Hold the request until a backend comes
+                // (it counts as load meanwhile, so the autoscaler starts one).
+                Err(PickError::NoBackends(_) | PickError::NoHealthy(_))
+                    if tried.is_empty() && started.elapsed() < self.hold_timeout =>
+                {
+                    if held.is_none() {
+                        held = Some(self.pool.hold(model)?);
+                        tracing::info!(model, "no routable backend: request held");
+                    }
+                    let left = self.hold_timeout.saturating_sub(started.elapsed());
+                    // Health checks change routability without a wake-up only when a
+                    // backend is first checked: look again every second regardless.
+                    let _ = tokio::time::timeout(left.min(HOLD_RECHECK), changed).await;
+                    if started.elapsed() >= self.hold_timeout {
+                        return Err(PickError::HoldTimeout {
+                            model: model.to_string(),
+                            waited: self.hold_timeout,
+                        }
+                        .into());
+                    }
+                    continue;
+                }
                 // Everything left was tried: report the backend's own error.
                 Err(PickError::NoHealthy(_)) if last_error.is_some() => {
                     let status = last_error.unwrap_or_else(|| Status::unavailable(""));
@@ -81,6 +114,13 @@ impl Upstream {
             }
             match start(&lease, req.clone()).await {
                 Ok((first, stream)) => {
+                    if held.take().is_some() {
+                        tracing::info!(
+                            model,
+                            waited_ms = started.elapsed().as_millis() as u64,
+                            "held request sent"
+                        );
+                    }
                     self.metrics
                         .backend_requests
                         .with_label_values(&[model, lease.backend.as_str()])
@@ -89,6 +129,7 @@ impl Upstream {
                         pending: Some(first),
                         stream,
                         lease,
+                        _in_flight: in_flight,
                         metrics: Arc::clone(&self.metrics),
                         started,
                         first_token: None,
@@ -130,6 +171,8 @@ pub(crate) struct Generation {
     pending: Option<Event>,
     stream: Streaming<pb::GenerateResponse>,
     lease: Lease,
+    /// Counts the request in its model's in-flight requests until it is dropped.
+    _in_flight: InFlight,
     metrics: Arc<Metrics>,
     started: Instant,
     first_token: Option<Instant>,

@@ -19,20 +19,15 @@ pub(crate) struct RouterInference {
 }
 
 fn pick_status(e: PickError) -> Status {
+    let message = e.to_string();
     match e {
-        PickError::UnknownModel(m) => Status::not_found(format!("the model {m:?} does not exist")),
-        PickError::ModelRequired(models) => {
-            Status::invalid_argument(format!("model is required: this router serves {models:?}"))
-        }
-        PickError::NoBackends(m) => Status::unavailable(format!(
-            "no backend ready for model {m:?}: its workers are starting (or it has none)"
-        )),
-        PickError::NoHealthy(m) => {
-            Status::unavailable(format!("no healthy backend for model {m:?}"))
-        }
-        PickError::Overloaded(m) => Status::resource_exhausted(format!(
-            "model {m:?} is overloaded: every backend's queue is full; retry shortly"
-        )),
+        PickError::UnknownModel(_) => Status::not_found(message),
+        PickError::ModelRequired(_) => Status::invalid_argument(message),
+        PickError::Overloaded(_) => Status::resource_exhausted(message),
+        PickError::NoBackends(_)
+        | PickError::NoHealthy(_)
+        | PickError::HoldTimeout { .. }
+        | PickError::HoldFull { .. } => Status::unavailable(message),
     }
 }
 

@@ -110,10 +110,17 @@ fn readiness(mode: Readiness, synced: bool, models: &[ModelSummary]) -> (StatusC
             json!({"ready": false, "reason": reason}),
         );
     }
+    // A model with no backend at all is scaled to zero (or its groups are starting):
+    // its requests wait for one, so it holds no router back.
     let unready: Vec<_> = models
         .iter()
-        .filter(|m| m.healthy == 0)
+        .filter(|m| m.healthy == 0 && m.backends > 0)
         .map(|m| json!({"model": m.model, "backends": m.backends, "healthy": 0}))
+        .collect();
+    let without_backends: Vec<_> = models
+        .iter()
+        .filter(|m| m.backends == 0)
+        .map(|m| m.model.as_str())
         .collect();
     match mode {
         Readiness::EveryModel if models.is_empty() => (
@@ -124,11 +131,16 @@ fn readiness(mode: Readiness, synced: bool, models: &[ModelSummary]) -> (StatusC
             StatusCode::SERVICE_UNAVAILABLE,
             json!({"ready": false, "models_without_healthy_backend": unready}),
         ),
-        Readiness::Discovered if !unready.is_empty() => (
-            StatusCode::OK,
-            json!({"ready": true, "models_without_healthy_backend": unready}),
-        ),
-        _ => (StatusCode::OK, json!({"ready": true})),
+        _ => {
+            let mut body = json!({"ready": true});
+            if !unready.is_empty() {
+                body["models_without_healthy_backend"] = json!(unready);
+            }
+            if !without_backends.is_empty() {
+                body["models_without_backends"] = json!(without_backends);
+            }
+            (StatusCode::OK, body)
+        }
     }
 }
 
@@ -175,17 +187,26 @@ mod tests {
             readiness(mode, true, &[]).0,
             StatusCode::SERVICE_UNAVAILABLE
         );
-        let (status, body) = readiness(mode, true, &[model("a", 1, 1), model("b", 0, 0)]);
+        let (status, body) = readiness(mode, true, &[model("a", 1, 1), model("b", 2, 0)]);
         assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(body["models_without_healthy_backend"][0]["model"], "b");
         assert_eq!(readiness(mode, true, &[model("a", 2, 1)]).0, StatusCode::OK);
     }
 
     #[test]
+    fn a_model_scaled_to_zero_holds_no_mode_back() {
+        for mode in [Readiness::EveryModel, Readiness::Discovered] {
+            let (status, body) = readiness(mode, true, &[model("a", 1, 1), model("b", 0, 0)]);
+            assert_eq!(status, StatusCode::OK, "{mode:?}");
+            assert_eq!(body["models_without_backends"], json!(["b"]));
+        }
+    }
+
+    #[test]
     fn discovered_mode_is_ready_with_models_still_starting() {
         let mode = Readiness::Discovered;
         assert_eq!(readiness(mode, true, &[]).0, StatusCode::OK);
-        let (status, body) = readiness(mode, true, &[model("a", 1, 1), model("b", 0, 0)]);
+        let (status, body) = readiness(mode, true, &[model("a", 1, 1), model("b", 1, 0)]);
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body["ready"], true);
         assert_eq!(body["models_without_healthy_backend"][0]["model"], "b");

@@ -36,7 +36,7 @@ pub use discovery::{Backend, Deployment, Discovery, KubernetesDiscovery, StaticD
 use crate::api::AppState;
 use crate::dispatch::Upstream;
 use crate::metrics::Metrics;
-use crate::pool::Pool;
+use crate::pool::{Pool, PoolLimits};
 
 /// The router's two bound sockets, for callers that bind themselves (tests
 /// bind port 0).
@@ -90,9 +90,12 @@ pub async fn serve_on(
     let metrics = Arc::new(Metrics::new()?);
     let pool = Arc::new(Pool::new(
         Arc::clone(&metrics),
-        config.max_queue_per_backend,
-        config.health_timeout,
-        config.affinity_capacity,
+        PoolLimits {
+            max_queue_per_backend: config.max_queue_per_backend,
+            max_held_per_model: config.max_held_per_model,
+            connect_timeout: config.health_timeout,
+            affinity_capacity: config.affinity_capacity,
+        },
     ));
     let mut deployments = discovery.watch();
     {
@@ -122,6 +125,7 @@ pub async fn serve_on(
         pool,
         metrics,
         affinity_prefix: config.affinity_prefix,
+        hold_timeout: config.hold_timeout,
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {

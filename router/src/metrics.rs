@@ -36,6 +36,10 @@ pub(crate) struct Metrics {
     pub backend_requests: IntCounterVec,
     /// `shardserve_router_retries_total{model}`
     pub retries: IntCounterVec,
+    /// `shardserve_router_model_in_flight_requests{model}`: the autoscaler's signal.
+    pub in_flight: IntGaugeVec,
+    /// `shardserve_router_model_held_requests{model}`
+    pub held: IntGaugeVec,
 }
 
 impl Metrics {
@@ -111,6 +115,16 @@ impl Metrics {
             retries: counter(
                 "shardserve_router_retries_total",
                 "Requests sent again to another backend before their first token.",
+                &["model"],
+            )?,
+            in_flight: gauge(
+                "shardserve_router_model_in_flight_requests",
+                "Requests received for a model and not finished: held for a backend, queued or running on one. Summed over router replicas, the autoscaler's signal.",
+                &["model"],
+            )?,
+            held: gauge(
+                "shardserve_router_model_held_requests",
+                "Requests held because their model has no routable backend yet (scaled to zero, or its groups are starting).",
                 &["model"],
             )?,
             registry,

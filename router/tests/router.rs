@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use shardserve_e2e::demo_model;
 use shardserve_proto::v1 as pb;
 use shardserve_router::{
-    Backend, Deployment, Listeners, Readiness, RouterConfig, StaticDiscovery, serve_on,
+    Backend, Deployment, Listeners, RouterConfig, StaticDiscovery, serve_on,
 };
 use shardserve_worker::engine::{Engine, EngineHandle, EngineOptions};
 use tokio::sync::oneshot;
@@ -92,6 +92,7 @@ struct Router {
     base: String,
     grpc: SocketAddr,
     http: reqwest::Client,
+    discovery: Arc<StaticDiscovery>,
     _stop: oneshot::Sender<()>,
 }
 
@@ -131,10 +132,11 @@ async fn router_over(
     };
     tweak(&mut config);
     let (stop, stopped) = oneshot::channel::<()>();
+    let discovery = Arc::new(StaticDiscovery::new(deployments));
     tokio::spawn(serve_on(
         config,
         Listeners { http, grpc },
-        Arc::new(StaticDiscovery::new(deployments)),
+        discovery.clone(),
         async move {
             let _ = stopped.await;
         },
@@ -143,6 +145,7 @@ async fn router_over(
         base,
         grpc: grpc_addr,
         http: reqwest::Client::new(),
+        discovery,
         _stop: stop,
     }
 }
@@ -499,7 +502,10 @@ async fn no_healthy_backend_is_503_and_not_ready() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let r = router_with(&[(MODEL, "gone", format!("http://{closed}"))], |_| {}).await;
+    let r = router_with(&[(MODEL, "gone", format!("http://{closed}"))], |c| {
+        c.hold_timeout = Duration::ZERO
+    })
+    .await;
     let deadline = Instant::now() + HANG_GUARD;
     loop {
         let resp = r.http.get(r.url("/readyz")).send().await.unwrap();
@@ -522,31 +528,37 @@ async fn no_healthy_backend_is_503_and_not_ready() {
 }
 
 #[tokio::test]
-async fn a_known_model_without_backends_is_503_and_kubernetes_readiness_stays_ready() {
+async fn a_known_model_without_backends_is_held_then_503_and_readiness_stays_ready() {
     // What Kubernetes discovery publishes for a ModelDeployment whose pods
-    // are still loading; no worker (nor the demo model) is needed.
+    // are still loading, or one scaled to zero; no worker (nor the demo model)
+    // is needed.
     let starting = Deployment {
         model: "starting".into(),
         backends: Vec::new(),
     };
-    let r = router_over(vec![starting], |c| c.readiness = Readiness::Discovered).await;
+    let r = router_over(vec![starting], |c| {
+        c.hold_timeout = Duration::from_millis(300);
+    })
+    .await;
     r.wait_ready().await;
     let resp = r.http.get(r.url("/readyz")).send().await.unwrap();
     let v: Value = resp.json().await.unwrap();
-    assert_eq!(
-        v["models_without_healthy_backend"][0]["model"], "starting",
-        "{v}"
-    );
-    let (status, v) = r
-        .post(
-            "/v1/chat/completions",
-            json!({"model": "starting", "messages": [{"role": "user", "content": "hi"}]}),
-        )
-        .await;
-    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["models_without_backends"], json!(["starting"]), "{v}");
+    let asked = Instant::now();
+    let resp = r
+        .http
+        .post(r.url("/v1/chat/completions"))
+        .json(&json!({"model": "starting", "messages": [{"role": "user", "content": "hi"}]}))
+        .send()
+        .await
+        .unwrap();
+    assert!(asked.elapsed() >= Duration::from_millis(300), "held first");
+    assert_eq!(resp.status(), 503);
+    assert_eq!(resp.headers()["retry-after"], "10");
+    let v: Value = resp.json().await.unwrap();
     let message = v["error"]["message"].as_str().unwrap_or_default();
     assert!(
-        message.starts_with("no backend ready for model \"starting\""),
+        message.starts_with("no backend of model \"starting\" became ready within 300ms"),
         "{v}"
     );
     let (status, _) = r
@@ -860,4 +872,110 @@ async fn grpc_generate_is_proxied() {
         health.status,
         tonic_health::pb::health_check_response::ServingStatus::Serving as i32
     );
+}
+
+#[tokio::test]
+async fn a_held_request_is_counted_as_load_and_sent_when_a_backend_comes() {
+    let w = shared();
+    let scaled_to_zero = Deployment {
+        model: MODEL.into(),
+        backends: Vec::new(),
+    };
+    let r = router_over(vec![scaled_to_zero], |_| {}).await;
+    r.wait_ready().await;
+    let request = tokio::spawn({
+        let client = r.http.clone();
+        let url = r.url("/v1/chat/completions");
+        async move {
+            let resp = client
+                .post(url)
+                .json(&chat_body("hi", 2))
+                .send()
+                .await
+                .unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+        }
+    });
+    let model = format!("model=\"{MODEL}\"");
+    let deadline = Instant::now() + HANG_GUARD;
+    loop {
+        let text = r.metrics().await;
+        let held = metric(&text, "shardserve_router_model_held_requests", &[&model]);
+        if held == Some(1.0) {
+            let in_flight = metric(
+                &text,
+                "shardserve_router_model_in_flight_requests",
+                &[&model],
+            );
+            assert_eq!(in_flight, Some(1.0), "a held request is load:\n{text}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the request was never held:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    r.discovery.replace(vec![Deployment {
+        model: MODEL.into(),
+        backends: vec![Backend {
+            id: "w0".into(),
+            grpc_uri: w.uri(),
+        }],
+    }]);
+    let (status, v) = tokio::time::timeout(HANG_GUARD, request)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status, 200, "{v}");
+    let text = r.metrics().await;
+    for name in [
+        "shardserve_router_model_held_requests",
+        "shardserve_router_model_in_flight_requests",
+    ] {
+        assert_eq!(metric(&text, name, &[&model]), Some(0.0), "{name}:\n{text}");
+    }
+}
+
+#[tokio::test]
+async fn requests_past_the_hold_limit_are_503_at_once() {
+    let starting = Deployment {
+        model: "starting".into(),
+        backends: Vec::new(),
+    };
+    let r = router_over(vec![starting], |c| {
+        c.max_held_per_model = 1;
+        c.hold_timeout = Duration::from_secs(60);
+    })
+    .await;
+    r.wait_ready().await;
+    let body = json!({"model": "starting", "messages": [{"role": "user", "content": "hi"}]});
+    let first = tokio::spawn({
+        let client = r.http.clone();
+        let (url, body) = (r.url("/v1/chat/completions"), body.clone());
+        async move { client.post(url).json(&body).send().await }
+    });
+    let deadline = Instant::now() + HANG_GUARD;
+    while metric(
+        &r.metrics().await,
+        "shardserve_router_model_held_requests",
+        &["model=\"starting\""],
+    ) != Some(1.0)
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the first request was never held"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let (status, v) = r.post("/v1/chat/completions", body).await;
+    assert_eq!(status, 503, "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("1 requests already wait"),
+        "{v}"
+    );
+    first.abort();
 }

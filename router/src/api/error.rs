@@ -100,10 +100,17 @@ impl ApiError {
 
     fn with_status(&self, body: impl IntoResponse) -> Response {
         let mut response = (self.status(), body).into_response();
-        if self.kind == ErrorKind::Overloaded {
+        // Both say "come back": soon for a full queue, later for a model that has
+        // no backend (one is starting).
+        let retry_after = match self.kind {
+            ErrorKind::Overloaded => Some("1"),
+            ErrorKind::Unavailable => Some("10"),
+            _ => None,
+        };
+        if let Some(seconds) = retry_after {
             response
                 .headers_mut()
-                .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                .insert(header::RETRY_AFTER, HeaderValue::from_static(seconds));
         }
         response
     }
@@ -118,32 +125,19 @@ impl IntoResponse for ApiError {
 
 impl From<PickError> for ApiError {
     fn from(e: PickError) -> Self {
+        let message = e.to_string();
         match e {
-            PickError::UnknownModel(m) => ApiError {
+            PickError::UnknownModel(_) => ApiError {
                 kind: ErrorKind::NotFound,
-                message: format!("the model {m:?} does not exist"),
+                message,
                 param: Some("model"),
             },
-            PickError::ModelRequired(models) => ApiError::bad_request(
-                format!("model is required: this router serves {models:?}"),
-                Some("model"),
-            ),
-            PickError::NoBackends(m) => ApiError::new(
-                ErrorKind::Unavailable,
-                format!(
-                    "no backend ready for model {m:?}: its workers are starting (or it has none); try again shortly"
-                ),
-            ),
-            PickError::NoHealthy(m) => ApiError::new(
-                ErrorKind::Unavailable,
-                format!("no healthy backend for model {m:?}; try again shortly"),
-            ),
-            PickError::Overloaded(m) => ApiError::new(
-                ErrorKind::Overloaded,
-                format!(
-                    "model {m:?} is overloaded: every backend's queue is full; retry after 1 s"
-                ),
-            ),
+            PickError::ModelRequired(_) => ApiError::bad_request(message, Some("model")),
+            PickError::Overloaded(_) => ApiError::new(ErrorKind::Overloaded, message),
+            PickError::NoBackends(_)
+            | PickError::NoHealthy(_)
+            | PickError::HoldTimeout { .. }
+            | PickError::HoldFull { .. } => ApiError::new(ErrorKind::Unavailable, message),
         }
     }
 }
@@ -218,6 +212,13 @@ mod tests {
         let e = ApiError::from(PickError::NoBackends("m".into()));
         assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert!(e.message.starts_with("no backend ready for model \"m\""));
+        let e = ApiError::from(PickError::HoldTimeout {
+            model: "m".into(),
+            waited: std::time::Duration::from_secs(300),
+        });
+        assert_eq!(e.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert!(e.message.contains("within 300s"), "{}", e.message);
+        assert_eq!(e.into_response().headers()[header::RETRY_AFTER], "10");
     }
 
     #[test]

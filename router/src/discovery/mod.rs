@@ -53,6 +53,14 @@ impl StaticDiscovery {
     }
 }
 
+impl StaticDiscovery {
+    /// Replaces the list: a supervisor that starts and stops workers tells the
+    /// router here.
+    pub fn replace(&self, deployments: Vec<Deployment>) {
+        self.tx.send_replace(deployments);
+    }
+}
+
 impl Discovery for StaticDiscovery {
     fn watch(&self) -> watch::Receiver<Vec<Deployment>> {
         self.tx.subscribe()

@@ -11,6 +11,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use tokio::sync::Notify;
+
 use shardserve_proto::v1::ModelInfoResponse;
 use tonic::transport::{Channel, Endpoint};
 
@@ -23,17 +25,34 @@ use crate::metrics::Metrics;
 /// Consecutive failed health checks that eject a backend.
 const EJECT_AFTER: u32 = 2;
 
-/// Why no backend could be leased.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// Why no backend could be leased (or a request was held and then given up).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub(crate) enum PickError {
+    #[error("the model {0:?} does not exist")]
     UnknownModel(String),
     /// The request named no model and several are served.
+    #[error("model is required: this router serves {0:?}")]
     ModelRequired(Vec<String>),
     /// The model exists but has no backend at all yet (its pods are
     /// starting, or it was scaled to zero).
+    #[error(
+        "no backend ready for model {0:?}: its workers are starting (or it has none); try again shortly"
+    )]
     NoBackends(String),
+    #[error("no healthy backend for model {0:?}; try again shortly")]
     NoHealthy(String),
+    #[error("model {0:?} is overloaded: every backend's queue is full; retry after 1 s")]
     Overloaded(String),
+    /// The model had no routable backend for the whole hold timeout.
+    #[error(
+        "no backend of model {model:?} became ready within {waited:?} (it is scaled to zero or its workers are starting); retry later"
+    )]
+    HoldTimeout { model: String, waited: Duration },
+    /// The model has as many requests held for a backend as the router holds.
+    #[error(
+        "model {model:?} has no ready backend and {held} requests already wait for one; retry later"
+    )]
+    HoldFull { model: String, held: usize },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -59,8 +78,18 @@ struct DeploymentState {
     backends: Vec<BackendState>,
 }
 
+/// One model's requests: received and not finished, and of those, the ones held
+/// while the model has no routable backend. Kept apart from the deployments so that
+/// discovery replacing a model's backends does not lose them.
+#[derive(Default)]
+struct ModelLoad {
+    in_flight: usize,
+    held: usize,
+}
+
 struct State {
     deployments: BTreeMap<String, DeploymentState>,
+    load: BTreeMap<String, ModelLoad>,
     affinity: PrefixLru,
 }
 
@@ -78,8 +107,33 @@ pub(crate) struct Pool {
     state: Mutex<State>,
     metrics: Arc<Metrics>,
     max_queue: usize,
+    max_held: usize,
     connect_timeout: Duration,
     rotate: AtomicUsize,
+    /// Woken when a backend may have become routable (discovery changed, a health
+    /// check passed): held requests try again.
+    changed: Notify,
+}
+
+/// The pool's limits, from the router's configuration.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct PoolLimits {
+    pub max_queue_per_backend: usize,
+    pub max_held_per_model: usize,
+    pub connect_timeout: Duration,
+    pub affinity_capacity: usize,
+}
+
+/// A request counted in its model's in-flight requests until dropped.
+pub(crate) struct InFlight {
+    pool: Arc<Pool>,
+    model: String,
+}
+
+/// A request counted as held for a backend of its model until dropped.
+pub(crate) struct Held {
+    pool: Arc<Pool>,
+    model: String,
 }
 
 /// One request's claim on a backend; dropping it ends the claim.
@@ -91,22 +145,85 @@ pub(crate) struct Lease {
 }
 
 impl Pool {
-    pub(crate) fn new(
-        metrics: Arc<Metrics>,
-        max_queue: usize,
-        connect_timeout: Duration,
-        affinity_capacity: usize,
-    ) -> Self {
+    pub(crate) fn new(metrics: Arc<Metrics>, limits: PoolLimits) -> Self {
         Self {
             state: Mutex::new(State {
                 deployments: BTreeMap::new(),
-                affinity: PrefixLru::new(affinity_capacity),
+                load: BTreeMap::new(),
+                affinity: PrefixLru::new(limits.affinity_capacity),
             }),
             metrics,
-            max_queue: max_queue.max(1),
-            connect_timeout,
+            max_queue: limits.max_queue_per_backend.max(1),
+            max_held: limits.max_held_per_model,
+            connect_timeout: limits.connect_timeout,
             rotate: AtomicUsize::new(0),
+            changed: Notify::new(),
         }
+    }
+
+    /// Counts a request of `model` in flight until the guard is dropped.
+    pub(crate) fn enter(self: &Arc<Self>, model: &str) -> InFlight {
+        let mut state = self.lock();
+        let load = state.load.entry(model.to_string()).or_default();
+        load.in_flight += 1;
+        self.publish_load(model, load);
+        InFlight {
+            pool: Arc::clone(self),
+            model: model.to_string(),
+        }
+    }
+
+    /// Counts a request of `model` as held for a backend, unless the model already
+    /// holds as many as the router allows.
+    pub(crate) fn hold(self: &Arc<Self>, model: &str) -> Result<Held, PickError> {
+        let mut state = self.lock();
+        let load = state.load.entry(model.to_string()).or_default();
+        if load.held >= self.max_held {
+            return Err(PickError::HoldFull {
+                model: model.to_string(),
+                held: load.held,
+            });
+        }
+        load.held += 1;
+        self.publish_load(model, load);
+        Ok(Held {
+            pool: Arc::clone(self),
+            model: model.to_string(),
+        })
+    }
+
+    /// Resolves when a backend may have become routable; make it (and `enable` it)
+    /// before trying to lease, so that no wake-up falls between the two.
+    pub(crate) fn changed(&self) -> tokio::sync::futures::Notified<'_> {
+        self.changed.notified()
+    }
+
+    fn leave(&self, model: &str, held: bool) {
+        let mut state = self.lock();
+        let Some(load) = state.load.get_mut(model) else {
+            return;
+        };
+        if held {
+            load.held = load.held.saturating_sub(1);
+        } else {
+            load.in_flight = load.in_flight.saturating_sub(1);
+        }
+        self.publish_load(model, load);
+        if load.in_flight == 0 && load.held == 0 {
+            state.load.remove(model);
+        }
+    }
+
+    fn publish_load(&self, model: &str, load: &ModelLoad) {
+        let labels = [model];
+        self.metrics
+            .in_flight
+            .with_label_values(&labels)
+            .set(load.in_flight as i64);
+        self.metrics
+            .held
+            .with_label_values(&labels)
+            .set(load.held as i64);
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -162,6 +279,8 @@ impl Pool {
                 self.forget(&model, &b.id);
             }
         }
+        drop(state);
+        self.changed.notify_waiters();
     }
 
     fn endpoint(&self, uri: &str) -> Result<Channel, String> {
@@ -287,9 +406,11 @@ impl Pool {
         let Some(b) = find(&mut state, model, id) else {
             return;
         };
+        let mut routable_again = false;
         if ok {
             if b.health == Health::Ejected {
                 tracing::info!(model, backend = id, "backend healthy again");
+                routable_again = true;
             }
             b.health = Health::Healthy;
             b.failures = 0;
@@ -309,6 +430,10 @@ impl Pool {
             }
         }
         self.publish(model, b);
+        drop(state);
+        if routable_again {
+            self.changed.notify_waiters();
+        }
     }
 
     /// (model, backend id, channel, whether ModelInfo is still wanted).
@@ -388,6 +513,18 @@ fn find<'a>(state: &'a mut State, model: &str, id: &str) -> Option<&'a mut Backe
 impl Drop for Lease {
     fn drop(&mut self) {
         self.pool.release(&self.model, &self.backend);
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.pool.leave(&self.model, false);
+    }
+}
+
+impl Drop for Held {
+    fn drop(&mut self) {
+        self.pool.leave(&self.model, true);
     }
 }
 

@@ -22,9 +22,12 @@ fn pool(max_queue: usize, deployments: &[Deployment]) -> Arc<Pool> {
     let metrics = Arc::new(Metrics::new().unwrap());
     let pool = Arc::new(Pool::new(
         metrics,
-        max_queue,
-        Duration::from_millis(100),
-        16,
+        PoolLimits {
+            max_queue_per_backend: max_queue,
+            max_held_per_model: 2,
+            connect_timeout: Duration::from_millis(100),
+            affinity_capacity: 16,
+        },
     ));
     pool.update(deployments);
     pool

@@ -8,7 +8,7 @@
 //! and has a port named `grpc`; the endpoint-slice controller labels that
 //! Service's slices `kubernetes.io/service-name: <md>`.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::net::Ipv6Addr;
 
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointSlice};
@@ -37,6 +37,21 @@ fn served_model_name(md: &DynamicObject) -> Option<&str> {
         .and_then(serde_json::Value::as_str)
         .filter(|s| !s.is_empty())
         .or(md.metadata.name.as_deref())
+}
+
+/// The leader pods (`<group>-0`) of the groups the operator drains: it lists them
+/// in `status.groups[]` with phase `Draining` until their streams have finished and
+/// it deletes them. They get nothing new.
+fn draining_leaders(md: &DynamicObject) -> HashSet<String> {
+    md.data
+        .pointer("/status/groups")
+        .and_then(serde_json::Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter(|g| g.get("phase").and_then(serde_json::Value::as_str) == Some("Draining"))
+        .filter_map(|g| g.get("name").and_then(serde_json::Value::as_str))
+        .map(|group| format!("{group}-0"))
+        .collect()
 }
 
 /// Ready and not terminating; a condition left unset counts as ready, as the
@@ -81,6 +96,8 @@ pub(super) fn translate<'a>(
 ) -> Translation {
     // (namespace, Service name = ModelDeployment name) -> served model name.
     let mut services: HashMap<(&str, &str), &str> = HashMap::new();
+    // (namespace, pod) of the leaders of draining groups.
+    let mut draining: HashSet<(&str, String)> = HashSet::new();
     let mut models: BTreeMap<String, BTreeMap<String, Backend>> = BTreeMap::new();
     for md in model_deployments {
         let Some(name) = md.metadata.name.as_deref() else {
@@ -89,6 +106,7 @@ pub(super) fn translate<'a>(
         let namespace = md.metadata.namespace.as_deref().unwrap_or_default();
         let model = served_model_name(md).unwrap_or(name);
         services.insert((namespace, name), model);
+        draining.extend(draining_leaders(md).into_iter().map(|pod| (namespace, pod)));
         models.entry(model.to_string()).or_default();
     }
 
@@ -132,6 +150,9 @@ pub(super) fn translate<'a>(
                 .filter(|r| r.kind.as_deref().is_none_or(|k| k == "Pod"))
                 .and_then(|r| r.name.as_deref())
                 .unwrap_or(address);
+            if draining.contains(&(namespace, who.to_string())) {
+                continue;
+            }
             let id = format!("{namespace}/{who}");
             // The same pod can sit in two slices while the controller moves it.
             backends.entry(id.clone()).or_insert_with(|| Backend {
@@ -217,6 +238,27 @@ mod tests {
             }]
         );
         assert!(t.warnings.is_empty());
+    }
+
+    #[test]
+    fn the_leaders_of_draining_groups_get_nothing_new() {
+        let mut md_value = md_json("ml", "llama", None);
+        md_value["status"] = json!({"groups": [
+            {"name": "llama-g0", "phase": "Serving"},
+            {"name": "llama-g1", "phase": "Draining"},
+        ]});
+        let mds = [serde_json::from_value::<DynamicObject>(md_value).unwrap()];
+        let slices = [slice(
+            "ml",
+            "llama-abc",
+            "llama",
+            grpc(),
+            vec![ready("llama-g0-0", "10.0.0.5"), ready("llama-g1-0", "10.0.1.5")],
+        )];
+        assert_eq!(
+            shape(&translate(&mds, &slices)),
+            [("llama".to_string(), ids(&["ml/llama-g0-0"]))]
+        );
     }
 
     #[test]
