@@ -9,6 +9,7 @@ pub mod controller;
 pub mod crd;
 mod health;
 pub mod leader;
+pub mod load;
 pub mod plan;
 mod run;
 

@@ -11,9 +11,7 @@ use futures::StreamExt;
 use serde_json::{Value, json};
 use shardserve_e2e::demo_model;
 use shardserve_proto::v1 as pb;
-use shardserve_router::{
-    Backend, Deployment, Listeners, RouterConfig, StaticDiscovery, serve_on,
-};
+use shardserve_router::{Backend, Deployment, Listeners, RouterConfig, StaticDiscovery, serve_on};
 use shardserve_worker::engine::{Engine, EngineHandle, EngineOptions};
 use tokio::sync::oneshot;
 

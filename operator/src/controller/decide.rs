@@ -36,6 +36,13 @@ pub fn restart_backoff(count: u32) -> Duration {
         .min(RESTART_BACKOFF_MAX)
 }
 
+/// How long after a group is marked draining the routers' count of its requests is
+/// trusted: by then every router has seen the mark (they watch the status) and
+/// sends it nothing new, so no request can start on it after a count of zero.
+pub const DRAIN_SETTLE: Duration = Duration::from_secs(10);
+/// How often a draining group is looked at.
+pub const DRAIN_RECHECK: Duration = Duration::from_secs(2);
+
 /// What a group's StatefulSet records about it (annotations written with it).
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct GroupRecord {
@@ -57,8 +64,16 @@ pub struct Actions {
     pub restarted: Vec<GroupRestart>,
     /// Stale groups left as they are until the others serve.
     pub waiting: Vec<GroupId>,
-    /// Groups at or above `replicas`: StatefulSet and Service deleted.
+    /// Groups at or above `replicas`, drained: StatefulSet and Service deleted.
     pub removed: Vec<GroupId>,
+    /// Groups leaving (scale-down, or a roll of one that serves) that finish their
+    /// streams first: shown `Draining`, so the routers send them nothing new.
+    pub draining: Vec<GroupId>,
+    /// Of those, the ones that begin now: their StatefulSet gets
+    /// [`super::labels::DRAINING_SINCE_ANNOTATION`].
+    pub drain: Vec<GroupId>,
+    /// Groups that stay (scaled back up, or rolled) whose draining mark is cleared.
+    pub undrain: Vec<GroupId>,
     /// Come back this soon (a restart held back by its backoff).
     pub requeue_after: Option<Duration>,
     /// What each applied group's StatefulSet records.
@@ -83,7 +98,14 @@ impl Actions {
             && self.restarted.is_empty()
             && self.waiting.is_empty()
             && self.removed.is_empty()
+            && self.draining.is_empty()
+            && self.undrain.is_empty()
             && self.requeue_after.is_none()
+    }
+
+    /// Come back within `after` at the latest.
+    fn requeue_within(&mut self, after: Duration) {
+        self.requeue_after = Some(self.requeue_after.map_or(after, |a| a.min(after)));
     }
 
     /// Whether group `id` is being restarted or rolled now.
@@ -145,6 +167,9 @@ pub fn decide(
             continue;
         }
         actions.apply.push(id);
+        if obs.draining_since.is_some() {
+            actions.undrain.push(id);
+        }
         let mut record = GroupRecord {
             formed_with: obs.formed_with.clone(),
             restarts: obs.restarts.clone(),
@@ -176,8 +201,7 @@ pub fn decide(
                 };
                 actions.restarted.push(restart(id, obs, failure));
             } else {
-                let wait = backoff - since;
-                actions.requeue_after = Some(actions.requeue_after.map_or(wait, |w| w.min(wait)));
+                actions.requeue_within(backoff - since);
             }
         } else {
             if record.formed_with.is_none() && !obs.terminating() {
@@ -198,11 +222,18 @@ pub fn decide(
         formed_with: None,
         restarts: obs.restarts.clone(),
     };
+    let rolls = |actions: &mut Actions, id: GroupId, obs: &GroupObserved, hash: &str| {
+        actions.apply.push(id);
+        actions.rolled.push(roll(id, obs, hash));
+        actions.records.insert(id, rolled_record(obs));
+        // Its new pods serve again once ready.
+        if obs.draining_since.is_some() {
+            actions.undrain.push(id);
+        }
+    };
     for &(id, obs, hash) in &stale {
         if !ready(id) {
-            actions.apply.push(id);
-            actions.rolled.push(roll(id, obs, hash));
-            actions.records.insert(id, rolled_record(obs));
+            rolls(&mut actions, id, obs, hash);
         }
     }
     let mut ready_stale = stale.iter().filter(|(id, ..)| ready(*id));
@@ -213,22 +244,83 @@ pub fn decide(
             .filter(|g| g.id != id)
             .all(|g| ready(g.id) && !actions.restarting(g.id));
         if others_serve {
-            actions.apply.push(id);
-            actions.rolled.push(roll(id, obs, hash));
-            actions.records.insert(id, rolled_record(obs));
+            // A group that serves finishes its streams before its pods go.
+            match drain_state(obs, topology, desired.drain_timeout, now) {
+                Drain::Done => rolls(&mut actions, id, obs, hash),
+                drain => actions.drains(id, drain),
+            }
         } else {
             actions.waiting.push(id);
         }
     }
     actions.waiting.extend(ready_stale.map(|(id, ..)| *id));
     actions.apply.sort();
-    actions.removed = observed
+    let leaving = observed
         .groups
         .iter()
-        .filter(|(id, g)| id.0 >= topology.groups && (g.statefulset.is_some() || g.service))
-        .map(|(id, _)| *id)
-        .collect();
+        .filter(|(id, g)| id.0 >= topology.groups && (g.statefulset.is_some() || g.service));
+    for (&id, obs) in leaving {
+        match drain_state(obs, topology, desired.drain_timeout, now) {
+            Drain::Done => actions.removed.push(id),
+            drain => actions.drains(id, drain),
+        }
+    }
     actions
+}
+
+/// Where a leaving group's drain stands.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Drain {
+    /// It serves and is not marked yet.
+    Start,
+    /// Its streams may still run: look again within this.
+    Wait(Duration),
+    /// Nothing runs on it any more (the routers counted none once they had seen the
+    /// mark), it serves nothing, or the drain timeout has passed.
+    Done,
+}
+
+fn drain_state(
+    obs: &GroupObserved,
+    topology: &Topology,
+    timeout: Duration,
+    now: Timestamp,
+) -> Drain {
+    // A group that does not serve has no streams to finish.
+    if !obs.is_ready(topology.pods_per_group) {
+        return Drain::Done;
+    }
+    let Some(since) = obs.draining_since else {
+        return match timeout.is_zero() {
+            true => Drain::Done,
+            false => Drain::Start,
+        };
+    };
+    let waited = elapsed(since, now);
+    if waited >= timeout {
+        return Drain::Done;
+    }
+    let idle = obs
+        .outstanding
+        .is_some_and(|(at, n)| n == 0 && elapsed(since, at) >= DRAIN_SETTLE);
+    match idle {
+        true => Drain::Done,
+        false => Drain::Wait(DRAIN_RECHECK.min(timeout - waited)),
+    }
+}
+
+impl Actions {
+    fn drains(&mut self, id: GroupId, drain: Drain) {
+        self.draining.push(id);
+        match drain {
+            Drain::Start => {
+                self.drain.push(id);
+                self.requeue_within(DRAIN_RECHECK);
+            }
+            Drain::Wait(after) => self.requeue_within(after),
+            Drain::Done => {}
+        }
+    }
 }
 
 /// Deletes the pods that run an old spec (a roll interrupted halfway

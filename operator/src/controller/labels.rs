@@ -34,6 +34,11 @@ pub const POD_UIDS_ANNOTATION: &str = "shardserve.io/pod-uids";
 /// memory; the operator keeps no state of its own).
 pub const RESTARTS_ANNOTATION: &str = "shardserve.io/restarts";
 
+/// Annotation on a group's StatefulSet: when it began to drain (RFC 3339). The
+/// group is shown `Draining` in the status, so the routers send it nothing new, and
+/// is deleted (scale-down) or restarted (a roll) once its streams have finished.
+pub const DRAINING_SINCE_ANNOTATION: &str = "shardserve.io/draining-since";
+
 /// The `app.kubernetes.io/name` of worker pods (as the chart's PodMonitor
 /// selects them).
 pub const APP_NAME: &str = "shardserve";

@@ -10,8 +10,8 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use k8s_openapi::jiff::Timestamp;
 
 use super::labels::{
-    GROUP_LABEL, GroupId, MANAGED_BY, MANAGED_BY_LABEL, POD_INDEX_LABEL, POD_UIDS_ANNOTATION,
-    RESTARTS_ANNOTATION, SPEC_HASH_ANNOTATION,
+    DRAINING_SINCE_ANNOTATION, GROUP_LABEL, GroupId, MANAGED_BY, MANAGED_BY_LABEL, POD_INDEX_LABEL,
+    POD_UIDS_ANNOTATION, RESTARTS_ANNOTATION, SPEC_HASH_ANNOTATION,
 };
 use super::progress::PodLoad;
 
@@ -33,6 +33,12 @@ pub struct GroupObserved {
     pub formed_with: Option<Vec<String>>,
     /// Its restarts so far ([`RESTARTS_ANNOTATION`]).
     pub restarts: Restarts,
+    /// When it began to drain ([`DRAINING_SINCE_ANNOTATION`]).
+    pub draining_since: Option<Timestamp>,
+    /// Requests the routers have outstanding on its leader, and when they were
+    /// counted; filled in by the reconcile from the routers' load, `None` when
+    /// unknown.
+    pub outstanding: Option<(Timestamp, u64)>,
 }
 
 /// A group's restarts since it last served for a while.
@@ -107,6 +113,8 @@ pub fn observe(statefulsets: &[StatefulSet], services: &[Service], pods: &[Pod])
             group.restarts = annotation(&sts.metadata, RESTARTS_ANNOTATION)
                 .map(|r| Restarts::parse(&r))
                 .unwrap_or_default();
+            group.draining_since =
+                annotation(&sts.metadata, DRAINING_SINCE_ANNOTATION).and_then(|t| t.parse().ok());
         }
     }
     for svc in services {

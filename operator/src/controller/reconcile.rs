@@ -25,11 +25,15 @@ use serde::de::DeserializeOwned;
 use serde_json::json;
 
 use crate::crd::{API_VERSION, GroupPhase, KIND, ModelDeployment, ModelDeploymentStatus};
+use crate::load::LoadBoard;
 
 use super::check::{Topology, check};
 use super::decide::{Actions, GroupRestart, decide};
 use super::desired::{BuildError, Desired, WorkerSettings, desired};
-use super::labels::{FIELD_MANAGER, GRPC_PORT, GroupId, group_name, model_selector, service_name};
+use super::labels::{
+    DRAINING_SINCE_ANNOTATION, FIELD_MANAGER, GRPC_PORT, GroupId, group_name, model_selector,
+    service_name,
+};
 use super::metrics::{Metrics, ReconcileResult};
 use super::observe::{Observed, observe};
 use super::progress::ask_pods;
@@ -55,6 +59,9 @@ pub struct Context {
     pub metrics: Arc<Metrics>,
     /// The time (fixed in tests).
     pub clock: fn() -> Timestamp,
+    /// The routers' latest load (the autoscaler keeps it): when a draining group
+    /// has finished its streams.
+    pub load: Arc<LoadBoard>,
     /// Consecutive failures per deployment, for [`error_policy`]'s backoff.
     failures: Mutex<HashMap<ObjectRef<ModelDeployment>, u32>>,
 }
@@ -72,6 +79,7 @@ impl Context {
             settings,
             metrics,
             clock: Timestamp::now,
+            load: Arc::default(),
             failures: Mutex::default(),
         }
     }
@@ -197,9 +205,19 @@ async fn reconcile_once(
     let desired = desired(md, &topology, &ctx.settings)?;
     let objects = Objects::new(&ctx.client, &namespace);
     let mut observed = objects.observe(&name).await?;
+    for (id, group) in &mut observed.groups {
+        let leader = format!("{namespace}/{}-0", group_name(&name, *id));
+        group.outstanding = ctx.load.outstanding(&leader);
+    }
     let actions = decide(&desired, &observed, &topology, now);
 
     objects.apply(&desired, &actions).await?;
+    for id in &actions.drain {
+        objects.mark_draining(&name, *id, Some(now)).await?;
+    }
+    for id in &actions.undrain {
+        objects.mark_draining(&name, *id, None).await?;
+    }
     for id in &actions.removed {
         objects.remove_group(&name, *id).await?;
     }
@@ -288,6 +306,31 @@ impl Objects {
             }
         }
         Ok(())
+    }
+
+    /// Marks a group's StatefulSet as draining since `since`, or clears the mark.
+    /// A merge patch, not part of the applied object: the apply of the groups that
+    /// stay leaves it alone.
+    async fn mark_draining(
+        &self,
+        md: &str,
+        id: GroupId,
+        since: Option<Timestamp>,
+    ) -> Result<(), Error> {
+        let name = group_name(md, id);
+        let patch = json!({"metadata": {"annotations": {
+            DRAINING_SINCE_ANNOTATION: since.map(|t| t.to_string()),
+        }}});
+        let params = PatchParams {
+            field_manager: Some(FIELD_MANAGER.into()),
+            ..PatchParams::default()
+        };
+        gone_is_fine(
+            self.statefulsets
+                .patch(&name, &params, &Patch::Merge(&patch))
+                .await,
+        )
+        .map_err(api_error("patch", format!("StatefulSet {name}")))
     }
 
     /// Deletes a group's StatefulSet (its pods follow) and Service.
@@ -392,6 +435,14 @@ async fn announce(
             )
         };
         publish(ctx, md, event(EventType::Normal, reason, "Create", note)).await;
+    }
+    for id in &actions.drain {
+        let note = format!(
+            "group {id}: draining (the routers send it nothing new; deleted or restarted once its streams have finished, within {} s)",
+            md.spec.drain_timeout().as_secs()
+        );
+        let event = event(EventType::Normal, "DrainingGroup", "Drain", note);
+        publish(ctx, md, about_group(event, md, *id)).await;
     }
     if !actions.removed.is_empty() {
         let groups = list(actions.removed.iter().map(|id| group_name(&name, *id)));

@@ -148,7 +148,7 @@ fn group_phase(
     topology: &Topology,
     actions: &Actions,
 ) -> (GroupPhase, Option<String>) {
-    if id.0 >= topology.groups {
+    if id.0 >= topology.groups || actions.draining.contains(&id) {
         return (GroupPhase::Draining, None);
     }
     if let Some(restart) = actions.restarted.iter().find(|r| r.id == id) {

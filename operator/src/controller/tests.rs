@@ -19,10 +19,12 @@ use serde_json::{Value, json};
 use tower_test::mock::{Handle, SendResponse};
 
 use super::fixtures::{
-    NAMESPACE, UID, demo, demo_tp3, desired_of, existing, loading, now, pod, restarted, settings,
+    NAMESPACE, UID, ago, demo, demo_tp3, desired_of, existing, loading, now, pod, restarted,
+    settings,
 };
 use super::{Context, Error, Metrics, error_policy, reconcile};
-use crate::crd::{ModelDeployment, ModelDeploymentStatus};
+use crate::crd::{GroupPhase, ModelDeployment, ModelDeploymentStatus};
+use crate::load::RouterLoad;
 
 const STATEFULSETS: &str = "/apis/apps/v1/namespaces/models/statefulsets";
 const SERVICES: &str = "/api/v1/namespaces/models/services";
@@ -220,7 +222,23 @@ where
     Fut: Future<Output = T> + Send + 'static,
     T: Send + 'static,
 {
+    scripted_with(md, None, script).await
+}
+
+/// [`scripted`], the routers having counted `load` (at its time) before.
+async fn scripted_with<T, Fut>(
+    md: &ModelDeployment,
+    load: Option<(k8s_openapi::jiff::Timestamp, RouterLoad)>,
+    script: impl FnOnce(ApiServer) -> Fut,
+) -> (Result<Action, Error>, T, Arc<Context>)
+where
+    Fut: Future<Output = T> + Send + 'static,
+    T: Send + 'static,
+{
     let (ctx, server) = context();
+    if let Some((at, load)) = load {
+        ctx.load.set(at, load);
+    }
     let task = tokio::spawn(script(server));
     let result = reconcile(Arc::new(md.clone()), ctx.clone()).await;
     let out = match task.await {
@@ -357,9 +375,11 @@ async fn scaling_up_creates_the_new_groups() {
 }
 
 #[tokio::test]
-async fn scaling_down_deletes_the_extra_groups() {
-    let md = demo(1);
-    let big = demo(3);
+async fn scaling_down_without_a_drain_deletes_the_extra_groups() {
+    let mut md = demo(1);
+    md.spec.drain_timeout_seconds = Some(0);
+    let mut big = demo(3);
+    big.spec.drain_timeout_seconds = Some(0);
     let (statefulsets, services) = existing(&big, &[0, 1, 2], None);
     let desired = desired_of(&big);
     let pods: Vec<Pod> = (0..3)
@@ -534,6 +554,8 @@ async fn a_pod_recreated_before_the_operator_looked_restarts_its_group() {
 #[tokio::test]
 async fn a_spec_change_rolls_one_group_per_reconcile_while_the_others_serve() {
     let mut md = demo(3);
+    // No drain here (see the drain tests).
+    md.spec.drain_timeout_seconds = Some(0);
     md.spec.engine.max_seq_len = Some(4096);
     md.metadata.generation = Some(2);
     let desired = desired_of(&md);
@@ -792,4 +814,103 @@ async fn the_controller_watches_its_objects_and_reconciles_what_it_lists() {
         ]
     );
     assert_eq!(status["replicas"], 1);
+}
+
+/// The routers' load with `n` requests outstanding on `backend`.
+fn outstanding(backend: &str, n: u64) -> RouterLoad {
+    RouterLoad::from_metrics(&format!(
+        "shardserve_router_backend_outstanding_requests{{backend=\"{backend}\",model=\"smollm2\"}} {n}\n"
+    ))
+}
+
+#[tokio::test]
+async fn scaling_down_drains_a_serving_group_before_deleting_it() {
+    let md = demo(1);
+    let two = desired_of(&demo(2));
+    let (statefulsets, services) = existing(&demo(2), &[0, 1], None);
+    let pods: Vec<Pod> = (0..2)
+        .map(|g| pod("smollm2", g, 0, &two.groups[g as usize].spec_hash))
+        .collect();
+
+    // 1. Group 1 serves: marked draining, shown Draining (the routers leave it),
+    //    not deleted.
+    let (sts1, svcs1, pods1, script_md) = (
+        statefulsets.clone(),
+        services.clone(),
+        pods.clone(),
+        md.clone(),
+    );
+    let (result, (mark, status, events), _) = scripted(&md, move |mut api| async move {
+        api.observe(&sts1, &svcs1, &pods1).await;
+        api.apply(&svc("smollm2")).await;
+        api.apply(&pdb("smollm2")).await;
+        api.apply(&svc("smollm2-g0")).await;
+        api.apply(&sts("smollm2-g0")).await;
+        let call = api.expect(Method::PATCH, &sts("smollm2-g1")).await;
+        assert!(
+            call.query.contains("fieldManager=shardserve-operator"),
+            "{}",
+            call.query
+        );
+        let mark = call.echo();
+        let status = api.status(&script_md).await;
+        (mark, status, api.done().await)
+    })
+    .await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(2)));
+    assert_eq!(
+        mark,
+        json!({"metadata": {"annotations": {"shardserve.io/draining-since": now().to_string()}}})
+    );
+    let g1 = &status.groups[1];
+    assert_eq!(
+        (g1.name.as_str(), g1.phase),
+        ("smollm2-g1", GroupPhase::Draining)
+    );
+    assert_eq!(reasons(&events), ["DrainingGroup"]);
+
+    // 2. Marked 30 s ago; the routers still count 2 streams on it: kept.
+    let mut marked = statefulsets.clone();
+    marked[1]
+        .metadata
+        .annotations
+        .get_or_insert_default()
+        .insert("shardserve.io/draining-since".into(), ago(30).to_string());
+    let busy = outstanding("models/smollm2-g1-0", 2);
+    let (sts2, svcs2, pods2, script_md) =
+        (marked.clone(), services.clone(), pods.clone(), md.clone());
+    let (result, (status, events), _) =
+        scripted_with(&md, Some((ago(1), busy)), move |mut api| async move {
+            api.observe(&sts2, &svcs2, &pods2).await;
+            api.apply(&svc("smollm2")).await;
+            api.apply(&pdb("smollm2")).await;
+            api.apply(&svc("smollm2-g0")).await;
+            api.apply(&sts("smollm2-g0")).await;
+            let status = api.status(&script_md).await;
+            (status, api.done().await)
+        })
+        .await;
+    assert_eq!(result.unwrap(), Action::requeue(Duration::from_secs(2)));
+    assert_eq!(status.groups[1].phase, GroupPhase::Draining);
+    assert!(events.is_empty(), "{events:?}");
+
+    // 3. The routers count none on it: deleted.
+    let idle = outstanding("models/smollm2-g1-0", 0);
+    let script_md = md.clone();
+    let (result, (status, events), _) =
+        scripted_with(&md, Some((ago(1), idle)), move |mut api| async move {
+            api.observe(&marked, &services, &pods).await;
+            api.apply(&svc("smollm2")).await;
+            api.apply(&pdb("smollm2")).await;
+            api.apply(&svc("smollm2-g0")).await;
+            api.apply(&sts("smollm2-g0")).await;
+            api.delete(&sts("smollm2-g1"), StatusCode::OK).await;
+            api.delete(&svc("smollm2-g1"), StatusCode::OK).await;
+            let status = api.status(&script_md).await;
+            (status, api.done().await)
+        })
+        .await;
+    result.unwrap();
+    assert_eq!((status.replicas, status.ready_replicas), (1, 1));
+    assert_eq!(reasons(&events), ["ScaledDown"]);
 }

@@ -146,7 +146,21 @@ pub struct ModelDeploymentSpec {
     /// Bounds within which an autoscaler may change `replicas`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingSpec>,
+
+    /// How long a group leaving (scale-down, or a changed spec rolling it) may take
+    /// to finish its streams: the routers send it nothing new, and it is deleted
+    /// once idle or after this long. Its pods' termination grace period is this plus
+    /// 30 s. Default 300.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(max = 86400))]
+    pub drain_timeout_seconds: Option<u32>,
 }
+
+/// [`ModelDeploymentSpec::drain_timeout_seconds`]'s default.
+pub const DEFAULT_DRAIN_TIMEOUT_SECONDS: u32 = 300;
+/// What a pod's termination grace period adds to the drain timeout: time for the
+/// worker to finish its streams after SIGTERM and exit.
+pub const TERMINATION_GRACE_EXTRA_SECONDS: u32 = 30;
 
 impl ModelDeploymentSpec {
     /// A spec serving `source` with every other field at its default.
@@ -165,7 +179,16 @@ impl ModelDeploymentSpec {
             image: None,
             lora_adapters: Vec::new(),
             autoscaling: None,
+            drain_timeout_seconds: None,
         }
+    }
+
+    /// How long a leaving group may take to finish its streams.
+    pub fn drain_timeout(&self) -> std::time::Duration {
+        let seconds = self
+            .drain_timeout_seconds
+            .unwrap_or(DEFAULT_DRAIN_TIMEOUT_SECONDS);
+        std::time::Duration::from_secs(seconds.into())
     }
 }
 

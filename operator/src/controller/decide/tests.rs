@@ -5,9 +5,12 @@ use crate::controller::check::check;
 use crate::controller::fixtures::{
     ago, demo, demo_tp3, desired_of, existing, loading, now, pod, restarted,
 };
-use crate::controller::labels::{POD_UIDS_ANNOTATION, RESTARTS_ANNOTATION};
+use crate::controller::labels::{
+    DRAINING_SINCE_ANNOTATION, POD_UIDS_ANNOTATION, RESTARTS_ANNOTATION,
+};
 use crate::controller::observe::{Restarts, observe};
 use crate::crd::ModelDeployment;
+use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -27,6 +30,73 @@ fn ids(ids: &[u32]) -> Vec<GroupId> {
     ids.iter().copied().map(GroupId).collect()
 }
 
+/// `sts` as the operator marks a group draining since `since`.
+fn marked_draining(mut sts: StatefulSet, since: Timestamp) -> StatefulSet {
+    sts.metadata
+        .annotations
+        .get_or_insert_default()
+        .insert(DRAINING_SINCE_ANNOTATION.into(), since.to_string());
+    sts
+}
+
+/// Scale 2 → 1 with both groups serving: group 1 drained since `since` (if
+/// marked), the routers counting `outstanding` on it at `counted`.
+fn scale_down(since: Option<Timestamp>, outstanding: Option<(Timestamp, u64)>) -> Actions {
+    let md = demo(1);
+    let pods: Vec<Pod> = (0..2)
+        .map(|g| pod("smollm2", g, 0, &hash(&demo(2), g)))
+        .collect();
+    let (mut statefulsets, services) = existing(&md, &[0, 1], None);
+    if let Some(since) = since {
+        statefulsets[1] = marked_draining(statefulsets[1].clone(), since);
+    }
+    let mut observed = observe(&statefulsets, &services, &pods);
+    observed.groups.get_mut(&GroupId(1)).unwrap().outstanding = outstanding;
+    decide(&desired_of(&md), &observed, &check(&md).unwrap(), now())
+}
+
+#[test]
+fn a_serving_group_scaled_away_drains_before_it_is_deleted() {
+    // Not marked yet: marked now, kept, looked at again soon.
+    let start = scale_down(None, Some((now(), 0)));
+    assert_eq!(
+        (start.drain.clone(), start.draining.clone()),
+        (ids(&[1]), ids(&[1]))
+    );
+    assert!(start.removed.is_empty());
+    assert_eq!(start.requeue_after, Some(DRAIN_RECHECK));
+    // Streams still run on it: kept.
+    let busy = scale_down(Some(ago(60)), Some((ago(1), 3)));
+    assert!(busy.removed.is_empty() && busy.drain.is_empty());
+    assert_eq!(busy.draining, ids(&[1]));
+    // A count of zero from before the routers saw the mark proves nothing.
+    let early = scale_down(Some(ago(60)), Some((ago(55), 0)));
+    assert!(early.removed.is_empty());
+    // No count at all (no routers to ask): kept until the timeout.
+    assert!(scale_down(Some(ago(60)), None).removed.is_empty());
+    // Idle since the routers saw the mark: deleted.
+    let idle = scale_down(Some(ago(60)), Some((ago(1), 0)));
+    assert_eq!(idle.removed, ids(&[1]));
+    assert!(idle.draining.is_empty());
+    // Busy, but the drain timeout (300 s) has passed: deleted.
+    let late = scale_down(Some(ago(301)), Some((ago(1), 3)));
+    assert_eq!(late.removed, ids(&[1]));
+}
+
+#[test]
+fn a_group_scaled_back_up_while_draining_serves_again() {
+    let md = demo(2);
+    let pods: Vec<Pod> = (0..2)
+        .map(|g| pod("smollm2", g, 0, &hash(&md, g)))
+        .collect();
+    let (mut statefulsets, services) = existing(&md, &[0, 1], None);
+    statefulsets[1] = marked_draining(statefulsets[1].clone(), ago(30));
+    let observed = observe(&statefulsets, &services, &pods);
+    let actions = decide(&desired_of(&md), &observed, &check(&md).unwrap(), now());
+    assert_eq!(actions.undrain, ids(&[1]));
+    assert!(actions.draining.is_empty() && actions.removed.is_empty());
+}
+
 #[test]
 fn a_new_deployment_creates_every_group() {
     let actions = decide_for(&demo(2), &[], false, &[]);
@@ -43,6 +113,7 @@ fn scaling_adds_and_removes_whole_groups() {
     assert_eq!(up.created, ids(&[1, 2]));
     assert_eq!(up.apply, ids(&[0, 1, 2]));
 
+    // Groups that serve nothing have nothing to drain.
     let md = demo(1);
     let down = decide_for(&md, &[0, 1, 2], false, &[]);
     assert_eq!(down.removed, ids(&[1, 2]));
@@ -297,7 +368,21 @@ fn a_single_rank_is_left_to_the_kubelet() {
 fn a_changed_spec_rolls_one_serving_group_while_the_others_serve() {
     let md = demo(3);
     let old: Vec<Pod> = (0..3).map(|g| pod("smollm2", g, 0, "old")).collect();
+    // Group 0 serves: it drains first.
     let actions = decide_for(&md, &[0, 1, 2], true, &old);
+    assert!(actions.rolled.is_empty());
+    assert_eq!(
+        (actions.drain.clone(), actions.draining.clone()),
+        (ids(&[0]), ids(&[0]))
+    );
+    assert_eq!(actions.waiting, ids(&[1, 2]));
+    // Drained (the routers count nothing on it since the mark): it rolls.
+    let (mut statefulsets, services) = existing(&md, &[0, 1, 2], Some("old"));
+    statefulsets[0] = marked_draining(statefulsets[0].clone(), ago(15));
+    let mut observed = observe(&statefulsets, &services, &old);
+    observed.groups.get_mut(&GroupId(0)).unwrap().outstanding = Some((ago(1), 0));
+    let actions = decide(&desired_of(&md), &observed, &check(&md).unwrap(), now());
+    assert_eq!(actions.undrain, ids(&[0]), "its new pods serve once ready");
     assert_eq!(actions.rolled.len(), 1);
     assert_eq!(actions.rolled[0].id, GroupId(0));
     assert_eq!(actions.rolled[0].why, hash(&md, 0));
@@ -315,14 +400,12 @@ fn a_changed_spec_rolls_one_serving_group_while_the_others_serve() {
     assert_eq!(actions.waiting, ids(&[1, 2]));
     assert_eq!(actions.apply, ids(&[0]));
 
-    // Group 0 serves: group 1 is next.
+    // Group 0 serves: group 1 is next, drained first.
     pods[0] = pod("smollm2", 0, 0, &hash(&md, 0));
     let observed = observe(&statefulsets, &services, &pods);
     let actions = decide(&desired_of(&md), &observed, &check(&md).unwrap(), now());
-    assert_eq!(
-        actions.rolled.iter().map(|r| r.id).collect::<Vec<_>>(),
-        ids(&[1])
-    );
+    assert!(actions.rolled.is_empty());
+    assert_eq!(actions.drain, ids(&[1]));
     assert_eq!(actions.waiting, ids(&[2]));
 }
 

@@ -48,6 +48,8 @@ pub struct Desired {
     pub disruption_budget: k8s_openapi::api::policy::v1::PodDisruptionBudget,
     /// Groups `0..replicas`.
     pub groups: Vec<DesiredGroup>,
+    /// How long a leaving group may take to finish its streams.
+    pub drain_timeout: std::time::Duration,
 }
 
 /// One replica group's objects.
@@ -107,6 +109,7 @@ pub fn desired(
         service: service::leaders(&owner),
         disruption_budget: disruption::budget(&owner),
         groups,
+        drain_timeout: md.spec.drain_timeout(),
     })
 }
 

@@ -84,6 +84,11 @@ pub(super) fn pod_spec(group: &GroupContext<'_>) -> PodSpec {
         node_selector: (!spec.node_selector.is_empty()).then(|| spec.node_selector.clone()),
         tolerations: (!spec.tolerations.is_empty()).then(|| spec.tolerations.clone()),
         affinity: Some(affinity(group)),
+        // A worker told to stop finishes its streams first.
+        termination_grace_period_seconds: Some(
+            spec.drain_timeout().as_secs() as i64
+                + i64::from(crate::crd::TERMINATION_GRACE_EXTRA_SECONDS),
+        ),
         security_context: Some(PodSecurityContext {
             run_as_non_root: Some(true),
             run_as_user: Some(USER),

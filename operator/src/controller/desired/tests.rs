@@ -151,6 +151,7 @@ fn the_demo_statefulset_is_one_pod_of_one_rank() {
                             "runAsUser": 65532,
                             "seccompProfile": {"type": "RuntimeDefault"}
                         },
+                        "terminationGracePeriodSeconds": 330,
                         "affinity": {"podAntiAffinity": {
                             "preferredDuringSchedulingIgnoredDuringExecution": [{
                                 "weight": 100,
@@ -376,7 +377,7 @@ fn the_spec_hash_follows_what_the_pods_run() {
     assert_eq!(changed.groups[0].spec_hash.len(), 16);
     // What the demo's pods run, pinned: an operator upgrade that changes
     // it restarts every group of every deployment (one at a time).
-    assert_eq!(base.groups[0].spec_hash, "7a53887d3d8008d4");
+    assert_eq!(base.groups[0].spec_hash, "1b76bdf85c921b16");
 }
 
 #[test]

@@ -253,7 +253,10 @@ mod tests {
             "llama-abc",
             "llama",
             grpc(),
-            vec![ready("llama-g0-0", "10.0.0.5"), ready("llama-g1-0", "10.0.1.5")],
+            vec![
+                ready("llama-g0-0", "10.0.0.5"),
+                ready("llama-g1-0", "10.0.1.5"),
+            ],
         )];
         assert_eq!(
             shape(&translate(&mds, &slices)),
