@@ -46,6 +46,20 @@ pub struct OperatorArgs {
     /// This replica's name in the Lease and in events (default: POD_NAME, else the host name).
     #[arg(long, env = "POD_NAME")]
     pub identity: Option<String>,
+    /// The router Service, `NAMESPACE/NAME`, whose pods' `/metrics` give the load:
+    /// the builtin autoscaler scales on it and draining groups wait for their streams
+    /// by it. Without it, builtin autoscaling does nothing and drains last their timeout.
+    #[arg(long, value_name = "NAMESPACE/NAME", value_parser = parse_service)]
+    pub router_service: Option<(String, String)>,
+}
+
+fn parse_service(text: &str) -> Result<(String, String), String> {
+    match text.split_once('/') {
+        Some((ns, name)) if !ns.is_empty() && !name.is_empty() && !name.contains('/') => {
+            Ok((ns.to_string(), name.to_string()))
+        }
+        _ => Err(format!("expected NAMESPACE/NAME, got {text:?}")),
+    }
 }
 
 pub fn run(args: OperatorArgs) -> Result<()> {
@@ -69,6 +83,7 @@ pub fn run(args: OperatorArgs) -> Result<()> {
         namespace: args.namespace,
         leader_election,
         identity,
+        router_service: args.router_service,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -84,7 +99,7 @@ mod tests {
     use super::*;
     use clap::Parser;
 
-    #[derive(Parser)]
+    #[derive(Parser, Debug)]
     struct Cli {
         #[command(flatten)]
         args: OperatorArgs,
@@ -100,6 +115,7 @@ mod tests {
             "--leader-election",
             "--leader-election-namespace=shardserve",
             "--leader-election-lease=shardserve-operator",
+            "--router-service=shardserve/shardserve-router",
         ])
         .unwrap();
         let a = cli.args;
@@ -109,6 +125,16 @@ mod tests {
         assert!(a.leader_election);
         assert_eq!(a.leader_election_namespace.as_deref(), Some("shardserve"));
         assert_eq!(a.leader_election_lease, "shardserve-operator");
+        assert_eq!(
+            a.router_service,
+            Some(("shardserve".into(), "shardserve-router".into()))
+        );
+        let bad = Cli::try_parse_from(["operator", "--worker-image=x", "--router-service=router"]);
+        assert!(
+            bad.unwrap_err()
+                .to_string()
+                .contains("expected NAMESPACE/NAME")
+        );
     }
 
     /// The operator points workers at the file `shardserve model fetch`

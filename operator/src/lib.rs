@@ -10,6 +10,8 @@ pub mod crd;
 mod health;
 pub mod leader;
 pub mod load;
+#[cfg(test)]
+mod mock_api;
 pub mod plan;
 mod run;
 

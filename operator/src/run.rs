@@ -1,21 +1,23 @@
-//! `shardserve operator`: the health server, the client, leader election
-//! and the controller, put together. Settings come from the command line
-//! (the CLI parses them); the Kubernetes configuration is the usual one
-//! (in-cluster, else `KUBECONFIG` / `~/.kube/config`).
+//! `shardserve operator`: the health server, the client, leader election,
+//! the controller and the builtin autoscaler, put together. Settings come from
+//! the command line (the CLI parses them); the Kubernetes configuration is the
+//! usual one (in-cluster, else `KUBECONFIG` / `~/.kube/config`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
 
 use kube::api::ListParams;
-use kube::runtime::events::Reporter;
+use kube::runtime::events::{Recorder, Reporter};
 use kube::{Api, Client};
 
+use crate::autoscale::Autoscaler;
 use crate::controller::desired::WorkerSettings;
 use crate::controller::labels::MANAGED_BY;
 use crate::controller::{Context, Metrics, run_controller};
 use crate::crd::ModelDeployment;
 use crate::health::{self, Health};
 use crate::leader::{LeaderElector, LeaseLost, LeaseSettings};
+use crate::load::RouterScraper;
 
 /// Everything `shardserve operator` is told.
 #[derive(Clone, Debug)]
@@ -34,6 +36,9 @@ pub struct OperatorSettings {
     pub leader_election: Option<LeaseSettings>,
     /// This replica's name in events and the Lease (its pod name).
     pub identity: String,
+    /// The router Service (namespace, name) whose pods give the load; without it no
+    /// builtin autoscaling, and draining groups wait their whole timeout.
+    pub router_service: Option<(String, String)>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -96,16 +101,43 @@ pub async fn run(settings: OperatorSettings) -> Result<(), RunError> {
         hub_endpoint: settings.hub_endpoint.clone(),
         cuda: settings.worker_cuda,
     };
-    let ctx = Arc::new(Context::new(
-        client.clone(),
-        worker,
-        reporter,
-        metrics.clone(),
-    ));
+    let autoscaler = match &settings.router_service {
+        Some((ns, name)) => Some(Autoscaler::new(
+            client.clone(),
+            settings.namespace.clone(),
+            RouterScraper::new(client.clone(), ns, name),
+            Arc::default(),
+            Recorder::new(client.clone(), reporter.clone()),
+        )),
+        None => {
+            tracing::warn!(
+                "no --router-service: builtin autoscaling is off, and draining groups wait \
+                 their whole drainTimeoutSeconds"
+            );
+            None
+        }
+    };
+    let mut ctx = Context::new(client.clone(), worker, reporter, metrics.clone());
+    if let Some(autoscaler) = &autoscaler {
+        ctx.load = autoscaler.board();
+    }
+    let ctx = Arc::new(ctx);
+    let lead = async {
+        let autoscale = async {
+            match &autoscaler {
+                Some(autoscaler) => autoscaler.run().await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            () = run_controller(client.clone(), namespace, ctx) => {}
+            () = autoscale => {}
+        }
+    };
     let result = match settings.leader_election {
         None => {
             metrics.leader.set(1);
-            run_controller(client, namespace, ctx).await;
+            lead.await;
             Ok(())
         }
         Some(lease) => {
@@ -119,7 +151,7 @@ pub async fn run(settings: OperatorSettings) -> Result<(), RunError> {
             }
             metrics.leader.set(1);
             let result = tokio::select! {
-                () = run_controller(client, namespace, ctx) => Ok(()),
+                () = lead => Ok(()),
                 lost = elector.hold() => Err(RunError::Lease(lost)),
             };
             metrics.leader.set(0);

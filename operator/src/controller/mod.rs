@@ -21,7 +21,7 @@ mod reconcile;
 pub mod status;
 
 #[cfg(test)]
-mod fixtures;
+pub(crate) mod fixtures;
 #[cfg(test)]
 mod tests;
 #[cfg(test)]

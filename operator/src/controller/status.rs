@@ -7,6 +7,7 @@
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use k8s_openapi::jiff::Timestamp;
 
+use crate::autoscale::{Policy, Record};
 use crate::crd::{ConditionType, GroupPhase, GroupStatus, ModelDeployment, ModelDeploymentStatus};
 
 use super::check::{Refusal, Topology};
@@ -42,7 +43,7 @@ pub fn running_status(
         ready,
         replicas: topology.groups,
     };
-    let conditions = vec![
+    let mut conditions = vec![
         condition(md, ConditionType::Ready, ready_verdict(count), now),
         condition(
             md,
@@ -57,6 +58,9 @@ pub fn running_status(
             now,
         ),
     ];
+    if let Some(verdict) = autoscaling_verdict(md) {
+        conditions.push(condition(md, ConditionType::Autoscaling, verdict, now));
+    }
     let groups = group_statuses(md, topology, observed, actions);
     let progress = groups
         .iter()
@@ -254,6 +258,27 @@ fn progressing_verdict(actions: &Actions, count: Count, not_ready: &[GroupId]) -
 }
 
 /// A rank failure now, or one earlier whose group does not serve yet.
+/// In builtin mode: the autoscaler's last change, from its record.
+fn autoscaling_verdict(md: &ModelDeployment) -> Option<Verdict> {
+    let policy = md.spec.autoscaling.as_ref().and_then(Policy::of)?;
+    let aim = format!(
+        "aiming for {} in-flight request(s) per group, {} to {} group(s)",
+        policy.target, policy.min, policy.max
+    );
+    Some(match Record::of(md).last_change {
+        Some(change) => verdict(
+            true,
+            if change.to > change.from {
+                "ScaledUp"
+            } else {
+                "ScaledDown"
+            },
+            format!("{}; {aim}", change.describe()),
+        ),
+        None => verdict(true, "FollowingLoad", format!("no change yet; {aim}")),
+    })
+}
+
 fn degraded_verdict(md: &ModelDeployment, actions: &Actions, count: Count) -> Verdict {
     if !actions.restarted.is_empty() {
         let failures: Vec<String> = actions
@@ -544,6 +569,68 @@ mod tests {
         assert_eq!(
             group.last_restart_reason.as_deref(),
             Some("container rank-0 of pod smollm2-g0-1 restarted 1 time(s)")
+        );
+    }
+
+    #[test]
+    fn the_autoscaling_condition_tells_the_last_change_in_builtin_mode_only() {
+        use crate::autoscale::{AUTOSCALER_ANNOTATION, Change};
+        use crate::crd::AutoscalingSpec;
+
+        let mut md = crate::controller::fixtures::demo(2);
+        let status_of = |md: &ModelDeployment| {
+            let topology = check(md).unwrap();
+            let observed = observe(&[], &[], &[]);
+            let actions = decide(&desired_of(md), &observed, &topology, now());
+            running_status(md, &topology, &observed, &actions, now())
+        };
+        let autoscaling = |status: &ModelDeploymentStatus| {
+            status
+                .conditions
+                .iter()
+                .find(|c| c.type_ == "Autoscaling")
+                .map(|c| (c.reason.clone(), c.message.clone()))
+        };
+        // Bounds for an HPA: no condition.
+        let mut scaling = AutoscalingSpec {
+            mode: None,
+            min_replicas: 0,
+            max_replicas: 4,
+            target_in_flight_requests: None,
+            scale_up_delay_seconds: None,
+            scale_down_delay_seconds: None,
+        };
+        md.spec.autoscaling = Some(scaling.clone());
+        assert_eq!(autoscaling(&status_of(&md)), None);
+
+        scaling.target_in_flight_requests = Some(6);
+        md.spec.autoscaling = Some(scaling);
+        assert_eq!(
+            autoscaling(&status_of(&md)),
+            Some((
+                "FollowingLoad".into(),
+                "no change yet; aiming for 6 in-flight request(s) per group, 0 to 4 group(s)"
+                    .into()
+            ))
+        );
+        let record = Record {
+            last_change: Some(Change {
+                at: now(),
+                from: 0,
+                to: 2,
+                why: "9 request(s) in flight, 6 per group aimed for".into(),
+            }),
+            ..Record::default()
+        };
+        md.metadata.annotations =
+            Some([(AUTOSCALER_ANNOTATION.to_string(), record.to_json())].into());
+        let (reason, message) = autoscaling(&status_of(&md)).unwrap();
+        assert_eq!(reason, "ScaledUp");
+        assert!(
+            message.starts_with("scaled up from 0 to 2 group(s) at ")
+                && message
+                    .contains(": 9 request(s) in flight, 6 per group aimed for; aiming for 6"),
+            "{message}"
         );
     }
 }

@@ -1,22 +1,18 @@
-//! The reconcile against a scripted API server (kube-rs's `tower-test`
-//! pattern): each test lists the requests it expects, in order, with what
-//! the API server answers, and checks what the reconcile sent. Events are
-//! answered on the side and checked by reason at the end.
+//! The reconcile against a scripted API server ([`mock_api`]): each test lists
+//! the requests it expects, in order, with what the API server answers, and
+//! checks what the reconcile sent. Events are checked by reason at the end.
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use http::{Method, Request, Response, StatusCode};
+use http::{Method, StatusCode};
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{Pod, Service};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
-use kube::Client;
-use kube::client::Body;
 use kube::runtime::controller::Action;
 use kube::runtime::events::Reporter;
 use serde::Serialize;
 use serde_json::{Value, json};
-use tower_test::mock::{Handle, SendResponse};
 
 use super::fixtures::{
     NAMESPACE, UID, ago, demo, demo_tp3, desired_of, existing, loading, now, pod, restarted,
@@ -25,100 +21,16 @@ use super::fixtures::{
 use super::{Context, Error, Metrics, error_policy, reconcile};
 use crate::crd::{GroupPhase, ModelDeployment, ModelDeploymentStatus};
 use crate::load::RouterLoad;
+use crate::mock_api::{self, ApiServer};
 
 const STATEFULSETS: &str = "/apis/apps/v1/namespaces/models/statefulsets";
 const SERVICES: &str = "/api/v1/namespaces/models/services";
 const PODS: &str = "/api/v1/namespaces/models/pods";
 const DEPLOYMENTS: &str = "/apis/shardserve.io/v1alpha1/namespaces/models/modeldeployments";
-const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/models/events";
 const SELECTOR: &str = "labelSelector=shardserve.io%2Fmodel-deployment%3Dsmollm2";
 const APPLY: [&str; 2] = ["fieldManager=shardserve-operator", "force=true"];
 
-/// A request the reconcile made, and the way to answer it.
-struct Call {
-    method: Method,
-    path: String,
-    query: String,
-    body: Value,
-    respond: SendResponse<Response<Body>>,
-}
-
-impl Call {
-    fn reply(self, status: StatusCode, body: &impl Serialize) {
-        let bytes = serde_json::to_vec(body).unwrap();
-        let response = Response::builder()
-            .status(status)
-            .body(Body::from(bytes))
-            .unwrap();
-        self.respond.send_response(response);
-    }
-
-    /// Answers a server-side apply as the API server does: the object.
-    fn echo(self) -> Value {
-        let body = self.body.clone();
-        self.reply(StatusCode::OK, &body);
-        body
-    }
-}
-
-/// The scripted API server.
-struct ApiServer {
-    handle: Handle<Request<Body>, Response<Body>>,
-    /// `(reason, note)` of every event published.
-    events: Vec<(String, String)>,
-}
-
 impl ApiServer {
-    /// The next request that is not an event.
-    async fn next(&mut self) -> Call {
-        loop {
-            let (request, respond) =
-                tokio::time::timeout(Duration::from_secs(5), self.handle.next_request())
-                    .await
-                    .expect("the reconcile stopped making requests")
-                    .expect("the client is gone");
-            let method = request.method().clone();
-            let uri = request.uri().clone();
-            let bytes = request.into_body().collect_bytes().await.unwrap();
-            let body: Value = if bytes.is_empty() {
-                Value::Null
-            } else {
-                serde_json::from_slice(&bytes).unwrap()
-            };
-            if method == Method::POST && uri.path() == EVENTS {
-                let field = |k: &str| body[k].as_str().unwrap_or_default().to_string();
-                self.events.push((field("reason"), field("note")));
-                let call = Call {
-                    method,
-                    path: uri.path().into(),
-                    query: String::new(),
-                    body: body.clone(),
-                    respond,
-                };
-                call.reply(StatusCode::CREATED, &body);
-                continue;
-            }
-            return Call {
-                method,
-                path: uri.path().into(),
-                query: uri.query().unwrap_or_default().into(),
-                body,
-                respond,
-            };
-        }
-    }
-
-    async fn expect(&mut self, method: Method, path: &str) -> Call {
-        let call = self.next().await;
-        assert_eq!(
-            (&call.method, call.path.as_str()),
-            (&method, path),
-            "unexpected request (query {:?})",
-            call.query
-        );
-        call
-    }
-
     /// A list of `what` by the deployment's label, answered with `items`.
     async fn list<T: Serialize>(&mut self, what: &str, items: &[T]) {
         let call = self.expect(Method::GET, what).await;
@@ -181,21 +93,10 @@ impl ApiServer {
         call.reply(StatusCode::OK, &answer);
         status
     }
-
-    /// Nothing more is asked.
-    async fn done(mut self) -> Vec<(String, String)> {
-        let more =
-            tokio::time::timeout(Duration::from_millis(100), self.handle.next_request()).await;
-        if let Ok(Some((request, _))) = more {
-            panic!("unexpected request {} {}", request.method(), request.uri());
-        }
-        self.events
-    }
 }
 
 fn context() -> (Arc<Context>, ApiServer) {
-    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-    let client = Client::new(service, NAMESPACE);
+    let (client, server) = mock_api::pair();
     let reporter = Reporter {
         controller: "shardserve-operator".into(),
         instance: Some("test".into()),
@@ -203,13 +104,7 @@ fn context() -> (Arc<Context>, ApiServer) {
     let metrics = Arc::new(Metrics::new().unwrap());
     let mut ctx = Context::new(client, settings(), reporter, metrics);
     ctx.clock = now;
-    (
-        Arc::new(ctx),
-        ApiServer {
-            handle,
-            events: Vec::new(),
-        },
-    )
+    (Arc::new(ctx), server)
 }
 
 /// Runs one reconcile of `md` while `script` plays the API server;

@@ -111,6 +111,9 @@ pub enum ConditionType {
     /// The spec cannot run as written (it does not fit, or is invalid), or
     /// groups keep failing.
     Degraded,
+    /// The builtin autoscaler sets `replicas` (present in builtin mode only); the
+    /// message says its last change and why.
+    Autoscaling,
 }
 
 impl ConditionType {
@@ -120,6 +123,7 @@ impl ConditionType {
             Self::Ready => "Ready",
             Self::Progressing => "Progressing",
             Self::Degraded => "Degraded",
+            Self::Autoscaling => "Autoscaling",
         }
     }
 }

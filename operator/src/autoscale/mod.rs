@@ -10,6 +10,12 @@
 //! requests are held until a group serves. Groups are removed once the load has asked
 //! for fewer for `scaleDownDelay` without a break, down to the most it asked for over
 //! that time, so a load that flaps around a boundary keeps its groups.
+//!
+//! [`Autoscaler`] runs the decision in the operator; [`Record`] is what it keeps on
+//! each ModelDeployment.
+
+mod record;
+mod scaler;
 
 use std::time::Duration;
 
@@ -17,6 +23,9 @@ use k8s_openapi::jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::crd::{AutoscalingMode, AutoscalingSpec};
+
+pub use record::{AUTOSCALER_ANNOTATION, Change, Record};
+pub use scaler::{AUTOSCALED, Autoscaler, FIELD_MANAGER, INTERVAL};
 
 /// The builtin autoscaler's settings, defaults applied.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
