@@ -1,6 +1,6 @@
 //! `shardserve router`: the OpenAI/Ollama/TGI HTTP and gRPC front, over a
-//! static list of backends or the ModelDeployments of a Kubernetes cluster,
-//! until Ctrl-C or SIGTERM.
+//! static list of backends, a file of them that `shardserve up` rewrites, or
+//! the ModelDeployments of a Kubernetes cluster, until Ctrl-C or SIGTERM.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -9,7 +9,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use shardserve_router::{
-    Backend, Deployment, Discovery, KubernetesDiscovery, Readiness, RouterConfig, StaticDiscovery,
+    Backend, Deployment, Discovery, FileDiscovery, KubernetesDiscovery, Readiness, RouterConfig,
+    StaticDiscovery,
 };
 
 /// Where the router learns its backends.
@@ -19,6 +20,8 @@ pub enum DiscoveryKind {
     Static,
     /// ModelDeployments and the EndpointSlices of their rank-0 Services, through the Kubernetes API.
     Kubernetes,
+    /// A JSON file another process rewrites (`shardserve up` does): `--backends-file`.
+    File,
 }
 
 #[derive(Args, Debug)]
@@ -39,6 +42,10 @@ pub struct RouterArgs {
     /// Needed with --discovery static.
     #[arg(long = "backend", value_name = "MODEL=URL")]
     pub backends: Vec<String>,
+    /// With --discovery file: the JSON file of backends, followed as it changes
+    /// (`{"models": {"MODEL": ["http://HOST:PORT", ...]}}`).
+    #[arg(long, value_name = "PATH")]
+    pub backends_file: Option<std::path::PathBuf>,
     /// Accepted API key (Authorization: Bearer KEY); repeat for more. None: no authentication.
     #[arg(long = "api-key", value_name = "KEY", env = "SHARDSERVE_API_KEY")]
     pub api_keys: Vec<String>,
@@ -58,7 +65,7 @@ pub struct RouterArgs {
     pub max_held: usize,
 }
 
-/// Groups `MODEL=URL` pairs into deployments; a backend's id is its URL.
+/// Groups `MODEL=URL` pairs into deployments; a backend's id is its `host:port`.
 fn deployments(specs: &[String]) -> Result<Vec<Deployment>> {
     let mut out: Vec<Deployment> = Vec::new();
     for spec in specs {
@@ -68,16 +75,8 @@ fn deployments(specs: &[String]) -> Result<Vec<Deployment>> {
         if model.is_empty() || uri.is_empty() {
             bail!("--backend {spec:?} has an empty model or URL");
         }
-        if !(uri.starts_with("http://") || uri.starts_with("https://")) {
-            bail!("--backend {spec:?}: the URL must start with http:// or https://");
-        }
-        let backend = Backend {
-            id: uri
-                .trim_start_matches("http://")
-                .trim_start_matches("https://")
-                .to_string(),
-            grpc_uri: uri.to_string(),
-        };
+        let backend =
+            Backend::from_url(uri).map_err(|e| anyhow::anyhow!("--backend {spec:?}: {e}"))?;
         match out.iter_mut().find(|d| d.model == model) {
             Some(d) if d.backends.contains(&backend) => bail!("--backend {spec:?} is given twice"),
             Some(d) => d.backends.push(backend),
@@ -90,35 +89,48 @@ fn deployments(specs: &[String]) -> Result<Vec<Deployment>> {
     Ok(out)
 }
 
-/// The static list, or `None` for Kubernetes discovery; refuses flags that
-/// belong to the other kind.
-fn static_deployments(args: &RouterArgs) -> Result<Option<Vec<Deployment>>> {
-    match args.discovery {
+/// Where the backends come from, as the flags say.
+#[derive(Debug)]
+enum Source {
+    Fixed(Vec<Deployment>),
+    Kubernetes,
+    File(std::path::PathBuf),
+}
+
+/// The backends' source; refuses flags that belong to another kind.
+fn discovery_source(args: &RouterArgs) -> Result<Source> {
+    let kind = args.discovery;
+    if args.namespace.is_some() && kind != DiscoveryKind::Kubernetes {
+        bail!("--namespace is for --discovery kubernetes");
+    }
+    if !args.backends.is_empty() && kind != DiscoveryKind::Static {
+        bail!("--backend is for --discovery static");
+    }
+    if args.backends_file.is_some() && kind != DiscoveryKind::File {
+        bail!("--backends-file is for --discovery file");
+    }
+    match kind {
         DiscoveryKind::Static => {
-            if args.namespace.is_some() {
-                bail!("--namespace is for --discovery kubernetes");
-            }
             if args.backends.is_empty() {
                 bail!("--discovery static needs at least one --backend MODEL=URL");
             }
-            deployments(&args.backends).map(Some)
+            deployments(&args.backends).map(Source::Fixed)
         }
         DiscoveryKind::Kubernetes => {
-            if !args.backends.is_empty() {
-                bail!(
-                    "--backend is for --discovery static; Kubernetes discovery finds the backends"
-                );
-            }
             if args.namespace.as_deref().is_some_and(str::is_empty) {
                 bail!("--namespace is empty; leave it out to watch every namespace");
             }
-            Ok(None)
+            Ok(Source::Kubernetes)
         }
+        DiscoveryKind::File => match &args.backends_file {
+            Some(path) => Ok(Source::File(path.clone())),
+            None => bail!("--discovery file needs --backends-file PATH"),
+        },
     }
 }
 
 pub fn run(args: RouterArgs) -> Result<()> {
-    let fixed = static_deployments(&args)?;
+    let source = discovery_source(&args)?;
     if !(args.health_interval.is_finite() && args.health_interval > 0.0) {
         bail!(
             "--health-interval {} must be a positive number of seconds",
@@ -142,23 +154,30 @@ pub fn run(args: RouterArgs) -> Result<()> {
         hold_timeout: Duration::from_secs_f64(args.hold_timeout),
         max_held_per_model: args.max_held,
         // In a cluster the router stays in its Service while some models load.
+        // In a cluster, or under `up`, the router stays ready while some models
+        // load, restart or are scaled to zero.
         readiness: match args.discovery {
             DiscoveryKind::Static => Readiness::EveryModel,
-            DiscoveryKind::Kubernetes => Readiness::Discovered,
+            DiscoveryKind::Kubernetes | DiscoveryKind::File => Readiness::Discovered,
         },
         ..RouterConfig::default()
     };
-    for d in fixed.iter().flatten() {
-        tracing::info!(model = %d.model, backends = d.backends.len(), "deployment");
+    if let Source::Fixed(fixed) = &source {
+        for d in fixed {
+            tracing::info!(model = %d.model, backends = d.backends.len(), "deployment");
+        }
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async move {
-        let discovery: Arc<dyn Discovery> = match fixed {
-            Some(deployments) => Arc::new(StaticDiscovery::new(deployments)),
-            None => Arc::new(KubernetesDiscovery::connect(args.namespace.as_deref()).await?),
+        let discovery: Arc<dyn Discovery> = match source {
+            Source::Fixed(deployments) => Arc::new(StaticDiscovery::new(deployments)),
+            Source::Kubernetes => {
+                Arc::new(KubernetesDiscovery::connect(args.namespace.as_deref()).await?)
+            }
+            Source::File(path) => Arc::new(FileDiscovery::open(&path)?),
         };
         shardserve_router::serve(config, discovery, shutdown_signal())
             .await
@@ -231,25 +250,36 @@ mod tests {
         ]);
         assert_eq!(a.discovery, DiscoveryKind::Kubernetes);
         assert_eq!(a.namespace.as_deref(), Some("ml"));
-        assert!(static_deployments(&a).unwrap().is_none());
-        assert!(
-            static_deployments(&args(&["--discovery=kubernetes"]))
-                .unwrap()
-                .is_none()
-        );
+        assert!(matches!(discovery_source(&a), Ok(Source::Kubernetes)));
+        assert!(matches!(
+            discovery_source(&args(&["--discovery=kubernetes"])),
+            Ok(Source::Kubernetes)
+        ));
     }
 
     #[test]
     fn discovery_flags_of_the_other_kind_are_refused() {
-        assert!(static_deployments(&args(&[])).is_err());
-        assert!(static_deployments(&args(&["--namespace=ml", "--backend=m=http://x:1"])).is_err());
-        assert!(
-            static_deployments(&args(&["--discovery=kubernetes", "--backend=m=http://x:1"]))
-                .is_err()
-        );
-        assert!(static_deployments(&args(&["--discovery=kubernetes", "--namespace="])).is_err());
-        let fixed = static_deployments(&args(&["--backend=m=http://x:1"])).unwrap();
-        assert_eq!(fixed.unwrap()[0].model, "m");
+        let refused = |flags: &[&str]| discovery_source(&args(flags)).is_err();
+        assert!(refused(&[]));
+        assert!(refused(&["--namespace=ml", "--backend=m=http://x:1"]));
+        assert!(refused(&[
+            "--discovery=kubernetes",
+            "--backend=m=http://x:1"
+        ]));
+        assert!(refused(&["--discovery=kubernetes", "--namespace="]));
+        assert!(refused(&["--discovery=file"]));
+        assert!(refused(&[
+            "--backends-file=b.json",
+            "--backend=m=http://x:1"
+        ]));
+        match discovery_source(&args(&["--backend=m=http://x:1"])).unwrap() {
+            Source::Fixed(fixed) => assert_eq!(fixed[0].model, "m"),
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            discovery_source(&args(&["--discovery=file", "--backends-file=b.json"])),
+            Ok(Source::File(_))
+        ));
     }
 
     #[test]

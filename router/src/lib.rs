@@ -31,7 +31,10 @@ use tonic::transport::{Endpoint, Server};
 use tonic_health::ServingStatus;
 
 pub use config::{Readiness, RouterConfig, RouterError};
-pub use discovery::{Backend, Deployment, Discovery, KubernetesDiscovery, StaticDiscovery};
+pub use discovery::{
+    Backend, BackendsFile, Deployment, Discovery, FileDiscovery, FileDiscoveryError,
+    KubernetesDiscovery, StaticDiscovery,
+};
 
 use crate::api::AppState;
 use crate::dispatch::Upstream;

@@ -1,13 +1,16 @@
 //! Where backends come from. The router watches a [`Discovery`] and rebuilds
 //! its index whenever the list changes: [`StaticDiscovery`] for local runs
-//! (`shardserve up`, `--backend MODEL=URL`), [`KubernetesDiscovery`] in a
+//! (`--backend MODEL=URL`), [`FileDiscovery`] for `shardserve up` (which
+//! rewrites the list as workers come and go), [`KubernetesDiscovery`] in a
 //! cluster (ModelDeployments and the EndpointSlices of their rank-0
 //! Services).
 
+mod file;
 mod kubernetes;
 
 use tokio::sync::watch;
 
+pub use file::{BackendsFile, FileDiscovery, FileDiscoveryError};
 pub use kubernetes::KubernetesDiscovery;
 
 /// One worker group's leader, reachable over gRPC.
@@ -17,6 +20,27 @@ pub struct Backend {
     pub id: String,
     /// gRPC endpoint, for example `http://127.0.0.1:50061`.
     pub grpc_uri: String,
+}
+
+impl Backend {
+    /// A backend known by its URL alone (local runs): its id is `host:port`.
+    pub fn from_url(url: &str) -> Result<Self, String> {
+        let Some(authority) = url
+            .strip_prefix("http://")
+            .or_else(|| url.strip_prefix("https://"))
+        else {
+            return Err(format!(
+                "{url:?}: the URL must start with http:// or https://"
+            ));
+        };
+        if authority.is_empty() {
+            return Err(format!("{url:?}: the URL names no host"));
+        }
+        Ok(Self {
+            id: authority.trim_end_matches('/').to_string(),
+            grpc_uri: url.to_string(),
+        })
+    }
 }
 
 /// The backends that serve one model. A deployment without backends is a

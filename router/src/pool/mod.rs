@@ -76,6 +76,10 @@ struct BackendState {
 #[derive(Default)]
 struct DeploymentState {
     backends: Vec<BackendState>,
+    /// Backends discovery no longer lists (a group draining or removed) that still
+    /// run requests: never picked, but counted until their last request ends, so
+    /// that whoever drains the group sees when it is done.
+    leaving: Vec<BackendState>,
 }
 
 /// One model's requests: received and not finished, and of those, the ones held
@@ -89,6 +93,8 @@ struct ModelLoad {
 
 struct State {
     deployments: BTreeMap<String, DeploymentState>,
+    /// Leaving backends of models discovery no longer lists at all.
+    gone: BTreeMap<String, Vec<BackendState>>,
     load: BTreeMap<String, ModelLoad>,
     affinity: PrefixLru,
 }
@@ -149,6 +155,7 @@ impl Pool {
         Self {
             state: Mutex::new(State {
                 deployments: BTreeMap::new(),
+                gone: BTreeMap::new(),
                 load: BTreeMap::new(),
                 affinity: PrefixLru::new(limits.affinity_capacity),
             }),
@@ -239,6 +246,9 @@ impl Pool {
         let mut old = std::mem::take(&mut state.deployments);
         for d in deployments {
             let mut kept = old.remove(&d.model).unwrap_or_default();
+            kept.backends.append(&mut kept.leaving);
+            kept.backends
+                .extend(state.gone.remove(&d.model).into_iter().flatten());
             let mut next = DeploymentState::default();
             for b in &d.backends {
                 let pos = kept
@@ -270,13 +280,19 @@ impl Pool {
                 next.backends.push(backend);
             }
             for gone in kept.backends {
-                self.forget(&d.model, &gone.id);
+                self.let_go(&d.model, gone, &mut next.leaving);
             }
             state.deployments.insert(d.model.clone(), next);
         }
-        for (model, gone) in old {
+        for (model, mut gone) in old {
+            gone.backends.append(&mut gone.leaving);
+            let mut leaving = Vec::new();
             for b in gone.backends {
-                self.forget(&model, &b.id);
+                self.let_go(&model, b, &mut leaving);
+            }
+            if !leaving.is_empty() {
+                // The model is gone from discovery; its last requests still finish.
+                state.gone.insert(model, leaving);
             }
         }
         drop(state);
@@ -301,6 +317,22 @@ impl Pool {
             .healthy
             .with_label_values(&labels)
             .set(i64::from(b.health != Health::Ejected));
+    }
+
+    /// A backend discovery dropped: forgotten now when idle, else kept in
+    /// `leaving` until its last request ends.
+    fn let_go(&self, model: &str, backend: BackendState, leaving: &mut Vec<BackendState>) {
+        if backend.outstanding == 0 {
+            self.forget(model, &backend.id);
+        } else {
+            tracing::info!(
+                model,
+                backend = %backend.id,
+                outstanding = backend.outstanding,
+                "backend leaving: nothing new is sent to it; its requests finish"
+            );
+            leaving.push(backend);
+        }
     }
 
     fn forget(&self, model: &str, id: &str) {
@@ -378,6 +410,31 @@ impl Pool {
         if let Some(b) = find(&mut state, model, id) {
             b.outstanding = b.outstanding.saturating_sub(1);
             self.publish(model, b);
+            return;
+        }
+        // A leaving backend's last request ending: it goes.
+        let State {
+            deployments, gone, ..
+        } = &mut *state;
+        let leaving = match deployments.get_mut(model) {
+            Some(d) => &mut d.leaving,
+            None => match gone.get_mut(model) {
+                Some(leaving) => leaving,
+                None => return,
+            },
+        };
+        if let Some(i) = leaving.iter().position(|b| b.id == id) {
+            let b = &mut leaving[i];
+            b.outstanding = b.outstanding.saturating_sub(1);
+            if b.outstanding == 0 {
+                leaving.swap_remove(i);
+                self.forget(model, id);
+            } else {
+                self.publish(model, b);
+            }
+        }
+        if gone.get(model).is_some_and(Vec::is_empty) {
+            gone.remove(model);
         }
     }
 

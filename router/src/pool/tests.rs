@@ -132,3 +132,51 @@ async fn a_known_model_without_backends_is_no_backends_not_unknown() {
     pool.update(&[deployment("starting", &["a"])]);
     assert_eq!(pool.lease("starting", 1, &[]).unwrap().backend, "a");
 }
+
+/// The outstanding gauge of `backend`, as `/metrics` shows it (`None`: no series).
+fn outstanding_gauge(pool: &Pool, model: &str, backend: &str) -> Option<i64> {
+    use prometheus::core::Collector;
+    pool.metrics.outstanding.collect()[0]
+        .get_metric()
+        .iter()
+        .find(|m| {
+            let value = |name: &str| {
+                m.get_label()
+                    .iter()
+                    .find(|l| l.name() == name)
+                    .map(|l| l.value().to_string())
+            };
+            value("model").as_deref() == Some(model) && value("backend").as_deref() == Some(backend)
+        })
+        .map(|m| m.get_gauge().get_value() as i64)
+}
+
+#[tokio::test]
+async fn a_backend_dropped_by_discovery_is_counted_until_its_requests_end() {
+    let pool = pool(8, &[deployment("m", &["a", "b"])]);
+    let on_a: Vec<Lease> = (0..8)
+        .filter_map(|key| pool.lease("m", key, &[]).ok())
+        .filter(|l| l.backend == "a")
+        .collect();
+    let running = on_a.len() as i64;
+    assert!(running > 0);
+    // Group "a" drains: discovery lists only "b".
+    pool.update(&[deployment("m", &["b"])]);
+    for key in 0..8 {
+        assert_eq!(pool.lease("m", key, &[]).unwrap().backend, "b");
+    }
+    assert_eq!(outstanding_gauge(&pool, "m", "a"), Some(running));
+    let mut on_a = on_a;
+    let last = on_a.pop().unwrap();
+    drop(on_a);
+    assert_eq!(outstanding_gauge(&pool, "m", "a"), Some(1));
+    drop(last);
+    assert_eq!(outstanding_gauge(&pool, "m", "a"), None, "gone when idle");
+
+    // A whole model removed while a request runs on it: counted the same way.
+    let held = pool.lease("m", 1, &[]).unwrap();
+    pool.update(&[]);
+    assert_eq!(outstanding_gauge(&pool, "m", "b"), Some(1));
+    drop(held);
+    assert_eq!(outstanding_gauge(&pool, "m", "b"), None);
+}
