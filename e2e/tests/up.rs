@@ -1,7 +1,7 @@
 //! `shardserve up`: the whole local stack from a manifest, driven as a user
 //! would; the official `openai` Python client against it; refusals of bad
-//! manifests; and supervision (a dying child stops everything, Ctrl-C
-//! leaves no orphans).
+//! manifests; supervision (a killed group starts again, the router dying stops
+//! everything, Ctrl-C leaves no orphans); and autoscaling from zero and back.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use shardserve_e2e::{
     Process, children_of, cmdline, demo_manifest, demo_model, free_port, is_alive, repo_root,
-    shardserve_bin, signal,
+    shardserve_bin, signal, wait_for,
 };
 
 /// A running `shardserve up MANIFEST EXTRA...`.
@@ -103,30 +103,132 @@ fn up_refuses_bad_manifests_naming_the_field() {
     }
 }
 
-#[test]
-fn up_stops_everything_when_a_worker_dies() {
-    let dir = tempfile::tempdir().unwrap();
-    let manifest = demo_manifest(dir.path(), "pair", 2);
-    let mut up = start_up(&manifest, &["--no-router"]);
-    up.wait_ready();
-    let workers: Vec<u32> = children_of(up.child.id())
+/// `up`'s worker processes (rank processes of every group), by pid.
+fn workers_of(up: &Process) -> Vec<u32> {
+    children_of(up.child.id())
         .into_iter()
         .filter(|&pid| cmdline(pid).contains(" worker "))
-        .collect();
+        .collect()
+}
+
+fn complete(http: u16, model: &str) -> Option<(u16, String)> {
+    let body = format!(r#"{{"model": "{model}", "prompt": "Paris is", "max_tokens": 4}}"#);
+    shardserve_e2e::http(http, "POST", "/v1/completions", Some(&body))
+}
+
+#[test]
+fn a_killed_worker_group_starts_again_while_up_keeps_serving() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = demo_manifest(dir.path(), "pair", 2);
+    let (http, grpc) = (free_port(), free_port());
+    let args = addr_args(http, grpc);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut up = start_up(&manifest, &args);
+    up.wait_ready();
+    let workers = workers_of(&up);
     assert_eq!(workers.len(), 2, "two workers expected: {workers:?}");
     signal(workers[0], "KILL");
-    let status = up.wait_exit(Duration::from_secs(60));
-    assert!(!status.success(), "up must fail when a worker dies");
+    // The other group serves meanwhile; the router routes around the dead one.
+    let (code, body) = complete(http, "pair").expect("the router answers");
+    assert_eq!(code, 200, "{body}\n{}", up.stderr());
+    wait_for(
+        Duration::from_secs(60),
+        "the killed group to serve again",
+        || up.stderr().contains("group pair-") && up.stderr().matches(": serving on ").count() >= 3,
+    );
     let stderr = up.stderr();
     assert!(
         stderr.contains(&format!(
-            "(pid {}) exited: killed by signal 9 (SIGKILL)",
+            "(pid {}) exited: killed by signal 9 (SIGKILL); group pair-",
             workers[0]
-        )),
+        )) && stderr.contains("starts again in 1 s (restart 1)"),
         "{stderr}"
     );
-    assert!(stderr.contains("worker pair-"), "{stderr}");
-    assert!(!is_alive(workers[1]), "the other worker was left running");
+    assert!(up.child.try_wait().unwrap().is_none(), "up keeps running");
+    let now = workers_of(&up);
+    assert_eq!(now.len(), 2, "{now:?}");
+    assert!(now.contains(&workers[1]), "the other group was left alone");
+    for _ in 0..4 {
+        let (code, body) = complete(http, "pair").expect("the router answers");
+        assert_eq!(code, 200, "{body}");
+    }
+}
+
+#[test]
+fn up_stops_everything_when_the_router_dies() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = demo_manifest(dir.path(), "solo", 1);
+    let (http, grpc) = (free_port(), free_port());
+    let args = addr_args(http, grpc);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut up = start_up(&manifest, &args);
+    up.wait_ready();
+    let router = children_of(up.child.id())
+        .into_iter()
+        .find(|&pid| cmdline(pid).contains(" router "))
+        .expect("a router child");
+    let workers = workers_of(&up);
+    signal(router, "KILL");
+    let status = up.wait_exit(Duration::from_secs(60));
+    assert!(!status.success(), "up must fail when its router dies");
+    let stderr = up.stderr();
+    assert!(
+        stderr.contains(&format!("router (pid {router}) exited: killed by signal 9")),
+        "{stderr}"
+    );
+    for pid in workers {
+        assert!(!is_alive(pid), "worker {pid} was left running");
+    }
+}
+
+#[test]
+fn a_model_scaled_to_zero_starts_on_its_first_request_and_drains_back_to_zero() {
+    let model = demo_model();
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = dir.path().join("zero.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: shardserve.io/v1alpha1\nkind: ModelDeployment\nmetadata:\n  name: zero\n\
+             spec:\n  model:\n    source: file://{}\n  replicas: 0\n  drainTimeoutSeconds: 30\n\
+             \x20 autoscaling:\n    minReplicas: 0\n    maxReplicas: 2\n    targetInFlightRequests: 4\n\
+             \x20   scaleDownDelaySeconds: 2\n  engine:\n    maxSeqLen: 512\n",
+            model.display()
+        ),
+    )
+    .unwrap();
+    let (http, grpc) = (free_port(), free_port());
+    let args = addr_args(http, grpc);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut up = start_up(&manifest, &args);
+    up.wait_ready();
+    assert!(workers_of(&up).is_empty(), "no group before a request");
+    let listed = shardserve_e2e::http(http, "GET", "/v1/models", None).expect("models");
+    assert!(
+        listed.1.contains("\"zero\""),
+        "a model at zero stays listed: {}",
+        listed.1
+    );
+    // Held by the router while the autoscaler starts a group, then answered.
+    let (code, body) = complete(http, "zero").expect("the router answers");
+    assert_eq!(code, 200, "{body}\n{}", up.stderr());
+    let stderr = up.stderr();
+    assert!(
+        stderr.contains("autoscaler: zero from 0 to 1 group(s): 1 request(s) wait"),
+        "{stderr}"
+    );
+    // Idle for the scale-down delay: drained, then stopped.
+    wait_for(
+        Duration::from_secs(60),
+        "the group to be drained away",
+        || up.stderr().contains("group zero-0 stopped") && workers_of(&up).is_empty(),
+    );
+    let stderr = up.stderr();
+    assert!(stderr.contains("group zero-0: draining"), "{stderr}");
+    assert!(
+        stderr.contains("group zero-0: drained; stopping it"),
+        "{stderr}"
+    );
 }
 
 #[test]

@@ -1,12 +1,17 @@
 //! `shardserve up`: runs ModelDeployment manifests on this machine, as a
-//! launcher. It reads and checks every manifest, resolves each model source
-//! to a local file, starts one worker process per replica and waits until
-//! each reports SERVING over gRPC health, then starts the router in front
-//! and waits for its `/readyz`. It stays in the foreground: Ctrl-C (or
-//! SIGTERM) stops every child, and a child that dies stops all the others
-//! and makes `up` fail, naming that child.
+//! launcher. It reads and checks every manifest (as a cluster would), resolves
+//! each model source to a local file, starts each replica group's worker
+//! processes and waits until each reports SERVING over gRPC health, then starts
+//! the router in front and waits for its `/readyz`. It stays in the foreground
+//! and keeps the groups running ([`fleet`]): a crashed group starts again after
+//! a backoff while the router routes around it, builtin autoscaling adds and
+//! drains groups, and the router follows through a backends file. Ctrl-C (or
+//! SIGTERM) stops every child; the router dying or a group crash-looping stops
+//! them too and makes `up` fail, saying why.
 
+mod fleet;
 mod plan;
+mod restart;
 mod supervisor;
 
 use std::net::{SocketAddr, TcpListener};
@@ -24,7 +29,10 @@ use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 
 use crate::model;
-use plan::{Resolved, WorkerPlan};
+use fleet::{Fleet, GroupState};
+use plan::{DeploymentPlan, Resolved};
+use shardserve_operator::autoscale::Timestamp;
+use shardserve_operator::load::RouterLoad;
 use supervisor::Supervisor;
 
 /// How long children get to stop after SIGTERM before SIGKILL.
@@ -75,14 +83,14 @@ pub fn run(args: UpArgs) -> Result<()> {
         });
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-    let workers = plan::plan_workers(&resolved, cores, args.threads);
+    let deployments = plan::plan_deployments(&resolved, cores, args.threads);
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     // Children are started from this (the main) thread: PR_SET_PDEATHSIG
     // follows the thread that forked them.
-    runtime.block_on(supervise(&args, &workers))
+    runtime.block_on(supervise(&args, deployments))
 }
 
 /// Reads every manifest file; one (file, deployment) per document.
@@ -105,26 +113,37 @@ fn read_manifests(files: &[PathBuf]) -> Result<Vec<(String, ModelDeployment)>> {
     Ok(out)
 }
 
-/// A worker once started.
-struct Started {
-    plan: WorkerPlan,
-    grpc: SocketAddr,
-    metrics: SocketAddr,
-}
+/// How often the router's load is read (to scale, and to end drains).
+const LOAD_INTERVAL: Duration = Duration::from_secs(1);
+/// How often starting groups are asked whether they serve.
+const READY_INTERVAL: Duration = Duration::from_secs(1);
 
-async fn supervise(args: &UpArgs, workers: &[WorkerPlan]) -> Result<()> {
+async fn supervise(args: &UpArgs, deployments: Vec<DeploymentPlan>) -> Result<()> {
     let bars = MultiProgress::new();
     let mut sup = Supervisor::new(bars.clone());
     let mut interrupt = Interrupt::new()?;
+    let exe = std::env::current_exe().context("finding the shardserve binary")?;
+    // The router's list of serving groups, rewritten as they come and go.
+    let state = tempfile::Builder::new()
+        .prefix("shardserve-up-")
+        .tempdir()
+        .context("creating a folder for the router's backends file")?;
+    let ready_timeout = Duration::from_secs(args.ready_timeout);
+    let mut fleet = Fleet::new(
+        exe.clone(),
+        deployments,
+        state.path().join("backends.json"),
+        ready_timeout,
+    );
     let outcome = {
-        let startup = start_all(args, workers, &mut sup, &bars);
+        let startup = start_all(args, &exe, &mut fleet, &mut sup, &bars);
         tokio::select! {
             started = startup => Ok(started),
             signal = interrupt.recv() => Err(signal),
         }
     };
-    let started = match outcome {
-        Ok(Ok(started)) => started,
+    match outcome {
+        Ok(Ok(())) => {}
         Ok(Err(e)) => {
             sup.stop_all(STOP_GRACE);
             return Err(e);
@@ -134,124 +153,135 @@ async fn supervise(args: &UpArgs, workers: &[WorkerPlan]) -> Result<()> {
             sup.stop_all(STOP_GRACE);
             return Ok(());
         }
-    };
-    print_ready(args, &started);
+    }
+    print_ready(args, &fleet);
+    if args.no_router && fleet.autoscaled() {
+        eprintln!("--no-router: no load to scale on; autoscaled deployments keep their groups");
+    }
+    let result = run_fleet(args, &mut fleet, &mut sup, &mut interrupt).await;
+    match &result {
+        Ok(()) => eprintln!("stopping every child"),
+        Err(e) => eprintln!("{e:#}; stopping the others"),
+    }
+    sup.stop_all(STOP_GRACE);
+    if result.is_ok() {
+        eprintln!("stopped");
+    }
+    result
+}
+
+/// Keeps the groups running until a signal (`Ok`) or the router dying or a group
+/// crash-looping (`Err`).
+async fn run_fleet(
+    args: &UpArgs,
+    fleet: &mut Fleet,
+    sup: &mut Supervisor,
+    interrupt: &mut Interrupt,
+) -> Result<()> {
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .context("building an HTTP client")?;
+    let metrics_url = format!("http://{}/metrics", args.http_addr);
     let mut tick = tokio::time::interval(POLL);
+    let mut last_load_read = None::<tokio::time::Instant>;
+    let mut last_ready_check = tokio::time::Instant::now();
+    let mut load = None::<RouterLoad>;
     loop {
         tokio::select! {
             signal = interrupt.recv() => {
-                eprintln!("{signal}: stopping every child");
-                sup.stop_all(STOP_GRACE);
-                eprintln!("stopped");
+                eprintln!("{signal}");
                 return Ok(());
             }
-            _ = tick.tick() => {
-                if let Some(exited) = sup.poll_exited() {
-                    eprintln!("{exited}; stopping the others");
-                    sup.stop_all(STOP_GRACE);
-                    bail!("{exited}");
-                }
+            _ = tick.tick() => {}
+        }
+        let now = std::time::Instant::now();
+        while let Some(exited) = sup.poll_exited() {
+            if !fleet.exited(&exited, sup, now)? {
+                bail!("{exited}");
             }
         }
+        fleet.restart_due(sup, now)?;
+        if last_ready_check.elapsed() >= READY_INTERVAL {
+            last_ready_check = tokio::time::Instant::now();
+            fleet.check_starting(sup, now).await?;
+        }
+        if !args.no_router
+            && fleet.wants_load()
+            && last_load_read.is_none_or(|t| t.elapsed() >= LOAD_INTERVAL)
+        {
+            last_load_read = Some(tokio::time::Instant::now());
+            load = router_load(&client, &metrics_url).await;
+            if let Some(load) = &load {
+                fleet.scale(load, Timestamp::now(), sup, now)?;
+            }
+        }
+        fleet.finish_drains(load.as_ref().filter(|_| !args.no_router), sup, now);
+        fleet.write_backends()?;
     }
+}
+
+/// The router's load from its `/metrics`; `None` when it does not answer.
+async fn router_load(client: &reqwest::Client, url: &str) -> Option<RouterLoad> {
+    let response = client.get(url).send().await.ok()?.error_for_status().ok()?;
+    Some(RouterLoad::from_metrics(&response.text().await.ok()?))
 }
 
 async fn start_all(
     args: &UpArgs,
-    workers: &[WorkerPlan],
+    exe: &Path,
+    fleet: &mut Fleet,
     sup: &mut Supervisor,
     bars: &MultiProgress,
-) -> Result<Vec<Started>> {
-    let exe = std::env::current_exe().context("finding the shardserve binary")?;
+) -> Result<()> {
     let deadline = tokio::time::Instant::now() + Duration::from_secs(args.ready_timeout);
-    let mut started = Vec::new();
-    let mut waiting = Vec::new();
-    for plan in workers {
-        let grpc = free_port()?;
-        let metrics = free_port()?;
-        let mut cmd = Command::new(&exe);
-        cmd.arg("worker")
-            .arg("--model")
-            .arg(&plan.model_path)
-            .arg("--listen")
-            .arg(grpc.to_string())
-            .arg("--metrics-addr")
-            .arg(metrics.to_string())
-            .arg("--served-model-name")
-            .arg(&plan.model)
-            .arg("--threads")
-            .arg(plan.threads.to_string());
-        if let Some(n) = plan.max_seq_len {
-            cmd.arg("--max-seq-len").arg(n.to_string());
+    fleet.start_all(sup)?;
+    let mut spinners: Vec<ProgressBar> = fleet
+        .groups
+        .iter()
+        .map(|g| {
+            spinner(
+                bars,
+                format!(
+                    "worker {} (pid {}): loading {}",
+                    g.plan.name,
+                    g.pids[0],
+                    g.plan.model_path.display()
+                ),
+            )
+        })
+        .collect();
+    // The groups load in parallel; a child dying now is a broken setup, not a crash
+    // to restart.
+    loop {
+        if let Some(exited) = sup.poll_exited() {
+            bail!("{exited} before it was ready");
         }
-        if let Some(n) = plan.max_num_seqs {
-            cmd.arg("--max-num-seqs").arg(n.to_string());
-        }
-        let name = format!("worker {}", plan.name);
-        if plan.tensor > 1 {
-            // Rank 0 serves; ranks 1.. follow it, meeting at its coordinator port.
-            let coordinator = free_port()?.to_string();
-            cmd.args([
-                "--tensor",
-                &plan.tensor.to_string(),
-                "--rank",
-                "0",
-                "--coordinator",
-                &coordinator,
-            ]);
-            for rank in 1..plan.tensor {
-                let mut follower = Command::new(&exe);
-                follower
-                    .arg("worker")
-                    .arg("--model")
-                    .arg(&plan.model_path)
-                    .args([
-                        "--tensor",
-                        &plan.tensor.to_string(),
-                        "--rank",
-                        &rank.to_string(),
-                    ])
-                    .args([
-                        "--coordinator",
-                        &coordinator,
-                        "--threads",
-                        &plan.threads.to_string(),
-                    ]);
-                if let Some(n) = plan.max_seq_len {
-                    follower.arg("--max-seq-len").arg(n.to_string());
-                }
-                sup.spawn(&format!("{name} rank {rank}"), follower)?;
+        fleet.check_starting(sup, std::time::Instant::now()).await?;
+        for (g, bar) in fleet.groups.iter().zip(&mut spinners) {
+            if matches!(g.state, GroupState::Serving { .. }) && !bar.is_finished() {
+                bar.finish_with_message(format!("worker {}: serving on {}", g.plan.name, g.grpc));
             }
         }
-        let pid = sup.spawn(&name, cmd)?;
-        let bar = spinner(
-            bars,
-            format!("{name} (pid {pid}): loading {}", plan.model_path.display()),
-        );
-        waiting.push((name, bar));
-        started.push(Started {
-            plan: plan.clone(),
-            grpc,
-            metrics,
-        });
+        if fleet.all_serving() {
+            break;
+        }
+        if tokio::time::Instant::now() >= deadline {
+            bail!("the workers were not ready in time (--ready-timeout)");
+        }
+        tokio::time::sleep(POLL).await;
     }
-    // The workers load in parallel; wait for each in turn.
-    for ((name, bar), s) in waiting.into_iter().zip(&started) {
-        let uri = format!("http://{}", s.grpc);
-        wait_for(sup, deadline, &name, || worker_serving(uri.clone())).await?;
-        bar.finish_with_message(format!("{name}: serving on {}", s.grpc));
-    }
+    fleet.write_backends()?;
     if !args.no_router {
-        let mut cmd = Command::new(&exe);
+        let mut cmd = Command::new(exe);
         cmd.arg("router")
             .arg("--http-addr")
             .arg(args.http_addr.to_string())
             .arg("--grpc-addr")
-            .arg(args.grpc_addr.to_string());
-        for s in &started {
-            cmd.arg("--backend")
-                .arg(format!("{}=http://{}", s.plan.model, s.grpc));
-        }
+            .arg(args.grpc_addr.to_string())
+            .arg("--discovery=file")
+            .arg("--backends-file")
+            .arg(fleet.backends_file());
         let pid = sup.spawn("router", cmd)?;
         let bar = spinner(bars, format!("router (pid {pid}): waiting for /readyz"));
         let client = reqwest::Client::builder()
@@ -263,7 +293,7 @@ async fn start_all(
         bar.finish_with_message(format!("router: serving on {}", args.http_addr));
     }
     bars.clear().ok();
-    Ok(started)
+    Ok(())
 }
 
 /// Polls `check` until it says ready, failing when a child dies meanwhile
@@ -292,7 +322,7 @@ where
     }
 }
 
-async fn worker_serving(uri: String) -> bool {
+pub(crate) async fn worker_serving(uri: String) -> bool {
     let Ok(endpoint) = tonic::transport::Endpoint::from_shared(uri) else {
         return false;
     };
@@ -332,24 +362,33 @@ fn spinner(bars: &MultiProgress, message: String) -> ProgressBar {
 }
 
 /// A port nobody listens on now (the child binds it moments later).
-fn free_port() -> Result<SocketAddr> {
+pub(crate) fn free_port() -> Result<SocketAddr> {
     let listener = TcpListener::bind("127.0.0.1:0").context("finding a free port")?;
     Ok(listener.local_addr()?)
 }
 
-fn print_ready(args: &UpArgs, started: &[Started]) {
+fn print_ready(args: &UpArgs, fleet: &Fleet) {
     println!();
-    for s in started {
+    for g in &fleet.groups {
         println!(
             "worker {:<16} model {:<16} gRPC {}  metrics http://{}/metrics",
-            s.plan.name, s.plan.model, s.grpc, s.metrics
+            g.plan.name, g.plan.model, g.grpc, g.metrics
+        );
+    }
+    for d in fleet.deployments.iter().filter(|d| d.replicas == 0) {
+        println!(
+            "model {:<16} scaled to zero: its first request starts a group",
+            d.template.model
         );
     }
     if args.no_router {
         println!("\nworkers ready (no router). Ctrl-C stops them.");
         return;
     }
-    let model = started.first().map_or("MODEL", |s| s.plan.model.as_str());
+    let model = fleet
+        .deployments
+        .first()
+        .map_or("MODEL", |d| d.template.model.as_str());
     let http = args.http_addr;
     println!(
         "\nready:\n  OpenAI API   http://{http}/v1  (chat/completions, completions, models)\n  \

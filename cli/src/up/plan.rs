@@ -3,8 +3,10 @@
 //! starting anything; ports are handed out afterwards by the caller.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use shardserve_operator::ModelDeployment;
+use shardserve_operator::autoscale::Policy;
 
 /// One replica group: `tensor` rank processes (rank 0 serves).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -23,9 +25,37 @@ pub struct WorkerPlan {
     pub tensor: usize,
 }
 
+/// One deployment: how to start any of its groups, and how many.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct DeploymentPlan {
+    /// `metadata.name`.
+    pub name: String,
+    /// Its groups' settings (`name` is the deployment's; [`Self::group`] numbers it).
+    pub template: WorkerPlan,
+    /// Groups to start with: `spec.replicas`, within the autoscaling bounds.
+    pub replicas: u32,
+    /// The builtin autoscaler's policy; `None`: `replicas` stays.
+    pub policy: Option<Policy>,
+    /// How long a group leaving waits for its requests to finish.
+    pub drain_timeout: Duration,
+}
+
+impl DeploymentPlan {
+    /// Group `replica`: `<name>-<replica>`.
+    pub fn group(&self, replica: u32) -> WorkerPlan {
+        WorkerPlan {
+            name: format!("{}-{replica}", self.name),
+            ..self.template.clone()
+        }
+    }
+}
+
 #[derive(Debug, PartialEq, Eq, thiserror::Error)]
 pub enum PlanError {
-    #[error("{file}: spec.replicas: 0 leaves nothing to serve; use replicas: 1 or more")]
+    #[error(
+        "{file}: spec.replicas: 0 leaves nothing to serve; use replicas: 1 or more, or \
+         builtin autoscaling with minReplicas: 0 to start from zero"
+    )]
     NoReplicas { file: String },
     #[error("{file}: metadata.name {name:?} is also the name of a deployment in {other}")]
     DuplicateName {
@@ -50,7 +80,8 @@ pub struct Resolved {
 /// Refuses what a local run cannot do (before anything is fetched).
 pub fn check_local(deployments: &[(String, ModelDeployment)]) -> Result<(), PlanError> {
     for (i, (file, md)) in deployments.iter().enumerate() {
-        if md.spec.replicas == 0 {
+        let builtin = md.spec.autoscaling.as_ref().and_then(Policy::of).is_some();
+        if md.spec.replicas == 0 && !builtin {
             return Err(PlanError::NoReplicas { file: file.clone() });
         }
         for (other_file, other) in &deployments[..i] {
@@ -73,32 +104,58 @@ pub fn check_local(deployments: &[(String, ModelDeployment)]) -> Result<(), Plan
     Ok(())
 }
 
-/// One group per replica of every deployment; `cores` are split evenly
-/// between all their ranks unless `threads` fixes the count per rank.
-pub fn plan_workers(
+/// Every deployment's plan; `cores` are split evenly between the ranks of the
+/// groups started first (at least one per deployment) unless `threads` fixes the
+/// count per rank.
+pub fn plan_deployments(
     resolved: &[Resolved],
     cores: usize,
     threads: Option<usize>,
-) -> Vec<WorkerPlan> {
+) -> Vec<DeploymentPlan> {
+    let replicas = |md: &ModelDeployment| {
+        let policy = md.spec.autoscaling.as_ref().and_then(Policy::of);
+        match policy {
+            Some(p) => md.spec.replicas.clamp(p.min, p.max),
+            None => md.spec.replicas,
+        }
+    };
     let total: usize = resolved
         .iter()
-        .map(|r| r.deployment.spec.replicas as usize * r.deployment.spec.tensor.max(1) as usize)
+        .map(|r| {
+            let md = &r.deployment;
+            replicas(md).max(1) as usize * md.spec.tensor.max(1) as usize
+        })
         .sum();
     let threads = threads.unwrap_or_else(|| (cores / total.max(1)).max(1));
     resolved
         .iter()
-        .flat_map(|r| {
+        .map(|r| {
             let md = &r.deployment;
-            (0..md.spec.replicas).map(move |replica| WorkerPlan {
-                name: format!("{}-{replica}", md.name()),
-                model: md.served_model_name().to_string(),
-                model_path: r.model_path.clone(),
-                max_seq_len: md.spec.engine.max_seq_len,
-                max_num_seqs: md.spec.engine.max_num_seqs,
-                threads,
-                tensor: md.spec.tensor.max(1) as usize,
-            })
+            DeploymentPlan {
+                name: md.name().to_string(),
+                template: WorkerPlan {
+                    name: md.name().to_string(),
+                    model: md.served_model_name().to_string(),
+                    model_path: r.model_path.clone(),
+                    max_seq_len: md.spec.engine.max_seq_len,
+                    max_num_seqs: md.spec.engine.max_num_seqs,
+                    threads,
+                    tensor: md.spec.tensor.max(1) as usize,
+                },
+                replicas: replicas(md),
+                policy: md.spec.autoscaling.as_ref().and_then(Policy::of),
+                drain_timeout: md.spec.drain_timeout(),
+            }
         })
+        .collect()
+}
+
+/// The groups started first: every deployment's `replicas`, numbered from 0.
+#[cfg(test)]
+fn plan_workers(resolved: &[Resolved], cores: usize, threads: Option<usize>) -> Vec<WorkerPlan> {
+    plan_deployments(resolved, cores, threads)
+        .iter()
+        .flat_map(|d| (0..d.replicas).map(|r| d.group(r)))
         .collect()
 }
 
@@ -137,6 +194,17 @@ mod tests {
     fn zero_replicas_and_duplicates_are_refused() {
         let err = check_local(&[("a.yaml".into(), md("a", "  replicas: 0\n"))]).unwrap_err();
         assert!(err.to_string().contains("spec.replicas: 0"), "{err}");
+        // From zero is what builtin autoscaling is for.
+        let scaled = md(
+            "a",
+            "  replicas: 0\n  autoscaling:\n    minReplicas: 0\n    maxReplicas: 2\n    targetInFlightRequests: 4\n",
+        );
+        check_local(&[("a.yaml".into(), scaled.clone())]).unwrap();
+        let plans = plan_deployments(&[resolved(scaled)], 4, None);
+        assert_eq!(plans[0].replicas, 0);
+        assert_eq!(plans[0].policy.unwrap().max, 2);
+        assert_eq!(plans[0].group(1).name, "a-1");
+        assert_eq!(plans[0].template.threads, 4);
         let err = check_local(&[
             ("a.yaml".into(), md("a", "")),
             ("b.yaml".into(), md("b", "  servedModelName: a\n")),

@@ -2,7 +2,8 @@
 //! group (so a terminal's Ctrl-C reaches `up` alone, which then stops them in
 //! order) and tied to `up`'s life with `PR_SET_PDEATHSIG` (so they die with
 //! it even when it is killed). Their output is forwarded line by line, each
-//! line prefixed with the child's name.
+//! line prefixed with the child's name. Which child may end, and what then,
+//! is the caller's ([`super::fleet`]) business.
 
 use std::io::{BufRead, BufReader, IsTerminal, Read};
 use std::os::unix::process::{CommandExt, ExitStatusExt};
@@ -94,18 +95,32 @@ impl Supervisor {
         Ok(pid)
     }
 
-    /// The first child found to have ended, if any.
+    /// The first child found to have ended, if any; it is reaped and forgotten.
     pub fn poll_exited(&mut self) -> Option<Exited> {
-        for s in &mut self.children {
+        for i in 0..self.children.len() {
+            let s = &mut self.children[i];
             if let Ok(Some(status)) = s.child.try_wait() {
-                return Some(Exited {
+                let exited = Exited {
                     name: s.name.clone(),
                     pid: s.child.id(),
                     status,
-                });
+                };
+                self.children.swap_remove(i);
+                return Some(exited);
             }
         }
         None
+    }
+
+    /// Sends `signal` to child `pid` if it is still ours and running.
+    pub fn signal(&mut self, pid: u32, signal: libc::c_int) {
+        if let Some(s) = self.children.iter_mut().find(|s| s.child.id() == pid)
+            && matches!(s.child.try_wait(), Ok(None))
+        {
+            // SAFETY: plain kill(2) on our own child's pid; it has not been
+            // reaped, so the pid is still ours.
+            unsafe { libc::kill(pid as libc::pid_t, signal) };
+        }
     }
 
     /// Stops every child, the last started first (the router before the

@@ -19,7 +19,7 @@ mod scaler;
 
 use std::time::Duration;
 
-use k8s_openapi::jiff::Timestamp;
+pub use k8s_openapi::jiff::Timestamp;
 use serde::{Deserialize, Serialize};
 
 use crate::crd::{AutoscalingMode, AutoscalingSpec};
