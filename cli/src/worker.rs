@@ -28,6 +28,10 @@ pub struct WorkerArgs {
     /// Address to serve /metrics, /healthz and /readyz on over HTTP (off when unset).
     #[arg(long)]
     pub metrics_addr: Option<SocketAddr>,
+    /// Seconds streams may run on after SIGTERM (the ModelDeployment's
+    /// drainTimeoutSeconds; its pods' grace period is 30 s more).
+    #[arg(long, value_name = "SECONDS", default_value_t = 20)]
+    pub drain_timeout: u64,
     /// Name clients use for the model (default: the file name without extension).
     #[arg(long)]
     pub served_model_name: Option<String>,
@@ -209,9 +213,16 @@ pub fn run(mut args: WorkerArgs) -> Result<()> {
             }
             tracing::info!("shutting down");
         };
-        shardserve_worker::server::serve_with_metrics(handle, listener, metrics_listener, shutdown)
-            .await
-            .context("gRPC server failed")?;
+        let drain = std::time::Duration::from_secs(args.drain_timeout);
+        shardserve_worker::server::serve_with_metrics(
+            handle,
+            listener,
+            metrics_listener,
+            shutdown,
+            drain,
+        )
+        .await
+        .context("gRPC server failed")?;
         if failed_rx.await.is_ok() {
             anyhow::bail!("the tensor-parallel group failed (a rank died or stalled); exiting");
         }

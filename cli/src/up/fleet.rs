@@ -25,9 +25,9 @@ use super::supervisor::{Exited, Supervisor};
 /// How long the router must count nothing on a draining group before it stops
 /// (a request sent just before the group left the list shows by then).
 const DRAIN_SETTLE: Duration = Duration::from_secs(2);
-/// How long a stopping group has between SIGTERM and SIGKILL: the worker's own
-/// grace for open streams (20 s) and a little more.
-const STOP_GRACE: Duration = Duration::from_secs(25);
+/// How long a stopping group has between SIGTERM and SIGKILL beyond its drain
+/// timeout (the worker's own grace for open streams), as a pod's grace period.
+const STOP_GRACE_EXTRA: Duration = Duration::from_secs(5);
 
 /// Where a group is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -169,6 +169,8 @@ impl Fleet {
         if let Some(n) = plan.max_num_seqs {
             leader.arg("--max-num-seqs").arg(n.to_string());
         }
+        let drain = self.deployments[d].drain_timeout.as_secs().to_string();
+        leader.args(["--drain-timeout", &drain]);
         let mut followers = Vec::new();
         if plan.tensor > 1 {
             let coordinator = free_port()?.to_string();
@@ -441,7 +443,7 @@ impl Fleet {
                     sup.signal(pid, libc::SIGTERM);
                 }
                 g.state = GroupState::Stopping {
-                    deadline: now + STOP_GRACE,
+                    deadline: now + STOP_GRACE_EXTRA,
                 };
             }
         }
@@ -480,7 +482,7 @@ impl Fleet {
                     sup.signal(pid, libc::SIGTERM);
                 }
                 g.state = GroupState::Stopping {
-                    deadline: now + STOP_GRACE,
+                    deadline: now + timeout + STOP_GRACE_EXTRA,
                 };
             } else {
                 g.state = GroupState::Draining { since, idle_since };

@@ -21,7 +21,7 @@ use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 pub use generate::crd_yaml;
-pub use model::{ModelFormat, ModelShape, ModelSpec, TokenSecret, WeightDtype};
+pub use model::{ModelCache, ModelFormat, ModelShape, ModelSpec, TokenSecret, WeightDtype};
 pub use pods::{ComputeResources, CpuMemory, DEFAULT_GPU_RESOURCE, DEFAULT_GPUS_PER_NODE, GpuSpec};
 pub use serving::{
     AutoscalingMode, AutoscalingSpec, DEFAULT_GPU_MEMORY_UTILIZATION_PERCENT, EngineSpec,

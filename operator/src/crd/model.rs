@@ -44,6 +44,33 @@ pub struct ModelSpec {
     /// gets it as `HF_TOKEN`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token_secret: Option<TokenSecret>,
+
+    /// Where fetched weights (`hf://`, `pip://`) are kept so that a group starting
+    /// again, or scaled up from zero, does not download them again. Default: each
+    /// pod fetches into its own `emptyDir`, gone with the pod.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cache: Option<ModelCache>,
+}
+
+/// A model cache that outlives pods: exactly one of its fields.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+#[schemars(extend("x-kubernetes-validations" = [{
+    "rule": "has(self.claimName) != has(self.hostPath)",
+    "message": "set exactly one of cache.claimName and cache.hostPath"
+}]))]
+pub struct ModelCache {
+    /// A PersistentVolumeClaim of the same namespace (ReadWriteMany when groups
+    /// run on several nodes): the first pod fetches into it, the others find the
+    /// files in place.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 1, max = 253))]
+    pub claim_name: Option<String>,
+    /// A directory on each node (`hostPath`, created if missing; it must be
+    /// writable by the pods' user, 65532): each node fetches once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(length(min = 2), regex(pattern = r"^/.+"))]
+    pub host_path: Option<String>,
 }
 
 /// Where a token is: a key of a Secret.
@@ -68,6 +95,7 @@ impl ModelSpec {
             dtype: None,
             shape: None,
             token_secret: None,
+            cache: None,
         }
     }
 

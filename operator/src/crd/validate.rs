@@ -41,6 +41,10 @@ pub enum ValidationError {
     KvCacheDtype(String),
     #[error("spec.autoscaling: minReplicas {min} is above maxReplicas {max}")]
     AutoscalingBounds { min: u32, max: u32 },
+    #[error("spec.model.cache: set exactly one of claimName and hostPath")]
+    ModelCache,
+    #[error("spec.model.cache.hostPath: {0:?} is not an absolute path")]
+    CachePath(String),
     #[error(
         "spec.replicas: {replicas} lies outside autoscaling's {min}..={max} (an external autoscaler keeps replicas within them; leave replicas out with mode builtin)"
     )]
@@ -90,6 +94,14 @@ pub fn validate(md: &ModelDeployment) -> Vec<ValidationError> {
     }
     if let Some(dtype @ (KvCacheDtype::Fp8 | KvCacheDtype::Float32)) = spec.engine.kv_cache_dtype {
         errors.push(ValidationError::KvCacheDtype(dtype_name(&dtype)));
+    }
+    if let Some(cache) = &spec.model.cache {
+        match (&cache.claim_name, &cache.host_path) {
+            (Some(_), None) => {}
+            (None, Some(path)) if path.starts_with('/') && path.len() > 1 => {}
+            (None, Some(path)) => errors.push(ValidationError::CachePath(path.clone())),
+            _ => errors.push(ValidationError::ModelCache),
+        }
     }
     // The CRD's CEL rules, for `shardserve up`, which has no API server to apply them.
     if let Some(scaling) = &spec.autoscaling {
@@ -220,6 +232,27 @@ mod tests {
         md.spec.model.dtype = Some(WeightDtype::Q4_1);
         md.spec.engine.kv_cache_dtype = Some(KvCacheDtype::Bfloat16);
         assert!(validate(&md).is_empty());
+    }
+
+    #[test]
+    fn a_model_cache_names_exactly_one_place() {
+        let mut md = demo();
+        md.spec.model.cache = Some(crate::crd::ModelCache {
+            claim_name: Some("c".into()),
+            host_path: Some("/var/cache".into()),
+        });
+        assert_eq!(
+            messages(&md),
+            ["spec.model.cache: set exactly one of claimName and hostPath"]
+        );
+        md.spec.model.cache = Some(crate::crd::ModelCache {
+            claim_name: None,
+            host_path: Some("cache".into()),
+        });
+        assert_eq!(
+            messages(&md),
+            ["spec.model.cache.hostPath: \"cache\" is not an absolute path"]
+        );
     }
 
     #[test]

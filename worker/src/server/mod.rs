@@ -33,10 +33,11 @@ pub use service::{GenerateStream, InferenceService};
 
 use crate::engine::EngineHandle;
 
-/// How long in-flight calls may run on after shutdown is asked; long-lived
-/// streams (a health `Watch`, a generation without a limit) must not keep the
-/// process alive past its pod's termination grace period.
-const DRAIN_GRACE: Duration = Duration::from_secs(20);
+/// How long in-flight calls may run on after shutdown is asked, unless told
+/// otherwise ([`serve_with_metrics`]'s `drain`); long-lived streams (a health
+/// `Watch`, a generation without a limit) must not keep the process alive past
+/// its pod's termination grace period.
+pub const DRAIN_GRACE: Duration = Duration::from_secs(20);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
@@ -72,22 +73,24 @@ pub async fn serve(
 ///
 /// The model is loaded before this is called, so health reports SERVING from
 /// the start; on shutdown it turns NOT_SERVING, the listener closes, and
-/// in-flight calls get 20 s (`DRAIN_GRACE`) to finish.
+/// in-flight calls get 20 s ([`DRAIN_GRACE`]) to finish.
 pub async fn serve_on(
     engine: EngineHandle,
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    serve_with_metrics(engine, listener, None, shutdown).await
+    serve_with_metrics(engine, listener, None, shutdown, DRAIN_GRACE).await
 }
 
 /// [`serve_on`], plus `/metrics`, `/healthz` and `/readyz` over HTTP on
-/// `metrics_listener` when there is one.
+/// `metrics_listener` when there is one; in-flight calls get `drain` to finish
+/// after shutdown is asked.
 pub async fn serve_with_metrics(
     engine: EngineHandle,
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
     shutdown: impl Future<Output = ()>,
+    drain: Duration,
 ) -> Result<(), ServerError> {
     let (health, health_service) = tonic_health::server::health_reporter();
     set_status(&health, ServingStatus::Serving).await;
@@ -130,14 +133,14 @@ pub async fn serve_with_metrics(
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal);
     let deadline = async move {
         match drained_by.await {
-            Ok(()) => tokio::time::sleep(DRAIN_GRACE).await,
+            Ok(()) => tokio::time::sleep(drain).await,
             // The server ended on its own; the other branch has the result.
             Err(_) => std::future::pending().await,
         }
     };
     tokio::select! {
         result = server => result?,
-        () = deadline => tracing::warn!(grace = ?DRAIN_GRACE, "calls still open after the grace period; stopping anyway"),
+        () = deadline => tracing::warn!(grace = ?drain, "calls still open after the grace period; stopping anyway"),
     }
     let _ = stop_http.send(true);
     if let Some(http) = http {

@@ -547,6 +547,7 @@ async fn metrics_count_requests_and_running_drops_to_zero_on_disconnect() {
         grpc,
         Some(http),
         std::future::pending(),
+        super::DRAIN_GRACE,
     ));
     let mut client = connect(grpc_addr).await;
     assert_eq!(http_get(http_addr, "/healthz").await.0, 200);

@@ -14,8 +14,8 @@ use std::collections::BTreeMap;
 
 use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
-    GRPCAction, ObjectFieldSelector, PersistentVolumeClaimVolumeSource, PodAffinityTerm,
-    PodAntiAffinity, PodSecurityContext, PodSpec, Probe, ResourceFieldSelector,
+    GRPCAction, HostPathVolumeSource, ObjectFieldSelector, PersistentVolumeClaimVolumeSource,
+    PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, Probe, ResourceFieldSelector,
     ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Volume, VolumeMount,
     WeightedPodAffinityTerm,
 };
@@ -51,7 +51,7 @@ pub(super) fn pod_spec(group: &GroupContext<'_>) -> PodSpec {
     let ranks_per_pod = group.topology.ranks_per_pod.max(1);
     let mut volumes = vec![empty_dir(TMP_VOLUME, None)];
     match group.files {
-        ModelFiles::Fetched { .. } => volumes.push(empty_dir(MODEL_VOLUME, None)),
+        ModelFiles::Fetched { .. } => volumes.push(model_cache(group)),
         ModelFiles::Claim { claim, .. } => volumes.push(Volume {
             name: MODEL_VOLUME.into(),
             persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
@@ -125,6 +125,10 @@ fn rank_container(group: &GroupContext<'_>, local: u32) -> Container {
         &format!("0.0.0.0:{GRPC_PORT}"),
         "--metrics-addr",
         &format!("0.0.0.0:{METRICS_PORT}"),
+        // Streams finish within the drain timeout after SIGTERM (a node drain, an
+        // eviction); the pod's grace period gives 30 s more.
+        "--drain-timeout",
+        &md.spec.drain_timeout().as_secs().to_string(),
     ]);
     let mut env = vec![EnvVar {
         // One compute thread per CPU of the container's limit (the node's
@@ -403,6 +407,34 @@ fn container_port(name: &str, port: i32) -> ContainerPort {
         container_port: port,
         protocol: Some("TCP".into()),
         ..ContainerPort::default()
+    }
+}
+
+/// Where fetched weights go: the spec's cache that outlives pods (filled once,
+/// found in place by every later fetch), else the pod's own `emptyDir`.
+fn model_cache(group: &GroupContext<'_>) -> Volume {
+    let cache = group.md.spec.model.cache.as_ref();
+    match (
+        cache.and_then(|c| c.claim_name.as_ref()),
+        cache.and_then(|c| c.host_path.as_ref()),
+    ) {
+        (Some(claim), _) => Volume {
+            name: MODEL_VOLUME.into(),
+            persistent_volume_claim: Some(PersistentVolumeClaimVolumeSource {
+                claim_name: claim.clone(),
+                read_only: None,
+            }),
+            ..Volume::default()
+        },
+        (None, Some(path)) => Volume {
+            name: MODEL_VOLUME.into(),
+            host_path: Some(HostPathVolumeSource {
+                path: path.clone(),
+                type_: Some("DirectoryOrCreate".into()),
+            }),
+            ..Volume::default()
+        },
+        (None, None) => empty_dir(MODEL_VOLUME, None),
     }
 }
 

@@ -193,7 +193,8 @@ fn the_demo_statefulset_is_one_pod_of_one_rank() {
                                 "--served-model-name", "smollm2",
                                 "--tensor", "1",
                                 "--listen", "0.0.0.0:50051",
-                                "--metrics-addr", "0.0.0.0:9090"
+                                "--metrics-addr", "0.0.0.0:9090",
+                                "--drain-timeout", "300"
                             ],
                             "env": [{
                                 "name": "SHARDSERVE_THREADS",
@@ -269,6 +270,8 @@ fn a_group_spanning_two_nodes_has_two_pods_of_four_ranks() {
             "0.0.0.0:50051",
             "--metrics-addr",
             "0.0.0.0:9090",
+            "--drain-timeout",
+            "300",
             "--coordinator",
             "llama-3-70b-2-nodes-g0-0.llama-3-70b-2-nodes-g0.llm.svc:29500",
             "--rank",
@@ -359,6 +362,39 @@ fn a_pvc_source_mounts_the_claim_read_only_and_fetches_nothing() {
 }
 
 #[test]
+fn a_model_cache_outlives_pods_on_a_claim_or_a_node_directory() {
+    use crate::crd::ModelCache;
+    let volumes = |cache: Option<ModelCache>| {
+        let mut md = demo(1);
+        md.spec.model.cache = cache;
+        let pod =
+            to_json(&desired_of(&md).groups[0].statefulset)["spec"]["template"]["spec"].clone();
+        // The fetch writes it; the ranks only read it.
+        assert_eq!(
+            pod["initContainers"][0]["volumeMounts"][1]["readOnly"],
+            Value::Null
+        );
+        assert_eq!(pod["containers"][0]["volumeMounts"][1]["readOnly"], true);
+        pod["volumes"][1].clone()
+    };
+    assert_eq!(volumes(None), json!({"name": "model", "emptyDir": {}}));
+    assert_eq!(
+        volumes(Some(ModelCache {
+            claim_name: Some("model-cache".into()),
+            host_path: None,
+        })),
+        json!({"name": "model", "persistentVolumeClaim": {"claimName": "model-cache"}})
+    );
+    assert_eq!(
+        volumes(Some(ModelCache {
+            claim_name: None,
+            host_path: Some("/var/cache/shardserve".into()),
+        })),
+        json!({"name": "model", "hostPath": {"path": "/var/cache/shardserve", "type": "DirectoryOrCreate"}})
+    );
+}
+
+#[test]
 fn the_spec_hash_follows_what_the_pods_run() {
     let base = desired_of(&demo(2));
     // Per group (labels differ), stable for the same spec.
@@ -377,7 +413,7 @@ fn the_spec_hash_follows_what_the_pods_run() {
     assert_eq!(changed.groups[0].spec_hash.len(), 16);
     // What the demo's pods run, pinned: an operator upgrade that changes
     // it restarts every group of every deployment (one at a time).
-    assert_eq!(base.groups[0].spec_hash, "1b76bdf85c921b16");
+    assert_eq!(base.groups[0].spec_hash, "cc4f4d9a81fb1c95");
 }
 
 #[test]
