@@ -64,7 +64,9 @@ pub struct Actions {
     pub restarted: Vec<GroupRestart>,
     /// Stale groups left as they are until the others serve.
     pub waiting: Vec<GroupId>,
-    /// Groups at or above `replicas`, drained: StatefulSet and Service deleted.
+    /// The deployment's `replicas` groups ([`super::members`]).
+    pub members: Vec<GroupId>,
+    /// Groups that are not members any more, drained: StatefulSet and Service deleted.
     pub removed: Vec<GroupId>,
     /// Groups leaving (scale-down, or a roll of one that serves) that finish their
     /// streams first: shown `Draining`, so the routers send them nothing new.
@@ -255,16 +257,18 @@ pub fn decide(
     }
     actions.waiting.extend(ready_stale.map(|(id, ..)| *id));
     actions.apply.sort();
+    let members: Vec<GroupId> = desired.groups.iter().map(|g| g.id).collect();
     let leaving = observed
         .groups
         .iter()
-        .filter(|(id, g)| id.0 >= topology.groups && (g.statefulset.is_some() || g.service));
+        .filter(|(id, g)| !members.contains(id) && (g.statefulset.is_some() || g.service));
     for (&id, obs) in leaving {
         match drain_state(obs, topology, desired.drain_timeout, now) {
             Drain::Done => actions.removed.push(id),
             drain => actions.drains(id, drain),
         }
     }
+    actions.members = members;
     actions
 }
 

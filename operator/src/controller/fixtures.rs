@@ -105,6 +105,15 @@ pub fn existing(
     (statefulsets, services)
 }
 
+/// `sts` marked draining since `since`, as the operator marks it.
+pub fn marked_draining(mut sts: StatefulSet, since: Timestamp) -> StatefulSet {
+    sts.metadata.annotations.get_or_insert_default().insert(
+        super::labels::DRAINING_SINCE_ANNOTATION.into(),
+        since.to_string(),
+    );
+    sts
+}
+
 /// A running, ready rank pod `index` of group `group`, created with `hash`.
 pub fn pod(md: &str, group: u32, index: u32, hash: &str) -> Pod {
     let name = format!("{}-{index}", group_name(md, GroupId(group)));

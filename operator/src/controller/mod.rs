@@ -5,8 +5,9 @@
 //! (what the router finds).
 //!
 //! The pipeline is pure up to the last step: [`check`] (validation and
-//! planning) → [`desired`] (the objects) → [`observe`] (what exists) →
-//! [`decide`] (create, remove, restart, roll) → [`status`]; [`reconcile`]
+//! planning) → [`observe`] (what exists) → [`members`] (which groups make up
+//! `replicas`) → [`desired`] (the objects) → [`decide`] (create, drain, remove,
+//! restart, roll) → [`status`]; [`reconcile`]
 //! carries the result out against the API server. [`labels`] holds the
 //! names the router relies on.
 
@@ -14,6 +15,7 @@ pub mod check;
 pub mod decide;
 pub mod desired;
 pub mod labels;
+pub mod members;
 mod metrics;
 pub mod observe;
 pub mod progress;

@@ -29,11 +29,12 @@ use crate::load::LoadBoard;
 
 use super::check::{Topology, check};
 use super::decide::{Actions, GroupRestart, decide};
-use super::desired::{BuildError, Desired, WorkerSettings, desired};
+use super::desired::{BuildError, Desired, WorkerSettings, desired_members};
 use super::labels::{
     DRAINING_SINCE_ANNOTATION, FIELD_MANAGER, GRPC_PORT, GroupId, group_name, model_selector,
     service_name,
 };
+use super::members::members;
 use super::metrics::{Metrics, ReconcileResult};
 use super::observe::{Observed, observe};
 use super::progress::ask_pods;
@@ -202,13 +203,14 @@ async fn reconcile_once(
             return Ok((ReconcileResult::Refused, Action::requeue(RESYNC)));
         }
     };
-    let desired = desired(md, &topology, &ctx.settings)?;
     let objects = Objects::new(&ctx.client, &namespace);
     let mut observed = objects.observe(&name).await?;
     for (id, group) in &mut observed.groups {
         let leader = format!("{namespace}/{}-0", group_name(&name, *id));
         group.outstanding = ctx.load.outstanding(&leader);
     }
+    let members = members(topology.groups, &observed, topology.pods_per_group);
+    let desired = desired_members(md, &topology, &ctx.settings, &members)?;
     let actions = decide(&desired, &observed, &topology, now);
 
     objects.apply(&desired, &actions).await?;

@@ -34,7 +34,7 @@ pub fn running_status(
             .get(id)
             .is_some_and(|g| g.is_ready(topology.pods_per_group))
     };
-    let groups = (0..topology.groups).map(GroupId);
+    let groups = actions.members.iter().copied();
     let not_ready: Vec<GroupId> = groups.clone().filter(|id| !serves(id)).collect();
     let ready = groups
         .filter(|id| serves(id) && !actions.restarting(*id))
@@ -81,7 +81,7 @@ pub fn running_status(
     }
 }
 
-/// Every group that should exist (`0..replicas`) or still does.
+/// Every group that should exist (the members) or still does, in order.
 fn group_statuses(
     md: &ModelDeployment,
     topology: &Topology,
@@ -89,16 +89,13 @@ fn group_statuses(
     actions: &Actions,
 ) -> Vec<GroupStatus> {
     let missing = GroupObserved::default();
-    let last = observed
-        .groups
-        .keys()
-        .map(|id| id.0 + 1)
-        .max()
-        .unwrap_or(0)
-        .max(topology.groups);
-    (0..last)
-        .map(GroupId)
-        .filter(|id| id.0 < topology.groups || observed.groups.contains_key(id))
+    let ids: std::collections::BTreeSet<GroupId> = actions
+        .members
+        .iter()
+        .chain(observed.groups.keys())
+        .copied()
+        .collect();
+    ids.into_iter()
         .map(|id| {
             let obs = observed.groups.get(&id).unwrap_or(&missing);
             let record = actions.records.get(&id);
@@ -152,7 +149,7 @@ fn group_phase(
     topology: &Topology,
     actions: &Actions,
 ) -> (GroupPhase, Option<String>) {
-    if id.0 >= topology.groups || actions.draining.contains(&id) {
+    if !actions.members.contains(&id) || actions.draining.contains(&id) {
         return (GroupPhase::Draining, None);
     }
     if let Some(restart) = actions.restarted.iter().find(|r| r.id == id) {

@@ -719,6 +719,51 @@ fn outstanding(backend: &str, n: u64) -> RouterLoad {
 }
 
 #[tokio::test]
+async fn scaling_down_drains_the_least_loaded_group_whatever_its_number() {
+    let md = demo(1);
+    let two = desired_of(&demo(2));
+    let (statefulsets, services) = existing(&demo(2), &[0, 1], None);
+    let pods: Vec<Pod> = (0..2)
+        .map(|g| pod("smollm2", g, 0, &two.groups[g as usize].spec_hash))
+        .collect();
+    // The routers count 3 requests on group 1, none on group 0: group 0 goes.
+    let mut load = outstanding("models/smollm2-g1-0", 3);
+    load.add(outstanding("models/smollm2-g0-0", 0));
+    let script_md = md.clone();
+    let (result, (mark, status), _) =
+        scripted_with(&md, Some((ago(1), load)), move |mut api| async move {
+            api.observe(&statefulsets, &services, &pods).await;
+            api.apply(&svc("smollm2")).await;
+            api.apply(&pdb("smollm2")).await;
+            api.apply(&svc("smollm2-g1")).await;
+            api.apply(&sts("smollm2-g1")).await;
+            let mark = api.expect(Method::PATCH, &sts("smollm2-g0")).await.echo();
+            let status = api.status(&script_md).await;
+            api.done().await;
+            (mark, status)
+        })
+        .await;
+    result.unwrap();
+    assert_eq!(
+        mark,
+        json!({"metadata": {"annotations": {"shardserve.io/draining-since": now().to_string()}}})
+    );
+    let phases: Vec<(&str, GroupPhase)> = status
+        .groups
+        .iter()
+        .map(|g| (g.name.as_str(), g.phase))
+        .collect();
+    assert_eq!(
+        phases,
+        [
+            ("smollm2-g0", GroupPhase::Draining),
+            ("smollm2-g1", GroupPhase::Serving)
+        ]
+    );
+    assert_eq!((status.replicas, status.ready_replicas), (1, 1));
+}
+
+#[tokio::test]
 async fn scaling_down_drains_a_serving_group_before_deleting_it() {
     let md = demo(1);
     let two = desired_of(&demo(2));

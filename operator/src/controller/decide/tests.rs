@@ -3,14 +3,11 @@
 use super::*;
 use crate::controller::check::check;
 use crate::controller::fixtures::{
-    ago, demo, demo_tp3, desired_of, existing, loading, now, pod, restarted,
+    ago, demo, demo_tp3, desired_of, existing, loading, marked_draining, now, pod, restarted,
 };
-use crate::controller::labels::{
-    DRAINING_SINCE_ANNOTATION, POD_UIDS_ANNOTATION, RESTARTS_ANNOTATION,
-};
+use crate::controller::labels::{POD_UIDS_ANNOTATION, RESTARTS_ANNOTATION};
 use crate::controller::observe::{Restarts, observe};
 use crate::crd::ModelDeployment;
-use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::Pod;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::Time;
 
@@ -28,15 +25,6 @@ fn hash(md: &ModelDeployment, group: u32) -> String {
 
 fn ids(ids: &[u32]) -> Vec<GroupId> {
     ids.iter().copied().map(GroupId).collect()
-}
-
-/// `sts` as the operator marks a group draining since `since`.
-fn marked_draining(mut sts: StatefulSet, since: Timestamp) -> StatefulSet {
-    sts.metadata
-        .annotations
-        .get_or_insert_default()
-        .insert(DRAINING_SINCE_ANNOTATION.into(), since.to_string());
-    sts
 }
 
 /// Scale 2 → 1 with both groups serving: group 1 drained since `since` (if

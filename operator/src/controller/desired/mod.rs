@@ -81,10 +81,22 @@ pub fn desired(
     topology: &Topology,
     settings: &WorkerSettings,
 ) -> Result<Desired, BuildError> {
+    let members: Vec<GroupId> = (0..topology.groups).map(GroupId).collect();
+    desired_members(md, topology, settings, &members)
+}
+
+/// [`desired`] with the groups `members` (see [`super::members`]).
+pub fn desired_members(
+    md: &ModelDeployment,
+    topology: &Topology,
+    settings: &WorkerSettings,
+    members: &[GroupId],
+) -> Result<Desired, BuildError> {
     let owner = Owner::of(md)?;
     let files = ModelFiles::of(&ModelSource::parse(&md.spec.model.source)?);
-    let groups = (0..topology.groups)
-        .map(GroupId)
+    let groups = members
+        .iter()
+        .copied()
         .map(|id| {
             let group = GroupContext {
                 md,
