@@ -253,3 +253,30 @@ fn a_model_scales_from_zero_to_two_groups_and_back_losing_no_request() {
         assert!(stderr.contains(line), "no {line:?} in up's log:\n{stderr}");
     }
 }
+
+#[test]
+fn ctrl_c_leaves_no_orphans() {
+    let dir = tempfile::tempdir().unwrap();
+    let manifest = demo_manifest(dir.path(), "solo", 1);
+    let (http, grpc) = (free_port(), free_port());
+    let args = addr_args(http, grpc);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let mut up = start_up(&manifest, &args);
+    up.wait_ready();
+    let children = children_of(up.child.id());
+    assert!(
+        children.iter().any(|&p| cmdline(p).contains(" router ")),
+        "a router child expected: {children:?}"
+    );
+    assert!(children.iter().any(|&p| cmdline(p).contains(" worker ")));
+    signal(up.child.id(), "INT");
+    let status = up.wait_exit(Duration::from_secs(60));
+    assert!(
+        status.success(),
+        "Ctrl-C is a clean stop: {status}\n{}",
+        up.stderr()
+    );
+    for pid in children {
+        assert!(!is_alive(pid), "child {pid} ({}) outlived up", cmdline(pid));
+    }
+}
