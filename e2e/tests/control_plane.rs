@@ -12,10 +12,12 @@
 //! so the EndpointSlice controller publishes it and the router reaches it.
 //!
 //! It checks: the deployment turns Ready, its load progress shows, a chat is answered
-//! through the router, scale to 2 groups and back, a failed pod restarts its whole group
-//! (the StatefulSet controller recreates it at once: the race), an invalid spec is
-//! Degraded, deletion collects everything, and neither the operator nor the router was
-//! ever refused by the API server (no 403).
+//! through the router, scale to 2 groups and back (the group drained first, on the
+//! router's load), a failed pod restarts its whole group (the StatefulSet controller
+//! recreates it at once: the race), builtin autoscaling scales an idle deployment to
+//! zero and a held request back to one, an invalid spec is Degraded, deletion collects
+//! everything, and neither the operator nor the router was ever refused by the API
+//! server (no 403).
 //!
 //! Without the folder it prints that it skipped and why (CI has no Kubernetes binaries).
 //! kubectl comes from the folder, else `.tools/` (`make chart-tools`), else `PATH`;
@@ -100,15 +102,22 @@ fn operator_and_router_on_a_real_control_plane() {
         .to_string(),
     );
     let kubelet = Kubelet::start(kubectl.clone(), model);
+    // The router as the chart runs it, behind its Service: the operator reads its load
+    // (to autoscale and to end drains) from the pods of the Service's EndpointSlices;
+    // the test writes the slice, as the EndpointSlice controller would for a router pod.
+    let router_port = free_port();
+    let router_address = RouterAddress::add();
+    let router_service = format!("{RELEASE}-shardserve-router");
+    kubectl.apply(&router_service_yaml(&router_service, router_port));
     let operator = Logged::spawn(
         "operator",
         &plane.dir,
         Command::new(shardserve_bin())
             .args(["operator", "--worker-image", "shardserve:e2e"])
             .args(["--health-addr", &format!("127.0.0.1:{}", free_port())])
+            .args(["--router-service", &format!("{NAMESPACE}/{router_service}")])
             .env("KUBECONFIG", &operator_config),
     );
-    let router_port = free_port();
     let router = Logged::spawn(
         "router",
         &plane.dir,
@@ -120,7 +129,7 @@ fn operator_and_router_on_a_real_control_plane() {
                 "--namespace",
                 NAMESPACE,
             ])
-            .args(["--http-addr", &format!("127.0.0.1:{router_port}")])
+            .args(["--http-addr", &format!("0.0.0.0:{router_port}")])
             .args(["--grpc-addr", &format!("127.0.0.1:{}", free_port())])
             .env("KUBECONFIG", &router_config),
     );
@@ -216,6 +225,43 @@ fn operator_and_router_on_a_real_control_plane() {
         "{status}"
     );
 
+    // Builtin autoscaling: idle, the group is drained and removed (scaled to zero);
+    // a request is held by the router, starts a group, and is answered.
+    kubectl.apply(&autoscaled_manifest());
+    wait_for(Duration::from_secs(120), "scaled to zero", || {
+        md_spec_replicas(&kubectl) == Some(0)
+            && kubelet.pods_named(&format!("{MODEL}-g")).is_empty()
+    });
+    let scaled = condition(&md_status(&kubectl), "Autoscaling").expect("an Autoscaling condition");
+    println!("scaled to zero: {}", scaled["message"]);
+    assert_eq!(scaled["reason"], "ScaledDown", "{scaled}");
+    let held = std::time::Instant::now();
+    let answer = http(router_port, "POST", "/v1/chat/completions", Some(&request));
+    let waited = held.elapsed();
+    assert!(
+        matches!(&answer, Some((200, _))),
+        "the held request was not answered: {answer:?}"
+    );
+    let scaled = condition(&md_status(&kubectl), "Autoscaling").expect("an Autoscaling condition");
+    println!(
+        "a request from zero answered after {:.1} s: {}",
+        waited.as_secs_f64(),
+        scaled["message"]
+    );
+    assert_eq!(scaled["reason"], "ScaledUp", "{scaled}");
+    let events = kubectl.run(&[
+        "get",
+        "events",
+        "-n",
+        NAMESPACE,
+        "--field-selector",
+        "reason=Autoscaled",
+        "-o",
+        "name",
+    ]);
+    assert!(events.lines().count() >= 2, "Autoscaled events: {events}");
+    wait_ready(&kubectl, 1, Duration::from_secs(300));
+
     // A spec that cannot run on a cluster (a path relative to a manifest on a
     // laptop): Degraded, the groups left as they are.
     kubectl.apply(&manifest_from("file://models/smollm2.gguf", 3, 1));
@@ -231,7 +277,9 @@ fn operator_and_router_on_a_real_control_plane() {
         "the serving group was left alone"
     );
 
-    // Deletion: the garbage collector takes everything the operator made.
+    // Deletion: the garbage collector takes everything the operator made (the
+    // router's Service, which the chart owns, goes by hand).
+    kubectl.run(&["delete", "service", &router_service, "-n", NAMESPACE]);
     kubectl.run(&[
         "delete",
         "-n",
@@ -258,6 +306,7 @@ fn operator_and_router_on_a_real_control_plane() {
     );
 
     drop(kubelet);
+    drop(router_address);
     let operator_log = operator.stop();
     let router_log = router.stop();
     for (who, log) in [("operator", &operator_log), ("router", &router_log)] {
@@ -299,6 +348,76 @@ spec:
     maxNumSeqs: 4
 "
     )
+}
+
+/// The demo in builtin autoscaling: 0 to 1 group, one request in flight per group,
+/// down 5 s after the load ends; `replicas` left to the autoscaler.
+fn autoscaled_manifest() -> String {
+    manifest(3, 1).replace(
+        "  replicas: 1\n",
+        "  drainTimeoutSeconds: 60\n  autoscaling:\n    minReplicas: 0\n    maxReplicas: 1\n    \
+         targetInFlightRequests: 1\n    scaleDownDelaySeconds: 5\n",
+    )
+}
+
+fn md_spec_replicas(kubectl: &Kubectl) -> Option<u64> {
+    let text = kubectl.try_run(&["get", "md", MODEL, "-n", NAMESPACE, "-o", "json"])?;
+    serde_json::from_str::<Value>(&text).ok()?["spec"]["replicas"].as_u64()
+}
+
+/// Where the router listens for the operator, as a router pod would: an address of
+/// its own on loopback (an EndpointSlice may not hold 127.0.0.0/8), removed at the end.
+struct RouterAddress;
+
+const ROUTER_IP: &str = "192.0.2.254";
+
+impl RouterAddress {
+    fn add() -> Self {
+        assert!(
+            ip_addr("add", ROUTER_IP),
+            "cannot add {ROUTER_IP} to loopback"
+        );
+        Self
+    }
+}
+
+impl Drop for RouterAddress {
+    fn drop(&mut self) {
+        ip_addr("del", ROUTER_IP);
+    }
+}
+
+/// The chart's router Service (without a selector: no router pod runs here) and the
+/// EndpointSlice the EndpointSlice controller would write for one ready router pod.
+fn router_service_yaml(name: &str, port: u16) -> String {
+    json!({
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [
+            {
+                "apiVersion": "v1",
+                "kind": "Service",
+                "metadata": {"name": name, "namespace": NAMESPACE},
+                "spec": {"ports": [{"name": "http", "port": 8080, "targetPort": port}]},
+            },
+            {
+                "apiVersion": "discovery.k8s.io/v1",
+                "kind": "EndpointSlice",
+                "metadata": {
+                    "name": format!("{name}-e2e"),
+                    "namespace": NAMESPACE,
+                    "labels": {
+                        "kubernetes.io/service-name": name,
+                        "endpointslice.kubernetes.io/managed-by": "e2e",
+                    },
+                },
+                "addressType": "IPv4",
+                "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+                "endpoints": [{"addresses": [ROUTER_IP], "conditions": {"ready": true}}],
+            },
+        ],
+    })
+    .to_string()
 }
 
 /// The chart's ServiceAccounts and RBAC, rendered by helm.

@@ -165,11 +165,18 @@ impl Autoscaler {
                 why,
             };
             tracing::info!(model_deployment = %name, %namespace, "{}", change.describe());
+            // The recorder folds events of one reason and action into a series that
+            // keeps its first note: ups and downs are told apart at least (the
+            // condition always tells the last change).
+            let action = match change.to > change.from {
+                true => "ScaleUp",
+                false => "ScaleDown",
+            };
             let event = Event {
                 type_: EventType::Normal,
                 reason: AUTOSCALED.into(),
                 note: Some(change.describe()),
-                action: "Scale".into(),
+                action: action.into(),
                 secondary: None,
             };
             if let Err(e) = self.recorder.publish(&event, &md.object_ref(&())).await {
