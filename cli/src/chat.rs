@@ -49,6 +49,11 @@ pub struct ChatArgs {
 }
 
 pub fn run(args: ChatArgs) -> Result<()> {
+    crate::check_sampling(&SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        ..SamplingParams::default()
+    })?;
     let history: Vec<ChatMessage> = args
         .system
         .iter()

@@ -74,6 +74,16 @@ pub struct GenerateArgs {
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_k: args.top_k,
+        top_p: args.top_p,
+        min_p: args.min_p,
+        repetition_penalty: args.repetition_penalty,
+        seed: args.seed,
+        ..SamplingParams::default()
+    };
+    crate::check_sampling(&sampling)?;
     let threads = args.threads.apply()?;
     let options = EngineOptions {
         max_seq_len: args.max_seq_len,
@@ -91,15 +101,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
         _ => bail!("give one of --chat, --prompt or --prompt-ids"),
     };
     let mut request = GenerationRequest::new(prompt);
-    request.sampling = SamplingParams {
-        temperature: args.temperature,
-        top_k: args.top_k,
-        top_p: args.top_p,
-        min_p: args.min_p,
-        repetition_penalty: args.repetition_penalty,
-        seed: args.seed,
-        ..SamplingParams::default()
-    };
+    request.sampling = sampling;
     request.stopping.max_tokens = Some(args.max_tokens);
     request.stopping.stop = args.stop.clone();
     request.logprobs = args.logprobs;

@@ -88,8 +88,24 @@ enum ModelCommand {
     },
 }
 
+/// The command line's grammar. Every numeric argument takes a negative number as
+/// people type it (`--temperature -1`), so that validation, not the parser, says
+/// what is wrong and names the flag.
+fn grammar() -> clap::Command {
+    fn negatives(command: clap::Command) -> clap::Command {
+        command
+            .allow_negative_numbers(true)
+            .mut_subcommands(negatives)
+    }
+    negatives(<Cli as clap::CommandFactory>::command())
+}
+
 fn main() -> Result<()> {
-    let cli = Cli::parse();
+    let matches = grammar().get_matches();
+    let cli = match <Cli as clap::FromArgMatches>::from_arg_matches(&matches) {
+        Ok(cli) => cli,
+        Err(e) => e.exit(),
+    };
     runtime::init_logging();
     match cli.command {
         Command::Generate(args) => generate::run(args),
@@ -140,5 +156,75 @@ fn main() -> Result<()> {
                 Ok(())
             }
         },
+    }
+}
+
+/// Sampling flags out of their range, named as flags (`--top-p`), before anything
+/// loads.
+pub(crate) fn check_sampling(params: &shardserve_worker::sampling::SamplingParams) -> Result<()> {
+    use shardserve_worker::sampling::SamplingError;
+    match params.validate() {
+        Ok(()) => Ok(()),
+        Err(SamplingError::OutOfRange {
+            field,
+            value,
+            range,
+        }) => anyhow::bail!(
+            "--{} {value} is out of range {range}",
+            field.replace('_', "-")
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negative_numbers_reach_validation_which_names_the_flag() {
+        for argv in [
+            &["generate", "--model", "m.gguf", "--prompt", "hi"][..],
+            &["chat", "--model-path", "m.gguf"][..],
+        ] {
+            let command = argv[0];
+            let matches = grammar()
+                .try_get_matches_from(
+                    std::iter::once("shardserve")
+                        .chain(argv.iter().copied())
+                        .chain(["--temperature", "-1"]),
+                )
+                .unwrap_or_else(|e| panic!("{command}: {e}"));
+            let cli = <Cli as clap::FromArgMatches>::from_arg_matches(&matches).unwrap();
+            let temperature = match cli.command {
+                Command::Generate(args) => args.temperature,
+                Command::Chat(args) => args.temperature,
+                _ => unreachable!(),
+            };
+            assert_eq!(temperature, -1.0);
+        }
+        let params = shardserve_worker::sampling::SamplingParams {
+            temperature: -1.0,
+            ..Default::default()
+        };
+        assert_eq!(
+            check_sampling(&params).unwrap_err().to_string(),
+            "--temperature -1 is out of range [0, 100]"
+        );
+        let params = shardserve_worker::sampling::SamplingParams {
+            top_p: 0.0,
+            ..Default::default()
+        };
+        assert!(
+            check_sampling(&params)
+                .unwrap_err()
+                .to_string()
+                .starts_with("--top-p 0 ")
+        );
+        // Flags still look like flags.
+        assert!(
+            grammar()
+                .try_get_matches_from(["shardserve", "generate", "--model", "m", "-x"])
+                .is_err()
+        );
     }
 }

@@ -720,6 +720,15 @@ async fn ollama_endpoints_as_ollama_clients_use_them() {
     assert_eq!(status, 200, "{v}");
     assert!(!v["response"].as_str().unwrap().is_empty());
     assert_eq!(v["done_reason"], "length");
+    // Real durations, as Ollama gives them: clients show eval_count / eval_duration.
+    let ns = |k: &str| v[k].as_u64().unwrap_or_else(|| panic!("{k}: {v}"));
+    assert!(ns("eval_duration") > 0, "{v}");
+    assert!(ns("prompt_eval_duration") > 0, "{v}");
+    assert!(ns("prompt_eval_duration") < ns("total_duration"), "{v}");
+    assert!(
+        ns("prompt_eval_duration") + ns("eval_duration") <= ns("total_duration"),
+        "{v}"
+    );
 
     let v: Value = r
         .http

@@ -211,14 +211,26 @@ where
 pub(crate) struct Collected {
     pub tokens: Vec<pb::Token>,
     pub finished: pb::Finished,
+    /// When the first token came (the end of the prompt's evaluation), if one did.
+    pub first_token: Option<std::time::Instant>,
 }
 
 async fn collect(mut generation: Generation) -> Result<Collected, Status> {
     let mut tokens = Vec::new();
+    let mut first_token = None;
     while let Some(event) = generation.next().await {
         match event? {
-            Event::Token(t) => tokens.push(t),
-            Event::Finished(finished) => return Ok(Collected { tokens, finished }),
+            Event::Token(t) => {
+                first_token.get_or_insert_with(std::time::Instant::now);
+                tokens.push(t);
+            }
+            Event::Finished(finished) => {
+                return Ok(Collected {
+                    tokens,
+                    finished,
+                    first_token,
+                });
+            }
         }
     }
     Err(Status::internal(

@@ -224,7 +224,7 @@ async fn run(
     let collected = state.complete(model, req).await?;
     let timing = Timing {
         started,
-        first_token: None,
+        first_token: collected.first_token,
     };
     let body = done_object(
         kind,

@@ -317,6 +317,7 @@ mod tests {
     #[test]
     fn response_with_details_and_full_text() {
         let c = Collected {
+            first_token: None,
             tokens: vec![pb::Token {
                 id: 7,
                 text_delta: " there".into(),

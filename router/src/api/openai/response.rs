@@ -290,6 +290,7 @@ mod tests {
 
     fn collected() -> Collected {
         Collected {
+            first_token: None,
             tokens: vec![token(10, " big"), token(11, " cat")],
             finished: pb::Finished {
                 reason: pb::FinishReason::Length as i32,
