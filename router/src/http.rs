@@ -1,7 +1,6 @@
 //! The HTTP face: every API route, the optional API-key layer in front of
 //! them, and the open operational routes `/healthz`, `/readyz`, `/metrics`.
 
-use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
@@ -12,17 +11,14 @@ use axum::{Json, Router};
 use serde_json::{Value, json};
 
 use crate::api::{ApiError, AppState, ErrorKind, ollama, openai, tgi};
+use crate::auth::Keys;
 use crate::config::Readiness;
 use crate::pool::ModelSummary;
 
 /// Largest request body (long prompts as token ids are big).
 const BODY_LIMIT: usize = 64 << 20;
 
-/// Accepted API keys; empty = authentication off.
-#[derive(Clone)]
-struct Keys(Arc<Vec<String>>);
-
-pub(crate) fn router(state: AppState, api_keys: Vec<String>) -> Router {
+pub(crate) fn router(state: AppState, keys: Keys) -> Router {
     let api = Router::new()
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
@@ -34,13 +30,9 @@ pub(crate) fn router(state: AppState, api_keys: Vec<String>) -> Router {
         .route("/generate", post(tgi::generate))
         .route("/generate_stream", post(tgi::generate_stream))
         .route("/", post(tgi::compat));
-    let api = if api_keys.is_empty() {
-        api
-    } else {
-        api.route_layer(middleware::from_fn_with_state(
-            Keys(Arc::new(api_keys)),
-            require_key,
-        ))
+    let api = match keys.enabled() {
+        false => api,
+        true => api.route_layer(middleware::from_fn_with_state(keys, require_key)),
     };
     let open = Router::new()
         .route("/healthz", get(healthz))
@@ -53,39 +45,21 @@ pub(crate) fn router(state: AppState, api_keys: Vec<String>) -> Router {
 
 /// `Authorization: Bearer KEY` with one of the configured keys, else 401.
 async fn require_key(State(keys): State<Keys>, request: Request, next: Next) -> Response {
-    let presented = request
+    let authorization = request
         .headers()
         .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .map(str::trim);
-    match presented {
-        Some(key)
-            if keys
-                .0
-                .iter()
-                .any(|k| constant_time_eq(k.as_bytes(), key.as_bytes())) =>
-        {
-            next.run(request).await
-        }
-        _ => {
-            let message = if presented.is_some() {
-                "invalid API key"
-            } else {
-                "missing API key: send Authorization: Bearer <key>"
-            };
-            let mut response = ApiError::new(ErrorKind::Unauthorized, message).into_response();
+        .and_then(|v| v.to_str().ok());
+    match keys.check(authorization) {
+        Ok(()) => next.run(request).await,
+        Err(refusal) => {
+            let mut response =
+                ApiError::new(ErrorKind::Unauthorized, refusal.message()).into_response();
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
             response
         }
     }
-}
-
-/// Compares without an early exit, so timing does not leak the key.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 async fn healthz() -> &'static str {
@@ -210,12 +184,5 @@ mod tests {
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body["ready"], true);
         assert_eq!(body["models_without_healthy_backend"][0]["model"], "b");
-    }
-
-    #[test]
-    fn key_comparison() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"ab"));
     }
 }

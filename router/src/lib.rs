@@ -11,6 +11,7 @@
 //! `metrics`. The CLI's `shardserve router` calls [`serve`].
 
 mod api;
+mod auth;
 mod balance;
 mod config;
 mod discovery;
@@ -144,13 +145,14 @@ pub async fn serve_on(
         grpc = ?listeners.grpc.local_addr().ok(),
         "router serving"
     );
+    let keys = auth::Keys::new(config.api_keys.clone());
     let app = http::router(
         AppState {
             upstream: upstream.clone(),
             discovery,
             readiness: config.readiness,
         },
-        config.api_keys.clone(),
+        keys.clone(),
     );
     let http = axum::serve(listeners.http, app).with_graceful_shutdown(stopped(stop_rx.clone()));
 
@@ -166,7 +168,10 @@ pub async fn serve_on(
         .await;
     let grpc = Server::builder()
         .add_service(health_service)
-        .add_service(InferenceServer::new(grpc::RouterInference { upstream }))
+        .add_service(InferenceServer::with_interceptor(
+            grpc::RouterInference { upstream },
+            move |request| keys.intercept(request),
+        ))
         .serve_with_incoming_shutdown(
             TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
             stopped(stop_rx),

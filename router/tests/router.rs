@@ -822,6 +822,40 @@ async fn api_keys_guard_the_api_but_not_health() {
             "{open}"
         );
     }
+
+    // gRPC checks the same keys, in the `authorization` metadata; health stays open.
+    use shardserve_proto::v1::inference_client::InferenceClient;
+    let channel = tonic::transport::Channel::from_shared(format!("http://{}", r.grpc))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let request = |key: Option<&str>| {
+        let mut request = tonic::Request::new(pb::ModelInfoRequest::default());
+        if let Some(key) = key {
+            request
+                .metadata_mut()
+                .insert("authorization", format!("Bearer {key}").parse().unwrap());
+        }
+        request
+    };
+    let mut client = InferenceClient::new(channel.clone());
+    for (key, message) in [
+        (None, "missing API key"),
+        (Some("guess"), "invalid API key"),
+    ] {
+        let err = client.model_info(request(key)).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::Unauthenticated, "{err:?}");
+        assert!(err.message().starts_with(message), "{err:?}");
+    }
+    let info = client.model_info(request(Some("secret"))).await.unwrap();
+    assert_eq!(info.into_inner().served_model_name, MODEL);
+    let health = tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await;
+    assert!(health.is_ok(), "{health:?}");
 }
 
 #[tokio::test]
