@@ -9,8 +9,8 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use shardserve_router::{
-    Backend, Deployment, Discovery, FileDiscovery, KubernetesDiscovery, Readiness, RouterConfig,
-    StaticDiscovery,
+    Backend, Deployment, Discovery, FileDiscovery, KubernetesDiscovery, MAX_BODY_BYTES, Readiness,
+    RequestLimits, RouterConfig, StaticDiscovery,
 };
 
 /// Where the router learns its backends.
@@ -63,6 +63,37 @@ pub struct RouterArgs {
     /// Most requests held per model while it has no ready backend; past it, 503.
     #[arg(long, default_value_t = 1024)]
     pub max_held: usize,
+    /// Largest request body in bytes; past it, 413 (at most 64 MiB, what workers accept).
+    #[arg(long, default_value_t = 16 << 20)]
+    pub max_body_bytes: usize,
+    /// Seconds a client may take to send its request body; past it, 408.
+    #[arg(long, default_value_t = 30.0)]
+    pub body_timeout: f64,
+    /// Seconds a client may take to send its request headers; past it the connection closes.
+    #[arg(long, default_value_t = 10.0)]
+    pub header_timeout: f64,
+    /// Most prompt tokens per request; past it, 400 (default: the model's context).
+    #[arg(long)]
+    pub max_prompt_tokens: Option<u32>,
+    /// Most tokens a request may ask to generate, and the limit of those that ask
+    /// none; past it, 400 (default: the model's context).
+    #[arg(long)]
+    pub max_tokens: Option<u32>,
+    /// Most requests one API key may have running at once over HTTP; past it, 429.
+    #[arg(long)]
+    pub max_streams_per_key: Option<usize>,
+    /// Seconds a request may take from its arrival to its last token; past it, 504
+    /// (or an error event ending a stream). Default: no limit.
+    #[arg(long)]
+    pub request_timeout: Option<f64>,
+}
+
+/// `value` seconds of flag `--name`, which must be positive.
+fn seconds(name: &str, value: f64) -> Result<Duration> {
+    if !(value.is_finite() && value > 0.0) {
+        bail!("--{name} {value} must be a positive number of seconds");
+    }
+    Ok(Duration::from_secs_f64(value))
 }
 
 /// Groups `MODEL=URL` pairs into deployments; a backend's id is its `host:port`.
@@ -144,7 +175,26 @@ pub fn run(args: RouterArgs) -> Result<()> {
             args.hold_timeout
         );
     }
+    if args.max_body_bytes == 0 || args.max_body_bytes > MAX_BODY_BYTES {
+        bail!(
+            "--max-body-bytes {} must be between 1 and {MAX_BODY_BYTES} (what workers accept)",
+            args.max_body_bytes
+        );
+    }
+    let limits = RequestLimits {
+        max_body_bytes: args.max_body_bytes,
+        body_timeout: seconds("body-timeout", args.body_timeout)?,
+        header_timeout: seconds("header-timeout", args.header_timeout)?,
+        max_prompt_tokens: args.max_prompt_tokens,
+        max_tokens: args.max_tokens,
+        max_streams_per_key: args.max_streams_per_key,
+        request_timeout: args
+            .request_timeout
+            .map(|t| seconds("request-timeout", t))
+            .transpose()?,
+    };
     let config = RouterConfig {
+        limits,
         http_addr: args.http_addr,
         grpc_addr: args.grpc_addr,
         api_keys: args.api_keys,
@@ -153,7 +203,6 @@ pub fn run(args: RouterArgs) -> Result<()> {
         health_timeout: health_interval.min(Duration::from_millis(500)),
         hold_timeout: Duration::from_secs_f64(args.hold_timeout),
         max_held_per_model: args.max_held,
-        // In a cluster the router stays in its Service while some models load.
         // In a cluster, or under `up`, the router stays ready while some models
         // load, restart or are scaled to zero.
         readiness: match args.discovery {

@@ -3,10 +3,29 @@
 //! readiness and metrics stay open on both.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// Accepted API keys; empty = authentication off.
+/// Accepted API keys (empty = authentication off), and how many requests each
+/// has running.
 #[derive(Clone, Default)]
-pub(crate) struct Keys(Arc<Vec<String>>);
+pub(crate) struct Keys {
+    keys: Arc<Vec<String>>,
+    running: Arc<Vec<AtomicUsize>>,
+    /// Most requests one key may have running (`--max-streams-per-key`).
+    max_running: Option<usize>,
+}
+
+/// One running request of a key; dropping it ends it.
+pub(crate) struct KeySlot {
+    running: Arc<Vec<AtomicUsize>>,
+    index: usize,
+}
+
+impl Drop for KeySlot {
+    fn drop(&mut self) {
+        self.running[self.index].fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// Why a request was not let in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,30 +44,49 @@ impl Refusal {
 }
 
 impl Keys {
-    pub(crate) fn new(keys: Vec<String>) -> Self {
-        Self(Arc::new(keys))
+    pub(crate) fn new(keys: Vec<String>, max_running: Option<usize>) -> Self {
+        Self {
+            running: Arc::new(keys.iter().map(|_| AtomicUsize::new(0)).collect()),
+            keys: Arc::new(keys),
+            max_running,
+        }
     }
 
     pub(crate) fn enabled(&self) -> bool {
-        !self.0.is_empty()
+        !self.keys.is_empty()
     }
 
-    /// Checks an `authorization` value (`Bearer KEY`).
-    pub(crate) fn check(&self, authorization: Option<&str>) -> Result<(), Refusal> {
+    /// Checks an `authorization` value (`Bearer KEY`); the index of the key.
+    pub(crate) fn check(&self, authorization: Option<&str>) -> Result<Option<usize>, Refusal> {
         if !self.enabled() {
-            return Ok(());
+            return Ok(None);
         }
         let presented = authorization
             .and_then(|v| v.strip_prefix("Bearer "))
             .map(str::trim)
             .ok_or(Refusal::Missing)?;
-        match self
-            .0
-            .iter()
-            .any(|k| constant_time_eq(k.as_bytes(), presented.as_bytes()))
-        {
-            true => Ok(()),
-            false => Err(Refusal::Invalid),
+        // Every key is compared, so timing does not tell which one matched.
+        let mut found = None;
+        for (i, key) in self.keys.iter().enumerate() {
+            if constant_time_eq(key.as_bytes(), presented.as_bytes()) {
+                found = Some(i);
+            }
+        }
+        found.map(Some).ok_or(Refusal::Invalid)
+    }
+
+    /// A running request of key `index`, or how many it already runs when that is
+    /// its limit.
+    pub(crate) fn enter(&self, index: usize) -> Result<KeySlot, usize> {
+        let counter = &self.running[index];
+        let before = counter.fetch_add(1, Ordering::AcqRel);
+        let slot = KeySlot {
+            running: self.running.clone(),
+            index,
+        };
+        match self.max_running {
+            Some(max) if before >= max => Err(before),
+            _ => Ok(slot),
         }
     }
 
@@ -63,7 +101,7 @@ impl Keys {
             .get("authorization")
             .and_then(|v| v.to_str().ok());
         match self.check(authorization) {
-            Ok(()) => Ok(request),
+            Ok(_) => Ok(request),
             Err(refusal) => Err(tonic::Status::unauthenticated(refusal.message())),
         }
     }
@@ -80,13 +118,27 @@ mod tests {
 
     #[test]
     fn bearer_keys_are_checked_and_none_configured_lets_all_in() {
-        let keys = Keys::new(vec!["a".into(), "secret".into()]);
-        assert_eq!(keys.check(Some("Bearer secret")), Ok(()));
-        assert_eq!(keys.check(Some("Bearer  secret ")), Ok(()));
+        let keys = Keys::new(vec!["a".into(), "secret".into()], None);
+        assert_eq!(keys.check(Some("Bearer secret")), Ok(Some(1)));
+        assert_eq!(keys.check(Some("Bearer  secret ")), Ok(Some(1)));
         assert_eq!(keys.check(Some("Bearer guess")), Err(Refusal::Invalid));
         assert_eq!(keys.check(Some("secret")), Err(Refusal::Missing));
         assert_eq!(keys.check(None), Err(Refusal::Missing));
-        assert_eq!(Keys::default().check(None), Ok(()));
+        assert_eq!(Keys::default().check(None), Ok(None));
+    }
+
+    #[test]
+    fn a_key_runs_at_most_its_limit_at_once() {
+        let keys = Keys::new(vec!["a".into(), "b".into()], Some(2));
+        let first = keys.enter(0).unwrap();
+        let _second = keys.enter(0).unwrap();
+        assert_eq!(keys.enter(0).err(), Some(2));
+        assert!(keys.enter(1).is_ok(), "another key has its own count");
+        drop(first);
+        assert!(
+            keys.enter(0).is_ok(),
+            "a slot comes back when a request ends"
+        );
     }
 
     #[test]

@@ -31,6 +31,49 @@ pub struct RouterConfig {
     pub hold_timeout: Duration,
     /// Most requests held per model; past it, 503 at once.
     pub max_held_per_model: usize,
+    /// What one request may ask and take.
+    pub limits: RequestLimits,
+}
+
+/// Limits on one request, each a flag of `shardserve router`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    /// Largest request body (413 past it). Workers accept gRPC messages of up to
+    /// [`MAX_BODY_BYTES`], so no body the router accepts is refused further on.
+    pub max_body_bytes: usize,
+    /// How long a client may take to send its body once its headers came (408).
+    pub body_timeout: Duration,
+    /// How long a client may take to send a request's headers (the connection is
+    /// closed past it: a slow client holds no connection for long).
+    pub header_timeout: Duration,
+    /// Most prompt tokens (400 past it, from the worker, which tokenizes).
+    pub max_prompt_tokens: Option<u32>,
+    /// Most tokens a request may ask to generate (400 past it); also the limit of
+    /// requests that ask none.
+    pub max_tokens: Option<u32>,
+    /// Most requests one API key may have running at once (429 past it).
+    pub max_streams_per_key: Option<usize>,
+    /// How long a request may take from its arrival to its last token: 504, or an
+    /// error event in a stream, past it.
+    pub request_timeout: Option<Duration>,
+}
+
+/// The largest request body a router may be told to accept: what a worker's
+/// gRPC server decodes (`shardserve_worker::server::MAX_MESSAGE_BYTES`).
+pub const MAX_BODY_BYTES: usize = 64 << 20;
+
+impl Default for RequestLimits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 16 << 20,
+            body_timeout: Duration::from_secs(30),
+            header_timeout: Duration::from_secs(10),
+            max_prompt_tokens: None,
+            max_tokens: None,
+            max_streams_per_key: None,
+            request_timeout: None,
+        }
+    }
 }
 
 /// What `/readyz` waits for.
@@ -63,6 +106,7 @@ impl Default for RouterConfig {
             readiness: Readiness::EveryModel,
             hold_timeout: Duration::from_secs(300),
             max_held_per_model: 1024,
+            limits: RequestLimits::default(),
         }
     }
 }

@@ -44,6 +44,10 @@ pub(crate) struct Upstream {
     pub affinity_prefix: usize,
     /// How long a request waits for a routable backend of its model.
     pub hold_timeout: Duration,
+    /// The router's limit on prompt tokens, which the worker (it tokenizes) applies.
+    pub max_prompt_tokens: Option<u32>,
+    /// How long a request may take from its arrival to its last event.
+    pub request_timeout: Option<Duration>,
 }
 
 /// Statuses that mean "this backend could not serve it" rather than "this
@@ -65,6 +69,10 @@ impl Upstream {
     ) -> Result<Generation, DispatchError> {
         let started = Instant::now();
         req.model = model.to_string();
+        req.max_prompt_tokens = match (req.max_prompt_tokens, self.max_prompt_tokens) {
+            (Some(asked), Some(limit)) => Some(asked.min(limit)),
+            (asked, limit) => asked.or(limit),
+        };
         let key = prefix_key(model, req.prompt.as_ref(), self.affinity_prefix);
         let mut tried: Vec<String> = Vec::new();
         let mut last_error: Option<Status> = None;
@@ -125,9 +133,14 @@ impl Upstream {
                         .backend_requests
                         .with_label_values(&[model, lease.backend.as_str()])
                         .inc();
+                    let deadline = self.request_timeout.map(|timeout| {
+                        let at = tokio::time::Instant::from_std(started + timeout);
+                        (Box::pin(tokio::time::sleep_until(at)), timeout)
+                    });
                     return Ok(Generation {
                         pending: Some(first),
                         stream,
+                        deadline,
                         lease,
                         _in_flight: in_flight,
                         metrics: Arc::clone(&self.metrics),
@@ -170,6 +183,8 @@ async fn start(
 pub(crate) struct Generation {
     pending: Option<Event>,
     stream: Streaming<pb::GenerateResponse>,
+    /// When the request's time is up (`--request-timeout`), and that time.
+    deadline: Option<(Pin<Box<tokio::time::Sleep>>, Duration)>,
     lease: Lease,
     /// Counts the request in its model's in-flight requests until it is dropped.
     _in_flight: InFlight,
@@ -230,6 +245,17 @@ impl Stream for Generation {
         loop {
             if self.done {
                 return Poll::Ready(None);
+            }
+            if let Some((deadline, timeout)) = self.deadline.as_mut()
+                && deadline.as_mut().poll(cx).is_ready()
+            {
+                // Dropping the upstream stream cancels the generation on the worker.
+                let message = format!(
+                    "the request ran past this server's limit of {} s and was stopped",
+                    timeout.as_secs_f64()
+                );
+                self.done = true;
+                return Poll::Ready(Some(Err(Status::deadline_exceeded(message))));
             }
             let event = match self.pending.take() {
                 Some(event) => event,

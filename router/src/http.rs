@@ -1,7 +1,6 @@
 //! The HTTP face: every API route, the optional API-key layer in front of
 //! them, and the open operational routes `/healthz`, `/readyz`, `/metrics`.
 
-
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::middleware::{self, Next};
@@ -10,13 +9,62 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
 
-use crate::api::{ApiError, AppState, ErrorKind, ollama, openai, tgi};
+use crate::api::{ApiError, AppState, ErrorKind, Shape, ollama, openai, tgi};
 use crate::auth::Keys;
 use crate::config::Readiness;
 use crate::pool::ModelSummary;
+use futures::StreamExt;
 
-/// Largest request body (long prompts as token ids are big).
-const BODY_LIMIT: usize = 64 << 20;
+/// Serves `app` on `listener` until `stop`, then lets open requests (streams)
+/// finish. HTTP/1 with a header read timeout: a client that sends its headers
+/// slowly holds no connection past `header_timeout`.
+pub(crate) async fn serve(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    header_timeout: std::time::Duration,
+    stop: impl std::future::Future<Output = ()>,
+) -> std::io::Result<()> {
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    use hyper_util::server::conn::auto::Builder;
+    use hyper_util::server::graceful::GracefulShutdown;
+    use hyper_util::service::TowerToHyperService;
+
+    let mut builder = Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    let graceful = GracefulShutdown::new();
+    tokio::pin!(stop);
+    loop {
+        let (stream, _) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors, say: wait rather than spin.
+                    tracing::warn!("accepting an HTTP connection failed: {e}");
+                    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = &mut stop => break,
+        };
+        let _ = stream.set_nodelay(true);
+        let service = TowerToHyperService::new(app.clone());
+        let connection = builder
+            .serve_connection_with_upgrades(TokioIo::new(stream), service)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!("HTTP connection ended: {e}");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+    Ok(())
+}
 
 pub(crate) fn router(state: AppState, keys: Keys) -> Router {
     let api = Router::new()
@@ -38,28 +86,52 @@ pub(crate) fn router(state: AppState, keys: Keys) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics));
+    // The handlers read bodies themselves, within `--max-body-bytes`.
     api.merge(open)
-        .layer(DefaultBodyLimit::max(BODY_LIMIT))
+        .layer(DefaultBodyLimit::disable())
         .with_state(state)
 }
 
-/// `Authorization: Bearer KEY` with one of the configured keys, else 401.
+/// `Authorization: Bearer KEY` with one of the configured keys, else 401; at most
+/// `--max-streams-per-key` requests of one key at once, else 429. The answer is in
+/// the shape of the API asked.
 async fn require_key(State(keys): State<Keys>, request: Request, next: Next) -> Response {
+    let shape = Shape::of_path(request.uri().path());
     let authorization = request
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok());
-    match keys.check(authorization) {
-        Ok(()) => next.run(request).await,
+    let index = match keys.check(authorization) {
+        Ok(index) => index,
         Err(refusal) => {
             let mut response =
-                ApiError::new(ErrorKind::Unauthorized, refusal.message()).into_response();
+                ApiError::new(ErrorKind::Unauthorized, refusal.message()).in_shape(shape);
             response
                 .headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
-            response
+            return response;
         }
-    }
+    };
+    let Some(index) = index else {
+        return next.run(request).await;
+    };
+    let slot = match keys.enter(index) {
+        Ok(slot) => slot,
+        Err(running) => {
+            let message = format!(
+                "this API key already has {running} requests running, this server's limit; \
+                 try again when one ends"
+            );
+            return ApiError::new(ErrorKind::Overloaded, message).in_shape(shape);
+        }
+    };
+    // The slot is held until the body ends: a stream runs as long as it is read.
+    let (parts, body) = next.run(request).await.into_parts();
+    let body = body.into_data_stream().map(move |chunk| {
+        let _running = &slot;
+        chunk
+    });
+    Response::from_parts(parts, axum::body::Body::from_stream(body))
 }
 
 async fn healthz() -> &'static str {

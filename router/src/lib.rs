@@ -31,7 +31,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Endpoint, Server};
 use tonic_health::ServingStatus;
 
-pub use config::{Readiness, RouterConfig, RouterError};
+pub use config::{MAX_BODY_BYTES, Readiness, RequestLimits, RouterConfig, RouterError};
 pub use discovery::{
     Backend, BackendsFile, Deployment, Discovery, FileDiscovery, FileDiscoveryError,
     KubernetesDiscovery, StaticDiscovery,
@@ -130,6 +130,8 @@ pub async fn serve_on(
         metrics,
         affinity_prefix: config.affinity_prefix,
         hold_timeout: config.hold_timeout,
+        max_prompt_tokens: config.limits.max_prompt_tokens,
+        request_timeout: config.limits.request_timeout,
     };
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
@@ -145,16 +147,22 @@ pub async fn serve_on(
         grpc = ?listeners.grpc.local_addr().ok(),
         "router serving"
     );
-    let keys = auth::Keys::new(config.api_keys.clone());
+    let keys = auth::Keys::new(config.api_keys.clone(), config.limits.max_streams_per_key);
     let app = http::router(
         AppState {
             upstream: upstream.clone(),
             discovery,
             readiness: config.readiness,
+            limits: config.limits,
         },
         keys.clone(),
     );
-    let http = axum::serve(listeners.http, app).with_graceful_shutdown(stopped(stop_rx.clone()));
+    let http = http::serve(
+        listeners.http,
+        app,
+        config.limits.header_timeout,
+        stopped(stop_rx.clone()),
+    );
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter

@@ -1020,3 +1020,166 @@ async fn requests_past_the_hold_limit_are_503_at_once() {
     );
     first.abort();
 }
+
+/// One raw HTTP/1.1 exchange: `request` sent as given, then what comes back until
+/// the server closes or `within` passes (`None`: nothing within it).
+async fn raw_http(base: &str, request: &[u8], within: Duration) -> Option<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let addr = base.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream.write_all(request).await.unwrap();
+    let mut answer = Vec::new();
+    match tokio::time::timeout(within, stream.read_to_end(&mut answer)).await {
+        Ok(_) => Some(String::from_utf8_lossy(&answer).into_owned()),
+        Err(_) => None,
+    }
+}
+
+#[tokio::test]
+async fn request_limits_answer_in_each_apis_shape() {
+    use shardserve_router::RequestLimits;
+    let r = router(&[shared()], |c| {
+        c.limits = RequestLimits {
+            max_body_bytes: 2000,
+            body_timeout: Duration::from_secs(1),
+            header_timeout: Duration::from_secs(1),
+            max_prompt_tokens: Some(40),
+            max_tokens: Some(6),
+            ..RequestLimits::default()
+        }
+    })
+    .await;
+    // Bodies past the limit: 413, in the shape of the API asked.
+    let big = "x".repeat(3000);
+    let (status, v) = r.post("/v1/chat/completions", chat_body(&big, 2)).await;
+    assert_eq!(
+        (status, v["error"]["code"].as_str()),
+        (413, Some("request_too_large")),
+        "{v}"
+    );
+    let ollama = json!({"model": MODEL, "messages": [{"role": "user", "content": big}]});
+    let (status, v) = r.post("/api/chat", ollama).await;
+    assert_eq!(status, 413);
+    assert!(
+        v["error"].as_str().unwrap().contains("limit of 2000 bytes"),
+        "{v}"
+    );
+    let (status, v) = r.post("/generate", json!({"inputs": big})).await;
+    assert_eq!(
+        (status, v["error_type"].as_str()),
+        (413, Some("validation")),
+        "{v}"
+    );
+
+    // Tokens to generate: more than the limit is refused, none asked is the limit.
+    let (status, v) = r.post("/v1/chat/completions", chat_body("Hi", 7)).await;
+    assert_eq!(status, 400, "{v}");
+    assert_eq!(
+        v["error"]["message"],
+        "max_tokens=7 is more than this server's limit of 6 tokens"
+    );
+    let open_ended = json!({"model": MODEL, "prompt": "Once upon a time", "ignore_eos": true});
+    let (status, v) = r.post("/v1/completions", open_ended).await;
+    assert_eq!(status, 200, "{v}");
+    assert_eq!(v["usage"]["completion_tokens"], 6);
+
+    // Prompt tokens: the worker counts them.
+    let long = "the cat sat on the mat ".repeat(20);
+    let (status, v) = r
+        .post(
+            "/v1/completions",
+            json!({"model": MODEL, "prompt": long, "max_tokens": 1}),
+        )
+        .await;
+    assert_eq!(status, 400, "{v}");
+    let message = v["error"]["message"].as_str().unwrap();
+    assert!(
+        message.contains("this server accepts at most 40"),
+        "{message}"
+    );
+
+    // A body that does not come: 408 once the body timeout passes.
+    let slow = "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n\
+                Content-Length: 100\r\n\r\n{\"model\"";
+    let answer = raw_http(&r.base, slow.as_bytes(), Duration::from_secs(10)).await;
+    let answer = answer.expect("an answer within 10 s");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("did not arrive within 1 s"), "{answer}");
+    // Headers that do not end: the connection is closed.
+    let started = Instant::now();
+    let answer = raw_http(
+        &r.base,
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\n",
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(answer.is_some(), "the connection stayed open past 10 s");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_key_runs_its_limit_of_requests_and_requests_end_at_their_deadline() {
+    use shardserve_router::RequestLimits;
+    let r = router(&[shared()], |c| {
+        c.api_keys = vec!["k".into()];
+        c.limits = RequestLimits {
+            max_streams_per_key: Some(1),
+            request_timeout: Some(Duration::from_secs(2)),
+            ..RequestLimits::default()
+        }
+    })
+    .await;
+    let long = json!({"model": MODEL, "prompt": "Count:", "max_tokens": 4000, "ignore_eos": true, "stream": true});
+    let stream = r
+        .http
+        .post(r.url("/v1/completions"))
+        .bearer_auth("k")
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    // The key's one request runs: a second is 429, in the shape of its API.
+    let second = r
+        .http
+        .post(r.url("/api/generate"))
+        .bearer_auth("k")
+        .json(&json!({"model": MODEL, "prompt": "Hi", "stream": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(second.status(), 429);
+    let v: Value = second.json().await.unwrap();
+    assert!(
+        v["error"]
+            .as_str()
+            .unwrap()
+            .contains("already has 1 requests running"),
+        "{v}"
+    );
+    // The stream ends at the deadline with an error event, not silently.
+    let started = Instant::now();
+    let text = tokio::time::timeout(HANG_GUARD, stream.text())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let last_event = text.lines().rfind(|l| l.starts_with("data: {")).unwrap();
+    assert!(last_event.contains("deadline_exceeded"), "{last_event}");
+    // Its slot came back with the end of its body; not streamed, the deadline is a 504.
+    let whole = r
+        .http
+        .post(r.url("/v1/completions"))
+        .bearer_auth("k")
+        .json(&json!({"model": MODEL, "prompt": "Count:", "max_tokens": 4000, "ignore_eos": true}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(whole.status(), 504);
+    let v: Value = whole.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "deadline_exceeded", "{v}");
+}

@@ -16,8 +16,14 @@ pub(crate) enum ErrorKind {
     BadRequest,
     Unauthorized,
     NotFound,
+    /// The body is larger than `--max-body-bytes`.
+    TooLarge,
+    /// The body did not arrive within `--body-timeout`.
+    BodyTimeout,
     Overloaded,
     Unavailable,
+    /// The request ran past `--request-timeout`.
+    Deadline,
     Internal,
 }
 
@@ -51,6 +57,9 @@ impl ApiError {
             ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
             ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            ErrorKind::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
+            ErrorKind::Deadline => StatusCode::GATEWAY_TIMEOUT,
             ErrorKind::Overloaded => StatusCode::TOO_MANY_REQUESTS,
             ErrorKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
             ErrorKind::Internal => StatusCode::INTERNAL_SERVER_ERROR,
@@ -63,6 +72,9 @@ impl ApiError {
             ErrorKind::BadRequest => ("invalid_request_error", None),
             ErrorKind::Unauthorized => ("authentication_error", Some("invalid_api_key")),
             ErrorKind::NotFound => ("invalid_request_error", Some("model_not_found")),
+            ErrorKind::TooLarge => ("invalid_request_error", Some("request_too_large")),
+            ErrorKind::BodyTimeout => ("invalid_request_error", Some("request_timeout")),
+            ErrorKind::Deadline => ("timeout", Some("deadline_exceeded")),
             ErrorKind::Overloaded => ("rate_limit_error", Some("rate_limit_exceeded")),
             ErrorKind::Unavailable => ("service_unavailable", Some("no_healthy_backend")),
             ErrorKind::Internal => ("server_error", None),
@@ -81,7 +93,11 @@ impl ApiError {
 
     pub(crate) fn tgi_body(&self) -> serde_json::Value {
         let kind = match self.kind {
-            ErrorKind::BadRequest | ErrorKind::NotFound => "validation",
+            ErrorKind::BadRequest
+            | ErrorKind::NotFound
+            | ErrorKind::TooLarge
+            | ErrorKind::BodyTimeout => "validation",
+            ErrorKind::Deadline => "generation",
             ErrorKind::Overloaded => "overloaded",
             ErrorKind::Unauthorized => "authentication",
             ErrorKind::Unavailable | ErrorKind::Internal => "generation",
@@ -96,6 +112,15 @@ impl ApiError {
             *response.status_mut() = StatusCode::UNPROCESSABLE_ENTITY;
         }
         response
+    }
+
+    /// The error as the front end `shape` answers it.
+    pub(crate) fn in_shape(self, shape: super::Shape) -> Response {
+        match shape {
+            super::Shape::OpenAi => self.into_response(),
+            super::Shape::Ollama => self.ollama_response(),
+            super::Shape::Tgi => self.tgi_response(),
+        }
     }
 
     fn with_status(&self, body: impl IntoResponse) -> Response {
@@ -151,13 +176,14 @@ impl From<Status> for ApiError {
             }
             Code::NotFound => ErrorKind::NotFound,
             Code::ResourceExhausted => ErrorKind::Overloaded,
+            Code::DeadlineExceeded => ErrorKind::Deadline,
             Code::Unavailable | Code::Unknown | Code::Cancelled | Code::Aborted => {
                 ErrorKind::Unavailable
             }
             _ => ErrorKind::Internal,
         };
         let message = match kind {
-            ErrorKind::BadRequest => message,
+            ErrorKind::BadRequest | ErrorKind::Deadline => message,
             _ => format!("backend error ({:?}): {message}", status.code()),
         };
         ApiError::new(kind, message)

@@ -4,6 +4,7 @@
 //! event stream back to its own response shapes. Shared here: the error type,
 //! the JSON body parser, sampling checks and the per-request metrics tracker.
 
+mod body;
 mod error;
 pub(crate) mod ollama;
 pub(crate) mod openai;
@@ -25,12 +26,13 @@ use serde::de::DeserializeOwned;
 use shardserve_proto::v1 as pb;
 use shardserve_proto::v1::generate_response::Event;
 
+pub(crate) use body::RequestBody;
 pub(crate) use error::{ApiError, ErrorKind};
 pub(crate) use params::{Limits, Sampling, check_max_tokens, stop_list};
 
 use tonic::Status;
 
-use crate::config::Readiness;
+use crate::config::{Readiness, RequestLimits};
 use crate::discovery::Discovery;
 use crate::dispatch::{Generation, Upstream, retryable};
 
@@ -41,6 +43,8 @@ pub(crate) struct AppState {
     /// Asked by `/readyz` whether the deployments are known yet.
     pub discovery: Arc<dyn Discovery>,
     pub readiness: Readiness,
+    /// What one request may ask and take.
+    pub limits: RequestLimits,
 }
 
 /// Parses a JSON body; malformed JSON and wrong types are 400s whose message
@@ -124,6 +128,7 @@ impl AppState {
     pub(crate) fn limits(&self, model: &str) -> Limits {
         Limits {
             context: self.upstream.pool.max_sequence_length(model),
+            max_tokens: self.limits.max_tokens,
         }
     }
 
@@ -176,6 +181,19 @@ pub(crate) enum Shape {
     Tgi,
 }
 
+impl Shape {
+    /// The front end a route belongs to.
+    pub(crate) fn of_path(path: &str) -> Self {
+        if path.starts_with("/api/") {
+            Self::Ollama
+        } else if path == "/" || path.starts_with("/generate") {
+            Self::Tgi
+        } else {
+            Self::OpenAi
+        }
+    }
+}
+
 /// Runs a handler body, counting its status and answering errors in the
 /// front end's shape.
 pub(crate) async fn answer<F>(
@@ -194,11 +212,7 @@ where
             response
         }
         Err(e) => {
-            let response = match shape {
-                Shape::OpenAi => axum::response::IntoResponse::into_response(e.clone()),
-                Shape::Ollama => e.ollama_response(),
-                Shape::Tgi => e.tgi_response(),
-            };
+            let response = e.clone().in_shape(shape);
             tracker.status(response.status().as_u16());
             tracing::info!(endpoint, status = response.status().as_u16(), message = %e.message, "request refused");
             response

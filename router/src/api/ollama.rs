@@ -17,8 +17,8 @@ use shardserve_proto::v1::generate_request::Prompt;
 use shardserve_proto::v1::generate_response::Event;
 
 use super::{
-    ApiError, AppState, Limits, Sampling, Shape, Tracker, answer, check_max_tokens, parse_json,
-    stop_list, stream_response, unix_now,
+    ApiError, AppState, Limits, RequestBody, Sampling, Shape, Tracker, answer, check_max_tokens,
+    parse_json, stop_list, stream_response, unix_now,
 };
 use crate::dispatch::Generation;
 
@@ -267,13 +267,13 @@ fn ndjson_stream(
     }
 }
 
-pub(crate) async fn chat(State(state): State<AppState>, body: Bytes) -> Response {
+pub(crate) async fn chat(State(state): State<AppState>, body: RequestBody) -> Response {
     answer(
         state,
         "ollama_chat",
         Shape::Ollama,
         async |state, tracker| {
-            let req: ChatRequest = parse_json(&body)?;
+            let req: ChatRequest = parse_json(body.bytes()?)?;
             let model = state.resolve(Some(&req.model))?;
             tracker.set_model(&model);
             let grpc = chat_request(&req, state.limits(&model))?;
@@ -291,13 +291,13 @@ pub(crate) async fn chat(State(state): State<AppState>, body: Bytes) -> Response
     .await
 }
 
-pub(crate) async fn generate(State(state): State<AppState>, body: Bytes) -> Response {
+pub(crate) async fn generate(State(state): State<AppState>, body: RequestBody) -> Response {
     answer(
         state,
         "ollama_generate",
         Shape::Ollama,
         async |state, tracker| {
-            let req: GenerateRequest = parse_json(&body)?;
+            let req: GenerateRequest = parse_json(body.bytes()?)?;
             let model = state.resolve(Some(&req.model))?;
             tracker.set_model(&model);
             if req.prompt.is_empty() {

@@ -11,6 +11,8 @@ use super::ApiError;
 pub(crate) struct Limits {
     /// Context length, once a backend has reported it.
     pub context: Option<u32>,
+    /// The router's own cap on tokens to generate (`--max-tokens`).
+    pub max_tokens: Option<u32>,
 }
 
 /// Largest token limit accepted while the model's context is not known yet.
@@ -106,8 +108,21 @@ pub(crate) fn check_max_tokens(
     default: u32,
 ) -> Result<u32, ApiError> {
     let Some(v) = value else {
-        return Ok(default);
+        // Asking nothing (0: up to the context) is asking the cap, where there is one.
+        return Ok(match (default, limits.max_tokens) {
+            (0, Some(cap)) => cap,
+            (d, Some(cap)) => d.min(cap),
+            (d, None) => d,
+        });
     };
+    if let Some(cap) = limits.max_tokens
+        && v > i64::from(cap)
+    {
+        return Err(ApiError::bad_request(
+            format!("{param}={v} is more than this server's limit of {cap} tokens"),
+            Some(param),
+        ));
+    }
     if v < 0 {
         return Err(ApiError::bad_request(
             format!("{param}={v} is invalid: it must be at least 0"),
@@ -226,6 +241,7 @@ mod tests {
     fn max_tokens_checks() {
         let ctx = Limits {
             context: Some(8192),
+            max_tokens: None,
         };
         assert_eq!(check_max_tokens(None, "max_tokens", ctx, 16).unwrap(), 16);
         assert_eq!(check_max_tokens(Some(0), "max_tokens", ctx, 16).unwrap(), 0);
@@ -236,6 +252,28 @@ mod tests {
         let unknown = Limits::default();
         assert!(check_max_tokens(Some(1_000_000), "max_tokens", unknown, 0).is_ok());
         assert!(check_max_tokens(Some(1 << 40), "max_tokens", unknown, 0).is_err());
+        // The server's own cap: more is refused, nothing asked is the cap.
+        let capped = Limits {
+            context: Some(8192),
+            max_tokens: Some(256),
+        };
+        let m = message(check_max_tokens(Some(257), "max_tokens", capped, 0).unwrap_err());
+        assert_eq!(
+            m,
+            "max_tokens=257 is more than this server's limit of 256 tokens"
+        );
+        assert_eq!(
+            check_max_tokens(Some(256), "max_tokens", capped, 0).unwrap(),
+            256
+        );
+        assert_eq!(
+            check_max_tokens(None, "max_tokens", capped, 0).unwrap(),
+            256
+        );
+        assert_eq!(
+            check_max_tokens(None, "max_new_tokens", capped, 100).unwrap(),
+            100
+        );
     }
 
     #[test]

@@ -130,9 +130,18 @@ fn damaged_request_bodies_are_refused_or_mapped_never_panic() {
         json!({}),
     ];
     let limits = [
-        Limits { context: None },
-        Limits { context: Some(0) },
-        Limits { context: Some(64) },
+        Limits {
+            context: None,
+            max_tokens: None,
+        },
+        Limits {
+            context: Some(0),
+            max_tokens: None,
+        },
+        Limits {
+            context: Some(64),
+            max_tokens: Some(32),
+        },
     ];
     let (mut mapped, mut refused) = (0, 0);
     for (api, good, convert) in &bodies {

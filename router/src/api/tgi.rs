@@ -14,8 +14,8 @@ use shardserve_proto::v1::generate_request::Prompt;
 use shardserve_proto::v1::generate_response::Event;
 
 use super::{
-    ApiError, AppState, Collected, Limits, Sampling, Shape, Tracker, answer, check_max_tokens,
-    parse_json, stop_list, stream_response,
+    ApiError, AppState, Collected, Limits, RequestBody, Sampling, Shape, Tracker, answer,
+    check_max_tokens, parse_json, stop_list, stream_response,
 };
 use crate::dispatch::Generation;
 
@@ -218,14 +218,14 @@ enum Route {
     Compat,
 }
 
-async fn handle(state: AppState, body: Bytes, route: Route) -> Response {
+async fn handle(state: AppState, body: RequestBody, route: Route) -> Response {
     let endpoint = match route {
         Route::Generate => "tgi_generate",
         Route::Stream => "tgi_generate_stream",
         Route::Compat => "tgi_compat",
     };
     answer(state, endpoint, Shape::Tgi, async |state, tracker| {
-        let body: GenerateBody = parse_json(&body)?;
+        let body: GenerateBody = parse_json(body.bytes()?)?;
         let model = state.resolve(body.model.as_deref())?;
         tracker.set_model(&model);
         let p = &body.parameters;
@@ -255,15 +255,15 @@ async fn handle(state: AppState, body: Bytes, route: Route) -> Response {
     .await
 }
 
-pub(crate) async fn generate(State(state): State<AppState>, body: Bytes) -> Response {
+pub(crate) async fn generate(State(state): State<AppState>, body: RequestBody) -> Response {
     handle(state, body, Route::Generate).await
 }
 
-pub(crate) async fn generate_stream(State(state): State<AppState>, body: Bytes) -> Response {
+pub(crate) async fn generate_stream(State(state): State<AppState>, body: RequestBody) -> Response {
     handle(state, body, Route::Stream).await
 }
 
-pub(crate) async fn compat(State(state): State<AppState>, body: Bytes) -> Response {
+pub(crate) async fn compat(State(state): State<AppState>, body: RequestBody) -> Response {
     handle(state, body, Route::Compat).await
 }
 

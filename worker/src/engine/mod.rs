@@ -649,6 +649,14 @@ impl Engine {
         if ids.is_empty() {
             return Err(EngineError::InvalidRequest("the prompt is empty".into()));
         }
+        if let Some(limit) = req.max_prompt_tokens
+            && ids.len() > limit
+        {
+            return Err(EngineError::InvalidRequest(format!(
+                "the prompt has {} tokens; this server accepts at most {limit}",
+                ids.len()
+            )));
+        }
         let gen_min = usize::from(req.stopping.max_tokens != Some(0));
         if ids.len() + gen_min > max {
             return Err(EngineError::InvalidRequest(format!(

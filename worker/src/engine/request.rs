@@ -39,6 +39,8 @@ pub struct GenerationRequest {
     /// Higher runs first when requests wait for room; equal priorities are
     /// served first come, first served.
     pub priority: i32,
+    /// Most prompt tokens accepted (a server's limit, below the context's).
+    pub max_prompt_tokens: Option<usize>,
 }
 
 impl GenerationRequest {
@@ -50,6 +52,7 @@ impl GenerationRequest {
             logprobs: None,
             prompt_logprobs: None,
             priority: 0,
+            max_prompt_tokens: None,
         }
     }
 }

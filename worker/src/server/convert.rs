@@ -48,6 +48,7 @@ pub(crate) fn generation_request(req: &pb::GenerateRequest) -> Result<Generation
         logprobs,
         prompt_logprobs,
         priority: req.priority,
+        max_prompt_tokens: req.max_prompt_tokens.map(|n| n as usize),
     })
 }
 

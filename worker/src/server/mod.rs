@@ -39,6 +39,10 @@ use crate::engine::EngineHandle;
 /// its pod's termination grace period.
 pub const DRAIN_GRACE: Duration = Duration::from_secs(20);
 
+/// The largest request message accepted (tonic's default is 4 MiB): the router
+/// accepts bodies up to this size, so nothing it lets in is refused here.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServerError {
     #[error("cannot listen on {addr}: {source}")]
@@ -129,7 +133,7 @@ pub async fn serve_with_metrics(
     let service = InferenceService::with_metrics(engine, metrics);
     let server = Server::builder()
         .add_service(health_service)
-        .add_service(InferenceServer::new(service))
+        .add_service(InferenceServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES))
         .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal);
     let deadline = async move {
         match drained_by.await {

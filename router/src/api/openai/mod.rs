@@ -15,18 +15,18 @@ use shardserve_proto::v1::generate_response::Event;
 use self::request::{ChatPlan, ChatRequest, CompletionPlan, CompletionRequest};
 use self::response::{CompletionShape, Header};
 use super::{
-    ApiError, AppState, SSE_DONE, Shape, Tracker, answer, new_id, parse_json, sse_frame,
-    stream_response, unix_now,
+    ApiError, AppState, RequestBody, SSE_DONE, Shape, Tracker, answer, new_id, parse_json,
+    sse_frame, stream_response, unix_now,
 };
 use crate::dispatch::Generation;
 
-pub(crate) async fn chat_completions(State(state): State<AppState>, body: Bytes) -> Response {
+pub(crate) async fn chat_completions(State(state): State<AppState>, body: RequestBody) -> Response {
     answer(
         state,
         "chat_completions",
         Shape::OpenAi,
         async |state, tracker| {
-            let req: ChatRequest = parse_json(&body)?;
+            let req: ChatRequest = parse_json(body.bytes()?)?;
             let model = state.resolve(req.model.as_deref())?;
             tracker.set_model(&model);
             let plan = request::chat(&req, state.limits(&model))?;
@@ -94,13 +94,13 @@ fn chat_stream(
     }
 }
 
-pub(crate) async fn completions(State(state): State<AppState>, body: Bytes) -> Response {
+pub(crate) async fn completions(State(state): State<AppState>, body: RequestBody) -> Response {
     answer(
         state,
         "completions",
         Shape::OpenAi,
         async |state, tracker| {
-            let req: CompletionRequest = parse_json(&body)?;
+            let req: CompletionRequest = parse_json(body.bytes()?)?;
             let model = state.resolve(req.model.as_deref())?;
             tracker.set_model(&model);
             let plan = request::completion(&req, state.limits(&model))?;

@@ -370,6 +370,7 @@ mod tests {
             &req,
             Limits {
                 context: Some(8192),
+                max_tokens: None,
             },
         )
     }
@@ -380,6 +381,7 @@ mod tests {
             &req,
             Limits {
                 context: Some(8192),
+                max_tokens: None,
             },
         )
     }
