@@ -27,7 +27,7 @@ KV_STAMP := $(VENV)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION)
 CRD := crds/modeldeployments.shardserve.io.yaml
 CHART_CRD := charts/shardserve/$(CRD)
 
-.PHONY: up test build build-tests fetch-demo venv bench lint chart-check chart-crds chart-tools cuda-check cuda-build gpu-carry
+.PHONY: up test build build-tests fetch-demo venv bench lint deny chart-check chart-crds chart-tools cuda-check cuda-build gpu-carry
 
 ## Build, then run the demo manifest locally (workers + router) until Ctrl-C.
 up: build
@@ -81,9 +81,18 @@ fetch-demo:
 bench: build fetch-demo
 	$(BIN) bench --model $(DEMO_MODEL) --threads $(THREADS)
 
-lint:
+lint: deny
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --workspace --all-targets $(FEATURES) -- -D warnings
+
+## Licenses, bans and sources of every dependency (deny.toml). Advisories are left
+## out: their database comes from the network, which CI has not.
+DENY := $(TOOLS)/bin/cargo-deny
+deny: $(DENY)
+	$(DENY) check licenses bans sources
+
+$(DENY):
+	$(CARGO) install --locked --root $(TOOLS) cargo-deny
 
 ## The `cuda` build compiles (nvcc included) and is clippy-clean; no GPU needed. Not
 ## part of `make test` (15 to 60 minutes cold, its own target dir).
