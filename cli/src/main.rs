@@ -12,6 +12,7 @@ mod operator;
 mod plan;
 mod router;
 mod runtime;
+mod tls_args;
 mod up;
 mod worker;
 

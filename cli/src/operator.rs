@@ -5,6 +5,7 @@ use std::net::SocketAddr;
 
 use anyhow::{Context, Result};
 use clap::Args;
+use shardserve_operator::controller::desired::{NetworkPeers, Peer};
 use shardserve_operator::leader::LeaseSettings;
 use shardserve_operator::{OperatorSettings, run as run_operator};
 
@@ -51,6 +52,22 @@ pub struct OperatorArgs {
     /// by it. Without it, builtin autoscaling does nothing and drains last their timeout.
     #[arg(long, value_name = "NAMESPACE/NAME", value_parser = parse_service)]
     pub router_service: Option<(String, String)>,
+    /// Give each ModelDeployment a NetworkPolicy: its rank pods let in only the
+    /// routers and the operator (gRPC), the metrics scrapers (metrics port) and the
+    /// deployment's own ranks, and reach only their ranks, DNS and, while the model
+    /// is fetched, HTTPS (and a Hub mirror's port).
+    #[arg(long, requires_all = ["router_pods", "operator_pods"])]
+    pub network_policies: bool,
+    /// The router pods, `NAMESPACE:key=value,...` (`*` for every namespace).
+    #[arg(long, value_name = "NAMESPACE:LABELS")]
+    pub router_pods: Option<Peer>,
+    /// The operator's own pods, `NAMESPACE:key=value,...`.
+    #[arg(long, value_name = "NAMESPACE:LABELS")]
+    pub operator_pods: Option<Peer>,
+    /// Pods that scrape the workers' metrics port (Prometheus), `NAMESPACE:key=value,...`;
+    /// repeat for several. None: nobody may.
+    #[arg(long, value_name = "NAMESPACE:LABELS")]
+    pub metrics_scrapers: Vec<Peer>,
 }
 
 fn parse_service(text: &str) -> Result<(String, String), String> {
@@ -84,6 +101,14 @@ pub fn run(args: OperatorArgs) -> Result<()> {
         leader_election,
         identity,
         router_service: args.router_service,
+        network: match (args.network_policies, args.router_pods, args.operator_pods) {
+            (true, Some(router), Some(operator)) => Some(NetworkPeers {
+                router,
+                operator,
+                scrapers: args.metrics_scrapers,
+            }),
+            _ => None,
+        },
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -169,6 +194,7 @@ mod tests {
             image: "shardserve".into(),
             hub_endpoint: None,
             cuda: true,
+            network: None,
         };
         let objects = desired::desired(&md, &check(&md).unwrap(), &settings).unwrap();
         let statefulset = &objects.groups[0].statefulset;

@@ -9,9 +9,11 @@ use std::time::Duration;
 use anyhow::{Context, Result, bail};
 use clap::{Args, ValueEnum};
 use shardserve_router::{
-    Backend, Deployment, Discovery, FileDiscovery, KubernetesDiscovery, MAX_BODY_BYTES, Readiness,
-    RequestLimits, RouterConfig, StaticDiscovery,
+    Backend, BackendTls, Deployment, Discovery, FileDiscovery, KubernetesDiscovery, MAX_BODY_BYTES,
+    Readiness, RequestLimits, RouterConfig, StaticDiscovery,
 };
+
+use crate::tls_args::{TlsArgs, pair};
 
 /// Where the router learns its backends.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -32,6 +34,10 @@ pub struct RouterArgs {
     /// Address of the gRPC API (shardserve.v1.Inference, grpc.health.v1.Health).
     #[arg(long, default_value = "127.0.0.1:50051")]
     pub grpc_addr: SocketAddr,
+    /// Also serve /healthz, /readyz and /metrics alone on this address, in plain HTTP
+    /// (probes and Prometheus while --tls-cert puts the API behind TLS).
+    #[arg(long)]
+    pub metrics_addr: Option<SocketAddr>,
     /// Where backends come from: the --backend list, or the cluster's ModelDeployments.
     #[arg(long, value_enum, default_value_t = DiscoveryKind::Static)]
     pub discovery: DiscoveryKind,
@@ -86,6 +92,22 @@ pub struct RouterArgs {
     /// (or an error event ending a stream). Default: no limit.
     #[arg(long)]
     pub request_timeout: Option<f64>,
+    /// TLS on the HTTP and gRPC listeners (HTTP/2 as well as HTTP/1.1 over TLS).
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// Reach the workers over TLS, their certificates checked against this CA bundle (PEM).
+    #[arg(long, value_name = "PEM")]
+    pub backend_tls_ca: Option<std::path::PathBuf>,
+    /// The router's certificate for workers that require one (mutual TLS); needs
+    /// --backend-tls-key and --backend-tls-ca.
+    #[arg(long, value_name = "PEM", requires = "backend_tls_ca")]
+    pub backend_tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --backend-tls-cert.
+    #[arg(long, value_name = "PEM", requires = "backend_tls_ca")]
+    pub backend_tls_key: Option<std::path::PathBuf>,
+    /// The name workers' certificates carry (they are reached by address, which changes).
+    #[arg(long, value_name = "NAME", default_value = "shardserve-worker")]
+    pub backend_tls_server_name: String,
 }
 
 /// `value` seconds of flag `--name`, which must be positive.
@@ -197,6 +219,7 @@ pub fn run(args: RouterArgs) -> Result<()> {
         limits,
         http_addr: args.http_addr,
         grpc_addr: args.grpc_addr,
+        metrics_addr: args.metrics_addr,
         api_keys: args.api_keys,
         max_queue_per_backend: args.max_queue.max(1),
         health_interval,
@@ -208,6 +231,20 @@ pub fn run(args: RouterArgs) -> Result<()> {
         readiness: match args.discovery {
             DiscoveryKind::Static => Readiness::EveryModel,
             DiscoveryKind::Kubernetes | DiscoveryKind::File => Readiness::Discovered,
+        },
+        tls: args.tls.files(),
+        backend_tls: match &args.backend_tls_ca {
+            Some(ca) => Some(BackendTls {
+                ca: ca.clone(),
+                certificate: pair(
+                    "backend-tls-cert",
+                    &args.backend_tls_cert,
+                    "backend-tls-key",
+                    &args.backend_tls_key,
+                )?,
+                server_name: args.backend_tls_server_name.clone(),
+            }),
+            None => None,
         },
         ..RouterConfig::default()
     };

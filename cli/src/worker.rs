@@ -16,6 +16,7 @@ use shardserve_worker::server::ProgressService;
 use crate::batching::BatchArgs;
 use crate::group::GroupArgs;
 use crate::runtime::ThreadArgs;
+use crate::tls_args::TlsArgs;
 
 #[derive(Args, Debug)]
 pub struct WorkerArgs {
@@ -64,6 +65,13 @@ pub struct WorkerArgs {
     /// failing the group, when any of its ranks exits.
     #[arg(long, value_name = "K")]
     pub local_ranks: Option<usize>,
+    /// Serve gRPC over TLS (the leader, once loaded).
+    #[command(flatten)]
+    pub tls: TlsArgs,
+    /// Require client certificates signed by this CA bundle (PEM): mutual TLS, so only
+    /// the router (holding such a certificate) is served. Needs --tls-cert.
+    #[arg(long, value_name = "PEM", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
 }
 
 impl WorkerArgs {
@@ -124,6 +132,21 @@ pub fn run(mut args: WorkerArgs) -> Result<()> {
         }
     }
     args.group = args.global_group()?;
+    // Certificates are checked before a model loads for minutes.
+    let tls = match args.tls.files() {
+        Some(files) => {
+            let cert = shardserve_tls::Certified::load(files).context("--tls-cert/--tls-key")?;
+            let tls = shardserve_tls::ServerTls::new(
+                Arc::clone(&cert),
+                args.tls_client_ca.as_deref(),
+                true,
+                Duration::from_secs(10),
+            )
+            .context("--tls-client-ca")?;
+            Some((cert, tls))
+        }
+        None => None,
+    };
     let threads = args.threads.apply()?;
     let mut options = EngineOptions {
         max_seq_len: args.max_seq_len,
@@ -214,10 +237,16 @@ pub fn run(mut args: WorkerArgs) -> Result<()> {
             tracing::info!("shutting down");
         };
         let drain = std::time::Duration::from_secs(args.drain_timeout);
+        // The watch ends with the process.
+        let tls = tls.map(|(cert, tls)| {
+            cert.watch(Duration::from_secs(10));
+            tls
+        });
         shardserve_worker::server::serve_with_metrics(
             handle,
             listener,
             metrics_listener,
+            tls,
             shutdown,
             drain,
         )

@@ -1,6 +1,8 @@
 //! Helpers of the end-to-end tests (in `tests/`), which drive the
 //! `shardserve` binary as a user would.
 
+pub mod pki;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -80,6 +82,31 @@ pub fn repo_root() -> PathBuf {
         .parent()
         .expect("e2e/ sits in the repository")
         .to_path_buf()
+}
+
+/// The Python of the test tools (`.venv`: the `openai` package, kubernetes-validate),
+/// which `make test` passes as `SHARDSERVE_E2E_PYTHON`.
+pub fn e2e_python() -> PathBuf {
+    let python = std::env::var_os("SHARDSERVE_E2E_PYTHON").map(PathBuf::from).expect(
+        "SHARDSERVE_E2E_PYTHON is not set: run `make test`, which creates .venv with the openai package and passes its python",
+    );
+    assert!(
+        python.is_file(),
+        "{} is missing: run `make venv` (make test does it)",
+        python.display()
+    );
+    python
+}
+
+/// `.tools/<path>` of the repository when it is there (`make chart-tools` puts helm
+/// and kubectl there), else `name` on `PATH`.
+pub fn tool(path: &str, name: &str) -> PathBuf {
+    let local = repo_root().join(path);
+    if local.is_file() {
+        local
+    } else {
+        PathBuf::from(name)
+    }
 }
 
 /// Pids of the live (not zombie) children of `parent`, read from /proc.

@@ -32,7 +32,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use shardserve_e2e::{demo_model, free_port, http, repo_root, shardserve_bin, wait_for};
+use shardserve_e2e::{demo_model, free_port, http, repo_root, shardserve_bin, tool, wait_for};
 
 const NAMESPACE: &str = "shardserve-cp";
 const RELEASE: &str = "cp";
@@ -449,16 +449,6 @@ fn chart_rbac() -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
-}
-
-/// `.tools/<path>` of the repository when it is there, else `name` on `PATH`.
-fn tool(path: &str, name: &str) -> PathBuf {
-    let local = repo_root().join(path);
-    if local.is_file() {
-        local
-    } else {
-        PathBuf::from(name)
-    }
 }
 
 /// Waits until `replicas` groups serve; returns the `Progress` column's values seen.

@@ -3,13 +3,13 @@
 //! manifests; supervision (a killed group starts again, the router dying stops
 //! everything, Ctrl-C leaves no orphans); and autoscaling from zero and back.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
 use shardserve_e2e::{
-    Process, children_of, cmdline, demo_manifest, demo_model, free_port, is_alive, repo_root,
-    shardserve_bin, signal, wait_for,
+    Process, children_of, cmdline, demo_manifest, demo_model, e2e_python, free_port, is_alive,
+    repo_root, shardserve_bin, signal, wait_for,
 };
 
 /// A running `shardserve up MANIFEST EXTRA...`.
@@ -28,22 +28,9 @@ fn addr_args(http: u16, grpc: u16) -> [String; 4] {
     ]
 }
 
-/// The virtualenv's Python, with the `openai` package.
-fn python() -> PathBuf {
-    let python = std::env::var_os("SHARDSERVE_E2E_PYTHON").map(PathBuf::from).expect(
-        "SHARDSERVE_E2E_PYTHON is not set: run `make test`, which creates .venv with the openai package and passes its python",
-    );
-    assert!(
-        python.is_file(),
-        "{} is missing: run `make venv` (make test does it)",
-        python.display()
-    );
-    python
-}
-
 /// `e2e/python/elastic_load.py MODE` against the router on `http`, started.
 fn elastic_load(http: u16, model: &str, mode: &str) -> std::process::Child {
-    Command::new(python())
+    Command::new(e2e_python())
         .arg(repo_root().join("e2e/python/elastic_load.py"))
         .arg(mode)
         .env("OPENAI_BASE_URL", format!("http://127.0.0.1:{http}/v1"))
@@ -57,7 +44,7 @@ fn elastic_load(http: u16, model: &str, mode: &str) -> std::process::Child {
 #[test]
 fn up_serves_openai_clients() {
     demo_model();
-    let python = python();
+    let python = e2e_python();
     let (http, grpc) = (free_port(), free_port());
     let args = addr_args(http, grpc);
     let args: Vec<&str> = args.iter().map(String::as_str).collect();

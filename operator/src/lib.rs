@@ -7,6 +7,7 @@
 pub mod autoscale;
 pub mod controller;
 pub mod crd;
+pub mod flows;
 mod health;
 pub mod leader;
 pub mod load;

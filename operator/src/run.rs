@@ -39,6 +39,8 @@ pub struct OperatorSettings {
     /// The router Service (namespace, name) whose pods give the load; without it no
     /// builtin autoscaling, and draining groups wait their whole timeout.
     pub router_service: Option<(String, String)>,
+    /// Make each deployment's NetworkPolicy, letting in these peers.
+    pub network: Option<crate::controller::desired::NetworkPeers>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -100,6 +102,7 @@ pub async fn run(settings: OperatorSettings) -> Result<(), RunError> {
         image: settings.worker_image.clone(),
         hub_endpoint: settings.hub_endpoint.clone(),
         cuda: settings.worker_cuda,
+        network: settings.network.clone(),
     };
     let autoscaler = match &settings.router_service {
         Some((ns, name)) => Some(Autoscaler::new(

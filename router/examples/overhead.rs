@@ -85,6 +85,7 @@ fn start_router(model: &str, backend: SocketAddr) -> (SocketAddr, SocketAddr) {
         let listeners = Listeners {
             http: tokio::net::TcpListener::from_std(http).unwrap(),
             grpc: tokio::net::TcpListener::from_std(grpc).unwrap(),
+            metrics: None,
         };
         let config = RouterConfig {
             max_queue_per_backend: 1024,

@@ -1,7 +1,10 @@
 //! The router's configuration (parsed once by the CLI) and its errors.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
+
+pub use shardserve_tls::CertFiles;
 
 /// Everything the router needs besides its discovery source.
 #[derive(Debug, Clone)]
@@ -10,6 +13,9 @@ pub struct RouterConfig {
     pub http_addr: SocketAddr,
     /// gRPC `shardserve.v1.Inference` and `grpc.health.v1.Health`.
     pub grpc_addr: SocketAddr,
+    /// `/healthz`, `/readyz` and `/metrics` alone, in plain HTTP (for probes and
+    /// scrapers when the API listeners speak TLS).
+    pub metrics_addr: Option<SocketAddr>,
     /// Accepted bearer keys; empty turns authentication off.
     pub api_keys: Vec<String>,
     /// Most requests outstanding on one backend (running plus queued inside
@@ -33,7 +39,26 @@ pub struct RouterConfig {
     pub max_held_per_model: usize,
     /// What one request may ask and take.
     pub limits: RequestLimits,
+    /// TLS on both listeners: the certificate and key, re-read when they change.
+    pub tls: Option<CertFiles>,
+    /// TLS (and, with a certificate, mutual TLS) to the workers.
+    pub backend_tls: Option<BackendTls>,
 }
+
+/// How the router reaches workers over TLS.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BackendTls {
+    /// The CA bundle workers' certificates must chain to.
+    pub ca: PathBuf,
+    /// The router's own certificate, for workers that require one (mutual TLS).
+    pub certificate: Option<CertFiles>,
+    /// The name every worker certificate carries (workers are reached by pod
+    /// address, which changes).
+    pub server_name: String,
+}
+
+/// How often certificate files are looked at for a change.
+pub const TLS_RELOAD_INTERVAL: Duration = Duration::from_secs(10);
 
 /// Limits on one request, each a flag of `shardserve router`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -97,6 +122,7 @@ impl Default for RouterConfig {
         Self {
             http_addr: SocketAddr::from(([127, 0, 0, 1], 8080)),
             grpc_addr: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            metrics_addr: None,
             api_keys: Vec::new(),
             max_queue_per_backend: 64,
             health_interval: Duration::from_secs(1),
@@ -107,6 +133,8 @@ impl Default for RouterConfig {
             hold_timeout: Duration::from_secs(300),
             max_held_per_model: 1024,
             limits: RequestLimits::default(),
+            tls: None,
+            backend_tls: None,
         }
     }
 }
@@ -129,6 +157,8 @@ pub enum RouterError {
     Http(std::io::Error),
     #[error("gRPC server failed: {0}")]
     Grpc(#[from] tonic::transport::Error),
+    #[error("TLS: {0}")]
+    Tls(#[from] shardserve_tls::TlsError),
     #[error("cannot register metrics: {0}")]
     Metrics(#[from] prometheus::Error),
     #[error(

@@ -17,11 +17,13 @@ use futures::StreamExt;
 
 /// Serves `app` on `listener` until `stop`, then lets open requests (streams)
 /// finish. HTTP/1 with a header read timeout: a client that sends its headers
-/// slowly holds no connection past `header_timeout`.
+/// slowly holds no connection past `header_timeout` (nor, under `tls`, one that
+/// stalls its handshake). With `tls`, HTTP/2 as well when the client offers it.
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     app: Router,
     header_timeout: std::time::Duration,
+    tls: Option<shardserve_tls::ServerTls>,
     stop: impl std::future::Future<Output = ()>,
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -51,12 +53,29 @@ pub(crate) async fn serve(
         };
         let _ = stream.set_nodelay(true);
         let service = TowerToHyperService::new(app.clone());
-        let connection = builder
-            .serve_connection_with_upgrades(TokioIo::new(stream), service)
-            .into_owned();
-        let connection = graceful.watch(connection);
+        let (builder, watcher, tls) = (builder.clone(), graceful.watcher(), tls.clone());
+        // The handshake runs in the connection's task, so a slow client holds up
+        // no other.
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            let result = match tls {
+                Some(tls) => match tls.accept(stream).await {
+                    Ok(stream) => {
+                        let connection =
+                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                        watcher.watch(connection.into_owned()).await
+                    }
+                    Err(e) => {
+                        tracing::debug!("TLS handshake failed: {e}");
+                        return;
+                    }
+                },
+                None => {
+                    let connection =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    watcher.watch(connection.into_owned()).await
+                }
+            };
+            if let Err(e) = result {
                 tracing::debug!("HTTP connection ended: {e}");
             }
         });
@@ -82,14 +101,24 @@ pub(crate) fn router(state: AppState, keys: Keys) -> Router {
         false => api,
         true => api.route_layer(middleware::from_fn_with_state(keys, require_key)),
     };
-    let open = Router::new()
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics));
     // The handlers read bodies themselves, within `--max-body-bytes`.
-    api.merge(open)
+    api.merge(open_routes())
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+/// The routes that need no key: probes and Prometheus.
+fn open_routes() -> Router<AppState> {
+    Router::new()
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+}
+
+/// `/healthz`, `/readyz` and `/metrics` alone (`--metrics-addr`): plain HTTP for
+/// probes, Prometheus and the operator while the API listeners speak TLS.
+pub(crate) fn operational(state: AppState) -> Router {
+    open_routes().with_state(state)
 }
 
 /// `Authorization: Bearer KEY` with one of the configured keys, else 401; at most

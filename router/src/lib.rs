@@ -31,7 +31,10 @@ use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Endpoint, Server};
 use tonic_health::ServingStatus;
 
-pub use config::{MAX_BODY_BYTES, Readiness, RequestLimits, RouterConfig, RouterError};
+pub use api::{ApiEndpoint, BodyRefused, Limits, map_body};
+pub use config::{
+    BackendTls, CertFiles, MAX_BODY_BYTES, Readiness, RequestLimits, RouterConfig, RouterError,
+};
 pub use discovery::{
     Backend, BackendsFile, Deployment, Discovery, FileDiscovery, FileDiscoveryError,
     KubernetesDiscovery, StaticDiscovery,
@@ -42,11 +45,13 @@ use crate::dispatch::Upstream;
 use crate::metrics::Metrics;
 use crate::pool::{Pool, PoolLimits};
 
-/// The router's two bound sockets, for callers that bind themselves (tests
-/// bind port 0).
+/// The router's bound sockets, for callers that bind themselves (tests bind
+/// port 0).
 pub struct Listeners {
     pub http: TcpListener,
     pub grpc: TcpListener,
+    /// `/healthz`, `/readyz` and `/metrics` alone, in plain HTTP (`--metrics-addr`).
+    pub metrics: Option<TcpListener>,
 }
 
 /// Binds `config.http_addr` and `config.grpc_addr` and serves until
@@ -64,6 +69,10 @@ pub async fn serve(
     let listeners = Listeners {
         http: bind(config.http_addr).await?,
         grpc: bind(config.grpc_addr).await?,
+        metrics: match config.metrics_addr {
+            Some(addr) => Some(bind(addr).await?),
+            None => None,
+        },
     };
     serve_on(config, listeners, discovery, shutdown).await
 }
@@ -83,6 +92,60 @@ fn check_uris(deployments: &[Deployment]) -> Result<(), RouterError> {
     Ok(())
 }
 
+/// The listeners' TLS (HTTP's and gRPC's, one certificate) and the backends', as
+/// configured, with the tasks that re-read their certificate files.
+#[allow(clippy::type_complexity)]
+fn tls_of(
+    config: &RouterConfig,
+) -> Result<
+    (
+        Option<(shardserve_tls::ServerTls, shardserve_tls::ServerTls)>,
+        Option<shardserve_tls::ClientTls>,
+        Vec<WatchGuard>,
+    ),
+    RouterError,
+> {
+    use shardserve_tls::{Certified, ClientTls, ServerTls};
+    let mut watches = Vec::new();
+    let listeners = match &config.tls {
+        Some(files) => {
+            let cert = Certified::load(files.clone())?;
+            watches.push(WatchGuard(cert.watch(config::TLS_RELOAD_INTERVAL)));
+            // A handshake is part of sending the headers: the same bound.
+            let timeout = config.limits.header_timeout;
+            Some((
+                ServerTls::new(Arc::clone(&cert), None, false, timeout)?,
+                ServerTls::new(cert, None, true, timeout)?,
+            ))
+        }
+        None => None,
+    };
+    let backends = match &config.backend_tls {
+        Some(tls) => {
+            let cert = match &tls.certificate {
+                Some(files) => {
+                    let cert = Certified::load(files.clone())?;
+                    watches.push(WatchGuard(cert.watch(config::TLS_RELOAD_INTERVAL)));
+                    Some(cert)
+                }
+                None => None,
+            };
+            Some(ClientTls::new(&tls.ca, cert, &tls.server_name)?)
+        }
+        None => None,
+    };
+    Ok((listeners, backends, watches))
+}
+
+/// Stops a certificate watch when dropped.
+struct WatchGuard(tokio::task::JoinHandle<()>);
+
+impl Drop for WatchGuard {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
 /// Serves on already bound listeners until `shutdown` completes: HTTP and
 /// gRPC stop taking new connections and in-flight requests finish.
 pub async fn serve_on(
@@ -92,6 +155,9 @@ pub async fn serve_on(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), RouterError> {
     let metrics = Arc::new(Metrics::new()?);
+    // Certificates are read (and refused) before anything is served; the watches
+    // end with the router.
+    let (listener_tls, backend_tls, _watches) = tls_of(&config)?;
     let pool = Arc::new(Pool::new(
         Arc::clone(&metrics),
         PoolLimits {
@@ -100,6 +166,7 @@ pub async fn serve_on(
             connect_timeout: config.health_timeout,
             affinity_capacity: config.affinity_capacity,
         },
+        backend_tls,
     ));
     let mut deployments = discovery.watch();
     {
@@ -145,22 +212,31 @@ pub async fn serve_on(
     tracing::info!(
         http = ?listeners.http.local_addr().ok(),
         grpc = ?listeners.grpc.local_addr().ok(),
+        metrics = ?listeners.metrics.as_ref().and_then(|l| l.local_addr().ok()),
         "router serving"
     );
     let keys = auth::Keys::new(config.api_keys.clone(), config.limits.max_streams_per_key);
-    let app = http::router(
-        AppState {
-            upstream: upstream.clone(),
-            discovery,
-            readiness: config.readiness,
-            limits: config.limits,
-        },
-        keys.clone(),
-    );
+    let state = AppState {
+        upstream: upstream.clone(),
+        discovery,
+        readiness: config.readiness,
+        limits: config.limits,
+    };
+    let operational = listeners.metrics.map(|listener| {
+        http::serve(
+            listener,
+            http::operational(state.clone()),
+            config.limits.header_timeout,
+            None,
+            stopped(stop_rx.clone()),
+        )
+    });
+    let app = http::router(state, keys.clone());
     let http = http::serve(
         listeners.http,
         app,
         config.limits.header_timeout,
+        listener_tls.as_ref().map(|(http, _)| http.clone()),
         stopped(stop_rx.clone()),
     );
 
@@ -174,20 +250,34 @@ pub async fn serve_on(
             ServingStatus::Serving,
         )
         .await;
-    let grpc = Server::builder()
-        .add_service(health_service)
-        .add_service(InferenceServer::with_interceptor(
-            grpc::RouterInference { upstream },
-            move |request| keys.intercept(request),
-        ))
-        .serve_with_incoming_shutdown(
-            TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
-            stopped(stop_rx),
-        );
+    let grpc = Server::builder().add_service(health_service).add_service(
+        InferenceServer::with_interceptor(grpc::RouterInference { upstream }, move |request| {
+            keys.intercept(request)
+        }),
+    );
+    let grpc: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
+        match listener_tls {
+            Some((_, grpc_tls)) => Box::pin(grpc.serve_with_incoming_shutdown(
+                shardserve_tls::incoming(listeners.grpc, grpc_tls),
+                stopped(stop_rx),
+            )),
+            None => Box::pin(grpc.serve_with_incoming_shutdown(
+                TcpIncoming::from(listeners.grpc).with_nodelay(Some(true)),
+                stopped(stop_rx),
+            )),
+        };
 
-    let result = tokio::try_join!(async { http.await.map_err(RouterError::Http) }, async {
-        grpc.await.map_err(RouterError::Grpc)
-    },);
+    let operational = async {
+        match operational {
+            Some(serving) => serving.await.map_err(RouterError::Http),
+            None => Ok(()),
+        }
+    };
+    let result = tokio::try_join!(
+        async { http.await.map_err(RouterError::Http) },
+        async { grpc.await.map_err(RouterError::Grpc) },
+        operational,
+    );
     follow.abort();
     health.abort();
     tracing::info!("router stopped");

@@ -133,7 +133,11 @@ async fn router_over(
     let discovery = Arc::new(StaticDiscovery::new(deployments));
     tokio::spawn(serve_on(
         config,
-        Listeners { http, grpc },
+        Listeners {
+            http,
+            grpc,
+            metrics: None,
+        },
         discovery.clone(),
         async move {
             let _ = stopped.await;

@@ -76,3 +76,56 @@ build (a CUDA build links libcuda and starts only on GPU nodes). */}}
     medium: Memory
     sizeLimit: 64Mi
 {{- end -}}
+
+{{/* A metrics scraper ({namespace, podLabels}) as a NetworkPolicy peer; namespace "" or "*": every namespace. */}}
+{{- define "shardserve.scraperPeer" -}}
+- namespaceSelector:
+    {{- if and .namespace (ne .namespace "*") }}
+    matchLabels:
+      kubernetes.io/metadata.name: {{ .namespace }}
+    {{- else }} {}
+    {{- end }}
+  podSelector:
+    {{- with .podLabels }}
+    matchLabels:
+      {{- toYaml . | nindent 6 }}
+    {{- else }} {}
+    {{- end }}
+{{- end -}}
+
+{{/* The same scraper as the operator's flag value, NAMESPACE:key=value,... */}}
+{{- define "shardserve.scraperFlag" -}}
+{{- $pairs := list -}}
+{{- range $k, $v := .podLabels -}}{{- $pairs = append $pairs (printf "%s=%s" $k $v) -}}{{- end -}}
+{{- printf "%s:%s" (default "*" .namespace) (join "," $pairs) -}}
+{{- end -}}
+
+{{/* The worker pods the operator makes, in the watched namespace or any: the routers' and the operator's gRPC peers. */}}
+{{- define "shardserve.workerPeer" -}}
+- namespaceSelector:
+    {{- if .Values.watchNamespace }}
+    matchLabels:
+      kubernetes.io/metadata.name: {{ .Values.watchNamespace }}
+    {{- else }} {}
+    {{- end }}
+  podSelector:
+    matchLabels:
+      app.kubernetes.io/name: shardserve
+      app.kubernetes.io/component: worker
+      app.kubernetes.io/managed-by: shardserve-operator
+{{- end -}}
+
+{{/* Egress both control-plane components need: DNS anywhere, and the API server. */}}
+{{- define "shardserve.controlPlaneEgress" -}}
+- ports:
+    - {protocol: UDP, port: 53}
+    - {protocol: TCP, port: 53}
+- ports:
+    {{- range .Values.networkPolicy.apiServer.ports }}
+    - {protocol: TCP, port: {{ . }}}
+    {{- end }}
+  {{- with .Values.networkPolicy.apiServer.cidr }}
+  to:
+    - ipBlock: {cidr: {{ . }}}
+  {{- end }}
+{{- end -}}

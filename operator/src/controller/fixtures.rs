@@ -33,6 +33,7 @@ pub fn settings() -> WorkerSettings {
         image: IMAGE.into(),
         hub_endpoint: None,
         cuda: false,
+        network: None,
     }
 }
 

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use k8s_openapi::api::apps::v1::StatefulSet;
 use k8s_openapi::api::core::v1::{ObjectReference, Pod, Service};
+use k8s_openapi::api::networking::v1::NetworkPolicy;
 use k8s_openapi::api::policy::v1::PodDisruptionBudget;
 use k8s_openapi::jiff::Timestamp;
 use kube::api::{Api, DeleteParams, ListParams, Patch, PatchParams, Preconditions};
@@ -260,6 +261,7 @@ struct Objects {
     services: Api<Service>,
     pods: Api<Pod>,
     budgets: Api<PodDisruptionBudget>,
+    policies: Api<NetworkPolicy>,
 }
 
 impl Objects {
@@ -269,6 +271,7 @@ impl Objects {
             services: Api::namespaced(client.clone(), namespace),
             pods: Api::namespaced(client.clone(), namespace),
             budgets: Api::namespaced(client.clone(), namespace),
+            policies: Api::namespaced(client.clone(), namespace),
         }
     }
 
@@ -293,12 +296,15 @@ impl Objects {
         Ok(observe(&statefulsets.items, &services.items, &pods.items))
     }
 
-    /// The `<md>` Service, every group's headless Service, and the
+    /// The `<md>` Service, disruption budget and NetworkPolicy, every group's headless Service, and the
     /// StatefulSets of the groups `actions` names (stale groups waiting to
     /// roll keep theirs).
     async fn apply(&self, desired: &Desired, actions: &Actions) -> Result<(), Error> {
         apply(&self.services, &desired.service).await?;
         apply(&self.budgets, &desired.disruption_budget).await?;
+        if let Some(policy) = &desired.network_policy {
+            apply(&self.policies, policy).await?;
+        }
         for group in &desired.groups {
             apply(&self.services, &group.service).await?;
             if actions.apply.contains(&group.id) {

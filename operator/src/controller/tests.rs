@@ -14,6 +14,8 @@ use kube::runtime::events::Reporter;
 use serde::Serialize;
 use serde_json::{Value, json};
 
+use super::check::check;
+use super::desired::{WorkerSettings, desired};
 use super::fixtures::{
     NAMESPACE, UID, ago, demo, demo_tp3, desired_of, existing, loading, now, pod, restarted,
     settings,
@@ -96,13 +98,17 @@ impl ApiServer {
 }
 
 fn context() -> (Arc<Context>, ApiServer) {
+    context_with(settings())
+}
+
+fn context_with(settings: WorkerSettings) -> (Arc<Context>, ApiServer) {
     let (client, server) = mock_api::pair();
     let reporter = Reporter {
         controller: "shardserve-operator".into(),
         instance: Some("test".into()),
     };
     let metrics = Arc::new(Metrics::new().unwrap());
-    let mut ctx = Context::new(client, settings(), reporter, metrics);
+    let mut ctx = Context::new(client, settings, reporter, metrics);
     ctx.clock = now;
     (Arc::new(ctx), server)
 }
@@ -170,6 +176,49 @@ fn pdb(name: &str) -> String {
 
 fn pod_path(name: &str) -> String {
     format!("{PODS}/{name}")
+}
+
+#[tokio::test]
+async fn with_network_policies_the_deployment_gets_its_policy_beside_its_budget() {
+    let md = demo(1);
+    let settings = WorkerSettings {
+        network: Some(crate::controller::desired::NetworkPeers {
+            router: "shardserve:app.kubernetes.io/component=router"
+                .parse()
+                .unwrap(),
+            operator: "shardserve:app.kubernetes.io/component=operator"
+                .parse()
+                .unwrap(),
+            scrapers: vec![],
+        }),
+        ..settings()
+    };
+    let expected = desired(&md, &check(&md).unwrap(), &settings).unwrap();
+    let (ctx, server) = context_with(settings);
+    let script_md = md.clone();
+    let task = tokio::spawn(async move {
+        let mut api = server;
+        api.observe(&[], &[], &[]).await;
+        api.apply(&svc("smollm2")).await;
+        api.apply(&pdb("smollm2")).await;
+        let policy = api
+            .apply(&format!(
+                "/apis/networking.k8s.io/v1/namespaces/{NAMESPACE}/networkpolicies/smollm2"
+            ))
+            .await;
+        assert_eq!(
+            policy,
+            serde_json::to_value(expected.network_policy.as_ref().unwrap()).unwrap()
+        );
+        assert_eq!(policy["metadata"]["ownerReferences"][0]["name"], "smollm2");
+        api.apply(&svc("smollm2-g0")).await;
+        api.apply(&sts("smollm2-g0")).await;
+        api.status(&script_md).await;
+        api.done().await
+    });
+    let result = reconcile(Arc::new(md), ctx).await;
+    task.await.unwrap();
+    assert!(result.is_ok(), "{result:?}");
 }
 
 #[tokio::test]

@@ -71,6 +71,11 @@ fn damaged_example_manifests_are_refused_or_build_never_panic() {
         image: "shardserve:test".into(),
         hub_endpoint: None,
         cuda: true,
+        network: Some(crate::controller::desired::NetworkPeers {
+            router: "shardserve:app=router".parse().unwrap(),
+            operator: "shardserve:app=operator".parse().unwrap(),
+            scrapers: vec!["*:app=prometheus".parse().unwrap()],
+        }),
     };
     let (mut built, mut refused) = (0, 0);
     let mut files = 0;

@@ -13,8 +13,9 @@ use super::RouterLoad;
 
 /// How long one router may take to answer.
 const ASK_TIMEOUT: Duration = Duration::from_secs(2);
-/// The router Service's port that serves `/metrics` (the chart names it so).
-const HTTP_PORT_NAME: &str = "http";
+/// The router Service's ports that serve `/metrics`, in order of preference (the
+/// chart names them so): `metrics` is plain HTTP even when the API speaks TLS.
+const METRICS_PORT_NAMES: [&str; 2] = ["metrics", "http"];
 /// The standard label naming the Service an EndpointSlice belongs to.
 const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
 
@@ -83,13 +84,15 @@ impl RouterScraper {
 fn metrics_urls(slices: &[EndpointSlice]) -> Vec<String> {
     let mut urls = Vec::new();
     for slice in slices {
-        let Some(port) = slice
-            .ports
-            .iter()
-            .flatten()
-            .find(|p| p.name.as_deref() == Some(HTTP_PORT_NAME))
-            .and_then(|p| p.port)
-        else {
+        let named = |name: &str| {
+            slice
+                .ports
+                .iter()
+                .flatten()
+                .find(|p| p.name.as_deref() == Some(name))
+                .and_then(|p| p.port)
+        };
+        let Some(port) = METRICS_PORT_NAMES.into_iter().find_map(named) else {
             continue;
         };
         for endpoint in &slice.endpoints {
@@ -136,12 +139,24 @@ mod tests {
         }))
         .unwrap();
         assert_eq!(
-            metrics_urls(&[slice.clone(), slice]),
+            metrics_urls(&[slice.clone(), slice.clone()]),
             [
                 "http://10.0.0.1:8080/metrics",
                 "http://10.0.0.2:8080/metrics",
                 "http://[fd00::4]:8080/metrics"
             ]
+        );
+        // The chart's routers serve /metrics on a port of its own (plain HTTP while
+        // the API may speak TLS).
+        let mut with_metrics = slice;
+        with_metrics
+            .ports
+            .as_mut()
+            .unwrap()
+            .push(serde_json::from_value(json!({"name": "metrics", "port": 9090})).unwrap());
+        assert_eq!(
+            metrics_urls(&[with_metrics])[0],
+            "http://10.0.0.1:9090/metrics"
         );
     }
 }

@@ -115,6 +115,8 @@ pub(crate) struct Pool {
     max_queue: usize,
     max_held: usize,
     connect_timeout: Duration,
+    /// TLS to the workers, when they serve it.
+    backend_tls: Option<shardserve_tls::ClientTls>,
     rotate: AtomicUsize,
     /// Woken when a backend may have become routable (discovery changed, a health
     /// check passed): held requests try again.
@@ -151,7 +153,11 @@ pub(crate) struct Lease {
 }
 
 impl Pool {
-    pub(crate) fn new(metrics: Arc<Metrics>, limits: PoolLimits) -> Self {
+    pub(crate) fn new(
+        metrics: Arc<Metrics>,
+        limits: PoolLimits,
+        backend_tls: Option<shardserve_tls::ClientTls>,
+    ) -> Self {
         Self {
             state: Mutex::new(State {
                 deployments: BTreeMap::new(),
@@ -163,6 +169,7 @@ impl Pool {
             max_queue: limits.max_queue_per_backend.max(1),
             max_held: limits.max_held_per_model,
             connect_timeout: limits.connect_timeout,
+            backend_tls,
             rotate: AtomicUsize::new(0),
             changed: Notify::new(),
         }
@@ -301,10 +308,13 @@ impl Pool {
 
     fn endpoint(&self, uri: &str) -> Result<Channel, String> {
         let endpoint = Endpoint::from_shared(uri.to_string()).map_err(|e| e.to_string())?;
-        Ok(endpoint
+        let endpoint = endpoint
             .connect_timeout(self.connect_timeout)
-            .tcp_nodelay(true)
-            .connect_lazy())
+            .tcp_nodelay(true);
+        Ok(match &self.backend_tls {
+            Some(tls) => endpoint.connect_with_connector_lazy(tls.connector()),
+            None => endpoint.connect_lazy(),
+        })
     }
 
     fn publish(&self, model: &str, b: &BackendState) {

@@ -28,6 +28,7 @@ fn pool(max_queue: usize, deployments: &[Deployment]) -> Arc<Pool> {
             connect_timeout: Duration::from_millis(100),
             affinity_capacity: 16,
         },
+        None,
     ));
     pool.update(deployments);
     pool

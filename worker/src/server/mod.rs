@@ -83,16 +83,18 @@ pub async fn serve_on(
     listener: TcpListener,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), ServerError> {
-    serve_with_metrics(engine, listener, None, shutdown, DRAIN_GRACE).await
+    serve_with_metrics(engine, listener, None, None, shutdown, DRAIN_GRACE).await
 }
 
 /// [`serve_on`], plus `/metrics`, `/healthz` and `/readyz` over HTTP on
-/// `metrics_listener` when there is one; in-flight calls get `drain` to finish
-/// after shutdown is asked.
+/// `metrics_listener` when there is one, and gRPC over `tls` when given (which
+/// may require client certificates: mutual TLS with the router); in-flight calls
+/// get `drain` to finish after shutdown is asked.
 pub async fn serve_with_metrics(
     engine: EngineHandle,
     listener: TcpListener,
     metrics_listener: Option<TcpListener>,
+    tls: Option<shardserve_tls::ServerTls>,
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) -> Result<(), ServerError> {
@@ -131,10 +133,20 @@ pub async fn serve_with_metrics(
         let _ = draining.send(());
     };
     let service = InferenceService::with_metrics(engine, metrics);
-    let server = Server::builder()
+    let router = Server::builder()
         .add_service(health_service)
-        .add_service(InferenceServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES))
-        .serve_with_incoming_shutdown(TcpIncoming::from(listener).with_nodelay(Some(true)), signal);
+        .add_service(InferenceServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES));
+    let server: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>>>> =
+        match tls {
+            Some(tls) => Box::pin(
+                router
+                    .serve_with_incoming_shutdown(shardserve_tls::incoming(listener, tls), signal),
+            ),
+            None => Box::pin(router.serve_with_incoming_shutdown(
+                TcpIncoming::from(listener).with_nodelay(Some(true)),
+                signal,
+            )),
+        };
     let deadline = async move {
         match drained_by.await {
             Ok(()) => tokio::time::sleep(drain).await,

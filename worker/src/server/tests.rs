@@ -546,6 +546,7 @@ async fn metrics_count_requests_and_running_drops_to_zero_on_disconnect() {
         engine,
         grpc,
         Some(http),
+        None,
         std::future::pending(),
         super::DRAIN_GRACE,
     ));

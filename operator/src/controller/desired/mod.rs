@@ -5,6 +5,7 @@
 
 mod disruption;
 mod model;
+mod network;
 mod pod;
 mod service;
 
@@ -25,6 +26,7 @@ use super::labels::{
 };
 
 pub use model::{MODEL_DIR, ModelFiles};
+pub use network::{NetworkPeers, Peer, PeerError, fetch_ports};
 
 /// Operator-wide settings the objects depend on.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -37,6 +39,9 @@ pub struct WorkerSettings {
     /// Whether ranks compute on their GPUs (`--device cuda:0`: each rank container is
     /// given its own): the worker image is a CUDA build.
     pub cuda: bool,
+    /// Who may reach rank pods: each deployment gets a NetworkPolicy `<md>` letting
+    /// in only these (and its own ranks). None: no policy (`--network-policies` off).
+    pub network: Option<NetworkPeers>,
 }
 
 /// Everything one `ModelDeployment` should have.
@@ -46,6 +51,9 @@ pub struct Desired {
     pub service: Service,
     /// `<md>`: evictions take one rank pod, so one group, at a time.
     pub disruption_budget: k8s_openapi::api::policy::v1::PodDisruptionBudget,
+    /// `<md>`: who reaches the rank pods and whom they reach, when the operator
+    /// makes NetworkPolicies.
+    pub network_policy: Option<k8s_openapi::api::networking::v1::NetworkPolicy>,
     /// Groups `0..replicas`.
     pub groups: Vec<DesiredGroup>,
     /// How long a leaving group may take to finish its streams.
@@ -120,6 +128,10 @@ pub fn desired_members(
     Ok(Desired {
         service: service::leaders(&owner),
         disruption_budget: disruption::budget(&owner),
+        network_policy: settings
+            .network
+            .as_ref()
+            .map(|peers| network::policy(&owner, peers, &files, settings.hub_endpoint.as_deref())),
         groups,
         drain_timeout: md.spec.drain_timeout(),
     })
