@@ -90,22 +90,50 @@ impl Keys {
         }
     }
 
-    /// The gRPC interceptor: UNAUTHENTICATED without a valid key.
+    /// The gRPC interceptor: UNAUTHENTICATED without a valid key; the key's index
+    /// rides along in the request's extensions ([`KeyIndex`]) for its limit.
     #[allow(clippy::result_large_err)] // tonic's interceptor signature
     pub(crate) fn intercept(
         &self,
-        request: tonic::Request<()>,
+        mut request: tonic::Request<()>,
     ) -> Result<tonic::Request<()>, tonic::Status> {
         let authorization = request
             .metadata()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
         match self.check(authorization) {
-            Ok(_) => Ok(request),
+            Ok(index) => {
+                if let Some(index) = index {
+                    request.extensions_mut().insert(KeyIndex(index));
+                }
+                Ok(request)
+            }
             Err(refusal) => Err(tonic::Status::unauthenticated(refusal.message())),
         }
     }
+
+    /// A gRPC call's slot under its key's `--max-streams-per-key`, held as long as
+    /// the returned guard lives; RESOURCE_EXHAUSTED when the key runs its limit.
+    #[allow(clippy::result_large_err)] // a Status is what the handler returns
+    pub(crate) fn enter_grpc(
+        &self,
+        extensions: &tonic::Extensions,
+    ) -> Result<Option<KeySlot>, tonic::Status> {
+        let Some(KeyIndex(index)) = extensions.get::<KeyIndex>() else {
+            return Ok(None);
+        };
+        self.enter(*index).map(Some).map_err(|running| {
+            tonic::Status::resource_exhausted(format!(
+                "this API key already has {running} requests running, this server's limit; \
+                 try again when one ends"
+            ))
+        })
+    }
 }
+
+/// The index of the API key a gRPC call presented.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct KeyIndex(pub usize);
 
 /// Compares without an early exit, so timing does not leak the key.
 fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {

@@ -11,11 +11,15 @@ use shardserve_proto::v1::inference_client::InferenceClient;
 use shardserve_proto::v1::inference_server::Inference;
 use tonic::{Code, Request, Response, Status};
 
+use crate::auth::Keys;
 use crate::dispatch::{DispatchError, Upstream};
 use crate::pool::{Lease, PickError};
 
 pub(crate) struct RouterInference {
     pub upstream: Upstream,
+    /// The keys' running requests: a stream holds its key's slot until it ends,
+    /// shared with HTTP.
+    pub keys: Keys,
 }
 
 fn pick_status(e: PickError) -> Status {
@@ -67,6 +71,7 @@ impl Inference for RouterInference {
         &self,
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<EventStream>, Status> {
+        let slot = self.keys.enter_grpc(request.extensions())?;
         let req = request.into_inner();
         let model = match self.upstream.pool.resolve(&req.model) {
             Ok(m) => m,
@@ -79,8 +84,10 @@ impl Inference for RouterInference {
         match self.upstream.generate(&model, req).await {
             Ok(generation) => {
                 self.count(&model, Code::Ok);
-                let events =
-                    generation.map(|event| event.map(|e| pb::GenerateResponse { event: Some(e) }));
+                let events = generation.map(move |event| {
+                    let _running = &slot;
+                    event.map(|e| pb::GenerateResponse { event: Some(e) })
+                });
                 Ok(Response::new(Box::pin(events)))
             }
             Err(e) => {

@@ -251,9 +251,13 @@ pub async fn serve_on(
         )
         .await;
     let grpc = Server::builder().add_service(health_service).add_service(
-        InferenceServer::with_interceptor(grpc::RouterInference { upstream }, move |request| {
-            keys.intercept(request)
-        }),
+        InferenceServer::with_interceptor(
+            grpc::RouterInference {
+                upstream,
+                keys: keys.clone(),
+            },
+            move |request| keys.intercept(request),
+        ),
     );
     let grpc: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
         match listener_tls {

@@ -1165,6 +1165,34 @@ async fn a_key_runs_its_limit_of_requests_and_requests_end_at_their_deadline() {
             .contains("already has 1 requests running"),
         "{v}"
     );
+    // gRPC counts against the same key: RESOURCE_EXHAUSTED while the HTTP stream runs.
+    use shardserve_proto::v1::inference_client::InferenceClient;
+    let mut grpc = InferenceClient::connect(format!("http://{}", r.grpc))
+        .await
+        .unwrap();
+    let grpc_request = |max_tokens: u32| {
+        let mut request = tonic::Request::new(pb::GenerateRequest {
+            model: MODEL.into(),
+            prompt: Some(pb::generate_request::Prompt::Text("Hi".into())),
+            stopping: Some(pb::StoppingCriteria {
+                max_tokens,
+                ignore_eos: true,
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        request
+            .metadata_mut()
+            .insert("authorization", "Bearer k".parse().unwrap());
+        request
+    };
+    let refused = grpc.generate(grpc_request(2)).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("already has 1 requests running"));
     // The stream ends at the deadline with an error event, not silently.
     let started = Instant::now();
     let text = tokio::time::timeout(HANG_GUARD, stream.text())
@@ -1186,4 +1214,31 @@ async fn a_key_runs_its_limit_of_requests_and_requests_end_at_their_deadline() {
     assert_eq!(whole.status(), 504);
     let v: Value = whole.json().await.unwrap();
     assert_eq!(v["error"]["code"], "deadline_exceeded", "{v}");
+    // Every slot is back: a gRPC stream runs, and holds the key's slot until it ends
+    // (here: until its client goes away).
+    let mut stream = grpc
+        .generate(grpc_request(4000))
+        .await
+        .unwrap()
+        .into_inner();
+    stream.message().await.unwrap().expect("a first token");
+    let busy = r
+        .http
+        .post(r.url("/api/generate"))
+        .bearer_auth("k")
+        .json(&json!({"model": MODEL, "prompt": "Hi", "stream": false}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(busy.status(), 429, "the gRPC stream holds the key's slot");
+    drop(stream);
+    let mut back = false;
+    for _ in 0..50 {
+        if grpc.generate(grpc_request(2)).await.is_ok() {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(back, "the slot came back when the gRPC stream ended");
 }
