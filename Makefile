@@ -27,7 +27,7 @@ KV_STAMP := $(VENV)/.kubernetes-validate-$(KUBERNETES_VALIDATE_VERSION)
 CRD := crds/modeldeployments.shardserve.io.yaml
 CHART_CRD := charts/shardserve/$(CRD)
 
-.PHONY: up test build build-tests fetch-demo venv bench lint deny chart-check chart-crds chart-tools cuda-check cuda-build gpu-carry
+.PHONY: up test build build-tests fetch-demo venv bench soak lint deny fuzz chart-check chart-crds chart-tools cuda-check cuda-build gpu-carry
 
 ## Build, then run the demo manifest locally (workers + router) until Ctrl-C.
 up: build
@@ -77,6 +77,13 @@ fetch-demo:
 	@test -x $(BIN) || $(CARGO) build -p shardserve $(FEATURES)
 	$(BIN) model fetch-demo
 
+## Soak under faults (a benchmark that prints numbers, not part of `make test`): `up`
+## with two one-rank replicas and a tensor-3 group, 32 streaming clients for
+## SOAK_MINUTES (30), a worker SIGKILLed every 30 s and a rank every 2 min.
+SOAK_MINUTES ?= 30
+soak: build fetch-demo venv
+	SOAK_MINUTES=$(SOAK_MINUTES) SHARDSERVE_BIN=$(abspath $(BIN)) $(VENV)/bin/python e2e/python/soak.py
+
 ## Prefill and decode speed on the demo model.
 bench: build fetch-demo
 	$(BIN) bench --model $(DEMO_MODEL) --threads $(THREADS)
@@ -93,6 +100,31 @@ deny: $(DENY)
 
 $(DENY):
 	$(CARGO) install --locked --root $(TOOLS) cargo-deny
+
+## Fuzz every parser of outside input with cargo-fuzz (libFuzzer), FUZZ_RUNS inputs per
+## target, one target after another; a crash stops it with the input saved under
+## fuzz/artifacts/<target>/. Not part of `make test` (an hour or more; its own target
+## dir, fuzz/target). Stable toolchain: RUSTC_BOOTSTRAP=1 lets cargo-fuzz pass its -Z
+## flags, AddressSanitizer included. Each corpus (fuzz/corpus/<target>) starts from
+## fuzz/seeds/<target> (manifests: examples/). -timeout: an input slower than 10 s
+## is a finding; -rss_limit_mb: so is one that needs more than 2 GiB.
+FUZZ := $(TOOLS)/bin/cargo-fuzz
+FUZZ_RUNS ?= 1000000
+FUZZ_TARGETS ?= gguf safetensors hf_config chat_template openai_body ollama_body tgi_body worker_request manifest
+FUZZ_SANITIZER ?= address
+FUZZ_ARGS ?= -timeout=10 -rss_limit_mb=2048 -print_final_stats=1
+fuzz: $(FUZZ)
+	cp Cargo.lock fuzz/Cargo.lock
+	RUSTC_BOOTSTRAP=1 $(FUZZ) build -s $(FUZZ_SANITIZER)
+	for t in $(FUZZ_TARGETS); do \
+		mkdir -p fuzz/corpus/$$t && \
+		if [ $$t = manifest ]; then cp examples/*.yaml fuzz/corpus/$$t/; else cp fuzz/seeds/$$t/* fuzz/corpus/$$t/; fi && \
+		RUSTC_BOOTSTRAP=1 $(FUZZ) run -s $(FUZZ_SANITIZER) $$t fuzz/corpus/$$t -- \
+			-runs=$(FUZZ_RUNS) $(FUZZ_ARGS) || exit 1; \
+	done
+
+$(FUZZ):
+	$(CARGO) install --locked --root $(TOOLS) cargo-fuzz
 
 ## The `cuda` build compiles (nvcc included) and is clippy-clean; no GPU needed. Not
 ## part of `make test` (15 to 60 minutes cold, its own target dir).

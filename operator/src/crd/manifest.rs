@@ -63,10 +63,11 @@ struct Manifest {
 
 /// Parses and validates every document of `text`.
 pub fn parse_manifests(text: &str) -> Result<Vec<ModelDeployment>, ManifestError> {
-    let docs: Vec<_> = serde_norway::Deserializer::from_str(text).collect();
-    let many = docs.len() > 1;
+    let many = document_count(text) > 1;
     let mut out = Vec::new();
-    for (i, de) in docs.into_iter().enumerate() {
+    // Lazily: the first error returns, and after a YAML syntax error the documents
+    // never end (see `document_count`).
+    for (i, de) in serde_norway::Deserializer::from_str(text).enumerate() {
         let doc = DocLabel(many.then_some(i));
         // Straight from the document (not through a `Value`), so that
         // errors keep the field's path and the line.
@@ -82,6 +83,20 @@ pub fn parse_manifests(text: &str) -> Result<Vec<ModelDeployment>, ManifestError
         return Err(ManifestError::Empty);
     }
     Ok(out)
+}
+
+/// The documents of `text`, counted up to the first that is not well-formed YAML:
+/// after a syntax error serde_norway yields the same error as further documents
+/// without end (collecting them took all memory).
+fn document_count(text: &str) -> usize {
+    let mut count = 0;
+    for de in serde_norway::Deserializer::from_str(text) {
+        count += 1;
+        if serde::de::IgnoredAny::deserialize(de).is_err() {
+            break;
+        }
+    }
+    count
 }
 
 fn check(manifest: Manifest, doc: DocLabel) -> Result<ModelDeployment, ManifestError> {
@@ -200,5 +215,25 @@ spec:
         let e = err(&format!("{DEMO}---\n{DEMO}  tensor: 0\n"));
         assert!(e.starts_with("document 2: spec.tensor: 0"), "{e}");
         assert!(matches!(parse_manifests("\n"), Err(ManifestError::Empty)));
+    }
+
+    /// Found by the `manifest` fuzz target: a YAML syntax error made the parser yield
+    /// the same error as documents without end, collected until memory ran out.
+    #[test]
+    fn yaml_syntax_errors_are_refused_not_repeated_forever() {
+        for (text, want) in [
+            (
+                "apiVersion: v\n kind: k\n",
+                "mapping values are not allowed in this context at line 2",
+            ),
+            ("[\n", "invalid type: sequence"),
+            (
+                &format!("{DEMO}---\nspec: [\n"),
+                "document 2: spec: invalid type: sequence",
+            ),
+        ] {
+            let e = err(text);
+            assert!(e.contains(want), "{text:?}: {e}");
+        }
     }
 }

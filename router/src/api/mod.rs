@@ -4,6 +4,7 @@
 //! event stream back to its own response shapes. Shared here: the error type,
 //! the JSON body parser, sampling checks and the per-request metrics tracker.
 
+mod bodies;
 mod body;
 mod error;
 pub(crate) mod ollama;
@@ -26,9 +27,11 @@ use serde::de::DeserializeOwned;
 use shardserve_proto::v1 as pb;
 use shardserve_proto::v1::generate_response::Event;
 
+pub use bodies::{ApiEndpoint, BodyRefused, map_body};
 pub(crate) use body::RequestBody;
 pub(crate) use error::{ApiError, ErrorKind};
-pub(crate) use params::{Limits, Sampling, check_max_tokens, stop_list};
+pub use params::Limits;
+pub(crate) use params::{Sampling, check_max_tokens, stop_list};
 
 use tonic::Status;
 
@@ -49,7 +52,7 @@ pub(crate) struct AppState {
 
 /// Parses a JSON body; malformed JSON and wrong types are 400s whose message
 /// says where.
-pub(crate) fn parse_json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+pub(crate) fn parse_json<T: DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     serde_json::from_slice(body)
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}"), None))
 }

@@ -8,7 +8,7 @@ use super::ApiError;
 
 /// Limits of the served model that requests are checked against.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct Limits {
+pub struct Limits {
     /// Context length, once a backend has reported it.
     pub context: Option<u32>,
     /// The router's own cap on tokens to generate (`--max-tokens`).

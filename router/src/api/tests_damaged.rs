@@ -4,12 +4,9 @@
 //! and objects, is either a 400 (bad JSON or a bad value, naming it) or a request for
 //! the workers.
 
-use axum::body::Bytes;
-use axum::http::StatusCode;
 use serde_json::{Value, json};
 
-use super::openai::request::{ChatRequest, CompletionRequest, chat, completion};
-use super::{ApiError, Limits, ollama, parse_json, tgi};
+use super::{ApiEndpoint, Limits, map_body};
 
 /// Every path to a leaf of `value` (objects by key, arrays by index).
 fn leaf_paths(value: &Value, path: &mut Vec<String>, out: &mut Vec<Vec<String>>) {
@@ -39,29 +36,6 @@ fn at<'v>(value: &'v mut Value, path: &[String]) -> &'v mut Value {
     })
 }
 
-type Convert = fn(&Bytes, Limits) -> Result<(), ApiError>;
-
-fn openai_chat(body: &Bytes, limits: Limits) -> Result<(), ApiError> {
-    chat(&parse_json::<ChatRequest>(body)?, limits).map(drop)
-}
-
-fn openai_completion(body: &Bytes, limits: Limits) -> Result<(), ApiError> {
-    completion(&parse_json::<CompletionRequest>(body)?, limits).map(drop)
-}
-
-fn ollama_chat(body: &Bytes, limits: Limits) -> Result<(), ApiError> {
-    ollama::chat_request(&parse_json(body)?, limits).map(drop)
-}
-
-fn ollama_generate(body: &Bytes, limits: Limits) -> Result<(), ApiError> {
-    ollama::generate_request(&parse_json(body)?, limits).map(drop)
-}
-
-fn tgi_generate(body: &Bytes, limits: Limits) -> Result<(), ApiError> {
-    let body: tgi::GenerateBody = parse_json(body)?;
-    tgi::generate_request(&body.parameters, &body.inputs, limits).map(drop)
-}
-
 #[test]
 fn damaged_request_bodies_are_refused_or_mapped_never_panic() {
     let sampling = json!({"temperature": 0.7, "top_p": 0.9, "top_k": 40, "min_p": 0.05,
@@ -83,24 +57,24 @@ fn damaged_request_bodies_are_refused_or_mapped_never_panic() {
     let options = json!({"temperature": 0.7, "top_p": 0.9, "top_k": 40, "min_p": 0.05,
         "seed": 7, "num_predict": 16, "stop": ["\n"], "repeat_penalty": 1.1,
         "presence_penalty": 0.1, "frequency_penalty": 0.2});
-    let bodies: [(&str, Value, Convert); 5] = [
-        ("openai chat", openai_chat_body, openai_chat),
+    let bodies: [(&str, Value, ApiEndpoint); 5] = [
+        ("openai chat", openai_chat_body, ApiEndpoint::OpenAiChat),
         (
             "openai completion",
             openai_completion_body,
-            openai_completion,
+            ApiEndpoint::OpenAiCompletion,
         ),
         (
             "ollama chat",
             json!({"model": "m", "stream": false, "options": options,
                 "messages": [{"role": "user", "content": "hi"}]}),
-            ollama_chat,
+            ApiEndpoint::OllamaChat,
         ),
         (
             "ollama generate",
             json!({"model": "m", "prompt": "hi", "system": "s", "raw": false,
                 "stream": true, "options": options}),
-            ollama_generate,
+            ApiEndpoint::OllamaGenerate,
         ),
         (
             "tgi",
@@ -109,7 +83,7 @@ fn damaged_request_bodies_are_refused_or_mapped_never_panic() {
                 "seed": 7, "stop": ["\n"], "do_sample": true, "details": true,
                 "return_full_text": false, "repetition_penalty": 1.1,
                 "frequency_penalty": 0.2}}),
-            tgi_generate,
+            ApiEndpoint::TgiGenerate,
         ),
     ];
     let damages = [
@@ -144,10 +118,11 @@ fn damaged_request_bodies_are_refused_or_mapped_never_panic() {
         },
     ];
     let (mut mapped, mut refused) = (0, 0);
-    for (api, good, convert) in &bodies {
+    for &(api, ref good, endpoint) in &bodies {
         for limit in limits {
             assert!(
-                convert(&Bytes::from(good.to_string()), limit).is_ok() || limit.context == Some(0),
+                map_body(endpoint, good.to_string().as_bytes(), limit).is_ok()
+                    || limit.context == Some(0),
                 "{api}: the full request itself is refused"
             );
         }
@@ -157,12 +132,12 @@ fn damaged_request_bodies_are_refused_or_mapped_never_panic() {
             for damage in &damages {
                 let mut body = good.clone();
                 *at(&mut body, path) = damage.clone();
-                let bytes = Bytes::from(body.to_string());
+                let bytes = body.to_string();
                 for limit in limits {
-                    match std::panic::catch_unwind(|| convert(&bytes, limit)) {
-                        Ok(Ok(())) => mapped += 1,
+                    match std::panic::catch_unwind(|| map_body(endpoint, bytes.as_bytes(), limit)) {
+                        Ok(Ok(_)) => mapped += 1,
                         Ok(Err(e)) => {
-                            assert_eq!(e.status(), StatusCode::BAD_REQUEST, "{api} {path:?}");
+                            assert_eq!(e.status, 400, "{api} {path:?}: {e}");
                             refused += 1;
                         }
                         Err(_) => panic!("{api}: {path:?} = {damage} panicked"),

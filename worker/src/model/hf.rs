@@ -36,16 +36,11 @@ impl HfCheckpoint {
     pub fn open(dir: impl AsRef<Path>) -> Result<Self, ModelError> {
         let dir = dir.as_ref().to_path_buf();
         let path = dir.join(CONFIG_FILE);
-        let text = std::fs::read_to_string(&path).map_err(|source| WeightsError::Io {
+        let bytes = std::fs::read(&path).map_err(|source| WeightsError::Io {
             path: path.clone(),
             source,
         })?;
-        let json: Json = serde_json::from_str(&text).map_err(|e| ModelError::Config {
-            path: path.clone(),
-            key: "(document)".into(),
-            problem: format!("not valid JSON: {e}"),
-        })?;
-        let mut config = ModelConfig::from_hf_config(&json).map_err(|e| match e {
+        let mut config = ModelConfig::from_hf_config_bytes(&bytes).map_err(|e| match e {
             ModelError::Config { key, problem, .. } => ModelError::Config {
                 path: path.clone(),
                 key,
@@ -158,6 +153,17 @@ pub fn hf_name(canonical: &str) -> Option<String> {
 }
 
 impl ModelConfig {
+    /// Reads the bytes of a Hugging Face `config.json`: JSON, then
+    /// [`ModelConfig::from_hf_config`].
+    pub fn from_hf_config_bytes(bytes: &[u8]) -> Result<Self, ModelError> {
+        let json: Json = serde_json::from_slice(bytes).map_err(|e| ModelError::Config {
+            path: PathBuf::from(CONFIG_FILE),
+            key: "(document)".into(),
+            problem: format!("not valid JSON: {e}"),
+        })?;
+        Self::from_hf_config(&json)
+    }
+
     /// Reads a Hugging Face `config.json`. Errors name the key (the path in
     /// them is `config.json`; [`HfCheckpoint::open`] puts the full path).
     pub fn from_hf_config(json: &Json) -> Result<Self, ModelError> {

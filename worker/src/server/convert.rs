@@ -22,7 +22,7 @@ const MAX_ALTERNATIVES: u32 = 20;
 
 /// The engine request for a `GenerateRequest`, or INVALID_ARGUMENT naming the
 /// field at fault.
-pub(crate) fn generation_request(req: &pb::GenerateRequest) -> Result<GenerationRequest, Status> {
+pub fn generation_request(req: &pb::GenerateRequest) -> Result<GenerationRequest, Status> {
     let prompt = prompt(req.prompt.as_ref())?;
     let sampling = sampling_params(req.sampling.as_ref())?;
     let stopping = stopping(req.stopping.as_ref())?;

@@ -27,6 +27,7 @@ use tonic::transport::server::TcpIncoming;
 use tonic_health::ServingStatus;
 use tonic_health::server::HealthReporter;
 
+pub use convert::generation_request;
 pub use metrics::Metrics;
 pub use progress::ProgressService;
 pub use service::{GenerateStream, InferenceService};

@@ -1,6 +1,7 @@
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::fs::File;
+use std::io::Cursor;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -10,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use shardserve_kernels::{QuantFormat, QuantMatrix};
 
+use super::bytes::FileBytes;
 use super::{Split, Weight, WeightsError};
 use crate::progress::Tally;
 
@@ -25,7 +27,7 @@ pub struct TensorMeta {
 pub struct GgufFile {
     path: PathBuf,
     content: Content,
-    map: Mmap,
+    map: FileBytes,
     /// Counts each tensor's stored bytes as a load goes through it, when set.
     tally: Option<Arc<Tally>>,
 }
@@ -48,20 +50,32 @@ impl GgufFile {
             path: path.clone(),
             source,
         };
-        let mut file = File::open(&path).map_err(io)?;
+        let file = File::open(&path).map_err(io)?;
         // SAFETY: the map is read-only and model files are not rewritten while served;
         // a file truncated underneath us is the one case this cannot guard against.
         let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+        Self::parse(path, FileBytes::Mapped(map))
+    }
+
+    /// A GGUF file held in memory, checked as [`GgufFile::open`] checks a file;
+    /// `name` stands for its path in messages.
+    pub fn from_bytes(name: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<Self, WeightsError> {
+        Self::parse(name.into(), FileBytes::Owned(bytes))
+    }
+
+    fn parse(path: PathBuf, map: FileBytes) -> Result<Self, WeightsError> {
         if map.len() < 4 || &map[..4] != b"GGUF" {
             return Err(WeightsError::NotGguf {
                 path,
                 magic: map[..map.len().min(4)].to_vec(),
             });
         }
-        let content = Content::read(&mut file).map_err(|e| WeightsError::BadHeader {
-            path: path.clone(),
-            reason: e.to_string(),
-        })?;
+        // Read from the bytes already mapped: one pass, no system call per field.
+        let content =
+            Content::read(&mut Cursor::new(&*map)).map_err(|e| WeightsError::BadHeader {
+                path: path.clone(),
+                reason: e.to_string(),
+            })?;
         let gguf = Self {
             path,
             content,
@@ -254,8 +268,17 @@ impl GgufFile {
                     ),
                 });
             }
+            let Some(stored) = (elems / block).checked_mul(info.ggml_dtype.type_size() as u64)
+            else {
+                return Err(WeightsError::BadHeader {
+                    path: self.path.clone(),
+                    reason: format!(
+                        "tensor '{name}' has dimensions {dims:?}, more bytes than fit in 64 bits"
+                    ),
+                });
+            };
             let start = self.content.tensor_data_offset.saturating_add(info.offset);
-            let end = start.saturating_add(elems / block * info.ggml_dtype.type_size() as u64);
+            let end = start.saturating_add(stored);
             if end > file_len {
                 return Err(WeightsError::Truncated {
                     path: self.path.clone(),

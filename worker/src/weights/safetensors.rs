@@ -14,6 +14,7 @@ use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use safetensors::tensor::{Dtype, Metadata};
 
+use super::bytes::FileBytes;
 use super::{Split, Weight, WeightsError};
 use crate::progress::Tally;
 
@@ -39,7 +40,7 @@ impl Entry {
 /// The safetensors files of a model directory, opened and checked.
 pub struct Safetensors {
     dir: PathBuf,
-    shards: Vec<Mmap>,
+    shards: Vec<FileBytes>,
     tensors: HashMap<String, Entry>,
     /// Bytes copied out of the maps so far (what loads actually read).
     copied: AtomicU64,
@@ -104,6 +105,20 @@ impl Safetensors {
             dir,
             shards,
             tensors,
+            copied: AtomicU64::new(0),
+            tally: None,
+        })
+    }
+
+    /// One safetensors file held in memory, checked as [`Safetensors::open`]
+    /// checks a shard; `name` stands for its path in messages.
+    pub fn from_bytes(name: impl Into<PathBuf>, bytes: Vec<u8>) -> Result<Self, WeightsError> {
+        let name = name.into();
+        let entries = read_header(&name, &bytes)?;
+        Ok(Self {
+            dir: name,
+            shards: vec![FileBytes::Owned(bytes)],
+            tensors: entries.into_iter().collect(),
             copied: AtomicU64::new(0),
             tally: None,
         })
@@ -247,27 +262,33 @@ fn index_shards(index: &Path) -> Result<Vec<String>, WeightsError> {
     Ok(files)
 }
 
-/// Maps one safetensors file and reads its header: every tensor must have a
-/// supported type and lie inside the file.
-fn open_shard(path: &Path) -> Result<(Mmap, Vec<(String, Entry)>), WeightsError> {
+/// Maps one safetensors file and reads its header.
+fn open_shard(path: &Path) -> Result<(FileBytes, Vec<(String, Entry)>), WeightsError> {
     let io = |source| WeightsError::Io {
         path: path.to_path_buf(),
         source,
     };
+    let file = File::open(path).map_err(io)?;
+    // SAFETY: the map is read-only and model files are not rewritten while served;
+    // a file truncated underneath us is the one case this cannot guard against.
+    let map = unsafe { Mmap::map(&file) }.map_err(io)?;
+    let entries = read_header(path, &map)?;
+    Ok((FileBytes::Mapped(map), entries))
+}
+
+/// The tensors a safetensors file's header lists: every one must have a
+/// supported type and lie inside the file (`path` names it in errors).
+fn read_header(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Entry)>, WeightsError> {
     let bad = |reason: String| WeightsError::BadSafetensors {
         path: path.to_path_buf(),
         reason,
     };
-    let file = File::open(path).map_err(io)?;
-    let len = file.metadata().map_err(io)?.len() as usize;
+    let len = bytes.len();
     if len < 8 {
         return Err(bad(format!("{len} bytes is too short for a header")));
     }
-    // SAFETY: the map is read-only and model files are not rewritten while served;
-    // a file truncated underneath us is the one case this cannot guard against.
-    let map = unsafe { Mmap::map(&file) }.map_err(io)?;
     let mut n_bytes = [0u8; 8];
-    n_bytes.copy_from_slice(&map[..8]);
+    n_bytes.copy_from_slice(&bytes[..8]);
     let n = u64::from_le_bytes(n_bytes);
     if n > (len - 8) as u64 {
         return Err(bad(format!(
@@ -275,7 +296,7 @@ fn open_shard(path: &Path) -> Result<(Mmap, Vec<(String, Entry)>), WeightsError>
         )));
     }
     let header_end = 8 + n as usize;
-    let header = std::str::from_utf8(&map[8..header_end])
+    let header = std::str::from_utf8(&bytes[8..header_end])
         .map_err(|e| bad(format!("the header is not UTF-8: {e}")))?;
     let meta: Metadata =
         serde_json::from_str(header).map_err(|e| bad(format!("the header is invalid: {e}")))?;
@@ -314,7 +335,7 @@ fn open_shard(path: &Path) -> Result<(Mmap, Vec<(String, Entry)>), WeightsError>
         };
         entries.push((name, entry));
     }
-    Ok((map, entries))
+    Ok(entries)
 }
 
 #[cfg(test)]

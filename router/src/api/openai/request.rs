@@ -365,7 +365,7 @@ mod tests {
     use crate::api::parse_json;
 
     fn chat_plan(body: Value) -> Result<ChatPlan, ApiError> {
-        let req: ChatRequest = parse_json(&body.to_string().into())?;
+        let req: ChatRequest = parse_json(body.to_string().as_bytes())?;
         chat(
             &req,
             Limits {
@@ -376,7 +376,7 @@ mod tests {
     }
 
     fn completion_plan(body: Value) -> Result<CompletionPlan, ApiError> {
-        let req: CompletionRequest = parse_json(&body.to_string().into())?;
+        let req: CompletionRequest = parse_json(body.to_string().as_bytes())?;
         completion(
             &req,
             Limits {
@@ -468,7 +468,7 @@ mod tests {
         assert!(m.contains("messages[0].content[0]"), "{m}");
         let e = chat_plan(json!({"messages": user, "stop": [1]})).unwrap_err();
         assert_eq!(e.param, Some("stop"));
-        assert!(parse_json::<ChatRequest>(&"{not json".into()).is_err());
+        assert!(parse_json::<ChatRequest>(b"{not json").is_err());
     }
 
     #[test]

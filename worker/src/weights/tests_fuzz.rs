@@ -1,0 +1,53 @@
+//! Inputs the `gguf` and `safetensors` fuzz targets (`make fuzz`) found to crash the
+//! readers, each now refused with an error. The files are built here byte by byte.
+
+use super::*;
+
+/// GGUF type numbers of the tensors used here.
+const F32: u32 = 0;
+
+/// A GGUF v3 file: metadata `(key, type number, value bytes)`, then tensors
+/// `(name, dims in ggml order (columns first), type number)` each at data offset
+/// 0, then `data` from the first 32-byte boundary.
+fn gguf(metadata: &[(&str, u32, &[u8])], tensors: &[(&str, &[u64], u32)], data: &[u8]) -> Vec<u8> {
+    let string = |out: &mut Vec<u8>, s: &str| {
+        out.extend((s.len() as u64).to_le_bytes());
+        out.extend(s.as_bytes());
+    };
+    let mut out = b"GGUF".to_vec();
+    out.extend(3u32.to_le_bytes());
+    out.extend((tensors.len() as u64).to_le_bytes());
+    out.extend((metadata.len() as u64).to_le_bytes());
+    for (key, kind, value) in metadata {
+        string(&mut out, key);
+        out.extend(kind.to_le_bytes());
+        out.extend(*value);
+    }
+    for (name, dims, kind) in tensors {
+        string(&mut out, name);
+        out.extend((dims.len() as u32).to_le_bytes());
+        dims.iter().for_each(|d| out.extend(d.to_le_bytes()));
+        out.extend(kind.to_le_bytes());
+        out.extend(0u64.to_le_bytes());
+    }
+    out.resize(out.len().next_multiple_of(32), 0);
+    out.extend(data);
+    out
+}
+
+fn header_error(bytes: Vec<u8>) -> String {
+    match GgufFile::from_bytes("fuzz.gguf", bytes) {
+        Err(e @ WeightsError::BadHeader { .. }) => e.to_string(),
+        other => panic!("expected a header error, got {other:?}"),
+    }
+}
+
+#[test]
+fn a_tensor_of_more_bytes_than_fit_in_64_bits_is_refused() {
+    // 2^62 F32 values: the count fits in 64 bits, its 2^64 bytes do not.
+    let e = header_error(gguf(&[], &[("t", &[1 << 62], F32)], &[]));
+    assert!(
+        e.contains("tensor 't'") && e.contains("more bytes than fit"),
+        "{e}"
+    );
+}
