@@ -114,8 +114,9 @@ fn router_serves_tls_and_reaches_workers_over_mutual_tls() {
         &format!("127.0.0.1:{http}"),
         "--grpc-addr",
         &format!("127.0.0.1:{grpc}"),
+        // https://: the router reaches this worker over (mutual) TLS.
         "--backend",
-        &format!("{MODEL}=http://127.0.0.1:{worker_port}"),
+        &format!("{MODEL}=https://127.0.0.1:{worker_port}"),
         "--backend-tls-ca",
         ca.ca_file.to_str().unwrap(),
         "--backend-tls-cert",
@@ -154,16 +155,27 @@ fn router_serves_tls_and_reaches_workers_over_mutual_tls() {
             Ok(mut client) => format!("{:?}", generate(&mut client).await.unwrap_err()),
         };
         assert!(!refused.is_empty());
-        // Nor in plain text.
+        // Nor in plain text, where only health is served (kubelet's gRPC probes
+        // speak no TLS).
         let plain =
             tonic::transport::Endpoint::from_shared(format!("http://127.0.0.1:{worker_port}"))
                 .unwrap()
                 .connect_timeout(Duration::from_secs(5))
                 .connect()
-                .await;
-        if let Ok(channel) = plain {
-            assert!(generate(&mut InferenceClient::new(channel)).await.is_err());
-        }
+                .await
+                .expect("a plain connection is accepted");
+        let refused = generate(&mut InferenceClient::new(plain.clone()))
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+        assert!(refused.message().contains("mutual TLS only"), "{refused:?}");
+        let health = tonic_health::pb::health_client::HealthClient::new(plain)
+            .check(tonic_health::pb::HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .expect("health answers in plain text");
+        assert_eq!(health.into_inner().status, 1, "SERVING");
     });
 
     // A renewed certificate (same files, as a Secret update writes them) is served

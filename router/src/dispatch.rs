@@ -84,11 +84,13 @@ impl Upstream {
             changed.as_mut().enable();
             let lease = match self.pool.lease(model, key, &tried) {
                 Ok(lease) => lease,
-                // Nothing routable and nothing tried: the model is scaled to zero or
-                // its groups are (re)starting. Hold the request until a backend comes
-                // (it counts as load meanwhile, so the autoscaler starts one).
+                // Nothing routable: the model is scaled to zero or its groups are
+                // (re)starting, or every backend left failed this request before its
+                // first token (their workers died: they restart). Hold the request
+                // until a backend comes (it counts as load meanwhile, so the
+                // autoscaler starts one): nothing was streamed, so it is not lost.
                 Err(PickError::NoBackends(_) | PickError::NoHealthy(_))
-                    if tried.is_empty() && started.elapsed() < self.hold_timeout =>
+                    if started.elapsed() < self.hold_timeout =>
                 {
                     if held.is_none() {
                         held = Some(self.pool.hold(model)?);
@@ -99,21 +101,24 @@ impl Upstream {
                     // backend is first checked: look again every second regardless.
                     let _ = tokio::time::timeout(left.min(HOLD_RECHECK), changed).await;
                     if started.elapsed() >= self.hold_timeout {
-                        return Err(PickError::HoldTimeout {
-                            model: model.to_string(),
-                            waited: self.hold_timeout,
-                        }
-                        .into());
+                        return Err(match last_error {
+                            Some(status) => no_backend_took_it(model, &status),
+                            None => PickError::HoldTimeout {
+                                model: model.to_string(),
+                                waited: self.hold_timeout,
+                            }
+                            .into(),
+                        });
                     }
+                    // A backend that failed is routable again only once a health
+                    // check passed (a restarted worker): it may take the request now.
+                    tried.clear();
                     continue;
                 }
-                // Everything left was tried: report the backend's own error.
+                // Held for as long as allowed: report the backends' own error.
                 Err(PickError::NoHealthy(_)) if last_error.is_some() => {
                     let status = last_error.unwrap_or_else(|| Status::unavailable(""));
-                    return Err(DispatchError::Upstream(Status::unavailable(format!(
-                        "no healthy backend for model {model:?} could take the request (last error: {})",
-                        status.message()
-                    ))));
+                    return Err(no_backend_took_it(model, &status));
                 }
                 Err(e) => return Err(e.into()),
             };
@@ -161,6 +166,14 @@ impl Upstream {
             }
         }
     }
+}
+
+/// Every backend failed the request and none came back within the hold timeout.
+fn no_backend_took_it(model: &str, last: &Status) -> DispatchError {
+    DispatchError::Upstream(Status::unavailable(format!(
+        "no healthy backend for model {model:?} could take the request (last error: {})",
+        last.message()
+    )))
 }
 
 /// Calls Generate and reads the first event.

@@ -262,7 +262,11 @@ pub async fn serve_on(
     let grpc: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>> + Send>> =
         match listener_tls {
             Some((_, grpc_tls)) => Box::pin(grpc.serve_with_incoming_shutdown(
-                shardserve_tls::incoming(listeners.grpc, grpc_tls),
+                shardserve_tls::incoming(
+                    listeners.grpc,
+                    grpc_tls,
+                    shardserve_tls::Plaintext::Refused,
+                ),
                 stopped(stop_rx),
             )),
             None => Box::pin(grpc.serve_with_incoming_shutdown(

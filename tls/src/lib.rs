@@ -12,7 +12,7 @@ mod server;
 
 pub use client::{ClientTls, TlsConnector};
 pub use files::{CertFiles, Certified};
-pub use server::{ServerTls, TlsConnectInfo, TlsStream, incoming};
+pub use server::{Plaintext, ServerTls, TlsConnectInfo, TlsStream, incoming};
 
 use std::path::PathBuf;
 

@@ -32,6 +32,7 @@ pub const ALPN_HTTP: &[&[u8]] = &[b"h2", b"http/1.1"];
 pub struct ServerTls {
     acceptor: TlsAcceptor,
     handshake_timeout: Duration,
+    verifies_clients: bool,
 }
 
 impl ServerTls {
@@ -65,7 +66,13 @@ impl ServerTls {
         Ok(Self {
             acceptor: TlsAcceptor::from(Arc::new(config)),
             handshake_timeout,
+            verifies_clients: client_ca.is_some(),
         })
+    }
+
+    /// Whether clients must present a certificate of the client CA.
+    pub fn verifies_clients(&self) -> bool {
+        self.verifies_clients
     }
 
     /// The TLS handshake on an accepted connection, within the handshake timeout.
@@ -80,12 +87,27 @@ impl ServerTls {
             .peer_certificates()
             .map(|certs| Arc::new(certs.iter().map(|c| c.clone().into_owned()).collect()));
         Ok(TlsStream {
-            inner: stream,
+            inner: Inner::Tls(Box::new(stream)),
             info: TlsConnectInfo {
                 remote,
+                tls: true,
                 peer_certificates,
             },
         })
+    }
+
+    /// [`Self::accept`] when the client starts a TLS handshake, else the plain
+    /// connection ([`Plaintext::Allowed`]).
+    pub async fn accept_either(&self, tcp: TcpStream) -> io::Result<TlsStream> {
+        let mut first = [0u8; 1];
+        let peeked = tokio::time::timeout(self.handshake_timeout, tcp.peek(&mut first))
+            .await
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "the client sent nothing"))??;
+        if peeked == 1 && first[0] == TLS_HANDSHAKE {
+            self.accept(tcp).await
+        } else {
+            Ok(TlsStream::plain(tcp))
+        }
     }
 }
 
@@ -101,24 +123,67 @@ pub(crate) fn roots(path: &Path) -> Result<RootCertStore, TlsError> {
     Ok(roots)
 }
 
-/// Who is on the other end of a TLS connection: its address and, under mutual
-/// TLS, its verified certificate chain. Request extensions carry it (tonic).
+/// Who is on the other end of a connection: its address, whether it speaks TLS and,
+/// under mutual TLS, its verified certificate chain. Request extensions carry it
+/// (tonic), so a service can refuse callers without a certificate.
 #[derive(Clone, Debug)]
 pub struct TlsConnectInfo {
     pub remote: Option<SocketAddr>,
+    pub tls: bool,
     pub peer_certificates: Option<Arc<Vec<CertificateDer<'static>>>>,
 }
 
-/// An accepted connection after its handshake.
+impl TlsConnectInfo {
+    /// Whether the caller presented a certificate that the listener's client CA
+    /// verified (mutual TLS).
+    pub fn authenticated(&self) -> bool {
+        self.tls && self.peer_certificates.is_some()
+    }
+}
+
+/// An accepted connection: after its TLS handshake, or, on a listener that allows
+/// it, plain.
 pub struct TlsStream {
-    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    inner: Inner,
     info: TlsConnectInfo,
+}
+
+enum Inner {
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Plain(TcpStream),
 }
 
 impl TlsStream {
     pub fn info(&self) -> &TlsConnectInfo {
         &self.info
     }
+
+    fn plain(tcp: TcpStream) -> Self {
+        let remote = tcp.peer_addr().ok();
+        Self {
+            inner: Inner::Plain(tcp),
+            info: TlsConnectInfo {
+                remote,
+                tls: false,
+                peer_certificates: None,
+            },
+        }
+    }
+}
+
+macro_rules! both {
+    ($self:ident, $stream:ident => $call:expr) => {
+        match &mut $self.inner {
+            Inner::Tls($stream) => {
+                let $stream = Pin::new($stream.as_mut());
+                $call
+            }
+            Inner::Plain($stream) => {
+                let $stream = Pin::new($stream);
+                $call
+            }
+        }
+    };
 }
 
 impl AsyncRead for TlsStream {
@@ -127,7 +192,7 @@ impl AsyncRead for TlsStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        both!(self, stream => stream.poll_read(cx, buf))
     }
 }
 
@@ -137,15 +202,15 @@ impl AsyncWrite for TlsStream {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        both!(self, stream => stream.poll_write(cx, buf))
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        both!(self, stream => stream.poll_flush(cx))
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_shutdown(cx)
+        both!(self, stream => stream.poll_shutdown(cx))
     }
 
     fn poll_write_vectored(
@@ -153,11 +218,14 @@ impl AsyncWrite for TlsStream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+        both!(self, stream => stream.poll_write_vectored(cx, bufs))
     }
 
     fn is_write_vectored(&self) -> bool {
-        self.inner.is_write_vectored()
+        match &self.inner {
+            Inner::Tls(stream) => stream.is_write_vectored(),
+            Inner::Plain(stream) => stream.is_write_vectored(),
+        }
     }
 }
 
@@ -169,12 +237,29 @@ impl tonic::transport::server::Connected for TlsStream {
     }
 }
 
-/// Connections accepted on `listener` after their TLS handshake, for
-/// `tonic::transport::Server::serve_with_incoming`. Handshakes run concurrently, so
-/// a slow or failing client delays no other; failures are logged and dropped.
+/// What a listener accepts besides TLS.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Plaintext {
+    /// TLS only: a plaintext client fails its handshake.
+    Refused,
+    /// Plaintext connections too (told apart by their first byte: a TLS record
+    /// starts with 0x16, an HTTP/2 preface with `P`); their calls carry
+    /// [`TlsConnectInfo::tls`] false, for the services to refuse what needs TLS.
+    /// Kubelet's gRPC probes speak no TLS: a worker keeps its health open this way.
+    Allowed,
+}
+
+/// TLS record type of a handshake: the first byte a TLS client sends.
+const TLS_HANDSHAKE: u8 = 0x16;
+
+/// Connections accepted on `listener` after their TLS handshake (or plain, when
+/// `plaintext` allows), for `tonic::transport::Server::serve_with_incoming`.
+/// Handshakes run concurrently, so a slow or failing client delays no other;
+/// failures are logged and dropped.
 pub fn incoming(
     listener: TcpListener,
     tls: ServerTls,
+    plaintext: Plaintext,
 ) -> impl Stream<Item = io::Result<TlsStream>> + Send + 'static {
     let (tx, rx) = tokio::sync::mpsc::channel::<io::Result<TlsStream>>(64);
     tokio::spawn(async move {
@@ -194,7 +279,11 @@ pub fn incoming(
             let _ = tcp.set_nodelay(true);
             let (tls, tx) = (tls.clone(), tx.clone());
             tokio::spawn(async move {
-                match tls.accept(tcp).await {
+                let accepted = match plaintext {
+                    Plaintext::Refused => tls.accept(tcp).await,
+                    Plaintext::Allowed => tls.accept_either(tcp).await,
+                };
+                match accepted {
                     Ok(stream) => {
                         let _ = tx.send(Ok(stream)).await;
                     }

@@ -167,3 +167,53 @@ async fn a_stalled_handshake_ends_at_its_timeout() {
     assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
     assert!(started.elapsed() < Duration::from_secs(2));
 }
+
+#[tokio::test]
+async fn a_listener_that_allows_plaintext_tells_the_two_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = TestCa::new(dir.path(), "ca");
+    let cert = Certified::load(files(&ca.leaf("worker", &["shardserve-worker"]))).unwrap();
+    let server = ServerTls::new(cert, Some(&ca.ca_file), true, Duration::from_secs(5)).unwrap();
+    assert!(server.verifies_clients());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+
+    // An HTTP/2 preface in plain text: accepted as plain, unauthenticated.
+    let mut plain = TcpStream::connect(addr).await.unwrap();
+    plain
+        .write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n")
+        .await
+        .unwrap();
+    let (tcp, _) = listener.accept().await.unwrap();
+    let mut stream = server.accept_either(tcp).await.unwrap();
+    assert!(!stream.info().tls && !stream.info().authenticated());
+    let mut preface = [0u8; 3];
+    stream.read_exact(&mut preface).await.unwrap();
+    assert_eq!(
+        &preface, b"PRI",
+        "nothing of the plain stream is lost to the peek"
+    );
+
+    // A TLS client with a certificate of the CA: authenticated.
+    let router = Certified::load(files(&ca.leaf("router", &["router"]))).unwrap();
+    let client = ClientTls::new(&ca.ca_file, Some(router), "shardserve-worker").unwrap();
+    let serving = tokio::spawn({
+        let server = server.clone();
+        async move {
+            let (tcp, _) = listener.accept().await.unwrap();
+            let mut stream = server.accept_either(tcp).await.unwrap();
+            let info = stream.info().clone();
+            let mut byte = [0u8; 1];
+            stream.read_exact(&mut byte).await.unwrap();
+            info
+        }
+    });
+    let uri: tonic::codegen::http::Uri = format!("http://{addr}").parse().unwrap();
+    let mut connector = client.connector();
+    let io = tower::Service::call(&mut connector, uri).await.unwrap();
+    let mut stream = io.into_inner();
+    stream.write_all(b"x").await.unwrap();
+    stream.flush().await.unwrap();
+    let info = serving.await.unwrap();
+    assert!(info.tls && info.authenticated());
+}

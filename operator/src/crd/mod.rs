@@ -154,7 +154,28 @@ pub struct ModelDeploymentSpec {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     #[schemars(range(max = 86400))]
     pub drain_timeout_seconds: Option<u32>,
+
+    /// Mutual TLS between the routers and this deployment's workers: their gRPC is
+    /// served over TLS to clients holding a certificate of the Secret's CA (the
+    /// routers, configured with one by the chart's `router.backendTls`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<WorkerTls>,
 }
+
+/// The workers' certificates, from a Secret of the deployment's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkerTls {
+    /// A Secret holding `tls.crt` and `tls.key` (the workers' certificate, whose DNS
+    /// names include `shardserve-worker`, the name the routers check) and `ca.crt`
+    /// (the CA whose certificates clients must present): what cert-manager writes.
+    /// A changed Secret is served within about a minute, without a restart.
+    #[schemars(length(min = 1, max = 253))]
+    pub secret_name: String,
+}
+
+/// Where the rank containers mount [`WorkerTls::secret_name`].
+pub const WORKER_TLS_DIR: &str = "/etc/shardserve/tls";
 
 /// [`ModelDeploymentSpec::drain_timeout_seconds`]'s default.
 pub const DEFAULT_DRAIN_TIMEOUT_SECONDS: u32 = 300;
@@ -180,6 +201,7 @@ impl ModelDeploymentSpec {
             lora_adapters: Vec::new(),
             autoscaling: None,
             drain_timeout_seconds: None,
+            tls: None,
         }
     }
 

@@ -306,13 +306,29 @@ impl Pool {
         self.changed.notify_waiters();
     }
 
+    /// A channel to `uri`: `http://` in plain text, `https://` over the router's
+    /// backend TLS (mutual TLS when it has a certificate).
     fn endpoint(&self, uri: &str) -> Result<Channel, String> {
-        let endpoint = Endpoint::from_shared(uri.to_string()).map_err(|e| e.to_string())?;
+        let tls = match uri.strip_prefix("https://") {
+            Some(rest) => match &self.backend_tls {
+                // tonic's own connector refuses https:// without its TLS feature;
+                // ours does the TLS, so tonic sees the plain scheme.
+                Some(tls) => Some((tls, format!("http://{rest}"))),
+                None => {
+                    return Err(format!(
+                        "{uri} is served over TLS; start the router with --backend-tls-ca"
+                    ));
+                }
+            },
+            None => None,
+        };
+        let target = tls.as_ref().map_or(uri, |(_, plain)| plain.as_str());
+        let endpoint = Endpoint::from_shared(target.to_string()).map_err(|e| e.to_string())?;
         let endpoint = endpoint
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true);
-        Ok(match &self.backend_tls {
-            Some(tls) => endpoint.connect_with_connector_lazy(tls.connector()),
+        Ok(match tls {
+            Some((tls, _)) => endpoint.connect_with_connector_lazy(tls.connector()),
             None => endpoint.connect_lazy(),
         })
     }

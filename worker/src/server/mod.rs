@@ -134,20 +134,27 @@ pub async fn serve_with_metrics(
         let _ = draining.send(());
     };
     let service = InferenceService::with_metrics(engine, metrics);
+    let guard = TlsGuard(tls.as_ref().map(|t| t.verifies_clients()));
+    let inference = tonic::service::interceptor::InterceptedService::new(
+        InferenceServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES),
+        move |request| guard.check(request),
+    );
     let router = Server::builder()
         .add_service(health_service)
-        .add_service(InferenceServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES));
-    let server: std::pin::Pin<Box<dyn Future<Output = Result<(), tonic::transport::Error>>>> =
-        match tls {
-            Some(tls) => Box::pin(
-                router
-                    .serve_with_incoming_shutdown(shardserve_tls::incoming(listener, tls), signal),
-            ),
-            None => Box::pin(router.serve_with_incoming_shutdown(
-                TcpIncoming::from(listener).with_nodelay(Some(true)),
-                signal,
-            )),
-        };
+        .add_service(inference);
+    // Either, not a boxed future: the server stays Send whenever `shutdown` is.
+    let server = match tls {
+        // Health stays open in plain text beside TLS: kubelet's gRPC probes
+        // speak no TLS. The Inference API checks the connection ([`TlsGuard`]).
+        Some(tls) => futures::future::Either::Left(router.serve_with_incoming_shutdown(
+            shardserve_tls::incoming(listener, tls, shardserve_tls::Plaintext::Allowed),
+            signal,
+        )),
+        None => futures::future::Either::Right(router.serve_with_incoming_shutdown(
+            TcpIncoming::from(listener).with_nodelay(Some(true)),
+            signal,
+        )),
+    };
     let deadline = async move {
         match drained_by.await {
             Ok(()) => tokio::time::sleep(drain).await,
@@ -168,6 +175,38 @@ pub async fn serve_with_metrics(
     }
     tracing::info!("server stopped");
     Ok(())
+}
+
+/// Who may call the Inference API of a worker serving TLS: `Some(true)` callers
+/// with a certificate its client CA verified (mutual TLS), `Some(false)` any TLS
+/// caller; `None` (no TLS) everyone.
+#[derive(Clone, Copy)]
+struct TlsGuard(Option<bool>);
+
+impl TlsGuard {
+    #[allow(clippy::result_large_err)] // tonic's interceptor signature
+    fn check(self, request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        let Some(needs_certificate) = self.0 else {
+            return Ok(request);
+        };
+        let info = request.extensions().get::<shardserve_tls::TlsConnectInfo>();
+        let allowed = info.is_some_and(|info| match needs_certificate {
+            true => info.authenticated(),
+            false => info.tls,
+        });
+        if allowed {
+            Ok(request)
+        } else if needs_certificate {
+            Err(tonic::Status::unauthenticated(
+                "this worker serves shardserve.v1.Inference over mutual TLS only: \
+                 connect with TLS and a client certificate of its CA",
+            ))
+        } else {
+            Err(tonic::Status::unauthenticated(
+                "this worker serves shardserve.v1.Inference over TLS only",
+            ))
+        }
+    }
 }
 
 /// Serves `grpc.health.v1.Health` and `shardserve.v1.Progress` on `listener`, for a

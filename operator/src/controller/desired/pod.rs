@@ -16,8 +16,8 @@ use k8s_openapi::api::core::v1::{
     Affinity, Capabilities, Container, ContainerPort, EmptyDirVolumeSource, EnvVar, EnvVarSource,
     GRPCAction, HostPathVolumeSource, ObjectFieldSelector, PersistentVolumeClaimVolumeSource,
     PodAffinityTerm, PodAntiAffinity, PodSecurityContext, PodSpec, Probe, ResourceFieldSelector,
-    ResourceRequirements, SeccompProfile, SecretKeySelector, SecurityContext, Volume, VolumeMount,
-    WeightedPodAffinityTerm,
+    ResourceRequirements, SeccompProfile, SecretKeySelector, SecretVolumeSource, SecurityContext,
+    Volume, VolumeMount, WeightedPodAffinityTerm,
 };
 use k8s_openapi::apimachinery::pkg::api::resource::Quantity;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
@@ -27,6 +27,7 @@ use crate::controller::labels::{
     COORDINATOR_PORT, COORDINATOR_PORT_NAME, GROUP_LABEL, GRPC_PORT, GRPC_PORT_NAME, METRICS_PORT,
     METRICS_PORT_NAME, MODEL_DEPLOYMENT_LABEL, POD_INDEX_LABEL, coordinator_address, labels,
 };
+use crate::crd::WORKER_TLS_DIR;
 use crate::crd::validate::dtype_name;
 use crate::crd::{CpuMemory, DEFAULT_GPU_MEMORY_UTILIZATION_PERCENT};
 
@@ -46,6 +47,7 @@ const PROGRESS_DIR: &str = "/tmp/shardserve-progress";
 const MODEL_VOLUME: &str = "model";
 const TMP_VOLUME: &str = "tmp";
 const SHM_VOLUME: &str = "dshm";
+const TLS_VOLUME: &str = "tls";
 
 pub(super) fn pod_spec(group: &GroupContext<'_>) -> PodSpec {
     let ranks_per_pod = group.topology.ranks_per_pod.max(1);
@@ -65,6 +67,18 @@ pub(super) fn pod_spec(group: &GroupContext<'_>) -> PodSpec {
     if group.topology.tensor > 1 {
         // Collectives (NCCL) use shared memory; the runtime's 64 MiB is too small.
         volumes.push(empty_dir(SHM_VOLUME, Some("Memory")));
+    }
+    if let Some(tls) = &group.md.spec.tls {
+        volumes.push(Volume {
+            name: TLS_VOLUME.into(),
+            secret: Some(SecretVolumeSource {
+                secret_name: Some(tls.secret_name.clone()),
+                // The pod's group (fs_group) reads the key; nobody else.
+                default_mode: Some(0o440),
+                ..SecretVolumeSource::default()
+            }),
+            ..Volume::default()
+        });
     }
     let fetch = match group.files {
         ModelFiles::Fetched { source, .. } => Some(vec![fetch_container(group, source)]),
@@ -215,7 +229,23 @@ fn rank_container(group: &GroupContext<'_>, local: u32) -> Container {
     if let Some(max) = md.spec.engine.max_num_seqs {
         args.extend(strings(&["--max-num-seqs", &max.to_string()]));
     }
+    let tls = md.spec.tls.is_some();
+    if tls {
+        // The gRPC port then serves the Inference API over mutual TLS only; health
+        // stays plain beside it, since kubelet's gRPC probes speak no TLS.
+        args.extend(strings(&[
+            "--tls-cert",
+            &format!("{WORKER_TLS_DIR}/tls.crt"),
+            "--tls-key",
+            &format!("{WORKER_TLS_DIR}/tls.key"),
+            "--tls-client-ca",
+            &format!("{WORKER_TLS_DIR}/ca.crt"),
+        ]));
+    }
     let mut mounts = vec![mount(TMP_VOLUME, "/tmp", false)];
+    if tls {
+        mounts.push(mount(TLS_VOLUME, WORKER_TLS_DIR, true));
+    }
     if !matches!(group.files, ModelFiles::InImage { .. }) {
         mounts.push(mount(MODEL_VOLUME, MODEL_DIR, true));
     }

@@ -340,6 +340,59 @@ fn a_token_secret_reaches_the_model_fetch_as_hf_token() {
 }
 
 #[test]
+fn workers_of_a_deployment_with_tls_serve_it_from_their_secret() {
+    let text = include_str!("../../../../examples/llama-3-70b-2-nodes.yaml");
+    let mut md = crate::parse_manifests(text).unwrap().remove(0);
+    md.metadata.namespace = Some("llm".into());
+    md.metadata.uid = Some(UID.into());
+    md.spec.tls = Some(crate::crd::WorkerTls {
+        secret_name: "llama-worker-tls".into(),
+    });
+    let sts = to_json(&desired_of(&md).groups[0].statefulset);
+    let pod = &sts["spec"]["template"]["spec"];
+    let volumes = pod["volumes"].as_array().unwrap();
+    assert!(volumes.contains(&json!({
+        "name": "tls",
+        "secret": {"secretName": "llama-worker-tls", "defaultMode": 0o440}
+    })));
+    for container in pod["containers"].as_array().unwrap() {
+        let args: Vec<&str> = container["args"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a.as_str().unwrap())
+            .collect();
+        let tail = args
+            .windows(6)
+            .find(|w| w[0] == "--tls-cert")
+            .unwrap_or_else(|| panic!("no --tls-cert in {args:?}"));
+        assert_eq!(
+            tail,
+            [
+                "--tls-cert",
+                "/etc/shardserve/tls/tls.crt",
+                "--tls-key",
+                "/etc/shardserve/tls/tls.key",
+                "--tls-client-ca",
+                "/etc/shardserve/tls/ca.crt"
+            ]
+        );
+        assert!(container["volumeMounts"].as_array().unwrap().contains(
+            &json!({"name": "tls", "mountPath": "/etc/shardserve/tls", "readOnly": true})
+        ));
+    }
+    // Health stays plain beside TLS: kubelet's gRPC probes are unchanged.
+    assert_eq!(
+        pod["containers"][0]["readinessProbe"]["grpc"]["port"],
+        50051
+    );
+    // Without spec.tls, none of it.
+    md.spec.tls = None;
+    let plain = to_json(&desired_of(&md).groups[0].statefulset).to_string();
+    assert!(!plain.contains("--tls-cert") && !plain.contains("\"tls\""));
+}
+
+#[test]
 fn a_pvc_source_mounts_the_claim_read_only_and_fetches_nothing() {
     let mut md = demo(1);
     md.spec.model.source = "pvc://weights/smollm2/model.gguf".into();

@@ -75,13 +75,23 @@ fn grpc_port(slice: &EndpointSlice) -> Option<u16> {
         .filter(|p| *p != 0)
 }
 
-/// `http://address:port`, with an IPv6 address in brackets.
-fn grpc_uri(address: &str, port: u16) -> String {
+/// `http://address:port` (`https://` for a deployment whose workers serve TLS),
+/// with an IPv6 address in brackets.
+fn grpc_uri(address: &str, port: u16, tls: bool) -> String {
+    let scheme = if tls { "https" } else { "http" };
     if address.parse::<Ipv6Addr>().is_ok() {
-        format!("http://[{address}]:{port}")
+        format!("{scheme}://[{address}]:{port}")
     } else {
-        format!("http://{address}:{port}")
+        format!("{scheme}://{address}:{port}")
     }
+}
+
+/// Whether a ModelDeployment's workers serve TLS (`spec.tls`).
+fn serves_tls(md: &DynamicObject) -> bool {
+    md.data
+        .get("spec")
+        .and_then(|spec| spec.get("tls"))
+        .is_some_and(|tls| tls.is_object())
 }
 
 /// Joins ModelDeployments to the slices of their rank-0 Services. Every
@@ -94,8 +104,8 @@ pub(super) fn translate<'a>(
     model_deployments: impl IntoIterator<Item = &'a DynamicObject>,
     slices: impl IntoIterator<Item = &'a EndpointSlice>,
 ) -> Translation {
-    // (namespace, Service name = ModelDeployment name) -> served model name.
-    let mut services: HashMap<(&str, &str), &str> = HashMap::new();
+    // (namespace, Service name = ModelDeployment name) -> served model name, TLS.
+    let mut services: HashMap<(&str, &str), (&str, bool)> = HashMap::new();
     // (namespace, pod) of the leaders of draining groups.
     let mut draining: HashSet<(&str, String)> = HashSet::new();
     let mut models: BTreeMap<String, BTreeMap<String, Backend>> = BTreeMap::new();
@@ -105,7 +115,7 @@ pub(super) fn translate<'a>(
         };
         let namespace = md.metadata.namespace.as_deref().unwrap_or_default();
         let model = served_model_name(md).unwrap_or(name);
-        services.insert((namespace, name), model);
+        services.insert((namespace, name), (model, serves_tls(md)));
         draining.extend(draining_leaders(md).into_iter().map(|pod| (namespace, pod)));
         models.entry(model.to_string()).or_default();
     }
@@ -121,7 +131,7 @@ pub(super) fn translate<'a>(
         else {
             continue;
         };
-        let Some(model) = services.get(&(namespace, service.as_str())) else {
+        let Some(&(model, tls)) = services.get(&(namespace, service.as_str())) else {
             continue;
         };
         let Some(port) = grpc_port(slice) else {
@@ -136,7 +146,7 @@ pub(super) fn translate<'a>(
             ));
             continue;
         };
-        let Some(backends) = models.get_mut(*model) else {
+        let Some(backends) = models.get_mut(model) else {
             continue;
         };
         for endpoint in slice.endpoints.iter().filter(|e| is_ready(e)) {
@@ -157,7 +167,7 @@ pub(super) fn translate<'a>(
             // The same pod can sit in two slices while the controller moves it.
             backends.entry(id.clone()).or_insert_with(|| Backend {
                 id,
-                grpc_uri: grpc_uri(address, port),
+                grpc_uri: grpc_uri(address, port, tls),
             });
         }
     }
@@ -604,6 +614,35 @@ mod tests {
             translate(&mds, &slices).deployments[0].backends[0].grpc_uri,
             "http://10.0.0.1:50061"
         );
+    }
+
+    #[test]
+    fn workers_serving_tls_are_reached_over_https() {
+        let mut with_tls = md_json("ml", "llama", None);
+        with_tls["spec"]["tls"] = json!({"secretName": "llama-tls"});
+        let mds = [
+            serde_json::from_value::<DynamicObject>(with_tls).unwrap(),
+            md("ml", "plain", None),
+        ];
+        let slices = [
+            slice(
+                "ml",
+                "llama-1",
+                "llama",
+                grpc(),
+                vec![ready("p", "10.0.0.1")],
+            ),
+            slice(
+                "ml",
+                "plain-1",
+                "plain",
+                grpc(),
+                vec![ready("q", "fd00::2")],
+            ),
+        ];
+        let out = translate(&mds, &slices).deployments;
+        assert_eq!(out[0].backends[0].grpc_uri, "https://10.0.0.1:50051");
+        assert_eq!(out[1].backends[0].grpc_uri, "http://[fd00::2]:50051");
     }
 
     #[test]
