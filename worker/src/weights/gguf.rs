@@ -255,6 +255,14 @@ impl GgufFile {
                     ),
                 });
             };
+            // With no values its other dimensions are bounded by nothing, and the
+            // kernels size a row from them.
+            if dims.contains(&0) {
+                return Err(WeightsError::BadHeader {
+                    path: self.path.clone(),
+                    reason: format!("tensor '{name}' has dimensions {dims:?}, so no values"),
+                });
+            }
             let block = info.ggml_dtype.block_size() as u64;
             // Blocks run along a row, as in ggml: the row length (the last dimension
             // here) must be whole blocks, or every row after the first would be misread.

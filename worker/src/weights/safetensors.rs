@@ -314,6 +314,14 @@ fn read_header(path: &Path, bytes: &[u8]) -> Result<Vec<(String, Entry)>, Weight
                 });
             }
         };
+        // With no values its other dimensions are bounded by nothing, and a load
+        // sizes a row from them.
+        if info.shape.contains(&0) {
+            return Err(bad(format!(
+                "tensor '{name}' has shape {:?}, so no values",
+                info.shape
+            )));
+        }
         let (start, end) = (
             header_end + info.data_offsets.0,
             header_end + info.data_offsets.1,

@@ -5,6 +5,7 @@ use super::*;
 
 /// GGUF type numbers of the tensors used here.
 const F32: u32 = 0;
+const Q4_1: u32 = 3;
 
 /// A GGUF v3 file: metadata `(key, type number, value bytes)`, then tensors
 /// `(name, dims in ggml order (columns first), type number)` each at data offset
@@ -48,6 +49,32 @@ fn a_tensor_of_more_bytes_than_fit_in_64_bits_is_refused() {
     let e = header_error(gguf(&[], &[("t", &[1 << 62], F32)], &[]));
     assert!(
         e.contains("tensor 't'") && e.contains("more bytes than fit"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_gguf_tensor_without_values_is_refused() {
+    // Found by the fuzzer: no rows, 2^61 + 32 columns. Its bytes (none) lie inside
+    // the file, but the kernels' size of a group of rows overflowed.
+    let e = header_error(gguf(&[], &[("t", &[(1 << 61) + 32, 0], Q4_1)], &[]));
+    assert!(
+        e.contains("tensor 't' has dimensions [0, 2305843009213693984], so no values"),
+        "{e}"
+    );
+}
+
+#[test]
+fn a_safetensors_tensor_without_values_is_refused() {
+    // The same as above, in a safetensors header: a load sized a row as 2^64 bytes.
+    let header = r#"{"t":{"dtype":"F32","shape":[0,4611686018427387904],"data_offsets":[0,0]}}"#;
+    let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+    bytes.extend(header.as_bytes());
+    let e = Safetensors::from_bytes("fuzz.safetensors", bytes).unwrap_err();
+    assert!(matches!(e, WeightsError::BadSafetensors { .. }), "{e}");
+    assert!(
+        e.to_string()
+            .contains("tensor 't' has shape [0, 4611686018427387904], so no values"),
         "{e}"
     );
 }
