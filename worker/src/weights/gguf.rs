@@ -11,6 +11,7 @@ use candle_core::{DType, Device, Tensor};
 use memmap2::Mmap;
 use shardserve_kernels::{QuantFormat, QuantMatrix};
 
+use super::alignment;
 use super::bytes::FileBytes;
 use super::{Split, Weight, WeightsError};
 use crate::progress::Tally;
@@ -68,6 +69,12 @@ impl GgufFile {
             return Err(WeightsError::NotGguf {
                 path,
                 magic: map[..map.len().min(4)].to_vec(),
+            });
+        }
+        if alignment::declared_alignment(&map) == Some(0) {
+            return Err(WeightsError::BadHeader {
+                path,
+                reason: "general.alignment is 0: tensor data cannot be aligned to it".into(),
             });
         }
         // Read from the bytes already mapped: one pass, no system call per field.

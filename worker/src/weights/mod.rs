@@ -7,6 +7,7 @@
 //! `Safetensors` does the same for the safetensors files of a Hugging Face
 //! directory (F32, F16, BF16). The model reads either through `TensorSource`.
 
+mod alignment;
 mod bytes;
 mod error;
 mod gguf;

@@ -6,6 +6,10 @@ use super::*;
 /// GGUF type numbers of the tensors used here.
 const F32: u32 = 0;
 const Q4_1: u32 = 3;
+/// GGUF type numbers of metadata values.
+const U32: u32 = 4;
+const STRING: u32 = 8;
+const ARRAY: u32 = 9;
 
 /// A GGUF v3 file: metadata `(key, type number, value bytes)`, then tensors
 /// `(name, dims in ggml order (columns first), type number)` each at data offset
@@ -77,4 +81,39 @@ fn a_safetensors_tensor_without_values_is_refused() {
             .contains("tensor 't' has shape [0, 4611686018427387904], so no values"),
         "{e}"
     );
+}
+
+#[test]
+fn a_gguf_alignment_of_zero_is_refused() {
+    // candle's reader rounds the data's start up to `general.alignment`: 0 divided by zero.
+    let bytes = gguf(&[("general.alignment", U32, &0u32.to_le_bytes())], &[], &[]);
+    let e = header_error(bytes);
+    assert!(e.contains("general.alignment is 0"), "{e}");
+}
+
+#[test]
+fn the_declared_alignment_is_found_past_strings_and_arrays() {
+    let string = |s: &str| [&(s.len() as u64).to_le_bytes()[..], s.as_bytes()].concat();
+    let array = |kind: u32, count: u64, items: &[u8]| {
+        [&kind.to_le_bytes()[..], &count.to_le_bytes(), items].concat()
+    };
+    let strings = array(STRING, 2, &[string("ab"), string("")].concat());
+    let nested = array(ARRAY, 1, &array(U32, 3, &[0; 12]));
+    let bytes = gguf(
+        &[
+            ("general.name", STRING, &string("llama")),
+            ("tokens", ARRAY, &strings),
+            ("nested", ARRAY, &nested),
+            ("general.alignment", U32, &64u32.to_le_bytes()),
+            ("after", U32, &1u32.to_le_bytes()),
+        ],
+        &[],
+        &[],
+    );
+    assert_eq!(alignment::declared_alignment(&bytes), Some(64));
+    // Cut short anywhere, the walk gives up or finds the same value, never panics.
+    for len in 0..bytes.len() {
+        let found = alignment::declared_alignment(&bytes[..len]);
+        assert!(matches!(found, None | Some(64)), "cut at {len}: {found:?}");
+    }
 }
