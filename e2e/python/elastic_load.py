@@ -11,10 +11,9 @@ Environment: OPENAI_BASE_URL (http://HOST:PORT/v1), SHARDSERVE_MODEL.
   elastic_load.py crash   16 clients streaming for LOAD_SECONDS; prints
                           "load started" when the test may kill a worker.
 
-Every stream is classified: finished (a finish_reason came), failed before its
-first token (lost: the goal is none), ended by an error after its first token
-(reported to the client), or cut silently (no finish_reason, no error: the goal
-is none). Exits non-zero when a goal is missed.
+Every stream is classified (streams.py): finished, lost before its first token,
+ended by an error after it, or cut silently. Exits non-zero when a goal is missed
+(nothing lost before its first token, nothing cut silently).
 """
 
 import os
@@ -25,6 +24,7 @@ import time
 import urllib.request
 
 import openai
+from streams import Outcomes, stream_once
 
 BASE_URL = os.environ["OPENAI_BASE_URL"]
 MODEL = os.environ["SHARDSERVE_MODEL"]
@@ -36,52 +36,6 @@ T0 = time.monotonic()
 
 def now():
     return time.monotonic() - T0
-
-
-class Outcomes:
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.counts = {"finished": 0, "lost": 0, "error_after_first_token": 0, "silent_cut": 0}
-        self.ttfts = []
-        self.errors = []
-
-    def add(self, kind, ttft=None, error=None):
-        with self.lock:
-            self.counts[kind] += 1
-            if ttft is not None:
-                self.ttfts.append(ttft)
-            if error is not None and len(self.errors) < 5:
-                self.errors.append(f"{kind}: {error}")
-
-
-def stream_once(client, outcomes, max_tokens):
-    start = time.monotonic()
-    first = None
-    finish = None
-    try:
-        stream = client.chat.completions.create(
-            model=MODEL,
-            messages=[{"role": "user", "content": "Tell me about the sea."}],
-            max_tokens=max_tokens,
-            stream=True,
-        )
-        for chunk in stream:
-            if not chunk.choices:
-                continue
-            choice = chunk.choices[0]
-            if first is None and (choice.delta.content or choice.finish_reason):
-                first = time.monotonic() - start
-            if choice.finish_reason:
-                finish = choice.finish_reason
-    except Exception as e:  # noqa: BLE001 - every failure is classified
-        kind = "lost" if first is None else "error_after_first_token"
-        outcomes.add(kind, first, repr(e))
-        return first
-    if finish is None:
-        outcomes.add("silent_cut", first, "the stream ended without a finish_reason")
-    else:
-        outcomes.add("finished", first)
-    return first
 
 
 def metrics():
@@ -144,7 +98,7 @@ def load(client, outcomes, seconds, max_tokens):
     def worker():
         end = time.monotonic() + seconds
         while time.monotonic() < end:
-            stream_once(client, outcomes, max_tokens)
+            stream_once(client, MODEL, outcomes, max_tokens)
 
     threads = [threading.Thread(target=worker) for _ in range(CLIENTS)]
     for t in threads:
@@ -168,8 +122,8 @@ def report(outcomes):
         f"TTFT p50 {percentile(outcomes.ttfts, 0.5):.2f} s  p95 "
         f"{percentile(outcomes.ttfts, 0.95):.2f} s  max {max(outcomes.ttfts, default=0):.2f} s"
     )
-    for e in outcomes.errors:
-        print(f"  {e}")
+    for error, n in outcomes.top_errors(5):
+        print(f"  {n:5d}  {error}")
 
 
 def fail(message):
@@ -187,7 +141,7 @@ def scale(client):
     if timeline.groups() != 0:
         fail("a group runs before any request")
     cold = Outcomes()
-    ttft = stream_once(client, cold, 8)
+    ttft = stream_once(client, MODEL, cold, 8)
     if cold.counts["finished"] != 1:
         fail(f"the first request failed: {cold.errors}")
     print(f"{now():6.1f}  first request answered from zero, TTFT {ttft:.2f} s (a cold start)")

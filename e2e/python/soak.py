@@ -29,6 +29,7 @@ import time
 import urllib.request
 
 import openai
+from streams import Outcomes, stream_once
 
 BIN = os.environ.get("SHARDSERVE_BIN", "target/debug/shardserve")
 MINUTES = float(os.environ.get("SOAK_MINUTES", "30"))
@@ -125,51 +126,6 @@ def role(pid):
     return name
 
 
-class Outcomes:
-    def __init__(self):
-        self.lock = threading.Lock()
-        self.counts = {"finished": 0, "lost": 0, "error_after_first_token": 0, "silent_cut": 0}
-        self.errors = {}
-        self.ttfts = []
-
-    def add(self, kind, ttft=None, error=None):
-        with self.lock:
-            self.counts[kind] += 1
-            if ttft is not None:
-                self.ttfts.append(ttft)
-            if error is not None:
-                key = f"{kind}: {error[:120]}"
-                self.errors[key] = self.errors.get(key, 0) + 1
-
-
-def stream_once(client, model, outcomes):
-    start = time.monotonic()
-    first = None
-    finish = None
-    try:
-        stream = client.chat.completions.create(
-            model=model,
-            messages=[{"role": "user", "content": "Tell me about the sea."}],
-            max_tokens=48,
-            stream=True,
-        )
-        for chunk in stream:
-            if not chunk.choices:
-                continue
-            choice = chunk.choices[0]
-            if first is None and (choice.delta.content or choice.finish_reason):
-                first = time.monotonic() - start
-            if choice.finish_reason:
-                finish = choice.finish_reason
-    except Exception as e:  # noqa: BLE001 - every failure is classified
-        outcomes.add("lost" if first is None else "error_after_first_token", first, repr(e))
-        return
-    if finish is None:
-        outcomes.add("silent_cut", first, "no finish_reason and no error")
-    else:
-        outcomes.add("finished", first)
-
-
 def main():
     rng = random.Random(SEED)
     work = tempfile.mkdtemp(prefix="shardserve-soak-")
@@ -209,7 +165,7 @@ def main():
         models = ["smollm2", "smollm2-tp3"]
         n = i
         while not stop.is_set():
-            stream_once(client, models[n % 2], outcomes)
+            stream_once(client, models[n % 2], outcomes, 48)
             n += 1
 
     threads = [threading.Thread(target=load, args=(i,), daemon=True) for i in range(CLIENTS)]
@@ -284,7 +240,7 @@ def report(outcomes, samples, kills, hung_clients, up_exit, left):
     print(f"streams {total}: finished {c['finished']}, lost before the first token {c['lost']}, "
           f"error after the first token {c['error_after_first_token']}, cut silently {c['silent_cut']}")
     print(f"TTFT p50 {percentile(outcomes.ttfts, 50):.2f} s, p99 {percentile(outcomes.ttfts, 99):.2f} s")
-    for error, n in sorted(outcomes.errors.items(), key=lambda e: -e[1])[:6]:
+    for error, n in outcomes.top_errors(6):
         print(f"  {n:5d}  {error}")
 
     # Memory and descriptors: the router lives throughout; workers by process.

@@ -1148,14 +1148,16 @@ async fn a_key_runs_its_limit_of_requests_and_requests_end_at_their_deadline() {
         .unwrap();
     assert_eq!(stream.status(), 200);
     // The key's one request runs: a second is 429, in the shape of its API.
-    let second = r
-        .http
-        .post(r.url("/api/generate"))
-        .bearer_auth("k")
-        .json(&json!({"model": MODEL, "prompt": "Hi", "stream": false}))
-        .send()
-        .await
-        .unwrap();
+    let ollama_generate = || async {
+        r.http
+            .post(r.url("/api/generate"))
+            .bearer_auth("k")
+            .json(&json!({"model": MODEL, "prompt": "Hi", "stream": false}))
+            .send()
+            .await
+            .unwrap()
+    };
+    let second = ollama_generate().await;
     assert_eq!(second.status(), 429);
     let v: Value = second.json().await.unwrap();
     assert!(
@@ -1222,14 +1224,7 @@ async fn a_key_runs_its_limit_of_requests_and_requests_end_at_their_deadline() {
         .unwrap()
         .into_inner();
     stream.message().await.unwrap().expect("a first token");
-    let busy = r
-        .http
-        .post(r.url("/api/generate"))
-        .bearer_auth("k")
-        .json(&json!({"model": MODEL, "prompt": "Hi", "stream": false}))
-        .send()
-        .await
-        .unwrap();
+    let busy = ollama_generate().await;
     assert_eq!(busy.status(), 429, "the gRPC stream holds the key's slot");
     drop(stream);
     let mut back = false;
