@@ -120,7 +120,11 @@ def role(pid):
     if " worker " not in line:
         return None
     parts = line.split()
-    name = parts[parts.index("--served-model-name") + 1] if "--served-model-name" in parts else "?"
+    if "--served-model-name" in parts:
+        name = parts[parts.index("--served-model-name") + 1]
+    else:
+        # Followers are not told the served name; their group is the tensor-3 one.
+        name = f"tensor-{parts[parts.index('--tensor') + 1]}" if "--tensor" in parts else "?"
     if "--rank" in parts:
         return f"{name} rank {parts[parts.index('--rank') + 1]}"
     return name
@@ -196,7 +200,7 @@ def main():
                 kills.append((now(), "smollm2", pid))
             next_worker_kill += WORKER_KILL_EVERY
         if time.monotonic() >= next_rank_kill:
-            victims = [p for p, r in procs.items() if r and r.startswith("smollm2-tp3 rank")]
+            victims = [p for p, r in procs.items() if r and " rank " in r]
             if victims:
                 pid = rng.choice(victims)
                 kills.append((now(), procs[pid], pid))
