@@ -88,8 +88,11 @@ soak: build fetch-demo venv
 bench: build fetch-demo
 	$(BIN) bench --model $(DEMO_MODEL) --threads $(THREADS)
 
+## rustfmt (the fuzz targets by name: `cargo fmt --all` leaves their workspace out),
+## clippy with -D warnings, and `make deny`.
 lint: deny
 	$(CARGO) fmt --all -- --check
+	rustfmt --edition 2024 --check fuzz/fuzz_targets/*.rs
 	$(CARGO) clippy --workspace --all-targets $(FEATURES) -- -D warnings
 
 ## Licenses, bans and sources of every dependency (deny.toml). Advisories are left

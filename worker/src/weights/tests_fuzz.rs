@@ -1,5 +1,5 @@
-//! Inputs the `gguf` and `safetensors` fuzz targets (`make fuzz`) found to crash the
-//! readers, each now refused with an error. The files are built here byte by byte.
+//! Inputs that crashed the readers, found by the `gguf` fuzz target (`make fuzz`) or
+//! while it ran, each now refused with an error. The files are built here byte by byte.
 
 use super::*;
 
