@@ -380,12 +380,17 @@ fn a_pods_ranks_report_their_load_together_while_their_group_meets() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    let file = std::fs::metadata(&model).unwrap().len();
     let deadline = Instant::now() + Duration::from_secs(120);
     let answer = loop {
         let answer = progress_of(listen);
+        // A rank that has not opened the file yet reports nothing to do (total 0),
+        // so the pod can look done while one rank alone is counted: wait until
+        // more than one file's worth is counted (a pod that counted only one rank
+        // never gets there and fails at the deadline).
         if let Some(a) = &answer
             && a.processes == 2
-            && a.total_bytes > 0
+            && a.total_bytes > file
             && a.done_bytes == a.total_bytes
         {
             break *a;
@@ -400,7 +405,6 @@ fn a_pods_ranks_report_their_load_together_while_their_group_meets() {
     let _ = worker.wait();
     // Each rank goes through every tensor of the file once: twice the file's
     // tensors, a little less than twice the file (its header holds the tokenizer).
-    let file = std::fs::metadata(&model).unwrap().len();
     assert!(
         answer.total_bytes <= 2 * file && answer.total_bytes > 2 * file * 9 / 10,
         "{} bytes counted for two ranks of a {file}-byte file",
