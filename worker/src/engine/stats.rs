@@ -12,6 +12,8 @@ pub struct EngineStats {
     pub kv_blocks_used: u64,
     /// Blocks the prefix cache can still find (held or not).
     pub kv_blocks_cached: u64,
+    /// Blocks written at least once since the start (see [`crate::kv::BlockManager::touched`]).
+    pub kv_blocks_touched: u64,
     /// Requests waiting for room in the batch.
     pub waiting: u64,
     /// Sequences in the running batch.
@@ -36,6 +38,7 @@ pub struct StatsCell {
     kv_blocks_total: AtomicU64,
     kv_blocks_used: AtomicU64,
     kv_blocks_cached: AtomicU64,
+    kv_blocks_touched: AtomicU64,
     waiting: AtomicU64,
     running: AtomicU64,
     steps: AtomicU64,
@@ -58,6 +61,7 @@ impl StatsCell {
         set(&self.kv_blocks_total, blocks.num_blocks() as u64);
         set(&self.kv_blocks_used, blocks.used() as u64);
         set(&self.kv_blocks_cached, blocks.cached() as u64);
+        set(&self.kv_blocks_touched, blocks.touched() as u64);
         set(&self.waiting, scheduler.waiting() as u64);
         set(&self.running, scheduler.running() as u64);
         set(&self.computed_tokens, counters.computed_tokens);
@@ -78,6 +82,7 @@ impl StatsCell {
             kv_blocks_total: get(&self.kv_blocks_total),
             kv_blocks_used: get(&self.kv_blocks_used),
             kv_blocks_cached: get(&self.kv_blocks_cached),
+            kv_blocks_touched: get(&self.kv_blocks_touched),
             waiting: get(&self.waiting),
             running: get(&self.running),
             steps: get(&self.steps),

@@ -55,6 +55,10 @@ pub struct BlockManager {
     /// Cached blocks with no holder, oldest release first.
     evictable: BTreeSet<(u64, BlockId)>,
     clock: u64,
+    /// Blocks never handed out yet. `free` starts as every block and is a stack
+    /// (freed blocks go back on top), so the untouched ones are its bottom part
+    /// and this is the least length it has had.
+    untouched: usize,
 }
 
 impl BlockManager {
@@ -68,6 +72,7 @@ impl BlockManager {
             cached: HashMap::new(),
             evictable: BTreeSet::new(),
             clock: 0,
+            untouched: num_blocks,
         }
     }
 
@@ -87,6 +92,13 @@ impl BlockManager {
     /// Blocks held by at least one sequence.
     pub fn used(&self) -> usize {
         self.num_blocks() - self.available()
+    }
+
+    /// Blocks handed out at least once: the part of the cache whose memory has
+    /// been written, which the process's resident memory grows by until every
+    /// block has been (the storage is reserved untouched).
+    pub fn touched(&self) -> usize {
+        self.num_blocks() - self.untouched
     }
 
     /// Blocks whose contents the prefix cache can still find.
@@ -136,7 +148,10 @@ impl BlockManager {
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
             let block = match self.free.pop() {
-                Some(b) => b,
+                Some(b) => {
+                    self.untouched = self.untouched.min(self.free.len());
+                    b
+                }
                 None => {
                     let (_, b) = self.evictable.pop_first()?;
                     if let Some(hash) = self.blocks[b as usize].hash.take() {
@@ -228,6 +243,25 @@ mod tests {
         m.release(&b);
         assert_eq!(m.available(), 8);
         assert_eq!(m.used(), 0);
+    }
+
+    #[test]
+    fn touched_counts_blocks_ever_handed_out_and_freed_ones_are_reused_first() {
+        let mut m = BlockManager::new(8, 4);
+        assert_eq!(m.touched(), 0);
+        let a = m.allocate(3).unwrap();
+        assert_eq!(m.touched(), 3);
+        m.release(&a);
+        // The freed blocks go back on top and are handed out again first.
+        let b = m.allocate(2).unwrap();
+        assert!(b.iter().all(|x| a.contains(x)), "{b:?} not from {a:?}");
+        assert_eq!(m.touched(), 3);
+        let c = m.allocate(4).unwrap();
+        assert_eq!(m.touched(), 6);
+        m.release(&b);
+        m.release(&c);
+        m.allocate(8).unwrap();
+        assert_eq!(m.touched(), 8);
     }
 
     #[test]

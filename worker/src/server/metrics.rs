@@ -62,6 +62,8 @@ struct EngineGauges {
     kv_blocks_total: IntGauge,
     kv_blocks_used: IntGauge,
     kv_blocks_cached: IntGauge,
+    kv_blocks_touched: IntGauge,
+    kv_bytes: IntGauge,
     batch_size: IntGauge,
     steps: IntCounter,
     batched_seqs: IntCounter,
@@ -96,6 +98,15 @@ impl EngineGauges {
                 "shardserve_worker_kv_cache_blocks_cached",
                 "KV cache blocks the prefix cache can find (held or free to evict).",
             )?,
+            kv_blocks_touched: gauge(
+                "shardserve_worker_kv_cache_blocks_touched",
+                "KV cache blocks written at least once since the start: the cache is reserved \
+                 untouched, so resident memory grows with this until it equals the whole cache.",
+            )?,
+            kv_bytes: gauge(
+                "shardserve_worker_kv_cache_bytes",
+                "Bytes of the KV cache on this rank (its whole size).",
+            )?,
             batch_size: gauge(
                 "shardserve_worker_batch_size",
                 "Sequences in the last forward step.",
@@ -127,9 +138,11 @@ impl EngineGauges {
         })
     }
 
-    fn update(&self, s: &crate::engine::EngineStats) {
+    fn update(&self, s: &crate::engine::EngineStats, kv_bytes: usize) {
         let to = |c: &IntCounter, v: u64| c.inc_by(v.saturating_sub(c.get()));
         self.kv_blocks_total.set(s.kv_blocks_total as i64);
+        self.kv_blocks_touched.set(s.kv_blocks_touched as i64);
+        self.kv_bytes.set(kv_bytes as i64);
         self.kv_blocks_used.set(s.kv_blocks_used as i64);
         self.kv_blocks_cached.set(s.kv_blocks_cached as i64);
         self.batch_size.set(s.last_batch_seqs as i64);
@@ -226,7 +239,7 @@ impl Metrics {
         let load = engine.load();
         self.queue_depth.set(load.queued as i64);
         self.running.set(load.running as i64);
-        self.engine.update(&engine.stats());
+        self.engine.update(&engine.stats(), engine.info().kv_cache.bytes);
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for these metric types.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);
