@@ -30,6 +30,9 @@ pub struct PlannedSpan {
     pub tokens: Vec<u32>,
     pub start_pos: usize,
     pub blocks: Vec<BlockId>,
+    /// The adapter slot the sequence runs with.
+    #[serde(default)]
+    pub adapter: Option<u32>,
 }
 
 impl GroupMessage {
@@ -41,6 +44,7 @@ impl GroupMessage {
                     tokens: s.tokens.to_vec(),
                     start_pos: s.start_pos,
                     blocks: s.blocks.to_vec(),
+                    adapter: s.adapter,
                 })
                 .collect(),
         }
@@ -82,6 +86,7 @@ pub fn follow(model: &mut dyn StepModel, comm: &dyn Collective) -> Result<(), En
                 start_pos: p.start_pos,
                 blocks: &p.blocks,
                 logits: LogitsFor::None,
+                adapter: p.adapter,
             })
             .collect();
         super::pool::step(|| model.forward(&spans))?;
@@ -99,6 +104,7 @@ mod tests {
             start_pos: 7,
             blocks: &[4, 0, 9],
             logits: LogitsFor::Last,
+            adapter: None,
         }];
         let message = GroupMessage::step(&spans);
         let bytes = serde_json::to_vec(&message).unwrap();

@@ -762,6 +762,7 @@ impl Engine {
                 start_pos: sp.start,
                 blocks: scheduler.block_table(sp.seq),
                 logits,
+                adapter: None,
             })
             .collect();
         if self.group.world_size() > 1 {

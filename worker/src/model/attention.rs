@@ -4,7 +4,39 @@ use super::ModelError;
 use super::backend::{AttentionShape, Backend};
 use super::config::ModelConfig;
 use super::layers::{LoadContext, RowParallelLinear, StackedColumns};
+use super::lora::{Site, StepAdapters};
 use crate::weights::Split;
+
+/// One rank's heads and the rows of Q and of K/V they own.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HeadRows {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub q_rows: std::ops::Range<usize>,
+    pub kv_rows: std::ops::Range<usize>,
+}
+
+impl HeadRows {
+    pub fn of(cfg: &ModelConfig, rank: usize, world: usize) -> Self {
+        let d = cfg.head_dim;
+        let heads = cfg.num_heads / world;
+        // KV heads are split like the query heads, or replicated when there are
+        // fewer KV heads than ranks: rank r then keeps the KV head its queries use.
+        let (kv_heads, kv_rows) = if cfg.num_kv_heads >= world {
+            let n = cfg.num_kv_heads / world;
+            (n, rank * n * d..(rank + 1) * n * d)
+        } else {
+            let h = rank * cfg.num_kv_heads / world;
+            (1, h * d..(h + 1) * d)
+        };
+        Self {
+            heads,
+            kv_heads,
+            q_rows: rank * heads * d..(rank + 1) * heads * d,
+            kv_rows,
+        }
+    }
+}
 
 #[derive(Debug)]
 pub struct Attention<B: Backend> {
@@ -20,20 +52,13 @@ impl<B: Backend> Attention<B> {
         prefix: &str,
         cfg: &ModelConfig,
     ) -> Result<Self, ModelError> {
-        let world = ctx.world();
-        let rank = ctx.rank();
+        let HeadRows {
+            heads,
+            kv_heads,
+            q_rows,
+            kv_rows,
+        } = HeadRows::of(cfg, ctx.rank(), ctx.world());
         let d = cfg.head_dim;
-        let heads = cfg.num_heads / world;
-        // KV heads are split like the query heads, or replicated when there are
-        // fewer KV heads than ranks: rank r then keeps the KV head its queries use.
-        let (kv_heads, kv_rows) = if cfg.num_kv_heads >= world {
-            let n = cfg.num_kv_heads / world;
-            (n, rank * n * d..(rank + 1) * n * d)
-        } else {
-            let h = rank * cfg.num_kv_heads / world;
-            (1, h * d..(h + 1) * d)
-        };
-        let q_rows = rank * heads * d..(rank + 1) * heads * d;
         Ok(Self {
             qkv: StackedColumns::load(
                 ctx,
@@ -65,9 +90,10 @@ impl<B: Backend> Attention<B> {
         layer: usize,
         step: &B::Step<'_>,
         cache: &mut B::Cache,
+        adapters: &StepAdapters<'_, B>,
     ) -> Result<B::Hidden, ModelError> {
-        let qkv = self.qkv.forward(b, x)?;
+        let qkv = self.qkv.forward(b, x, &adapters.at(layer, Site::Qkv))?;
         let out = b.attention(qkv, self.shape, layer, step, cache)?;
-        self.o.forward(b, &out)
+        self.o.forward(b, &out, &adapters.at(layer, Site::O))
     }
 }

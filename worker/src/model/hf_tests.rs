@@ -190,6 +190,7 @@ fn logits(model: &Transformer, tokens: &[u32]) -> Vec<Vec<f32>> {
         start_pos: 0,
         blocks: &slot,
         logits: LogitsFor::All,
+        adapter: None,
     };
     model.forward(&[span], &mut kv).unwrap().logits.remove(0)
 }
@@ -568,5 +569,48 @@ fn a_kv_cache_that_cannot_be_had_is_refused_not_aborted() {
     assert!(
         err.contains("cannot reserve") && err.contains("--kv-cache-memory"),
         "{err}"
+    );
+}
+
+/// A PEFT adapter (Hugging Face row layout) serves the same on an HF base and on
+/// the same weights as GGUF, whose Q and K rows are permuted: its B rows of Q
+/// and K are permuted like the base's.
+#[test]
+fn a_peft_adapter_answers_the_same_on_an_hf_base_and_on_its_gguf() {
+    let root = tempfile::tempdir().unwrap();
+    let spec = spec();
+    let tensors = tiny_tensors(&spec).unwrap();
+    let gguf_path = root.path().join("m.gguf");
+    write_gguf(&gguf_path, &spec, &gguf_tensors(&spec, &tensors)).unwrap();
+    let file = GgufFile::open(&gguf_path).unwrap();
+    let mut gguf = Transformer::from_gguf(&file, Arc::new(SingleRank), Host).unwrap();
+    let hf_dir = root.path().join("hf");
+    write_hf_dir(&hf_dir, &spec, &tensors, Dtype::F32, 1);
+    let mut hf = hf_model(&hf_dir);
+
+    let lora = root.path().join("lora");
+    crate::lora::testing::TestAdapter::random(hf.config(), 4, &crate::lora::Target::ALL, 8)
+        .write_peft(&lora, hf.config(), json!({}));
+    for model in [&mut gguf, &mut hf] {
+        let adapter = crate::lora::Adapter::open(&lora, model.config(), 16).unwrap();
+        model.load_adapter(0, &adapter).unwrap();
+    }
+    let with = |model: &Transformer| {
+        let mut kv = KvCache::new(model.kv_shape(), 64, 4).unwrap();
+        let slot: Vec<u32> = (0..32).collect();
+        let span = SeqSpan {
+            tokens: &TOKENS,
+            start_pos: 0,
+            blocks: &slot,
+            logits: LogitsFor::All,
+            adapter: Some(0),
+        };
+        model.forward(&[span], &mut kv).unwrap().logits.remove(0)
+    };
+    let (a, b) = (with(&gguf), with(&hf));
+    assert!(worst(&a, &b) < 1e-4, "differ by {}", worst(&a, &b));
+    assert!(
+        worst(&a, &logits(&gguf, &TOKENS)) > 0.1,
+        "the adapter changes the answer"
     );
 }

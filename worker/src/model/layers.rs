@@ -5,7 +5,7 @@
 use std::sync::Arc;
 
 use super::ModelError;
-use super::backend::Backend;
+use super::backend::{Backend, LoraPair};
 use crate::comm::Collective;
 use crate::weights::{Split, TensorSource, Weight};
 
@@ -134,17 +134,28 @@ impl<B: Backend> StackedColumns<B> {
         Ok(Self { layers })
     }
 
-    /// All parts side by side in each row, in the order they were loaded.
-    pub fn forward(&self, b: &B, x: &B::Hidden) -> Result<B::Hidden, ModelError> {
-        if let [stacked] = self.layers.as_slice() {
-            return stacked.forward(b, x);
+    /// All parts side by side in each row, in the order they were loaded, with
+    /// the adapters' products added to their rows.
+    pub fn forward(
+        &self,
+        b: &B,
+        x: &B::Hidden,
+        lora: &[LoraPair<'_, B>],
+    ) -> Result<B::Hidden, ModelError> {
+        let mut y = if let [stacked] = self.layers.as_slice() {
+            stacked.forward(b, x)?
+        } else {
+            let parts = self
+                .layers
+                .iter()
+                .map(|l| l.forward(b, x))
+                .collect::<Result<Vec<_>, _>>()?;
+            b.concat(parts)?
+        };
+        if !lora.is_empty() {
+            b.add_lora(&mut y, x, lora)?;
         }
-        let parts = self
-            .layers
-            .iter()
-            .map(|l| l.forward(b, x))
-            .collect::<Result<Vec<_>, _>>()?;
-        b.concat(parts)
+        Ok(y)
     }
 }
 
@@ -167,8 +178,13 @@ impl<B: Backend> RowParallelLinear<B> {
         })
     }
 
-    pub fn forward(&self, b: &B, x: &B::Hidden) -> Result<B::Hidden, ModelError> {
-        b.linear_all_reduce(x, &self.weight, self.comm.as_ref())
+    pub fn forward(
+        &self,
+        b: &B,
+        x: &B::Hidden,
+        lora: &[LoraPair<'_, B>],
+    ) -> Result<B::Hidden, ModelError> {
+        b.linear_all_reduce(x, &self.weight, self.comm.as_ref(), lora)
     }
 }
 

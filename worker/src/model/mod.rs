@@ -13,9 +13,11 @@ mod config;
 mod exp;
 mod hf;
 mod layers;
+mod lora;
 mod rope;
 mod rows;
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 
 pub use backend::{Backend, CacheDtype, Host, SpanLogits, StepOutput, Tensors};
@@ -25,10 +27,13 @@ pub use layers::LoadContext;
 
 use crate::comm::{Collective, CommError};
 use crate::kv::{BlockId, KvShape};
+use crate::lora::Adapter;
 use crate::weights::{GgufFile, Split, TensorSource, WeightsError};
 use attention::Attention;
+pub(crate) use attention::HeadRows;
 use backend::StepLayout;
 use layers::{RmsNorm, RowParallelLinear, StackedColumns};
+use lora::{LoadedAdapter, Site, StepAdapters};
 use rope::Rope;
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +63,8 @@ pub enum ModelError {
     Kv(#[from] crate::kv::KvError),
     #[error(transparent)]
     Comm(#[from] crate::comm::CommError),
+    #[error("adapter slot {slot} is not loaded on this rank")]
+    UnknownAdapter { slot: u32 },
     #[error("model computation failed: {source}")]
     Candle {
         #[from]
@@ -89,6 +96,9 @@ pub struct SeqSpan<'a> {
     /// `start_pos + tokens.len()` positions.
     pub blocks: &'a [BlockId],
     pub logits: LogitsFor,
+    /// The LoRA adapter (its slot, see [`Transformer::load_adapter`]) the
+    /// sequence runs with; `None`: the base model.
+    pub adapter: Option<u32>,
 }
 
 #[derive(Debug)]
@@ -114,6 +124,11 @@ pub struct Transformer<B: Backend = Host> {
     /// Every layer rotates by the same positions.
     rope: Rope,
     backend: B,
+    /// This rank's place in its group (adapters are cut like the base).
+    rank: usize,
+    world: usize,
+    /// LoRA adapters by slot, each this rank's shard.
+    adapters: BTreeMap<u32, LoadedAdapter<B>>,
 }
 
 impl<B: Backend> Transformer<B> {
@@ -144,6 +159,7 @@ impl<B: Backend> Transformer<B> {
         backend: B,
     ) -> Result<Self, ModelError> {
         config.check_split(comm.world_size())?;
+        let (rank, world) = (comm.rank().0, comm.world_size());
         let ctx = LoadContext {
             file,
             comm,
@@ -202,7 +218,23 @@ impl<B: Backend> Transformer<B> {
             head,
             rope,
             backend,
+            rank,
+            world,
+            adapters: BTreeMap::new(),
         })
+    }
+
+    /// Makes `adapter` (this rank's shard of it) available to spans naming `slot`,
+    /// replacing what the slot held.
+    pub fn load_adapter(&mut self, slot: u32, adapter: &Adapter) -> Result<(), ModelError> {
+        let shard = adapter.shard(&self.config, self.rank, self.world);
+        let loaded = LoadedAdapter::new(&self.backend, &shard)?;
+        self.adapters.insert(slot, loaded);
+        Ok(())
+    }
+
+    pub fn unload_adapter(&mut self, slot: u32) {
+        self.adapters.remove(&slot);
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -247,15 +279,31 @@ impl<B: Backend> Transformer<B> {
             });
         }
         let b = &self.backend;
+        let adapters = if spans.iter().any(|s| s.adapter.is_some()) {
+            let mut offset = 0;
+            StepAdapters::new(
+                &self.adapters,
+                spans.iter().map(|s| {
+                    let rows = offset..offset + s.tokens.len();
+                    offset = rows.end;
+                    (s.adapter, rows)
+                }),
+            )?
+        } else {
+            StepAdapters::none()
+        };
         let step = b.begin(&layout, &self.rope, kv)?;
         let mut x = b.embed(&self.embed, &step)?;
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = block.attn_norm.forward(b, &x)?;
-            let a = block.attn.forward(b, &h, layer, &step, kv)?;
+            let a = block.attn.forward(b, &h, layer, &step, kv, &adapters)?;
             b.add(&mut x, &a)?;
             let h = block.mlp_norm.forward(b, &x)?;
-            let h = b.swiglu(&block.gate_up.forward(b, &h)?)?;
-            let m = block.down.forward(b, &h)?;
+            let gate_up = block
+                .gate_up
+                .forward(b, &h, &adapters.at(layer, Site::GateUp))?;
+            let h = b.swiglu(&gate_up)?;
+            let m = block.down.forward(b, &h, &adapters.at(layer, Site::Down))?;
             b.add(&mut x, &m)?;
         }
         // Every row any span wants, gathered so the head runs once per step.
@@ -329,6 +377,9 @@ pub trait StepModel: Send + std::fmt::Debug {
     ) -> Result<(), crate::kv::KvCacheTooLarge>;
     /// [`Transformer::forward`] over the cache.
     fn forward(&mut self, spans: &[SeqSpan<'_>]) -> Result<StepOutput, ModelError>;
+    /// [`Transformer::load_adapter`].
+    fn load_adapter(&mut self, slot: u32, adapter: &Adapter) -> Result<(), ModelError>;
+    fn unload_adapter(&mut self, slot: u32);
 }
 
 /// [`StepModel`] for a transformer on backend `B`.
@@ -370,6 +421,14 @@ impl<B: Backend> StepModel for WithCache<B> {
         })?;
         self.model.forward(spans, cache)
     }
+
+    fn load_adapter(&mut self, slot: u32, adapter: &Adapter) -> Result<(), ModelError> {
+        self.model.load_adapter(slot, adapter)
+    }
+
+    fn unload_adapter(&mut self, slot: u32) {
+        self.model.unload_adapter(slot)
+    }
 }
 
 #[cfg(test)]
@@ -380,6 +439,9 @@ mod tests;
 
 #[cfg(test)]
 mod tests_tp;
+
+#[cfg(test)]
+mod lora_tests;
 
 #[cfg(test)]
 mod tests_device;

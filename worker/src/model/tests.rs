@@ -24,6 +24,7 @@ fn logits_all(model: &Transformer, kv: &mut KvCache, tokens: &[u32]) -> Vec<Vec<
         start_pos: 0,
         blocks: &slot,
         logits: LogitsFor::All,
+        adapter: None,
     };
     let out = model.forward(&[span], kv).unwrap().logits;
     out[0].clone()
@@ -47,6 +48,7 @@ fn token_by_token_decode_equals_full_prefill() {
                 start_pos: pos,
                 blocks: &slot,
                 logits: LogitsFor::Last,
+                adapter: None,
             };
             let step = model.forward(&[span], &mut kv).unwrap().logits[0].clone();
             if dtype == GgmlDType::F32 {
@@ -85,12 +87,14 @@ fn spans_batched_together_equal_separate_runs() {
             start_pos: 0,
             blocks: &sa,
             logits: LogitsFor::All,
+            adapter: None,
         },
         SeqSpan {
             tokens: b,
             start_pos: 0,
             blocks: &sb,
             logits: LogitsFor::Last,
+            adapter: None,
         },
     ];
     let out = model.forward(&spans, &mut kv).unwrap().logits;
@@ -118,6 +122,7 @@ fn chunked_prefill_equals_one_shot() {
         start_pos,
         blocks: &slot,
         logits,
+        adapter: None,
     };
     let none = model
         .forward(&[span(first, 0, LogitsFor::None)], &mut kv)
@@ -144,12 +149,14 @@ fn a_best_span_gets_its_last_rows_argmax_and_no_rows() {
             start_pos: 0,
             blocks: &slots[0],
             logits: LogitsFor::Best,
+            adapter: None,
         },
         SeqSpan {
             tokens: b,
             start_pos: 0,
             blocks: &slots[1],
             logits: LogitsFor::All,
+            adapter: None,
         },
     ];
     let out = model.forward(&spans, &mut kv).unwrap();
@@ -309,6 +316,7 @@ fn damaged_files_are_refused_or_run_never_panic() {
                 start_pos: 0,
                 blocks: &slot,
                 logits: LogitsFor::Last,
+                adapter: None,
             };
             model.forward(&[span], &mut kv).map_err(|e| e.to_string())?;
             Ok(())

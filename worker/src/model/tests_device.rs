@@ -186,6 +186,7 @@ fn the_device_picks_a_best_span_s_id_itself() {
         start_pos: 0,
         blocks,
         logits,
+        adapter: None,
     };
     let out = model
         .forward(

@@ -54,6 +54,7 @@ pub(super) fn logits_on<B: Backend + Clone>(
                             start_pos,
                             blocks: &slot,
                             logits: LogitsFor::All,
+                            adapter: None,
                         };
                         out.extend(model.forward(&[span], &mut kv).unwrap().logits.remove(0));
                     }

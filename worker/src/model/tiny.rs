@@ -48,7 +48,7 @@ impl Default for TinySpec {
 }
 
 /// Deterministic pseudo-random values in [-scale, scale].
-fn random(n: usize, seed: &mut u64, scale: f32) -> Vec<f32> {
+pub fn random(n: usize, seed: &mut u64, scale: f32) -> Vec<f32> {
     (0..n)
         .map(|_| {
             *seed = seed

@@ -239,7 +239,8 @@ impl Metrics {
         let load = engine.load();
         self.queue_depth.set(load.queued as i64);
         self.running.set(load.running as i64);
-        self.engine.update(&engine.stats(), engine.info().kv_cache.bytes);
+        self.engine
+            .update(&engine.stats(), engine.info().kv_cache.bytes);
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for these metric types.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);

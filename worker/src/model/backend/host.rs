@@ -6,10 +6,11 @@
 
 use candle_core::Device;
 
-use super::{AttentionShape, Backend, ModelError, StepLayout};
+use super::{AttentionShape, Backend, LoraPair, ModelError, StepLayout};
 use crate::comm::{Collective, HostSliceMut};
 use crate::kv::{KvCache, KvCacheTooLarge, KvShape};
 use crate::model::causal::{Heads, Queries, attend, round_to_half};
+use crate::model::lora::{self, HostDense};
 use crate::model::rope::{Angles, Rope};
 use crate::model::rows::{Rows, rms_norm, swiglu};
 use crate::weights::Weight;
@@ -29,6 +30,7 @@ impl Backend for Host {
     type Hidden = Rows;
     type Matrix = Weight;
     type Vector = Vec<f32>;
+    type Dense = HostDense;
     type Cache = KvCache;
     type Step<'a> = HostStep<'a>;
 
@@ -42,6 +44,11 @@ impl Backend for Host {
 
     fn vector(&self, values: Vec<f32>) -> Result<Vec<f32>, ModelError> {
         Ok(values)
+    }
+
+    fn dense(&self, rows: usize, cols: usize, values: Vec<f32>) -> Result<HostDense, ModelError> {
+        debug_assert_eq!(values.len(), rows * cols);
+        Ok(HostDense { rows, cols, values })
     }
 
     fn dims(matrix: &Weight) -> [usize; 2] {
@@ -102,22 +109,38 @@ impl Backend for Host {
         Ok(Rows::new(out, width))
     }
 
+    fn add_lora(
+        &self,
+        y: &mut Rows,
+        x: &Rows,
+        pairs: &[LoraPair<'_, Self>],
+    ) -> Result<(), ModelError> {
+        lora::add_to_rows(y, x, &lora::host_pairs(pairs));
+        Ok(())
+    }
+
     /// Block-quantised shards all-reduce unrounded f64 sums and round once, so that
     /// the result is the one rank's product whatever the tensor size (tensor 3 answers
     /// exactly as tensor 1). Other weight forms sum f32 partial products, which agree
-    /// with one rank's to rounding only.
+    /// with one rank's to rounding only. Adapters' partial products join the sums
+    /// (in f64 on the f64 path) before the all-reduce.
     fn linear_all_reduce(
         &self,
         x: &Rows,
         w: &Weight,
         comm: &dyn Collective,
+        lora: &[LoraPair<'_, Self>],
     ) -> Result<Rows, ModelError> {
         let n = Self::dims(w)[0];
+        let pairs = lora::host_pairs(lora);
         if let Some(mut wide) = w.matmul_t_wide(x.as_slice(), x.m())? {
+            lora::add_to_wide(&mut wide, n, x, &pairs);
             comm.all_reduce(HostSliceMut::F64(&mut wide))?;
             return Ok(Rows::new(wide.into_iter().map(|v| v as f32).collect(), n));
         }
-        let mut partial = w.matmul_t(x.as_slice(), x.m())?;
+        let mut partial = Rows::new(w.matmul_t(x.as_slice(), x.m())?, n);
+        lora::add_to_rows(&mut partial, x, &pairs);
+        let mut partial = partial.into_vec();
         comm.all_reduce_sum(&mut partial)?;
         Ok(Rows::new(partial, n))
     }

@@ -61,6 +61,17 @@ impl AttentionShape {
     }
 }
 
+/// One adapter's `A` and `B` acting on some rows of a step:
+/// `y[row, offset..offset + outputs] += scale · B·(A·x[row])` for each of `rows`.
+pub struct LoraPair<'a, B: Backend> {
+    pub rows: &'a [usize],
+    pub a: &'a B::Dense,
+    pub b: &'a B::Dense,
+    pub scale: f32,
+    /// Where the pair's outputs start in a row of `y` (a part of stacked layers).
+    pub offset: usize,
+}
+
 /// Logits rows per span, each over the whole vocabulary.
 pub type SpanLogits = Vec<Vec<Vec<f32>>>;
 
@@ -82,6 +93,8 @@ pub trait Backend: Send + Sync + std::fmt::Debug + Sized + 'static {
     type Matrix: Send + Sync + std::fmt::Debug;
     /// A vector: a norm's weight, a bias.
     type Vector: Send + Sync + std::fmt::Debug;
+    /// A LoRA adapter's `A` or `B`: dense f32.
+    type Dense: Send + Sync + std::fmt::Debug;
     /// The paged KV cache of every layer.
     type Cache: Send + std::fmt::Debug;
     /// What a step's layers read besides activations (ids, rotary angles, slot
@@ -92,6 +105,8 @@ pub trait Backend: Send + Sync + std::fmt::Debug + Sized + 'static {
     fn device(&self) -> Device;
     fn matrix(&self, weight: Weight) -> Result<Self::Matrix, ModelError>;
     fn vector(&self, values: Vec<f32>) -> Result<Self::Vector, ModelError>;
+    /// `rows × cols` f32 values, row-major, as an adapter's matrix.
+    fn dense(&self, rows: usize, cols: usize, values: Vec<f32>) -> Result<Self::Dense, ModelError>;
     /// `[rows, cols]` of a matrix.
     fn dims(matrix: &Self::Matrix) -> [usize; 2];
     /// Matrices one under the other, as one, where their forms allow it; else the
@@ -126,12 +141,23 @@ pub trait Backend: Send + Sync + std::fmt::Debug + Sized + 'static {
     ) -> Result<Self::Hidden, ModelError>;
     /// Parts side by side in each row.
     fn concat(&self, parts: Vec<Self::Hidden>) -> Result<Self::Hidden, ModelError>;
-    /// `Σ_ranks x_r · W_rᵀ`: this rank's partial product, all-reduced.
+    /// Adds each adapter pair's product to its rows of `y` (a column-parallel
+    /// layer's output; `x` its input).
+    fn add_lora(
+        &self,
+        y: &mut Self::Hidden,
+        x: &Self::Hidden,
+        pairs: &[LoraPair<'_, Self>],
+    ) -> Result<(), ModelError>;
+    /// `Σ_ranks x_r · W_rᵀ`: this rank's partial product, all-reduced; the rank's
+    /// partial adapter products (`A` split by columns like `W`) are added to its
+    /// rows before the all-reduce.
     fn linear_all_reduce(
         &self,
         x: &Self::Hidden,
         w: &Self::Matrix,
         comm: &dyn Collective,
+        lora: &[LoraPair<'_, Self>],
     ) -> Result<Self::Hidden, ModelError>;
     fn rms_norm(
         &self,

@@ -12,11 +12,13 @@ use candle_core::{DType, Device, Module, Tensor};
 use shardserve_kernels::QuantFormat;
 
 use super::ops::{self, AttendPlan};
-use super::{AttentionShape, Backend, ModelError, StepLayout};
+use super::{AttentionShape, Backend, LoraPair, ModelError, StepLayout};
 use crate::comm::Collective;
 use crate::kv::{KvCacheTooLarge, KvShape};
 use crate::model::config::RopeStyle;
+use crate::model::lora::{self, HostDense};
 use crate::model::rope::Rope;
+use crate::model::rows::Rows;
 use crate::weights::Weight;
 
 /// Element type of the device KV cache.
@@ -89,6 +91,12 @@ impl Tensors {
         self.cpu_kernels = false;
         self
     }
+
+    /// Adapters computed on the host in f64, as the CPU engine does, where the
+    /// base's products are the CPU engine's too.
+    fn host_adapters(&self) -> bool {
+        self.device.is_cpu() && self.cpu_kernels
+    }
 }
 
 /// A matrix on the device: quantised (candle's quantised products) or dense; on
@@ -103,6 +111,29 @@ pub enum DeviceMatrix {
     /// positions instead of <1%) and are several times slower. GPUs use candle's
     /// quantised CUDA kernels.
     Kernels(Weight),
+}
+
+/// An adapter's matrix on the device, with its host copy for the CPU kernels'
+/// path (which computes adapters in f64 as the CPU engine does).
+#[derive(Debug)]
+pub struct DeviceDense {
+    tensor: Tensor,
+    host: HostDense,
+}
+
+/// A `[m, width]` f32 tensor's rows on the host.
+fn host_rows(t: &Tensor) -> Result<Rows, ModelError> {
+    let width = t.dim(1)?;
+    Ok(Rows::new(t.flatten_all()?.to_vec1::<f32>()?, width))
+}
+
+fn host_pairs<'a>(
+    pairs: &'a [LoraPair<'a, Tensors>],
+) -> Vec<(&'a [usize], &'a HostDense, &'a HostDense, f32, usize)> {
+    pairs
+        .iter()
+        .map(|p| (p.rows, &p.a.host, &p.b.host, p.scale, p.offset))
+        .collect()
 }
 
 /// Every layer's keys and values, `[blocks, block_size, kv_heads, head_dim]` each.
@@ -202,6 +233,7 @@ impl Backend for Tensors {
     type Hidden = Tensor;
     type Matrix = DeviceMatrix;
     type Vector = Tensor;
+    type Dense = DeviceDense;
     type Cache = DeviceCache;
     type Step<'a> = DeviceStep;
 
@@ -230,6 +262,13 @@ impl Backend for Tensors {
     fn vector(&self, values: Vec<f32>) -> Result<Tensor, ModelError> {
         let n = values.len();
         Ok(Tensor::from_vec(values, n, &self.device)?)
+    }
+
+    fn dense(&self, rows: usize, cols: usize, values: Vec<f32>) -> Result<DeviceDense, ModelError> {
+        Ok(DeviceDense {
+            tensor: Tensor::from_slice(&values, (rows, cols), &self.device)?,
+            host: HostDense { rows, cols, values },
+        })
     }
 
     fn dims(matrix: &DeviceMatrix) -> [usize; 2] {
@@ -453,23 +492,55 @@ impl Backend for Tensors {
         Ok(Tensor::cat(&parts, 1)?)
     }
 
+    fn add_lora(
+        &self,
+        y: &mut Tensor,
+        x: &Tensor,
+        pairs: &[LoraPair<'_, Self>],
+    ) -> Result<(), ModelError> {
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        if self.host_adapters() {
+            let mut rows = host_rows(y)?;
+            lora::add_to_rows(&mut rows, &host_rows(x)?, &host_pairs(pairs));
+            *y = Tensor::from_vec(rows.into_vec(), y.dims(), &self.device)?;
+            return Ok(());
+        }
+        let width = y.dim(1)?;
+        for p in pairs {
+            let rows: Vec<u32> = p.rows.iter().map(|&r| r as u32).collect();
+            let index = Tensor::new(rows.as_slice(), &self.device)?;
+            let t = x.index_select(&index, 0)?.matmul(&p.a.tensor.t()?)?;
+            let delta = (t.matmul(&p.b.tensor.t()?)? * f64::from(p.scale))?;
+            let outputs = delta.dim(1)?;
+            let delta = delta.pad_with_zeros(1, p.offset, width - p.offset - outputs)?;
+            *y = y.index_add(&index, &delta, 0)?;
+        }
+        Ok(())
+    }
+
     fn linear_all_reduce(
         &self,
         x: &Tensor,
         w: &DeviceMatrix,
         comm: &dyn Collective,
+        lora: &[LoraPair<'_, Self>],
     ) -> Result<Tensor, ModelError> {
         if let DeviceMatrix::Kernels(w) = w {
             // As the CPU engine does: block formats all-reduce unrounded f64 sums.
             let m = x.dim(0)?;
-            let rows = x.flatten_all()?.to_vec1::<f32>()?;
-            if let Some(mut wide) = w.matmul_t_wide(&rows, m)? {
+            let x_rows = host_rows(x)?;
+            if let Some(mut wide) = w.matmul_t_wide(x_rows.as_slice(), m)? {
+                let n = w.dims()[0];
+                lora::add_to_wide(&mut wide, n, &x_rows, &host_pairs(lora));
                 comm.all_reduce(crate::comm::HostSliceMut::F64(&mut wide))?;
                 let y: Vec<f32> = wide.into_iter().map(|v| v as f32).collect();
-                return Ok(Tensor::from_vec(y, (m, w.dims()[0]), &self.device)?);
+                return Ok(Tensor::from_vec(y, (m, n), &self.device)?);
             }
         }
-        let partial = self.linear(x, w, None)?;
+        let mut partial = self.linear(x, w, None)?;
+        self.add_lora(&mut partial, x, lora)?;
         if comm.world_size() == 1 {
             return Ok(partial);
         }
