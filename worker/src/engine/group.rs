@@ -21,6 +21,11 @@ pub enum GroupMessage {
     /// Nothing to do now; the leader is alive (it sends this while idle, so
     /// a follower's timeout only fires when the leader is really gone).
     Heartbeat,
+    /// Load the adapter at `path` (checked by the leader) into `slot`; every
+    /// rank then says whether it could.
+    LoadAdapter { slot: u32, path: std::path::PathBuf },
+    /// Drop the adapter in `slot`.
+    UnloadAdapter { slot: u32 },
     /// The leader is shutting down: exit.
     Stop,
 }
@@ -76,6 +81,14 @@ pub fn follow(model: &mut dyn StepModel, comm: &dyn Collective) -> Result<(), En
         let planned = match message {
             GroupMessage::Stop => return Ok(()),
             GroupMessage::Heartbeat => continue,
+            GroupMessage::LoadAdapter { slot, path } => {
+                super::adapters::follow_load(model, comm, slot, &path)?;
+                continue;
+            }
+            GroupMessage::UnloadAdapter { slot } => {
+                model.unload_adapter(slot);
+                continue;
+            }
             GroupMessage::Step { spans } => spans,
         };
         // The head is replicated and only the leader samples: followers skip the logits.

@@ -6,6 +6,7 @@
 //! the batch, and a request's events are bounded by its token budget.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc as std_mpsc;
@@ -13,13 +14,29 @@ use std::sync::mpsc as std_mpsc;
 use tokio::sync::mpsc;
 
 use super::stats::StatsCell;
-use super::{Engine, EngineError, EngineEvent, EngineStats, GenerationRequest, ModelInfo};
+use super::{
+    AdapterInfo, Engine, EngineError, EngineEvent, EngineStats, GenerationRequest, ModelInfo,
+};
 use crate::scheduler::SeqId;
 use crate::tokenizer::Tokenizer;
 
-struct Job {
-    request: GenerationRequest,
-    events: mpsc::UnboundedSender<EngineEvent>,
+enum Job {
+    Generate {
+        request: GenerationRequest,
+        events: mpsc::UnboundedSender<EngineEvent>,
+    },
+    /// Load or unload a LoRA adapter, between steps.
+    Adapter {
+        change: AdapterChange,
+        reply: tokio::sync::oneshot::Sender<Result<Option<AdapterInfo>, EngineError>>,
+    },
+}
+
+/// A change to the adapters an engine serves.
+#[derive(Clone, Debug)]
+pub enum AdapterChange {
+    Load { name: String, path: PathBuf },
+    Unload { name: String },
 }
 
 /// A cheap, cloneable handle to the engine thread.
@@ -32,6 +49,7 @@ pub struct EngineHandle {
     submitted: Arc<AtomicUsize>,
     stats: Arc<StatsCell>,
     stopped: tokio::sync::watch::Receiver<bool>,
+    adapters: Arc<std::sync::RwLock<Vec<AdapterInfo>>>,
 }
 
 /// A snapshot of [`EngineHandle::load`].
@@ -54,6 +72,8 @@ impl EngineHandle {
         let info = Arc::new(engine.info().clone());
         let tokenizer = engine.tokenizer().clone();
         let stats = engine.stats_cell();
+        let adapters = engine.adapter_list.clone();
+        engine.publish_adapters();
         let (jobs, rx) = std_mpsc::channel::<Job>();
         let submitted = Arc::new(AtomicUsize::new(0));
         let engine_submitted = submitted.clone();
@@ -71,7 +91,26 @@ impl EngineHandle {
             submitted,
             stats,
             stopped,
+            adapters,
         })
+    }
+
+    /// The LoRA adapters served now.
+    pub fn adapters(&self) -> Vec<AdapterInfo> {
+        self.adapters.read().map(|a| a.clone()).unwrap_or_default()
+    }
+
+    /// Loads or unloads an adapter on the engine thread (between steps, on
+    /// every rank of the group); a load answers with the adapter as listed.
+    pub async fn change_adapter(
+        &self,
+        change: AdapterChange,
+    ) -> Result<Option<AdapterInfo>, EngineError> {
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.jobs
+            .send(Job::Adapter { change, reply })
+            .map_err(|_| EngineError::Stopped)?;
+        answer.await.map_err(|_| EngineError::Stopped)?
     }
 
     /// Resolves when the engine thread has ended (its group broke, or every
@@ -111,10 +150,12 @@ impl EngineHandle {
     ) -> Result<mpsc::UnboundedReceiver<EngineEvent>, EngineError> {
         let (events, rx) = mpsc::unbounded_channel();
         self.submitted.fetch_add(1, Ordering::Relaxed);
-        self.jobs.send(Job { request, events }).map_err(|_| {
-            self.submitted.fetch_sub(1, Ordering::Relaxed);
-            EngineError::Stopped
-        })?;
+        self.jobs
+            .send(Job::Generate { request, events })
+            .map_err(|_| {
+                self.submitted.fetch_sub(1, Ordering::Relaxed);
+                EngineError::Stopped
+            })?;
         Ok(rx)
     }
 }
@@ -140,7 +181,29 @@ fn run(mut engine: Engine, jobs: std_mpsc::Receiver<Job>, submitted: &AtomicUsiz
                 Err(std_mpsc::RecvTimeoutError::Disconnected) => break 'serve,
             }
         };
-        for Job { request, events } in first.into_iter().chain(jobs.try_iter()) {
+        for job in first.into_iter().chain(jobs.try_iter()) {
+            let (request, events) = match job {
+                Job::Generate { request, events } => (request, events),
+                Job::Adapter { change, reply } => {
+                    let result = match change {
+                        AdapterChange::Load { name, path } => {
+                            engine.load_adapter(&name, &path).map(Some)
+                        }
+                        AdapterChange::Unload { name } => {
+                            engine.unload_adapter(&name).map(|()| None)
+                        }
+                    };
+                    let group_broke = matches!(&result, Err(e) if e.is_group_failure());
+                    let _ = reply.send(result);
+                    if group_broke {
+                        tracing::error!(
+                            "tensor-parallel group failed while changing adapters; the engine stops"
+                        );
+                        return;
+                    }
+                    continue;
+                }
+            };
             submitted.fetch_sub(1, Ordering::Relaxed);
             if events.is_closed() {
                 continue;

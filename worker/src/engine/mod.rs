@@ -7,6 +7,7 @@
 //! the scheduler picked from every sequence in flight, then samples a token
 //! for each sequence that reached its end.
 
+mod adapters;
 mod group;
 mod handle;
 mod pool;
@@ -17,7 +18,8 @@ mod stats;
 use std::path::Path;
 use std::sync::Arc;
 
-pub use handle::{EngineHandle, EngineLoad};
+pub use adapters::{AdapterInfo, DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS};
+pub use handle::{AdapterChange, EngineHandle, EngineLoad};
 pub use request::{
     FinishReason, Finished, GenerationRequest, LogprobEntry, Prompt, Stopping, TokenEvent,
 };
@@ -64,6 +66,17 @@ pub enum EngineError {
     /// The weights do not fit the GPU.
     #[error("{0}")]
     OutOfMemory(String),
+    /// No adapter of this name is served.
+    #[error("no LoRA adapter named '{0}' is loaded")]
+    UnknownAdapter(String),
+    /// An adapter file was refused (the message names the file and the tensor).
+    #[error(transparent)]
+    Adapter(#[from] crate::lora::LoraError),
+    /// The adapter is in use by requests: it cannot be replaced now.
+    #[error(
+        "LoRA adapter '{0}' is in use; unload it first (its requests finish) and load it again"
+    )]
+    AdapterBusy(String),
 }
 
 impl EngineError {
@@ -268,6 +281,11 @@ pub struct EngineOptions {
     /// Counts the bytes of the model the load has gone through (for the progress
     /// a pod reports while it loads).
     pub load_tally: Arc<Tally>,
+    /// Most LoRA adapters resident at once (more may be served: the least
+    /// recently used idle one makes room).
+    pub max_loras: usize,
+    /// Highest LoRA rank accepted.
+    pub max_lora_rank: usize,
 }
 
 impl Default for EngineOptions {
@@ -283,6 +301,8 @@ impl Default for EngineOptions {
             weight_dtype: None,
             served_model_name: None,
             load_tally: Arc::default(),
+            max_loras: DEFAULT_MAX_LORAS,
+            max_lora_rank: DEFAULT_MAX_LORA_RANK,
         }
     }
 }
@@ -336,6 +356,13 @@ pub struct Engine {
     /// A failed step ends the engine (and its group), not only its requests: set on
     /// a GPU, whose context a failed kernel leaves unusable.
     device_failures_are_fatal: bool,
+    /// LoRA adapters served, resident or not, and who uses them.
+    adapters: adapters::Registry,
+    max_lora_rank: usize,
+    /// Requests whose adapter waits for a slot (every slot in use).
+    waiting_for_adapter: Vec<adapters::WaitingForAdapter>,
+    /// The adapters as last listed, for readers on other threads.
+    adapter_list: Arc<std::sync::RwLock<Vec<AdapterInfo>>>,
 }
 
 impl Drop for Engine {
@@ -564,6 +591,10 @@ impl Engine {
             next_seq: 0,
             stats,
             device_failures_are_fatal: is_gpu,
+            adapters: adapters::Registry::new(options.max_loras),
+            max_lora_rank: options.max_lora_rank,
+            waiting_for_adapter: Vec::new(),
+            adapter_list: Arc::default(),
         })
     }
 
@@ -681,26 +712,96 @@ impl Engine {
         prefix_cache: bool,
     ) -> Result<SeqId, EngineError> {
         let prompt = self.validate(&request)?;
+        if let Some(name) = &request.adapter
+            && !self.adapters.serves(name)
+        {
+            return Err(EngineError::UnknownAdapter(name.clone()));
+        }
         let id = self.next_seq;
         self.next_seq += 1;
-        self.scheduler
-            .add(id, prompt.clone(), request.priority, prefix_cache);
-        self.active
-            .insert(id, Active::new(request, prompt, self.info.max_seq_len));
+        let priority = request.priority;
+        let adapter = request.adapter.clone();
+        self.active.insert(
+            id,
+            Active::new(request, prompt.clone(), self.info.max_seq_len),
+        );
+        match adapter {
+            None => self.scheduler.add(id, prompt, priority, prefix_cache),
+            Some(name) => {
+                self.adapters.hold(id, &name);
+                match self.place_adapter(&name) {
+                    Ok(true) => {
+                        let root = self.adapters.root(&name);
+                        self.scheduler
+                            .add_under(id, prompt, priority, prefix_cache, root);
+                    }
+                    Ok(false) => self.waiting_for_adapter.push(adapters::WaitingForAdapter {
+                        seq: id,
+                        prompt,
+                        priority,
+                        prefix_cache,
+                    }),
+                    Err(e) => {
+                        self.end(id);
+                        return Err(e);
+                    }
+                }
+                self.publish_adapters();
+            }
+        }
         self.stats.publish(&self.scheduler, 0, 0);
         Ok(id)
     }
 
     /// Drops a request (its caller went away) and frees its memory.
     pub fn cancel(&mut self, seq: SeqId) {
+        self.end(seq);
+        self.stats.publish(&self.scheduler, 0, 0);
+    }
+
+    /// Forgets `seq` everywhere: its state, its blocks, its hold on an adapter.
+    fn end(&mut self, seq: SeqId) {
         self.active.remove(&seq);
         self.scheduler.remove(seq);
-        self.stats.publish(&self.scheduler, 0, 0);
+        self.waiting_for_adapter.retain(|w| w.seq != seq);
+        self.release_adapter(seq);
+    }
+
+    /// Requests whose adapter now has a slot join the scheduler, in arrival
+    /// order; one whose adapter cannot be loaded fails.
+    fn admit_waiting_for_adapters(&mut self) -> Vec<StepEvent> {
+        let mut failed = Vec::new();
+        let waiting = std::mem::take(&mut self.waiting_for_adapter);
+        for w in waiting {
+            let Some(name) = self
+                .active
+                .get(&w.seq)
+                .and_then(|a| a.request.adapter.clone())
+            else {
+                continue;
+            };
+            match self.place_adapter(&name) {
+                Ok(true) => {
+                    let root = self.adapters.root(&name);
+                    self.scheduler
+                        .add_under(w.seq, w.prompt, w.priority, w.prefix_cache, root);
+                }
+                Ok(false) => self.waiting_for_adapter.push(w),
+                Err(e) => failed.push(StepEvent {
+                    seq: w.seq,
+                    event: EngineEvent::Error(e),
+                }),
+            }
+        }
+        for f in &failed {
+            self.end(f.seq);
+        }
+        failed
     }
 
     /// Whether any request is queued or running.
     pub fn has_work(&self) -> bool {
-        self.scheduler.has_work()
+        self.scheduler.has_work() || !self.waiting_for_adapter.is_empty()
     }
 
     /// Runs one forward pass over the scheduler's next batch and samples
@@ -738,9 +839,14 @@ impl Engine {
     }
 
     fn try_step(&mut self) -> Result<Vec<StepEvent>, EngineError> {
+        let mut events = if self.waiting_for_adapter.is_empty() {
+            Vec::new()
+        } else {
+            self.admit_waiting_for_adapters()
+        };
         let plan = self.scheduler.schedule();
         if plan.spans.is_empty() {
-            return Ok(Vec::new());
+            return Ok(events);
         }
         let wants: Vec<LogitsFor> = plan
             .spans
@@ -753,6 +859,7 @@ impl Engine {
             })
             .collect();
         let scheduler = &self.scheduler;
+        let adapters = &self.adapters;
         let spans: Vec<SeqSpan<'_>> = plan
             .spans
             .iter()
@@ -762,7 +869,7 @@ impl Engine {
                 start_pos: sp.start,
                 blocks: scheduler.block_table(sp.seq),
                 logits,
-                adapter: None,
+                adapter: adapters.of_seq(sp.seq).map(|(slot, _)| slot),
             })
             .collect();
         if self.group.world_size() > 1 {
@@ -774,7 +881,6 @@ impl Engine {
         drop(spans);
         self.scheduler.complete(&plan);
 
-        let mut events = Vec::new();
         let outputs = output.logits.into_iter().zip(output.best);
         for ((span, (rows, best)), want) in plan.spans.iter().zip(outputs).zip(wants) {
             let active = self
@@ -811,8 +917,7 @@ impl Engine {
                         seq: span.seq,
                         event: EngineEvent::Finished(finished),
                     });
-                    self.active.remove(&span.seq);
-                    self.scheduler.remove(span.seq);
+                    self.end(span.seq);
                 }
             }
         }

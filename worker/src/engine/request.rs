@@ -41,6 +41,9 @@ pub struct GenerationRequest {
     pub priority: i32,
     /// Most prompt tokens accepted (a server's limit, below the context's).
     pub max_prompt_tokens: Option<usize>,
+    /// The LoRA adapter to run with (by the name it was loaded under); `None`:
+    /// the base model.
+    pub adapter: Option<String>,
 }
 
 impl GenerationRequest {
@@ -53,6 +56,7 @@ impl GenerationRequest {
             prompt_logprobs: None,
             priority: 0,
             max_prompt_tokens: None,
+            adapter: None,
         }
     }
 }

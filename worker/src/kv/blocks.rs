@@ -26,6 +26,16 @@ impl BlockHash {
         tokens.hash(&mut h);
         BlockHash(h.finish())
     }
+
+    /// The root a sequence's first block chains from when its keys and values
+    /// depend on more than its tokens (a LoRA adapter, by its load): blocks
+    /// under another root, or none, never match.
+    pub fn root(key: u64) -> Self {
+        let mut h = std::hash::DefaultHasher::new();
+        "root".hash(&mut h);
+        key.hash(&mut h);
+        BlockHash(h.finish())
+    }
 }
 
 #[derive(Clone, Debug, Default)]
@@ -114,9 +124,19 @@ impl BlockManager {
     /// Finds the cached blocks holding the longest prefix of `tokens` made of
     /// whole blocks, and takes a hold on each. Returns them with their hashes.
     pub fn take_prefix(&mut self, tokens: &[u32]) -> (Vec<BlockId>, Vec<BlockHash>) {
+        self.take_prefix_under(None, tokens)
+    }
+
+    /// [`BlockManager::take_prefix`] for a sequence whose first block chains
+    /// from `root` ([`BlockHash::root`]).
+    pub fn take_prefix_under(
+        &mut self,
+        root: Option<BlockHash>,
+        tokens: &[u32],
+    ) -> (Vec<BlockId>, Vec<BlockHash>) {
         let mut ids = Vec::new();
         let mut hashes = Vec::new();
-        let mut parent = None;
+        let mut parent = root;
         for chunk in tokens.chunks_exact(self.block_size) {
             let hash = BlockHash::of(parent, chunk);
             let Some(hit) = self.cached.get(&hash) else {

@@ -79,6 +79,8 @@ struct Sequence {
     /// Hashes of the full blocks registered with the prefix cache, in order.
     hashes: Vec<BlockHash>,
     prefix_cache: bool,
+    /// What its first block's hash chains from (an adapter's load), if anything.
+    root: Option<BlockHash>,
 }
 
 #[derive(Debug)]
@@ -142,6 +144,19 @@ impl Scheduler {
     /// Queues a sequence of `tokens` (its prompt). `prefix_cache` lets it
     /// start from cached blocks of an equal prefix.
     pub fn add(&mut self, id: SeqId, tokens: Vec<u32>, priority: i32, prefix_cache: bool) {
+        self.add_under(id, tokens, priority, prefix_cache, None);
+    }
+
+    /// [`Scheduler::add`] for a sequence whose cached blocks chain from `root`
+    /// (its adapter's): it shares cached blocks only with sequences of that root.
+    pub fn add_under(
+        &mut self,
+        id: SeqId,
+        tokens: Vec<u32>,
+        priority: i32,
+        prefix_cache: bool,
+        root: Option<BlockHash>,
+    ) {
         assert!(!tokens.is_empty(), "a sequence has at least one token");
         self.arrivals += 1;
         self.seqs.insert(
@@ -154,6 +169,7 @@ impl Scheduler {
                 blocks: Vec::new(),
                 hashes: Vec::new(),
                 prefix_cache,
+                root,
             },
         );
         self.enqueue(id);
@@ -318,7 +334,8 @@ impl Scheduler {
         // since its logits are what the step is for.
         let reusable = (len - 1) / bs * bs;
         let (hit, hashes) = if seq.prefix_cache {
-            self.blocks.take_prefix(&seq.tokens[..reusable])
+            self.blocks
+                .take_prefix_under(seq.root, &seq.tokens[..reusable])
         } else {
             (Vec::new(), Vec::new())
         };
@@ -355,7 +372,7 @@ impl Scheduler {
             self.stats.computed_tokens += span.len as u64;
             while seq.hashes.len() < seq.computed / bs {
                 let b = seq.hashes.len();
-                let parent = seq.hashes.last().copied();
+                let parent = seq.hashes.last().copied().or(seq.root);
                 let hash =
                     self.blocks
                         .register(seq.blocks[b], parent, &seq.tokens[b * bs..(b + 1) * bs]);

@@ -182,6 +182,22 @@ fn a_repeated_prefix_is_served_from_the_cache() {
 }
 
 #[test]
+fn cached_blocks_serve_only_sequences_of_the_same_root() {
+    let (a, b) = (Some(BlockHash::root(1)), Some(BlockHash::root(2)));
+    let mut s = scheduler(64, 4, 4, 64);
+    s.add_under(1, prompt(20, 5), 0, true, a);
+    run_to_end(&mut s, 1);
+    // The base and another adapter compute everything; the same adapter reuses.
+    for (id, root, start) in [(2, None, 0), (3, b, 0), (4, a, 16)] {
+        s.add_under(id, prompt(20, 5), 0, true, root);
+        let plan = s.schedule();
+        assert_eq!(plan.spans[0].start, start, "sequence {id}");
+        s.complete(&plan);
+        s.remove(id);
+    }
+}
+
+#[test]
 fn an_identical_prompt_recomputes_its_last_token() {
     let mut s = scheduler(64, 4, 4, 64);
     s.add(1, prompt(16, 0), 0, true);

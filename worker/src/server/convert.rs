@@ -10,8 +10,8 @@ use shardserve_proto::v1 as pb;
 use tonic::Status;
 
 use crate::engine::{
-    EngineError, FinishReason, Finished, GenerationRequest, LogprobEntry, ModelInfo, Prompt,
-    Stopping, TokenEvent,
+    AdapterInfo, EngineError, FinishReason, Finished, GenerationRequest, LogprobEntry, ModelInfo,
+    Prompt, Stopping, TokenEvent,
 };
 use crate::sampling::{SamplingParams, TokenLogprob};
 use crate::tokenizer::{ChatMessage, TokenizerError};
@@ -49,6 +49,7 @@ pub fn generation_request(req: &pb::GenerateRequest) -> Result<GenerationRequest
         prompt_logprobs,
         priority: req.priority,
         max_prompt_tokens: req.max_prompt_tokens.map(|n| n as usize),
+        adapter: (!req.adapter.is_empty()).then(|| req.adapter.clone()),
     })
 }
 
@@ -172,7 +173,7 @@ fn logprob_entry(entry: LogprobEntry, text_of: &dyn Fn(u32) -> String) -> pb::Lo
     }
 }
 
-pub(crate) fn model_info(info: &ModelInfo) -> pb::ModelInfoResponse {
+pub(crate) fn model_info(info: &ModelInfo, adapters: &[AdapterInfo]) -> pb::ModelInfoResponse {
     let c = &info.config;
     pb::ModelInfoResponse {
         served_model_name: info.served_model_name.clone(),
@@ -185,6 +186,17 @@ pub(crate) fn model_info(info: &ModelInfo) -> pb::ModelInfoResponse {
         has_chat_template: info.has_chat_template,
         num_layers: count(c.num_layers),
         hidden_size: count(c.hidden_size),
+        adapters: adapters.iter().map(lora_adapter).collect(),
+    }
+}
+
+pub(crate) fn lora_adapter(a: &AdapterInfo) -> pb::LoraAdapter {
+    pb::LoraAdapter {
+        name: a.name.clone(),
+        path: a.path.display().to_string(),
+        rank: count(a.rank),
+        resident: a.resident,
+        requests: count(a.requests),
     }
 }
 
@@ -194,9 +206,11 @@ pub(crate) fn model_info(info: &ModelInfo) -> pb::ModelInfoResponse {
 pub(crate) fn engine_status(err: &EngineError) -> Status {
     let message = err.to_string();
     match err {
-        EngineError::InvalidRequest(_) | EngineError::Sampling(_) => {
+        EngineError::InvalidRequest(_) | EngineError::Sampling(_) | EngineError::Adapter(_) => {
             Status::invalid_argument(message)
         }
+        EngineError::UnknownAdapter(_) => Status::not_found(message),
+        EngineError::AdapterBusy(_) => Status::failed_precondition(message),
         EngineError::Tokenizer(e) if tokenizer_input_error(e) => Status::invalid_argument(message),
         EngineError::Stopped => Status::unavailable(message),
         e if e.is_group_failure() => Status::unavailable(message),

@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
+use shardserve_proto::v1::adapters_server::AdaptersServer;
 use shardserve_proto::v1::inference_server::InferenceServer;
 use tokio::net::TcpListener;
 use tokio::sync::oneshot;
@@ -135,13 +136,18 @@ pub async fn serve_with_metrics(
     };
     let service = InferenceService::with_metrics(engine, metrics);
     let guard = TlsGuard(tls.as_ref().map(|t| t.verifies_clients()));
+    let adapters = tonic::service::interceptor::InterceptedService::new(
+        AdaptersServer::new(service.clone()),
+        move |request| guard.check(request),
+    );
     let inference = tonic::service::interceptor::InterceptedService::new(
         InferenceServer::new(service).max_decoding_message_size(MAX_MESSAGE_BYTES),
         move |request| guard.check(request),
     );
     let router = Server::builder()
         .add_service(health_service)
-        .add_service(inference);
+        .add_service(inference)
+        .add_service(adapters);
     // Either, not a boxed future: the server stays Send whenever `shutdown` is.
     let server = match tls {
         // Health stays open in plain text beside TLS: kubelet's gRPC probes

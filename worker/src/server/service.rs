@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::task::{Context, Poll};
 
 use shardserve_proto::v1 as pb;
+use shardserve_proto::v1::adapters_server::Adapters;
 use shardserve_proto::v1::inference_server::Inference;
 use tokio::sync::mpsc;
 use tokio_stream::Stream;
@@ -15,7 +16,7 @@ use tracing::{Instrument, Span};
 
 use super::convert;
 use super::metrics::{Metrics, RequestRecord};
-use crate::engine::{EngineEvent, EngineHandle, Prompt, prompt_ids};
+use crate::engine::{AdapterChange, EngineEvent, EngineHandle, Prompt, prompt_ids};
 use crate::tokenizer::Tokenizer;
 
 /// Serves `shardserve.v1.Inference` from one engine.
@@ -100,7 +101,50 @@ impl Inference for InferenceService {
         &self,
         _request: Request<pb::ModelInfoRequest>,
     ) -> Result<Response<pb::ModelInfoResponse>, Status> {
-        Ok(Response::new(convert::model_info(self.engine.info())))
+        Ok(Response::new(convert::model_info(
+            self.engine.info(),
+            &self.engine.adapters(),
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl Adapters for InferenceService {
+    async fn load_adapter(
+        &self,
+        request: Request<pb::LoadAdapterRequest>,
+    ) -> Result<Response<pb::LoadAdapterResponse>, Status> {
+        let req = request.into_inner();
+        if req.name.is_empty() || req.path.is_empty() {
+            return Err(Status::invalid_argument("name and path are both required"));
+        }
+        let path = req.path.strip_prefix("file://").unwrap_or(&req.path);
+        let change = AdapterChange::Load {
+            name: req.name,
+            path: path.into(),
+        };
+        let adapter = self
+            .engine
+            .change_adapter(change)
+            .await
+            .map_err(|e| convert::engine_status(&e))?;
+        Ok(Response::new(pb::LoadAdapterResponse {
+            adapter: adapter.as_ref().map(convert::lora_adapter),
+        }))
+    }
+
+    async fn unload_adapter(
+        &self,
+        request: Request<pb::UnloadAdapterRequest>,
+    ) -> Result<Response<pb::UnloadAdapterResponse>, Status> {
+        let change = AdapterChange::Unload {
+            name: request.into_inner().name,
+        };
+        self.engine
+            .change_adapter(change)
+            .await
+            .map_err(|e| convert::engine_status(&e))?;
+        Ok(Response::new(pb::UnloadAdapterResponse {}))
     }
 }
 
