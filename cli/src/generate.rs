@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::path::PathBuf;
 
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use clap::Args;
 use serde_json::{Value, json};
 use shardserve_worker::device::DeviceSpec;
@@ -13,6 +13,9 @@ use shardserve_worker::sampling::SamplingParams;
 use shardserve_worker::tokenizer::ChatMessage;
 
 use crate::runtime::ThreadArgs;
+
+/// The name `--lora`'s adapter is served under (never the base model's).
+const LORA_NAME: &str = "lora";
 
 #[derive(Args, Debug)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["chat", "prompt", "prompt_ids"])))]
@@ -71,6 +74,10 @@ pub struct GenerateArgs {
     /// need a CUDA build.
     #[arg(long, default_value_t = DeviceSpec::Cpu)]
     pub device: DeviceSpec,
+    /// Generate through this LoRA adapter (a PEFT directory or a GGUF LoRA file),
+    /// applied unmerged on the base model.
+    #[arg(long, value_name = "PATH")]
+    pub lora: Option<PathBuf>,
 }
 
 pub fn run(args: GenerateArgs) -> Result<()> {
@@ -91,6 +98,11 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     };
     let mut engine =
         crate::group::load_local(&args.model, &options, args.tensor, threads, args.device)?;
+    if let Some(path) = &args.lora {
+        engine
+            .load_adapter(LORA_NAME, path)
+            .with_context(|| format!("loading the LoRA adapter {}", path.display()))?;
+    }
     let prompt = match (&args.chat, &args.prompt, &args.prompt_ids) {
         (Some(text), _, _) => Prompt::Chat(vec![ChatMessage {
             role: "user".into(),
@@ -106,6 +118,7 @@ pub fn run(args: GenerateArgs) -> Result<()> {
     request.stopping.stop = args.stop.clone();
     request.logprobs = args.logprobs;
     request.prompt_logprobs = args.prompt_logprobs;
+    request.adapter = args.lora.as_ref().map(|_| LORA_NAME.to_string());
 
     let stream = !args.json;
     let mut stdout = std::io::stdout();

@@ -72,6 +72,43 @@ pub struct WorkerArgs {
     /// the router (holding such a certificate) is served. Needs --tls-cert.
     #[arg(long, value_name = "PEM", requires = "tls_cert")]
     pub tls_client_ca: Option<PathBuf>,
+    /// Serve a LoRA adapter next to the base model, as NAME=SOURCE (a PEFT
+    /// directory or GGUF LoRA file: a path, `file://`, `hf://` or `pip://`;
+    /// repeat the flag for several). More can be loaded at run time through the
+    /// Adapters gRPC service (the router's /v1/load_lora_adapter).
+    #[arg(long, value_name = "NAME=SOURCE", value_parser = parse_lora)]
+    pub lora: Vec<(String, String)>,
+    /// Most adapters resident at once (beyond that the least recently used idle
+    /// one makes room; one in use is never evicted).
+    #[arg(long, default_value_t = shardserve_worker::engine::DEFAULT_MAX_LORAS)]
+    pub max_loras: usize,
+    /// Highest adapter rank accepted.
+    #[arg(long, default_value_t = shardserve_worker::engine::DEFAULT_MAX_LORA_RANK)]
+    pub max_lora_rank: usize,
+    /// Where `hf://` and `pip://` adapter sources are fetched to.
+    #[arg(long, env = "SHARDSERVE_CACHE")]
+    pub cache: Option<PathBuf>,
+}
+
+fn parse_lora(arg: &str) -> Result<(String, String), String> {
+    match arg.split_once('=') {
+        Some((name, source)) if !name.is_empty() && !source.is_empty() => {
+            Ok((name.to_string(), source.to_string()))
+        }
+        _ => Err(format!("expected NAME=SOURCE, got '{arg}'")),
+    }
+}
+
+/// The local path of an adapter source (fetched into `cache` when it is a
+/// hub or package source); a bare path is taken as it is.
+fn adapter_path(source: &str, cache: Option<&PathBuf>) -> Result<PathBuf> {
+    if !source.contains("://") {
+        return Ok(PathBuf::from(source));
+    }
+    let parsed = shardserve_operator::ModelSource::parse(source)
+        .map_err(|e| anyhow::anyhow!("LoRA source {source}: {e}"))?;
+    let cache = crate::model::cache_dir(cache.cloned())?;
+    crate::model::resolve(&parsed, std::path::Path::new("."), &cache)
 }
 
 impl WorkerArgs {
@@ -153,6 +190,8 @@ pub fn run(mut args: WorkerArgs) -> Result<()> {
         served_model_name: args.served_model_name.clone(),
         weight_dtype: args.dtype.clone(),
         load_tally,
+        max_loras: args.max_loras,
+        max_lora_rank: args.max_lora_rank,
         ..EngineOptions::default()
     };
     args.batching.apply(&mut options, args.group.device);
@@ -183,7 +222,18 @@ pub fn run(mut args: WorkerArgs) -> Result<()> {
         }
         return followed;
     }
-    let engine = args.group.load(&args.model, &options)?;
+    // Adapter sources are fetched before the model loads for minutes.
+    let loras = args
+        .lora
+        .iter()
+        .map(|(name, source)| Ok((name.clone(), adapter_path(source, args.cache.as_ref())?)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut engine = args.group.load(&args.model, &options)?;
+    for (name, path) in &loras {
+        engine
+            .load_adapter(name, path)
+            .with_context(|| format!("--lora {name}={}", path.display()))?;
+    }
     progress.set_stage(Stage::Loaded);
     // The port is the engine's from here on: bound before "model loaded" is logged,
     // so whoever waits for that line finds it accepting.

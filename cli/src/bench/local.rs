@@ -5,7 +5,7 @@
 use std::path::Path;
 use std::time::Instant;
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use serde::Serialize;
 use shardserve_worker::engine::{BenchPhase, EngineOptions};
 
@@ -17,6 +17,8 @@ struct Report {
     threads: usize,
     tensor: usize,
     simd: String,
+    /// The LoRA adapters the rows ran on (row i on adapter i mod N).
+    lora: Vec<String>,
     results: Vec<Row>,
 }
 
@@ -39,9 +41,18 @@ pub(super) fn run(args: &BenchArgs, model: &Path, prompt_tokens: &[usize]) -> Re
     let options = EngineOptions {
         max_seq_len: Some(longest.max(64)),
         max_num_seqs: widest,
+        max_loras: args.lora.len().max(EngineOptions::default().max_loras),
         ..EngineOptions::default()
     };
     let mut engine = crate::group::load_local(model, &options, args.tensor, threads, args.device)?;
+    let mut adapters = Vec::with_capacity(args.lora.len());
+    for (i, path) in args.lora.iter().enumerate() {
+        let name = format!("lora-{i}");
+        engine
+            .load_adapter(&name, path)
+            .with_context(|| format!("loading the LoRA adapter {}", path.display()))?;
+        adapters.push(name);
+    }
     let filler = engine.tokenizer().encode(super::FILLER, false, false)?;
     // Sequence i starts i tokens into the filler: equal lengths, different tokens.
     let prompt_of = |n: usize, i: usize| -> Vec<u32> {
@@ -64,6 +75,7 @@ pub(super) fn run(args: &BenchArgs, model: &Path, prompt_tokens: &[usize]) -> Re
                 let mut marks = Vec::with_capacity(2);
                 engine.run_fixed_batch(
                     &prompts,
+                    &adapters,
                     args.gen_tokens,
                     |phase: BenchPhase, comm_time| {
                         marks.push((phase, Instant::now()));
@@ -94,14 +106,19 @@ pub(super) fn run(args: &BenchArgs, model: &Path, prompt_tokens: &[usize]) -> Re
         threads,
         tensor: args.tensor,
         simd: format!("{:?}", shardserve_kernels::simd_level()),
+        lora: args.lora.iter().map(|p| p.display().to_string()).collect(),
         results,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
         println!(
-            "model {}  threads {}  tensor {}  simd {}",
-            report.model, report.threads, report.tensor, report.simd
+            "model {}  threads {}  tensor {}  simd {}  lora [{}]",
+            report.model,
+            report.threads,
+            report.tensor,
+            report.simd,
+            report.lora.join(", ")
         );
         println!(
             "{:>5} {:>13} {:>10} {:>14} {:>13} {:>18}",

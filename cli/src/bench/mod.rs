@@ -58,6 +58,11 @@ pub struct BenchArgs {
     /// GPU R); GPUs need a CUDA build.
     #[arg(long, default_value_t = DeviceSpec::Cpu, conflicts_with = "url")]
     pub device: DeviceSpec,
+    /// Without --url: a LoRA adapter (PEFT directory or GGUF LoRA file) the batch's
+    /// rows run on; repeat the flag to spread the rows over several adapters
+    /// (row i on adapter i mod N).
+    #[arg(long, value_name = "PATH", conflicts_with = "url")]
+    pub lora: Vec<std::path::PathBuf>,
     /// Load-test the OpenAI API at this base URL (our router,
     /// llama-server, vLLM, ...) instead of loading a model here.
     #[arg(long)]

@@ -1012,7 +1012,7 @@ impl Engine {
         new_tokens: usize,
         on_phase: impl FnMut(BenchPhase, std::time::Duration),
     ) -> Result<Vec<u32>, EngineError> {
-        let mut out = self.run_fixed_batch(&[prompt.to_vec()], new_tokens, on_phase)?;
+        let mut out = self.run_fixed_batch(&[prompt.to_vec()], &[], new_tokens, on_phase)?;
         Ok(out.pop().unwrap_or_default())
     }
 
@@ -1020,14 +1020,17 @@ impl Engine {
     /// prefilled (in chunks, several per step), then `new_tokens` greedy
     /// decode steps run over all of them. `on_phase` marks the end of the
     /// prefill (every sequence has its first token) and of the decode.
+    /// Prompt `i` runs on adapter `adapters[i % adapters.len()]` (none when
+    /// `adapters` is empty).
     pub fn run_fixed_batch(
         &mut self,
         prompts: &[Vec<u32>],
+        adapters: &[String],
         new_tokens: usize,
         mut on_phase: impl FnMut(BenchPhase, std::time::Duration),
     ) -> Result<Vec<Vec<u32>>, EngineError> {
         let mut ids = Vec::with_capacity(prompts.len());
-        for prompt in prompts {
+        for (i, prompt) in prompts.iter().enumerate() {
             if prompt.is_empty() || prompt.len() + new_tokens + 1 > self.info.max_seq_len {
                 return Err(EngineError::InvalidRequest(format!(
                     "{} prompt and {new_tokens} generated tokens do not fit the context of {}",
@@ -1039,6 +1042,7 @@ impl Engine {
             // The prefill's token, then one per decode step.
             request.stopping.max_tokens = Some(new_tokens + 1);
             request.stopping.ignore_eos = true;
+            request.adapter = (!adapters.is_empty()).then(|| adapters[i % adapters.len()].clone());
             // Repetitions of one prompt must compute it every time.
             ids.push(self.add_with(request, false)?);
         }

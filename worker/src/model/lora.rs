@@ -151,14 +151,7 @@ pub struct HostDense {
 
 /// `scale · B·(A·x)` for one row `x`, in f64 (`A: [r, in]`, `B: [out, r]`).
 pub fn delta_f64(a: &[f32], b: &[f32], rank: usize, x: &[f32], scale: f32) -> Vec<f64> {
-    let t: Vec<f64> = a
-        .chunks_exact(x.len())
-        .map(|row| {
-            row.iter()
-                .zip(x)
-                .fold(0f64, |s, (&w, &v)| s + f64::from(w) * f64::from(v))
-        })
-        .collect();
+    let t: Vec<f64> = a.chunks_exact(x.len()).map(|row| dot_f64(row, x)).collect();
     let scale = f64::from(scale);
     b.chunks_exact(rank)
         .map(|row| {
@@ -168,6 +161,27 @@ pub fn delta_f64(a: &[f32], b: &[f32], rank: usize, x: &[f32], scale: f32) -> Ve
                 * scale
         })
         .collect()
+}
+
+/// `w·x` summed in f64 over eight independent lanes (the order is fixed by the
+/// length alone, so a row's result never depends on its batch): a single
+/// running sum is bound by the latency of each add, the lanes vectorise.
+fn dot_f64(w: &[f32], x: &[f32]) -> f64 {
+    const LANES: usize = 8;
+    let mut acc = [0f64; LANES];
+    let (w_body, w_tail) = w.split_at(w.len() - w.len() % LANES);
+    let (x_body, x_tail) = x.split_at(w_body.len());
+    for (wc, xc) in w_body.chunks_exact(LANES).zip(x_body.chunks_exact(LANES)) {
+        for i in 0..LANES {
+            acc[i] += f64::from(wc[i]) * f64::from(xc[i]);
+        }
+    }
+    let tail: f64 = w_tail
+        .iter()
+        .zip(x_tail)
+        .map(|(&a, &b)| f64::from(a) * f64::from(b))
+        .sum();
+    acc.iter().sum::<f64>() + tail
 }
 
 /// Each pair's `(row, delta)` for its rows of `x` (`width` floats a row), in
