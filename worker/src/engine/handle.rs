@@ -35,9 +35,21 @@ enum Job {
 /// A change to the adapters an engine serves.
 #[derive(Clone, Debug)]
 pub enum AdapterChange {
-    Load { name: String, path: PathBuf },
-    Unload { name: String },
+    /// Serve `name` from `path`, fetched from `source` (listed as given).
+    Load {
+        name: String,
+        source: String,
+        path: PathBuf,
+    },
+    Unload {
+        name: String,
+    },
 }
+
+/// Turns an adapter source that is not a local path (`hf://`, `pip://`) into
+/// one, fetching it first; the error says why it could not. It may block for a
+/// download, so it runs off the engine thread and off the async workers.
+pub type AdapterFetch = Arc<dyn Fn(&str) -> Result<PathBuf, String> + Send + Sync>;
 
 /// A cheap, cloneable handle to the engine thread.
 #[derive(Clone)]
@@ -50,6 +62,7 @@ pub struct EngineHandle {
     stats: Arc<StatsCell>,
     stopped: tokio::sync::watch::Receiver<bool>,
     adapters: Arc<std::sync::RwLock<Vec<AdapterInfo>>>,
+    fetch_adapter: Option<AdapterFetch>,
 }
 
 /// A snapshot of [`EngineHandle::load`].
@@ -92,7 +105,33 @@ impl EngineHandle {
             stats,
             stopped,
             adapters,
+            fetch_adapter: None,
         })
+    }
+
+    /// This handle, able to load adapters from sources `fetch` understands.
+    pub fn with_adapter_fetch(mut self, fetch: AdapterFetch) -> Self {
+        self.fetch_adapter = Some(fetch);
+        self
+    }
+
+    /// The local path of adapter `source`: a path (or `file://`) as it is, another
+    /// source fetched (on a blocking thread) when this worker can fetch.
+    pub async fn adapter_path(&self, source: &str) -> Result<PathBuf, EngineError> {
+        let local = source.strip_prefix("file://").unwrap_or(source);
+        if !local.contains("://") {
+            return Ok(PathBuf::from(local));
+        }
+        let Some(fetch) = self.fetch_adapter.clone() else {
+            return Err(EngineError::InvalidRequest(format!(
+                "this worker cannot fetch adapter source {source}: give a path on its file system"
+            )));
+        };
+        let owned = source.to_string();
+        tokio::task::spawn_blocking(move || fetch(&owned))
+            .await
+            .map_err(|e| EngineError::InvalidRequest(format!("fetching {source}: {e}")))?
+            .map_err(|e| EngineError::InvalidRequest(format!("adapter source {source}: {e}")))
     }
 
     /// The LoRA adapters served now.
@@ -186,8 +225,8 @@ fn run(mut engine: Engine, jobs: std_mpsc::Receiver<Job>, submitted: &AtomicUsiz
                 Job::Generate { request, events } => (request, events),
                 Job::Adapter { change, reply } => {
                     let result = match change {
-                        AdapterChange::Load { name, path } => {
-                            engine.load_adapter(&name, &path).map(Some)
+                        AdapterChange::Load { name, source, path } => {
+                            engine.load_adapter_from(&name, &source, &path).map(Some)
                         }
                         AdapterChange::Unload { name } => {
                             engine.unload_adapter(&name).map(|()| None)

@@ -19,7 +19,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 pub use adapters::{AdapterInfo, DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS};
-pub use handle::{AdapterChange, EngineHandle, EngineLoad};
+pub use handle::{AdapterChange, AdapterFetch, EngineHandle, EngineLoad};
 pub use request::{
     FinishReason, Finished, GenerationRequest, LogprobEntry, Prompt, Stopping, TokenEvent,
 };
@@ -333,6 +333,8 @@ pub struct ModelInfo {
     pub tensor_parallel_size: usize,
     pub kv_cache: KvCacheInfo,
     pub max_num_seqs: usize,
+    /// Most LoRA adapters resident at once (`--max-loras`).
+    pub max_loras: usize,
 }
 
 /// One request's event, from [`Engine::step`].
@@ -569,6 +571,7 @@ impl Engine {
             config,
             kv_cache,
             max_num_seqs,
+            max_loras: options.max_loras.max(1),
         };
         release_freed_memory();
         model.reserve_cache(blocks, block_size)?;
@@ -796,6 +799,7 @@ impl Engine {
         for f in &failed {
             self.end(f.seq);
         }
+        self.publish_adapters();
         failed
     }
 

@@ -187,6 +187,7 @@ pub(crate) fn model_info(info: &ModelInfo, adapters: &[AdapterInfo]) -> pb::Mode
         num_layers: count(c.num_layers),
         hidden_size: count(c.hidden_size),
         adapters: adapters.iter().map(lora_adapter).collect(),
+        max_loras: count(info.max_loras),
     }
 }
 
@@ -197,6 +198,8 @@ pub(crate) fn lora_adapter(a: &AdapterInfo) -> pb::LoraAdapter {
         rank: count(a.rank),
         resident: a.resident,
         requests: count(a.requests),
+        waiting: count(a.waiting),
+        source: a.source.clone(),
     }
 }
 

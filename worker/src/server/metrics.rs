@@ -17,8 +17,8 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-    TextEncoder,
+    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 use tokio::net::TcpListener;
 
@@ -55,6 +55,102 @@ pub struct Metrics {
     generation_tokens: IntCounter,
     /// Scheduler and KV cache figures, copied from the engine at scrape time.
     engine: EngineGauges,
+    /// LoRA adapters' requests and residency.
+    lora: LoraMetrics,
+}
+
+/// Per-adapter metrics, and vLLM's `vllm:lora_requests_info`, which LoRA-aware
+/// endpoint pickers (the Gateway API Inference Extension's) read to send a
+/// request where its adapter is already running.
+struct LoraMetrics {
+    /// `shardserve_worker_lora_requests_total{adapter}`: Generate calls naming it.
+    requests: IntCounterVec,
+    /// `shardserve_worker_lora_adapter_requests{adapter}`: running or waiting now.
+    in_flight: IntGaugeVec,
+    /// `shardserve_worker_lora_adapter_resident{adapter}`: 1 when loaded on every rank.
+    resident: IntGaugeVec,
+    /// `vllm:lora_requests_info{running_lora_adapters, waiting_lora_adapters,
+    /// max_lora}`: one series, the scrape's Unix time as its value, as vLLM does.
+    info: GaugeVec,
+}
+
+impl LoraMetrics {
+    fn new(registry: &Registry, opts: &dyn Fn(&str, &str) -> Opts) -> prometheus::Result<Self> {
+        let requests = IntCounterVec::new(
+            opts(
+                "shardserve_worker_lora_requests_total",
+                "Generate calls that named a LoRA adapter, by adapter.",
+            ),
+            &["adapter"],
+        )?;
+        let in_flight = IntGaugeVec::new(
+            opts(
+                "shardserve_worker_lora_adapter_requests",
+                "Requests running or waiting with each LoRA adapter served.",
+            ),
+            &["adapter"],
+        )?;
+        let resident = IntGaugeVec::new(
+            opts(
+                "shardserve_worker_lora_adapter_resident",
+                "1 for a LoRA adapter loaded on every rank now, 0 for one served but loaded on its next request.",
+            ),
+            &["adapter"],
+        )?;
+        // vLLM's name and labels, without the model label, so that tools written
+        // for vLLM read it unchanged.
+        let info = GaugeVec::new(
+            Opts::new(
+                "vllm:lora_requests_info",
+                "Running and waiting LoRA adapters (comma-separated) and the most resident at once; \
+                 the value is the time of the scrape.",
+            ),
+            &["running_lora_adapters", "waiting_lora_adapters", "max_lora"],
+        )?;
+        registry.register(Box::new(requests.clone()))?;
+        registry.register(Box::new(in_flight.clone()))?;
+        registry.register(Box::new(resident.clone()))?;
+        registry.register(Box::new(info.clone()))?;
+        Ok(Self {
+            requests,
+            in_flight,
+            resident,
+            info,
+        })
+    }
+
+    fn update(&self, adapters: &[crate::engine::AdapterInfo], max_loras: usize) {
+        self.in_flight.reset();
+        self.resident.reset();
+        self.info.reset();
+        let mut running = Vec::new();
+        let mut waiting = Vec::new();
+        for a in adapters {
+            let name = [a.name.as_str()];
+            self.in_flight
+                .with_label_values(&name)
+                .set(a.requests as i64);
+            self.resident
+                .with_label_values(&name)
+                .set(i64::from(a.resident));
+            if a.requests > a.waiting {
+                running.push(a.name.as_str());
+            }
+            if a.waiting > 0 {
+                waiting.push(a.name.as_str());
+            }
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0.0, |d| d.as_secs_f64());
+        self.info
+            .with_label_values(&[
+                running.join(",").as_str(),
+                waiting.join(",").as_str(),
+                max_loras.to_string().as_str(),
+            ])
+            .set(now);
+    }
 }
 
 /// Metrics mirrored from [`crate::engine::EngineStats`].
@@ -209,6 +305,7 @@ impl Metrics {
         registry.register(Box::new(prompt_tokens.clone()))?;
         registry.register(Box::new(generation_tokens.clone()))?;
         let engine = EngineGauges::new(&registry, &opts)?;
+        let lora = LoraMetrics::new(&registry, &opts)?;
         Ok(Self {
             registry,
             requests,
@@ -220,7 +317,13 @@ impl Metrics {
             prompt_tokens,
             generation_tokens,
             engine,
+            lora,
         })
+    }
+
+    /// Counts a Generate call naming `adapter`.
+    pub fn adapter_request(&self, adapter: &str) {
+        self.lora.requests.with_label_values(&[adapter]).inc();
     }
 
     /// Starts the record of one Generate call.
@@ -241,6 +344,8 @@ impl Metrics {
         self.running.set(load.running as i64);
         self.engine
             .update(&engine.stats(), engine.info().kv_cache.bytes);
+        self.lora
+            .update(&engine.adapters(), engine.info().max_loras);
         let mut out = Vec::new();
         // Encoding into a Vec cannot fail for these metric types.
         let _ = TextEncoder::new().encode(&self.registry.gather(), &mut out);

@@ -50,6 +50,9 @@ impl Inference for InferenceService {
     ) -> Result<Response<Self::GenerateStream>, Status> {
         let mut record = self.metrics.start();
         let req = request.into_inner();
+        if !req.adapter.is_empty() {
+            self.metrics.adapter_request(&req.adapter);
+        }
         let request_id = if req.request_id.is_empty() {
             new_request_id()
         } else {
@@ -118,10 +121,15 @@ impl Adapters for InferenceService {
         if req.name.is_empty() || req.path.is_empty() {
             return Err(Status::invalid_argument("name and path are both required"));
         }
-        let path = req.path.strip_prefix("file://").unwrap_or(&req.path);
+        let path = self
+            .engine
+            .adapter_path(&req.path)
+            .await
+            .map_err(|e| convert::engine_status(&e))?;
         let change = AdapterChange::Load {
             name: req.name,
-            path: path.into(),
+            source: req.path,
+            path,
         };
         let adapter = self
             .engine

@@ -685,3 +685,167 @@ async fn a_followers_health_follows_its_group_meeting_and_breaking() {
         ServingStatus::NotServing
     );
 }
+
+/// The Adapters service and the LoRA metrics: adapters loaded and unloaded over
+/// gRPC, bad ones refused with the reason, requests counted per adapter, and
+/// vLLM's `vllm:lora_requests_info` telling running from waiting adapters.
+#[tokio::test]
+async fn adapters_load_over_grpc_and_their_requests_show_in_the_metrics() {
+    use crate::lora::Target;
+    use crate::lora::testing::TestAdapter;
+    use shardserve_proto::v1::adapters_client::AdaptersClient;
+
+    let path = demo_model();
+    // One slot: a second adapter waits while the first is in use.
+    let options = EngineOptions {
+        max_loras: 1,
+        ..EngineOptions::default()
+    };
+    let engine = Engine::load(&path, &options).expect("demo model loads");
+    let config = engine.info().config.clone();
+    let engine = EngineHandle::spawn(engine).expect("engine thread starts");
+    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
+    tokio::spawn(super::serve_with_metrics(
+        engine,
+        grpc,
+        Some(http),
+        None,
+        std::future::pending(),
+        super::DRAIN_GRACE,
+    ));
+    let dirs: Vec<tempfile::TempDir> = (0..2)
+        .map(|seed| {
+            let dir = tempfile::tempdir().unwrap();
+            TestAdapter::random(&config, 4, &[Target::Q, Target::V], seed).write_peft(
+                dir.path(),
+                &config,
+                serde_json::json!({}),
+            );
+            dir
+        })
+        .collect();
+    let mut client = connect(grpc_addr).await;
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{grpc_addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut adapters = AdaptersClient::new(channel);
+    let load = |name: &str, path: String| pb::LoadAdapterRequest {
+        name: name.into(),
+        path,
+        model: String::new(),
+    };
+    let source_a = format!("file://{}", dirs[0].path().display());
+    let loaded = adapters
+        .load_adapter(load("a", source_a.clone()))
+        .await
+        .expect("a loads")
+        .into_inner()
+        .adapter
+        .expect("listed");
+    assert_eq!(
+        (loaded.rank, loaded.source.as_str()),
+        (4, source_a.as_str())
+    );
+    adapters
+        .load_adapter(load("b", dirs[1].path().display().to_string()))
+        .await
+        .expect("b loads");
+    let missing = adapters
+        .load_adapter(load("c", "/nowhere/adapter".into()))
+        .await
+        .expect_err("a missing adapter is refused");
+    assert_eq!(missing.code(), Code::InvalidArgument, "{missing:?}");
+    assert!(
+        missing.message().contains("/nowhere/adapter"),
+        "{missing:?}"
+    );
+    // This worker was given no fetcher: a hub source is refused, saying so.
+    let remote = adapters
+        .load_adapter(load("d", "hf://org/adapter".into()))
+        .await
+        .expect_err("no fetcher");
+    assert_eq!(remote.code(), Code::InvalidArgument);
+    assert!(remote.message().contains("cannot fetch"), "{remote:?}");
+
+    let info = client
+        .model_info(pb::ModelInfoRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let names: Vec<&str> = info.adapters.iter().map(|a| a.name.as_str()).collect();
+    assert_eq!((names, info.max_loras), (vec!["a", "b"], 1));
+
+    // A long request on a holds the only slot; one on b waits for it.
+    let on = |adapter: &str| {
+        let mut req = text_request("Write a very long story about a dragon.", 0);
+        req.stopping.as_mut().unwrap().ignore_eos = true;
+        req.adapter = adapter.into();
+        req
+    };
+    let mut long = client.generate(on("a")).await.unwrap().into_inner();
+    long.next().await.expect("a message").expect("ok");
+    let mut second = connect(grpc_addr).await;
+    let waiting = tokio::spawn(async move {
+        let mut req = on("b");
+        req.stopping.as_mut().unwrap().max_tokens = 2;
+        generate(&mut second, req).await
+    });
+    let start = std::time::Instant::now();
+    let text = loop {
+        let (_, text) = http_get(http_addr, "/metrics").await;
+        if text.contains("waiting_lora_adapters=\"b\"") {
+            break text;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "b never showed as waiting:\n{text}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        text.contains(
+            "vllm:lora_requests_info{max_lora=\"1\",running_lora_adapters=\"a\",waiting_lora_adapters=\"b\"}"
+        ),
+        "{text}"
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "shardserve_worker_lora_requests_total{adapter=\"a\",model=\"SmolLM2-135M-Instruct.Q4_1\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "shardserve_worker_lora_adapter_resident{adapter=\"b\",model=\"SmolLM2-135M-Instruct.Q4_1\"}"
+        ),
+        0.0
+    );
+
+    // Unloading a lets its running request go on; new ones are refused.
+    adapters
+        .unload_adapter(pb::UnloadAdapterRequest {
+            name: "a".into(),
+            model: String::new(),
+        })
+        .await
+        .expect("a unloads");
+    long.next().await.expect("the stream goes on").expect("ok");
+    let refused = client
+        .generate(on("a"))
+        .await
+        .expect_err("a is no longer served");
+    assert_eq!(refused.code(), Code::NotFound, "{refused:?}");
+    drop(long);
+    // Its slot is free once the stream is gone: b runs.
+    let (tokens, _) = tokio::time::timeout(HANG_GUARD, waiting)
+        .await
+        .expect("b finishes")
+        .unwrap();
+    assert_eq!(tokens.len(), 2);
+}

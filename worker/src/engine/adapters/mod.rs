@@ -38,6 +38,17 @@ impl Engine {
     /// checked against the base model now, and loads it on every rank if a slot
     /// is free or idle. A name in use by requests must be unloaded first.
     pub fn load_adapter(&mut self, name: &str, path: &Path) -> Result<AdapterInfo, EngineError> {
+        self.load_adapter_from(name, &path.display().to_string(), path)
+    }
+
+    /// [`Engine::load_adapter`] for an adapter fetched from `source` (a hub or
+    /// package source, listed as given) to `path`.
+    pub fn load_adapter_from(
+        &mut self,
+        name: &str,
+        source: &str,
+        path: &Path,
+    ) -> Result<AdapterInfo, EngineError> {
         if name.is_empty() || name == self.info.served_model_name {
             return Err(EngineError::InvalidRequest(format!(
                 "an adapter cannot be named '{name}' (the base model's name, or empty)"
@@ -47,7 +58,10 @@ impl Engine {
             return Err(EngineError::AdapterBusy(name.to_string()));
         }
         let adapter = Adapter::open(path, &self.info.config, self.max_lora_rank)?;
-        if let Some(old) = self.adapters.insert(name, path.to_path_buf(), adapter.rank) {
+        if let Some(old) = self
+            .adapters
+            .insert(name, source, path.to_path_buf(), adapter.rank)
+        {
             self.unload_slot(old)?;
         }
         if let Placement::Load { slot, evict } = self.adapters.place(name)
@@ -88,8 +102,18 @@ impl Engine {
     }
 
     pub(super) fn publish_adapters(&self) {
+        let mut listed = self.adapters.list();
+        for w in &self.waiting_for_adapter {
+            let name = self
+                .active
+                .get(&w.seq)
+                .and_then(|a| a.request.adapter.as_ref());
+            if let Some(a) = listed.iter_mut().find(|a| Some(&a.name) == name) {
+                a.waiting += 1;
+            }
+        }
         if let Ok(mut list) = self.adapter_list.write() {
-            *list = self.adapters.list();
+            *list = listed;
         }
     }
 

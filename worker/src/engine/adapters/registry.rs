@@ -16,16 +16,24 @@ use crate::scheduler::SeqId;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct AdapterInfo {
     pub name: String,
+    /// What it was asked to be loaded from (a path or a `file://`, `hf://`,
+    /// `pip://` source), as given.
+    pub source: String,
+    /// Where it was read from on this machine.
     pub path: PathBuf,
     pub rank: usize,
     /// Loaded on every rank now.
     pub resident: bool,
     /// Requests running or waiting with it.
     pub requests: usize,
+    /// Of those, the ones waiting for it to get a slot (every slot held by
+    /// adapters in use).
+    pub waiting: usize,
 }
 
 #[derive(Debug)]
 struct Entry {
+    source: String,
     path: PathBuf,
     rank: usize,
     slot: Option<u32>,
@@ -90,12 +98,13 @@ impl Registry {
 
     /// Registers `name` (not resident yet). The caller has checked that no
     /// entry of that name is in use.
-    pub fn insert(&mut self, name: &str, path: PathBuf, rank: usize) -> Option<u32> {
+    pub fn insert(&mut self, name: &str, source: &str, path: PathBuf, rank: usize) -> Option<u32> {
         let old = self.entries.remove(name).and_then(|e| e.slot);
         self.loads += 1;
         self.entries.insert(
             name.to_string(),
             Entry {
+                source: source.to_string(),
                 path,
                 rank,
                 slot: None,
@@ -208,10 +217,12 @@ impl Registry {
             .filter(|(_, e)| !e.removing)
             .map(|(name, e)| AdapterInfo {
                 name: name.clone(),
+                source: e.source.clone(),
                 path: e.path.clone(),
                 rank: e.rank,
                 resident: e.slot.is_some(),
                 requests: e.users,
+                waiting: 0,
             })
             .collect()
     }
@@ -224,7 +235,7 @@ mod tests {
     fn registry(slots: usize, names: &[&str]) -> Registry {
         let mut r = Registry::new(slots);
         for n in names {
-            r.insert(n, PathBuf::from(format!("/a/{n}")), 8);
+            r.insert(n, n, PathBuf::from(format!("/a/{n}")), 8);
         }
         r
     }
@@ -307,7 +318,7 @@ mod tests {
         let mut r = registry(2, &["a", "b"]);
         assert_ne!(r.root("a"), r.root("b"));
         let before = r.root("a");
-        r.insert("a", PathBuf::from("/other"), 8);
+        r.insert("a", "/other", PathBuf::from("/other"), 8);
         assert_ne!(r.root("a"), before, "the same name from another file");
     }
 }
