@@ -255,7 +255,15 @@ pub fn run(mut args: WorkerArgs) -> Result<()> {
         threads,
         "model loaded"
     );
-    let handle = EngineHandle::spawn(engine).context("starting the engine thread")?;
+    // Adapters loaded at run time (the router's /v1/load_lora_adapter, the operator,
+    // `up`) may name hub and package sources too: fetched into the model cache.
+    let cache = args.cache.clone();
+    let fetch: shardserve_worker::engine::AdapterFetch = Arc::new(move |source: &str| {
+        adapter_path(source, cache.as_ref()).map_err(|e| format!("{e:#}"))
+    });
+    let handle = EngineHandle::spawn(engine)
+        .context("starting the engine thread")?
+        .with_adapter_fetch(fetch);
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -1,6 +1,7 @@
 //! Helpers of the end-to-end tests (in `tests/`), which drive the
 //! `shardserve` binary as a user would.
 
+pub mod lora;
 pub mod pki;
 
 use std::io::{Read, Write};

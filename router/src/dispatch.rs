@@ -60,8 +60,9 @@ pub(crate) fn retryable(status: &Status) -> bool {
 }
 
 impl Upstream {
-    /// Starts `req` on a backend of `model` (already resolved) and waits for
-    /// its first event, retrying on other backends as long as none came.
+    /// Starts `req` on a backend of `model` (already resolved) that serves its
+    /// adapter, if it names one, and waits for its first event, retrying on
+    /// other backends as long as none came.
     pub(crate) async fn generate(
         &self,
         model: &str,
@@ -73,7 +74,13 @@ impl Upstream {
             (Some(asked), Some(limit)) => Some(asked.min(limit)),
             (asked, limit) => asked.or(limit),
         };
-        let key = prefix_key(model, req.prompt.as_ref(), self.affinity_prefix);
+        let adapter = (!req.adapter.is_empty()).then(|| req.adapter.clone());
+        // A prefix computed under an adapter is cached under it alone.
+        let scope = match &adapter {
+            Some(a) => format!("{model}\u{0}{a}"),
+            None => model.to_string(),
+        };
+        let key = prefix_key(&scope, req.prompt.as_ref(), self.affinity_prefix);
         let mut tried: Vec<String> = Vec::new();
         let mut last_error: Option<Status> = None;
         let in_flight = self.pool.enter(model);
@@ -82,7 +89,7 @@ impl Upstream {
             let changed = self.pool.changed();
             tokio::pin!(changed);
             changed.as_mut().enable();
-            let lease = match self.pool.lease(model, key, &tried) {
+            let lease = match self.pool.lease_for(model, adapter.as_deref(), key, &tried) {
                 Ok(lease) => lease,
                 // Nothing routable: the model is scaled to zero or its groups are
                 // (re)starting, or every backend left failed this request before its

@@ -25,7 +25,7 @@ pub(crate) struct RouterInference {
 fn pick_status(e: PickError) -> Status {
     let message = e.to_string();
     match e {
-        PickError::UnknownModel(_) => Status::not_found(message),
+        PickError::UnknownModel(_) | PickError::UnknownAdapter { .. } => Status::not_found(message),
         PickError::ModelRequired(_) => Status::invalid_argument(message),
         PickError::Overloaded(_) => Status::resource_exhausted(message),
         PickError::NoBackends(_)
@@ -53,10 +53,10 @@ impl RouterInference {
 
     /// A backend for a unary call (Tokenize, ModelInfo).
     fn lease(&self, model: &str) -> Result<Lease, Status> {
-        let model = self.upstream.pool.resolve(model).map_err(pick_status)?;
+        let target = self.upstream.pool.resolve(model).map_err(pick_status)?;
         self.upstream
             .pool
-            .lease(&model, 0, &[])
+            .lease(&target.model, 0, &[])
             .map_err(pick_status)
     }
 }
@@ -72,15 +72,23 @@ impl Inference for RouterInference {
         request: Request<pb::GenerateRequest>,
     ) -> Result<Response<EventStream>, Status> {
         let slot = self.keys.enter_grpc(request.extensions())?;
-        let req = request.into_inner();
-        let model = match self.upstream.pool.resolve(&req.model) {
-            Ok(m) => m,
+        let mut req = request.into_inner();
+        // `model` may name an adapter (as in the OpenAI API), or `adapter` names
+        // one of the model's.
+        let resolved = match req.adapter.as_str() {
+            "" => self.upstream.pool.resolve(&req.model),
+            adapter => self.upstream.pool.resolve_adapter(&req.model, adapter),
+        };
+        let target = match resolved {
+            Ok(t) => t,
             Err(e) => {
                 let status = pick_status(e);
                 self.count(&req.model, status.code());
                 return Err(status);
             }
         };
+        req.adapter = target.adapter.clone().unwrap_or_default();
+        let model = target.model;
         match self.upstream.generate(&model, req).await {
             Ok(generation) => {
                 self.count(&model, Code::Ok);

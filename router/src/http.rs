@@ -9,7 +9,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde_json::{Value, json};
 
-use crate::api::{ApiError, AppState, ErrorKind, Shape, ollama, openai, tgi};
+use crate::api::{ApiError, AppState, ErrorKind, Shape, lora, ollama, openai, tgi};
 use crate::auth::Keys;
 use crate::config::Readiness;
 use crate::pool::ModelSummary;
@@ -90,6 +90,8 @@ pub(crate) fn router(state: AppState, keys: Keys) -> Router {
         .route("/v1/chat/completions", post(openai::chat_completions))
         .route("/v1/completions", post(openai::completions))
         .route("/v1/models", get(openai::models))
+        .route("/v1/load_lora_adapter", post(lora::load))
+        .route("/v1/unload_lora_adapter", post(lora::unload))
         .route("/api/chat", post(ollama::chat))
         .route("/api/generate", post(ollama::generate))
         .route("/api/tags", get(ollama::tags))
@@ -240,6 +242,7 @@ mod tests {
             backends,
             healthy,
             info: None,
+            adapters: Vec::new(),
         }
     }
 

@@ -1237,3 +1237,6 @@ async fn a_key_runs_its_limit_of_requests_and_requests_end_at_their_deadline() {
     }
     assert!(back, "the slot came back when the gRPC stream ended");
 }
+
+#[path = "router/adapters.rs"]
+mod adapters;

@@ -16,6 +16,9 @@ pub(crate) enum ErrorKind {
     BadRequest,
     Unauthorized,
     NotFound,
+    /// The request conflicts with what is running (an adapter loaded again
+    /// under a name its requests still use).
+    Conflict,
     /// The body is larger than `--max-body-bytes`.
     TooLarge,
     /// The body did not arrive within `--body-timeout`.
@@ -57,6 +60,7 @@ impl ApiError {
             ErrorKind::BadRequest => StatusCode::BAD_REQUEST,
             ErrorKind::Unauthorized => StatusCode::UNAUTHORIZED,
             ErrorKind::NotFound => StatusCode::NOT_FOUND,
+            ErrorKind::Conflict => StatusCode::CONFLICT,
             ErrorKind::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             ErrorKind::BodyTimeout => StatusCode::REQUEST_TIMEOUT,
             ErrorKind::Deadline => StatusCode::GATEWAY_TIMEOUT,
@@ -72,6 +76,7 @@ impl ApiError {
             ErrorKind::BadRequest => ("invalid_request_error", None),
             ErrorKind::Unauthorized => ("authentication_error", Some("invalid_api_key")),
             ErrorKind::NotFound => ("invalid_request_error", Some("model_not_found")),
+            ErrorKind::Conflict => ("invalid_request_error", Some("conflict")),
             ErrorKind::TooLarge => ("invalid_request_error", Some("request_too_large")),
             ErrorKind::BodyTimeout => ("invalid_request_error", Some("request_timeout")),
             ErrorKind::Deadline => ("timeout", Some("deadline_exceeded")),
@@ -95,6 +100,7 @@ impl ApiError {
         let kind = match self.kind {
             ErrorKind::BadRequest
             | ErrorKind::NotFound
+            | ErrorKind::Conflict
             | ErrorKind::TooLarge
             | ErrorKind::BodyTimeout => "validation",
             ErrorKind::Deadline => "generation",
@@ -156,6 +162,11 @@ impl From<PickError> for ApiError {
                 kind: ErrorKind::NotFound,
                 message,
                 param: Some("model"),
+            },
+            PickError::UnknownAdapter { .. } => ApiError {
+                kind: ErrorKind::NotFound,
+                message,
+                param: Some("adapter_id"),
             },
             PickError::ModelRequired(_) => ApiError::bad_request(message, Some("model")),
             PickError::Overloaded(_) => ApiError::new(ErrorKind::Overloaded, message),

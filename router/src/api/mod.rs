@@ -7,6 +7,7 @@
 mod bodies;
 mod body;
 mod error;
+pub(crate) mod lora;
 pub(crate) mod ollama;
 pub(crate) mod openai;
 mod params;
@@ -38,6 +39,7 @@ use tonic::Status;
 use crate::config::{Readiness, RequestLimits};
 use crate::discovery::Discovery;
 use crate::dispatch::{Generation, Upstream, retryable};
+use crate::pool::Target;
 
 /// What every HTTP handler gets.
 #[derive(Clone)]
@@ -120,17 +122,18 @@ impl Drop for Tracker {
 }
 
 impl AppState {
-    /// The model a request names (empty: the only one), known to the pool.
-    pub(crate) fn resolve(&self, model: Option<&str>) -> Result<String, ApiError> {
+    /// The model or LoRA adapter a request names (empty: the only model),
+    /// known to the pool.
+    pub(crate) fn resolve(&self, model: Option<&str>) -> Result<Target, ApiError> {
         self.upstream
             .pool
             .resolve(model.unwrap_or_default())
             .map_err(ApiError::from)
     }
 
-    pub(crate) fn limits(&self, model: &str) -> Limits {
+    pub(crate) fn limits(&self, target: &Target) -> Limits {
         Limits {
-            context: self.upstream.pool.max_sequence_length(model),
+            context: self.upstream.pool.max_sequence_length(&target.model),
             max_tokens: self.limits.max_tokens,
         }
     }
@@ -140,13 +143,14 @@ impl AppState {
     /// replaced by another (a bounded number of times).
     pub(crate) async fn complete(
         &self,
-        model: &str,
+        target: &Target,
         req: pb::GenerateRequest,
     ) -> Result<Collected, ApiError> {
         const ATTEMPTS: usize = 3;
+        let model = target.model.as_str();
         let mut attempt = 1;
         loop {
-            let generation = self.start(model, req.clone()).await?;
+            let generation = self.start(target, req.clone()).await?;
             let backend = generation.backend().to_string();
             match collect(generation).await {
                 Ok(collected) => return Ok(collected),
@@ -164,13 +168,17 @@ impl AppState {
         }
     }
 
+    /// Starts a generation on the target's model, with its adapter.
     pub(crate) async fn start(
         &self,
-        model: &str,
-        req: pb::GenerateRequest,
+        target: &Target,
+        mut req: pb::GenerateRequest,
     ) -> Result<Generation, ApiError> {
+        if let Some(adapter) = &target.adapter {
+            req.adapter = adapter.clone();
+        }
         self.upstream
-            .generate(model, req)
+            .generate(&target.model, req)
             .await
             .map_err(ApiError::from)
     }

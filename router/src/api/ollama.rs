@@ -21,6 +21,7 @@ use super::{
     parse_json, stop_list, stream_response, unix_now,
 };
 use crate::dispatch::Generation;
+use crate::pool::Target;
 
 /// Ollama's sampling defaults, used where `options` leaves a value unset.
 const DEFAULT_TEMPERATURE: f64 = 0.8;
@@ -211,17 +212,19 @@ async fn run(
     state: &AppState,
     tracker: &mut Tracker,
     kind: Kind,
-    model: &str,
+    target: &Target,
     req: pb::GenerateRequest,
     stream: bool,
 ) -> Result<Response, ApiError> {
     let started = Instant::now();
+    // Answers name what was asked for: the adapter, when one was.
+    let model = target.name();
     if stream {
-        let generation = state.start(model, req).await?;
+        let generation = state.start(target, req).await?;
         let frames = ndjson_stream(generation, kind, model.to_string(), started, tracker.take());
         return Ok(stream_response("application/x-ndjson", frames));
     }
-    let collected = state.complete(model, req).await?;
+    let collected = state.complete(target, req).await?;
     let timing = Timing {
         started,
         first_token: collected.first_token,
@@ -274,14 +277,14 @@ pub(crate) async fn chat(State(state): State<AppState>, body: RequestBody) -> Re
         Shape::Ollama,
         async |state, tracker| {
             let req: ChatRequest = parse_json(body.bytes()?)?;
-            let model = state.resolve(Some(&req.model))?;
-            tracker.set_model(&model);
-            let grpc = chat_request(&req, state.limits(&model))?;
+            let target = state.resolve(Some(&req.model))?;
+            tracker.set_model(&target.model);
+            let grpc = chat_request(&req, state.limits(&target))?;
             run(
                 state,
                 tracker,
                 Kind::Chat,
-                &model,
+                &target,
                 grpc,
                 req.stream.unwrap_or(true),
             )
@@ -298,20 +301,20 @@ pub(crate) async fn generate(State(state): State<AppState>, body: RequestBody) -
         Shape::Ollama,
         async |state, tracker| {
             let req: GenerateRequest = parse_json(body.bytes()?)?;
-            let model = state.resolve(Some(&req.model))?;
-            tracker.set_model(&model);
+            let target = state.resolve(Some(&req.model))?;
+            tracker.set_model(&target.model);
             if req.prompt.is_empty() {
                 // Ollama's "load the model" call: nothing to generate.
-                let mut v = piece(Kind::Generate, &model, "", true);
+                let mut v = piece(Kind::Generate, target.name(), "", true);
                 v["done_reason"] = json!("load");
                 return Ok(Json(v).into_response());
             }
-            let grpc = generate_request(&req, state.limits(&model))?;
+            let grpc = generate_request(&req, state.limits(&target))?;
             run(
                 state,
                 tracker,
                 Kind::Generate,
-                &model,
+                &target,
                 grpc,
                 req.stream.unwrap_or(true),
             )
@@ -328,26 +331,35 @@ pub(crate) async fn tags(State(state): State<AppState>) -> Response {
         .pool
         .models()
         .into_iter()
-        .map(|m| {
+        .flat_map(|m| {
             let info = m.info.unwrap_or_default();
             let (format, quantization) = info
                 .weight_format
                 .split_once(':')
                 .unwrap_or((info.weight_format.as_str(), ""));
-            json!({
-                "name": m.model,
-                "model": m.model,
-                "modified_at": now,
-                "size": 0,
-                "digest": "",
-                "details": {
-                    "format": format,
-                    "family": info.architecture,
-                    "families": [info.architecture],
-                    "parameter_size": "",
-                    "quantization_level": quantization,
-                },
-            })
+            // Each adapter is a model of its own to Ollama clients, with its
+            // base as parent (as a Modelfile's ADAPTER makes one).
+            let names = std::iter::once((m.model.clone(), String::new()))
+                .chain(m.adapters.into_iter().map(|a| (a.name, m.model.clone())));
+            names
+                .map(|(name, parent)| {
+                    json!({
+                        "name": name,
+                        "model": name,
+                        "modified_at": now,
+                        "size": 0,
+                        "digest": "",
+                        "details": {
+                            "parent_model": parent,
+                            "format": format,
+                            "family": info.architecture,
+                            "families": [info.architecture],
+                            "parameter_size": "",
+                            "quantization_level": quantization,
+                        },
+                    })
+                })
+                .collect::<Vec<_>>()
         })
         .collect();
     Json(json!({"models": models})).into_response()

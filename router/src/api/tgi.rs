@@ -35,6 +35,8 @@ pub(crate) struct Parameters {
     pub return_full_text: Option<bool>,
     pub repetition_penalty: Option<f64>,
     pub frequency_penalty: Option<f64>,
+    /// The LoRA adapter to run with (TGI's multi-LoRA parameter).
+    pub adapter_id: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -226,15 +228,23 @@ async fn handle(state: AppState, body: RequestBody, route: Route) -> Response {
     };
     answer(state, endpoint, Shape::Tgi, async |state, tracker| {
         let body: GenerateBody = parse_json(body.bytes()?)?;
-        let model = state.resolve(body.model.as_deref())?;
-        tracker.set_model(&model);
         let p = &body.parameters;
-        let req = generate_request(p, &body.inputs, state.limits(&model))?;
+        // TGI names the adapter beside the model: `parameters.adapter_id`.
+        let target = match p.adapter_id.as_deref().filter(|a| !a.is_empty()) {
+            Some(adapter) => state
+                .upstream
+                .pool
+                .resolve_adapter(body.model.as_deref().unwrap_or_default(), adapter)
+                .map_err(ApiError::from)?,
+            None => state.resolve(body.model.as_deref())?,
+        };
+        tracker.set_model(&target.model);
+        let req = generate_request(p, &body.inputs, state.limits(&target))?;
         let seed = req.sampling.as_ref().and_then(|s| s.seed);
         let stream =
             route == Route::Stream || (route == Route::Compat && body.stream == Some(true));
         if stream {
-            let generation = state.start(&model, req).await?;
+            let generation = state.start(&target, req).await?;
             let prefix = if p.return_full_text.unwrap_or(false) {
                 body.inputs.clone()
             } else {
@@ -243,7 +253,7 @@ async fn handle(state: AppState, body: RequestBody, route: Route) -> Response {
             let frames = tgi_stream(generation, seed, prefix, tracker.take());
             return Ok(stream_response("text/event-stream", frames));
         }
-        let collected = state.complete(&model, req).await?;
+        let collected = state.complete(&target, req).await?;
         let v = generate_response(&collected, &body.inputs, p, seed);
         let v = if route == Route::Compat {
             json!([v])

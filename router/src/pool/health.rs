@@ -1,6 +1,7 @@
 //! Polls every backend's `grpc.health.v1.Health/Check` and reports the
 //! results to the pool; a healthy backend is also asked for its ModelInfo
-//! once, so that the router knows the model's context length.
+//! each time (a small message): the model's context length, and the LoRA
+//! adapters it serves now, which change at run time.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -23,11 +24,11 @@ pub(crate) async fn run_health_checks(pool: Arc<Pool>, interval: Duration, timeo
         let checks = pool
             .check_targets()
             .into_iter()
-            .map(|(model, id, channel, want_info)| {
+            .map(|(model, id, channel)| {
                 let pool = Arc::clone(&pool);
                 async move {
                     let ok = check(channel.clone(), timeout).await;
-                    let info = if ok && want_info {
+                    let info = if ok {
                         model_info(channel, timeout).await
                     } else {
                         None
@@ -47,6 +48,19 @@ async fn check(channel: Channel, timeout: Duration) -> bool {
     match tokio::time::timeout(timeout, call).await {
         Ok(Ok(response)) => response.into_inner().status == ServingStatus::Serving as i32,
         Ok(Err(_)) | Err(_) => false,
+    }
+}
+
+/// Reads a backend's ModelInfo again now (its adapters changed).
+pub(crate) async fn refresh_info(
+    pool: &Pool,
+    model: &str,
+    id: &str,
+    channel: Channel,
+    timeout: Duration,
+) {
+    if let Some(info) = model_info(channel, timeout).await {
+        pool.report_info(model, id, info);
     }
 }
 

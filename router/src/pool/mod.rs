@@ -4,6 +4,7 @@
 //! request paths take leases from it. One lock guards the whole index and is
 //! never held across an `.await`.
 
+mod adapters;
 mod health;
 
 use std::collections::BTreeMap;
@@ -16,7 +17,8 @@ use tokio::sync::Notify;
 use shardserve_proto::v1::ModelInfoResponse;
 use tonic::transport::{Channel, Endpoint};
 
-pub(crate) use health::run_health_checks;
+pub(crate) use adapters::{AdapterSummary, Target};
+pub(crate) use health::{refresh_info, run_health_checks};
 
 use crate::balance::{Candidate, Choice, PrefixLru, choose};
 use crate::discovery::Deployment;
@@ -30,6 +32,10 @@ const EJECT_AFTER: u32 = 2;
 pub(crate) enum PickError {
     #[error("the model {0:?} does not exist")]
     UnknownModel(String),
+    /// TGI's `adapter_id` or gRPC's `adapter` names an adapter the model's
+    /// backends do not serve.
+    #[error("model {model:?} serves no LoRA adapter {adapter:?}")]
+    UnknownAdapter { model: String, adapter: String },
     /// The request named no model and several are served.
     #[error("model is required: this router serves {0:?}")]
     ModelRequired(Vec<String>),
@@ -107,6 +113,8 @@ pub(crate) struct ModelSummary {
     pub healthy: usize,
     /// From the first backend that answered ModelInfo.
     pub info: Option<ModelInfoResponse>,
+    /// The LoRA adapters its backends serve, by name.
+    pub adapters: Vec<AdapterSummary>,
 }
 
 pub(crate) struct Pool {
@@ -368,7 +376,7 @@ impl Pool {
     }
 
     /// The model a request names, or the only one served when it names none.
-    pub(crate) fn resolve(&self, model: &str) -> Result<String, PickError> {
+    pub(crate) fn resolve_model(&self, model: &str) -> Result<String, PickError> {
         let state = self.lock();
         if model.is_empty() {
             let names: Vec<_> = state.deployments.keys().cloned().collect();
@@ -384,11 +392,84 @@ impl Pool {
         }
     }
 
+    /// What a request's `model` names: a served model (or the only one, for an
+    /// empty name), or a LoRA adapter one of the models' backends serves (vLLM's
+    /// convention: adapters are asked for by their own name).
+    pub(crate) fn resolve(&self, name: &str) -> Result<Target, PickError> {
+        match self.resolve_model(name) {
+            Ok(model) => Ok(Target {
+                model,
+                adapter: None,
+            }),
+            Err(PickError::UnknownModel(_)) => {
+                let state = self.lock();
+                adapters::model_serving(&state, name)
+                    .map(|model| Target {
+                        model,
+                        adapter: Some(name.to_string()),
+                    })
+                    .ok_or_else(|| PickError::UnknownModel(name.to_string()))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// `model` (resolved as [`Pool::resolve_model`]) run with adapter `adapter`,
+    /// which one of its backends must serve (TGI's `adapter_id`, gRPC's `adapter`).
+    pub(crate) fn resolve_adapter(&self, model: &str, adapter: &str) -> Result<Target, PickError> {
+        let model = self.resolve_model(model)?;
+        let state = self.lock();
+        let served = state.deployments.get(&model).is_some_and(|d| {
+            d.backends
+                .iter()
+                .any(|b| adapters::serves(b, adapter).is_some())
+        });
+        if !served {
+            return Err(PickError::UnknownAdapter {
+                model,
+                adapter: adapter.to_string(),
+            });
+        }
+        Ok(Target {
+            model,
+            adapter: Some(adapter.to_string()),
+        })
+    }
+
+    /// The backends of `model` that are not ejected, for calls made to all of
+    /// them (loading an adapter): (id, channel).
+    pub(crate) fn backends_of(&self, model: &str) -> Vec<(String, Channel)> {
+        let state = self.lock();
+        state
+            .deployments
+            .get(model)
+            .map(|d| {
+                d.backends
+                    .iter()
+                    .filter(|b| b.health != Health::Ejected)
+                    .map(|b| (b.id.clone(), b.channel.clone()))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     /// Claims a backend of `model` for a request whose prefix hashes to
     /// `key`, skipping the backends in `exclude` (already tried).
     pub(crate) fn lease(
         self: &Arc<Self>,
         model: &str,
+        key: u64,
+        exclude: &[String],
+    ) -> Result<Lease, PickError> {
+        self.lease_for(model, None, key, exclude)
+    }
+
+    /// [`Pool::lease`] for a request on LoRA adapter `adapter`: only backends
+    /// that serve it, those that have it resident first, then by load.
+    pub(crate) fn lease_for(
+        self: &Arc<Self>,
+        model: &str,
+        adapter: Option<&str>,
         key: u64,
         exclude: &[String],
     ) -> Result<Lease, PickError> {
@@ -401,12 +482,19 @@ impl Pool {
         if deployment.backends.is_empty() {
             return Err(PickError::NoBackends(model.to_string()));
         }
+        let serving = |b: &BackendState| adapter.is_none_or(|a| adapters::serves(b, a).is_some());
+        if adapter.is_some() && !deployment.backends.iter().any(&serving) {
+            // Unloaded since the request was resolved (or its backends restarted
+            // without it).
+            let name = adapter.unwrap_or_default().to_string();
+            return Err(PickError::UnknownModel(name));
+        }
         let candidates: Vec<Candidate> = deployment
             .backends
             .iter()
             .map(|b| Candidate {
                 outstanding: b.outstanding,
-                healthy: b.health != Health::Ejected && !exclude.contains(&b.id),
+                healthy: b.health != Health::Ejected && !exclude.contains(&b.id) && serving(b),
             })
             .collect();
         let preferred = state
@@ -414,7 +502,24 @@ impl Pool {
             .get(key)
             .and_then(|id| deployment.backends.iter().position(|b| b.id == id));
         let rotate = self.rotate.fetch_add(1, Ordering::Relaxed);
-        let index = match choose(&candidates, preferred, rotate, self.max_queue) {
+        // An adapter already resident costs no load: those backends first, while
+        // one of them has room.
+        let resident = adapter.map(|a| {
+            let only: Vec<Candidate> = candidates
+                .iter()
+                .zip(&deployment.backends)
+                .map(|(c, b)| Candidate {
+                    healthy: c.healthy && adapters::serves(b, a).is_some_and(|r| r.resident),
+                    ..*c
+                })
+                .collect();
+            choose(&only, preferred, rotate, self.max_queue)
+        });
+        let choice = match resident {
+            Some(Choice::Backend(i)) => Choice::Backend(i),
+            _ => choose(&candidates, preferred, rotate, self.max_queue),
+        };
+        let index = match choice {
             Choice::Backend(i) => i,
             Choice::Overloaded => return Err(PickError::Overloaded(model.to_string())),
             Choice::NoHealthy => return Err(PickError::NoHealthy(model.to_string())),
@@ -483,7 +588,8 @@ impl Pool {
         }
     }
 
-    /// Records a health check's result (and the model's limits, once).
+    /// Records a health check's result (and the backend's ModelInfo, when read:
+    /// its limits, and the adapters it serves now).
     fn report_check(&self, model: &str, id: &str, ok: bool, info: Option<ModelInfoResponse>) {
         let mut state = self.lock();
         let Some(b) = find(&mut state, model, id) else {
@@ -519,23 +625,27 @@ impl Pool {
         }
     }
 
-    /// (model, backend id, channel, whether ModelInfo is still wanted).
-    fn check_targets(&self) -> Vec<(String, String, Channel, bool)> {
+    /// (model, backend id, channel) of every backend to check.
+    fn check_targets(&self) -> Vec<(String, String, Channel)> {
         let state = self.lock();
         state
             .deployments
             .iter()
             .flat_map(|(model, d)| {
-                d.backends.iter().map(|b| {
-                    (
-                        model.clone(),
-                        b.id.clone(),
-                        b.channel.clone(),
-                        b.info.is_none(),
-                    )
-                })
+                d.backends
+                    .iter()
+                    .map(|b| (model.clone(), b.id.clone(), b.channel.clone()))
             })
             .collect()
+    }
+
+    /// A backend's ModelInfo read outside a health check (after its adapters
+    /// changed).
+    pub(crate) fn report_info(&self, model: &str, id: &str, info: ModelInfoResponse) {
+        let mut state = self.lock();
+        if let Some(b) = find(&mut state, model, id) {
+            b.info = Some(info);
+        }
     }
 
     /// The model's context length, once a backend has told it.
@@ -562,6 +672,7 @@ impl Pool {
                     .filter(|b| b.health == Health::Healthy)
                     .count(),
                 info: d.backends.iter().find_map(|b| b.info.clone()),
+                adapters: adapters::summary(d.backends.iter().filter_map(|b| b.info.as_ref())),
             })
             .collect()
     }

@@ -97,15 +97,18 @@ async fn two_failed_checks_eject_one_does_not() {
 #[tokio::test]
 async fn models_resolve_by_name_or_as_the_only_one() {
     let one = pool(8, &[deployment("m", &["a"])]);
-    assert_eq!(one.resolve("").unwrap(), "m");
-    assert_eq!(one.resolve("m").unwrap(), "m");
+    assert_eq!(one.resolve_model("").unwrap(), "m");
+    assert_eq!(one.resolve_model("m").unwrap(), "m");
     assert_eq!(
-        one.resolve("x").err(),
+        one.resolve_model("x").err(),
         Some(PickError::UnknownModel("x".into()))
     );
     let two = pool(8, &[deployment("m", &["a"]), deployment("n", &["b"])]);
-    assert!(matches!(two.resolve(""), Err(PickError::ModelRequired(_))));
-    assert_eq!(two.resolve("n").unwrap(), "n");
+    assert!(matches!(
+        two.resolve_model(""),
+        Err(PickError::ModelRequired(_))
+    ));
+    assert_eq!(two.resolve_model("n").unwrap(), "n");
 }
 
 #[tokio::test]
@@ -124,7 +127,7 @@ async fn updates_keep_the_state_of_backends_that_stay() {
 #[tokio::test]
 async fn a_known_model_without_backends_is_no_backends_not_unknown() {
     let pool = pool(8, &[deployment("starting", &[])]);
-    assert_eq!(pool.resolve("starting").unwrap(), "starting");
+    assert_eq!(pool.resolve_model("starting").unwrap(), "starting");
     assert_eq!(
         pool.lease("starting", 1, &[]).err(),
         Some(PickError::NoBackends("starting".into()))
@@ -180,4 +183,64 @@ async fn a_backend_dropped_by_discovery_is_counted_until_its_requests_end() {
     assert_eq!(outstanding_gauge(&pool, "m", "b"), Some(1));
     drop(held);
     assert_eq!(outstanding_gauge(&pool, "m", "b"), None);
+}
+
+fn serving(adapters: &[(&str, bool)]) -> ModelInfoResponse {
+    ModelInfoResponse {
+        adapters: adapters
+            .iter()
+            .map(|(name, resident)| shardserve_proto::v1::LoraAdapter {
+                name: (*name).into(),
+                resident: *resident,
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn adapter_requests_go_where_it_is_served_resident_first_then_by_load() {
+    let pool = pool(2, &[deployment("m", &["a", "b", "c"])]);
+    pool.report_info("m", "a", serving(&[("x", false)]));
+    pool.report_info("m", "b", serving(&[("x", true)]));
+    pool.report_info("m", "c", serving(&[]));
+    assert_eq!(
+        pool.resolve("x").unwrap(),
+        Target {
+            model: "m".into(),
+            adapter: Some("x".into())
+        }
+    );
+    assert_eq!(pool.resolve("m").unwrap().adapter, None);
+    let first = pool.lease_for("m", Some("x"), 1, &[]).unwrap();
+    let second = pool.lease_for("m", Some("x"), 2, &[]).unwrap();
+    assert_eq!(
+        (first.backend.as_str(), second.backend.as_str()),
+        ("b", "b")
+    );
+    // b is full: a serves it too (it loads the adapter); c never does.
+    let third = pool.lease_for("m", Some("x"), 3, &[]).unwrap();
+    assert_eq!(third.backend, "a");
+    let fourth = pool.lease_for("m", Some("x"), 4, &[]).unwrap();
+    assert_eq!(fourth.backend, "a");
+    assert_eq!(
+        pool.lease_for("m", Some("x"), 5, &[]).err(),
+        Some(PickError::Overloaded("m".into()))
+    );
+    assert_eq!(pool.lease("m", 6, &[]).unwrap().backend, "c");
+    assert_eq!(
+        pool.lease_for("m", Some("y"), 7, &[]).err(),
+        Some(PickError::UnknownModel("y".into()))
+    );
+    assert!(matches!(
+        pool.resolve_adapter("m", "y"),
+        Err(PickError::UnknownAdapter { .. })
+    ));
+    let listed = &pool.models()[0].adapters;
+    assert_eq!(
+        (listed[0].name.as_str(), listed[0].backends),
+        ("x", 2),
+        "{listed:?}"
+    );
 }

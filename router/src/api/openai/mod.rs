@@ -27,20 +27,20 @@ pub(crate) async fn chat_completions(State(state): State<AppState>, body: Reques
         Shape::OpenAi,
         async |state, tracker| {
             let req: ChatRequest = parse_json(body.bytes()?)?;
-            let model = state.resolve(req.model.as_deref())?;
-            tracker.set_model(&model);
-            let plan = request::chat(&req, state.limits(&model))?;
+            let target = state.resolve(req.model.as_deref())?;
+            tracker.set_model(&target.model);
+            let plan = request::chat(&req, state.limits(&target))?;
             let header = Header {
                 id: new_id("chatcmpl-"),
                 created: unix_now(),
-                model: model.clone(),
+                model: target.name().to_string(),
             };
             if plan.stream {
-                let generation = state.start(&model, plan.request.clone()).await?;
+                let generation = state.start(&target, plan.request.clone()).await?;
                 let frames = chat_stream(generation, plan, header, tracker.take());
                 return Ok(stream_response("text/event-stream", frames));
             }
-            let collected = state.complete(&model, plan.request.clone()).await?;
+            let collected = state.complete(&target, plan.request.clone()).await?;
             Ok(Json(response::chat_response(&header, &collected, plan.logprobs)).into_response())
         },
     )
@@ -101,20 +101,20 @@ pub(crate) async fn completions(State(state): State<AppState>, body: RequestBody
         Shape::OpenAi,
         async |state, tracker| {
             let req: CompletionRequest = parse_json(body.bytes()?)?;
-            let model = state.resolve(req.model.as_deref())?;
-            tracker.set_model(&model);
-            let plan = request::completion(&req, state.limits(&model))?;
+            let target = state.resolve(req.model.as_deref())?;
+            tracker.set_model(&target.model);
+            let plan = request::completion(&req, state.limits(&target))?;
             let header = Header {
                 id: new_id("cmpl-"),
                 created: unix_now(),
-                model: model.clone(),
+                model: target.name().to_string(),
             };
             if plan.stream {
-                let generation = state.start(&model, plan.request.clone()).await?;
+                let generation = state.start(&target, plan.request.clone()).await?;
                 let frames = completion_stream(generation, plan, header, tracker.take());
                 return Ok(stream_response("text/event-stream", frames));
             }
-            let collected = state.complete(&model, plan.request.clone()).await?;
+            let collected = state.complete(&target, plan.request.clone()).await?;
             let shape = CompletionShape {
                 logprobs: plan.logprobs.is_some(),
                 echo: plan.echo,
@@ -189,14 +189,30 @@ pub(crate) async fn models(State(state): State<AppState>) -> Response {
         .pool
         .models()
         .into_iter()
-        .map(|m| {
-            json!({
+        .flat_map(|m| {
+            let max_model_len = m.info.as_ref().map(|i| i.max_sequence_length);
+            let base = json!({
                 "id": m.model,
                 "object": "model",
                 "created": created,
                 "owned_by": "shardserve",
-                "max_model_len": m.info.as_ref().map(|i| i.max_sequence_length),
-            })
+                "root": m.model,
+                "parent": null,
+                "max_model_len": max_model_len,
+            });
+            // vLLM's shape for adapters: `root` where it came from, `parent` its base.
+            let adapters = m.adapters.into_iter().map(move |a| {
+                json!({
+                    "id": a.name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "shardserve",
+                    "root": a.source,
+                    "parent": m.model,
+                    "max_model_len": max_model_len,
+                })
+            });
+            std::iter::once(base).chain(adapters)
         })
         .collect();
     Json(json!({"object": "list", "data": data})).into_response()
