@@ -1,9 +1,13 @@
 //! LoRA adapters through the CLI: `shardserve generate --lora` and `shardserve
 //! bench --lora` on the demo model with a PEFT adapter the test writes (f16
-//! weights, rank 8 on q_proj and v_proj, as fine-tunes usually ship).
+//! weights, rank 8 on q_proj and v_proj, as fine-tunes usually ship); and a
+//! manifest's `spec.loraAdapters` served by `shardserve up` to the official
+//! `openai` client.
 
 use shardserve_e2e::lora::{KV_WIDTH, write_peft};
-use shardserve_e2e::{demo_model, run, run_json};
+use std::process::Command;
+
+use shardserve_e2e::{Process, demo_model, e2e_python, free_port, repo_root, run, run_json};
 
 fn greedy(extra: &[&str]) -> Vec<u64> {
     let model = demo_model();
@@ -92,4 +96,91 @@ fn bench_runs_its_rows_on_adapters() {
     assert_eq!(report["lora"].as_array().map(Vec::len), Some(2), "{report}");
     let row = &report["results"][0];
     assert!(row["decode_tok_s"].as_f64().unwrap() > 0.0, "{report}");
+}
+
+#[test]
+fn up_serves_a_manifests_adapters_by_name_to_openai_clients() {
+    let python = e2e_python();
+    let dir = tempfile::tempdir().unwrap();
+    let (sql, poetry, broken) = (
+        dir.path().join("sql"),
+        dir.path().join("poetry"),
+        dir.path().join("broken"),
+    );
+    write_peft(&sql, 21, KV_WIDTH);
+    write_peft(&poetry, 22, KV_WIDTH);
+    write_peft(&broken, 23, KV_WIDTH + 1);
+    let manifest = dir.path().join("lora.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: shardserve.io/v1alpha1\nkind: ModelDeployment\nmetadata:\n  name: smollm2\n\
+             spec:\n  model:\n    source: file://{}\n  engine:\n    maxSeqLen: 512\n    maxLoras: 2\n\
+             \x20 loraAdapters:\n    - name: sql\n      source: file://{}\n    - name: poetry\n      source: file://{}\n",
+            demo_model().display(),
+            sql.display(),
+            poetry.display()
+        ),
+    )
+    .unwrap();
+    let (http, grpc) = (free_port(), free_port());
+    let mut up = Process::start(&[
+        "up".to_string(),
+        manifest.display().to_string(),
+        "--http-addr".into(),
+        format!("127.0.0.1:{http}"),
+        "--grpc-addr".into(),
+        format!("127.0.0.1:{grpc}"),
+    ]);
+    up.wait_ready();
+    let out = Command::new(&python)
+        .arg(repo_root().join("e2e/python/lora_client.py"))
+        .env("OPENAI_BASE_URL", format!("http://127.0.0.1:{http}/v1"))
+        .env("SHARDSERVE_MODEL", "smollm2")
+        .env("SHARDSERVE_ADAPTERS", "sql,poetry")
+        .env("SHARDSERVE_BROKEN_ADAPTER", &broken)
+        .env("SHARDSERVE_RELOAD", &sql)
+        .output()
+        .expect("python runs");
+    assert!(
+        out.status.success(),
+        "LoRA client checks failed:\n{}{}\nup's log:\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        up.stderr()
+    );
+}
+
+#[test]
+fn up_refuses_a_manifests_broken_adapter_naming_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let broken = dir.path().join("broken");
+    write_peft(&broken, 24, KV_WIDTH + 1);
+    let manifest = dir.path().join("lora.yaml");
+    std::fs::write(
+        &manifest,
+        format!(
+            "apiVersion: shardserve.io/v1alpha1\nkind: ModelDeployment\nmetadata:\n  name: smollm2\n\
+             spec:\n  model:\n    source: file://{}\n  engine:\n    maxSeqLen: 256\n\
+             \x20 loraAdapters:\n    - name: broken\n      source: file://{}\n",
+            demo_model().display(),
+            broken.display()
+        ),
+    )
+    .unwrap();
+    let port = free_port().to_string();
+    let mut up = Process::start(&[
+        "up",
+        manifest.to_str().unwrap(),
+        "--no-router",
+        "--http-addr",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    let status = up.wait_exit(std::time::Duration::from_secs(300));
+    let err = up.stderr();
+    assert!(!status.success(), "up served a broken adapter:\n{err}");
+    assert!(
+        err.contains("spec.loraAdapters broken") && err.contains("v_proj"),
+        "{err}"
+    );
 }

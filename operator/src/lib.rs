@@ -4,6 +4,7 @@
 //! groups of rank pods on a cluster (`controller`, run by
 //! `shardserve operator`). `shardserve up` runs the same manifests locally.
 
+pub mod adapters;
 pub mod autoscale;
 pub mod controller;
 pub mod crd;

@@ -93,6 +93,9 @@ pub struct Fleet {
     backends_file: PathBuf,
     written: Option<BackendsFile>,
     ready_timeout: Duration,
+    /// Every group of the first start serves: from now on a group's adapter
+    /// failing to load is reported, not fatal.
+    started: bool,
 }
 
 impl Fleet {
@@ -112,7 +115,13 @@ impl Fleet {
             backends_file,
             written: None,
             ready_timeout,
+            started: false,
         }
+    }
+
+    /// The first start is over (every group served once).
+    pub fn started(&mut self) {
+        self.started = true;
     }
 
     pub fn backends_file(&self) -> &Path {
@@ -217,6 +226,12 @@ impl Fleet {
             .arg(plan.threads.to_string());
         if let Some(n) = plan.max_seq_len {
             cmd.arg("--max-seq-len").arg(n.to_string());
+        }
+        if let Some(n) = plan.max_loras {
+            cmd.arg("--max-loras").arg(n.to_string());
+        }
+        if let Some(n) = plan.max_lora_rank {
+            cmd.arg("--max-lora-rank").arg(n.to_string());
         }
         cmd
     }
@@ -338,6 +353,20 @@ impl Fleet {
             }
         }
         for i in serving {
+            // Its adapters first: the router lists the group only once it has them.
+            let wanted = &self.deployments[self.groups[i].deployment].adapters;
+            if !wanted.is_empty() {
+                let failed = load_adapters(&self.groups[i], wanted).await;
+                if let Some(failed) = failed {
+                    let g = &self.groups[i];
+                    if self.started {
+                        eprintln!("group {}: {failed:#}", g.plan.name);
+                    } else {
+                        // A manifest's bad adapter stops `up` before it serves, as a bad model does.
+                        return Err(failed.context(format!("group {}", g.plan.name)));
+                    }
+                }
+            }
             let g = &mut self.groups[i];
             eprintln!("group {}: serving on {}", g.plan.name, g.grpc);
             g.state = GroupState::Serving { since: now };
@@ -510,4 +539,40 @@ impl Fleet {
         }
         Ok(())
     }
+}
+
+/// Loads `wanted` adapters into group `g` through its API; the adapters that
+/// failed and why, as one error, or `None`.
+async fn load_adapters(g: &Group, wanted: &[(String, String)]) -> Option<anyhow::Error> {
+    let channel = match tonic::transport::Endpoint::from_shared(g.url()) {
+        Ok(endpoint) => endpoint.connect().await,
+        Err(e) => return Some(anyhow::anyhow!("{} is no gRPC address: {e}", g.url())),
+    };
+    let channel = match channel {
+        Ok(channel) => channel,
+        Err(e) => {
+            return Some(anyhow::anyhow!(
+                "cannot reach it to load its LoRA adapters: {e}"
+            ));
+        }
+    };
+    let outcomes = match shardserve_operator::adapters::sync(channel, wanted, &[]).await {
+        Ok(outcomes) => outcomes,
+        Err(status) => {
+            return Some(anyhow::anyhow!(
+                "loading its LoRA adapters failed: {}",
+                status.message()
+            ));
+        }
+    };
+    let failed: Vec<String> = outcomes
+        .into_iter()
+        .filter_map(|(name, outcome)| match outcome {
+            shardserve_operator::adapters::Outcome::Failed(why) => {
+                Some(format!("spec.loraAdapters {name}: {why}"))
+            }
+            _ => None,
+        })
+        .collect();
+    (!failed.is_empty()).then(|| anyhow::anyhow!("{}", failed.join("; ")))
 }

@@ -77,9 +77,18 @@ pub fn run(args: UpArgs) -> Result<()> {
             .with_context(|| format!("{file}: spec.model.source"))?;
         let model_path = model::resolve(&source, base, &cache)
             .with_context(|| format!("{file}: spec.model.source"))?;
+        // Adapters are fetched (and checked to exist) before anything starts.
+        let mut adapters = Vec::new();
+        for (i, adapter) in md.spec.lora_adapters.iter().enumerate() {
+            let field = || format!("{file}: spec.loraAdapters[{i}].source");
+            let source = ModelSource::parse(&adapter.source).with_context(field)?;
+            let path = model::resolve(&source, base, &cache).with_context(field)?;
+            adapters.push((adapter.name.clone(), path));
+        }
         resolved.push(Resolved {
             deployment: md,
             model_path,
+            adapters,
         });
     }
     let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
@@ -264,6 +273,7 @@ async fn start_all(
             }
         }
         if fleet.all_serving() {
+            fleet.started();
             break;
         }
         if tokio::time::Instant::now() >= deadline {

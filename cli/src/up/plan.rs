@@ -23,6 +23,9 @@ pub struct WorkerPlan {
     pub threads: usize,
     /// Ranks in the group (tensor-parallel size).
     pub tensor: usize,
+    /// `spec.engine.maxLoras` and `maxLoraRank`.
+    pub max_loras: Option<u32>,
+    pub max_lora_rank: Option<u32>,
 }
 
 /// One deployment: how to start any of its groups, and how many.
@@ -38,6 +41,9 @@ pub struct DeploymentPlan {
     pub policy: Option<Policy>,
     /// How long a group leaving waits for its requests to finish.
     pub drain_timeout: Duration,
+    /// `spec.loraAdapters` as (name, local path): loaded into each group through
+    /// its API once it serves, as the operator does on a cluster.
+    pub adapters: Vec<(String, String)>,
 }
 
 impl DeploymentPlan {
@@ -75,6 +81,8 @@ pub enum PlanError {
 pub struct Resolved {
     pub deployment: ModelDeployment,
     pub model_path: PathBuf,
+    /// `spec.loraAdapters` as (name, path on this machine).
+    pub adapters: Vec<(String, PathBuf)>,
 }
 
 /// Refuses what a local run cannot do (before anything is fetched).
@@ -141,10 +149,17 @@ pub fn plan_deployments(
                     max_num_seqs: md.spec.engine.max_num_seqs,
                     threads,
                     tensor: md.spec.tensor.max(1) as usize,
+                    max_loras: md.spec.engine.max_loras,
+                    max_lora_rank: md.spec.engine.max_lora_rank,
                 },
                 replicas: replicas(md),
                 policy: md.spec.autoscaling.as_ref().and_then(Policy::of),
                 drain_timeout: md.spec.drain_timeout(),
+                adapters: r
+                    .adapters
+                    .iter()
+                    .map(|(name, path)| (name.clone(), path.display().to_string()))
+                    .collect(),
             }
         })
         .collect()
@@ -176,6 +191,7 @@ mod tests {
         Resolved {
             deployment: md,
             model_path: "/m.gguf".into(),
+            adapters: Vec::new(),
         }
     }
 

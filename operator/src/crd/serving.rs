@@ -33,6 +33,18 @@ pub struct EngineSpec {
     /// (not supported by the engine yet).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub kv_cache_dtype: Option<KvCacheDtype>,
+
+    /// Most LoRA adapters resident in a group at once (more may be served: the
+    /// least recently used idle one makes room). Defaults to 8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 1024))]
+    pub max_loras: Option<u32>,
+
+    /// Highest LoRA rank accepted; an adapter of a higher rank is refused.
+    /// Defaults to 64.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schemars(range(min = 1, max = 4096))]
+    pub max_lora_rank: Option<u32>,
 }
 
 impl EngineSpec {
@@ -66,16 +78,18 @@ impl KvCacheDtype {
     }
 }
 
-/// A LoRA adapter to load next to the base model. Adapters are declared
-/// now and served in a later release; the operator accepts and keeps them.
+/// A LoRA adapter served next to the base model: clients ask for it by `name`
+/// (as `model` in the OpenAI API). The operator loads it into running groups
+/// through their API, so changing the list never restarts a group.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct LoraAdapter {
     /// The model name clients ask for to use this adapter.
     #[schemars(length(min = 1, max = 256))]
     pub name: String,
-    /// Where the adapter's weights come from, in the same forms as
-    /// `spec.model.source`.
+    /// Where the adapter's weights come from (a PEFT directory or a GGUF LoRA
+    /// file), in the same forms as `spec.model.source`; each group fetches it
+    /// into its model cache.
     #[schemars(length(min = 1), regex(pattern = r"^(hf|file|pvc|pip)://.+$"))]
     pub source: String,
 }

@@ -49,6 +49,16 @@ pub enum ValidationError {
         "spec.replicas: {replicas} lies outside autoscaling's {min}..={max} (an external autoscaler keeps replicas within them; leave replicas out with mode builtin)"
     )]
     ReplicasOutsideBounds { replicas: u32, min: u32, max: u32 },
+    #[error("spec.loraAdapters[{index}].name: {name:?} {problem}")]
+    AdapterName {
+        index: usize,
+        name: String,
+        problem: &'static str,
+    },
+    #[error("spec.loraAdapters[{index}].source: {source}")]
+    AdapterSource { index: usize, source: SourceError },
+    #[error("spec.engine.{field}: 0 is not valid (must be ≥ 1)")]
+    LoraLimit { field: &'static str },
 }
 
 /// A value's name as the manifest spells it.
@@ -87,6 +97,36 @@ pub fn validate(md: &ModelDeployment) -> Vec<ValidationError> {
     }
     if spec.engine.max_num_seqs == Some(0) {
         errors.push(ValidationError::MaxNumSeqs(0));
+    }
+    for (field, value) in [
+        ("maxLoras", spec.engine.max_loras),
+        ("maxLoraRank", spec.engine.max_lora_rank),
+    ] {
+        if value == Some(0) {
+            errors.push(ValidationError::LoraLimit { field });
+        }
+    }
+    for (index, adapter) in spec.lora_adapters.iter().enumerate() {
+        let problem = if adapter.name == md.served_model_name() {
+            Some("is the served model's name; an adapter needs its own")
+        } else if spec.lora_adapters[..index]
+            .iter()
+            .any(|a| a.name == adapter.name)
+        {
+            Some("is listed twice")
+        } else {
+            served_name_problem(&adapter.name)
+        };
+        if let Some(problem) = problem {
+            errors.push(ValidationError::AdapterName {
+                index,
+                name: adapter.name.clone(),
+                problem,
+            });
+        }
+        if let Err(source) = ModelSource::parse(&adapter.source) {
+            errors.push(ValidationError::AdapterSource { index, source });
+        }
     }
     // What the engine cannot honour is refused here, not ignored by the workers.
     if let Some(dtype @ (WeightDtype::Fp8 | WeightDtype::Int8)) = spec.model.dtype {
@@ -156,6 +196,34 @@ mod tests {
         let md = demo();
         assert!(validate(&md).is_empty());
         assert_eq!(md.served_model_name(), "smollm2");
+    }
+
+    #[test]
+    fn adapters_need_names_of_their_own_and_sources_in_the_models_forms() {
+        let adapter = |name: &str, source: &str| crate::crd::LoraAdapter {
+            name: name.into(),
+            source: source.into(),
+        };
+        let mut md = demo();
+        md.spec.lora_adapters = vec![
+            adapter("sql", "hf://org/sql-lora"),
+            adapter("smollm2", "file:///a"),
+            adapter("sql", "pip://p==1/a"),
+            adapter("ok", "s3://bucket/a"),
+        ];
+        md.spec.engine.max_loras = Some(0);
+        let got = messages(&md);
+        assert_eq!(got.len(), 4, "{got:?}");
+        assert_eq!(got[0], "spec.engine.maxLoras: 0 is not valid (must be ≥ 1)");
+        assert!(
+            got[1].starts_with("spec.loraAdapters[1].name: \"smollm2\" is the served model's name"),
+            "{got:?}"
+        );
+        assert_eq!(got[2], "spec.loraAdapters[2].name: \"sql\" is listed twice");
+        assert!(
+            got[3].starts_with("spec.loraAdapters[3].source: "),
+            "{got:?}"
+        );
     }
 
     #[test]

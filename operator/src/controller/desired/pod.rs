@@ -229,6 +229,14 @@ fn rank_container(group: &GroupContext<'_>, local: u32) -> Container {
     if let Some(max) = md.spec.engine.max_num_seqs {
         args.extend(strings(&["--max-num-seqs", &max.to_string()]));
     }
+    // The limits only: the adapters themselves reach running groups through their
+    // API, so that changing spec.loraAdapters never rolls a group.
+    if let Some(max) = md.spec.engine.max_loras {
+        args.extend(strings(&["--max-loras", &max.to_string()]));
+    }
+    if let Some(max) = md.spec.engine.max_lora_rank {
+        args.extend(strings(&["--max-lora-rank", &max.to_string()]));
+    }
     let tls = md.spec.tls.is_some();
     if tls {
         // The gRPC port then serves the Inference API over mutual TLS only; health
