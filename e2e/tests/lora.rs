@@ -184,3 +184,143 @@ fn up_refuses_a_manifests_broken_adapter_naming_it() {
         "{err}"
     );
 }
+
+/// The operator's way on a cluster, against a real worker: each reconcile
+/// brings a serving group's adapters to `spec.loraAdapters` through its API,
+/// unloads names the spec dropped, and leaves adapters loaded at run time alone.
+#[test]
+fn the_operator_brings_a_serving_groups_adapters_to_the_spec() {
+    use shardserve_operator::controller::adapters::sync_groups;
+    use shardserve_operator::controller::labels::GroupId;
+    use shardserve_operator::controller::observe::{GroupObserved, Observed, PodObserved};
+    use shardserve_operator::crd::LoraAdapter;
+    use shardserve_operator::{ModelDeployment, ModelDeploymentSpec, ModelDeploymentStatus};
+    use shardserve_proto::v1 as pb;
+    use shardserve_proto::v1::adapters_client::AdaptersClient;
+    use shardserve_proto::v1::inference_client::InferenceClient;
+
+    let dir = tempfile::tempdir().unwrap();
+    for (name, seed, rows) in [
+        ("sql", 31, KV_WIDTH),
+        ("poetry", 32, KV_WIDTH),
+        ("runtime", 33, KV_WIDTH),
+        ("broken", 34, KV_WIDTH + 1),
+    ] {
+        write_peft(&dir.path().join(name), seed, rows);
+    }
+    let adapter = |name: &str| LoraAdapter {
+        name: name.into(),
+        source: format!("file://{}", dir.path().join(name).display()),
+    };
+    let port = free_port();
+    let model = demo_model();
+    let _worker = Process::start(&[
+        "worker",
+        "--model",
+        model.to_str().unwrap(),
+        "--max-seq-len",
+        "256",
+        "--listen",
+        &format!("127.0.0.1:{port}"),
+    ]);
+    let uri = format!("http://127.0.0.1:{port}");
+    let runtime = tokio::runtime::Runtime::new().unwrap();
+    runtime.block_on(async {
+        let start = std::time::Instant::now();
+        // Until the model is loaded the port answers health and progress only.
+        let mut client = loop {
+            if let Ok(mut client) = InferenceClient::connect(uri.clone()).await
+                && client
+                    .model_info(pb::ModelInfoRequest::default())
+                    .await
+                    .is_ok()
+            {
+                break client;
+            }
+            assert!(
+                start.elapsed() < std::time::Duration::from_secs(120),
+                "worker never listened"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+        };
+        let served = async |client: &mut InferenceClient<tonic::transport::Channel>| {
+            let info = client
+                .model_info(pb::ModelInfoRequest::default())
+                .await
+                .unwrap();
+            let mut names: Vec<String> = info
+                .into_inner()
+                .adapters
+                .into_iter()
+                .map(|a| a.name)
+                .collect();
+            names.sort();
+            names
+        };
+        // One serving group whose leader is this worker.
+        let observed = || Observed {
+            groups: [(
+                GroupId(0),
+                GroupObserved {
+                    pods: vec![PodObserved {
+                        index: Some(0),
+                        running: true,
+                        ready: true,
+                        ip: Some("127.0.0.1".into()),
+                        ..PodObserved::default()
+                    }],
+                    ..GroupObserved::default()
+                },
+            )]
+            .into(),
+        };
+        let deployment = |adapters: Vec<LoraAdapter>, applied: &[&str]| {
+            let mut md =
+                ModelDeployment::new("m", ModelDeploymentSpec::from_source("pip://p==1/m.gguf"));
+            md.spec.lora_adapters = adapters;
+            md.status = Some(ModelDeploymentStatus {
+                lora_adapters: applied.iter().map(|s| s.to_string()).collect(),
+                ..ModelDeploymentStatus::default()
+            });
+            md
+        };
+        let name = |id: GroupId| format!("m-g{}", id.0);
+
+        let md = deployment(vec![adapter("sql"), adapter("poetry")], &[]);
+        let mut seen = observed();
+        let failures = sync_groups(&md, &mut seen, 1, port, name).await;
+        assert!(failures.is_empty(), "{failures:?}");
+        assert_eq!(
+            seen.groups[&GroupId(0)].adapters,
+            Some(vec!["sql".into(), "poetry".into()])
+        );
+        assert_eq!(served(&mut client).await, ["poetry", "sql"]);
+
+        // Someone loads one through the router; then the spec drops poetry.
+        AdaptersClient::connect(uri.clone())
+            .await
+            .unwrap()
+            .load_adapter(pb::LoadAdapterRequest {
+                name: "runtime".into(),
+                path: dir.path().join("runtime").display().to_string(),
+                model: String::new(),
+            })
+            .await
+            .unwrap();
+        let md = deployment(vec![adapter("sql")], &["sql", "poetry"]);
+        let failures = sync_groups(&md, &mut observed(), 1, port, name).await;
+        assert!(failures.is_empty(), "{failures:?}");
+        assert_eq!(served(&mut client).await, ["runtime", "sql"]);
+
+        // A broken adapter is reported, naming it and the tensor; the rest stays.
+        let md = deployment(vec![adapter("sql"), adapter("broken")], &["sql"]);
+        let failures = sync_groups(&md, &mut observed(), 1, port, name).await;
+        assert_eq!(failures.len(), 1, "{failures:?}");
+        assert_eq!(
+            (failures[0].group.as_str(), failures[0].adapter.as_str()),
+            ("m-g0", "broken")
+        );
+        assert!(failures[0].message.contains("v_proj"), "{failures:?}");
+        assert_eq!(served(&mut client).await, ["runtime", "sql"]);
+    });
+}

@@ -11,6 +11,7 @@
 //! carries the result out against the API server. [`labels`] holds the
 //! names the router relies on.
 
+pub mod adapters;
 pub mod check;
 pub mod decide;
 pub mod desired;

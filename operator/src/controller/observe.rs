@@ -39,6 +39,9 @@ pub struct GroupObserved {
     /// counted; filled in by the reconcile from the routers' load, `None` when
     /// unknown.
     pub outstanding: Option<(Timestamp, u64)>,
+    /// The LoRA adapters its leader serves, once the reconcile has brought them to
+    /// the spec's list ([`super::adapters::sync_groups`]); `None` when not asked.
+    pub adapters: Option<Vec<String>>,
 }
 
 /// A group's restarts since it last served for a while.

@@ -28,6 +28,7 @@ use serde_json::json;
 use crate::crd::{API_VERSION, GroupPhase, KIND, ModelDeployment, ModelDeploymentStatus};
 use crate::load::LoadBoard;
 
+use super::adapters::sync_groups;
 use super::check::{Topology, check};
 use super::decide::{Actions, GroupRestart, decide};
 use super::desired::{BuildError, Desired, WorkerSettings, desired_members};
@@ -238,6 +239,30 @@ async fn reconcile_once(
     announce(ctx, md, &topology, &observed, &actions).await;
 
     ask_pods(&mut observed, GRPC_PORT as u16).await;
+    let failed = sync_groups(
+        md,
+        &mut observed,
+        topology.pods_per_group,
+        GRPC_PORT as u16,
+        |id| group_name(&name, id),
+    )
+    .await;
+    for f in failed {
+        let subject = match (f.group.is_empty(), f.adapter.is_empty()) {
+            (true, true) => String::new(),
+            (true, false) => format!("adapter {}: ", f.adapter),
+            (false, true) => format!("group {}: ", f.group),
+            (false, false) => format!("group {}, adapter {}: ", f.group, f.adapter),
+        };
+        tracing::warn!(model_deployment = %name, %namespace, "{subject}{}", f.message);
+        let message = format!("{subject}{}", f.message);
+        publish(
+            ctx,
+            md,
+            event(EventType::Warning, "AdapterFailed", "LoadAdapter", message),
+        )
+        .await;
+    }
     let status = running_status(md, &topology, &observed, &actions, now);
     let settled = status.ready_replicas == topology.groups && actions.settled();
     write_status(&mds, &name, &status).await?;

@@ -78,6 +78,12 @@ pub fn running_status(
         conditions,
         groups,
         progress,
+        lora_adapters: md
+            .spec
+            .lora_adapters
+            .iter()
+            .map(|a| a.name.clone())
+            .collect(),
     }
 }
 
@@ -116,6 +122,11 @@ fn group_statuses(
                 bytes_done,
                 bytes_total,
                 message,
+                // Not asked this time (not serving): what it last reported.
+                adapters: obs
+                    .adapters
+                    .clone()
+                    .unwrap_or_else(|| previous_adapters(md, &group_name(md.name(), id))),
             }
         })
         .collect()
@@ -336,6 +347,7 @@ pub fn refused_status(
         // Nothing is changed: what the groups were stays.
         groups: previous.groups.clone(),
         progress: previous.progress.clone(),
+        lora_adapters: previous.lora_adapters.clone(),
     }
 }
 
@@ -379,6 +391,15 @@ fn list(ids: &[GroupId]) -> String {
         .map(ToString::to_string)
         .collect::<Vec<_>>()
         .join(", ")
+}
+
+/// The adapters a group's status listed before this reconcile.
+fn previous_adapters(md: &ModelDeployment, group: &str) -> Vec<String> {
+    md.status
+        .as_ref()
+        .and_then(|s| s.groups.iter().find(|g| g.name == group))
+        .map(|g| g.adapters.clone())
+        .unwrap_or_default()
 }
 
 #[cfg(test)]

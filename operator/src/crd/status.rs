@@ -35,6 +35,11 @@ pub struct ModelDeploymentStatus {
     /// column: a column cannot compute over `groups`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub progress: Option<String>,
+    /// The names of `spec.loraAdapters` the operator last loaded into the groups: a
+    /// name dropped from the spec is unloaded from them; adapters loaded at run
+    /// time through the router are not its to unload.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lora_adapters: Vec<String>,
 }
 
 /// One replica group as the operator last saw it.
@@ -63,6 +68,9 @@ pub struct GroupStatus {
     /// pod is Pending, the failure of a rank).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub message: Option<String>,
+    /// The LoRA adapters it serves, as it last reported them to the operator.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adapters: Vec<String>,
 }
 
 /// Where a group is, from least to most advanced.

@@ -4,7 +4,7 @@
 //! server-side apply.
 
 mod disruption;
-mod model;
+pub(crate) mod model;
 mod network;
 mod pod;
 mod service;

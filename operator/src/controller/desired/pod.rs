@@ -44,6 +44,9 @@ const POD_INDEX_ENV: &str = "SHARDSERVE_POD_INDEX";
 const PROGRESS_DIR_ENV: &str = "SHARDSERVE_PROGRESS_DIR";
 const PROGRESS_DIR: &str = "/tmp/shardserve-progress";
 
+/// Where a pod's ranks fetch LoRA adapters to (in its `/tmp` volume).
+pub const ADAPTER_CACHE: &str = "/tmp/shardserve-cache";
+
 const MODEL_VOLUME: &str = "model";
 const TMP_VOLUME: &str = "tmp";
 const SHM_VOLUME: &str = "dshm";
@@ -143,6 +146,11 @@ fn rank_container(group: &GroupContext<'_>, local: u32) -> Container {
         // eviction); the pod's grace period gives 30 s more.
         "--drain-timeout",
         &md.spec.drain_timeout().as_secs().to_string(),
+        // Where LoRA adapters from hf:// and pip:// are fetched when the operator
+        // loads them: the pod's writable /tmp, shared by its rank containers (the
+        // model's volume is mounted read-only).
+        "--cache",
+        ADAPTER_CACHE,
     ]);
     let mut env = vec![EnvVar {
         // One compute thread per CPU of the container's limit (the node's

@@ -194,7 +194,8 @@ fn the_demo_statefulset_is_one_pod_of_one_rank() {
                                 "--tensor", "1",
                                 "--listen", "0.0.0.0:50051",
                                 "--metrics-addr", "0.0.0.0:9090",
-                                "--drain-timeout", "300"
+                                "--drain-timeout", "300",
+                                "--cache", "/tmp/shardserve-cache"
                             ],
                             "env": [{
                                 "name": "SHARDSERVE_THREADS",
@@ -272,6 +273,8 @@ fn a_group_spanning_two_nodes_has_two_pods_of_four_ranks() {
             "0.0.0.0:9090",
             "--drain-timeout",
             "300",
+            "--cache",
+            "/tmp/shardserve-cache",
             "--coordinator",
             "llama-3-70b-2-nodes-g0-0.llama-3-70b-2-nodes-g0.llm.svc:29500",
             "--rank",
@@ -464,9 +467,20 @@ fn the_spec_hash_follows_what_the_pods_run() {
     let changed = desired_of(&md);
     assert_ne!(base.groups[0].spec_hash, changed.groups[0].spec_hash);
     assert_eq!(changed.groups[0].spec_hash.len(), 16);
+    // Adapters reach running groups through their API: a changed list rolls nothing.
+    let mut md = demo(2);
+    md.spec.lora_adapters = vec![crate::crd::LoraAdapter {
+        name: "sql".into(),
+        source: "hf://org/sql-lora".into(),
+    }];
+    assert_eq!(
+        base.groups[0].spec_hash,
+        desired_of(&md).groups[0].spec_hash
+    );
     // What the demo's pods run, pinned: an operator upgrade that changes
-    // it restarts every group of every deployment (one at a time).
-    assert_eq!(base.groups[0].spec_hash, "cc4f4d9a81fb1c95");
+    // it restarts every group of every deployment (one at a time). Changed
+    // last when the ranks got `--cache` for the adapters they fetch.
+    assert_eq!(base.groups[0].spec_hash, "62790415a4f58042");
 }
 
 #[test]
