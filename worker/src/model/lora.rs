@@ -185,27 +185,37 @@ fn dot_f64(w: &[f32], x: &[f32]) -> f64 {
 }
 
 /// Each pair's `(row, delta)` for its rows of `x` (`width` floats a row), in
-/// parallel when there is enough work.
+/// parallel over every (pair, row) of the step when there is enough work: rows
+/// spread over several adapters are as many small products as rows on one.
 pub fn deltas(
     pairs: &[(&[usize], &HostDense, &HostDense, f32, usize)],
     x: &[f32],
     width: usize,
 ) -> Vec<Vec<(usize, Vec<f64>)>> {
-    pairs
+    let tasks: Vec<(usize, usize)> = pairs
         .iter()
-        .map(|&(rows, a, b, scale, _)| {
-            let one = |&row: &usize| {
-                let xr = &x[row * width..(row + 1) * width];
-                (row, delta_f64(&a.values, &b.values, a.rows, xr, scale))
-            };
-            let work = rows.len() * a.rows * (a.cols + b.rows);
-            if work >= PARALLEL_WORK {
-                rows.par_iter().map(one).collect()
-            } else {
-                rows.iter().map(one).collect()
-            }
-        })
-        .collect()
+        .enumerate()
+        .flat_map(|(p, (rows, ..))| rows.iter().map(move |&row| (p, row)))
+        .collect();
+    let work: usize = pairs
+        .iter()
+        .map(|(rows, a, b, ..)| rows.len() * a.rows * (a.cols + b.rows))
+        .sum();
+    let one = |&(p, row): &(usize, usize)| {
+        let (_, a, b, scale, _) = pairs[p];
+        let xr = &x[row * width..(row + 1) * width];
+        (p, row, delta_f64(&a.values, &b.values, a.rows, xr, scale))
+    };
+    let done: Vec<(usize, usize, Vec<f64>)> = if work >= PARALLEL_WORK {
+        tasks.par_iter().map(one).collect()
+    } else {
+        tasks.iter().map(one).collect()
+    };
+    let mut out: Vec<Vec<(usize, Vec<f64>)>> = pairs.iter().map(|_| Vec::new()).collect();
+    for (p, row, delta) in done {
+        out[p].push((row, delta));
+    }
+    out
 }
 
 /// The host form of [`LoraPair`]s: `(rows, A, B, scale, offset)`.
