@@ -136,6 +136,7 @@ fn deployments(specs: &[String]) -> Result<Vec<Deployment>> {
             None => out.push(Deployment {
                 model: model.to_string(),
                 backends: vec![backend],
+                adapters: Vec::new(),
             }),
         }
     }

@@ -80,6 +80,7 @@ fn start_router(model: &str, backend: SocketAddr) -> (SocketAddr, SocketAddr) {
             id: "b0".into(),
             grpc_uri: format!("http://{backend}"),
         }],
+        adapters: Vec::new(),
     }];
     spawn_runtime(0, async move {
         let listeners = Listeners {

@@ -110,7 +110,11 @@ async fn router_with(
     }
     let deployments = by_model
         .into_iter()
-        .map(|(model, backends)| Deployment { model, backends })
+        .map(|(model, backends)| Deployment {
+            model,
+            backends,
+            adapters: Vec::new(),
+        })
         .collect();
     router_over(deployments, tweak).await
 }
@@ -537,6 +541,7 @@ async fn a_known_model_without_backends_is_held_then_503_and_readiness_stays_rea
     let starting = Deployment {
         model: "starting".into(),
         backends: Vec::new(),
+        adapters: Vec::new(),
     };
     let r = router_over(vec![starting], |c| {
         c.hold_timeout = Duration::from_millis(300);
@@ -925,6 +930,7 @@ async fn a_held_request_is_counted_as_load_and_sent_when_a_backend_comes() {
     let scaled_to_zero = Deployment {
         model: MODEL.into(),
         backends: Vec::new(),
+        adapters: Vec::new(),
     };
     let r = router_over(vec![scaled_to_zero], |_| {}).await;
     r.wait_ready().await;
@@ -967,6 +973,7 @@ async fn a_held_request_is_counted_as_load_and_sent_when_a_backend_comes() {
             id: "w0".into(),
             grpc_uri: w.uri(),
         }],
+        adapters: Vec::new(),
     }]);
     let (status, v) = tokio::time::timeout(HANG_GUARD, request)
         .await
@@ -987,6 +994,7 @@ async fn requests_past_the_hold_limit_are_503_at_once() {
     let starting = Deployment {
         model: "starting".into(),
         backends: Vec::new(),
+        adapters: Vec::new(),
     };
     let r = router_over(vec![starting], |c| {
         c.max_held_per_model = 1;

@@ -525,6 +525,10 @@ impl Fleet {
         let mut file = BackendsFile::default();
         for d in &self.deployments {
             file.models.entry(d.template.model.clone()).or_default();
+            if !d.adapters.is_empty() {
+                let names = d.adapters.iter().map(|(name, _)| name.clone()).collect();
+                file.adapters.insert(d.template.model.clone(), names);
+            }
         }
         for g in &self.groups {
             if let GroupState::Serving { .. } = g.state {

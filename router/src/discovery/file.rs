@@ -29,6 +29,9 @@ const POLL: Duration = Duration::from_millis(200);
 pub struct BackendsFile {
     /// Served model name → gRPC URLs of its ready group leaders.
     pub models: BTreeMap<String, Vec<String>>,
+    /// Served model name → the LoRA adapters its manifest declares.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub adapters: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +61,7 @@ impl BackendsFile {
                 Ok(Deployment {
                     model: model.clone(),
                     backends,
+                    adapters: self.adapters.get(model).cloned().unwrap_or_default(),
                 })
             })
             .collect()
@@ -155,6 +159,7 @@ mod tests {
                 .iter()
                 .map(|(m, urls)| (m.to_string(), urls.iter().map(|u| u.to_string()).collect()))
                 .collect(),
+            adapters: BTreeMap::new(),
         }
     }
 

@@ -51,6 +51,10 @@ pub struct Deployment {
     /// The served model name clients ask for.
     pub model: String,
     pub backends: Vec<Backend>,
+    /// LoRA adapters its manifest declares (`spec.loraAdapters`): known names even
+    /// while no backend serves them yet (scaled to zero, starting, loading them),
+    /// so that their requests are held as the model's are, not refused.
+    pub adapters: Vec<String>,
 }
 
 /// A source of deployments; the router follows the latest value.

@@ -5,9 +5,9 @@
 
 use std::collections::BTreeMap;
 
-use shardserve_proto::v1::{LoraAdapter, ModelInfoResponse};
+use shardserve_proto::v1::LoraAdapter;
 
-use super::{BackendState, State};
+use super::{BackendState, DeploymentState, State};
 
 /// What a request runs on: a served model, and the adapter it asked for.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,35 +39,62 @@ pub(super) fn serves<'a>(b: &'a BackendState, adapter: &str) -> Option<&'a LoraA
     b.info.as_ref()?.adapters.iter().find(|a| a.name == adapter)
 }
 
-/// The model one of whose backends serves `adapter` (the first by name, should
-/// two models have adapters of one name).
+/// The model one of whose backends serves `adapter`, or whose manifest declares
+/// it (the first by name, should two models have adapters of one name).
 pub(super) fn model_serving(state: &State, adapter: &str) -> Option<String> {
     state
         .deployments
         .iter()
-        .find(|(_, d)| d.backends.iter().any(|b| serves(b, adapter).is_some()))
+        .find(|(_, d)| has(d, adapter))
         .map(|(model, _)| model.clone())
 }
 
-/// The adapters the backends report, by name.
-pub(super) fn summary<'a>(
-    infos: impl Iterator<Item = &'a ModelInfoResponse>,
-) -> Vec<AdapterSummary> {
+/// Whether a backend of `d` serves `adapter`, or its manifest declares it while
+/// no backend has said what it serves (scaled to zero, starting). Once one has,
+/// its word counts: an adapter unloaded at run time is unknown again.
+pub(super) fn has(d: &DeploymentState, adapter: &str) -> bool {
+    d.backends.iter().any(|b| serves(b, adapter).is_some())
+        || (awaited(d) && d.declared.iter().any(|n| n == adapter))
+}
+
+/// No backend of `d` has reported its adapters yet: the declared ones are awaited.
+pub(super) fn awaited(d: &DeploymentState) -> bool {
+    d.backends.iter().all(|b| b.info.is_none())
+}
+
+/// The adapters the backends report, by name, or the manifest's while none has
+/// reported.
+pub(super) fn summary(d: &DeploymentState) -> Vec<AdapterSummary> {
+    let infos = d.backends.iter().filter_map(|b| b.info.as_ref());
+    let declared: &[String] = if awaited(d) { &d.declared } else { &[] };
     let mut by_name: BTreeMap<&str, AdapterSummary> = BTreeMap::new();
+    for name in declared {
+        by_name.insert(
+            name.as_str(),
+            AdapterSummary {
+                name: name.clone(),
+                source: String::new(),
+                backends: 0,
+            },
+        );
+    }
     for info in infos {
         for a in &info.adapters {
-            by_name
+            let entry = by_name
                 .entry(a.name.as_str())
                 .or_insert_with(|| AdapterSummary {
                     name: a.name.clone(),
-                    source: if a.source.is_empty() {
-                        a.path.clone()
-                    } else {
-                        a.source.clone()
-                    },
+                    source: String::new(),
                     backends: 0,
-                })
-                .backends += 1;
+                });
+            if entry.source.is_empty() {
+                entry.source = if a.source.is_empty() {
+                    a.path.clone()
+                } else {
+                    a.source.clone()
+                };
+            }
+            entry.backends += 1;
         }
     }
     by_name.into_values().collect()

@@ -82,6 +82,8 @@ struct BackendState {
 #[derive(Default)]
 struct DeploymentState {
     backends: Vec<BackendState>,
+    /// LoRA adapters discovery says the model has (its manifest's).
+    declared: Vec<String>,
     /// Backends discovery no longer lists (a group draining or removed) that still
     /// run requests: never picked, but counted until their last request ends, so
     /// that whoever drains the group sees when it is done.
@@ -264,7 +266,10 @@ impl Pool {
             kept.backends.append(&mut kept.leaving);
             kept.backends
                 .extend(state.gone.remove(&d.model).into_iter().flatten());
-            let mut next = DeploymentState::default();
+            let mut next = DeploymentState {
+                declared: d.adapters.clone(),
+                ..DeploymentState::default()
+            };
             for b in &d.backends {
                 let pos = kept
                     .backends
@@ -419,11 +424,10 @@ impl Pool {
     pub(crate) fn resolve_adapter(&self, model: &str, adapter: &str) -> Result<Target, PickError> {
         let model = self.resolve_model(model)?;
         let state = self.lock();
-        let served = state.deployments.get(&model).is_some_and(|d| {
-            d.backends
-                .iter()
-                .any(|b| adapters::serves(b, adapter).is_some())
-        });
+        let served = state
+            .deployments
+            .get(&model)
+            .is_some_and(|d| adapters::has(d, adapter));
         if !served {
             return Err(PickError::UnknownAdapter {
                 model,
@@ -483,11 +487,16 @@ impl Pool {
             return Err(PickError::NoBackends(model.to_string()));
         }
         let serving = |b: &BackendState| adapter.is_none_or(|a| adapters::serves(b, a).is_some());
-        if adapter.is_some() && !deployment.backends.iter().any(&serving) {
-            // Unloaded since the request was resolved (or its backends restarted
-            // without it).
-            let name = adapter.unwrap_or_default().to_string();
-            return Err(PickError::UnknownModel(name));
+        if let Some(name) = adapter
+            && !deployment.backends.iter().any(&serving)
+        {
+            // Declared and no backend has said what it serves (its groups start):
+            // held as a model without backends is. Else unloaded since the request
+            // was resolved.
+            return Err(match adapters::has(deployment, name) {
+                true => PickError::NoBackends(model.to_string()),
+                false => PickError::UnknownModel(name.to_string()),
+            });
         }
         let candidates: Vec<Candidate> = deployment
             .backends
@@ -672,7 +681,7 @@ impl Pool {
                     .filter(|b| b.health == Health::Healthy)
                     .count(),
                 info: d.backends.iter().find_map(|b| b.info.clone()),
-                adapters: adapters::summary(d.backends.iter().filter_map(|b| b.info.as_ref())),
+                adapters: adapters::summary(d),
             })
             .collect()
     }

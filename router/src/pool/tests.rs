@@ -15,6 +15,7 @@ fn deployment(model: &str, ids: &[&str]) -> Deployment {
                 grpc_uri: format!("http://127.0.0.1:{}", 1 + i),
             })
             .collect(),
+        adapters: Vec::new(),
     }
 }
 
@@ -243,4 +244,35 @@ async fn adapter_requests_go_where_it_is_served_resident_first_then_by_load() {
         ("x", 2),
         "{listed:?}"
     );
+}
+
+#[tokio::test]
+async fn a_declared_adapter_is_held_until_backends_report_then_their_word_counts() {
+    let mut d = deployment("m", &["a"]);
+    d.adapters = vec!["sql".into()];
+    let pool = pool(2, &[d]);
+    // No backend has said what it serves (starting): known, and held.
+    let target = pool.resolve("sql").unwrap();
+    assert_eq!(target.model, "m");
+    assert_eq!(
+        pool.lease_for("m", Some("sql"), 1, &[]).err(),
+        Some(PickError::NoBackends("m".into()))
+    );
+    assert!(pool.resolve_adapter("m", "sql").is_ok());
+    let listed = &pool.models()[0].adapters;
+    assert_eq!((listed[0].name.as_str(), listed[0].backends), ("sql", 0));
+    // It reports it: routed there.
+    pool.report_info("m", "a", serving(&[("sql", true)]));
+    assert_eq!(
+        pool.lease_for("m", Some("sql"), 2, &[]).unwrap().backend,
+        "a"
+    );
+    // Unloaded at run time: unknown (404), not held, and no longer listed.
+    pool.report_info("m", "a", serving(&[]));
+    assert_eq!(
+        pool.lease_for("m", Some("sql"), 3, &[]).err(),
+        Some(PickError::UnknownModel("sql".into()))
+    );
+    assert!(pool.resolve("sql").is_err());
+    assert!(pool.models()[0].adapters.is_empty());
 }

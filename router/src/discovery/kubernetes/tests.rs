@@ -149,6 +149,7 @@ fn deployment(model: &str, backends: Vec<Backend>) -> Deployment {
     Deployment {
         model: model.into(),
         backends,
+        adapters: Vec::new(),
     }
 }
 

@@ -39,6 +39,18 @@ fn served_model_name(md: &DynamicObject) -> Option<&str> {
         .or(md.metadata.name.as_deref())
 }
 
+/// The names of `spec.loraAdapters`.
+fn declared_adapters(md: &DynamicObject) -> Vec<String> {
+    md.data
+        .pointer("/spec/loraAdapters")
+        .and_then(serde_json::Value::as_array)
+        .into_iter()
+        .flatten()
+        .filter_map(|a| a.get("name").and_then(serde_json::Value::as_str))
+        .map(str::to_string)
+        .collect()
+}
+
 /// The leader pods (`<group>-0`) of the groups the operator drains: it lists them
 /// in `status.groups[]` with phase `Draining` until their streams have finished and
 /// it deletes them. They get nothing new.
@@ -109,6 +121,7 @@ pub(super) fn translate<'a>(
     // (namespace, pod) of the leaders of draining groups.
     let mut draining: HashSet<(&str, String)> = HashSet::new();
     let mut models: BTreeMap<String, BTreeMap<String, Backend>> = BTreeMap::new();
+    let mut adapters: BTreeMap<String, Vec<String>> = BTreeMap::new();
     for md in model_deployments {
         let Some(name) = md.metadata.name.as_deref() else {
             continue;
@@ -118,6 +131,10 @@ pub(super) fn translate<'a>(
         services.insert((namespace, name), (model, serves_tls(md)));
         draining.extend(draining_leaders(md).into_iter().map(|pod| (namespace, pod)));
         models.entry(model.to_string()).or_default();
+        adapters
+            .entry(model.to_string())
+            .or_default()
+            .extend(declared_adapters(md));
     }
 
     let mut warnings = Vec::new();
@@ -176,6 +193,7 @@ pub(super) fn translate<'a>(
         deployments: models
             .into_iter()
             .map(|(model, backends)| Deployment {
+                adapters: adapters.remove(&model).unwrap_or_default(),
                 model,
                 backends: backends.into_values().collect(),
             })
@@ -245,6 +263,7 @@ mod tests {
             [Deployment {
                 model: "llama".into(),
                 backends: vec![backend("ml/llama-g0-0", "http://10.0.0.5:50051")],
+                adapters: vec![],
             }]
         );
         assert!(t.warnings.is_empty());
@@ -354,6 +373,18 @@ mod tests {
     }
 
     #[test]
+    fn a_model_deployments_adapters_are_known_from_its_spec() {
+        let mut json = crate::discovery::kubernetes::fixtures::md_json("ml", "llama", None);
+        json["spec"]["loraAdapters"] = json!([
+            {"name": "sql", "source": "hf://org/sql"},
+            {"name": "poetry", "source": "pip://p==1/a"}
+        ]);
+        let mds = [serde_json::from_value::<DynamicObject>(json).unwrap()];
+        let t = translate(&mds, std::iter::empty());
+        assert_eq!(t.deployments[0].adapters, ["sql", "poetry"]);
+    }
+
+    #[test]
     fn a_model_deployment_without_ready_endpoints_is_known_with_no_backends() {
         let mds = [md("ml", "llama", None), md("ml", "starting", None)];
         let slices = [slice(
@@ -369,11 +400,13 @@ mod tests {
             [
                 Deployment {
                     model: "llama".into(),
-                    backends: vec![]
+                    backends: vec![],
+                    adapters: vec![],
                 },
                 Deployment {
                     model: "starting".into(),
-                    backends: vec![]
+                    backends: vec![],
+                    adapters: vec![],
                 },
             ]
         );
