@@ -307,7 +307,11 @@ fn dense_values(
 /// Reorders the rows of each head of `b` (`[heads·d, rank]`) from the Hugging
 /// Face layout (rotated halves: row `h·d/2 + i`) into the GGUF one (adjacent
 /// pairs: row `2i + h`), as llama.cpp's converter does to Q and K.
-fn permute_rows_for_interleaved_rope(b: &[f32], rank: usize, head_dim: usize) -> Vec<f32> {
+pub(crate) fn permute_rows_for_interleaved_rope(
+    b: &[f32],
+    rank: usize,
+    head_dim: usize,
+) -> Vec<f32> {
     let half = head_dim / 2;
     let mut out = vec![0f32; b.len()];
     for (head_in, head_out) in b

@@ -228,3 +228,120 @@ fn shards_cut_a_like_the_base_and_cover_the_whole() {
     let offsets: Vec<usize> = two[1].layers[0].gate_up.iter().map(|(o, _)| *o).collect();
     assert_eq!(offsets, [0, cfg.intermediate_size / 2]);
 }
+
+/// The acceptance check on the demo model: a PEFT adapter on q_proj and v_proj,
+/// applied unmerged, gives the first token's logits of a reference whose q and v
+/// weights are the demo's dequantised plus s·B·A (B's q rows permuted into GGUF's
+/// layout by the test, as llama.cpp's converter does). Both models carry q and v
+/// dequantised to f32 (the rest stays Q4_1), so that they differ only in how the
+/// adapter is applied: the Q4_1 kernels round their activations, dequantised
+/// weights do not.
+///
+/// The first token only: from the second position on, this model turns any
+/// last-bit difference into logits apart by up to ~1 (its attention sinks): a
+/// 1-ulp change of its q/k/v weights moved the logits of a 2-token prompt by 0.43
+/// and unmerged against merged by 0.48, so no order of rounding could agree
+/// there within 1e-3. The Q rows' permutation is checked on a tiny model instead
+/// (`a_peft_adapter_answers_the_same_on_an_hf_base_and_on_its_gguf`).
+#[test]
+fn a_peft_adapter_on_the_demo_model_matches_its_weights_merged_into_the_dequantised_base() {
+    use std::sync::Arc;
+
+    use candle_core::quantized::{GgmlDType, QTensor, gguf_file};
+    use candle_core::{Device, Tensor};
+
+    use crate::comm::SingleRank;
+    use crate::kv::KvCache;
+    use crate::model::{Host, LogitsFor, SeqSpan, Transformer};
+    use crate::weights::GgufFile;
+
+    let demo = shardserve_e2e::demo_model();
+    let cfg = crate::model::ModelConfig::from_gguf(&GgufFile::open(&demo).unwrap()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let mut adapter = testing::TestAdapter::random(&cfg, 8, &[Target::Q, Target::V], 41);
+    // A fine-tune's size of change (s = 0.25), not a random model's.
+    adapter.alpha = 2.0;
+    adapter.write_peft(&dir.path().join("peft"), &cfg, serde_json::json!({}));
+    let scale = adapter.scale();
+
+    // The demo with q and v dequantised, plus the adapter's product when `merge`.
+    let variant = |merge: bool| {
+        let mut reader = std::fs::File::open(&demo).unwrap();
+        let content = gguf_file::Content::read(&mut reader).unwrap();
+        let mut tensors: Vec<(String, QTensor)> = Vec::new();
+        for name in content.tensor_infos.keys() {
+            let q = content.tensor(&mut reader, name, &Device::Cpu).unwrap();
+            let target = [("attn_q", Target::Q), ("attn_v", Target::V)]
+                .into_iter()
+                .find(|(t, _)| name.ends_with(&format!("{t}.weight")));
+            let Some((_, target)) = target else {
+                tensors.push((name.clone(), q));
+                continue;
+            };
+            let mut w = q.dequantize(&Device::Cpu).unwrap();
+            if merge {
+                let layer: usize = name.split('.').nth(1).unwrap().parse().unwrap();
+                let (a, b) = &adapter.pairs[&(layer, target)];
+                let b = match target {
+                    Target::Q => permute_rows_for_interleaved_rope(b, adapter.rank, cfg.head_dim),
+                    _ => b.clone(),
+                };
+                let (outputs, inputs) = w.dims2().unwrap();
+                let a = Tensor::from_vec(a.clone(), (adapter.rank, inputs), &Device::Cpu).unwrap();
+                let b = Tensor::from_vec(b, (outputs, adapter.rank), &Device::Cpu).unwrap();
+                w = (w + (b.matmul(&a).unwrap() * f64::from(scale)).unwrap()).unwrap();
+            }
+            tensors.push((name.clone(), QTensor::quantize(&w, GgmlDType::F32).unwrap()));
+        }
+        let path = dir.path().join(format!("demo-merged-{merge}.gguf"));
+        let metadata: Vec<(&str, &gguf_file::Value)> = content
+            .metadata
+            .iter()
+            .map(|(k, v)| (k.as_str(), v))
+            .collect();
+        let refs: Vec<(&str, &QTensor)> = tensors.iter().map(|(n, t)| (n.as_str(), t)).collect();
+        gguf_file::write(&mut std::fs::File::create(&path).unwrap(), &metadata, &refs).unwrap();
+        Transformer::from_gguf(&GgufFile::open(&path).unwrap(), Arc::new(SingleRank), Host).unwrap()
+    };
+    let mut base = variant(false);
+    let merged = variant(true);
+    base.load_adapter(
+        0,
+        &Adapter::open(&dir.path().join("peft"), &cfg, 64).unwrap(),
+    )
+    .unwrap();
+
+    let first = |model: &Transformer, adapter: Option<u32>| {
+        let mut kv = KvCache::new(model.kv_shape(), 1, 16).unwrap();
+        let span = SeqSpan {
+            tokens: &[504],
+            start_pos: 0,
+            blocks: &[0],
+            logits: LogitsFor::Last,
+            adapter,
+        };
+        model
+            .forward(&[span], &mut kv)
+            .unwrap()
+            .logits
+            .remove(0)
+            .remove(0)
+    };
+    let (unmerged, reference, plain) = (
+        first(&base, Some(0)),
+        first(&merged, None),
+        first(&base, None),
+    );
+    let worst = |x: &[f32], y: &[f32]| {
+        x.iter()
+            .zip(y)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0f32, f32::max)
+    };
+    let (diff, moved) = (worst(&unmerged, &reference), worst(&unmerged, &plain));
+    assert!(diff < 1e-3, "unmerged and merged differ by {diff}");
+    assert!(
+        moved > 0.1,
+        "the adapter must change the logits (moved {moved})"
+    );
+}
