@@ -217,6 +217,18 @@ impl Router {
         (status, text)
     }
 
+    /// GETs `path` and reads its JSON body.
+    async fn get_json(&self, path: &str) -> Value {
+        self.http
+            .get(self.url(path))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     async fn metrics(&self) -> String {
         self.http
             .get(self.url("/metrics"))
@@ -333,15 +345,7 @@ async fn completions_score_token_ids_with_echo_and_logprobs() {
 #[tokio::test]
 async fn models_list_and_unknown_model_is_404() {
     let r = router(&[shared()], |_| {}).await;
-    let v: Value = r
-        .http
-        .get(r.url("/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = r.get_json("/v1/models").await;
     assert_eq!(v["data"][0]["id"], MODEL);
     assert_eq!(v["object"], "list");
     let mut body = chat_body("hi", 4);
@@ -739,15 +743,7 @@ async fn ollama_endpoints_as_ollama_clients_use_them() {
         "{v}"
     );
 
-    let v: Value = r
-        .http
-        .get(r.url("/api/tags"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let v = r.get_json("/api/tags").await;
     assert_eq!(v["models"][0]["name"], MODEL);
     let (status, v) = r
         .post(

@@ -22,15 +22,7 @@ async fn answer(r: &Router, model: &str) -> (String, String) {
 async fn models_once_listed(r: &Router, ids: &[&str]) -> Vec<(String, Value)> {
     let deadline = Instant::now() + HANG_GUARD;
     loop {
-        let v: Value = r
-            .http
-            .get(r.url("/v1/models"))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let v: Value = r.get_json("/v1/models").await;
         let listed: Vec<(String, Value)> = v["data"]
             .as_array()
             .unwrap()
@@ -127,15 +119,7 @@ async fn adapters_are_routed_by_name_loaded_everywhere_and_unloaded() {
     assert_eq!(status, 200, "{v}");
     let (status, v) = r.post("/generate", tgi("nope")).await;
     assert_eq!(status, 404, "{v}");
-    let tags: Value = r
-        .http
-        .get(r.url("/api/tags"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let tags: Value = r.get_json("/api/tags").await;
     let sql_tag = tags["models"]
         .as_array()
         .unwrap()
