@@ -534,14 +534,13 @@ fn metric(text: &str, name: &str) -> f64 {
         .unwrap_or_else(|| panic!("{name} missing from:\n{text}"))
 }
 
-#[tokio::test]
-async fn metrics_count_requests_and_running_drops_to_zero_on_disconnect() {
-    let path = demo_model();
-    let engine = Engine::load(&path, &EngineOptions::default()).expect("demo model loads");
+/// Serves `engine` on fresh ports, gRPC and the HTTP metrics beside it, from this
+/// test's runtime: (gRPC, HTTP) addresses.
+async fn serve_with_http(engine: Engine) -> (SocketAddr, SocketAddr) {
     let engine = EngineHandle::spawn(engine).expect("engine thread starts");
     let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
+    let addrs = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
     tokio::spawn(super::serve_with_metrics(
         engine,
         grpc,
@@ -550,6 +549,14 @@ async fn metrics_count_requests_and_running_drops_to_zero_on_disconnect() {
         std::future::pending(),
         super::DRAIN_GRACE,
     ));
+    addrs
+}
+
+#[tokio::test]
+async fn metrics_count_requests_and_running_drops_to_zero_on_disconnect() {
+    let path = demo_model();
+    let engine = Engine::load(&path, &EngineOptions::default()).expect("demo model loads");
+    let (grpc_addr, http_addr) = serve_with_http(engine).await;
     let mut client = connect(grpc_addr).await;
     assert_eq!(http_get(http_addr, "/healthz").await.0, 200);
     assert_eq!(http_get(http_addr, "/readyz").await.0, 200);
@@ -703,18 +710,7 @@ async fn adapters_load_over_grpc_and_their_requests_show_in_the_metrics() {
     };
     let engine = Engine::load(&path, &options).expect("demo model loads");
     let config = engine.info().config.clone();
-    let engine = EngineHandle::spawn(engine).expect("engine thread starts");
-    let grpc = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let http = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let (grpc_addr, http_addr) = (grpc.local_addr().unwrap(), http.local_addr().unwrap());
-    tokio::spawn(super::serve_with_metrics(
-        engine,
-        grpc,
-        Some(http),
-        None,
-        std::future::pending(),
-        super::DRAIN_GRACE,
-    ));
+    let (grpc_addr, http_addr) = serve_with_http(engine).await;
     let dirs: Vec<tempfile::TempDir> = (0..2)
         .map(|seed| {
             let dir = tempfile::tempdir().unwrap();
