@@ -9,24 +9,17 @@ Prints one line per check; exits non-zero on the first failure.
 
 import json
 import os
-import sys
 import urllib.error
 import urllib.request
 
 import openai
+from checks import check
 
 BASE_URL = os.environ["OPENAI_BASE_URL"]
 MODEL = os.environ["SHARDSERVE_MODEL"]
 ADAPTERS = os.environ["SHARDSERVE_ADAPTERS"].split(",")
 BROKEN = os.environ["SHARDSERVE_BROKEN_ADAPTER"]
 MESSAGES = [{"role": "user", "content": "Name three colours."}]
-
-
-def check(name, condition, detail=""):
-    if not condition:
-        print(f"FAIL {name}: {detail}", file=sys.stderr)
-        sys.exit(1)
-    print(f"ok   {name}")
 
 
 def post(path, body):

@@ -6,20 +6,13 @@ Prints one line per check; exits non-zero on the first failure.
 """
 
 import os
-import sys
 
 import openai
+from checks import check
 
 BASE_URL = os.environ["OPENAI_BASE_URL"]
 MODEL = os.environ["SHARDSERVE_MODEL"]
 MESSAGES = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def check(name, condition, detail=""):
-    if not condition:
-        print(f"FAIL {name}: {detail}", file=sys.stderr)
-        sys.exit(1)
-    print(f"ok   {name}")
 
 
 def main():

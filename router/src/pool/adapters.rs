@@ -30,8 +30,6 @@ pub(crate) struct AdapterSummary {
     pub name: String,
     /// Where it was loaded from, as given.
     pub source: String,
-    /// Backends that serve it.
-    pub backends: usize,
 }
 
 /// The backend's entry for `adapter`, when it serves it.
@@ -65,37 +63,27 @@ pub(super) fn awaited(d: &DeploymentState) -> bool {
 /// The adapters the backends report, by name, or the manifest's while none has
 /// reported.
 pub(super) fn summary(d: &DeploymentState) -> Vec<AdapterSummary> {
-    let infos = d.backends.iter().filter_map(|b| b.info.as_ref());
-    let declared: &[String] = if awaited(d) { &d.declared } else { &[] };
-    let mut by_name: BTreeMap<&str, AdapterSummary> = BTreeMap::new();
-    for name in declared {
-        by_name.insert(
-            name.as_str(),
-            AdapterSummary {
+    if awaited(d) {
+        return d
+            .declared
+            .iter()
+            .map(|name| AdapterSummary {
                 name: name.clone(),
                 source: String::new(),
-                backends: 0,
-            },
-        );
+            })
+            .collect();
     }
-    for info in infos {
-        for a in &info.adapters {
-            let entry = by_name
-                .entry(a.name.as_str())
-                .or_insert_with(|| AdapterSummary {
-                    name: a.name.clone(),
-                    source: String::new(),
-                    backends: 0,
-                });
-            if entry.source.is_empty() {
-                entry.source = if a.source.is_empty() {
-                    a.path.clone()
-                } else {
-                    a.source.clone()
-                };
-            }
-            entry.backends += 1;
-        }
+    let mut by_name: BTreeMap<&str, AdapterSummary> = BTreeMap::new();
+    let reported = d.backends.iter().filter_map(|b| b.info.as_ref());
+    for a in reported.flat_map(|info| &info.adapters) {
+        by_name.entry(&a.name).or_insert_with(|| AdapterSummary {
+            name: a.name.clone(),
+            source: if a.source.is_empty() {
+                a.path.clone()
+            } else {
+                a.source.clone()
+            },
+        });
     }
     by_name.into_values().collect()
 }

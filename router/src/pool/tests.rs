@@ -239,11 +239,8 @@ async fn adapter_requests_go_where_it_is_served_resident_first_then_by_load() {
         Err(PickError::UnknownAdapter { .. })
     ));
     let listed = &pool.models()[0].adapters;
-    assert_eq!(
-        (listed[0].name.as_str(), listed[0].backends),
-        ("x", 2),
-        "{listed:?}"
-    );
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].name, "x");
 }
 
 #[tokio::test]
@@ -260,7 +257,8 @@ async fn a_declared_adapter_is_held_until_backends_report_then_their_word_counts
     );
     assert!(pool.resolve_adapter("m", "sql").is_ok());
     let listed = &pool.models()[0].adapters;
-    assert_eq!((listed[0].name.as_str(), listed[0].backends), ("sql", 0));
+    assert_eq!(listed.len(), 1, "{listed:?}");
+    assert_eq!(listed[0].name, "sql");
     // It reports it: routed there.
     pool.report_info("m", "a", serving(&[("sql", true)]));
     assert_eq!(
