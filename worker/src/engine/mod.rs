@@ -852,14 +852,21 @@ impl Engine {
         if plan.spans.is_empty() {
             return Ok(events);
         }
+        let active = &mut self.active;
         let wants: Vec<LogitsFor> = plan
             .spans
             .iter()
-            .map(|sp| match &self.active[&sp.seq] {
-                a if a.wants_prompt_scores() => LogitsFor::All,
-                a if sp.completes && a.wants_best_only() => LogitsFor::Best,
-                _ if sp.completes => LogitsFor::Last,
-                _ => LogitsFor::None,
+            .map(|sp| {
+                let a = active
+                    .get_mut(&sp.seq)
+                    .expect("scheduled sequences are active");
+                if a.wants_prompt_scores() {
+                    LogitsFor::All
+                } else if sp.completes {
+                    a.pick_there().unwrap_or(LogitsFor::Last)
+                } else {
+                    LogitsFor::None
+                }
             })
             .collect();
         let scheduler = &self.scheduler;
@@ -885,8 +892,8 @@ impl Engine {
         drop(spans);
         self.scheduler.complete(&plan);
 
-        let outputs = output.logits.into_iter().zip(output.best);
-        for ((span, (rows, best)), want) in plan.spans.iter().zip(outputs).zip(wants) {
+        let outputs = output.logits.into_iter().zip(output.picked);
+        for ((span, (rows, picked)), want) in plan.spans.iter().zip(outputs).zip(wants) {
             let active = self
                 .active
                 .get_mut(&span.seq)
@@ -897,8 +904,8 @@ impl Engine {
             if !span.completes {
                 continue;
             }
-            let next = match (best, rows.last()) {
-                (Some(id), _) => Next::Best(id),
+            let next = match (picked, rows.last()) {
+                (Some(id), _) => Next::Picked(id),
                 (None, Some(row)) => Next::Row(row),
                 (None, None) => continue,
             };

@@ -2,6 +2,7 @@
 //! next-token distribution at a time by the engine's steps.
 
 use super::request::{FinishReason, Finished, GenerationRequest, LogprobEntry, TokenEvent};
+use crate::model::LogitsFor;
 use crate::sampling::{Sampler, StopMatcher, logprobs_of};
 use crate::tokenizer::{IncrementalDetokenizer, Tokenizer};
 
@@ -21,8 +22,8 @@ pub enum Advance {
 pub enum Next<'a> {
     /// The next-token logits.
     Row(&'a [f32]),
-    /// The best id, picked where the logits are (see [`Active::wants_best_only`]).
-    Best(u32),
+    /// An id picked where the logits are (see [`Active::pick_there`]).
+    Picked(u32),
 }
 
 pub struct Active {
@@ -69,12 +70,19 @@ impl Active {
             .is_some_and(|s| s.len() < self.prompt.len())
     }
 
-    /// Whether its next token is the best id of the logits and nothing else reads
-    /// them (greedy, no penalties, no log-probabilities): the step then hands back
-    /// the id alone ([`Next::Best`]).
-    pub fn wants_best_only(&self) -> bool {
+    /// How the step picks its next token where the logits are, when nothing on the
+    /// host reads them (no penalties, no log-probabilities): the best id (greedy) or
+    /// one drawn with the next number of its RNG. The step then hands back the id
+    /// alone ([`Next::Picked`]). `None`: the row must come back.
+    pub fn pick_there(&mut self) -> Option<LogitsFor> {
         let sampling = self.sampler.params();
-        sampling.is_greedy() && !sampling.has_penalties() && self.request.logprobs.is_none()
+        if sampling.has_penalties() || self.request.logprobs.is_some() {
+            None
+        } else if sampling.is_greedy() {
+            Some(LogitsFor::Best)
+        } else {
+            Some(LogitsFor::Draw(self.sampler.draw_there()))
+        }
     }
 
     /// Takes the logits rows of a prompt span starting at `start`: row `i`
@@ -106,14 +114,14 @@ impl Active {
                 self.sampler.sample(row, &self.prompt, &self.generated),
                 Some(row),
             ),
-            Next::Best(id) => (id, None),
+            Next::Picked(id) => (id, None),
         };
         if (!stopping.ignore_eos && tokenizer.eog_ids().contains(&id))
             || stopping.stop_token_ids.contains(&id)
         {
             return self.finish(None, FinishReason::Stop);
         }
-        // A `Best` step only comes without logprobs asked for.
+        // A picked id only comes without logprobs asked for.
         let logprob = self.request.logprobs.zip(row).map(|(k, row)| {
             let (token, top) = logprobs_of(row, id, k);
             LogprobEntry { token, top }

@@ -20,6 +20,7 @@ mod rows;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
+use backend::Pick;
 pub use backend::{Backend, CacheDtype, Host, SpanLogits, StepOutput, Tensors};
 pub use config::{ModelConfig, RopeConfig, RopeScaling, RopeStyle};
 pub use hf::HfCheckpoint;
@@ -73,13 +74,16 @@ pub enum ModelError {
 }
 
 /// Which logits a span wants back.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum LogitsFor {
     /// Only its last token's (the next-token distribution).
     Last,
     /// Only the best id of its last token's (greedy decoding with nothing else
     /// reading the row): a device backend downloads the id, not the row.
     Best,
+    /// Only an id drawn from its last token's (sampling with nothing else reading
+    /// the row, see [`crate::sampling::draw`]): a device backend draws there.
+    Draw(crate::sampling::Draw),
     /// Every token's (prompt scoring).
     All,
     /// None (a chunk of a prompt whose end comes in a later step).
@@ -275,7 +279,7 @@ impl<B: Backend> Transformer<B> {
         if layout.ids.is_empty() {
             return Ok(StepOutput {
                 logits: vec![Vec::new(); spans.len()],
-                best: vec![None; spans.len()],
+                picked: vec![None; spans.len()],
             });
         }
         let b = &self.backend;
@@ -312,13 +316,14 @@ impl<B: Backend> Transformer<B> {
         } else {
             let h = self.norm.forward(b, &b.wanted_rows(&x, &step)?)?;
             let head = self.head.as_ref().unwrap_or(&self.embed);
-            let whole = layout.wanted.len() - layout.greedy.len();
-            b.download(&b.linear(&h, head, None)?, whole)?
+            let whole = layout.wanted.len() - layout.picks.len();
+            let draws: Vec<_> = layout.picks.iter().map(|p| p.draw).collect();
+            b.download(&b.linear(&h, head, None)?, whole, &draws)?
         };
         let mut rows = rows.into_iter();
-        let mut best = vec![None; spans.len()];
-        for (&span, id) in layout.greedy.iter().zip(ids) {
-            best[span] = Some(id);
+        let mut picked = vec![None; spans.len()];
+        for (pick, id) in layout.picks.iter().zip(ids) {
+            picked[pick.span] = Some(id);
         }
         Ok(StepOutput {
             logits: layout
@@ -326,7 +331,7 @@ impl<B: Backend> Transformer<B> {
                 .iter()
                 .map(|&n| rows.by_ref().take(n).collect())
                 .collect(),
-            best,
+            picked,
         })
     }
 }
@@ -339,9 +344,9 @@ impl<'a> StepLayout<'a> {
             positions: Vec::new(),
             wanted: Vec::new(),
             counts: Vec::with_capacity(spans.len()),
-            greedy: Vec::new(),
+            picks: Vec::new(),
         };
-        let mut best_rows = Vec::new();
+        let mut picked_rows = Vec::new();
         for (i, span) in spans.iter().enumerate() {
             let (offset, n) = (layout.ids.len(), span.tokens.len());
             layout.ids.extend_from_slice(span.tokens);
@@ -349,9 +354,14 @@ impl<'a> StepLayout<'a> {
             let rows = match span.logits {
                 LogitsFor::Last if n > 0 => offset + n - 1..offset + n,
                 LogitsFor::All => offset..offset + n,
-                LogitsFor::Best if n > 0 => {
-                    layout.greedy.push(i);
-                    best_rows.push(offset + n - 1);
+                LogitsFor::Best | LogitsFor::Draw(_) if n > 0 => {
+                    let draw = if let LogitsFor::Draw(d) = span.logits {
+                        Some(d)
+                    } else {
+                        None
+                    };
+                    layout.picks.push(Pick { span: i, draw });
+                    picked_rows.push(offset + n - 1);
                     0..0
                 }
                 _ => 0..0,
@@ -359,8 +369,8 @@ impl<'a> StepLayout<'a> {
             layout.counts.push(rows.len());
             layout.wanted.extend(rows);
         }
-        // The rows downloaded whole first, then those of which only the best id is.
-        layout.wanted.extend(best_rows);
+        // The rows downloaded whole first, then those of which only a picked id is.
+        layout.wanted.extend(picked_rows);
         layout
     }
 }

@@ -128,12 +128,12 @@ fn chunked_prefill_equals_one_shot() {
         .forward(&[span(first, 0, LogitsFor::None)], &mut kv)
         .unwrap();
     assert!(none.logits[0].is_empty());
-    assert_eq!(none.best, [None]);
+    assert_eq!(none.picked, [None]);
     let last = model
         .forward(&[span(rest, 4, LogitsFor::Last)], &mut kv)
         .unwrap();
     assert_eq!(&last.logits[0][0], full.last().unwrap(), "last token");
-    assert_eq!(last.best, [None]);
+    assert_eq!(last.picked, [None]);
 }
 
 #[test]
@@ -161,7 +161,7 @@ fn a_best_span_gets_its_last_rows_argmax_and_no_rows() {
     ];
     let out = model.forward(&spans, &mut kv).unwrap();
     let best = crate::sampling::argmax(full_a.last().unwrap());
-    assert_eq!(out.best, [Some(best), None]);
+    assert_eq!(out.picked, [Some(best), None]);
     assert!(out.logits[0].is_empty());
     assert_eq!(
         out.logits[1].len(),

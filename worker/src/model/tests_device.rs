@@ -199,5 +199,5 @@ fn the_device_picks_a_best_span_s_id_itself() {
         .unwrap();
     assert!(out.logits[0].is_empty());
     let row = &out.logits[1][0];
-    assert_eq!(out.best, [Some(crate::sampling::argmax(row)), None]);
+    assert_eq!(out.picked, [Some(crate::sampling::argmax(row)), None]);
 }

@@ -14,5 +14,5 @@ mod stop;
 
 pub use logprobs::{TokenLogprob, argmax, log_softmax, logprobs_of};
 pub use params::{SamplingError, SamplingParams};
-pub use sampler::Sampler;
+pub use sampler::{Draw, Sampler, draw, pick};
 pub use stop::{StopMatcher, StopStep};

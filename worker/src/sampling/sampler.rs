@@ -1,4 +1,9 @@
 //! One sequence's token picker: penalties, temperature, filters, draw.
+//!
+//! A draw is defined once, by [`draw`], so that a backend which picks tokens where
+//! the logits are (a GPU) picks the same ones: the sequence's RNG gives one
+//! uniform number per sampled token ([`Sampler::draw_there`]), and the token is
+//! a function of the row, the settings and that number.
 
 use std::collections::{HashMap, HashSet};
 
@@ -15,6 +20,19 @@ struct Candidate {
     id: u32,
     logit: f32,
     weight: f64,
+}
+
+/// What picks one sampled token from a row of logits: the filters of a
+/// sequence's [`SamplingParams`] and the uniform number its RNG gave for this
+/// token. [`draw`] says what it means.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Draw {
+    pub temperature: f32,
+    pub top_k: usize,
+    pub top_p: f32,
+    pub min_p: f32,
+    /// In `[0, 1)`.
+    pub uniform: f64,
 }
 
 /// Picks the next token of one sequence. Owns the sequence's RNG, so the same
@@ -46,12 +64,26 @@ impl Sampler {
         &self.params
     }
 
+    /// The next token's [`Draw`], for a backend that draws where the logits are.
+    /// Takes the uniform number [`Sampler::sample`] would have taken, so a seed
+    /// gives the same tokens either way. Only for sampled (not greedy) sequences
+    /// without penalties, which need the whole row on the host.
+    pub fn draw_there(&mut self) -> Draw {
+        Draw {
+            temperature: self.params.temperature,
+            top_k: self.params.top_k,
+            top_p: self.params.top_p,
+            min_p: self.params.min_p,
+            uniform: self.rng.random::<f64>(),
+        }
+    }
+
     /// Picks the next token. `prompt` and `generated` are the token ids so
     /// far: the repetition penalty (HF/CTRL: divide positive, multiply
     /// negative logits) applies to tokens in both; the presence and frequency
     /// penalties (OpenAI) to generated ones only. Then temperature, top-k,
-    /// top-p and min-p, then a draw. Temperature 0 is argmax of the penalised
-    /// logits; an empty candidate set falls back to it as well.
+    /// top-p and min-p, then a draw ([`draw`]). Temperature 0 is argmax of the
+    /// penalised logits.
     pub fn sample(&mut self, logits: &[f32], prompt: &[u32], generated: &[u32]) -> u32 {
         if self.params.is_greedy() && !self.params.has_penalties() {
             // Nothing changes the row: no copy (a vocabulary-sized row per sequence per step).
@@ -63,74 +95,112 @@ impl Sampler {
         if self.params.is_greedy() {
             return argmax(&self.logits);
         }
-        self.collect_candidates();
-        self.filter_candidates();
-        self.draw().unwrap_or_else(|| argmax(&self.logits))
+        let draw = self.draw_there();
+        draw_into(&mut self.candidates, &self.logits, &draw)
+    }
+}
+
+/// Draws one token from `logits` (natural, NaN read as `-inf`):
+///
+/// 1. the candidates are the tokens with a finite chance, ordered by logit,
+///    highest first, then by id (+inf counts as the largest float);
+/// 2. top-k keeps the first `top_k` of them (0: all);
+/// 3. each gets the weight `exp((logit - max) / temperature)` (in f64);
+/// 4. top-p keeps the shortest prefix whose weight reaches `top_p` of the kept
+///    weight (at least one); min-p keeps those of weight ≥ `min_p`;
+/// 5. the kept tokens, in id order, share `[0, total)` by weight, and the token
+///    whose share holds `uniform · total` is drawn.
+///
+/// A row with no candidate gives its argmax (id 0). Backends that pick tokens
+/// on a device implement the same steps (`model::backend`'s draw op).
+pub fn draw(logits: &[f32], draw: &Draw) -> u32 {
+    let cleaned: Vec<f32> = logits.iter().map(|&l| clean(l)).collect();
+    draw_into(&mut Vec::new(), &cleaned, draw)
+}
+
+/// The id a backend picks from a row: the best one (`None`, see [`argmax`]) or
+/// one drawn.
+pub fn pick(logits: &[f32], draw: &Option<Draw>) -> u32 {
+    match draw {
+        None => argmax(logits),
+        Some(d) => self::draw(logits, d),
+    }
+}
+
+/// [`draw`] of a cleaned row, with a reusable candidate buffer.
+fn draw_into(candidates: &mut Vec<Candidate>, logits: &[f32], draw: &Draw) -> u32 {
+    collect_candidates(candidates, logits, draw.top_k);
+    filter_candidates(candidates, draw);
+    share_holding(candidates, draw.uniform).unwrap_or_else(|| argmax(logits))
+}
+
+/// Every token with a finite chance, in id order, cut to the top k.
+fn collect_candidates(candidates: &mut Vec<Candidate>, logits: &[f32], k: usize) {
+    candidates.clear();
+    candidates.extend(
+        logits
+            .iter()
+            .enumerate()
+            .filter(|(_, l)| **l > f32::NEG_INFINITY)
+            .map(|(id, &l)| Candidate {
+                id: id as u32,
+                // +inf would turn the softmax into NaN; the largest float
+                // keeps it the clear winner.
+                logit: l.min(f32::MAX),
+                weight: 0.0,
+            }),
+    );
+    if k > 0 && k < candidates.len() {
+        candidates.select_nth_unstable_by(k - 1, by_logit_desc);
+        candidates.truncate(k);
+    }
+}
+
+/// Temperature, then top-p and min-p on the resulting probabilities; the kept
+/// candidates end in id order.
+fn filter_candidates(candidates: &mut Vec<Candidate>, draw: &Draw) {
+    let Some(max) = candidates.iter().map(|c| c.logit).reduce(f32::max) else {
+        return;
+    };
+    let temperature = f64::from(draw.temperature);
+    for c in candidates.iter_mut() {
+        c.weight = ((f64::from(c.logit) - f64::from(max)) / temperature).exp();
     }
 
-    /// Every token with a finite chance, in id order, cut to the top k.
-    fn collect_candidates(&mut self) {
-        self.candidates.clear();
-        self.candidates.extend(
-            self.logits
-                .iter()
-                .enumerate()
-                .filter(|(_, l)| **l > f32::NEG_INFINITY)
-                .map(|(id, &l)| Candidate {
-                    id: id as u32,
-                    // +inf would turn the softmax into NaN; the largest float
-                    // keeps it the clear winner.
-                    logit: l.min(f32::MAX),
-                    weight: 0.0,
-                }),
-        );
-        let k = self.params.top_k;
-        if k > 0 && k < self.candidates.len() {
-            self.candidates.select_nth_unstable_by(k - 1, by_logit_desc);
-            self.candidates.truncate(k);
-        }
+    let top_p = f64::from(draw.top_p);
+    if top_p < 1.0 {
+        let keep = nucleus_len(candidates, top_p);
+        candidates.truncate(keep);
     }
 
-    /// Temperature, then top-p and min-p on the resulting probabilities.
-    fn filter_candidates(&mut self) {
-        let Some(max) = self.candidates.iter().map(|c| c.logit).reduce(f32::max) else {
-            return;
-        };
-        let temperature = f64::from(self.params.temperature);
-        for c in &mut self.candidates {
-            c.weight = ((f64::from(c.logit) - f64::from(max)) / temperature).exp();
-        }
-
-        let top_p = f64::from(self.params.top_p);
-        if top_p < 1.0 {
-            let keep = nucleus_len(&mut self.candidates, top_p);
-            self.candidates.truncate(keep);
-        }
-
-        let min_p = f64::from(self.params.min_p);
-        if min_p > 0.0 {
-            // The most likely candidate has weight exp(0) = 1, and min-p is
-            // relative to it, so renormalising after top-p changes nothing.
-            self.candidates.retain(|c| c.weight >= min_p);
-        }
+    let min_p = f64::from(draw.min_p);
+    if min_p > 0.0 {
+        // The most likely candidate has weight exp(0) = 1, and min-p is
+        // relative to it, so renormalising after top-p changes nothing.
+        candidates.retain(|c| c.weight >= min_p);
     }
-
-    /// Draws one candidate in proportion to its weight.
-    fn draw(&mut self) -> Option<u32> {
-        let total: f64 = self.candidates.iter().map(|c| c.weight).sum();
-        if !(total.is_finite() && total > 0.0) {
-            return None;
-        }
-        let mut target = self.rng.random::<f64>() * total;
-        for c in &self.candidates {
-            if target < c.weight {
-                return Some(c.id);
-            }
-            target -= c.weight;
-        }
-        // Rounding left a sliver past the last weight: it belongs to the last.
-        self.candidates.last().map(|c| c.id)
+    // Top-k and top-p reorder; the draw walks ids in order.
+    if !candidates.is_sorted_by_key(|c| c.id) {
+        candidates.sort_unstable_by_key(|c| c.id);
     }
+}
+
+/// The candidate (in the given order) whose share of the total weight holds
+/// `uniform · total`.
+fn share_holding(candidates: &[Candidate], uniform: f64) -> Option<u32> {
+    let total: f64 = candidates.iter().map(|c| c.weight).sum();
+    if !(total.is_finite() && total > 0.0) {
+        return None;
+    }
+    let mut target = uniform * total;
+    for c in candidates {
+        if target < c.weight {
+            return Some(c.id);
+        }
+        target -= c.weight;
+    }
+    // Rounding left a sliver past the last weight: it belongs to the last.
+    candidates.last().map(|c| c.id)
 }
 
 /// Sorts the most likely candidates to the front and returns how many form
@@ -261,6 +331,46 @@ mod tests {
             sampled(random(1.0, 42), &logits, 200),
             sampled(random(1.0, 42), &logits, 200)
         );
+    }
+
+    #[test]
+    fn a_draw_there_takes_the_number_sample_would() {
+        // A backend drawing where the logits are gets the tokens the host would.
+        for salt in 0..10 {
+            let logits = row(3000, salt);
+            let params = SamplingParams {
+                top_k: 50,
+                top_p: 0.9,
+                ..random(0.8, salt)
+            };
+            let mut here = Sampler::new(params.clone());
+            let mut there = Sampler::new(params);
+            for _ in 0..20 {
+                assert_eq!(
+                    here.sample(&logits, &[], &[]),
+                    draw(&logits, &there.draw_there())
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn the_draw_walks_the_kept_tokens_in_id_order() {
+        // Weights 1, 3, 1 (ids 0, 1, 2): [0, 0.2) is id 0's, [0.2, 0.8) id 1's.
+        let logits = [0.0, 3f32.ln(), 0.0];
+        let at = |uniform| {
+            draw(
+                &logits,
+                &Draw {
+                    temperature: 1.0,
+                    top_k: 0,
+                    top_p: 1.0,
+                    min_p: 0.0,
+                    uniform,
+                },
+            )
+        };
+        assert_eq!([at(0.1), at(0.3), at(0.7), at(0.9)], [0, 1, 1, 2]);
     }
 
     #[test]

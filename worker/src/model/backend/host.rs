@@ -13,6 +13,7 @@ use crate::model::causal::{Heads, Queries, attend, round_to_half};
 use crate::model::lora::{self, HostDense};
 use crate::model::rope::{Angles, Rope};
 use crate::model::rows::{Rows, rms_norm, swiglu};
+use crate::sampling::Draw;
 use crate::weights::Weight;
 
 /// The CPU kernels on host memory.
@@ -214,9 +215,18 @@ impl Backend for Host {
         Ok(x.gather(&step.layout.wanted))
     }
 
-    fn download(&self, x: &Rows, whole: usize) -> Result<(Vec<Vec<f32>>, Vec<u32>), ModelError> {
+    fn download(
+        &self,
+        x: &Rows,
+        whole: usize,
+        picks: &[Option<Draw>],
+    ) -> Result<(Vec<Vec<f32>>, Vec<u32>), ModelError> {
         let mut rows = x.as_slice().chunks_exact(x.width());
         let logits = rows.by_ref().take(whole).map(<[f32]>::to_vec).collect();
-        Ok((logits, rows.map(crate::sampling::argmax).collect()))
+        let ids = rows
+            .zip(picks)
+            .map(|(row, pick)| crate::sampling::pick(row, pick))
+            .collect();
+        Ok((logits, ids))
     }
 }

@@ -22,6 +22,7 @@ use super::rope::Rope;
 use super::{ModelError, SeqSpan};
 use crate::comm::Collective;
 use crate::kv::{KvCacheTooLarge, KvShape};
+use crate::sampling::Draw;
 use crate::weights::Weight;
 
 /// One step's tokens as every backend needs them, computed once by the model.
@@ -33,13 +34,22 @@ pub struct StepLayout<'a> {
     /// The position of each of `ids`.
     pub positions: Vec<usize>,
     /// The rows (indices into `ids`) whose logits are wanted: first those
-    /// downloaded whole, in span order, then the last rows of the `greedy` spans.
+    /// downloaded whole, in span order, then the last rows of the `picks`' spans.
     pub wanted: Vec<usize>,
     /// How many of the rows downloaded whole each span owns.
     pub counts: Vec<usize>,
-    /// The spans (indices into `spans`) that want only their last row's best id
-    /// ([`super::LogitsFor::Best`]), in order.
-    pub greedy: Vec<usize>,
+    /// The spans that want only an id picked from their last row
+    /// ([`super::LogitsFor::Best`] or [`super::LogitsFor::Draw`]), in order.
+    pub picks: Vec<Pick>,
+}
+
+/// A span whose next token is picked where its logits are.
+#[derive(Clone, Copy, Debug)]
+pub struct Pick {
+    /// An index into [`StepLayout::spans`].
+    pub span: usize,
+    /// `None`: the best id.
+    pub draw: Option<Draw>,
 }
 
 /// The heads of one rank's attention and where Q, K and V sit in a row of the
@@ -80,8 +90,9 @@ pub type SpanLogits = Vec<Vec<Vec<f32>>>;
 pub struct StepOutput {
     /// The logits rows each span asked for (none for a `Best` span).
     pub logits: SpanLogits,
-    /// The best id of each `Best` span's last row (`None` for the others).
-    pub best: Vec<Option<u32>>,
+    /// The id picked from each `Best` or `Draw` span's last row (`None` for the
+    /// others).
+    pub picked: Vec<Option<u32>>,
 }
 
 /// Where a transformer computes. Each method is one operation of a step; the
@@ -187,11 +198,13 @@ pub trait Backend: Send + Sync + std::fmt::Debug + Sized + 'static {
         step: &Self::Step<'_>,
     ) -> Result<Self::Hidden, ModelError>;
     /// Logits back on the host: the first `whole` rows of `logits` as f32, and of
-    /// each row after them only its best id (the highest logit; on the host,
-    /// ties go to the lowest id). A step's only download.
+    /// each row after them only an id picked there: row `whole + i` by `picks[i]`,
+    /// its best id (the highest logit, ties to the lowest id) or an id drawn
+    /// ([`crate::sampling::draw`]). A step's only download.
     fn download(
         &self,
         logits: &Self::Hidden,
         whole: usize,
+        picks: &[Option<Draw>],
     ) -> Result<(Vec<Vec<f32>>, Vec<u32>), ModelError>;
 }

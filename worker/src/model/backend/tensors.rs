@@ -19,6 +19,7 @@ use crate::model::config::RopeStyle;
 use crate::model::lora::{self, HostDense};
 use crate::model::rope::Rope;
 use crate::model::rows::Rows;
+use crate::sampling::Draw;
 use crate::weights::Weight;
 
 /// Element type of the device KV cache.
@@ -599,22 +600,54 @@ impl Backend for Tensors {
         }
     }
 
-    fn download(&self, x: &Tensor, whole: usize) -> Result<(Vec<Vec<f32>>, Vec<u32>), ModelError> {
+    fn download(
+        &self,
+        x: &Tensor,
+        whole: usize,
+        picks: &[Option<Draw>],
+    ) -> Result<(Vec<Vec<f32>>, Vec<u32>), ModelError> {
         let n = x.dim(0)?;
         let logits = if whole == 0 {
             Vec::new()
         } else {
             x.narrow(0, 0, whole)?.to_dtype(DType::F32)?.to_vec2()?
         };
-        let ids = if whole == n {
-            Vec::new()
+        if whole == n {
+            return Ok((logits, Vec::new()));
+        }
+        let rows = x.narrow(0, whole, n - whole)?;
+        // Ids are picked on the device: 4 bytes per row come back, not a
+        // vocabulary's worth of logits.
+        let ids = if picks.iter().all(Option::is_none) {
+            rows.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?
+        } else if rows.dim(1)? <= ops::MAX_DRAW_VOCAB {
+            let settings: Vec<f64> = picks.iter().flat_map(draw_settings).collect();
+            let settings = Tensor::from_vec(settings, (n - whole, 5), &self.device)?;
+            ops::draw(&rows.to_dtype(DType::F32)?, &settings)?.to_vec1::<u32>()?
         } else {
-            // The argmax runs on the device: 4 bytes per row come back, not a
-            // vocabulary's worth of logits.
-            x.narrow(0, whole, n - whole)?
-                .argmax(candle_core::D::Minus1)?
-                .to_vec1::<u32>()?
+            // A vocabulary wider than the kernel's bitmap: rows come back whole.
+            let rows: Vec<Vec<f32>> = rows.to_dtype(DType::F32)?.to_vec2()?;
+            rows.iter()
+                .zip(picks)
+                .map(|(row, pick)| crate::sampling::pick(row, pick))
+                .collect()
         };
         Ok((logits, ids))
+    }
+}
+
+/// A pick as the draw op reads it: temperature, top-k, top-p, min-p, uniform
+/// (temperature 0: the best id).
+fn draw_settings(pick: &Option<Draw>) -> [f64; 5] {
+    match pick {
+        None => [0.0, 0.0, 1.0, 0.0, 0.0],
+        Some(d) => [
+            f64::from(d.temperature),
+            // Beyond the vocabulary, top-k keeps everything, as at 0.
+            d.top_k.min(u32::MAX as usize) as f64,
+            f64::from(d.top_p),
+            f64::from(d.min_p),
+            d.uniform,
+        ],
     }
 }

@@ -320,3 +320,167 @@ impl<T: WithDType + Stored> Task<'_, T> {
         out
     }
 }
+
+/// The draw op of rows of logits (`[rows, vocab]` f32) at each row's settings
+/// (`[rows, 5]` f64: temperature, top-k, top-p, min-p, uniform).
+pub fn draw(x: &CpuStorage, x_l: &Layout, params: &CpuStorage, p_l: &Layout) -> Result<CpuStorage> {
+    let (rows, vocab) = x_l.shape().dims2()?;
+    let x = slice::<f32>(x, x_l, "the logits")?;
+    let params = slice::<f64>(params, p_l, "the draw settings")?;
+    let ids = (0..rows)
+        .map(|r| {
+            let row = &x[r * vocab..(r + 1) * vocab];
+            draw_row(row, &DrawParams::from_row(&params[r * 5..r * 5 + 5]))
+        })
+        .collect();
+    Ok(CpuStorage::U32(ids))
+}
+
+/// One row's settings as the kernel reads them.
+pub struct DrawParams {
+    pub temperature: f64,
+    pub top_k: u32,
+    pub top_p: f64,
+    pub min_p: f64,
+    pub uniform: f64,
+}
+
+impl DrawParams {
+    fn from_row(p: &[f64]) -> Self {
+        Self {
+            temperature: p[0],
+            top_k: p[1] as u32,
+            top_p: p[2],
+            min_p: p[3],
+            uniform: p[4],
+        }
+    }
+}
+
+/// A float's bits as a key that orders like the float (no NaN reaches here).
+fn key(x: f32) -> u32 {
+    let b = x.to_bits();
+    if b & 0x8000_0000 != 0 {
+        !b
+    } else {
+        b | 0x8000_0000
+    }
+}
+
+fn unkey(k: u32) -> f32 {
+    f32::from_bits(if k & 0x8000_0000 != 0 {
+        k & 0x7fff_ffff
+    } else {
+        !k
+    })
+}
+
+/// The largest key `v` with `measure(v) ≥ goal`, for a `measure` that does not
+/// grow with `v` (the kept tokens' count or weight at keys ≥ `v`): the kernel's
+/// bisection, one pass over the row per halving.
+fn threshold<T: PartialOrd>(goal: T, measure: impl Fn(u32) -> T) -> u32 {
+    let (mut lo, mut hi) = (0u32, u32::MAX);
+    while lo < hi {
+        let mid = lo + (hi - lo).div_ceil(2);
+        if measure(mid) >= goal {
+            lo = mid;
+        } else {
+            hi = mid - 1;
+        }
+    }
+    lo
+}
+
+/// Keeps, of the tokens at key `t`, the first `need` by id (ties of top-k and
+/// top-p are broken by id as the host sampler breaks them), drops those below.
+fn cut_at(kept: &mut [bool], keys: &[u32], t: u32, need: u64) {
+    let mut rank = 0;
+    for (k, &key) in kept.iter_mut().zip(keys) {
+        if *k && key == t {
+            *k = rank < need;
+            rank += 1;
+        } else if key < t {
+            *k = false;
+        }
+    }
+}
+
+/// [`crate::sampling::draw`] as the draw kernel computes it (`draw_f32` in
+/// `kernels.cu`): thresholds found by bisection on the logits' keys instead of a
+/// sort, ties by rank in id order, the draw by prefix sums in id order. Equal to
+/// the host's pick but for rounding in the sums' order.
+pub fn draw_row(row: &[f32], p: &DrawParams) -> u32 {
+    let logits: Vec<f32> = row
+        .iter()
+        .map(|&l| {
+            if l.is_nan() {
+                f32::NEG_INFINITY
+            } else {
+                l.min(f32::MAX)
+            }
+        })
+        .collect();
+    let mut kept: Vec<bool> = logits.iter().map(|&l| l > f32::NEG_INFINITY).collect();
+    let candidates = kept.iter().filter(|&&k| k).count() as u64;
+    let max = logits.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let argmax = || logits.iter().position(|&l| l == max).unwrap_or(0) as u32;
+    if candidates == 0 || p.temperature == 0.0 {
+        return argmax();
+    }
+    let keys: Vec<u32> = logits.iter().map(|&l| key(l)).collect();
+    let kept_where = |kept: &[bool], pred: &dyn Fn(u32) -> bool| -> u64 {
+        kept.iter()
+            .zip(&keys)
+            .filter(|&(&k, &key)| k && pred(key))
+            .count() as u64
+    };
+
+    let k = u64::from(p.top_k);
+    if k > 0 && k < candidates {
+        let t = threshold(k, |v| kept_where(&kept, &|key| key >= v));
+        let above = kept_where(&kept, &|key| key > t);
+        cut_at(&mut kept, &keys, t, k - above);
+    }
+
+    let weight = |l: f32| ((f64::from(l) - f64::from(max)) / p.temperature).exp();
+    let weights: Vec<f64> = logits.iter().map(|&l| weight(l)).collect();
+    let mass = |kept: &[bool], pred: &dyn Fn(u32) -> bool| -> f64 {
+        kept.iter()
+            .zip(&keys)
+            .zip(&weights)
+            .filter(|&((&k, &key), _)| k && pred(key))
+            .map(|(_, w)| w)
+            .sum()
+    };
+    if p.top_p < 1.0 {
+        let goal = p.top_p * mass(&kept, &|_| true);
+        let t = threshold(goal, |v| mass(&kept, &|key| key >= v));
+        let above = mass(&kept, &|key| key > t);
+        // Ties weigh the same: enough of them to reach the goal, at least one.
+        let need = ((goal - above) / weight(unkey(t))).ceil().max(1.0) as u64;
+        cut_at(&mut kept, &keys, t, need);
+    }
+    if p.min_p > 0.0 {
+        for (k, w) in kept.iter_mut().zip(&weights) {
+            *k &= *w >= p.min_p;
+        }
+    }
+
+    let total = mass(&kept, &|_| true);
+    if !(total.is_finite() && total > 0.0) {
+        return argmax();
+    }
+    let target = p.uniform * total;
+    let mut prefix = 0.0;
+    let mut last = None;
+    for (id, (&k, &w)) in kept.iter().zip(&weights).enumerate() {
+        if k {
+            prefix += w;
+            if target < prefix {
+                return id as u32;
+            }
+            last = Some(id as u32);
+        }
+    }
+    last.unwrap_or_else(argmax)
+}

@@ -231,3 +231,40 @@ pub fn swiglu(x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
         Shape::from((rows, half)),
     ))
 }
+
+/// Threads per block of the draw kernel (`DRAW_THREADS` in `kernels.cu`).
+const DRAW_THREADS: u32 = 256;
+
+pub fn draw(
+    x: &CudaStorage,
+    x_l: &Layout,
+    settings: &CudaStorage,
+    settings_l: &Layout,
+) -> Result<(CudaStorage, Shape)> {
+    let (rows, vocab) = x_l.shape().dims2()?;
+    let (x0, x1) = offsets(x_l, "the logits")?;
+    let (s0, s1) = offsets(settings_l, "the draw settings")?;
+    // Each thread owns a run of whole 32-bit words of the kept-token bitmap.
+    let chunk = (vocab as u32).div_ceil(DRAW_THREADS).div_ceil(32) * 32;
+    let dev = &x.device;
+    let out = dev.alloc_zeros::<u32>(rows)?;
+    let func = function(x, "draw_f32")?;
+    let stream = dev.cuda_stream();
+    let xs = x.as_cuda_slice::<f32>()?.slice(x0..x1);
+    let ss = settings.as_cuda_slice::<f64>()?.slice(s0..s1);
+    let vocab32 = vocab as u32;
+    let cfg = LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (DRAW_THREADS, 1, 1),
+        shared_mem_bytes: chunk * DRAW_THREADS / 8,
+    };
+    let mut b = stream.launch_builder(&func);
+    b.arg(&out).arg(&xs).arg(&ss).arg(&vocab32).arg(&chunk);
+    // SAFETY: the arguments match the kernel's signature, the shapes were checked and
+    // the bitmap (`chunk` bits a thread) fits the 48 KiB of `MAX_DRAW_VOCAB`.
+    unsafe { b.launch(cfg) }.map_err(cuda_error)?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev.clone()),
+        Shape::from(rows),
+    ))
+}

@@ -4,6 +4,7 @@
 // feature; their CPU twins are in cpu.rs.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <float.h>
 #include <stdint.h>
 
 template <typename T> __device__ __forceinline__ float to_f32(T x);
@@ -173,4 +174,223 @@ extern "C" __global__ void swiglu_f32(float *out, const float *gate_up, uint32_t
   const uint64_t r = i / half, c = i % half;
   const float g = gate_up[r * 2 * half + c], u = gate_up[r * 2 * half + half + c];
   out[i] = g / (1.0f + expf(-g)) * u;
+}
+
+// The draw of sampled tokens (crate::sampling::draw; its CPU twin is cpu.rs's
+// draw_row, step for step): one block per row, each thread owning a run of `chunk`
+// consecutive ids and their words of a bitmap of kept tokens in shared memory. The
+// thresholds of top-k and top-p are found by bisection on the logits' order keys
+// rather than by sorting the vocabulary; ties at a threshold are kept by rank in id
+// order, as the host sampler keeps them; the draw walks the kept tokens in id order.
+// Every sum is a fixed tree, so a row draws the same token whatever else is in the step.
+#define DRAW_THREADS 256
+
+__device__ __forceinline__ uint32_t order_key(float x) {
+  const uint32_t b = __float_as_uint(x);
+  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
+}
+
+__device__ __forceinline__ float from_order_key(uint32_t k) {
+  return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k);
+}
+
+// NaN reads as -inf, +inf as the largest float (the host sampler's rules).
+__device__ __forceinline__ float clean_logit(float l) {
+  return isnan(l) ? -INFINITY : fminf(l, FLT_MAX);
+}
+
+struct SumOp {
+  template <typename T> __device__ T operator()(T a, T b) const { return a + b; }
+};
+struct MaxOp {
+  template <typename T> __device__ T operator()(T a, T b) const { return a > b ? a : b; }
+};
+struct MinOp {
+  template <typename T> __device__ T operator()(T a, T b) const { return a < b ? a : b; }
+};
+
+// `op` over every thread's `x` in a fixed tree; every thread gets the result.
+template <typename T, typename Op> __device__ T block_all(T x, Op op, T *scratch) {
+  scratch[threadIdx.x] = x;
+  __syncthreads();
+  for (uint32_t stride = DRAW_THREADS / 2; stride > 0; stride >>= 1) {
+    if (threadIdx.x < stride) scratch[threadIdx.x] = op(scratch[threadIdx.x], scratch[threadIdx.x + stride]);
+    __syncthreads();
+  }
+  const T r = scratch[0];
+  __syncthreads();
+  return r;
+}
+
+// The sum of the `x` of the threads before this one.
+template <typename T> __device__ T block_exclusive_sum(T x, T *scratch) {
+  scratch[threadIdx.x] = x;
+  __syncthreads();
+  for (uint32_t offset = 1; offset < DRAW_THREADS; offset <<= 1) {
+    const T before = threadIdx.x >= offset ? scratch[threadIdx.x - offset] : (T)0;
+    __syncthreads();
+    scratch[threadIdx.x] += before;
+    __syncthreads();
+  }
+  const T r = threadIdx.x > 0 ? scratch[threadIdx.x - 1] : (T)0;
+  __syncthreads();
+  return r;
+}
+
+__device__ __forceinline__ bool is_kept(const uint32_t *kept, uint32_t i) {
+  return (kept[i >> 5] >> (i & 31)) & 1u;
+}
+__device__ __forceinline__ void set_kept(uint32_t *kept, uint32_t i, bool on) {
+  const uint32_t bit = 1u << (i & 31);
+  kept[i >> 5] = on ? (kept[i >> 5] | bit) : (kept[i >> 5] & ~bit);
+}
+
+// Keeps, of this thread's kept tokens at key `t`, those whose rank among all the
+// row's (in id order) is below `need`; drops those below `t`.
+__device__ void cut_at(uint32_t *kept, const float *l, uint32_t begin, uint32_t end, uint32_t t,
+                       unsigned long long need, unsigned long long *scratch) {
+  unsigned long long ties = 0;
+  for (uint32_t i = begin; i < end; ++i)
+    if (is_kept(kept, i) && order_key(clean_logit(l[i])) == t) ++ties;
+  unsigned long long rank = block_exclusive_sum(ties, scratch);
+  for (uint32_t i = begin; i < end; ++i) {
+    if (!is_kept(kept, i)) continue;
+    const uint32_t k = order_key(clean_logit(l[i]));
+    if (k == t) set_kept(kept, i, rank++ < need);
+    else if (k < t) set_kept(kept, i, false);
+  }
+}
+
+// A token's weight, exp((logit - max) / temperature), in double as the host's.
+struct Weight {
+  double max, temperature;
+  __device__ double operator()(float x) const { return exp(((double)x - max) / temperature); }
+};
+struct One {
+  __device__ unsigned long long operator()(float) const { return 1ull; }
+};
+
+// The largest key v whose kept tokens at keys >= v measure at least `goal`, by
+// bisection: one pass over the row per halving (the measure does not grow with v).
+template <typename T, typename Measure>
+__device__ uint32_t bisect(const uint32_t *kept, const float *l, uint32_t begin, uint32_t end,
+                           T goal, Measure measure, T *scratch) {
+  uint32_t lo = 0, hi = UINT32_MAX;
+  while (lo < hi) {
+    const uint32_t v = lo + (uint32_t)(((uint64_t)hi - lo + 1) / 2);
+    T local = 0;
+    for (uint32_t i = begin; i < end; ++i) {
+      const float x = clean_logit(l[i]);
+      if (is_kept(kept, i) && order_key(x) >= v) local += measure(x);
+    }
+    if (block_all(local, SumOp(), scratch) >= goal) lo = v;
+    else hi = v - 1;
+  }
+  return lo;
+}
+
+// What the kept tokens of this thread at keys above `t` measure, over the block.
+template <typename T, typename Measure>
+__device__ T measure_above(const uint32_t *kept, const float *l, uint32_t begin, uint32_t end,
+                           uint32_t t, Measure measure, T *scratch) {
+  T local = 0;
+  for (uint32_t i = begin; i < end; ++i) {
+    const float x = clean_logit(l[i]);
+    if (is_kept(kept, i) && order_key(x) > t) local += measure(x);
+  }
+  return block_all(local, SumOp(), scratch);
+}
+
+extern "C" __global__ void draw_f32(uint32_t *out, const float *logits, const double *settings,
+                                    uint32_t vocab, uint32_t chunk) {
+  extern __shared__ uint32_t kept[];
+  __shared__ double sum_d[DRAW_THREADS];
+  __shared__ unsigned long long sum_u[DRAW_THREADS];
+  __shared__ float max_f[DRAW_THREADS];
+  __shared__ uint32_t min_u[DRAW_THREADS];
+  const float *l = logits + (uint64_t)blockIdx.x * vocab;
+  const double *s = settings + (uint64_t)blockIdx.x * 5;
+  const double temperature = s[0], top_p = s[2], min_p = s[3], uniform = s[4];
+  const unsigned long long top_k = (unsigned long long)s[1];
+  const uint32_t begin = min(threadIdx.x * chunk, vocab), end = min(begin + chunk, vocab);
+
+  float m = -INFINITY;
+  unsigned long long n = 0;
+  for (uint32_t w = threadIdx.x * chunk / 32; w < (threadIdx.x + 1) * chunk / 32; ++w) kept[w] = 0;
+  for (uint32_t i = begin; i < end; ++i) {
+    const float x = clean_logit(l[i]);
+    if (x > -INFINITY) {
+      ++n;
+      set_kept(kept, i, true);
+    }
+    m = fmaxf(m, x);
+  }
+  m = block_all(m, MaxOp(), max_f);
+  n = block_all(n, SumOp(), sum_u);
+
+  // The argmax (lowest id among equals): greedy rows, and rows with nothing to draw.
+  uint32_t first = UINT32_MAX;
+  for (uint32_t i = begin; i < end && first == UINT32_MAX; ++i)
+    if (clean_logit(l[i]) == m) first = i;
+  first = block_all(first, MinOp(), min_u);
+  if (first == UINT32_MAX) first = 0;
+  if (n == 0 || temperature == 0.0) {
+    if (threadIdx.x == 0) out[blockIdx.x] = first;
+    return;
+  }
+
+  if (top_k > 0 && top_k < n) {
+    const uint32_t t = bisect(kept, l, begin, end, top_k, One(), sum_u);
+    const unsigned long long above = measure_above(kept, l, begin, end, t, One(), sum_u);
+    cut_at(kept, l, begin, end, t, top_k - above, sum_u);
+  }
+
+  const Weight weight{(double)m, temperature};
+  if (top_p < 1.0) {
+    // Every kept token's key is above 0 (the key of a NaN pattern).
+    const double goal = top_p * measure_above(kept, l, begin, end, 0u, weight, sum_d);
+    const uint32_t t = bisect(kept, l, begin, end, goal, weight, sum_d);
+    const double above = measure_above(kept, l, begin, end, t, weight, sum_d);
+    // Ties weigh the same: enough of them to reach the goal, at least one.
+    const double need = fmax(1.0, ceil((goal - above) / weight(from_order_key(t))));
+    cut_at(kept, l, begin, end, t, (unsigned long long)need, sum_u);
+  }
+
+  if (min_p > 0.0)
+    for (uint32_t i = begin; i < end; ++i)
+      if (is_kept(kept, i) && weight(clean_logit(l[i])) < min_p) set_kept(kept, i, false);
+
+  // The draw: the kept tokens share [0, total) in id order.
+  double local = 0.0;
+  uint32_t last = 0;
+  bool any = false;
+  for (uint32_t i = begin; i < end; ++i)
+    if (is_kept(kept, i)) {
+      local += weight(clean_logit(l[i]));
+      last = i;
+      any = true;
+    }
+  const double total = block_all(local, SumOp(), sum_d);
+  const double before = block_exclusive_sum(local, sum_d);
+  const double target = uniform * total;
+  uint32_t found = UINT32_MAX;
+  if (any && before <= target && target < before + local) {
+    double prefix = before;
+    for (uint32_t i = begin; i < end; ++i)
+      if (is_kept(kept, i)) {
+        prefix += weight(clean_logit(l[i]));
+        if (target < prefix) {
+          found = i;
+          break;
+        }
+      }
+    if (found == UINT32_MAX) found = last;
+  }
+  found = block_all(found, MinOp(), min_u);
+  // Rounding put the target past every share: it belongs to the last kept token.
+  const uint32_t last_kept = block_all(any ? last : 0u, MaxOp(), min_u);
+  if (threadIdx.x == 0) {
+    if (!(isfinite(total) && total > 0.0)) out[blockIdx.x] = first;
+    else out[blockIdx.x] = found != UINT32_MAX ? found : last_kept;
+  }
 }

@@ -2,7 +2,8 @@
 //! CPU implementation (what `--device candle-cpu` and the tests run, with the CPU
 //! engine's arithmetic) and a CUDA kernel (`kernels.cu`, compiled by nvcc in the
 //! `cuda` feature): the paged KV cache's write and attention, and RMSNorm and SwiGLU
-//! fused into one kernel each (several candle ops otherwise, each a launch).
+//! fused into one kernel each (several candle ops otherwise, each a launch), and the
+//! draw of sampled tokens, so that a step downloads ids rather than rows of logits.
 //!
 //! The cache of one layer is a pair of tensors `[blocks, block_size, kv_heads,
 //! head_dim]` (keys, values). [`write_cache`] stores a step's new keys or values
@@ -241,6 +242,63 @@ impl candle_core::CustomOp1 for Swiglu {
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         cuda::swiglu(x, l)
+    }
+}
+
+/// The largest vocabulary the draw kernel takes: it marks kept tokens in a bitmap of
+/// shared memory, 48 KiB a block.
+pub const MAX_DRAW_VOCAB: usize = 48 * 1024 * 8;
+
+/// Draws one token id from each row of `logits` (`[rows, vocab]` f32) as
+/// [`crate::sampling::draw`] defines it, at the row's settings in `settings`
+/// (`[rows, 5]` f64: temperature, top-k, top-p, min-p, uniform; temperature 0 is
+/// the argmax). Returns `[rows]` u32.
+pub fn draw(logits: &Tensor, settings: &Tensor) -> Result<Tensor> {
+    let (rows, vocab) = logits.dims2()?;
+    if logits.dtype() != DType::F32 || vocab > MAX_DRAW_VOCAB {
+        bail!(
+            "draw: logits {:?} {:?} must be f32 rows of at most {MAX_DRAW_VOCAB}",
+            logits.dims(),
+            logits.dtype()
+        );
+    }
+    if settings.dims2()? != (rows, 5) || settings.dtype() != DType::F64 {
+        bail!("draw: {rows} rows need [{rows}, 5] f64 settings");
+    }
+    logits
+        .contiguous()?
+        .apply_op2_no_bwd(&settings.contiguous()?, &DrawOp)
+}
+
+struct DrawOp;
+
+impl candle_core::CustomOp2 for DrawOp {
+    fn name(&self) -> &'static str {
+        "draw"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        settings: &CpuStorage,
+        settings_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Ok((
+            cpu::draw(x, x_l, settings, settings_l)?,
+            Shape::from(x_l.dims()[0]),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_l: &Layout,
+        settings: &candle_core::CudaStorage,
+        settings_l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::draw(x, x_l, settings, settings_l)
     }
 }
 

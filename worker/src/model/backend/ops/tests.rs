@@ -172,3 +172,156 @@ fn plans_that_read_outside_the_cache_are_refused() {
         .to_string();
     assert!(err.contains("beyond the tables"), "{err}");
 }
+
+mod draws {
+    use rand::rngs::StdRng;
+    use rand::{RngExt, SeedableRng};
+
+    use super::super::cpu::{DrawParams, draw_row};
+    use super::*;
+    use crate::sampling::{self, Draw};
+
+    /// Rows with what a draw meets: spread logits, ties (logits on a coarse grid,
+    /// as a bf16 head gives them), a flat row, NaN, ±inf, rows with one candidate or
+    /// none.
+    fn rows(vocab: usize, rng: &mut StdRng) -> Vec<Vec<f32>> {
+        let spread: Vec<f32> = (0..vocab)
+            .map(|_| rng.random::<f32>() * 16.0 - 8.0)
+            .collect();
+        let coarse: Vec<f32> = spread.iter().map(|x| (x * 2.0).round() / 2.0).collect();
+        let mut broken = spread.clone();
+        for i in (0..vocab).step_by(7) {
+            broken[i] = [f32::NAN, f32::NEG_INFINITY][i % 2];
+        }
+        let mut infinite = coarse.clone();
+        infinite[vocab / 3] = f32::INFINITY;
+        infinite[vocab / 2] = f32::INFINITY;
+        let mut single = vec![f32::NEG_INFINITY; vocab];
+        single[vocab - 1] = -3.0;
+        vec![
+            spread,
+            coarse,
+            vec![0.25; vocab],
+            broken,
+            infinite,
+            single,
+            vec![f32::NAN; vocab],
+        ]
+    }
+
+    fn settings(vocab: usize, rng: &mut StdRng) -> Vec<Draw> {
+        let mut all = Vec::new();
+        for temperature in [0.3, 1.0, 1.7] {
+            for top_k in [0, 1, 2, 5, 40, vocab, vocab + 5] {
+                for top_p in [1.0, 0.95, 0.5, 1e-6] {
+                    for min_p in [0.0, 0.05, 0.5] {
+                        for uniform in [0.0, 0.999_999, rng.random::<f64>()] {
+                            all.push(Draw {
+                                temperature,
+                                top_k,
+                                top_p,
+                                min_p,
+                                uniform,
+                            });
+                        }
+                    }
+                }
+            }
+        }
+        all
+    }
+
+    fn kernel_params(d: &Draw) -> DrawParams {
+        DrawParams {
+            temperature: f64::from(d.temperature),
+            top_k: d.top_k as u32,
+            top_p: f64::from(d.top_p),
+            min_p: f64::from(d.min_p),
+            uniform: d.uniform,
+        }
+    }
+
+    #[test]
+    fn the_kernels_draw_picks_the_host_samplers_token() {
+        // The kernel's steps (bisection on keys, ties by rank, prefix sums), on the
+        // CPU, against the host sampler's (sort, walk) over every kind of row and
+        // setting: the same token each time.
+        let mut rng = StdRng::seed_from_u64(7);
+        let mut compared = 0;
+        for vocab in [1, 3, 64, 1000] {
+            for row in rows(vocab, &mut rng) {
+                for d in settings(vocab, &mut rng) {
+                    assert_eq!(
+                        draw_row(&row, &kernel_params(&d)),
+                        sampling::draw(&row, &d),
+                        "vocab {vocab}, {d:?}, row {:?}",
+                        &row[..vocab.min(8)]
+                    );
+                    compared += 1;
+                }
+            }
+        }
+        assert!(compared > 10_000);
+    }
+
+    #[test]
+    fn the_draw_op_picks_each_rows_token_greedy_or_drawn() {
+        let mut rng = StdRng::seed_from_u64(3);
+        let vocab = 5000;
+        let rows: Vec<Vec<f32>> = (0..6)
+            .map(|_| (0..vocab).map(|_| rng.random::<f32>() * 6.0).collect())
+            .collect();
+        let picks: Vec<Option<Draw>> = (0..6)
+            .map(|i| {
+                (i % 3 != 0).then(|| Draw {
+                    temperature: 0.9,
+                    top_k: 50 * i,
+                    top_p: 0.9,
+                    min_p: 0.0,
+                    uniform: rng.random(),
+                })
+            })
+            .collect();
+        let settings: Vec<f64> = picks
+            .iter()
+            .flat_map(|p| match p {
+                None => [0.0, 0.0, 1.0, 0.0, 0.0],
+                Some(d) => {
+                    let k = kernel_params(d);
+                    [
+                        k.temperature,
+                        f64::from(k.top_k),
+                        k.top_p,
+                        k.min_p,
+                        k.uniform,
+                    ]
+                }
+            })
+            .collect();
+        let logits = Tensor::new(rows.clone(), &Device::Cpu).unwrap();
+        let settings = Tensor::from_vec(settings, (6, 5), &Device::Cpu).unwrap();
+        let ids = draw(&logits, &settings).unwrap().to_vec1::<u32>().unwrap();
+        let expected: Vec<u32> = rows
+            .iter()
+            .zip(&picks)
+            .map(|(row, pick)| sampling::pick(row, pick))
+            .collect();
+        assert_eq!(ids, expected);
+        // Not every draw is its row's best token.
+        assert!(
+            ids.iter()
+                .zip(&rows)
+                .any(|(&id, row)| id != sampling::argmax(row))
+        );
+    }
+
+    #[test]
+    fn draws_with_bad_shapes_are_refused() {
+        let logits = Tensor::zeros((2, 10), DType::F32, &Device::Cpu).unwrap();
+        let short = Tensor::zeros((2, 4), DType::F64, &Device::Cpu).unwrap();
+        assert!(draw(&logits, &short).is_err());
+        let wide = Tensor::zeros((1, MAX_DRAW_VOCAB + 1), DType::F32, &Device::Cpu).unwrap();
+        let one = Tensor::zeros((1, 5), DType::F64, &Device::Cpu).unwrap();
+        assert!(draw(&wide, &one).is_err());
+    }
+}
