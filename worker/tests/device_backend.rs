@@ -13,7 +13,7 @@ use shardserve_e2e::demo_model;
 use shardserve_worker::comm::{Collective, LocalGroup, SingleRank};
 use shardserve_worker::device::Compute;
 use shardserve_worker::engine::{
-    Engine, EngineEvent, EngineOptions, GenerationRequest, Prompt, StepEvent,
+    Engine, EngineEvent, EngineOptions, GenerationRequest, LogprobEntry, Prompt, StepEvent,
 };
 use shardserve_worker::sampling::SamplingParams;
 
@@ -300,32 +300,37 @@ fn device_backend_answers_in_a_batch_of_16_as_alone() {
     });
 }
 
-/// Every answer of `requests`, run together on `engine`, in order.
-fn answers(engine: &mut Engine, requests: &[GenerationRequest]) -> Vec<Vec<u32>> {
+/// Every answer of `requests`, run together on `engine`, in order: its tokens and
+/// their log-probability entries (when asked for).
+fn answers(
+    engine: &mut Engine,
+    requests: &[GenerationRequest],
+) -> Vec<Vec<(u32, Option<LogprobEntry>)>> {
     let ids: Vec<_> = requests
         .iter()
         .map(|r| engine.add(r.clone()).unwrap())
         .collect();
-    let mut done = std::collections::HashMap::new();
+    let mut tokens: std::collections::HashMap<_, Vec<_>> = std::collections::HashMap::new();
     while engine.has_work() {
         for StepEvent { seq, event } in engine.step().unwrap() {
             match event {
-                EngineEvent::Finished(f) => {
-                    done.insert(seq, f.token_ids);
-                }
+                EngineEvent::Token(t) => tokens.entry(seq).or_default().push((t.id, t.logprob)),
                 EngineEvent::Error(e) => panic!("request {seq} failed: {e}"),
-                EngineEvent::Token(_) => {}
+                EngineEvent::Finished(_) => {}
             }
         }
     }
-    ids.iter().map(|id| done.remove(id).unwrap()).collect()
+    ids.iter()
+        .map(|id| tokens.remove(id).unwrap_or_default())
+        .collect()
 }
 
 #[test]
 fn a_seeded_sampled_answer_is_drawn_alike_on_the_device_and_the_cpu_engine() {
-    // The device draws sampled tokens itself (only their ids come back) from the
-    // sequence's seeded uniform numbers, as the CPU engine draws them on the host:
-    // the same seed gives the same answer where the logits agree.
+    // The device draws sampled tokens itself (only their ids, and the log-probabilities
+    // asked for, come back) from the sequence's seeded uniform numbers, as the CPU
+    // engine draws them on the host: the same seed gives the same answer where the
+    // logits agree.
     let settings = [
         (0.8, 0, 1.0, 0.0),
         (1.0, 0, 0.9, 0.0),
@@ -347,24 +352,54 @@ fn a_seeded_sampled_answer_is_drawn_alike_on_the_device_and_the_cpu_engine() {
                 seed: Some(100 + i as u64),
                 ..SamplingParams::default()
             };
+            req.logprobs = (i % 2 == 0).then_some(3);
             req
         })
         .collect();
     let on_cpu = Group::load(1, Compute::Host).run(|e| answers(e, &requests));
     let on_device = Group::load(1, candle_cpu()).run(|e| answers(e, &requests));
+    let ids = |a: &Vec<(u32, Option<LogprobEntry>)>| a.iter().map(|t| t.0).collect::<Vec<_>>();
     let same = on_cpu
         .iter()
         .zip(&on_device)
-        .filter(|(a, b)| a == b)
+        .filter(|(a, b)| ids(a) == ids(b))
         .count();
     for (i, (a, b)) in on_cpu.iter().zip(&on_device).enumerate() {
-        eprintln!("{:?}: cpu {a:?}\n        device {b:?}", settings[i]);
+        eprintln!(
+            "{:?}: cpu {:?}\n        device {:?}",
+            settings[i],
+            ids(a),
+            ids(b)
+        );
     }
     eprintln!("{same}/{} seeded answers identical", requests.len());
     assert!(same >= 5, "only {same} of 6 seeded answers are the same");
+    // Log-probabilities taken on the device: the CPU engine's, for the same tokens.
+    let mut entries = 0;
+    for (a, b) in on_cpu
+        .iter()
+        .zip(&on_device)
+        .filter(|(a, b)| ids(a) == ids(b))
+    {
+        for ((_, x), (_, y)) in a.iter().zip(b) {
+            assert_eq!(x.is_some(), y.is_some());
+            let (Some(x), Some(y)) = (x, y) else { continue };
+            let pairs = std::iter::once((&x.token, &y.token)).chain(x.top.iter().zip(&y.top));
+            for (p, q) in pairs {
+                assert_eq!(p.id, q.id);
+                assert!((p.logprob - q.logprob).abs() < 1e-4, "{x:?} vs {y:?}");
+            }
+            assert_eq!(x.top.len(), 3);
+            entries += 1;
+        }
+    }
+    assert!(
+        entries >= 24,
+        "only {entries} log-probability entries compared"
+    );
     // And they are draws: not every answer is the greedy one.
     let mut greedy = requests[0].clone();
     greedy.sampling = SamplingParams::default();
     let best = Group::load(1, Compute::Host).run(|e| answers(e, &[greedy]));
-    assert!(on_device.iter().any(|a| a != &best[0]));
+    assert!(on_device.iter().any(|a| ids(a) != ids(&best[0])));
 }

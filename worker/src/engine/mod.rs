@@ -863,7 +863,7 @@ impl Engine {
                 if a.wants_prompt_scores() {
                     LogitsFor::All
                 } else if sp.completes {
-                    a.pick_there().unwrap_or(LogitsFor::Last)
+                    a.pick_there().map_or(LogitsFor::Last, LogitsFor::Pick)
                 } else {
                     LogitsFor::None
                 }
@@ -905,7 +905,7 @@ impl Engine {
                 continue;
             }
             let next = match (picked, rows.last()) {
-                (Some(id), _) => Next::Picked(id),
+                (Some(picked), _) => Next::Picked(picked),
                 (None, Some(row)) => Next::Row(row),
                 (None, None) => continue,
             };

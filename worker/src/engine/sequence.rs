@@ -2,7 +2,7 @@
 //! next-token distribution at a time by the engine's steps.
 
 use super::request::{FinishReason, Finished, GenerationRequest, LogprobEntry, TokenEvent};
-use crate::model::LogitsFor;
+use crate::model::{Pick, Picked};
 use crate::sampling::{Sampler, StopMatcher, logprobs_of};
 use crate::tokenizer::{IncrementalDetokenizer, Tokenizer};
 
@@ -18,12 +18,12 @@ pub enum Advance {
 }
 
 /// What a step gave a sequence to pick its next token from.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub enum Next<'a> {
     /// The next-token logits.
     Row(&'a [f32]),
-    /// An id picked where the logits are (see [`Active::pick_there`]).
-    Picked(u32),
+    /// A token picked where the logits are (see [`Active::pick_there`]).
+    Picked(Picked),
 }
 
 pub struct Active {
@@ -71,18 +71,19 @@ impl Active {
     }
 
     /// How the step picks its next token where the logits are, when nothing on the
-    /// host reads them (no penalties, no log-probabilities): the best id (greedy) or
-    /// one drawn with the next number of its RNG. The step then hands back the id
-    /// alone ([`Next::Picked`]). `None`: the row must come back.
-    pub fn pick_there(&mut self) -> Option<LogitsFor> {
+    /// host reads them (no penalties): the best id (greedy) or one drawn with the next
+    /// number of its RNG, with the log-probabilities asked for. The step then hands
+    /// back what it picked ([`Next::Picked`]). `None`: the row must come back.
+    pub fn pick_there(&mut self) -> Option<Pick> {
         let sampling = self.sampler.params();
-        if sampling.has_penalties() || self.request.logprobs.is_some() {
-            None
-        } else if sampling.is_greedy() {
-            Some(LogitsFor::Best)
-        } else {
-            Some(LogitsFor::Draw(self.sampler.draw_there()))
+        if sampling.has_penalties() {
+            return None;
         }
+        let draw = (!sampling.is_greedy()).then(|| self.sampler.draw_there());
+        Some(Pick {
+            draw,
+            logprobs: self.request.logprobs,
+        })
     }
 
     /// Takes the logits rows of a prompt span starting at `start`: row `i`
@@ -109,23 +110,19 @@ impl Active {
             return self.finish(None, self.budget_reason());
         }
         let stopping = &self.request.stopping;
-        let (id, row) = match next {
-            Next::Row(row) => (
-                self.sampler.sample(row, &self.prompt, &self.generated),
-                Some(row),
-            ),
-            Next::Picked(id) => (id, None),
+        let (id, scores) = match next {
+            Next::Row(row) => {
+                let id = self.sampler.sample(row, &self.prompt, &self.generated);
+                (id, self.request.logprobs.map(|k| logprobs_of(row, id, k)))
+            }
+            Next::Picked(picked) => (picked.id, picked.logprobs),
         };
         if (!stopping.ignore_eos && tokenizer.eog_ids().contains(&id))
             || stopping.stop_token_ids.contains(&id)
         {
             return self.finish(None, FinishReason::Stop);
         }
-        // A picked id only comes without logprobs asked for.
-        let logprob = self.request.logprobs.zip(row).map(|(k, row)| {
-            let (token, top) = logprobs_of(row, id, k);
-            LogprobEntry { token, top }
-        });
+        let logprob = scores.map(|(token, top)| LogprobEntry { token, top });
         self.generated.push(id);
         let step = self.stops.push(&self.detok.push(tokenizer, id));
         self.text.push_str(&step.emit);

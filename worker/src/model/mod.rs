@@ -20,8 +20,7 @@ mod rows;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use backend::Pick;
-pub use backend::{Backend, CacheDtype, Host, SpanLogits, StepOutput, Tensors};
+pub use backend::{Backend, CacheDtype, Host, Pick, Picked, SpanLogits, StepOutput, Tensors};
 pub use config::{ModelConfig, RopeConfig, RopeScaling, RopeStyle};
 pub use hf::HfCheckpoint;
 pub use layers::LoadContext;
@@ -78,12 +77,10 @@ pub enum ModelError {
 pub enum LogitsFor {
     /// Only its last token's (the next-token distribution).
     Last,
-    /// Only the best id of its last token's (greedy decoding with nothing else
-    /// reading the row): a device backend downloads the id, not the row.
-    Best,
-    /// Only an id drawn from its last token's (sampling with nothing else reading
-    /// the row, see [`crate::sampling::draw`]): a device backend draws there.
-    Draw(crate::sampling::Draw),
+    /// Only a token picked from its last token's, the best or one drawn ([`Pick`];
+    /// nothing on the host reads the row): a device backend picks it there and
+    /// downloads the id (and the log-probabilities asked for), not the row.
+    Pick(Pick),
     /// Every token's (prompt scoring).
     All,
     /// None (a chunk of a prompt whose end comes in a later step).
@@ -317,13 +314,12 @@ impl<B: Backend> Transformer<B> {
             let h = self.norm.forward(b, &b.wanted_rows(&x, &step)?)?;
             let head = self.head.as_ref().unwrap_or(&self.embed);
             let whole = layout.wanted.len() - layout.picks.len();
-            let draws: Vec<_> = layout.picks.iter().map(|p| p.draw).collect();
-            b.download(&b.linear(&h, head, None)?, whole, &draws)?
+            b.download(&b.linear(&h, head, None)?, whole, &layout.picks)?
         };
         let mut rows = rows.into_iter();
         let mut picked = vec![None; spans.len()];
-        for (pick, id) in layout.picks.iter().zip(ids) {
-            picked[pick.span] = Some(id);
+        for (&span, p) in layout.picked_spans.iter().zip(ids) {
+            picked[span] = Some(p);
         }
         Ok(StepOutput {
             logits: layout
@@ -344,6 +340,7 @@ impl<'a> StepLayout<'a> {
             positions: Vec::new(),
             wanted: Vec::new(),
             counts: Vec::with_capacity(spans.len()),
+            picked_spans: Vec::new(),
             picks: Vec::new(),
         };
         let mut picked_rows = Vec::new();
@@ -354,13 +351,9 @@ impl<'a> StepLayout<'a> {
             let rows = match span.logits {
                 LogitsFor::Last if n > 0 => offset + n - 1..offset + n,
                 LogitsFor::All => offset..offset + n,
-                LogitsFor::Best | LogitsFor::Draw(_) if n > 0 => {
-                    let draw = if let LogitsFor::Draw(d) = span.logits {
-                        Some(d)
-                    } else {
-                        None
-                    };
-                    layout.picks.push(Pick { span: i, draw });
+                LogitsFor::Pick(pick) if n > 0 => {
+                    layout.picked_spans.push(i);
+                    layout.picks.push(pick);
                     picked_rows.push(offset + n - 1);
                     0..0
                 }

@@ -148,7 +148,7 @@ fn a_best_span_gets_its_last_rows_argmax_and_no_rows() {
             tokens: a,
             start_pos: 0,
             blocks: &slots[0],
-            logits: LogitsFor::Best,
+            logits: LogitsFor::Pick(Pick::BEST),
             adapter: None,
         },
         SeqSpan {
@@ -161,7 +161,8 @@ fn a_best_span_gets_its_last_rows_argmax_and_no_rows() {
     ];
     let out = model.forward(&spans, &mut kv).unwrap();
     let best = crate::sampling::argmax(full_a.last().unwrap());
-    assert_eq!(out.picked, [Some(best), None]);
+    let picked = out.picked.iter().map(|p| p.as_ref().map(|p| p.id));
+    assert_eq!(picked.collect::<Vec<_>>(), [Some(best), None]);
     assert!(out.logits[0].is_empty());
     assert_eq!(
         out.logits[1].len(),

@@ -170,9 +170,10 @@ fn a_quantised_product_agrees_with_the_cpu_kernels() {
 }
 
 #[test]
-fn the_device_picks_a_best_span_s_id_itself() {
-    // One prompt twice in a step: as `Best` (only the id comes back) and as `Last`
-    // (the row comes back); the id is the row's argmax.
+fn the_device_picks_ids_and_log_probabilities_itself() {
+    // One prompt three times in a step: the best id with log-probabilities, an id
+    // drawn with them (only those come back), and `Last` (the row comes back): what
+    // the device picked is what the host picks from that row.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     write_tiny_gguf(&path, &TinySpec::default()).unwrap();
@@ -180,7 +181,7 @@ fn the_device_picks_a_best_span_s_id_itself() {
     let model = Transformer::from_gguf(&file, Arc::new(crate::comm::SingleRank), device()).unwrap();
     let mut kv = model.new_cache(16, 4).unwrap();
     let tokens = [5, 17, 3, 90, 42];
-    let slots: [Vec<u32>; 2] = [(0..4).collect(), (4..8).collect()];
+    let slots: [Vec<u32>; 3] = [(0..4).collect(), (4..8).collect(), (8..12).collect()];
     let span = |blocks, logits| SeqSpan {
         tokens: &tokens,
         start_pos: 0,
@@ -188,16 +189,47 @@ fn the_device_picks_a_best_span_s_id_itself() {
         logits,
         adapter: None,
     };
+    let best = Pick {
+        logprobs: Some(3),
+        ..Pick::BEST
+    };
+    let drawn = Pick {
+        draw: Some(crate::sampling::Draw {
+            // Hot, so that the tiny model's draw is not its best id.
+            temperature: 8.0,
+            top_k: 40,
+            top_p: 0.95,
+            min_p: 0.0,
+            uniform: 0.61,
+        }),
+        logprobs: Some(5),
+    };
     let out = model
         .forward(
             &[
-                span(&slots[0], LogitsFor::Best),
-                span(&slots[1], LogitsFor::Last),
+                span(&slots[0], LogitsFor::Pick(best)),
+                span(&slots[1], LogitsFor::Pick(drawn)),
+                span(&slots[2], LogitsFor::Last),
             ],
             &mut kv,
         )
         .unwrap();
-    assert!(out.logits[0].is_empty());
-    let row = &out.logits[1][0];
-    assert_eq!(out.picked, [Some(crate::sampling::argmax(row)), None]);
+    assert!(out.logits[0].is_empty() && out.logits[1].is_empty());
+    let row = &out.logits[2][0];
+    for (got, pick) in out.picked.iter().zip([best, drawn]) {
+        let got = got.as_ref().unwrap();
+        let want = pick.on_host(row);
+        assert_eq!(got.id, want.id);
+        let ((g, gtop), (w, wtop)) = (got.logprobs.clone().unwrap(), want.logprobs.unwrap());
+        assert_eq!(g.id, w.id);
+        assert!((g.logprob - w.logprob).abs() < 1e-5, "{g:?} vs {w:?}");
+        assert_eq!(gtop.len(), wtop.len());
+        for (g, w) in gtop.iter().zip(&wtop) {
+            assert_eq!(g.id, w.id);
+            assert!((g.logprob - w.logprob).abs() < 1e-5, "{g:?} vs {w:?}");
+        }
+    }
+    assert_eq!(out.picked[2], None);
+    let id = |i: usize| out.picked[i].as_ref().unwrap().id;
+    assert_ne!(id(0), id(1), "the draw is not the best id here");
 }

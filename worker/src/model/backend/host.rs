@@ -6,14 +6,13 @@
 
 use candle_core::Device;
 
-use super::{AttentionShape, Backend, LoraPair, ModelError, StepLayout};
+use super::{AttentionShape, Backend, LoraPair, ModelError, Pick, Picked, StepLayout};
 use crate::comm::{Collective, HostSliceMut};
 use crate::kv::{KvCache, KvCacheTooLarge, KvShape};
 use crate::model::causal::{Heads, Queries, attend, round_to_half};
 use crate::model::lora::{self, HostDense};
 use crate::model::rope::{Angles, Rope};
 use crate::model::rows::{Rows, rms_norm, swiglu};
-use crate::sampling::Draw;
 use crate::weights::Weight;
 
 /// The CPU kernels on host memory.
@@ -219,13 +218,13 @@ impl Backend for Host {
         &self,
         x: &Rows,
         whole: usize,
-        picks: &[Option<Draw>],
-    ) -> Result<(Vec<Vec<f32>>, Vec<u32>), ModelError> {
+        picks: &[Pick],
+    ) -> Result<(Vec<Vec<f32>>, Vec<Picked>), ModelError> {
         let mut rows = x.as_slice().chunks_exact(x.width());
         let logits = rows.by_ref().take(whole).map(<[f32]>::to_vec).collect();
         let ids = rows
             .zip(picks)
-            .map(|(row, pick)| crate::sampling::pick(row, pick))
+            .map(|(row, pick)| pick.on_host(row))
             .collect();
         Ok((logits, ids))
     }

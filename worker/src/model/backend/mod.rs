@@ -22,7 +22,7 @@ use super::rope::Rope;
 use super::{ModelError, SeqSpan};
 use crate::comm::Collective;
 use crate::kv::{KvCacheTooLarge, KvShape};
-use crate::sampling::Draw;
+use crate::sampling::{Draw, TokenLogprob, logprobs_of};
 use crate::weights::Weight;
 
 /// One step's tokens as every backend needs them, computed once by the model.
@@ -34,22 +34,49 @@ pub struct StepLayout<'a> {
     /// The position of each of `ids`.
     pub positions: Vec<usize>,
     /// The rows (indices into `ids`) whose logits are wanted: first those
-    /// downloaded whole, in span order, then the last rows of the `picks`' spans.
+    /// downloaded whole, in span order, then the last rows of the `picked_spans`.
     pub wanted: Vec<usize>,
     /// How many of the rows downloaded whole each span owns.
     pub counts: Vec<usize>,
-    /// The spans that want only an id picked from their last row
-    /// ([`super::LogitsFor::Best`] or [`super::LogitsFor::Draw`]), in order.
+    /// The spans (indices into `spans`) that want only an id picked from their last
+    /// row ([`super::LogitsFor::Pick`]), in order, and how each is picked.
+    pub picked_spans: Vec<usize>,
     pub picks: Vec<Pick>,
 }
 
-/// A span whose next token is picked where its logits are.
-#[derive(Clone, Copy, Debug)]
+/// How a token is picked where the logits are.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Pick {
-    /// An index into [`StepLayout::spans`].
-    pub span: usize,
-    /// `None`: the best id.
+    /// `None`: the best id (the highest logit, ties to the lowest id).
     pub draw: Option<Draw>,
+    /// Also the log-probabilities of the picked id and of the `k` most likely
+    /// ([`crate::sampling::logprobs_of`]).
+    pub logprobs: Option<usize>,
+}
+
+impl Pick {
+    /// The best id, nothing else.
+    pub const BEST: Pick = Pick {
+        draw: None,
+        logprobs: None,
+    };
+
+    /// [`Pick`] on a row on the host.
+    pub fn on_host(&self, row: &[f32]) -> Picked {
+        let id = crate::sampling::pick(row, &self.draw);
+        Picked {
+            id,
+            logprobs: self.logprobs.map(|k| logprobs_of(row, id, k)),
+        }
+    }
+}
+
+/// A token picked where the logits are, with its log-probability and the `k` most
+/// likely tokens' (best first) when they were asked for.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Picked {
+    pub id: u32,
+    pub logprobs: Option<(TokenLogprob, Vec<TokenLogprob>)>,
 }
 
 /// The heads of one rank's attention and where Q, K and V sit in a row of the
@@ -90,9 +117,8 @@ pub type SpanLogits = Vec<Vec<Vec<f32>>>;
 pub struct StepOutput {
     /// The logits rows each span asked for (none for a `Best` span).
     pub logits: SpanLogits,
-    /// The id picked from each `Best` or `Draw` span's last row (`None` for the
-    /// others).
-    pub picked: Vec<Option<u32>>,
+    /// What was picked from each `Pick` span's last row (`None` for the others).
+    pub picked: Vec<Option<Picked>>,
 }
 
 /// Where a transformer computes. Each method is one operation of a step; the
@@ -198,13 +224,12 @@ pub trait Backend: Send + Sync + std::fmt::Debug + Sized + 'static {
         step: &Self::Step<'_>,
     ) -> Result<Self::Hidden, ModelError>;
     /// Logits back on the host: the first `whole` rows of `logits` as f32, and of
-    /// each row after them only an id picked there: row `whole + i` by `picks[i]`,
-    /// its best id (the highest logit, ties to the lowest id) or an id drawn
-    /// ([`crate::sampling::draw`]). A step's only download.
+    /// each row after them only what is picked there: row `whole + i` as `picks[i]`
+    /// says. A step's only download.
     fn download(
         &self,
         logits: &Self::Hidden,
         whole: usize,
-        picks: &[Option<Draw>],
-    ) -> Result<(Vec<Vec<f32>>, Vec<u32>), ModelError>;
+        picks: &[Pick],
+    ) -> Result<(Vec<Vec<f32>>, Vec<Picked>), ModelError>;
 }

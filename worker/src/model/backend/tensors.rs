@@ -12,7 +12,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use shardserve_kernels::QuantFormat;
 
 use super::ops::{self, AttendPlan};
-use super::{AttentionShape, Backend, LoraPair, ModelError, StepLayout};
+use super::{AttentionShape, Backend, LoraPair, ModelError, Pick, Picked, StepLayout};
 use crate::comm::Collective;
 use crate::kv::{KvCacheTooLarge, KvShape};
 use crate::model::config::RopeStyle;
@@ -604,8 +604,8 @@ impl Backend for Tensors {
         &self,
         x: &Tensor,
         whole: usize,
-        picks: &[Option<Draw>],
-    ) -> Result<(Vec<Vec<f32>>, Vec<u32>), ModelError> {
+        picks: &[Pick],
+    ) -> Result<(Vec<Vec<f32>>, Vec<Picked>), ModelError> {
         let n = x.dim(0)?;
         let logits = if whole == 0 {
             Vec::new()
@@ -615,31 +615,48 @@ impl Backend for Tensors {
         if whole == n {
             return Ok((logits, Vec::new()));
         }
-        let rows = x.narrow(0, whole, n - whole)?;
-        // Ids are picked on the device: 4 bytes per row come back, not a
-        // vocabulary's worth of logits.
-        let ids = if picks.iter().all(Option::is_none) {
-            rows.argmax(candle_core::D::Minus1)?.to_vec1::<u32>()?
-        } else if rows.dim(1)? <= ops::MAX_DRAW_VOCAB {
-            let settings: Vec<f64> = picks.iter().flat_map(draw_settings).collect();
-            let settings = Tensor::from_vec(settings, (n - whole, 5), &self.device)?;
-            ops::draw(&rows.to_dtype(DType::F32)?, &settings)?.to_vec1::<u32>()?
+        let rows = x.narrow(0, whole, n - whole)?.to_dtype(DType::F32)?;
+        if rows.dim(1)? > ops::MAX_DRAW_VOCAB {
+            // A vocabulary wider than the kernels' bitmap: rows come back whole.
+            let rows: Vec<Vec<f32>> = rows.to_vec2()?;
+            let picked = rows.iter().zip(picks).map(|(r, p)| p.on_host(r)).collect();
+            return Ok((logits, picked));
+        }
+        // Ids (and log-probabilities) are picked on the device: a few bytes per row
+        // come back, not a vocabulary's worth of logits.
+        let ids = if picks.iter().all(|p| p.draw.is_none()) {
+            rows.argmax(candle_core::D::Minus1)?
         } else {
-            // A vocabulary wider than the kernel's bitmap: rows come back whole.
-            let rows: Vec<Vec<f32>> = rows.to_dtype(DType::F32)?.to_vec2()?;
-            rows.iter()
-                .zip(picks)
-                .map(|(row, pick)| crate::sampling::pick(row, pick))
-                .collect()
+            let settings: Vec<f64> = picks.iter().flat_map(|p| draw_settings(&p.draw)).collect();
+            let settings = Tensor::from_vec(settings, (n - whole, 5), &self.device)?;
+            ops::draw(&rows, &settings)?
         };
-        Ok((logits, ids))
+        let top = picks.iter().filter_map(|p| p.logprobs).max();
+        let scores = match top {
+            Some(k) => Some(ops::top_logprobs(&rows, &ids, k.min(rows.dim(1)?))?.to_vec2::<f32>()?),
+            None => None,
+        };
+        let ids = ids.to_vec1::<u32>()?;
+        let picked = ids
+            .into_iter()
+            .zip(picks)
+            .enumerate()
+            .map(|(i, (id, pick))| Picked {
+                id,
+                logprobs: pick
+                    .logprobs
+                    .zip(scores.as_ref())
+                    .map(|(k, scores)| ops::read_top_logprobs(&scores[i], id, k)),
+            })
+            .collect();
+        Ok((logits, picked))
     }
 }
 
 /// A pick as the draw op reads it: temperature, top-k, top-p, min-p, uniform
 /// (temperature 0: the best id).
-fn draw_settings(pick: &Option<Draw>) -> [f64; 5] {
-    match pick {
+fn draw_settings(draw: &Option<Draw>) -> [f64; 5] {
+    match draw {
         None => [0.0, 0.0, 1.0, 0.0, 0.0],
         Some(d) => [
             f64::from(d.temperature),

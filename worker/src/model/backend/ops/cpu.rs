@@ -484,3 +484,69 @@ pub fn draw_row(row: &[f32], p: &DrawParams) -> u32 {
     }
     last.unwrap_or_else(argmax)
 }
+
+/// The top-logprobs op of rows of logits (`[rows, vocab]` f32) and each row's
+/// chosen id (`[rows]` u32): `[rows, 1 + 3n]`.
+pub fn top_logprobs(
+    x: &CpuStorage,
+    x_l: &Layout,
+    chosen: &CpuStorage,
+    chosen_l: &Layout,
+    n: usize,
+) -> Result<CpuStorage> {
+    let (rows, vocab) = x_l.shape().dims2()?;
+    let x = slice::<f32>(x, x_l, "the logits")?;
+    let chosen = u32s(chosen, chosen_l)?;
+    let out = (0..rows)
+        .flat_map(|r| top_logprobs_row(&x[r * vocab..(r + 1) * vocab], chosen[r], n))
+        .collect();
+    Ok(CpuStorage::F32(out))
+}
+
+/// [`crate::sampling::logprobs_of`] as the kernel computes it (`top_logprobs_f32`):
+/// the `n` best found as the draw's top-k is (every token a candidate), written in
+/// id order (id, logit, log-probability) after the chosen id's log-probability.
+pub fn top_logprobs_row(row: &[f32], chosen: u32, n: usize) -> Vec<f32> {
+    let raw: Vec<f32> = row
+        .iter()
+        .map(|&l| if l.is_nan() { f32::NEG_INFINITY } else { l })
+        .collect();
+    let max = raw.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let infinite = raw.iter().filter(|&&l| l == f32::INFINITY).count();
+    let sum: f64 = raw
+        .iter()
+        .map(|&l| (f64::from(l) - f64::from(max)).exp())
+        .sum();
+    let lse = f64::from(max) + sum.ln();
+    let logprob = |l: f32| {
+        if max == f32::NEG_INFINITY {
+            -(row.len() as f32).ln()
+        } else if max == f32::INFINITY {
+            if l == f32::INFINITY {
+                -(infinite as f32).ln()
+            } else {
+                f32::NEG_INFINITY
+            }
+        } else {
+            (f64::from(l) - lse) as f32
+        }
+    };
+
+    let keys: Vec<u32> = raw.iter().map(|&l| key(l.min(f32::MAX))).collect();
+    let mut kept = vec![true; row.len()];
+    let n = n as u64;
+    let t = threshold(n, |v| keys.iter().filter(|&&k| k >= v).count() as u64);
+    let above = keys.iter().filter(|&&k| k > t).count() as u64;
+    cut_at(&mut kept, &keys, t, n - above);
+
+    let chosen_logprob = raw
+        .get(chosen as usize)
+        .map_or(f32::NEG_INFINITY, |&l| logprob(l));
+    let mut out = vec![chosen_logprob];
+    for (id, (&k, &l)) in kept.iter().zip(&raw).enumerate() {
+        if k {
+            out.extend([id as f32, l, logprob(l)]);
+        }
+    }
+    out
+}

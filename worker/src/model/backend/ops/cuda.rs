@@ -244,8 +244,7 @@ pub fn draw(
     let (rows, vocab) = x_l.shape().dims2()?;
     let (x0, x1) = offsets(x_l, "the logits")?;
     let (s0, s1) = offsets(settings_l, "the draw settings")?;
-    // Each thread owns a run of whole 32-bit words of the kept-token bitmap.
-    let chunk = (vocab as u32).div_ceil(DRAW_THREADS).div_ceil(32) * 32;
+    let chunk = draw_chunk(vocab);
     let dev = &x.device;
     let out = dev.alloc_zeros::<u32>(rows)?;
     let func = function(x, "draw_f32")?;
@@ -253,18 +252,60 @@ pub fn draw(
     let xs = x.as_cuda_slice::<f32>()?.slice(x0..x1);
     let ss = settings.as_cuda_slice::<f64>()?.slice(s0..s1);
     let vocab32 = vocab as u32;
-    let cfg = LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (DRAW_THREADS, 1, 1),
-        shared_mem_bytes: chunk * DRAW_THREADS / 8,
-    };
     let mut b = stream.launch_builder(&func);
     b.arg(&out).arg(&xs).arg(&ss).arg(&vocab32).arg(&chunk);
     // SAFETY: the arguments match the kernel's signature, the shapes were checked and
     // the bitmap (`chunk` bits a thread) fits the 48 KiB of `MAX_DRAW_VOCAB`.
-    unsafe { b.launch(cfg) }.map_err(cuda_error)?;
+    unsafe { b.launch(draw_config(rows, chunk)) }.map_err(cuda_error)?;
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev.clone()),
         Shape::from(rows),
     ))
+}
+
+pub fn top_logprobs(
+    x: &CudaStorage,
+    x_l: &Layout,
+    chosen: &CudaStorage,
+    chosen_l: &Layout,
+    n: usize,
+) -> Result<(CudaStorage, Shape)> {
+    let (rows, vocab) = x_l.shape().dims2()?;
+    let (x0, x1) = offsets(x_l, "the logits")?;
+    let (c0, c1) = offsets(chosen_l, "the chosen ids")?;
+    let chunk = draw_chunk(vocab);
+    let dev = &x.device;
+    let out = dev.alloc_zeros::<f32>(rows * (1 + 3 * n))?;
+    let func = function(x, "top_logprobs_f32")?;
+    let stream = dev.cuda_stream();
+    let xs = x.as_cuda_slice::<f32>()?.slice(x0..x1);
+    let cs = chosen.as_cuda_slice::<u32>()?.slice(c0..c1);
+    let (vocab32, n32) = (vocab as u32, n as u32);
+    let mut b = stream.launch_builder(&func);
+    b.arg(&out)
+        .arg(&xs)
+        .arg(&cs)
+        .arg(&vocab32)
+        .arg(&n32)
+        .arg(&chunk);
+    // SAFETY: as `draw`'s; `n` is at most the vocabulary (checked by the op).
+    unsafe { b.launch(draw_config(rows, chunk)) }.map_err(cuda_error)?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev.clone()),
+        Shape::from((rows, 1 + 3 * n)),
+    ))
+}
+
+/// Ids a thread of the draw kernels owns: whole 32-bit words of the kept-token bitmap.
+fn draw_chunk(vocab: usize) -> u32 {
+    (vocab as u32).div_ceil(DRAW_THREADS).div_ceil(32) * 32
+}
+
+/// One block of `DRAW_THREADS` per row, the bitmap in dynamic shared memory.
+fn draw_config(rows: usize, chunk: u32) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (rows as u32, 1, 1),
+        block_dim: (DRAW_THREADS, 1, 1),
+        shared_mem_bytes: chunk * DRAW_THREADS / 8,
+    }
 }

@@ -394,3 +394,70 @@ extern "C" __global__ void draw_f32(uint32_t *out, const float *logits, const do
     else out[blockIdx.x] = found != UINT32_MAX ? found : last_kept;
   }
 }
+
+// Log-probabilities where the logits are (crate::sampling::logprobs_of; CPU twin:
+// cpu.rs's top_logprobs_row): the chosen token's and the `n` most likely tokens'
+// (highest logit first, ties to the lower id), natural-log softmax of the raw logits
+// in double. One block per row; the `n` best are found as the draw's top-k is (every
+// token is a candidate here, -inf included), then written in id order: the host
+// orders them. Out: per row `1 + 3n` floats: the chosen token's log-probability, then
+// (id, logit, log-probability) triples (the host orders by logit: beside +inf logits,
+// every log-probability is -inf).
+extern "C" __global__ void top_logprobs_f32(float *out, const float *logits,
+                                            const uint32_t *chosen, uint32_t vocab,
+                                            uint32_t n, uint32_t chunk) {
+  extern __shared__ uint32_t kept[];
+  __shared__ double sum_d[DRAW_THREADS];
+  __shared__ unsigned long long sum_u[DRAW_THREADS];
+  __shared__ float max_f[DRAW_THREADS];
+  const float *l = logits + (uint64_t)blockIdx.x * vocab;
+  float *o = out + (uint64_t)blockIdx.x * (1 + 3 * n);
+  const uint32_t begin = min(threadIdx.x * chunk, vocab), end = min(begin + chunk, vocab);
+
+  // NaN reads as -inf; +inf stays (those share the mass).
+  float m = -INFINITY;
+  unsigned long long infinite = 0;
+  for (uint32_t w = threadIdx.x * chunk / 32; w < (threadIdx.x + 1) * chunk / 32; ++w) kept[w] = 0;
+  for (uint32_t i = begin; i < end; ++i) {
+    const float x = isnan(l[i]) ? -INFINITY : l[i];
+    set_kept(kept, i, true);
+    m = fmaxf(m, x);
+    infinite += x == INFINITY;
+  }
+  m = block_all(m, MaxOp(), max_f);
+  infinite = block_all(infinite, SumOp(), sum_u);
+  double sum = 0.0;
+  if (m > -INFINITY && m < INFINITY)
+    for (uint32_t i = begin; i < end; ++i) {
+      const float x = isnan(l[i]) ? -INFINITY : l[i];
+      sum += exp((double)x - (double)m);
+    }
+  sum = block_all(sum, SumOp(), sum_d);
+  const double lse = (double)m + log(sum);
+  // The host's normaliser: a finite maximum, +inf logits sharing the mass, or none usable.
+  auto logprob = [&](float raw) -> float {
+    const float x = isnan(raw) ? -INFINITY : raw;
+    if (m == -INFINITY) return -logf((float)vocab);
+    if (m == INFINITY) return x == INFINITY ? -logf((float)infinite) : -INFINITY;
+    return (float)((double)x - lse);
+  };
+
+  // The n best by key, as the draw's top-k (keys of cleaned logits; -inf has one).
+  const uint32_t t = bisect(kept, l, begin, end, (unsigned long long)n, One(), sum_u);
+  const unsigned long long above = measure_above(kept, l, begin, end, t, One(), sum_u);
+  cut_at(kept, l, begin, end, t, n - above, sum_u);
+  unsigned long long mine = 0;
+  for (uint32_t i = begin; i < end; ++i) mine += is_kept(kept, i);
+  unsigned long long at = block_exclusive_sum(mine, sum_u);
+  for (uint32_t i = begin; i < end; ++i)
+    if (is_kept(kept, i)) {
+      o[1 + 3 * at] = (float)i;
+      o[2 + 3 * at] = isnan(l[i]) ? -INFINITY : l[i];
+      o[3 + 3 * at] = logprob(l[i]);
+      ++at;
+    }
+  if (threadIdx.x == 0) {
+    const uint32_t c = chosen[blockIdx.x];
+    o[0] = c < vocab ? logprob(l[c]) : -INFINITY;
+  }
+}

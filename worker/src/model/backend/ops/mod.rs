@@ -19,6 +19,8 @@ mod cuda;
 
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor, bail};
 
+use crate::sampling::TokenLogprob;
+
 /// Where each query token of a step reads the cache.
 #[derive(Clone, Debug)]
 pub struct AttendPlan {
@@ -299,6 +301,89 @@ impl candle_core::CustomOp2 for DrawOp {
         settings_l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
         cuda::draw(x, x_l, settings, settings_l)
+    }
+}
+
+/// The log-probabilities of each row's `chosen` id (`[rows]` u32) and of its `n` most
+/// likely tokens, as [`crate::sampling::logprobs_of`] defines them, from `logits`
+/// (`[rows, vocab]` f32, at most [`MAX_DRAW_VOCAB`] wide). Returns `[rows, 1 + 3n]`
+/// f32: the chosen id's log-probability, then `n` triples (id, logit with NaN read as
+/// `-inf`, log-probability) in id order ([`read_top_logprobs`] reads a row).
+pub fn top_logprobs(logits: &Tensor, chosen: &Tensor, n: usize) -> Result<Tensor> {
+    let (rows, vocab) = logits.dims2()?;
+    if logits.dtype() != DType::F32 || vocab > MAX_DRAW_VOCAB || n > vocab {
+        bail!(
+            "top_logprobs: logits {:?} {:?} must be f32 rows of at most {MAX_DRAW_VOCAB}, \
+             at least {n} wide",
+            logits.dims(),
+            logits.dtype()
+        );
+    }
+    if chosen.dims1()? != rows || chosen.dtype() != DType::U32 {
+        bail!("top_logprobs: {rows} rows need {rows} u32 chosen ids");
+    }
+    logits
+        .contiguous()?
+        .apply_op2_no_bwd(&chosen.contiguous()?, &TopLogprobs { n })
+}
+
+/// One row of [`top_logprobs`] as the sampling module gives it: the chosen id's
+/// entry and the `k` most likely, best first (ties to the lower id).
+pub fn read_top_logprobs(row: &[f32], chosen: u32, k: usize) -> (TokenLogprob, Vec<TokenLogprob>) {
+    let mut top: Vec<(f32, TokenLogprob)> = row[1..]
+        .chunks_exact(3)
+        .map(|entry| {
+            let token = TokenLogprob {
+                // Ids are below MAX_DRAW_VOCAB < 2^24: exact in an f32.
+                id: entry[0] as u32,
+                logprob: entry[2],
+            };
+            (entry[1], token)
+        })
+        .collect();
+    // By logit (log-probabilities can tie where logits do not: beside +inf, all are -inf).
+    top.sort_by(|(la, a), (lb, b)| lb.total_cmp(la).then(a.id.cmp(&b.id)));
+    let top = top.into_iter().take(k).map(|(_, t)| t).collect();
+    (
+        TokenLogprob {
+            id: chosen,
+            logprob: row[0],
+        },
+        top,
+    )
+}
+
+struct TopLogprobs {
+    n: usize,
+}
+
+impl candle_core::CustomOp2 for TopLogprobs {
+    fn name(&self) -> &'static str {
+        "top-logprobs"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        chosen: &CpuStorage,
+        chosen_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Ok((
+            cpu::top_logprobs(x, x_l, chosen, chosen_l, self.n)?,
+            Shape::from((x_l.dims()[0], 1 + 3 * self.n)),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_l: &Layout,
+        chosen: &candle_core::CudaStorage,
+        chosen_l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::top_logprobs(x, x_l, chosen, chosen_l, self.n)
     }
 }
 

@@ -177,7 +177,7 @@ mod draws {
     use rand::rngs::StdRng;
     use rand::{RngExt, SeedableRng};
 
-    use super::super::cpu::{DrawParams, draw_row};
+    use super::super::cpu::{DrawParams, draw_row, top_logprobs_row};
     use super::*;
     use crate::sampling::{self, Draw};
 
@@ -313,6 +313,36 @@ mod draws {
                 .zip(&rows)
                 .any(|(&id, row)| id != sampling::argmax(row))
         );
+    }
+
+    #[test]
+    fn the_kernels_log_probabilities_are_the_host_samplers() {
+        // The kernel's steps on the CPU, read back as the backend reads them, against
+        // `logprobs_of`: the same ids in the same order, log-probabilities to rounding
+        // (a tree sum on the GPU), over ties, NaN, ±inf and rows with nothing usable.
+        let mut rng = StdRng::seed_from_u64(11);
+        for vocab in [1, 3, 64, 1000] {
+            for row in rows(vocab, &mut rng) {
+                for k in [0, 1, 2, 5, 20] {
+                    let n = k.min(vocab);
+                    let chosen = rng.random_range(0..vocab as u32 + 1);
+                    let got = read_top_logprobs(&top_logprobs_row(&row, chosen, n), chosen, k);
+                    let want = sampling::logprobs_of(&row, chosen, k);
+                    let close = |a: f32, b: f32| a == b || (a - b).abs() < 1e-5;
+                    assert_eq!(got.0.id, want.0.id);
+                    assert!(close(got.0.logprob, want.0.logprob), "{got:?} vs {want:?}");
+                    assert_eq!(
+                        got.1.iter().map(|t| t.id).collect::<Vec<_>>(),
+                        want.1.iter().map(|t| t.id).collect::<Vec<_>>(),
+                        "vocab {vocab} k {k}: {:?}",
+                        &row[..vocab.min(8)]
+                    );
+                    for (g, w) in got.1.iter().zip(&want.1) {
+                        assert!(close(g.logprob, w.logprob), "{g:?} vs {w:?}");
+                    }
+                }
+            }
+        }
     }
 
     #[test]
