@@ -184,27 +184,29 @@ def small_model_check(args, work, device):
 
 
 def sampling_check(args, path, ids):
-    """Seeded sampled answers, drawn on the GPU (only ids and the log-probabilities
-    asked for come back) and by the CPU engine on the host from the same seeds: the
+    """Seeded sampled answers, drawn on the GPU after their penalties (only ids and the
+    log-probabilities asked for come back) and by the CPU engine on the host from the same seeds: the
     same uniform numbers through the same filters give the same tokens where the
     logits agree (they do to ~1e-2 here), and the same log-probabilities."""
-    settings = [(0.8, 0, 1.0, 0.0), (1.0, 0, 0.9, 0.0), (0.7, 40, 1.0, 0.0),
-                (1.2, 0, 1.0, 0.05), (0.9, 20, 0.8, 0.02), (1.5, 0, 0.95, 0.0)]
+    # (temperature, top-k, top-p, min-p, repetition penalty); temperature 0 is greedy.
+    settings = [(0.8, 0, 1.0, 0.0, 1.0), (1.0, 0, 0.9, 0.0, 1.3), (0.7, 40, 1.0, 0.0, 1.0),
+                (1.2, 0, 1.0, 0.05, 1.0), (0.9, 20, 0.8, 0.02, 1.1), (0.0, 0, 1.0, 0.0, 1.5)]
     answers = {}
     for device in (args.device, "cpu"):
-        for seed, (temperature, top_k, top_p, min_p) in enumerate(settings * 2):
+        for seed, (temperature, top_k, top_p, min_p, repetition) in enumerate(settings * 2):
             out, _ = run(
                 [args.bin, "generate", "--model", path, "--device", device,
                  "--prompt-ids", ",".join(map(str, ids[:32])), "--max-tokens", "16",
                  "--temperature", str(temperature), "--top-k", str(top_k),
                  "--top-p", str(top_p), "--min-p", str(min_p), "--seed", str(seed),
+                 "--repetition-penalty", str(repetition),
                  "--logprobs", "3", "--json", "--max-seq-len", "512"],
                 timeout=60,
             )
             answers.setdefault(device, []).append(json.loads(out))
     here, there = answers[args.device], answers["cpu"]
     same = [(a, b) for a, b in zip(here, there) if a["token_ids"] == b["token_ids"]]
-    distinct = len({tuple(a["token_ids"]) for a in here})
+    distinct = len({tuple(a["token_ids"]) for a in here})  # greedy ones repeat
     worst = 0.0
     for a, b in same:
         for x, y in zip(a["logprobs"], b["logprobs"]):
@@ -216,8 +218,8 @@ def sampling_check(args, path, ids):
         "sampled tokens and log-probabilities taken on the device",
         len(same) >= len(here) - 2 and distinct > len(here) // 2
         and worst <= MAX_ABS_LOGPROB,
-        f"{len(same)}/{len(here)} seeded answers (16 tokens, temperature/top-k/top-p/min-p "
-        f"mixed) identical to the CPU engine's (limit {len(here) - 2}); {distinct} distinct; "
+        f"{len(same)}/{len(here)} seeded answers (16 tokens, temperature/top-k/top-p/min-p/"
+        f"repetition penalty mixed) identical to the CPU engine's (limit {len(here) - 2}); {distinct} distinct; "
         f"their log-probabilities (chosen and 3 best) within {worst:.2e} "
         f"(limit {MAX_ABS_LOGPROB})",
     )

@@ -327,34 +327,40 @@ fn answers(
 
 #[test]
 fn a_seeded_sampled_answer_is_drawn_alike_on_the_device_and_the_cpu_engine() {
-    // The device draws sampled tokens itself (only their ids, and the log-probabilities
-    // asked for, come back) from the sequence's seeded uniform numbers, as the CPU
-    // engine draws them on the host: the same seed gives the same answer where the
-    // logits agree.
+    // The device draws sampled tokens itself, after their penalties (only their ids,
+    // and the log-probabilities asked for, come back) from the sequence's seeded
+    // uniform numbers, as the CPU engine draws them on the host: the same seed gives
+    // the same answer where the logits agree.
+    // (temperature, top-k, top-p, min-p, repetition, presence, frequency penalties)
     let settings = [
-        (0.8, 0, 1.0, 0.0),
-        (1.0, 0, 0.9, 0.0),
-        (0.7, 40, 1.0, 0.0),
-        (1.2, 0, 1.0, 0.05),
-        (0.9, 20, 0.8, 0.02),
-        (1.5, 0, 0.95, 0.0),
+        (0.8, 0, 1.0, 0.0, 1.0, 0.0, 0.0),
+        (1.0, 0, 0.9, 0.0, 1.3, 0.0, 0.0),
+        (0.7, 40, 1.0, 0.0, 1.0, 0.5, 0.3),
+        (1.2, 0, 1.0, 0.05, 1.0, 0.0, 0.0),
+        (0.9, 20, 0.8, 0.02, 1.1, 0.2, 0.1),
+        (1.5, 0, 0.95, 0.0, 1.0, 0.0, 0.0),
+        (0.0, 0, 1.0, 0.0, 1.5, 0.0, 0.8),
     ];
     let requests: Vec<GenerationRequest> = settings
         .iter()
         .enumerate()
-        .map(|(i, &(temperature, top_k, top_p, min_p))| {
-            let mut req = chat("Tell me a short story about a robot.", 24);
-            req.sampling = SamplingParams {
-                temperature,
-                top_k,
-                top_p,
-                min_p,
-                seed: Some(100 + i as u64),
-                ..SamplingParams::default()
-            };
-            req.logprobs = (i % 2 == 0).then_some(3);
-            req
-        })
+        .map(
+            |(i, &(temperature, top_k, top_p, min_p, repetition, presence, frequency))| {
+                let mut req = chat("Tell me a short story about a robot.", 24);
+                req.sampling = SamplingParams {
+                    temperature,
+                    top_k,
+                    top_p,
+                    min_p,
+                    repetition_penalty: repetition,
+                    presence_penalty: presence,
+                    frequency_penalty: frequency,
+                    seed: Some(100 + i as u64),
+                };
+                req.logprobs = (i % 2 == 0).then_some(3);
+                req
+            },
+        )
         .collect();
     let on_cpu = Group::load(1, Compute::Host).run(|e| answers(e, &requests));
     let on_device = Group::load(1, candle_cpu()).run(|e| answers(e, &requests));
@@ -373,7 +379,7 @@ fn a_seeded_sampled_answer_is_drawn_alike_on_the_device_and_the_cpu_engine() {
         );
     }
     eprintln!("{same}/{} seeded answers identical", requests.len());
-    assert!(same >= 5, "only {same} of 6 seeded answers are the same");
+    assert!(same >= 6, "only {same} of 7 seeded answers are the same");
     // Log-probabilities taken on the device: the CPU engine's, for the same tokens.
     let mut entries = 0;
     for (a, b) in on_cpu

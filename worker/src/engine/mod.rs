@@ -863,19 +863,20 @@ impl Engine {
                 if a.wants_prompt_scores() {
                     LogitsFor::All
                 } else if sp.completes {
-                    a.pick_there().map_or(LogitsFor::Last, LogitsFor::Pick)
+                    LogitsFor::Pick(a.pick_there())
                 } else {
                     LogitsFor::None
                 }
             })
             .collect();
+        let scoring: Vec<bool> = wants.iter().map(|w| *w == LogitsFor::All).collect();
         let scheduler = &self.scheduler;
         let adapters = &self.adapters;
         let spans: Vec<SeqSpan<'_>> = plan
             .spans
             .iter()
-            .zip(&wants)
-            .map(|(sp, &logits)| SeqSpan {
+            .zip(wants)
+            .map(|(sp, logits)| SeqSpan {
                 tokens: &scheduler.tokens(sp.seq)[sp.start..sp.start + sp.len],
                 start_pos: sp.start,
                 blocks: scheduler.block_table(sp.seq),
@@ -893,12 +894,12 @@ impl Engine {
         self.scheduler.complete(&plan);
 
         let outputs = output.logits.into_iter().zip(output.picked);
-        for ((span, (rows, picked)), want) in plan.spans.iter().zip(outputs).zip(wants) {
+        for ((span, (rows, picked)), scoring) in plan.spans.iter().zip(outputs).zip(scoring) {
             let active = self
                 .active
                 .get_mut(&span.seq)
                 .expect("scheduled sequences are active");
-            if want == LogitsFor::All {
+            if scoring {
                 active.score_prompt(span.start, &rows);
             }
             if !span.completes {

@@ -3,7 +3,7 @@
 
 use super::request::{FinishReason, Finished, GenerationRequest, LogprobEntry, TokenEvent};
 use crate::model::{Pick, Picked};
-use crate::sampling::{Sampler, StopMatcher, logprobs_of};
+use crate::sampling::{Penalties, Sampler, StopMatcher, logprobs_of};
 use crate::tokenizer::{IncrementalDetokenizer, Tokenizer};
 
 /// What a next-token distribution led to.
@@ -70,20 +70,19 @@ impl Active {
             .is_some_and(|s| s.len() < self.prompt.len())
     }
 
-    /// How the step picks its next token where the logits are, when nothing on the
-    /// host reads them (no penalties): the best id (greedy) or one drawn with the next
-    /// number of its RNG, with the log-probabilities asked for. The step then hands
-    /// back what it picked ([`Next::Picked`]). `None`: the row must come back.
-    pub fn pick_there(&mut self) -> Option<Pick> {
+    /// How the step picks its next token where the logits are: the best id (greedy)
+    /// or one drawn with the next number of its RNG, after its penalties, with the
+    /// log-probabilities asked for. The step then hands back what it picked
+    /// ([`Next::Picked`]), not the row.
+    pub fn pick_there(&mut self) -> Pick {
         let sampling = self.sampler.params();
-        if sampling.has_penalties() {
-            return None;
-        }
+        let penalties = Penalties::of(sampling, &self.prompt, &self.generated);
         let draw = (!sampling.is_greedy()).then(|| self.sampler.draw_there());
-        Some(Pick {
+        Pick {
+            penalties,
             draw,
             logprobs: self.request.logprobs,
-        })
+        }
     }
 
     /// Takes the logits rows of a prompt span starting at `start`: row `i`

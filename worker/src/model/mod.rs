@@ -73,7 +73,7 @@ pub enum ModelError {
 }
 
 /// Which logits a span wants back.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub enum LogitsFor {
     /// Only its last token's (the next-token distribution).
     Last,
@@ -348,12 +348,12 @@ impl<'a> StepLayout<'a> {
             let (offset, n) = (layout.ids.len(), span.tokens.len());
             layout.ids.extend_from_slice(span.tokens);
             layout.positions.extend(span.start_pos..span.start_pos + n);
-            let rows = match span.logits {
+            let rows = match &span.logits {
                 LogitsFor::Last if n > 0 => offset + n - 1..offset + n,
                 LogitsFor::All => offset..offset + n,
                 LogitsFor::Pick(pick) if n > 0 => {
                     layout.picked_spans.push(i);
-                    layout.picks.push(pick);
+                    layout.picks.push(pick.clone());
                     picked_rows.push(offset + n - 1);
                     0..0
                 }

@@ -172,8 +172,8 @@ fn a_quantised_product_agrees_with_the_cpu_kernels() {
 #[test]
 fn the_device_picks_ids_and_log_probabilities_itself() {
     // One prompt three times in a step: the best id with log-probabilities, an id
-    // drawn with them (only those come back), and `Last` (the row comes back): what
-    // the device picked is what the host picks from that row.
+    // drawn after penalties with them (only those come back), and `Last` (the row
+    // comes back): what the device picked is what the host picks from that row.
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     write_tiny_gguf(&path, &TinySpec::default()).unwrap();
@@ -194,6 +194,14 @@ fn the_device_picks_ids_and_log_probabilities_itself() {
         ..Pick::BEST
     };
     let drawn = Pick {
+        // Penalties on tokens seen (33 is this model's best next token), applied on the
+        // device before the draw; log-probabilities stay the raw row's.
+        penalties: Some(crate::sampling::Penalties {
+            repetition: 1.3,
+            presence: 0.5,
+            frequency: 0.2,
+            seen: vec![(5, 0), (17, 1), (33, 2), (90, 0)],
+        }),
         draw: Some(crate::sampling::Draw {
             // Hot, so that the tiny model's draw is not its best id.
             temperature: 8.0,
@@ -207,8 +215,8 @@ fn the_device_picks_ids_and_log_probabilities_itself() {
     let out = model
         .forward(
             &[
-                span(&slots[0], LogitsFor::Pick(best)),
-                span(&slots[1], LogitsFor::Pick(drawn)),
+                span(&slots[0], LogitsFor::Pick(best.clone())),
+                span(&slots[1], LogitsFor::Pick(drawn.clone())),
                 span(&slots[2], LogitsFor::Last),
             ],
             &mut kv,

@@ -9,10 +9,12 @@
 
 mod logprobs;
 mod params;
+mod penalties;
 mod sampler;
 mod stop;
 
 pub use logprobs::{TokenLogprob, argmax, log_softmax, logprobs_of};
 pub use params::{SamplingError, SamplingParams};
+pub use penalties::Penalties;
 pub use sampler::{Draw, Sampler, draw, pick};
 pub use stop::{StopMatcher, StopStep};

@@ -5,13 +5,12 @@
 //! uniform number per sampled token ([`Sampler::draw_there`]), and the token is
 //! a function of the row, the settings and that number.
 
-use std::collections::{HashMap, HashSet};
-
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
 
 use super::logprobs::{argmax, clean};
 use super::params::SamplingParams;
+use super::penalties::Penalties;
 
 /// A token still in the running, with its (penalised) logit and later its
 /// unnormalised probability.
@@ -66,8 +65,7 @@ impl Sampler {
 
     /// The next token's [`Draw`], for a backend that draws where the logits are.
     /// Takes the uniform number [`Sampler::sample`] would have taken, so a seed
-    /// gives the same tokens either way. Only for sampled (not greedy) sequences
-    /// without penalties, which need the whole row on the host.
+    /// gives the same tokens either way. Only for sampled (not greedy) sequences.
     pub fn draw_there(&mut self) -> Draw {
         Draw {
             temperature: self.params.temperature,
@@ -91,7 +89,9 @@ impl Sampler {
         }
         self.logits.clear();
         self.logits.extend(logits.iter().map(|&l| clean(l)));
-        apply_penalties(&mut self.logits, &self.params, prompt, generated);
+        if let Some(penalties) = Penalties::of(&self.params, prompt, generated) {
+            penalties.apply(&mut self.logits);
+        }
         if self.params.is_greedy() {
             return argmax(&self.logits);
         }
@@ -234,31 +234,6 @@ fn by_logit_desc(a: &Candidate, b: &Candidate) -> std::cmp::Ordering {
     b.logit.total_cmp(&a.logit).then(a.id.cmp(&b.id))
 }
 
-/// Applies the repetition, presence and frequency penalties in place. Ids
-/// outside the vocabulary are ignored.
-fn apply_penalties(logits: &mut [f32], params: &SamplingParams, prompt: &[u32], generated: &[u32]) {
-    if params.repetition_penalty != 1.0 {
-        let penalty = params.repetition_penalty;
-        let seen: HashSet<u32> = prompt.iter().chain(generated).copied().collect();
-        for id in seen {
-            if let Some(l) = logits.get_mut(id as usize) {
-                *l = if *l > 0.0 { *l / penalty } else { *l * penalty };
-            }
-        }
-    }
-    if params.presence_penalty != 0.0 || params.frequency_penalty != 0.0 {
-        let mut counts: HashMap<u32, u32> = HashMap::new();
-        for &id in generated {
-            *counts.entry(id).or_default() += 1;
-        }
-        for (id, count) in counts {
-            if let Some(l) = logits.get_mut(id as usize) {
-                *l -= params.presence_penalty + params.frequency_penalty * count as f32;
-            }
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -316,7 +291,9 @@ mod tests {
         let prompt = [1, 2, 3, 400];
         let generated = [7, 7, 9, 499];
         let mut penalised = logits.clone();
-        apply_penalties(&mut penalised, &params, &prompt, &generated);
+        Penalties::of(&params, &prompt, &generated)
+            .unwrap()
+            .apply(&mut penalised);
         let mut sampler = Sampler::new(params);
         assert_eq!(
             sampler.sample(&logits, &prompt, &generated),

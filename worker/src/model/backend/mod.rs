@@ -22,7 +22,7 @@ use super::rope::Rope;
 use super::{ModelError, SeqSpan};
 use crate::comm::Collective;
 use crate::kv::{KvCacheTooLarge, KvShape};
-use crate::sampling::{Draw, TokenLogprob, logprobs_of};
+use crate::sampling::{Draw, Penalties, TokenLogprob, logprobs_of};
 use crate::weights::Weight;
 
 /// One step's tokens as every backend needs them, computed once by the model.
@@ -45,8 +45,11 @@ pub struct StepLayout<'a> {
 }
 
 /// How a token is picked where the logits are.
-#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct Pick {
+    /// Applied to the row before the pick (not to the log-probabilities, which are
+    /// the raw logits').
+    pub penalties: Option<Penalties>,
     /// `None`: the best id (the highest logit, ties to the lowest id).
     pub draw: Option<Draw>,
     /// Also the log-probabilities of the picked id and of the `k` most likely
@@ -57,13 +60,21 @@ pub struct Pick {
 impl Pick {
     /// The best id, nothing else.
     pub const BEST: Pick = Pick {
+        penalties: None,
         draw: None,
         logprobs: None,
     };
 
     /// [`Pick`] on a row on the host.
     pub fn on_host(&self, row: &[f32]) -> Picked {
-        let id = crate::sampling::pick(row, &self.draw);
+        let id = match &self.penalties {
+            None => crate::sampling::pick(row, &self.draw),
+            Some(penalties) => {
+                let mut penalised = row.to_vec();
+                penalties.apply(&mut penalised);
+                crate::sampling::pick(&penalised, &self.draw)
+            }
+        };
         Picked {
             id,
             logprobs: self.logprobs.map(|k| logprobs_of(row, id, k)),

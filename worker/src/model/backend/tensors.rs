@@ -624,12 +624,13 @@ impl Backend for Tensors {
         }
         // Ids (and log-probabilities) are picked on the device: a few bytes per row
         // come back, not a vocabulary's worth of logits.
+        let penalised = self.penalised(&rows, picks)?;
         let ids = if picks.iter().all(|p| p.draw.is_none()) {
-            rows.argmax(candle_core::D::Minus1)?
+            penalised.argmax(candle_core::D::Minus1)?
         } else {
             let settings: Vec<f64> = picks.iter().flat_map(|p| draw_settings(&p.draw)).collect();
             let settings = Tensor::from_vec(settings, (n - whole, 5), &self.device)?;
-            ops::draw(&rows, &settings)?
+            ops::draw(&penalised, &settings)?
         };
         let top = picks.iter().filter_map(|p| p.logprobs).max();
         let scores = match top {
@@ -650,6 +651,39 @@ impl Backend for Tensors {
             })
             .collect();
         Ok((logits, picked))
+    }
+}
+
+impl Tensors {
+    /// `rows` with the picks' penalties applied (a copy: log-probabilities read the
+    /// raw rows); `rows` itself when no pick has any. One upload of the tokens they
+    /// touch.
+    fn penalised(&self, rows: &Tensor, picks: &[Pick]) -> Result<Tensor, ModelError> {
+        let mut entries = Vec::new();
+        let mut settings = Vec::with_capacity(picks.len() * 3);
+        for (row, pick) in picks.iter().enumerate() {
+            let Some(p) = &pick.penalties else {
+                settings.extend([1.0, 0.0, 0.0]);
+                continue;
+            };
+            settings.extend([p.repetition, p.presence, p.frequency]);
+            entries.extend(
+                p.seen
+                    .iter()
+                    .flat_map(|&(id, count)| [row as u32, id, count]),
+            );
+        }
+        if entries.is_empty() {
+            return Ok(rows.clone());
+        }
+        let n = entries.len() / 3;
+        let penalised = rows.copy()?;
+        ops::penalise(
+            &penalised,
+            &Tensor::from_vec(entries, (n, 3), &self.device)?,
+            &Tensor::from_vec(settings, (picks.len(), 3), &self.device)?,
+        )?;
+        Ok(penalised)
     }
 }
 

@@ -550,3 +550,41 @@ pub fn top_logprobs_row(row: &[f32], chosen: u32, n: usize) -> Vec<f32> {
     }
     out
 }
+
+/// The penalise op: each (row, id, times generated) entry's logit penalised by its
+/// row's (repetition, presence, frequency).
+pub fn penalise(
+    x: &mut CpuStorage,
+    x_l: &Layout,
+    entries: &CpuStorage,
+    entries_l: &Layout,
+    settings: &CpuStorage,
+    settings_l: &Layout,
+) -> Result<()> {
+    let (_, vocab) = x_l.shape().dims2()?;
+    let entries = u32s(entries, entries_l)?;
+    let settings = slice::<f32>(settings, settings_l, "the penalty settings")?;
+    let Some((start, end)) = x_l.contiguous_offsets() else {
+        bail!("penalise: the logits must be contiguous");
+    };
+    let CpuStorage::F32(x) = x else {
+        bail!("penalise: the logits must be f32");
+    };
+    let x = &mut x[start..end];
+    for e in entries.chunks_exact(3) {
+        let (row, id, count) = (e[0] as usize, e[1] as usize, e[2]);
+        if id >= vocab {
+            continue;
+        }
+        let s = &settings[row * 3..row * 3 + 3];
+        let penalties = crate::sampling::Penalties {
+            repetition: s[0],
+            presence: s[1],
+            frequency: s[2],
+            seen: Vec::new(),
+        };
+        let l = &mut x[row * vocab + id];
+        *l = penalties.penalise(*l, count);
+    }
+    Ok(())
+}

@@ -309,3 +309,33 @@ fn draw_config(rows: usize, chunk: u32) -> LaunchConfig {
         shared_mem_bytes: chunk * DRAW_THREADS / 8,
     }
 }
+
+pub fn penalise(
+    x: &mut CudaStorage,
+    x_l: &Layout,
+    entries: &CudaStorage,
+    entries_l: &Layout,
+    settings: &CudaStorage,
+    settings_l: &Layout,
+) -> Result<()> {
+    let (_, vocab) = x_l.shape().dims2()?;
+    let n = entries_l.dims()[0] as u32;
+    if n == 0 {
+        return Ok(());
+    }
+    let (x0, x1) = offsets(x_l, "the logits")?;
+    let (e0, e1) = offsets(entries_l, "the penalty entries")?;
+    let (s0, s1) = offsets(settings_l, "the penalty settings")?;
+    let func = function(x, "penalise_f32")?;
+    let stream = x.device.cuda_stream();
+    let es = entries.as_cuda_slice::<u32>()?.slice(e0..e1);
+    let ss = settings.as_cuda_slice::<f32>()?.slice(s0..s1);
+    let mut xs = x.as_cuda_slice_mut::<f32>()?.slice_mut(x0..x1);
+    let vocab32 = vocab as u32;
+    let mut b = stream.launch_builder(&func);
+    b.arg(&mut xs).arg(&es).arg(&ss).arg(&n).arg(&vocab32);
+    // SAFETY: the arguments match the kernel's signature; the op checked the shapes,
+    // and the kernel skips ids outside the vocabulary.
+    unsafe { b.launch(LaunchConfig::for_num_elems(n)) }.map_err(cuda_error)?;
+    Ok(())
+}

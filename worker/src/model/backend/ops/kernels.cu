@@ -461,3 +461,22 @@ extern "C" __global__ void top_logprobs_f32(float *out, const float *logits,
     o[0] = c < vocab ? logprob(l[c]) : -INFINITY;
   }
 }
+
+// Penalties (crate::sampling::Penalties; CPU twin: cpu.rs's penalise), one thread per
+// (row, id, times generated) entry, ids unique within a row. IEEE operations, neither
+// approximated nor fused, so that the host's arithmetic is reproduced.
+extern "C" __global__ void penalise_f32(float *rows, const uint32_t *entries,
+                                        const float *settings, uint32_t n, uint32_t vocab) {
+  const uint32_t e = blockIdx.x * blockDim.x + threadIdx.x;
+  if (e >= n) return;
+  const uint32_t r = entries[3 * e], id = entries[3 * e + 1], count = entries[3 * e + 2];
+  if (id >= vocab) return;
+  const float repetition = settings[3 * r], presence = settings[3 * r + 1],
+              frequency = settings[3 * r + 2];
+  float *l = rows + (uint64_t)r * vocab + id;
+  float x = *l;
+  if (repetition != 1.0f) x = x > 0.0f ? __fdiv_rn(x, repetition) : __fmul_rn(x, repetition);
+  if (count > 0 && (presence != 0.0f || frequency != 0.0f))
+    x = __fsub_rn(x, __fadd_rn(presence, __fmul_rn(frequency, (float)count)));
+  *l = x;
+}

@@ -247,6 +247,61 @@ impl candle_core::CustomOp1 for Swiglu {
     }
 }
 
+/// Applies penalties to rows of logits (`[rows, vocab]` f32) in place, as
+/// [`crate::sampling::Penalties`] defines them: `entries` (`[n, 3]` u32) are (row, token
+/// id, times generated) of each token a row's sequence has seen, `settings` (`[rows, 3]`
+/// f32) each row's repetition, presence and frequency penalties.
+pub fn penalise(logits: &Tensor, entries: &Tensor, settings: &Tensor) -> Result<()> {
+    let (rows, _) = logits.dims2()?;
+    if logits.dtype() != DType::F32 || !logits.is_contiguous() {
+        bail!(
+            "penalise: logits {:?} must be contiguous f32 rows",
+            logits.dims()
+        );
+    }
+    let (_, three) = entries.dims2()?;
+    if three != 3 || entries.dtype() != DType::U32 {
+        bail!("penalise: entries {:?} must be [n, 3] u32", entries.dims());
+    }
+    if settings.dims2()? != (rows, 3) || settings.dtype() != DType::F32 {
+        bail!("penalise: {rows} rows need [{rows}, 3] f32 settings");
+    }
+    logits.inplace_op3(&entries.contiguous()?, &settings.contiguous()?, &Penalise)
+}
+
+struct Penalise;
+
+impl candle_core::InplaceOp3 for Penalise {
+    fn name(&self) -> &'static str {
+        "penalise"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &mut CpuStorage,
+        x_l: &Layout,
+        entries: &CpuStorage,
+        entries_l: &Layout,
+        settings: &CpuStorage,
+        settings_l: &Layout,
+    ) -> Result<()> {
+        cpu::penalise(x, x_l, entries, entries_l, settings, settings_l)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &mut candle_core::CudaStorage,
+        x_l: &Layout,
+        entries: &candle_core::CudaStorage,
+        entries_l: &Layout,
+        settings: &candle_core::CudaStorage,
+        settings_l: &Layout,
+    ) -> Result<()> {
+        cuda::penalise(x, x_l, entries, entries_l, settings, settings_l)
+    }
+}
+
 /// The largest vocabulary the draw kernel takes: it marks kept tokens in a bitmap of
 /// shared memory, 48 KiB a block.
 pub const MAX_DRAW_VOCAB: usize = 48 * 1024 * 8;

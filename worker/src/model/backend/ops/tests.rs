@@ -346,6 +346,60 @@ mod draws {
     }
 
     #[test]
+    fn the_penalise_op_penalises_each_rows_tokens_seen() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let vocab = 300;
+        let rows: Vec<Vec<f32>> = (0..3)
+            .map(|_| {
+                (0..vocab)
+                    .map(|_| rng.random::<f32>() * 8.0 - 4.0)
+                    .collect()
+            })
+            .collect();
+        let penalties = [
+            sampling::Penalties {
+                repetition: 1.3,
+                presence: 0.0,
+                frequency: 0.0,
+                seen: vec![(0, 0), (7, 2), (299, 1)],
+            },
+            sampling::Penalties {
+                repetition: 1.0,
+                presence: 0.4,
+                frequency: 0.3,
+                seen: vec![(7, 3), (8, 1), (1000, 2)],
+            },
+            sampling::Penalties {
+                repetition: 1.0,
+                presence: 0.0,
+                frequency: 0.0,
+                seen: Vec::new(),
+            },
+        ];
+        let mut entries = Vec::new();
+        let mut settings = Vec::new();
+        for (r, p) in penalties.iter().enumerate() {
+            settings.extend([p.repetition, p.presence, p.frequency]);
+            for &(id, count) in &p.seen {
+                entries.extend([r as u32, id, count]);
+            }
+        }
+        let logits = Tensor::new(rows.clone(), &Device::Cpu).unwrap();
+        let n = entries.len() / 3;
+        penalise(
+            &logits,
+            &Tensor::from_vec(entries, (n, 3), &Device::Cpu).unwrap(),
+            &Tensor::from_vec(settings, (3, 3), &Device::Cpu).unwrap(),
+        )
+        .unwrap();
+        let got = logits.to_vec2::<f32>().unwrap();
+        for ((mut want, p), got) in rows.into_iter().zip(&penalties).zip(got) {
+            p.apply(&mut want);
+            assert_eq!(got, want);
+        }
+    }
+
+    #[test]
     fn draws_with_bad_shapes_are_refused() {
         let logits = Tensor::zeros((2, 10), DType::F32, &Device::Cpu).unwrap();
         let short = Tensor::zeros((2, 4), DType::F64, &Device::Cpu).unwrap();
