@@ -37,7 +37,7 @@ use crate::sampling::SamplingError;
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 use crate::weights::{GgufFile, TensorSource, WeightsError};
-use sequence::{Active, Advance, Next};
+use sequence::{Active, Advance};
 use stats::StatsCell;
 
 #[derive(Debug, thiserror::Error)]
@@ -861,7 +861,7 @@ impl Engine {
                     .get_mut(&sp.seq)
                     .expect("scheduled sequences are active");
                 if a.wants_prompt_scores() {
-                    LogitsFor::All
+                    LogitsFor::Score(a.score_there(sp.start, sp.len, sp.completes))
                 } else if sp.completes {
                     LogitsFor::Pick(a.pick_there())
                 } else {
@@ -869,7 +869,6 @@ impl Engine {
                 }
             })
             .collect();
-        let scoring: Vec<bool> = wants.iter().map(|w| *w == LogitsFor::All).collect();
         let scheduler = &self.scheduler;
         let adapters = &self.adapters;
         let spans: Vec<SeqSpan<'_>> = plan
@@ -893,24 +892,19 @@ impl Engine {
         drop(spans);
         self.scheduler.complete(&plan);
 
-        let outputs = output.logits.into_iter().zip(output.picked);
-        for ((span, (rows, picked)), scoring) in plan.spans.iter().zip(outputs).zip(scoring) {
+        let outputs = output.scores.into_iter().zip(output.picked);
+        for (span, (scores, picked)) in plan.spans.iter().zip(outputs) {
             let active = self
                 .active
                 .get_mut(&span.seq)
                 .expect("scheduled sequences are active");
-            if scoring {
-                active.score_prompt(span.start, &rows);
+            if !scores.is_empty() {
+                active.record_prompt_scores(span.start, scores);
             }
-            if !span.completes {
+            let Some(picked) = picked.filter(|_| span.completes) else {
                 continue;
-            }
-            let next = match (picked, rows.last()) {
-                (Some(picked), _) => Next::Picked(picked),
-                (None, Some(row)) => Next::Row(row),
-                (None, None) => continue,
             };
-            match active.advance(next, &self.tokenizer) {
+            match active.advance(picked, &self.tokenizer) {
                 Advance::Token(token) => {
                     self.scheduler.append(span.seq, token.id);
                     events.push(StepEvent {

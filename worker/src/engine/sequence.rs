@@ -2,8 +2,8 @@
 //! next-token distribution at a time by the engine's steps.
 
 use super::request::{FinishReason, Finished, GenerationRequest, LogprobEntry, TokenEvent};
-use crate::model::{Pick, Picked};
-use crate::sampling::{Penalties, Sampler, StopMatcher, logprobs_of};
+use crate::model::{Pick, Picked, Score, TokenScores};
+use crate::sampling::{Penalties, Sampler, StopMatcher};
 use crate::tokenizer::{IncrementalDetokenizer, Tokenizer};
 
 /// What a next-token distribution led to.
@@ -15,15 +15,6 @@ pub enum Advance {
         last: Option<TokenEvent>,
         finished: Finished,
     },
-}
-
-/// What a step gave a sequence to pick its next token from.
-#[derive(Clone, Debug)]
-pub enum Next<'a> {
-    /// The next-token logits.
-    Row(&'a [f32]),
-    /// A token picked where the logits are (see [`Active::pick_there`]).
-    Picked(Picked),
 }
 
 pub struct Active {
@@ -85,37 +76,43 @@ impl Active {
         }
     }
 
-    /// Takes the logits rows of a prompt span starting at `start`: row `i`
-    /// predicts the token at `start + i + 1`. Rows already scored (a span
-    /// recomputed after preemption) are skipped.
-    pub fn score_prompt(&mut self, start: usize, rows: &[Vec<f32>]) {
-        let (Some(k), Some(scores)) = (self.request.prompt_logprobs, self.prompt_scores.as_mut())
+    /// How the step scores a prompt span of `len` tokens from `start` where the
+    /// logits are: each row on the prompt token it predicts; the last row of a span
+    /// that `completes` the prompt picks the first generated token
+    /// ([`Active::pick_there`]).
+    pub fn score_there(&mut self, start: usize, len: usize, completes: bool) -> Score {
+        let end = (start + len + 1).min(self.prompt.len());
+        let next = self.prompt[(start + 1).min(end)..end].to_vec();
+        Score {
+            next,
+            k: self.request.prompt_logprobs.unwrap_or(0),
+            pick: completes.then(|| self.pick_there()),
+        }
+    }
+
+    /// Takes the scores of a prompt span starting at `start`: entry `i` is the
+    /// token at `start + i + 1`'s. Those already taken (a span recomputed after
+    /// preemption) are skipped.
+    pub fn record_prompt_scores(&mut self, start: usize, entries: Vec<TokenScores>) {
+        let (Some(_), Some(scores)) = (self.request.prompt_logprobs, self.prompt_scores.as_mut())
         else {
             return;
         };
-        for (i, row) in rows.iter().enumerate() {
+        for (i, (token, top)) in entries.into_iter().enumerate() {
             let pos = start + i + 1;
             if pos == scores.len() && pos < self.prompt.len() {
-                let (token, top) = logprobs_of(row, self.prompt[pos], k);
                 scores.push(Some(LogprobEntry { token, top }));
             }
         }
     }
 
-    /// Samples from the next-token distribution (or takes the picked id) and
-    /// applies the stop rules.
-    pub fn advance(&mut self, next: Next<'_>, tokenizer: &Tokenizer) -> Advance {
+    /// Takes the token picked for it and applies the stop rules.
+    pub fn advance(&mut self, picked: Picked, tokenizer: &Tokenizer) -> Advance {
         if self.generated.len() >= self.budget {
             return self.finish(None, self.budget_reason());
         }
         let stopping = &self.request.stopping;
-        let (id, scores) = match next {
-            Next::Row(row) => {
-                let id = self.sampler.sample(row, &self.prompt, &self.generated);
-                (id, self.request.logprobs.map(|k| logprobs_of(row, id, k)))
-            }
-            Next::Picked(picked) => (picked.id, picked.logprobs),
-        };
+        let (id, scores) = (picked.id, picked.logprobs);
         if (!stopping.ignore_eos && tokenizer.eog_ids().contains(&id))
             || stopping.stop_token_ids.contains(&id)
         {

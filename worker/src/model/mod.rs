@@ -20,7 +20,10 @@ mod rows;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-pub use backend::{Backend, CacheDtype, Host, Pick, Picked, SpanLogits, StepOutput, Tensors};
+use backend::Downloaded;
+pub use backend::{
+    Backend, CacheDtype, Host, Pick, Picked, SpanLogits, StepOutput, Tensors, TokenScores,
+};
 pub use config::{ModelConfig, RopeConfig, RopeScaling, RopeStyle};
 pub use hf::HfCheckpoint;
 pub use layers::LoadContext;
@@ -81,10 +84,24 @@ pub enum LogitsFor {
     /// nothing on the host reads the row): a device backend picks it there and
     /// downloads the id (and the log-probabilities asked for), not the row.
     Pick(Pick),
-    /// Every token's (prompt scoring).
+    /// Every token's.
     All,
+    /// Prompt scoring where the logits are ([`Score`]): a device backend downloads
+    /// log-probabilities, not rows.
+    Score(Score),
     /// None (a chunk of a prompt whose end comes in a later step).
     None,
+}
+
+/// A prompt span scored where its logits are: row `i` gets the log-probability of
+/// `next[i]` (the prompt's token it predicts) and the `k` most likely tokens'; when
+/// the span ends the prompt, its last row predicts no prompt token (`next` is one
+/// shorter than the span) and the first generated one is picked from it (`pick`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Score {
+    pub next: Vec<u32>,
+    pub k: usize,
+    pub pick: Option<Pick>,
 }
 
 /// A run of consecutive tokens of one sequence.
@@ -276,6 +293,7 @@ impl<B: Backend> Transformer<B> {
         if layout.ids.is_empty() {
             return Ok(StepOutput {
                 logits: vec![Vec::new(); spans.len()],
+                scores: vec![Vec::new(); spans.len()],
                 picked: vec![None; spans.len()],
             });
         }
@@ -308,24 +326,30 @@ impl<B: Backend> Transformer<B> {
             b.add(&mut x, &m)?;
         }
         // Every row any span wants, gathered so the head runs once per step.
-        let (rows, ids) = if layout.wanted.is_empty() {
-            (Vec::new(), Vec::new())
+        let got = if layout.wanted.is_empty() {
+            Downloaded::default()
         } else {
             let h = self.norm.forward(b, &b.wanted_rows(&x, &step)?)?;
             let head = self.head.as_ref().unwrap_or(&self.embed);
-            let whole = layout.wanted.len() - layout.picks.len();
-            b.download(&b.linear(&h, head, None)?, whole, &layout.picks)?
+            let whole = layout.wanted.len() - layout.scored.len() - layout.picks.len();
+            let logits = b.linear(&h, head, None)?;
+            b.download(&logits, whole, &layout.scored, &layout.picks)?
         };
-        let mut rows = rows.into_iter();
         let mut picked = vec![None; spans.len()];
-        for (&span, p) in layout.picked_spans.iter().zip(ids) {
+        for (&span, p) in layout.picked_spans.iter().zip(got.picked) {
             picked[span] = Some(p);
         }
+        let (mut rows, mut scores) = (got.rows.into_iter(), got.scores.into_iter());
         Ok(StepOutput {
             logits: layout
                 .counts
                 .iter()
                 .map(|&n| rows.by_ref().take(n).collect())
+                .collect(),
+            scores: layout
+                .scored_counts
+                .iter()
+                .map(|&n| scores.by_ref().take(n).collect())
                 .collect(),
             picked,
         })
@@ -340,29 +364,42 @@ impl<'a> StepLayout<'a> {
             positions: Vec::new(),
             wanted: Vec::new(),
             counts: Vec::with_capacity(spans.len()),
+            scored_counts: Vec::with_capacity(spans.len()),
+            scored: Vec::new(),
             picked_spans: Vec::new(),
             picks: Vec::new(),
         };
-        let mut picked_rows = Vec::new();
+        let (mut scored_rows, mut picked_rows) = (Vec::new(), Vec::new());
         for (i, span) in spans.iter().enumerate() {
             let (offset, n) = (layout.ids.len(), span.tokens.len());
             layout.ids.extend_from_slice(span.tokens);
             layout.positions.extend(span.start_pos..span.start_pos + n);
-            let rows = match &span.logits {
-                LogitsFor::Last if n > 0 => offset + n - 1..offset + n,
-                LogitsFor::All => offset..offset + n,
-                LogitsFor::Pick(pick) if n > 0 => {
-                    layout.picked_spans.push(i);
-                    layout.picks.push(pick.clone());
-                    picked_rows.push(offset + n - 1);
-                    0..0
+            // (rows downloaded whole, rows scored with their ids, the pick of the last row)
+            let (rows, scored, pick) = match &span.logits {
+                LogitsFor::Last if n > 0 => (offset + n - 1..offset + n, &[][..], None),
+                LogitsFor::All => (offset..offset + n, &[][..], None),
+                LogitsFor::Pick(p) if n > 0 => (0..0, &[][..], Some(p)),
+                LogitsFor::Score(score) => {
+                    let next = &score.next[..score.next.len().min(n)];
+                    let pick = score.pick.as_ref().filter(|_| next.len() < n);
+                    layout.scored.extend(next.iter().map(|&id| (id, score.k)));
+                    (0..0, next, pick)
                 }
-                _ => 0..0,
+                _ => (0..0, &[][..], None),
             };
+            scored_rows.extend(offset..offset + scored.len());
+            if let Some(p) = pick {
+                layout.picked_spans.push(i);
+                layout.picks.push(p.clone());
+                picked_rows.push(offset + n - 1);
+            }
             layout.counts.push(rows.len());
+            layout.scored_counts.push(scored.len());
             layout.wanted.extend(rows);
         }
-        // The rows downloaded whole first, then those of which only a picked id is.
+        // The rows downloaded whole first, then those scored, then those of which only
+        // a picked id is.
+        layout.wanted.extend(scored_rows);
         layout.wanted.extend(picked_rows);
         layout
     }

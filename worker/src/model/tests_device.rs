@@ -241,3 +241,65 @@ fn the_device_picks_ids_and_log_probabilities_itself() {
     let id = |i: usize| out.picked[i].as_ref().unwrap().id;
     assert_ne!(id(0), id(1), "the draw is not the best id here");
 }
+
+#[test]
+fn the_device_scores_a_prompt_itself() {
+    // A prompt scored where its logits are (only log-probabilities come back), ending
+    // in a pick, against the same prompt's rows brought back whole (`All`).
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&path, &TinySpec::default()).unwrap();
+    let file = crate::weights::GgufFile::open(&path).unwrap();
+    let model = Transformer::from_gguf(&file, Arc::new(crate::comm::SingleRank), device()).unwrap();
+    let mut kv = model.new_cache(16, 4).unwrap();
+    let tokens = [5, 17, 3, 90, 42, 8];
+    let slots: [Vec<u32>; 3] = [(0..4).collect(), (4..8).collect(), (8..12).collect()];
+    let span = |blocks, logits| SeqSpan {
+        tokens: &tokens,
+        start_pos: 0,
+        blocks,
+        logits,
+        adapter: None,
+    };
+    let ending = Score {
+        next: tokens[1..].to_vec(),
+        k: 4,
+        pick: Some(Pick::BEST),
+    };
+    // A chunk whose prompt goes on: every row scored, nothing picked.
+    let chunk = Score {
+        next: [&tokens[1..], &[77]].concat(),
+        k: 2,
+        pick: Some(Pick::BEST),
+    };
+    let out = model
+        .forward(
+            &[
+                span(&slots[0], LogitsFor::Score(ending.clone())),
+                span(&slots[1], LogitsFor::Score(chunk.clone())),
+                span(&slots[2], LogitsFor::All),
+            ],
+            &mut kv,
+        )
+        .unwrap();
+    let rows = &out.logits[2];
+    assert!(out.logits[0].is_empty() && out.logits[1].is_empty());
+    for (span, score) in [(0, &ending), (1, &chunk)] {
+        assert_eq!(out.scores[span].len(), score.next.len());
+        for ((got, row), &id) in out.scores[span].iter().zip(rows).zip(&score.next) {
+            let want = crate::sampling::logprobs_of(row, id, score.k);
+            let pairs = std::iter::once((&got.0, &want.0)).chain(got.1.iter().zip(&want.1));
+            for (g, w) in pairs {
+                assert_eq!(g.id, w.id);
+                assert!((g.logprob - w.logprob).abs() < 1e-5, "{g:?} vs {w:?}");
+            }
+            assert_eq!(got.1.len(), score.k);
+        }
+    }
+    let last = rows.last().unwrap();
+    assert_eq!(
+        out.picked,
+        [Some(Pick::BEST.on_host(last)), None, None],
+        "the ending span picks from its last row; the chunk does not"
+    );
+}

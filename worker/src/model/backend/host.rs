@@ -6,13 +6,14 @@
 
 use candle_core::Device;
 
-use super::{AttentionShape, Backend, LoraPair, ModelError, Pick, Picked, StepLayout};
+use super::{AttentionShape, Backend, Downloaded, LoraPair, ModelError, Pick, StepLayout};
 use crate::comm::{Collective, HostSliceMut};
 use crate::kv::{KvCache, KvCacheTooLarge, KvShape};
 use crate::model::causal::{Heads, Queries, attend, round_to_half};
 use crate::model::lora::{self, HostDense};
 use crate::model::rope::{Angles, Rope};
 use crate::model::rows::{Rows, rms_norm, swiglu};
+use crate::sampling::logprobs_of;
 use crate::weights::Weight;
 
 /// The CPU kernels on host memory.
@@ -218,14 +219,21 @@ impl Backend for Host {
         &self,
         x: &Rows,
         whole: usize,
+        scored: &[(u32, usize)],
         picks: &[Pick],
-    ) -> Result<(Vec<Vec<f32>>, Vec<Picked>), ModelError> {
+    ) -> Result<Downloaded, ModelError> {
         let mut rows = x.as_slice().chunks_exact(x.width());
-        let logits = rows.by_ref().take(whole).map(<[f32]>::to_vec).collect();
-        let ids = rows
-            .zip(picks)
-            .map(|(row, pick)| pick.on_host(row))
-            .collect();
-        Ok((logits, ids))
+        Ok(Downloaded {
+            rows: rows.by_ref().take(whole).map(<[f32]>::to_vec).collect(),
+            scores: rows
+                .by_ref()
+                .zip(scored)
+                .map(|(row, &(id, k))| logprobs_of(row, id, k))
+                .collect(),
+            picked: rows
+                .zip(picks)
+                .map(|(row, pick)| pick.on_host(row))
+                .collect(),
+        })
     }
 }

@@ -34,10 +34,16 @@ pub struct StepLayout<'a> {
     /// The position of each of `ids`.
     pub positions: Vec<usize>,
     /// The rows (indices into `ids`) whose logits are wanted: first those
-    /// downloaded whole, in span order, then the last rows of the `picked_spans`.
+    /// downloaded whole, in span order, then those scored (`scored`), then the last
+    /// rows of the `picked_spans`.
     pub wanted: Vec<usize>,
     /// How many of the rows downloaded whole each span owns.
     pub counts: Vec<usize>,
+    /// How many of the rows scored each span owns.
+    pub scored_counts: Vec<usize>,
+    /// Each row scored: the id it is scored on and how many of the most likely
+    /// tokens come with it ([`super::LogitsFor::Score`]).
+    pub scored: Vec<(u32, usize)>,
     /// The spans (indices into `spans`) that want only an id picked from their last
     /// row ([`super::LogitsFor::Pick`]), in order, and how each is picked.
     pub picked_spans: Vec<usize>,
@@ -87,7 +93,19 @@ impl Pick {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Picked {
     pub id: u32,
-    pub logprobs: Option<(TokenLogprob, Vec<TokenLogprob>)>,
+    pub logprobs: Option<TokenScores>,
+}
+
+/// A token's log-probability and the `k` most likely tokens', best first.
+pub type TokenScores = (TokenLogprob, Vec<TokenLogprob>);
+
+/// What a step's download brings back: the rows, scores and picks of
+/// [`StepLayout::wanted`], in its order.
+#[derive(Debug, Default)]
+pub struct Downloaded {
+    pub rows: Vec<Vec<f32>>,
+    pub scores: Vec<TokenScores>,
+    pub picked: Vec<Picked>,
 }
 
 /// The heads of one rank's attention and where Q, K and V sit in a row of the
@@ -128,7 +146,10 @@ pub type SpanLogits = Vec<Vec<Vec<f32>>>;
 pub struct StepOutput {
     /// The logits rows each span asked for (none for a `Best` span).
     pub logits: SpanLogits,
-    /// What was picked from each `Pick` span's last row (`None` for the others).
+    /// The scores of each `Score` span's rows (empty for the others).
+    pub scores: Vec<Vec<TokenScores>>,
+    /// What was picked from each `Pick` span's last row, or a `Score` span's that
+    /// picks (`None` for the others).
     pub picked: Vec<Option<Picked>>,
 }
 
@@ -234,13 +255,16 @@ pub trait Backend: Send + Sync + std::fmt::Debug + Sized + 'static {
         x: &Self::Hidden,
         step: &Self::Step<'_>,
     ) -> Result<Self::Hidden, ModelError>;
-    /// Logits back on the host: the first `whole` rows of `logits` as f32, and of
-    /// each row after them only what is picked there: row `whole + i` as `picks[i]`
-    /// says. A step's only download.
+    /// Logits back on the host, as [`StepLayout::wanted`] says: the first `whole`
+    /// rows of `logits` as f32, then for each of `scored` the log-probability of its
+    /// id and its `k` most likely tokens ([`crate::sampling::logprobs_of`]), then of
+    /// each row after them only what is picked there, as `picks` says. A step's only
+    /// download.
     fn download(
         &self,
         logits: &Self::Hidden,
         whole: usize,
+        scored: &[(u32, usize)],
         picks: &[Pick],
-    ) -> Result<(Vec<Vec<f32>>, Vec<Picked>), ModelError>;
+    ) -> Result<Downloaded, ModelError>;
 }

@@ -12,14 +12,14 @@ use candle_core::{DType, Device, Module, Tensor};
 use shardserve_kernels::QuantFormat;
 
 use super::ops::{self, AttendPlan};
-use super::{AttentionShape, Backend, LoraPair, ModelError, Pick, Picked, StepLayout};
+use super::{AttentionShape, Backend, Downloaded, LoraPair, ModelError, Pick, Picked, StepLayout};
 use crate::comm::Collective;
 use crate::kv::{KvCacheTooLarge, KvShape};
 use crate::model::config::RopeStyle;
 use crate::model::lora::{self, HostDense};
 use crate::model::rope::Rope;
 use crate::model::rows::Rows;
-use crate::sampling::Draw;
+use crate::sampling::{Draw, logprobs_of};
 use crate::weights::Weight;
 
 /// Element type of the device KV cache.
@@ -604,41 +604,84 @@ impl Backend for Tensors {
         &self,
         x: &Tensor,
         whole: usize,
+        scored: &[(u32, usize)],
         picks: &[Pick],
-    ) -> Result<(Vec<Vec<f32>>, Vec<Picked>), ModelError> {
-        let n = x.dim(0)?;
-        let logits = if whole == 0 {
+    ) -> Result<Downloaded, ModelError> {
+        let (n, vocab) = x.dims2()?;
+        let part = |start: usize, len: usize| x.narrow(0, start, len)?.to_dtype(DType::F32);
+        let rows = if whole == 0 {
             Vec::new()
         } else {
-            x.narrow(0, 0, whole)?.to_dtype(DType::F32)?.to_vec2()?
+            part(0, whole)?.to_vec2()?
         };
-        if whole == n {
-            return Ok((logits, Vec::new()));
+        if vocab > ops::MAX_DRAW_VOCAB {
+            // A vocabulary wider than the kernels' bitmap: every row comes back whole.
+            let rest: Vec<Vec<f32>> = part(whole, n - whole)?.to_vec2()?;
+            let (scored_rows, picked_rows) = rest.split_at(scored.len());
+            return Ok(Downloaded {
+                rows,
+                scores: scored_rows
+                    .iter()
+                    .zip(scored)
+                    .map(|(row, &(id, k))| logprobs_of(row, id, k))
+                    .collect(),
+                picked: picked_rows
+                    .iter()
+                    .zip(picks)
+                    .map(|(r, p)| p.on_host(r))
+                    .collect(),
+            });
         }
-        let rows = x.narrow(0, whole, n - whole)?.to_dtype(DType::F32)?;
-        if rows.dim(1)? > ops::MAX_DRAW_VOCAB {
-            // A vocabulary wider than the kernels' bitmap: rows come back whole.
-            let rows: Vec<Vec<f32>> = rows.to_vec2()?;
-            let picked = rows.iter().zip(picks).map(|(r, p)| p.on_host(r)).collect();
-            return Ok((logits, picked));
-        }
-        // Ids (and log-probabilities) are picked on the device: a few bytes per row
-        // come back, not a vocabulary's worth of logits.
-        let penalised = self.penalised(&rows, picks)?;
+        // Scores and picks are taken on the device: a few bytes per row come back,
+        // not a vocabulary's worth of logits.
+        let scores = if scored.is_empty() {
+            Vec::new()
+        } else {
+            let ids: Vec<u32> = scored.iter().map(|&(id, _)| id).collect();
+            let ids = Tensor::from_vec(ids, scored.len(), &self.device)?;
+            let k = scored.iter().map(|&(_, k)| k).max().unwrap_or(0).min(vocab);
+            let table = ops::top_logprobs(&part(whole, scored.len())?, &ids, k)?;
+            let table: Vec<Vec<f32>> = table.to_vec2()?;
+            table
+                .iter()
+                .zip(scored)
+                .map(|(row, &(id, k))| ops::read_top_logprobs(row, id, k))
+                .collect()
+        };
+        let picked = if picks.is_empty() {
+            Vec::new()
+        } else {
+            self.pick(&part(whole + scored.len(), picks.len())?, picks)?
+        };
+        Ok(Downloaded {
+            rows,
+            scores,
+            picked,
+        })
+    }
+}
+
+impl Tensors {
+    /// What `picks` pick from `rows` (f32, one row each), on the device.
+    fn pick(&self, rows: &Tensor, picks: &[Pick]) -> Result<Vec<Picked>, ModelError> {
+        let penalised = self.penalised(rows, picks)?;
         let ids = if picks.iter().all(|p| p.draw.is_none()) {
             penalised.argmax(candle_core::D::Minus1)?
         } else {
             let settings: Vec<f64> = picks.iter().flat_map(|p| draw_settings(&p.draw)).collect();
-            let settings = Tensor::from_vec(settings, (n - whole, 5), &self.device)?;
+            let settings = Tensor::from_vec(settings, (picks.len(), 5), &self.device)?;
             ops::draw(&penalised, &settings)?
         };
         let top = picks.iter().filter_map(|p| p.logprobs).max();
         let scores = match top {
-            Some(k) => Some(ops::top_logprobs(&rows, &ids, k.min(rows.dim(1)?))?.to_vec2::<f32>()?),
+            Some(k) => {
+                let k = k.min(rows.dim(1)?);
+                Some(ops::top_logprobs(rows, &ids, k)?.to_vec2::<f32>()?)
+            }
             None => None,
         };
         let ids = ids.to_vec1::<u32>()?;
-        let picked = ids
+        Ok(ids
             .into_iter()
             .zip(picks)
             .enumerate()
@@ -649,12 +692,9 @@ impl Backend for Tensors {
                     .zip(scores.as_ref())
                     .map(|(k, scores)| ops::read_top_logprobs(&scores[i], id, k)),
             })
-            .collect();
-        Ok((logits, picked))
+            .collect())
     }
-}
 
-impl Tensors {
     /// `rows` with the picks' penalties applied (a copy: log-probabilities read the
     /// raw rows); `rows` itself when no pick has any. One upload of the tokens they
     /// touch.

@@ -255,7 +255,7 @@ pub fn draw(
     let mut b = stream.launch_builder(&func);
     b.arg(&out).arg(&xs).arg(&ss).arg(&vocab32).arg(&chunk);
     // SAFETY: the arguments match the kernel's signature, the shapes were checked and
-    // the bitmap (`chunk` bits a thread) fits the 48 KiB of `MAX_DRAW_VOCAB`.
+    // the bitmap (`chunk` bits a thread) fits the 40 KiB of `MAX_DRAW_VOCAB`.
     unsafe { b.launch(draw_config(rows, chunk)) }.map_err(cuda_error)?;
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev.clone()),

@@ -302,9 +302,10 @@ impl candle_core::InplaceOp3 for Penalise {
     }
 }
 
-/// The largest vocabulary the draw kernel takes: it marks kept tokens in a bitmap of
-/// shared memory, 48 KiB a block.
-pub const MAX_DRAW_VOCAB: usize = 48 * 1024 * 8;
+/// The largest vocabulary the draw kernels take: they mark kept tokens in a bitmap of
+/// shared memory, at most 40 KiB of the 48 KiB a block has without opting in (their
+/// reductions take 6 KiB).
+pub const MAX_DRAW_VOCAB: usize = 40 * 1024 * 8;
 
 /// Draws one token id from each row of `logits` (`[rows, vocab]` f32) as
 /// [`crate::sampling::draw`] defines it, at the row's settings in `settings`
