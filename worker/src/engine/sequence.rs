@@ -3,7 +3,7 @@
 
 use super::request::{FinishReason, Finished, GenerationRequest, LogprobEntry, TokenEvent};
 use crate::model::{Pick, Picked, Score, TokenScores};
-use crate::sampling::{Penalties, Sampler, StopMatcher};
+use crate::sampling::{Sampler, StopMatcher};
 use crate::tokenizer::{IncrementalDetokenizer, Tokenizer};
 
 /// What a next-token distribution led to.
@@ -66,9 +66,7 @@ impl Active {
     /// log-probabilities asked for. The step then hands back what it picked
     /// ([`Next::Picked`]), not the row.
     pub fn pick_there(&mut self) -> Pick {
-        let sampling = self.sampler.params();
-        let penalties = Penalties::of(sampling, &self.prompt, &self.generated);
-        let draw = (!sampling.is_greedy()).then(|| self.sampler.draw_there());
+        let (penalties, draw) = self.sampler.next(&self.prompt, &self.generated);
         Pick {
             penalties,
             draw,

@@ -2,7 +2,7 @@
 //!
 //! A draw is defined once, by [`draw`], so that a backend which picks tokens where
 //! the logits are (a GPU) picks the same ones: the sequence's RNG gives one
-//! uniform number per sampled token ([`Sampler::draw_there`]), and the token is
+//! uniform number per sampled token ([`Sampler::next`]), and the token is
 //! a function of the row, the settings and that number.
 
 use rand::rngs::StdRng;
@@ -34,15 +34,13 @@ pub struct Draw {
     pub uniform: f64,
 }
 
-/// Picks the next token of one sequence. Owns the sequence's RNG, so the same
-/// seed and the same logits give the same tokens (for one build of `rand`).
+/// What picks the next tokens of one sequence. Owns the sequence's RNG, so the same
+/// seed and the same logits give the same tokens (for one build of `rand`), on the
+/// host or where the logits are.
 #[derive(Debug)]
 pub struct Sampler {
     params: SamplingParams,
     rng: StdRng,
-    // Reused between calls: a row is 50k-150k entries.
-    logits: Vec<f32>,
-    candidates: Vec<Candidate>,
 }
 
 impl Sampler {
@@ -54,8 +52,6 @@ impl Sampler {
         Self {
             params,
             rng: StdRng::seed_from_u64(seed),
-            logits: Vec::new(),
-            candidates: Vec::new(),
         }
     }
 
@@ -63,41 +59,34 @@ impl Sampler {
         &self.params
     }
 
-    /// The next token's [`Draw`], for a backend that draws where the logits are.
-    /// Takes the uniform number [`Sampler::sample`] would have taken, so a seed
-    /// gives the same tokens either way. Only for sampled (not greedy) sequences.
-    pub fn draw_there(&mut self) -> Draw {
-        Draw {
+    /// What picks the next token ([`pick`]) after `prompt` and `generated`: its
+    /// penalties, and its draw (`None`: greedy), which takes the next uniform
+    /// number of the RNG.
+    pub fn next(&mut self, prompt: &[u32], generated: &[u32]) -> (Option<Penalties>, Option<Draw>) {
+        let penalties = Penalties::of(&self.params, prompt, generated);
+        let draw = (!self.params.is_greedy()).then(|| Draw {
             temperature: self.params.temperature,
             top_k: self.params.top_k,
             top_p: self.params.top_p,
             min_p: self.params.min_p,
             uniform: self.rng.random::<f64>(),
-        }
+        });
+        (penalties, draw)
     }
+}
 
-    /// Picks the next token. `prompt` and `generated` are the token ids so
-    /// far: the repetition penalty (HF/CTRL: divide positive, multiply
-    /// negative logits) applies to tokens in both; the presence and frequency
-    /// penalties (OpenAI) to generated ones only. Then temperature, top-k,
-    /// top-p and min-p, then a draw ([`draw`]). Temperature 0 is argmax of the
-    /// penalised logits.
-    pub fn sample(&mut self, logits: &[f32], prompt: &[u32], generated: &[u32]) -> u32 {
-        if self.params.is_greedy() && !self.params.has_penalties() {
-            // Nothing changes the row: no copy (a vocabulary-sized row per sequence per step).
-            return argmax(logits);
-        }
-        self.logits.clear();
-        self.logits.extend(logits.iter().map(|&l| clean(l)));
-        if let Some(penalties) = Penalties::of(&self.params, prompt, generated) {
-            penalties.apply(&mut self.logits);
-        }
-        if self.params.is_greedy() {
-            return argmax(&self.logits);
-        }
-        let draw = self.draw_there();
-        draw_into(&mut self.candidates, &self.logits, &draw)
-    }
+/// Picks a token from `logits`: `penalties` applied first (see [`Penalties`]), then
+/// the best id (`draw` `None`: argmax, ties to the lowest id) or one drawn ([`draw`]).
+pub fn pick(logits: &[f32], penalties: Option<&Penalties>, draw: &Option<Draw>) -> u32 {
+    let Some(penalties) = penalties else {
+        return match draw {
+            None => argmax(logits),
+            Some(d) => self::draw(logits, d),
+        };
+    };
+    let mut penalised: Vec<f32> = logits.iter().map(|&l| clean(l)).collect();
+    penalties.apply(&mut penalised);
+    pick(&penalised, None, draw)
 }
 
 /// Draws one token from `logits` (natural, NaN read as `-inf`):
@@ -115,23 +104,10 @@ impl Sampler {
 /// on a device implement the same steps (`model::backend`'s draw op).
 pub fn draw(logits: &[f32], draw: &Draw) -> u32 {
     let cleaned: Vec<f32> = logits.iter().map(|&l| clean(l)).collect();
-    draw_into(&mut Vec::new(), &cleaned, draw)
-}
-
-/// The id a backend picks from a row: the best one (`None`, see [`argmax`]) or
-/// one drawn.
-pub fn pick(logits: &[f32], draw: &Option<Draw>) -> u32 {
-    match draw {
-        None => argmax(logits),
-        Some(d) => self::draw(logits, d),
-    }
-}
-
-/// [`draw`] of a cleaned row, with a reusable candidate buffer.
-fn draw_into(candidates: &mut Vec<Candidate>, logits: &[f32], draw: &Draw) -> u32 {
-    collect_candidates(candidates, logits, draw.top_k);
-    filter_candidates(candidates, draw);
-    share_holding(candidates, draw.uniform).unwrap_or_else(|| argmax(logits))
+    let mut candidates = Vec::new();
+    collect_candidates(&mut candidates, &cleaned, draw.top_k);
+    filter_candidates(&mut candidates, draw);
+    share_holding(&candidates, draw.uniform).unwrap_or_else(|| argmax(&cleaned))
 }
 
 /// Every token with a finite chance, in id order, cut to the top k.
@@ -246,10 +222,16 @@ mod tests {
             .collect()
     }
 
+    /// The next token of `sampler`'s sequence, as the engine picks it.
+    fn sample(sampler: &mut Sampler, logits: &[f32], prompt: &[u32], generated: &[u32]) -> u32 {
+        let (penalties, draw) = sampler.next(prompt, generated);
+        pick(logits, penalties.as_ref(), &draw)
+    }
+
     fn sampled(params: SamplingParams, logits: &[f32], draws: usize) -> Vec<u32> {
         let mut sampler = Sampler::new(params);
         (0..draws)
-            .map(|_| sampler.sample(logits, &[], &[]))
+            .map(|_| sample(&mut sampler, logits, &[], &[]))
             .collect()
     }
 
@@ -273,7 +255,7 @@ mod tests {
             logits[(salt as usize * 37) % 1000] = 9.0;
             let mut sampler = Sampler::new(SamplingParams::default());
             assert_eq!(
-                sampler.sample(&logits, &[], &[]) as usize,
+                sample(&mut sampler, &logits, &[], &[]) as usize,
                 (salt as usize * 37) % 1000
             );
         }
@@ -296,7 +278,7 @@ mod tests {
             .apply(&mut penalised);
         let mut sampler = Sampler::new(params);
         assert_eq!(
-            sampler.sample(&logits, &prompt, &generated),
+            sample(&mut sampler, &logits, &prompt, &generated),
             argmax(&penalised)
         );
     }
@@ -308,27 +290,6 @@ mod tests {
             sampled(random(1.0, 42), &logits, 200),
             sampled(random(1.0, 42), &logits, 200)
         );
-    }
-
-    #[test]
-    fn a_draw_there_takes_the_number_sample_would() {
-        // A backend drawing where the logits are gets the tokens the host would.
-        for salt in 0..10 {
-            let logits = row(3000, salt);
-            let params = SamplingParams {
-                top_k: 50,
-                top_p: 0.9,
-                ..random(0.8, salt)
-            };
-            let mut here = Sampler::new(params.clone());
-            let mut there = Sampler::new(params);
-            for _ in 0..20 {
-                assert_eq!(
-                    here.sample(&logits, &[], &[]),
-                    draw(&logits, &there.draw_there())
-                );
-            }
-        }
     }
 
     #[test]
@@ -451,11 +412,11 @@ mod tests {
             ..SamplingParams::default()
         };
         let mut sampler = Sampler::new(params);
-        assert_eq!(sampler.sample(&logits, &[], &[]), 0);
+        assert_eq!(sample(&mut sampler, &logits, &[], &[]), 0);
         // 2.0 / 1.2 < 1.9: a prompt token loses its lead.
-        assert_eq!(sampler.sample(&logits, &[0], &[]), 1);
+        assert_eq!(sample(&mut sampler, &logits, &[0], &[]), 1);
         // Negative logits are multiplied: -0.5 * 1.2 < -0.55.
-        assert_eq!(sampler.sample(&logits[2..], &[], &[0]), 1);
+        assert_eq!(sample(&mut sampler, &logits[2..], &[], &[0]), 1);
     }
 
     #[test]
@@ -466,17 +427,17 @@ mod tests {
             ..SamplingParams::default()
         };
         let mut sampler = Sampler::new(params);
-        assert_eq!(sampler.sample(&logits, &[0, 0, 0, 0], &[]), 0);
-        assert_eq!(sampler.sample(&logits, &[], &[0]), 0);
-        assert_eq!(sampler.sample(&logits, &[], &[0, 0]), 1);
+        assert_eq!(sample(&mut sampler, &logits, &[0, 0, 0, 0], &[]), 0);
+        assert_eq!(sample(&mut sampler, &logits, &[], &[0]), 0);
+        assert_eq!(sample(&mut sampler, &logits, &[], &[0, 0]), 1);
 
         let params = SamplingParams {
             presence_penalty: 0.3,
             ..SamplingParams::default()
         };
         let mut sampler = Sampler::new(params);
-        assert_eq!(sampler.sample(&logits, &[0], &[]), 0);
-        assert_eq!(sampler.sample(&logits, &[], &[0]), 1);
+        assert_eq!(sample(&mut sampler, &logits, &[0], &[]), 0);
+        assert_eq!(sample(&mut sampler, &logits, &[], &[0]), 1);
     }
 
     #[test]
@@ -510,6 +471,6 @@ mod tests {
             ..SamplingParams::default()
         };
         let mut sampler = Sampler::new(params);
-        assert_eq!(sampler.sample(&[0.0, 1.0], &[99], &[1_000_000]), 1);
+        assert_eq!(sample(&mut sampler, &[0.0, 1.0], &[99], &[1_000_000]), 1);
     }
 }

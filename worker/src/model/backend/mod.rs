@@ -73,14 +73,7 @@ impl Pick {
 
     /// [`Pick`] on a row on the host.
     pub fn on_host(&self, row: &[f32]) -> Picked {
-        let id = match &self.penalties {
-            None => crate::sampling::pick(row, &self.draw),
-            Some(penalties) => {
-                let mut penalised = row.to_vec();
-                penalties.apply(&mut penalised);
-                crate::sampling::pick(&penalised, &self.draw)
-            }
-        };
+        let id = crate::sampling::pick(row, self.penalties.as_ref(), &self.draw);
         Picked {
             id,
             logprobs: self.logprobs.map(|k| logprobs_of(row, id, k)),

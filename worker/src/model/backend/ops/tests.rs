@@ -304,7 +304,7 @@ mod draws {
         let expected: Vec<u32> = rows
             .iter()
             .zip(&picks)
-            .map(|(row, pick)| sampling::pick(row, pick))
+            .map(|(row, pick)| sampling::pick(row, None, pick))
             .collect();
         assert_eq!(ids, expected);
         // Not every draw is its row's best token.
