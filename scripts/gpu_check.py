@@ -373,6 +373,20 @@ def throughput_check(args, work, device):
         log(f"  {row['batch']:>5}  {row['prefill_tok_s']:>13.0f}  {row['decode_tok_s']:>12.1f}{extra}")
     check("bf16 bench ran at batch 1, 16 and 64", len(report["results"]) == 3,
           f"{len(report['results'])} rows")
+    # What picking tokens on the device costs: the same decode sampled (penalty, draw
+    # with top-p and top-k) against greedy.
+    out, secs = run(
+        [args.bin, "bench", "--model", path, "--device", args.device,
+         "--prompt-tokens", str(prompt), "--gen-tokens", str(gen),
+         "--batch", "64", "--repetitions", "1", "--json", "--temperature", "0.8",
+         "--top-p", "0.9", "--top-k", "50", "--repetition-penalty", "1.1"],
+        timeout=args.bench_timeout,
+    )
+    sampled = json.loads(out)["results"][0]["decode_tok_s"]
+    greedy = report["results"][-1]["decode_tok_s"]
+    log(f"  batch 64 sampled (temperature 0.8, top-p 0.9, top-k 50, repetition penalty 1.1): "
+        f"decode {sampled:.1f} tok/s, {100 * (sampled / greedy - 1):+.1f}% against greedy "
+        f"({secs:.0f} s)")
 
 
 # -- 3. the GGUF demo model ------------------------------------------------------------

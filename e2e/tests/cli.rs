@@ -152,6 +152,45 @@ fn bench_json_reports_each_setting() {
         assert!(row["prefill_tok_s"].as_f64().unwrap() > 0.0);
         assert!(row["decode_tok_s"].as_f64().unwrap() > 0.0);
     }
+    assert_eq!(out["sampling"]["temperature"], 0.0);
+}
+
+#[test]
+fn bench_decodes_sampled_when_asked() {
+    let model = demo_model();
+    let out = run_json(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--prompt-tokens",
+        "16",
+        "--gen-tokens",
+        "4",
+        "--repetitions",
+        "1",
+        "--batch",
+        "2",
+        "--temperature",
+        "0.8",
+        "--top-p",
+        "0.9",
+        "--repetition-penalty",
+        "1.2",
+        "--json",
+    ]);
+    let sampling = &out["sampling"];
+    assert_eq!(sampling["top_p"].as_f64().unwrap() as f32, 0.9);
+    assert_eq!(sampling["repetition_penalty"].as_f64().unwrap() as f32, 1.2);
+    assert!(out["results"][0]["decode_tok_s"].as_f64().unwrap() > 0.0);
+    let bad = run(&[
+        "bench",
+        "--model",
+        model.to_str().unwrap(),
+        "--temperature",
+        "-1",
+    ]);
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("temperature=-1 is out of range"));
 }
 
 fn refused(model: &std::path::Path) -> String {

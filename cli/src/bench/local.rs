@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use shardserve_worker::engine::{BenchPhase, EngineOptions};
+use shardserve_worker::sampling::SamplingParams;
 
 use super::BenchArgs;
 
@@ -19,6 +20,8 @@ struct Report {
     simd: String,
     /// The LoRA adapters the rows ran on (row i on adapter i mod N).
     lora: Vec<String>,
+    /// How decode steps picked their tokens.
+    sampling: SamplingParams,
     results: Vec<Row>,
 }
 
@@ -35,6 +38,16 @@ struct Row {
 }
 
 pub(super) fn run(args: &BenchArgs, model: &Path, prompt_tokens: &[usize]) -> Result<()> {
+    let sampling = SamplingParams {
+        temperature: args.temperature,
+        top_p: args.top_p,
+        top_k: args.top_k,
+        repetition_penalty: args.repetition_penalty,
+        ..SamplingParams::default()
+    };
+    sampling
+        .validate()
+        .context("bench: bad sampling settings")?;
     let threads = args.threads.apply()?;
     let longest = prompt_tokens.iter().max().copied().unwrap_or(0) + args.gen_tokens + 1;
     let widest = args.batch.iter().copied().max().unwrap_or(1).max(1);
@@ -76,6 +89,7 @@ pub(super) fn run(args: &BenchArgs, model: &Path, prompt_tokens: &[usize]) -> Re
                 engine.run_fixed_batch(
                     &prompts,
                     &adapters,
+                    &sampling,
                     args.gen_tokens,
                     |phase: BenchPhase, comm_time| {
                         marks.push((phase, Instant::now()));
@@ -107,13 +121,23 @@ pub(super) fn run(args: &BenchArgs, model: &Path, prompt_tokens: &[usize]) -> Re
         tensor: args.tensor,
         simd: format!("{:?}", shardserve_kernels::simd_level()),
         lora: args.lora.iter().map(|p| p.display().to_string()).collect(),
+        sampling,
         results,
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
     } else {
+        let s = &report.sampling;
+        let picks = if s.is_greedy() && !s.has_penalties() {
+            "greedy".to_string()
+        } else {
+            format!(
+                "temperature {} top-p {} top-k {} repetition-penalty {}",
+                s.temperature, s.top_p, s.top_k, s.repetition_penalty
+            )
+        };
         println!(
-            "model {}  threads {}  tensor {}  simd {}  lora [{}]",
+            "model {}  threads {}  tensor {}  simd {}  lora [{}]  {picks}",
             report.model,
             report.threads,
             report.tensor,

@@ -63,6 +63,19 @@ pub struct BenchArgs {
     /// (row i on adapter i mod N).
     #[arg(long, value_name = "PATH", conflicts_with = "url")]
     pub lora: Vec<std::path::PathBuf>,
+    /// Without --url: sample at this temperature (0, the default: greedy), to measure
+    /// what drawing tokens costs.
+    #[arg(long, default_value_t = 0.0, conflicts_with = "url")]
+    pub temperature: f32,
+    /// Without --url: nucleus filter of the sampled decode (1 = off).
+    #[arg(long, default_value_t = 1.0, conflicts_with = "url")]
+    pub top_p: f32,
+    /// Without --url: top-k filter of the sampled decode (0 = off).
+    #[arg(long, default_value_t = 0, conflicts_with = "url")]
+    pub top_k: usize,
+    /// Without --url: repetition penalty on every token seen (1 = off).
+    #[arg(long, default_value_t = 1.0, conflicts_with = "url")]
+    pub repetition_penalty: f32,
     /// Load-test the OpenAI API at this base URL (our router,
     /// llama-server, vLLM, ...) instead of loading a model here.
     #[arg(long)]

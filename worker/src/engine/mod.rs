@@ -33,7 +33,7 @@ use crate::model::{
     StepModel, Tensors, Transformer, WithCache,
 };
 use crate::progress::Tally;
-use crate::sampling::SamplingError;
+use crate::sampling::{SamplingError, SamplingParams};
 use crate::scheduler::{Scheduler, SchedulerConfig, SeqId};
 use crate::tokenizer::{Tokenizer, TokenizerError};
 use crate::weights::{GgufFile, TensorSource, WeightsError};
@@ -1018,13 +1018,16 @@ impl Engine {
         new_tokens: usize,
         on_phase: impl FnMut(BenchPhase, std::time::Duration),
     ) -> Result<Vec<u32>, EngineError> {
-        let mut out = self.run_fixed_batch(&[prompt.to_vec()], &[], new_tokens, on_phase)?;
+        let greedy = SamplingParams::default();
+        let mut out =
+            self.run_fixed_batch(&[prompt.to_vec()], &[], &greedy, new_tokens, on_phase)?;
         Ok(out.pop().unwrap_or_default())
     }
 
     /// For benchmarks: `prompts` together, as one batch: every prompt is
-    /// prefilled (in chunks, several per step), then `new_tokens` greedy
-    /// decode steps run over all of them. `on_phase` marks the end of the
+    /// prefilled (in chunks, several per step), then `new_tokens` decode steps
+    /// run over all of them, each picking its tokens as `sampling` says (sequence
+    /// `i` seeded with `i` when it has no seed). `on_phase` marks the end of the
     /// prefill (every sequence has its first token) and of the decode.
     /// Prompt `i` runs on adapter `adapters[i % adapters.len()]` (none when
     /// `adapters` is empty).
@@ -1032,6 +1035,7 @@ impl Engine {
         &mut self,
         prompts: &[Vec<u32>],
         adapters: &[String],
+        sampling: &SamplingParams,
         new_tokens: usize,
         mut on_phase: impl FnMut(BenchPhase, std::time::Duration),
     ) -> Result<Vec<Vec<u32>>, EngineError> {
@@ -1045,6 +1049,10 @@ impl Engine {
                 )));
             }
             let mut request = GenerationRequest::new(Prompt::Ids(prompt.clone()));
+            request.sampling = SamplingParams {
+                seed: sampling.seed.or(Some(i as u64)),
+                ..sampling.clone()
+            };
             // The prefill's token, then one per decode step.
             request.stopping.max_tokens = Some(new_tokens + 1);
             request.stopping.ignore_eos = true;

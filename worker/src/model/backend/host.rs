@@ -5,6 +5,7 @@
 //! unrounded f64 sums, so tensor N gives tensor 1's bits.
 
 use candle_core::Device;
+use rayon::prelude::*;
 
 use super::{AttentionShape, Backend, Downloaded, LoraPair, ModelError, Pick, StepLayout};
 use crate::comm::{Collective, HostSliceMut};
@@ -222,15 +223,23 @@ impl Backend for Host {
         scored: &[(u32, usize)],
         picks: &[Pick],
     ) -> Result<Downloaded, ModelError> {
-        let mut rows = x.as_slice().chunks_exact(x.width());
+        let width = x.width();
+        let (whole_rows, rest) = x.as_slice().split_at(whole * width);
+        let (scored_rows, picked_rows) = rest.split_at(scored.len() * width);
+        // A row's scores or draw read the whole vocabulary (an exponential each for
+        // a draw): the rows are spread over the compute threads.
         Ok(Downloaded {
-            rows: rows.by_ref().take(whole).map(<[f32]>::to_vec).collect(),
-            scores: rows
-                .by_ref()
+            rows: whole_rows
+                .chunks_exact(width)
+                .map(<[f32]>::to_vec)
+                .collect(),
+            scores: scored_rows
+                .par_chunks_exact(width)
                 .zip(scored)
                 .map(|(row, &(id, k))| logprobs_of(row, id, k))
                 .collect(),
-            picked: rows
+            picked: picked_rows
+                .par_chunks_exact(width)
                 .zip(picks)
                 .map(|(row, pick)| pick.on_host(row))
                 .collect(),
