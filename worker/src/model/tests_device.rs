@@ -169,26 +169,35 @@ fn a_quantised_product_agrees_with_the_cpu_kernels() {
     );
 }
 
-#[test]
-fn the_device_picks_ids_and_log_probabilities_itself() {
-    // One prompt three times in a step: the best id with log-probabilities, an id
-    // drawn after penalties with them (only those come back), and `Last` (the row
-    // comes back): what the device picked is what the host picks from that row.
+/// One prompt as three sequences in one step on the device backend (the tiny
+/// model), each wanting its logits as `wants` says.
+fn three_times(tokens: &[u32], wants: [LogitsFor; 3]) -> StepOutput {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     write_tiny_gguf(&path, &TinySpec::default()).unwrap();
     let file = crate::weights::GgufFile::open(&path).unwrap();
     let model = Transformer::from_gguf(&file, Arc::new(crate::comm::SingleRank), device()).unwrap();
     let mut kv = model.new_cache(16, 4).unwrap();
-    let tokens = [5, 17, 3, 90, 42];
-    let slots: [Vec<u32>; 3] = [(0..4).collect(), (4..8).collect(), (8..12).collect()];
-    let span = |blocks, logits| SeqSpan {
-        tokens: &tokens,
-        start_pos: 0,
-        blocks,
-        logits,
-        adapter: None,
-    };
+    let slots: Vec<Vec<u32>> = (0..3).map(|s| (s * 4..s * 4 + 4).collect()).collect();
+    let spans: Vec<SeqSpan<'_>> = slots
+        .iter()
+        .zip(wants)
+        .map(|(blocks, logits)| SeqSpan {
+            tokens,
+            start_pos: 0,
+            blocks,
+            logits,
+            adapter: None,
+        })
+        .collect();
+    model.forward(&spans, &mut kv).unwrap()
+}
+
+#[test]
+fn the_device_picks_ids_and_log_probabilities_itself() {
+    // One prompt three times in a step: the best id with log-probabilities, an id
+    // drawn after penalties with them (only those come back), and `Last` (the row
+    // comes back): what the device picked is what the host picks from that row.
     let best = Pick {
         logprobs: Some(3),
         ..Pick::BEST
@@ -212,16 +221,14 @@ fn the_device_picks_ids_and_log_probabilities_itself() {
         }),
         logprobs: Some(5),
     };
-    let out = model
-        .forward(
-            &[
-                span(&slots[0], LogitsFor::Pick(best.clone())),
-                span(&slots[1], LogitsFor::Pick(drawn.clone())),
-                span(&slots[2], LogitsFor::Last),
-            ],
-            &mut kv,
-        )
-        .unwrap();
+    let out = three_times(
+        &[5, 17, 3, 90, 42],
+        [
+            LogitsFor::Pick(best.clone()),
+            LogitsFor::Pick(drawn.clone()),
+            LogitsFor::Last,
+        ],
+    );
     assert!(out.logits[0].is_empty() && out.logits[1].is_empty());
     let row = &out.logits[2][0];
     for (got, pick) in out.picked.iter().zip([best, drawn]) {
@@ -246,21 +253,7 @@ fn the_device_picks_ids_and_log_probabilities_itself() {
 fn the_device_scores_a_prompt_itself() {
     // A prompt scored where its logits are (only log-probabilities come back), ending
     // in a pick, against the same prompt's rows brought back whole (`All`).
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("tiny.gguf");
-    write_tiny_gguf(&path, &TinySpec::default()).unwrap();
-    let file = crate::weights::GgufFile::open(&path).unwrap();
-    let model = Transformer::from_gguf(&file, Arc::new(crate::comm::SingleRank), device()).unwrap();
-    let mut kv = model.new_cache(16, 4).unwrap();
     let tokens = [5, 17, 3, 90, 42, 8];
-    let slots: [Vec<u32>; 3] = [(0..4).collect(), (4..8).collect(), (8..12).collect()];
-    let span = |blocks, logits| SeqSpan {
-        tokens: &tokens,
-        start_pos: 0,
-        blocks,
-        logits,
-        adapter: None,
-    };
     let ending = Score {
         next: tokens[1..].to_vec(),
         k: 4,
@@ -272,16 +265,14 @@ fn the_device_scores_a_prompt_itself() {
         k: 2,
         pick: Some(Pick::BEST),
     };
-    let out = model
-        .forward(
-            &[
-                span(&slots[0], LogitsFor::Score(ending.clone())),
-                span(&slots[1], LogitsFor::Score(chunk.clone())),
-                span(&slots[2], LogitsFor::All),
-            ],
-            &mut kv,
-        )
-        .unwrap();
+    let out = three_times(
+        &tokens,
+        [
+            LogitsFor::Score(ending.clone()),
+            LogitsFor::Score(chunk.clone()),
+            LogitsFor::All,
+        ],
+    );
     let rows = &out.logits[2];
     assert!(out.logits[0].is_empty() && out.logits[1].is_empty());
     for (span, score) in [(0, &ending), (1, &chunk)] {
