@@ -29,8 +29,8 @@ use crate::comm::{Collective, SingleRank};
 use crate::device::Compute;
 use crate::kv::{BlockManager, DEFAULT_BLOCK_SIZE};
 use crate::model::{
-    Backend, CacheDtype, HfCheckpoint, Host, LogitsFor, ModelConfig, ModelError, SeqSpan,
-    StepModel, Tensors, Transformer, WithCache,
+    Backend, CacheDtype, HEAD_ROWS, HfCheckpoint, Host, LogitsFor, ModelConfig, ModelError,
+    SeqSpan, StepModel, Tensors, Transformer, WithCache,
 };
 use crate::progress::Tally;
 use crate::sampling::{SamplingError, SamplingParams};
@@ -209,14 +209,16 @@ impl GpuBudget {
 
 /// Device memory a step's activations may take at most: each of `max_batch_tokens`
 /// tokens holds a few hidden-size rows and this rank's share of the MLP and the
-/// attention (f32), and every sequence of the batch may want a row of logits.
+/// attention (f32), and every sequence of the batch may want a row of logits (a
+/// prompt scored wants one per token, [`HEAD_ROWS`] at a time).
 fn activation_bytes(config: &ModelConfig, options: &EngineOptions, world: usize) -> usize {
     let world = world.max(1);
     let per_token = 6 * config.hidden_size
         + 3 * config.intermediate_size / world
         + 3 * config.num_heads * config.head_dim / world;
     let tokens = options.max_batch_tokens.saturating_mul(per_token);
-    let logits = options.max_num_seqs.saturating_mul(2 * config.vocab_size);
+    let logit_rows = options.max_num_seqs.max(HEAD_ROWS / 2);
+    let logits = logit_rows.saturating_mul(2 * config.vocab_size);
     tokens.saturating_add(logits).saturating_mul(4)
 }
 

@@ -75,6 +75,10 @@ pub enum ModelError {
     },
 }
 
+/// Rows of logits the output head computes at once: a prompt scored whole would
+/// otherwise hold `[tokens, vocab]` f32 (2 GiB for 4096 tokens of a 128k vocabulary).
+pub const HEAD_ROWS: usize = 256;
+
 /// Which logits a span wants back.
 #[derive(Clone, Debug, PartialEq)]
 pub enum LogitsFor {
@@ -330,10 +334,7 @@ impl<B: Backend> Transformer<B> {
             Downloaded::default()
         } else {
             let h = self.norm.forward(b, &b.wanted_rows(&x, &step)?)?;
-            let head = self.head.as_ref().unwrap_or(&self.embed);
-            let whole = layout.wanted.len() - layout.scored.len() - layout.picks.len();
-            let logits = b.linear(&h, head, None)?;
-            b.download(&logits, whole, &layout.scored, &layout.picks)?
+            self.head_in_chunks(&h, &layout)?
         };
         let mut picked = vec![None; spans.len()];
         for (&span, p) in layout.picked_spans.iter().zip(got.picked) {
@@ -353,6 +354,51 @@ impl<B: Backend> Transformer<B> {
                 .collect(),
             picked,
         })
+    }
+}
+
+impl<B: Backend> Transformer<B> {
+    /// The output head over the normed wanted rows `h`, [`HEAD_ROWS`] at a time, each
+    /// chunk's logits downloaded (scored, picked) before the next is computed.
+    fn head_in_chunks(
+        &self,
+        h: &B::Hidden,
+        layout: &StepLayout<'_>,
+    ) -> Result<Downloaded, ModelError> {
+        let b = &self.backend;
+        let head = self.head.as_ref().unwrap_or(&self.embed);
+        let n = layout.wanted.len();
+        let scored_from = n - layout.scored.len() - layout.picks.len();
+        let picked_from = n - layout.picks.len();
+        let mut got = Downloaded::default();
+        for start in (0..n).step_by(HEAD_ROWS) {
+            let end = (start + HEAD_ROWS).min(n);
+            // This chunk's share of the wanted rows' three parts.
+            let part = |from: usize, to: usize| {
+                let first = from.max(start).min(to);
+                first..to.min(end).max(first)
+            };
+            let whole = part(0, scored_from);
+            let scored = part(scored_from, picked_from);
+            let picked = part(picked_from, n);
+            let chunk;
+            let rows = if (start, end) == (0, n) {
+                h
+            } else {
+                chunk = b.rows(h, start, end - start)?;
+                &chunk
+            };
+            let part = b.download(
+                &b.linear(rows, head, None)?,
+                whole.len(),
+                &layout.scored[scored.start - scored_from..scored.end - scored_from],
+                &layout.picks[picked.start - picked_from..picked.end - picked_from],
+            )?;
+            got.rows.extend(part.rows);
+            got.scores.extend(part.scores);
+            got.picked.extend(part.picked);
+        }
+        Ok(got)
     }
 }
 

@@ -169,16 +169,23 @@ fn a_quantised_product_agrees_with_the_cpu_kernels() {
     );
 }
 
-/// One prompt as three sequences in one step on the device backend (the tiny
-/// model), each wanting its logits as `wants` says.
-fn three_times(tokens: &[u32], wants: [LogitsFor; 3]) -> StepOutput {
+/// One prompt as one sequence per `wants` in one step on the device backend (the
+/// tiny model), each wanting its logits as told.
+fn once_each(tokens: &[u32], wants: Vec<LogitsFor>) -> StepOutput {
+    once_each_on(device(), tokens, wants)
+}
+
+fn once_each_on<B: Backend>(backend: B, tokens: &[u32], wants: Vec<LogitsFor>) -> StepOutput {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("tiny.gguf");
     write_tiny_gguf(&path, &TinySpec::default()).unwrap();
     let file = crate::weights::GgufFile::open(&path).unwrap();
-    let model = Transformer::from_gguf(&file, Arc::new(crate::comm::SingleRank), device()).unwrap();
-    let mut kv = model.new_cache(16, 4).unwrap();
-    let slots: Vec<Vec<u32>> = (0..3).map(|s| (s * 4..s * 4 + 4).collect()).collect();
+    let model = Transformer::from_gguf(&file, Arc::new(crate::comm::SingleRank), backend).unwrap();
+    let per_seq = tokens.len().div_ceil(4) as u32;
+    let mut kv = model.new_cache(per_seq as usize * wants.len(), 4).unwrap();
+    let slots: Vec<Vec<u32>> = (0..wants.len() as u32)
+        .map(|s| (s * per_seq..(s + 1) * per_seq).collect())
+        .collect();
     let spans: Vec<SeqSpan<'_>> = slots
         .iter()
         .zip(wants)
@@ -191,6 +198,17 @@ fn three_times(tokens: &[u32], wants: [LogitsFor; 3]) -> StepOutput {
         })
         .collect();
     model.forward(&spans, &mut kv).unwrap()
+}
+
+/// `got` is `logprobs_of`'s answer for `row` and `id`, to rounding.
+fn assert_scores(got: &TokenScores, row: &[f32], id: u32, k: usize) {
+    let want = crate::sampling::logprobs_of(row, id, k);
+    let pairs = std::iter::once((&got.0, &want.0)).chain(got.1.iter().zip(&want.1));
+    for (g, w) in pairs {
+        assert_eq!(g.id, w.id);
+        assert!((g.logprob - w.logprob).abs() < 1e-5, "{g:?} vs {w:?}");
+    }
+    assert_eq!(got.1.len(), want.1.len());
 }
 
 #[test]
@@ -221,9 +239,9 @@ fn the_device_picks_ids_and_log_probabilities_itself() {
         }),
         logprobs: Some(5),
     };
-    let out = three_times(
+    let out = once_each(
         &[5, 17, 3, 90, 42],
-        [
+        vec![
             LogitsFor::Pick(best.clone()),
             LogitsFor::Pick(drawn.clone()),
             LogitsFor::Last,
@@ -265,9 +283,9 @@ fn the_device_scores_a_prompt_itself() {
         k: 2,
         pick: Some(Pick::BEST),
     };
-    let out = three_times(
+    let out = once_each(
         &tokens,
-        [
+        vec![
             LogitsFor::Score(ending.clone()),
             LogitsFor::Score(chunk.clone()),
             LogitsFor::All,
@@ -278,13 +296,7 @@ fn the_device_scores_a_prompt_itself() {
     for (span, score) in [(0, &ending), (1, &chunk)] {
         assert_eq!(out.scores[span].len(), score.next.len());
         for ((got, row), &id) in out.scores[span].iter().zip(rows).zip(&score.next) {
-            let want = crate::sampling::logprobs_of(row, id, score.k);
-            let pairs = std::iter::once((&got.0, &want.0)).chain(got.1.iter().zip(&want.1));
-            for (g, w) in pairs {
-                assert_eq!(g.id, w.id);
-                assert!((g.logprob - w.logprob).abs() < 1e-5, "{g:?} vs {w:?}");
-            }
-            assert_eq!(got.1.len(), score.k);
+            assert_scores(got, row, id, score.k);
         }
     }
     let last = rows.last().unwrap();
@@ -293,4 +305,30 @@ fn the_device_scores_a_prompt_itself() {
         [Some(Pick::BEST.on_host(last)), None, None],
         "the ending span picks from its last row; the chunk does not"
     );
+}
+
+#[test]
+fn a_prompt_longer_than_the_heads_chunk_is_scored_across_chunks() {
+    // 300 tokens scored and the same 300 brought back whole: 600 wanted rows, the
+    // head computing HEAD_ROWS at a time, the scored rows straddling chunks; on the
+    // device backend and on the CPU kernels.
+    let tokens: Vec<u32> = (0..300).map(|i| (i * 37 % 96) as u32).collect();
+    let score = Score {
+        next: tokens[1..].to_vec(),
+        k: 3,
+        pick: Some(Pick::BEST),
+    };
+    let wants = || vec![LogitsFor::Score(score.clone()), LogitsFor::All];
+    for out in [
+        once_each(&tokens, wants()),
+        once_each_on(Host, &tokens, wants()),
+    ] {
+        let rows = &out.logits[1];
+        assert_eq!(rows.len(), 300);
+        assert_eq!(out.scores[0].len(), 299);
+        for ((got, row), &id) in out.scores[0].iter().zip(rows).zip(&score.next) {
+            assert_scores(got, row, id, 3);
+        }
+        assert_eq!(out.picked[0], Some(Pick::BEST.on_host(&rows[299])));
+    }
 }

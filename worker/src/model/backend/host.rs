@@ -212,6 +212,10 @@ impl Backend for Host {
         Ok(Rows::new(out, qw))
     }
 
+    fn rows(&self, x: &Rows, start: usize, len: usize) -> Result<Rows, ModelError> {
+        Ok(x.gather(&(start..start + len).collect::<Vec<_>>()))
+    }
+
     fn wanted_rows(&self, x: &Rows, step: &HostStep<'_>) -> Result<Rows, ModelError> {
         Ok(x.gather(&step.layout.wanted))
     }

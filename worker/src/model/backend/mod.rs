@@ -242,6 +242,8 @@ pub trait Backend: Send + Sync + std::fmt::Debug + Sized + 'static {
         step: &Self::Step<'_>,
         cache: &mut Self::Cache,
     ) -> Result<Self::Hidden, ModelError>;
+    /// Rows `start..start + len` of `x`.
+    fn rows(&self, x: &Self::Hidden, start: usize, len: usize) -> Result<Self::Hidden, ModelError>;
     /// The rows of the step's wanted logits ([`StepLayout::wanted`]).
     fn wanted_rows(
         &self,

@@ -593,6 +593,10 @@ impl Backend for Tensors {
         Ok(out.reshape((tokens, qw))?)
     }
 
+    fn rows(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor, ModelError> {
+        Ok(x.narrow(0, start, len)?)
+    }
+
     fn wanted_rows(&self, x: &Tensor, step: &DeviceStep) -> Result<Tensor, ModelError> {
         match &step.wanted {
             Some(rows) => Ok(x.index_select(rows, 0)?),
