@@ -1,5 +1,5 @@
 //! One request in flight: its sampler, detokenizer and stop rules, fed one
-//! next-token distribution at a time by the engine's steps.
+//! picked token (and its prompt's scores) at a time by the engine's steps.
 
 use super::request::{FinishReason, Finished, GenerationRequest, LogprobEntry, TokenEvent};
 use crate::model::{Pick, Picked, Score, TokenScores};
@@ -64,7 +64,7 @@ impl Active {
     /// How the step picks its next token where the logits are: the best id (greedy)
     /// or one drawn with the next number of its RNG, after its penalties, with the
     /// log-probabilities asked for. The step then hands back what it picked
-    /// ([`Next::Picked`]), not the row.
+    /// ([`Picked`]), not the row.
     pub fn pick_there(&mut self) -> Pick {
         let (penalties, draw) = self.sampler.next(&self.prompt, &self.generated);
         Pick {
@@ -92,8 +92,7 @@ impl Active {
     /// token at `start + i + 1`'s. Those already taken (a span recomputed after
     /// preemption) are skipped.
     pub fn record_prompt_scores(&mut self, start: usize, entries: Vec<TokenScores>) {
-        let (Some(_), Some(scores)) = (self.request.prompt_logprobs, self.prompt_scores.as_mut())
-        else {
+        let Some(scores) = self.prompt_scores.as_mut() else {
             return;
         };
         for (i, (token, top)) in entries.into_iter().enumerate() {
