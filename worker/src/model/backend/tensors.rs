@@ -19,7 +19,7 @@ use crate::model::config::RopeStyle;
 use crate::model::lora::{self, HostDense};
 use crate::model::rope::Rope;
 use crate::model::rows::Rows;
-use crate::sampling::{Draw, logprobs_of};
+use crate::sampling::logprobs_of;
 use crate::weights::Weight;
 
 /// Element type of the device KV cache.
@@ -672,7 +672,10 @@ impl Tensors {
         let ids = if picks.iter().all(|p| p.draw.is_none()) {
             penalised.argmax(candle_core::D::Minus1)?
         } else {
-            let settings: Vec<f64> = picks.iter().flat_map(|p| draw_settings(&p.draw)).collect();
+            let settings: Vec<f64> = picks
+                .iter()
+                .flat_map(|p| ops::draw_settings(&p.draw))
+                .collect();
             let settings = Tensor::from_vec(settings, (picks.len(), 5), &self.device)?;
             ops::draw(&penalised, &settings)?
         };
@@ -728,21 +731,5 @@ impl Tensors {
             &Tensor::from_vec(settings, (picks.len(), 3), &self.device)?,
         )?;
         Ok(penalised)
-    }
-}
-
-/// A pick as the draw op reads it: temperature, top-k, top-p, min-p, uniform
-/// (temperature 0: the best id).
-fn draw_settings(draw: &Option<Draw>) -> [f64; 5] {
-    match draw {
-        None => [0.0, 0.0, 1.0, 0.0, 0.0],
-        Some(d) => [
-            f64::from(d.temperature),
-            // Beyond the vocabulary, top-k keeps everything, as at 0.
-            d.top_k.min(u32::MAX as usize) as f64,
-            f64::from(d.top_p),
-            f64::from(d.min_p),
-            d.uniform,
-        ],
     }
 }

@@ -346,7 +346,7 @@ pub struct DrawParams {
 }
 
 impl DrawParams {
-    fn from_row(p: &[f64]) -> Self {
+    pub fn from_row(p: &[f64]) -> Self {
         Self {
             temperature: p[0],
             top_k: p[1] as u32,

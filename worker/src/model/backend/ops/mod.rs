@@ -19,7 +19,7 @@ mod cuda;
 
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor, bail};
 
-use crate::sampling::TokenLogprob;
+use crate::sampling::{Draw, TokenLogprob};
 
 /// Where each query token of a step reads the cache.
 #[derive(Clone, Debug)]
@@ -326,6 +326,22 @@ pub fn draw(logits: &Tensor, settings: &Tensor) -> Result<Tensor> {
     logits
         .contiguous()?
         .apply_op2_no_bwd(&settings.contiguous()?, &DrawOp)
+}
+
+/// A pick as the draw op reads it: temperature, top-k, top-p, min-p, uniform
+/// (temperature 0: the best id).
+pub fn draw_settings(draw: &Option<Draw>) -> [f64; 5] {
+    match draw {
+        None => [0.0, 0.0, 1.0, 0.0, 0.0],
+        Some(d) => [
+            f64::from(d.temperature),
+            // Beyond the vocabulary, top-k keeps everything, as at 0.
+            d.top_k.min(u32::MAX as usize) as f64,
+            f64::from(d.top_p),
+            f64::from(d.min_p),
+            d.uniform,
+        ],
+    }
 }
 
 struct DrawOp;

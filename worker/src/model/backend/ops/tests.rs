@@ -231,14 +231,9 @@ mod draws {
         all
     }
 
+    /// A draw as the kernel reads it: through the op's own encoding.
     fn kernel_params(d: &Draw) -> DrawParams {
-        DrawParams {
-            temperature: f64::from(d.temperature),
-            top_k: d.top_k as u32,
-            top_p: f64::from(d.top_p),
-            min_p: f64::from(d.min_p),
-            uniform: d.uniform,
-        }
+        DrawParams::from_row(&draw_settings(&Some(*d)))
     }
 
     #[test]
@@ -282,22 +277,7 @@ mod draws {
                 })
             })
             .collect();
-        let settings: Vec<f64> = picks
-            .iter()
-            .flat_map(|p| match p {
-                None => [0.0, 0.0, 1.0, 0.0, 0.0],
-                Some(d) => {
-                    let k = kernel_params(d);
-                    [
-                        k.temperature,
-                        f64::from(k.top_k),
-                        k.top_p,
-                        k.min_p,
-                        k.uniform,
-                    ]
-                }
-            })
-            .collect();
+        let settings: Vec<f64> = picks.iter().flat_map(draw_settings).collect();
         let logits = Tensor::new(rows.clone(), &Device::Cpu).unwrap();
         let settings = Tensor::from_vec(settings, (6, 5), &Device::Cpu).unwrap();
         let ids = draw(&logits, &settings).unwrap().to_vec1::<u32>().unwrap();
