@@ -9,14 +9,20 @@ use candle_core::{CudaStorage, DType, Layout, Result, Shape, bail};
 use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
 
 use super::AttendPlan;
+use super::launch::{Launch, MAX_HEAD_DIM};
 
 /// `kernels.cu`, compiled by `build.rs`.
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ops.fatbin"));
 
-/// Threads per block of the attention kernel (`THREADS` in `kernels.cu`) and the
-/// widest head it takes (`THREADS * PER_THREAD`).
-const THREADS: u32 = 128;
-const MAX_HEAD_DIM: usize = 512;
+impl From<Launch> for LaunchConfig {
+    fn from(l: Launch) -> Self {
+        LaunchConfig {
+            grid_dim: (l.blocks.0, l.blocks.1, 1),
+            block_dim: (l.threads, 1, 1),
+            shared_mem_bytes: l.shared_bytes,
+        }
+    }
+}
 
 fn cuda_error(e: impl std::error::Error + Send + Sync + 'static) -> candle_core::Error {
     candle_core::Error::Cuda(Box::new(e))
@@ -78,7 +84,7 @@ pub fn write_cache(
     let src = new.as_cuda_slice::<f32>()?.slice(n0..n1);
     let slots = slots.as_cuda_slice::<u32>()?.slice(s0..s1);
     let stream = dst.device.cuda_stream();
-    let cfg = LaunchConfig::for_num_elems(tokens * row);
+    let cfg = Launch::elementwise(tokens * row).into();
     macro_rules! launch {
         ($t:ty) => {{
             let mut cache = dst.as_cuda_slice_mut::<$t>()?.slice_mut(c0..);
@@ -142,11 +148,7 @@ pub fn attend(
     let tables = tables.as_cuda_slice::<u32>()?.slice(t0..t1);
     let meta = meta.as_cuda_slice::<u32>()?.slice(m0..m1);
     let (heads, kv_heads, d32, bs) = (heads as u32, kv_heads as u32, d as u32, bs as u32);
-    let cfg = LaunchConfig {
-        grid_dim: (tokens as u32, heads, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: (d as u32 + THREADS) * 4,
-    };
+    let cfg = Launch::attend(tokens, heads as usize, d).into();
     macro_rules! launch {
         ($t:ty) => {{
             let keys = k.as_cuda_slice::<$t>()?.slice(k0..);
@@ -197,11 +199,7 @@ pub fn rms_norm(
     let xs = x.as_cuda_slice::<f32>()?.slice(x0..x1);
     let ws = w.as_cuda_slice::<f32>()?.slice(w0..w1);
     let width32 = width as u32;
-    let cfg = LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    };
+    let cfg = Launch::per_row(rows).into();
     let mut b = stream.launch_builder(&func);
     b.arg(&out).arg(&xs).arg(&ws).arg(&width32).arg(&eps);
     // SAFETY: the arguments match the kernel's signature and the shapes were checked.
@@ -225,15 +223,12 @@ pub fn swiglu(x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
     let mut b = stream.launch_builder(&func);
     b.arg(&out).arg(&xs).arg(&rows32).arg(&half32);
     // SAFETY: the arguments match the kernel's signature and the shapes were checked.
-    unsafe { b.launch(LaunchConfig::for_num_elems(rows32 * half32)) }.map_err(cuda_error)?;
+    unsafe { b.launch(Launch::elementwise(rows32 * half32).into()) }.map_err(cuda_error)?;
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev.clone()),
         Shape::from((rows, half)),
     ))
 }
-
-/// Threads per block of the draw kernel (`DRAW_THREADS` in `kernels.cu`).
-const DRAW_THREADS: u32 = 256;
 
 pub fn draw(
     x: &CudaStorage,
@@ -244,7 +239,7 @@ pub fn draw(
     let (rows, vocab) = x_l.shape().dims2()?;
     let (x0, x1) = offsets(x_l, "the logits")?;
     let (s0, s1) = offsets(settings_l, "the draw settings")?;
-    let chunk = draw_chunk(vocab);
+    let (launch, chunk) = Launch::draw(rows, vocab);
     let dev = &x.device;
     let out = dev.alloc_zeros::<u32>(rows)?;
     let func = function(x, "draw_f32")?;
@@ -256,7 +251,7 @@ pub fn draw(
     b.arg(&out).arg(&xs).arg(&ss).arg(&vocab32).arg(&chunk);
     // SAFETY: the arguments match the kernel's signature, the shapes were checked and
     // the bitmap (`chunk` bits a thread) fits the 40 KiB of `MAX_DRAW_VOCAB`.
-    unsafe { b.launch(draw_config(rows, chunk)) }.map_err(cuda_error)?;
+    unsafe { b.launch(launch.into()) }.map_err(cuda_error)?;
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev.clone()),
         Shape::from(rows),
@@ -273,7 +268,7 @@ pub fn top_logprobs(
     let (rows, vocab) = x_l.shape().dims2()?;
     let (x0, x1) = offsets(x_l, "the logits")?;
     let (c0, c1) = offsets(chosen_l, "the chosen ids")?;
-    let chunk = draw_chunk(vocab);
+    let (launch, chunk) = Launch::draw(rows, vocab);
     let dev = &x.device;
     let out = dev.alloc_zeros::<f32>(rows * (1 + 3 * n))?;
     let func = function(x, "top_logprobs_f32")?;
@@ -289,25 +284,11 @@ pub fn top_logprobs(
         .arg(&n32)
         .arg(&chunk);
     // SAFETY: as `draw`'s; `n` is at most the vocabulary (checked by the op).
-    unsafe { b.launch(draw_config(rows, chunk)) }.map_err(cuda_error)?;
+    unsafe { b.launch(launch.into()) }.map_err(cuda_error)?;
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev.clone()),
         Shape::from((rows, 1 + 3 * n)),
     ))
-}
-
-/// Ids a thread of the draw kernels owns: whole 32-bit words of the kept-token bitmap.
-fn draw_chunk(vocab: usize) -> u32 {
-    (vocab as u32).div_ceil(DRAW_THREADS).div_ceil(32) * 32
-}
-
-/// One block of `DRAW_THREADS` per row, the bitmap in dynamic shared memory.
-fn draw_config(rows: usize, chunk: u32) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (rows as u32, 1, 1),
-        block_dim: (DRAW_THREADS, 1, 1),
-        shared_mem_bytes: chunk * DRAW_THREADS / 8,
-    }
 }
 
 pub fn penalise(
@@ -336,6 +317,6 @@ pub fn penalise(
     b.arg(&mut xs).arg(&es).arg(&ss).arg(&n).arg(&vocab32);
     // SAFETY: the arguments match the kernel's signature; the op checked the shapes,
     // and the kernel skips ids outside the vocabulary.
-    unsafe { b.launch(LaunchConfig::for_num_elems(n)) }.map_err(cuda_error)?;
+    unsafe { b.launch(Launch::elementwise(n).into()) }.map_err(cuda_error)?;
     Ok(())
 }

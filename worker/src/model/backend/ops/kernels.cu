@@ -7,6 +7,11 @@
 #include <float.h>
 #include <stdint.h>
 
+// Dynamic shared memory (the host emulator, cuda-emu/, gives its own).
+#ifndef DYNAMIC_SHARED
+#define DYNAMIC_SHARED(T, name) extern __shared__ T name[]
+#endif
+
 template <typename T> __device__ __forceinline__ float to_f32(T x);
 template <> __device__ __forceinline__ float to_f32<float>(float x) { return x; }
 template <> __device__ __forceinline__ float to_f32<__half>(__half x) { return __half2float(x); }
@@ -78,7 +83,7 @@ template <typename T>
 __device__ void attend(float *out, const float *q, const T *keys, const T *values,
                        const uint32_t *tables, uint32_t max_blocks, const uint32_t *tokens,
                        uint32_t heads, uint32_t kv_heads, uint32_t d, uint32_t bs, float scale) {
-  extern __shared__ float shared[];
+  DYNAMIC_SHARED(float, shared);
   float *qs = shared;          // [d]
   float *weights = shared + d; // [THREADS]
   __shared__ float scratch[WARPS];
@@ -303,7 +308,7 @@ __device__ T measure_above(const uint32_t *kept, const float *l, uint32_t begin,
 
 extern "C" __global__ void draw_f32(uint32_t *out, const float *logits, const double *settings,
                                     uint32_t vocab, uint32_t chunk) {
-  extern __shared__ uint32_t kept[];
+  DYNAMIC_SHARED(uint32_t, kept);
   __shared__ double sum_d[DRAW_THREADS];
   __shared__ unsigned long long sum_u[DRAW_THREADS];
   __shared__ float max_f[DRAW_THREADS];
@@ -406,7 +411,7 @@ extern "C" __global__ void draw_f32(uint32_t *out, const float *logits, const do
 extern "C" __global__ void top_logprobs_f32(float *out, const float *logits,
                                             const uint32_t *chosen, uint32_t vocab,
                                             uint32_t n, uint32_t chunk) {
-  extern __shared__ uint32_t kept[];
+  DYNAMIC_SHARED(uint32_t, kept);
   __shared__ double sum_d[DRAW_THREADS];
   __shared__ unsigned long long sum_u[DRAW_THREADS];
   __shared__ float max_f[DRAW_THREADS];

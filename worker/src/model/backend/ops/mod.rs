@@ -16,6 +16,8 @@
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(any(feature = "cuda", test))]
+mod launch;
 
 use candle_core::{CpuStorage, DType, Layout, Result, Shape, Tensor, bail};
 

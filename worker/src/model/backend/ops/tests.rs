@@ -2,6 +2,8 @@ use candle_core::{DType, Device, Tensor};
 
 use super::*;
 
+mod emulated;
+
 /// Deterministic values in [-1, 1).
 fn values(n: usize, seed: u32) -> Vec<f32> {
     (0..n)
@@ -184,7 +186,7 @@ mod draws {
     /// Rows with what a draw meets: spread logits, ties (logits on a coarse grid,
     /// as a bf16 head gives them), a flat row, NaN, ±inf, rows with one candidate or
     /// none.
-    fn rows(vocab: usize, rng: &mut StdRng) -> Vec<Vec<f32>> {
+    pub(super) fn rows(vocab: usize, rng: &mut StdRng) -> Vec<Vec<f32>> {
         let spread: Vec<f32> = (0..vocab)
             .map(|_| rng.random::<f32>() * 16.0 - 8.0)
             .collect();
@@ -209,7 +211,7 @@ mod draws {
         ]
     }
 
-    fn settings(vocab: usize, rng: &mut StdRng) -> Vec<Draw> {
+    pub(super) fn settings(vocab: usize, rng: &mut StdRng) -> Vec<Draw> {
         let mut all = Vec::new();
         for temperature in [0.3, 1.0, 1.7] {
             for top_k in [0, 1, 2, 5, 40, vocab, vocab + 5] {

@@ -1,0 +1,222 @@
+//! The device backend's CUDA kernels (`worker/src/model/backend/ops/kernels.cu`), compiled
+//! for the host and run thread by thread, so that the kernels themselves, not only their
+//! Rust twins, are tested on machines without a GPU.
+//!
+//! Each thread of a block is a fiber; a block barrier or a warp shuffle switches back to
+//! a scheduler that resumes the threads once every live one has arrived, so barriers,
+//! shuffles and shared memory behave as on a GPU, and threads that can never meet are
+//! reported as a deadlock. Arithmetic is IEEE without contraction: where `nvcc
+//! --use_fast_math` approximates (`expf`, `sqrtf`, divisions), results differ from a
+//! GPU's in the last bits, as the twins' do.
+//!
+//! Not a GPU: blocks run one after another (a kernel that needs two blocks at once would
+//! deadlock), and nothing checks memory accesses: callers keep guard elements around
+//! their buffers.
+
+use std::ffi::{c_char, c_void};
+
+/// A launch's shape: `blocks` (x, y) of `threads` threads, `shared_bytes` of dynamic
+/// shared memory each.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Grid {
+    pub blocks: (u32, u32),
+    pub threads: u32,
+    pub shared_bytes: u32,
+}
+
+unsafe extern "C" {
+    fn emu_launch(
+        grid_x: u32,
+        grid_y: u32,
+        block_x: u32,
+        shared_bytes: usize,
+        body: extern "C" fn(*mut c_void),
+        ctx: *mut c_void,
+        error: *mut c_char,
+        error_len: usize,
+    ) -> i32;
+}
+
+extern "C" fn call<F: Fn()>(ctx: *mut c_void) {
+    // SAFETY: `ctx` is the `&F` that `launch` passed, alive for the whole launch.
+    let body = unsafe { &*(ctx as *const F) };
+    body();
+}
+
+/// Runs `kernel` (a call of one of [`kernels`]) as every thread of `grid`. One grid runs
+/// at a time in the process (the kernels' `__shared__` variables are statics).
+///
+/// # Safety
+/// `kernel` must call a kernel with pointers to buffers large enough for every access
+/// the kernel makes under `grid`, as on a GPU.
+pub unsafe fn launch<F: Fn()>(grid: Grid, kernel: F) -> Result<(), String> {
+    let mut error = vec![0u8; 512];
+    // SAFETY: `call::<F>` reads `ctx` as `&F`; the error buffer's length is passed.
+    let status = unsafe {
+        emu_launch(
+            grid.blocks.0,
+            grid.blocks.1,
+            grid.threads,
+            grid.shared_bytes as usize,
+            call::<F>,
+            &kernel as *const F as *mut c_void,
+            error.as_mut_ptr().cast(),
+            error.len(),
+        )
+    };
+    if status == 0 {
+        return Ok(());
+    }
+    let end = error.iter().position(|&b| b == 0).unwrap_or(error.len());
+    Err(String::from_utf8_lossy(&error[..end]).into_owned())
+}
+
+/// The kernels of `kernels.cu`, by their C names and signatures.
+#[allow(clippy::too_many_arguments)]
+pub mod kernels {
+    use half::{bf16, f16};
+
+    macro_rules! per_cache_type {
+        ($write:ident, $attend:ident, $t:ty) => {
+            unsafe extern "C" {
+                pub fn $write(
+                    cache: *mut $t,
+                    src: *const f32,
+                    slots: *const u32,
+                    tokens: u32,
+                    row: u32,
+                );
+                pub fn $attend(
+                    out: *mut f32,
+                    q: *const f32,
+                    keys: *const $t,
+                    values: *const $t,
+                    tables: *const u32,
+                    max_blocks: u32,
+                    tokens: *const u32,
+                    heads: u32,
+                    kv_heads: u32,
+                    head_dim: u32,
+                    block_size: u32,
+                    scale: f32,
+                );
+            }
+        };
+    }
+    per_cache_type!(paged_write_f16, paged_attend_f16, f16);
+    per_cache_type!(paged_write_bf16, paged_attend_bf16, bf16);
+    per_cache_type!(paged_write_f32, paged_attend_f32, f32);
+
+    unsafe extern "C" {
+        pub fn rms_norm_f32(out: *mut f32, x: *const f32, weight: *const f32, width: u32, eps: f32);
+        pub fn swiglu_f32(out: *mut f32, gate_up: *const f32, rows: u32, half: u32);
+        pub fn draw_f32(
+            out: *mut u32,
+            logits: *const f32,
+            settings: *const f64,
+            vocab: u32,
+            chunk: u32,
+        );
+        pub fn top_logprobs_f32(
+            out: *mut f32,
+            logits: *const f32,
+            chosen: *const u32,
+            vocab: u32,
+            n: u32,
+            chunk: u32,
+        );
+        pub fn penalise_f32(
+            rows: *mut f32,
+            entries: *const u32,
+            settings: *const f32,
+            n: u32,
+            vocab: u32,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    use super::kernels::swiglu_f32;
+
+    unsafe extern "C" {
+        fn emu_selftest_split_warp(out: *mut f32);
+        fn emu_selftest_warp_sum(out: *mut f32, exited: u32);
+    }
+
+    fn grid(threads: u32) -> Grid {
+        Grid {
+            blocks: (2, 1),
+            threads,
+            shared_bytes: 0,
+        }
+    }
+
+    #[test]
+    fn shuffles_exchange_within_each_warp() {
+        let mut out = vec![0f32; 64];
+        let o = out.as_mut_ptr();
+        // SAFETY: one float per thread of a 64-thread block.
+        unsafe { launch(grid(64), || emu_selftest_warp_sum(o, 0)) }.unwrap();
+        // Each warp's lanes all hold the sum of the warp's thread indices.
+        assert!(out[..32].iter().all(|&x| x == (0..32).sum::<u32>() as f32));
+        assert!(out[32..].iter().all(|&x| x == (32..64).sum::<u32>() as f32));
+    }
+
+    #[test]
+    fn broken_kernels_are_reported_not_hung() {
+        let mut out = vec![0f32; 64];
+        let o = out.as_mut_ptr();
+        // SAFETY: one float per thread of a 64-thread block.
+        let err = unsafe { launch(grid(64), || emu_selftest_split_warp(o)) }.unwrap_err();
+        assert!(err.contains("deadlock"), "{err}");
+        // SAFETY: as above.
+        let err = unsafe { launch(grid(64), || emu_selftest_warp_sum(o, 3)) }.unwrap_err();
+        assert!(err.contains("exited"), "{err}");
+    }
+
+    #[test]
+    fn a_grid_runs_every_thread_once() {
+        let (rows, half) = (3u32, 700u32);
+        let gate_up: Vec<f32> = (0..rows * 2 * half)
+            .map(|i| (i % 17) as f32 * 0.25 - 2.0)
+            .collect();
+        let mut out = vec![f32::NAN; (rows * half) as usize];
+        let n = rows * half;
+        let grid = Grid {
+            blocks: (n.div_ceil(256), 1),
+            threads: 256,
+            shared_bytes: 0,
+        };
+        let (o, g) = (out.as_mut_ptr() as usize, gate_up.as_ptr() as usize);
+        // SAFETY: `out` holds rows · half floats, `gate_up` twice that; the kernel
+        // skips threads past the end.
+        unsafe {
+            launch(grid, || {
+                swiglu_f32(o as *mut f32, g as *const f32, rows, half)
+            })
+        }
+        .unwrap();
+        for r in 0..rows as usize {
+            for c in 0..half as usize {
+                let g = gate_up[r * 2 * half as usize + c];
+                let u = gate_up[r * 2 * half as usize + half as usize + c];
+                assert_eq!(out[r * half as usize + c], g / (1.0 + (-g).exp()) * u);
+            }
+        }
+    }
+
+    #[test]
+    fn too_much_shared_memory_is_refused() {
+        let grid = Grid {
+            blocks: (1, 1),
+            threads: 32,
+            shared_bytes: 64 * 1024,
+        };
+        // SAFETY: the launch is refused before any thread runs.
+        let err = unsafe { launch(grid, || {}) }.unwrap_err();
+        assert!(err.contains("shared memory"), "{err}");
+    }
+}

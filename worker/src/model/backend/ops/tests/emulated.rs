@@ -1,0 +1,388 @@
+//! The CUDA kernels themselves (`kernels.cu`, compiled for the host by the cuda-emu
+//! crate and run thread by thread, with the launch shapes `cuda.rs` uses) against the
+//! ops' CPU implementations, which the rest of the tests hold to the CPU engine: the
+//! kernels' indexing, barriers, shuffles and shared memory are checked here, on
+//! machines without a GPU.
+
+use candle_core::{DType, Device, Tensor};
+use half::{bf16, f16};
+use rand::rngs::StdRng;
+use rand::{RngExt, SeedableRng};
+use shardserve_cuda_emu::{Grid, kernels as k, launch};
+
+use super::super::launch::{Launch, MAX_HEAD_DIM};
+use super::super::*;
+use super::draws::{rows as draw_rows, settings as draw_settings_all};
+use super::{naive, values};
+
+/// A buffer for a kernel to write, with guard elements on both sides that must
+/// survive the launch.
+struct Guarded<T: Copy + PartialEq + std::fmt::Debug> {
+    data: Vec<T>,
+    guard: T,
+}
+
+const GUARD: usize = 64;
+
+impl<T: Copy + PartialEq + std::fmt::Debug> Guarded<T> {
+    fn new(inside: Vec<T>, guard: T) -> Self {
+        let mut data = vec![guard; GUARD];
+        data.extend(inside);
+        data.extend(std::iter::repeat_n(guard, GUARD));
+        Self { data, guard }
+    }
+
+    fn ptr(&mut self) -> *mut T {
+        // SAFETY: GUARD elements precede the inside.
+        unsafe { self.data.as_mut_ptr().add(GUARD) }
+    }
+
+    /// The inside, once the guards are checked.
+    fn inside(&self) -> &[T] {
+        let n = self.data.len();
+        assert!(
+            self.data[..GUARD]
+                .iter()
+                .chain(&self.data[n - GUARD..])
+                .all(|g| *g == self.guard),
+            "the kernel wrote outside its buffer"
+        );
+        &self.data[GUARD..n - GUARD]
+    }
+}
+
+/// Runs `kernel` on the emulator as `cuda.rs` launches it.
+fn run(shape: Launch, kernel: impl Fn()) {
+    let grid = Grid {
+        blocks: shape.blocks,
+        threads: shape.threads,
+        shared_bytes: shape.shared_bytes,
+    };
+    // SAFETY: each test sizes its buffers for the launch it asks for.
+    unsafe { launch(grid, kernel) }.unwrap_or_else(|e| panic!("kernel failed: {e}"));
+}
+
+fn to_vec<T: candle_core::WithDType>(t: &Tensor) -> Vec<T> {
+    t.flatten_all().unwrap().to_vec1::<T>().unwrap()
+}
+
+/// A cache (`[blocks, block_size, kv_heads, head_dim]`) filled through the CPU op, its
+/// block tables and the plan of a step: `lens` positions per sequence, the last
+/// `queries[s]` of them being the step's tokens.
+struct Paged {
+    keys: Tensor,
+    values: Tensor,
+    tables: Vec<u32>,
+    max_blocks: usize,
+    tokens: Vec<u32>,
+}
+
+fn paged(dtype: DType, shape: (usize, usize, usize), lens: &[usize], queries: &[usize]) -> Paged {
+    let (bs, kvh, d) = shape;
+    let blocks_each: Vec<usize> = lens.iter().map(|l| l.div_ceil(bs)).collect();
+    let total: usize = blocks_each.iter().sum();
+    let max_blocks = *blocks_each.iter().max().unwrap();
+    // Blocks handed out in a shuffled order, one spare.
+    let mut order: Vec<u32> = (0..total as u32 + 1).collect();
+    order.reverse();
+    order.rotate_left(total / 3);
+    let dev = Device::Cpu;
+    let keys = Tensor::zeros((total + 1, bs, kvh, d), dtype, &dev).unwrap();
+    let vals = keys.zeros_like().unwrap();
+    let mut tables = vec![0u32; lens.len() * max_blocks];
+    let mut next = order.into_iter();
+    let mut tokens = Vec::new();
+    for (s, (&len, &n)) in lens.iter().zip(queries).enumerate() {
+        let table = &mut tables[s * max_blocks..][..blocks_each[s]];
+        table.iter_mut().for_each(|b| *b = next.next().unwrap());
+        let slots: Vec<u32> = (0..len)
+            .map(|p| table[p / bs] * bs as u32 + (p % bs) as u32)
+            .collect();
+        let slots = Tensor::new(slots.as_slice(), &dev).unwrap();
+        let entry =
+            |seed| Tensor::from_vec(values(len * kvh * d, seed), (len, kvh, d), &dev).unwrap();
+        write_cache(&keys, &entry(10 + s as u32), &slots).unwrap();
+        write_cache(&vals, &entry(20 + s as u32), &slots).unwrap();
+        tokens.extend((len - n + 1..=len).flat_map(|seen| [s as u32, seen as u32]));
+    }
+    Paged {
+        keys,
+        values: vals,
+        tables,
+        max_blocks,
+        tokens,
+    }
+}
+
+#[test]
+fn the_paged_write_kernel_stores_what_the_op_stores() {
+    let (blocks, bs, kvh, d) = (6, 4, 2, 24);
+    let row = kvh * d;
+    let slots: Vec<u32> = vec![21, 0, 7, 13, 2];
+    let tokens = slots.len();
+    let new = values(tokens * row, 4);
+    let dev = Device::Cpu;
+    for dtype in [DType::F16, DType::BF16, DType::F32] {
+        let cache = Tensor::zeros((blocks, bs, kvh, d), dtype, &dev).unwrap();
+        let new_t = Tensor::from_vec(new.clone(), (tokens, kvh, d), &dev).unwrap();
+        write_cache(
+            &cache,
+            &new_t,
+            &Tensor::new(slots.as_slice(), &dev).unwrap(),
+        )
+        .unwrap();
+        let want: Vec<f32> = to_vec(&cache.to_dtype(DType::F32).unwrap());
+        let shape = Launch::elementwise((tokens * row) as u32);
+        let (src, sl) = (new.as_ptr(), slots.as_ptr());
+        let (t, r) = (tokens as u32, row as u32);
+        let n = blocks * bs * row;
+        let got: Vec<f32> = match dtype {
+            DType::F16 => {
+                let mut c = Guarded::new(vec![f16::ZERO; n], f16::MAX);
+                let p = c.ptr();
+                run(shape, || unsafe { k::paged_write_f16(p, src, sl, t, r) });
+                c.inside().iter().map(|x| x.to_f32()).collect()
+            }
+            DType::BF16 => {
+                let mut c = Guarded::new(vec![bf16::ZERO; n], bf16::MAX);
+                let p = c.ptr();
+                run(shape, || unsafe { k::paged_write_bf16(p, src, sl, t, r) });
+                c.inside().iter().map(|x| x.to_f32()).collect()
+            }
+            _ => {
+                let mut c = Guarded::new(vec![0f32; n], f32::MAX);
+                let p = c.ptr();
+                run(shape, || unsafe { k::paged_write_f32(p, src, sl, t, r) });
+                c.inside().to_vec()
+            }
+        };
+        assert_eq!(got, want, "{dtype:?}");
+    }
+}
+
+#[test]
+fn the_attention_kernel_computes_what_the_op_computes() {
+    // Decode and prefill tokens together, grouped query heads, sequences longer than a
+    // tile of 128 positions, head widths below, at and above a warp's and beyond one
+    // feature per thread.
+    type Case<'a> = (DType, usize, usize, usize, &'a [usize], &'a [usize]);
+    let cases: [Case; 5] = [
+        (DType::F16, 4, 2, 64, &[5, 140], &[5, 1]),
+        (DType::BF16, 6, 3, 20, &[300, 9], &[2, 3]),
+        (DType::F32, 2, 1, 160, &[33], &[1]),
+        (DType::F16, 8, 2, 128, &[129, 1, 16], &[1, 1, 16]),
+        (DType::BF16, 2, 2, MAX_HEAD_DIM, &[40], &[2]),
+    ];
+    for (dtype, heads, kvh, d, lens, queries) in cases {
+        let bs = 16;
+        let p = paged(dtype, (bs, kvh, d), lens, queries);
+        let tokens = p.tokens.len() / 2;
+        let q = values(tokens * heads * d, 7);
+        let dev = Device::Cpu;
+        let plan = AttendPlan {
+            tables: Tensor::from_vec(p.tables.clone(), (lens.len(), p.max_blocks), &dev).unwrap(),
+            tokens: Tensor::from_vec(p.tokens.clone(), (tokens, 2), &dev).unwrap(),
+        };
+        let qt = Tensor::from_vec(q.clone(), (tokens, heads, d), &dev).unwrap();
+        let want: Vec<f32> = to_vec(&attend(&qt, &p.keys, &p.values, &plan).unwrap());
+
+        let mut out = Guarded::new(vec![f32::NAN; tokens * heads * d], f32::MAX);
+        let o = out.ptr();
+        let (tables, meta) = (p.tables.as_ptr(), p.tokens.as_ptr());
+        let scale = 1.0 / (d as f32).sqrt();
+        let (mb, h, kv, dd, b) = (
+            p.max_blocks as u32,
+            heads as u32,
+            kvh as u32,
+            d as u32,
+            bs as u32,
+        );
+        let shape = Launch::attend(tokens, heads, d);
+        macro_rules! go {
+            ($t:ty, $f:path) => {{
+                let (keys, vals) = (to_vec::<$t>(&p.keys), to_vec::<$t>(&p.values));
+                let (kp, vp, qp) = (keys.as_ptr(), vals.as_ptr(), q.as_ptr());
+                run(shape, || unsafe {
+                    $f(o, qp, kp, vp, tables, mb, meta, h, kv, dd, b, scale)
+                });
+            }};
+        }
+        match dtype {
+            DType::F16 => go!(f16, k::paged_attend_f16),
+            DType::BF16 => go!(bf16, k::paged_attend_bf16),
+            _ => go!(f32, k::paged_attend_f32),
+        }
+        // The op's CPU twin rounds the softmax weights to the cache's type, as the CPU
+        // engine does; the kernel keeps them in f32: a naive softmax in f64 over the
+        // cached entries is the reference, the twin within the weights' rounding.
+        let cached = |t: &Tensor| -> Vec<f32> { to_vec(&t.to_dtype(DType::F32).unwrap()) };
+        let (keys, vals) = (cached(&p.keys), cached(&p.values));
+        let got = out.inside();
+        for t in 0..tokens {
+            let (s, seen) = (p.tokens[2 * t] as usize, p.tokens[2 * t + 1] as usize);
+            for h in 0..heads {
+                let kv_head = h / (heads / kvh);
+                let at = |cache: &[f32]| -> Vec<Vec<f32>> {
+                    (0..seen)
+                        .map(|pos| {
+                            let slot =
+                                p.tables[s * p.max_blocks + pos / bs] as usize * bs + pos % bs;
+                            cache[(slot * kvh + kv_head) * d..][..d].to_vec()
+                        })
+                        .collect()
+                };
+                let row = t * heads + h;
+                let reference = naive(&q[row * d..][..d], &at(&keys), &at(&vals));
+                for x in 0..d {
+                    let (g, w, r) = (got[row * d + x], want[row * d + x], reference[x]);
+                    assert!(
+                        (g - r).abs() < 1e-5,
+                        "{dtype:?} d {d}, token {t} head {h}: {g} vs {r}"
+                    );
+                    assert!(
+                        (g - w).abs() < 2e-3,
+                        "{dtype:?} d {d}, token {t} head {h}: {g} vs twin {w}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn the_rms_norm_and_swiglu_kernels_compute_what_the_ops_compute() {
+    let dev = Device::Cpu;
+    let (rows, width) = (5, 300);
+    let x = values(rows * width, 8);
+    let w = values(width, 9);
+    let want: Vec<f32> = to_vec(
+        &rms_norm(
+            &Tensor::from_vec(x.clone(), (rows, width), &dev).unwrap(),
+            &Tensor::new(w.as_slice(), &dev).unwrap(),
+            1e-5,
+        )
+        .unwrap(),
+    );
+    let mut out = Guarded::new(vec![f32::NAN; rows * width], f32::MAX);
+    let (o, xp, wp) = (out.ptr(), x.as_ptr(), w.as_ptr());
+    run(Launch::per_row(rows), || unsafe {
+        k::rms_norm_f32(o, xp, wp, width as u32, 1e-5)
+    });
+    for (g, w) in out.inside().iter().zip(&want) {
+        assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "{g} vs {w}");
+    }
+
+    let gate_up: Vec<f32> = values(rows * width, 10).iter().map(|v| v * 8.0).collect();
+    let want: Vec<f32> =
+        to_vec(&swiglu(&Tensor::from_vec(gate_up.clone(), (rows, width), &dev).unwrap()).unwrap());
+    let half = width / 2;
+    let mut out = Guarded::new(vec![f32::NAN; rows * half], f32::MAX);
+    let (o, gp) = (out.ptr(), gate_up.as_ptr());
+    run(Launch::elementwise((rows * half) as u32), || unsafe {
+        k::swiglu_f32(o, gp, rows as u32, half as u32)
+    });
+    for (g, w) in out.inside().iter().zip(&want) {
+        assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "{g} vs {w}");
+    }
+}
+
+#[test]
+fn the_draw_kernel_picks_the_ops_tokens() {
+    // A sample of the twin tests' rows and settings (each emulated draw runs 256
+    // threads through dozens of barriers), several rows a launch.
+    let mut rng = StdRng::seed_from_u64(21);
+    let mut compared = 0;
+    for vocab in [3, 1000, 5000] {
+        let rows = draw_rows(vocab, &mut rng);
+        let mut all = draw_settings_all(vocab, &mut rng);
+        let picked: Vec<_> = (0..6)
+            .map(|_| all.swap_remove(rng.random_range(0..all.len())))
+            .collect();
+        for d in picked {
+            let logits: Vec<f32> = rows.concat();
+            let settings: Vec<f64> = (0..rows.len())
+                .flat_map(|_| draw_settings(&Some(d)))
+                .collect();
+            let dev = Device::Cpu;
+            let want: Vec<u32> = to_vec(
+                &draw(
+                    &Tensor::from_vec(logits.clone(), (rows.len(), vocab), &dev).unwrap(),
+                    &Tensor::from_vec(settings.clone(), (rows.len(), 5), &dev).unwrap(),
+                )
+                .unwrap(),
+            );
+            let (shape, chunk) = Launch::draw(rows.len(), vocab);
+            let mut out = Guarded::new(vec![u32::MAX; rows.len()], u32::MAX - 1);
+            let (o, lp, sp) = (out.ptr(), logits.as_ptr(), settings.as_ptr());
+            run(shape, || unsafe {
+                k::draw_f32(o, lp, sp, vocab as u32, chunk)
+            });
+            assert_eq!(out.inside(), want.as_slice(), "vocab {vocab}, {d:?}");
+            compared += rows.len();
+        }
+    }
+    assert!(compared >= 100);
+}
+
+#[test]
+fn the_top_logprobs_kernel_gives_the_ops_table() {
+    let mut rng = StdRng::seed_from_u64(22);
+    for vocab in [3, 1000] {
+        let rows = draw_rows(vocab, &mut rng);
+        for n in [0, 1, 5, 20] {
+            let n = n.min(vocab);
+            let logits: Vec<f32> = rows.concat();
+            let chosen: Vec<u32> = (0..rows.len())
+                .map(|_| rng.random_range(0..vocab as u32 + 1))
+                .collect();
+            let dev = Device::Cpu;
+            let want: Vec<f32> = to_vec(
+                &top_logprobs(
+                    &Tensor::from_vec(logits.clone(), (rows.len(), vocab), &dev).unwrap(),
+                    &Tensor::new(chosen.as_slice(), &dev).unwrap(),
+                    n,
+                )
+                .unwrap(),
+            );
+            let (shape, chunk) = Launch::draw(rows.len(), vocab);
+            let mut out = Guarded::new(vec![f32::NAN; rows.len() * (1 + 3 * n)], f32::MAX);
+            let (o, lp, cp) = (out.ptr(), logits.as_ptr(), chosen.as_ptr());
+            run(shape, || unsafe {
+                k::top_logprobs_f32(o, lp, cp, vocab as u32, n as u32, chunk)
+            });
+            for (i, (g, w)) in out.inside().iter().zip(&want).enumerate() {
+                let same = g == w || (g.is_nan() && w.is_nan()) || (g - w).abs() < 1e-5;
+                assert!(same, "vocab {vocab} n {n}, entry {i}: {g} vs {w}");
+            }
+        }
+    }
+}
+
+#[test]
+fn the_penalise_kernel_penalises_as_the_op() {
+    let mut rng = StdRng::seed_from_u64(23);
+    let (rows, vocab) = (3, 300);
+    let logits: Vec<f32> = (0..rows * vocab)
+        .map(|_| rng.random::<f32>() * 8.0 - 4.0)
+        .collect();
+    // (row, id, times generated), an id beyond the vocabulary among them.
+    let entries: Vec<u32> = vec![
+        0, 0, 0, 0, 7, 2, 0, 299, 1, 1, 7, 3, 1, 8, 1, 1, 1000, 2, 2, 5, 0,
+    ];
+    let settings: Vec<f32> = vec![1.3, 0.0, 0.0, 1.0, 0.4, 0.3, 0.8, 0.2, 0.1];
+    let dev = Device::Cpu;
+    let t = Tensor::from_vec(logits.clone(), (rows, vocab), &dev).unwrap();
+    let n = entries.len() / 3;
+    penalise(
+        &t,
+        &Tensor::from_vec(entries.clone(), (n, 3), &dev).unwrap(),
+        &Tensor::from_vec(settings.clone(), (rows, 3), &dev).unwrap(),
+    )
+    .unwrap();
+    let mut got = Guarded::new(logits, f32::MAX);
+    let (g, ep, sp) = (got.ptr(), entries.as_ptr(), settings.as_ptr());
+    run(Launch::elementwise(n as u32), || unsafe {
+        k::penalise_f32(g, ep, sp, n as u32, vocab as u32)
+    });
+    assert_eq!(got.inside(), to_vec::<f32>(&t).as_slice());
+}
