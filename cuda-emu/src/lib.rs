@@ -77,14 +77,32 @@ pub mod kernels {
     use half::{bf16, f16};
 
     macro_rules! per_cache_type {
-        ($write:ident, $attend:ident, $t:ty) => {
+        ($write:ident, $queries:ident, $attend:ident, $t:ty) => {
             unsafe extern "C" {
                 pub fn $write(
                     cache: *mut $t,
-                    src: *const f32,
+                    qkv: *const f32,
+                    trig: *const f32,
                     slots: *const u32,
                     tokens: u32,
-                    row: u32,
+                    width: u32,
+                    q_width: u32,
+                    kv_width: u32,
+                    head_dim: u32,
+                    half: u32,
+                    interleaved: u32,
+                    values_at: u64,
+                );
+                pub fn $queries(
+                    out: *mut f32,
+                    qkv: *const f32,
+                    trig: *const f32,
+                    tokens: u32,
+                    width: u32,
+                    q_width: u32,
+                    head_dim: u32,
+                    half: u32,
+                    interleaved: u32,
                 );
                 pub fn $attend(
                     out: *mut f32,
@@ -103,9 +121,24 @@ pub mod kernels {
             }
         };
     }
-    per_cache_type!(paged_write_f16, paged_attend_f16, f16);
-    per_cache_type!(paged_write_bf16, paged_attend_bf16, bf16);
-    per_cache_type!(paged_write_f32, paged_attend_f32, f32);
+    per_cache_type!(
+        paged_write_kv_f16,
+        rotate_queries_f16,
+        paged_attend_f16,
+        f16
+    );
+    per_cache_type!(
+        paged_write_kv_bf16,
+        rotate_queries_bf16,
+        paged_attend_bf16,
+        bf16
+    );
+    per_cache_type!(
+        paged_write_kv_f32,
+        rotate_queries_f32,
+        paged_attend_f32,
+        f32
+    );
 
     unsafe extern "C" {
         pub fn rms_norm_f32(out: *mut f32, x: *const f32, weight: *const f32, width: u32, eps: f32);

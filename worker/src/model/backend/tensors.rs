@@ -137,11 +137,11 @@ fn host_pairs<'a>(
         .collect()
 }
 
-/// Every layer's keys and values, `[blocks, block_size, kv_heads, head_dim]` each.
+/// Every layer's keys and values, `[2, blocks, block_size, kv_heads, head_dim]` a
+/// layer (keys, then values: one kernel writes both).
 #[derive(Debug)]
 pub struct DeviceCache {
-    keys: Vec<Tensor>,
-    values: Vec<Tensor>,
+    layers: Vec<Tensor>,
     blocks: usize,
     block_size: usize,
 }
@@ -152,10 +152,9 @@ pub struct DeviceStep {
     slots: Tensor,
     plan: AttendPlan,
     wanted: Option<Tensor>,
-    /// `[tokens, 1, dims / 2]` each.
-    cos: Tensor,
-    sin: Tensor,
-    style: RopeStyle,
+    /// `[2, tokens, half]`: the tokens' rotary cosines, then sines.
+    trig: Tensor,
+    interleaved: bool,
 }
 
 fn ggml_dtype(format: QuantFormat) -> GgmlDType {
@@ -192,42 +191,6 @@ fn host_memory() -> u128 {
         )
     };
     (pages.max(0) as u128) * (size.max(0) as u128)
-}
-
-impl Tensors {
-    /// Rotates `x` (`[tokens, heads, head_dim]`) by the step's angles: the first
-    /// `2 · half` features of each head, as pairs of halves or of neighbours.
-    fn rotate(&self, x: &Tensor, step: &DeviceStep) -> candle_core::Result<Tensor> {
-        let (t, h, d) = x.dims3()?;
-        let half = step.cos.dim(2)?;
-        let rot = 2 * half;
-        let part = if rot < d {
-            x.narrow(2, 0, rot)?
-        } else {
-            x.clone()
-        };
-        let rotated = match step.style {
-            RopeStyle::Halves => {
-                let (x0, x1) = (part.narrow(2, 0, half)?, part.narrow(2, half, half)?);
-                let a = (x0.broadcast_mul(&step.cos)? - x1.broadcast_mul(&step.sin)?)?;
-                let b = (x0.broadcast_mul(&step.sin)? + x1.broadcast_mul(&step.cos)?)?;
-                Tensor::cat(&[a, b], 2)?
-            }
-            RopeStyle::Interleaved => {
-                let pairs = part.reshape((t, h, half, 2))?;
-                let (x0, x1) = (pairs.narrow(3, 0, 1)?, pairs.narrow(3, 1, 1)?);
-                let (cos, sin) = (step.cos.unsqueeze(3)?, step.sin.unsqueeze(3)?);
-                let a = (x0.broadcast_mul(&cos)? - x1.broadcast_mul(&sin)?)?;
-                let b = (x0.broadcast_mul(&sin)? + x1.broadcast_mul(&cos)?)?;
-                Tensor::cat(&[a, b], 3)?.reshape((t, h, rot))?
-            }
-        };
-        if rot < d {
-            Tensor::cat(&[rotated, x.narrow(2, rot, d - rot)?], 2)
-        } else {
-            Ok(rotated)
-        }
-    }
 }
 
 impl Backend for Tensors {
@@ -354,22 +317,14 @@ impl Backend for Tensors {
         if self.device.is_cpu() && bytes > host_memory() {
             return Err(too_large);
         }
-        let dims = (blocks, block_size, shape.kv_heads, shape.head_dim);
+        let dims = (2, blocks, block_size, shape.kv_heads, shape.head_dim);
         let dtype = self.cache_dtype.dtype();
-        let layer = || Tensor::zeros(dims, dtype, &self.device);
-        let (mut keys, mut values) = (Vec::new(), Vec::new());
-        for _ in 0..shape.layers {
-            match (layer(), layer()) {
-                (Ok(k), Ok(v)) => {
-                    keys.push(k);
-                    values.push(v);
-                }
-                _ => return Err(too_large),
-            }
-        }
+        let layers = (0..shape.layers)
+            .map(|_| Tensor::zeros(dims, dtype, &self.device))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|_| too_large)?;
         Ok(DeviceCache {
-            keys,
-            values,
+            layers,
             blocks,
             block_size,
         })
@@ -431,7 +386,7 @@ impl Backend for Tensors {
         let half = angles.half();
         let mut floats = angles.cos().to_vec();
         floats.extend_from_slice(angles.sin());
-        let trig = Tensor::from_vec(floats, (2, tokens, 1, half), &self.device)?;
+        let trig = Tensor::from_vec(floats, (2, tokens, half), &self.device)?;
         Ok(DeviceStep {
             ids: all.narrow(0, 0, tokens)?,
             slots: all.narrow(0, tokens, tokens)?,
@@ -446,9 +401,8 @@ impl Backend for Tensors {
             wanted: (wanted > 0)
                 .then(|| all.narrow(0, 4 * tokens, wanted))
                 .transpose()?,
-            cos: trig.get(0)?,
-            sin: trig.get(1)?,
-            style: rope.style(),
+            trig,
+            interleaved: rope.style() == RopeStyle::Interleaved,
         })
     }
 
@@ -569,28 +523,19 @@ impl Backend for Tensors {
         step: &DeviceStep,
         cache: &mut DeviceCache,
     ) -> Result<Tensor, ModelError> {
-        let (tokens, d) = (qkv.dim(0)?, shape.head_dim);
-        let (qw, kw) = (shape.q_width(), shape.kv_width());
-        let q = qkv.narrow(1, 0, qw)?.reshape((tokens, shape.heads, d))?;
-        let k = qkv
-            .narrow(1, qw, kw)?
-            .reshape((tokens, shape.kv_heads, d))?;
-        let v = qkv
-            .narrow(1, qw + kw, kw)?
-            .reshape((tokens, shape.kv_heads, d))?;
-        // Queries meet keys at the cache's precision, as in the CPU engine (and as
-        // half-precision attention kernels do).
-        let dtype = self.cache_dtype.dtype();
-        let q = self
-            .rotate(&q, step)?
-            .to_dtype(dtype)?
-            .to_dtype(DType::F32)?;
-        let k = self.rotate(&k, step)?.contiguous()?;
-        let (keys, values) = (&cache.keys[layer], &cache.values[layer]);
-        ops::write_cache(keys, &k, &step.slots)?;
-        ops::write_cache(values, &v.contiguous()?, &step.slots)?;
-        let out = ops::attend(&q, keys, values, &step.plan)?;
-        Ok(out.reshape((tokens, qw))?)
+        let tokens = qkv.dim(0)?;
+        let rotation = ops::Rotation {
+            heads: shape.heads,
+            kv_heads: shape.kv_heads,
+            head_dim: shape.head_dim,
+            half: step.trig.dim(2)?,
+            interleaved: step.interleaved,
+        };
+        let layer = &cache.layers[layer];
+        ops::write_kv(layer, &qkv, &step.trig, &step.slots, rotation)?;
+        let q = ops::rotate_queries(&qkv, &step.trig, rotation, self.cache_dtype.dtype())?;
+        let out = ops::attend(&q, layer, &step.plan)?;
+        Ok(out.reshape((tokens, shape.q_width()))?)
     }
 
     fn rows(&self, x: &Tensor, start: usize, len: usize) -> Result<Tensor, ModelError> {

@@ -23,47 +23,124 @@ pub fn u32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
     slice(s, l, "an index tensor")
 }
 
-pub fn write_cache(
-    dst: &mut CpuStorage,
-    dst_l: &Layout,
-    new: &CpuStorage,
-    new_l: &Layout,
-    slots: &CpuStorage,
-    slots_l: &Layout,
-) -> Result<()> {
-    let new = slice::<f32>(new, new_l, "the new entries")?;
-    let slots = u32s(slots, slots_l)?;
-    let Some((start, end)) = dst_l.contiguous_offsets() else {
-        bail!("write_cache: the cache must be contiguous");
+/// One head's feature `x` after the rotation: `head` is the head's features, `cos`
+/// and `sin` the token's angles (`half` each). The products and the sum rounded one
+/// by one, as candle's element-wise ops and the kernel's `_rn` operations do.
+fn rotated(head: &[f32], x: usize, cos: &[f32], sin: &[f32], interleaved: bool) -> f32 {
+    let half = cos.len();
+    if x >= 2 * half {
+        return head[x];
+    }
+    let (i, first) = if interleaved {
+        (x / 2, x.is_multiple_of(2))
+    } else {
+        (x % half, x < half)
     };
-    let dims = dst_l.dims();
-    let row = dims[2] * dims[3];
-    let capacity = dims[0] * dims[1];
+    let (x0, x1) = if interleaved {
+        (head[2 * i], head[2 * i + 1])
+    } else {
+        (head[i], head[i + half])
+    };
+    let (c, s) = (cos[i], sin[i]);
+    if first {
+        x0 * c - x1 * s
+    } else {
+        x0 * s + x1 * c
+    }
+}
+
+/// Each token's row of `qkv` and its angles, checked against the rotation.
+fn rotation_inputs<'a>(
+    qkv: &'a CpuStorage,
+    qkv_l: &Layout,
+    trig: &'a CpuStorage,
+    trig_l: &Layout,
+    r: &super::Rotation,
+) -> Result<(&'a [f32], &'a [f32], &'a [f32])> {
+    let qkv = slice::<f32>(qkv, qkv_l, "the QKV rows")?;
+    let trig = slice::<f32>(trig, trig_l, "the angles")?;
+    let tokens = qkv_l.dims()[0];
+    let (cos, sin) = trig.split_at(tokens * r.half);
+    Ok((qkv, cos, sin))
+}
+
+#[allow(clippy::too_many_arguments)] // candle's InplaceOp3::cpu_fwd, plus the op's fields
+pub fn write_kv(
+    cache: &mut CpuStorage,
+    cache_l: &Layout,
+    qkv: &CpuStorage,
+    qkv_l: &Layout,
+    trig: &CpuStorage,
+    trig_l: &Layout,
+    slots: &[u32],
+    r: &super::Rotation,
+) -> Result<()> {
+    let (qkv, cos, sin) = rotation_inputs(qkv, qkv_l, trig, trig_l, r)?;
+    let Some((start, end)) = cache_l.contiguous_offsets() else {
+        bail!("write_kv: the cache must be contiguous");
+    };
+    let (d, kvw) = (r.head_dim, r.kv_width());
+    let width = qkv_l.dims()[1];
+    let capacity = cache_l.dims()[1] * cache_l.dims()[2];
     fn store<T: WithDType + Stored>(
         cache: &mut [T],
-        new: &[f32],
-        slots: &[u32],
-        row: usize,
+        rows: impl Iterator<Item = (u32, Vec<f32>, Vec<f32>)>,
         capacity: usize,
+        kvw: usize,
     ) -> Result<()> {
-        for (entry, &slot) in new.chunks_exact(row).zip(slots) {
+        let (keys, values) = cache.split_at_mut(capacity * kvw);
+        for (slot, k, v) in rows {
             let slot = slot as usize;
             if slot >= capacity {
-                bail!("write_cache: slot {slot} is outside the cache of {capacity}");
+                bail!("write_kv: slot {slot} is outside the cache of {capacity}");
             }
-            T::store(&mut cache[slot * row..(slot + 1) * row], entry);
+            T::store(&mut keys[slot * kvw..][..kvw], &k);
+            T::store(&mut values[slot * kvw..][..kvw], &v);
         }
         Ok(())
     }
-    match dst {
-        CpuStorage::F16(c) => store::<f16>(&mut c[start..end], new, slots, row, capacity),
-        CpuStorage::BF16(c) => store::<bf16>(&mut c[start..end], new, slots, row, capacity),
-        CpuStorage::F32(c) => store::<f32>(&mut c[start..end], new, slots, row, capacity),
-        other => bail!(
-            "write_cache: a cache of {:?} is not supported",
-            other.dtype()
-        ),
+    let rows = slots.iter().enumerate().map(|(t, &slot)| {
+        let row = &qkv[t * width..][..width];
+        let (cos, sin) = (&cos[t * r.half..][..r.half], &sin[t * r.half..][..r.half]);
+        let k_part = &row[r.q_width()..][..kvw];
+        let k: Vec<f32> = (0..kvw)
+            .map(|e| rotated(&k_part[e - e % d..][..d], e % d, cos, sin, r.interleaved))
+            .collect();
+        (slot, k, row[r.q_width() + kvw..][..kvw].to_vec())
+    });
+    match cache {
+        CpuStorage::F16(c) => store::<f16>(&mut c[start..end], rows, capacity, kvw),
+        CpuStorage::BF16(c) => store::<bf16>(&mut c[start..end], rows, capacity, kvw),
+        CpuStorage::F32(c) => store::<f32>(&mut c[start..end], rows, capacity, kvw),
+        other => bail!("write_kv: a cache of {:?} is not supported", other.dtype()),
     }
+}
+
+pub fn rotate_queries(
+    qkv: &CpuStorage,
+    qkv_l: &Layout,
+    trig: &CpuStorage,
+    trig_l: &Layout,
+    r: &super::Rotation,
+    round_to: candle_core::DType,
+) -> Result<CpuStorage> {
+    let (qkv, cos, sin) = rotation_inputs(qkv, qkv_l, trig, trig_l, r)?;
+    let (tokens, width) = (qkv_l.dims()[0], qkv_l.dims()[1]);
+    let (d, qw) = (r.head_dim, r.q_width());
+    let mut out = Vec::with_capacity(tokens * qw);
+    for t in 0..tokens {
+        let row = &qkv[t * width..][..qw];
+        let (cos, sin) = (&cos[t * r.half..][..r.half], &sin[t * r.half..][..r.half]);
+        out.extend(
+            (0..qw).map(|e| rotated(&row[e - e % d..][..d], e % d, cos, sin, r.interleaved)),
+        );
+    }
+    match round_to {
+        candle_core::DType::F16 => f16::round(&mut out),
+        candle_core::DType::BF16 => bf16::round(&mut out),
+        _ => {}
+    }
+    Ok(CpuStorage::F32(out))
 }
 
 pub struct AttendArgs<'a> {
@@ -77,24 +154,16 @@ pub struct AttendArgs<'a> {
 pub fn attend(
     q: &CpuStorage,
     q_l: &Layout,
-    k: &CpuStorage,
-    k_l: &Layout,
-    v: &CpuStorage,
-    v_l: &Layout,
+    cache: &CpuStorage,
+    cache_l: &Layout,
     args: &AttendArgs<'_>,
 ) -> Result<CpuStorage> {
     let q = slice::<f32>(q, q_l, "the queries")?;
-    let out = match (k, v) {
-        (CpuStorage::F16(_), CpuStorage::F16(_)) => {
-            attend_typed::<f16>(q, q_l, k, k_l, v, v_l, args)?
-        }
-        (CpuStorage::BF16(_), CpuStorage::BF16(_)) => {
-            attend_typed::<bf16>(q, q_l, k, k_l, v, v_l, args)?
-        }
-        (CpuStorage::F32(_), CpuStorage::F32(_)) => {
-            attend_typed::<f32>(q, q_l, k, k_l, v, v_l, args)?
-        }
-        _ => bail!("attend: a cache of {:?} is not supported", k.dtype()),
+    let out = match cache {
+        CpuStorage::F16(_) => attend_typed::<f16>(q, q_l, cache, cache_l, args)?,
+        CpuStorage::BF16(_) => attend_typed::<bf16>(q, q_l, cache, cache_l, args)?,
+        CpuStorage::F32(_) => attend_typed::<f32>(q, q_l, cache, cache_l, args)?,
+        _ => bail!("attend: a cache of {:?} is not supported", cache.dtype()),
     };
     Ok(CpuStorage::F32(out))
 }
@@ -102,22 +171,19 @@ pub fn attend(
 fn attend_typed<T: WithDType + Stored>(
     q: &[f32],
     q_l: &Layout,
-    k: &CpuStorage,
-    k_l: &Layout,
-    v: &CpuStorage,
-    v_l: &Layout,
+    cache: &CpuStorage,
+    cache_l: &Layout,
     args: &AttendArgs<'_>,
 ) -> Result<Vec<f32>> {
-    let keys = slice::<T>(k, k_l, "the key cache")?;
-    let values = slice::<T>(v, v_l, "the value cache")?;
     let [tokens, heads, d] = q_l.dims() else {
         bail!("attend: queries must be [tokens, heads, head_dim]");
     };
     let (tokens, heads, d) = (*tokens, *heads, *d);
-    let [blocks, bs, kvh, _] = k_l.dims() else {
-        bail!("attend: the cache must be [blocks, block_size, kv_heads, head_dim]");
+    let [2, blocks, bs, kvh, _] = cache_l.dims() else {
+        bail!("attend: the cache must be [2, blocks, block_size, kv_heads, head_dim]");
     };
     let (blocks, bs, kvh) = (*blocks, *bs, *kvh);
+    let (keys, values) = slice::<T>(cache, cache_l, "the cache")?.split_at(blocks * bs * kvh * d);
     let group = heads / kvh;
     let sequences = args.tables.len() / args.max_blocks.max(1);
     // Every token's table and length checked once, before the parallel part.

@@ -5,11 +5,11 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CudaStorage, DType, Layout, Result, Shape, bail};
+use candle_core::{CudaStorage, DType, Layout, Result, Shape, Tensor, bail};
 use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
 
-use super::AttendPlan;
 use super::launch::{Launch, MAX_HEAD_DIM};
+use super::{AttendPlan, Rotation};
 
 /// `kernels.cu`, compiled by `build.rs`.
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ops.fatbin"));
@@ -66,41 +66,70 @@ fn offsets(l: &Layout, what: &str) -> Result<(usize, usize)> {
         .ok_or_else(|| candle_core::Error::Msg(format!("paged kernels: {what} must be contiguous")))
 }
 
-pub fn write_cache(
-    dst: &mut CudaStorage,
-    dst_l: &Layout,
-    new: &CudaStorage,
-    new_l: &Layout,
-    slots: &CudaStorage,
-    slots_l: &Layout,
+/// The rotation's integer arguments, as the kernels take them: tokens, row width,
+/// query width, KV width, head_dim, half, interleaved.
+fn rotation_args(r: &Rotation, tokens: usize) -> [u32; 7] {
+    [
+        tokens as u32,
+        (r.q_width() + 2 * r.kv_width()) as u32,
+        r.q_width() as u32,
+        r.kv_width() as u32,
+        r.head_dim as u32,
+        r.half as u32,
+        u32::from(r.interleaved),
+    ]
+}
+
+#[allow(clippy::too_many_arguments)] // candle's InplaceOp3::cuda_fwd, plus the op's fields
+pub fn write_kv(
+    cache: &mut CudaStorage,
+    cache_l: &Layout,
+    qkv: &CudaStorage,
+    qkv_l: &Layout,
+    trig: &CudaStorage,
+    trig_l: &Layout,
+    slots: &Tensor,
+    rotation: &Rotation,
 ) -> Result<()> {
-    let dims = dst_l.dims();
-    let row = (dims[2] * dims[3]) as u32;
-    let tokens = new_l.dims()[0] as u32;
-    let (c0, _) = offsets(dst_l, "the cache")?;
-    let (n0, n1) = offsets(new_l, "the new entries")?;
+    let tokens = qkv_l.dims()[0];
+    let (c0, c1) = offsets(cache_l, "the cache")?;
+    let (q0, q1) = offsets(qkv_l, "the QKV rows")?;
+    let (t0, t1) = offsets(trig_l, "the angles")?;
+    let (slots, slots_l) = slots.storage_and_layout();
+    let candle_core::Storage::Cuda(slots) = &*slots else {
+        bail!("write_kv: the slots are not on the GPU with the cache");
+    };
     let (s0, s1) = offsets(slots_l, "the slots")?;
-    let func = function(dst, &format!("paged_write_{}", suffix(dst.dtype())?))?;
-    let src = new.as_cuda_slice::<f32>()?.slice(n0..n1);
+    let func = function(cache, &format!("paged_write_kv_{}", suffix(cache.dtype())?))?;
+    let stream = cache.device.cuda_stream();
+    let qkv = qkv.as_cuda_slice::<f32>()?.slice(q0..q1);
+    let trig = trig.as_cuda_slice::<f32>()?.slice(t0..t1);
     let slots = slots.as_cuda_slice::<u32>()?.slice(s0..s1);
-    let stream = dst.device.cuda_stream();
-    let cfg = Launch::elementwise(tokens * row).into();
+    let [tokens32, width, q_width, kv_width, d, half, interleaved] =
+        rotation_args(rotation, tokens);
+    // Keys, then values, each half of the layer's cache.
+    let values_at = ((c1 - c0) / 2) as u64;
+    let cfg = Launch::elementwise(tokens32 * 2 * kv_width).into();
     macro_rules! launch {
         ($t:ty) => {{
-            let mut cache = dst.as_cuda_slice_mut::<$t>()?.slice_mut(c0..);
+            let mut c = cache.as_cuda_slice_mut::<$t>()?.slice_mut(c0..c1);
             let mut b = stream.launch_builder(&func);
-            b.arg(&mut cache)
-                .arg(&src)
-                .arg(&slots)
-                .arg(&tokens)
-                .arg(&row);
-            // SAFETY: the arguments match the kernel's signature; `attend`'s caller
-            // checked the shapes, and slots come from block tables checked against
-            // the cache's size before the step.
+            b.arg(&mut c).arg(&qkv).arg(&trig).arg(&slots);
+            b.arg(&tokens32)
+                .arg(&width)
+                .arg(&q_width)
+                .arg(&kv_width)
+                .arg(&d)
+                .arg(&half)
+                .arg(&interleaved)
+                .arg(&values_at);
+            // SAFETY: the arguments match the kernel's signature; the op checked the
+            // shapes, and slots come from block tables checked against the cache's
+            // size before the step.
             unsafe { b.launch(cfg) }.map_err(cuda_error)?;
         }};
     }
-    match dst.dtype() {
+    match cache.dtype() {
         DType::F16 => launch!(half::f16),
         DType::BF16 => launch!(half::bf16),
         _ => launch!(f32),
@@ -108,22 +137,55 @@ pub fn write_cache(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)] // candle's CustomOp3::cuda_fwd, plus the op's fields
+pub fn rotate_queries(
+    qkv: &CudaStorage,
+    qkv_l: &Layout,
+    trig: &CudaStorage,
+    trig_l: &Layout,
+    rotation: &Rotation,
+    round_to: DType,
+) -> Result<(CudaStorage, Shape)> {
+    let tokens = qkv_l.dims()[0];
+    let (q0, q1) = offsets(qkv_l, "the QKV rows")?;
+    let (t0, t1) = offsets(trig_l, "the angles")?;
+    let dev = &qkv.device;
+    let n = tokens * rotation.q_width();
+    // SAFETY: every element is written by the kernel before it is read.
+    let out = unsafe { dev.alloc::<f32>(n) }?;
+    let func = function(qkv, &format!("rotate_queries_{}", suffix(round_to)?))?;
+    let stream = dev.cuda_stream();
+    let qkv_s = qkv.as_cuda_slice::<f32>()?.slice(q0..q1);
+    let trig = trig.as_cuda_slice::<f32>()?.slice(t0..t1);
+    let [tokens32, width, q_width, _, d, half, interleaved] = rotation_args(rotation, tokens);
+    let mut b = stream.launch_builder(&func);
+    b.arg(&out).arg(&qkv_s).arg(&trig);
+    b.arg(&tokens32)
+        .arg(&width)
+        .arg(&q_width)
+        .arg(&d)
+        .arg(&half)
+        .arg(&interleaved);
+    // SAFETY: the arguments match the kernel's signature and the op checked the shapes.
+    unsafe { b.launch(Launch::elementwise(n as u32).into()) }.map_err(cuda_error)?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev.clone()),
+        Shape::from((tokens, rotation.heads, rotation.head_dim)),
+    ))
+}
+
 pub fn attend(
     q: &CudaStorage,
     q_l: &Layout,
-    k: &CudaStorage,
-    k_l: &Layout,
-    v: &CudaStorage,
-    v_l: &Layout,
+    cache: &CudaStorage,
+    cache_l: &Layout,
     plan: &AttendPlan,
     scale: f32,
 ) -> Result<(CudaStorage, Shape)> {
     let [tokens, heads, d] = *q_l.dims() else {
         bail!("attend: queries must be [tokens, heads, head_dim]");
     };
-    let [_, bs, kv_heads, _] = *k_l.dims() else {
-        bail!("attend: the cache must be [blocks, block_size, kv_heads, head_dim]");
+    let [2, _, bs, kv_heads, _] = *cache_l.dims() else {
+        bail!("attend: the cache must be [2, blocks, block_size, kv_heads, head_dim]");
     };
     if d > MAX_HEAD_DIM {
         bail!("attend: head_dim {d} is above the kernel's {MAX_HEAD_DIM}");
@@ -138,11 +200,13 @@ pub fn attend(
     let (t0, t1) = offsets(tables_l, "the block tables")?;
     let (m0, m1) = offsets(meta_l, "the token plan")?;
     let (q0, q1) = offsets(q_l, "the queries")?;
-    let (k0, _) = offsets(k_l, "the key cache")?;
-    let (v0, _) = offsets(v_l, "the value cache")?;
+    // Keys, then values, each half of the layer's cache.
+    let (k0, c1) = offsets(cache_l, "the cache")?;
+    let v0 = k0 + (c1 - k0) / 2;
     let dev = &q.device;
-    let out = dev.alloc_zeros::<f32>(tokens * heads * d)?;
-    let func = function(q, &format!("paged_attend_{}", suffix(k.dtype())?))?;
+    // SAFETY: every element is written by the kernel before it is read.
+    let out = unsafe { dev.alloc::<f32>(tokens * heads * d) }?;
+    let func = function(q, &format!("paged_attend_{}", suffix(cache.dtype())?))?;
     let stream = dev.cuda_stream();
     let q_s = q.as_cuda_slice::<f32>()?.slice(q0..q1);
     let tables = tables.as_cuda_slice::<u32>()?.slice(t0..t1);
@@ -151,8 +215,8 @@ pub fn attend(
     let cfg = Launch::attend(tokens, heads as usize, d).into();
     macro_rules! launch {
         ($t:ty) => {{
-            let keys = k.as_cuda_slice::<$t>()?.slice(k0..);
-            let values = v.as_cuda_slice::<$t>()?.slice(v0..);
+            let keys = cache.as_cuda_slice::<$t>()?.slice(k0..v0);
+            let values = cache.as_cuda_slice::<$t>()?.slice(v0..c1);
             let mut b = stream.launch_builder(&func);
             b.arg(&out)
                 .arg(&q_s)
@@ -171,7 +235,7 @@ pub fn attend(
             unsafe { b.launch(cfg) }.map_err(cuda_error)?;
         }};
     }
-    match k.dtype() {
+    match cache.dtype() {
         DType::F16 => launch!(half::f16),
         DType::BF16 => launch!(half::bf16),
         _ => launch!(f32),
@@ -193,7 +257,8 @@ pub fn rms_norm(
     let (x0, x1) = offsets(x_l, "the rows")?;
     let (w0, w1) = offsets(w_l, "the weight")?;
     let dev = &x.device;
-    let out = dev.alloc_zeros::<f32>(rows * width)?;
+    // SAFETY: every element is written by the kernel before it is read.
+    let out = unsafe { dev.alloc::<f32>(rows * width) }?;
     let func = function(x, "rms_norm_f32")?;
     let stream = dev.cuda_stream();
     let xs = x.as_cuda_slice::<f32>()?.slice(x0..x1);
@@ -215,7 +280,8 @@ pub fn swiglu(x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
     let half = width / 2;
     let (x0, x1) = offsets(l, "the rows")?;
     let dev = &x.device;
-    let out = dev.alloc_zeros::<f32>(rows * half)?;
+    // SAFETY: every element is written by the kernel before it is read.
+    let out = unsafe { dev.alloc::<f32>(rows * half) }?;
     let func = function(x, "swiglu_f32")?;
     let stream = dev.cuda_stream();
     let xs = x.as_cuda_slice::<f32>()?.slice(x0..x1);

@@ -1,7 +1,9 @@
-// The paged KV cache kernels of the device backend (see mod.rs): writing a step's
-// keys or values through a slot mapping, and causal attention reading each token's
-// sequence through its block table. Compiled by nvcc (worker/build.rs) in the `cuda`
-// feature; their CPU twins are in cpu.rs.
+// The device backend's kernels (see mod.rs): the rotation of a step's queries and keys
+// and the write of its keys and values through a slot mapping into the paged KV cache,
+// causal attention reading each token's sequence through its block table, RMSNorm,
+// SwiGLU, and the picks of tokens (penalties, draw, log-probabilities). Compiled by
+// nvcc (worker/build.rs) in the `cuda` feature, and for the host by cuda-emu/ for the
+// tests; their CPU twins are in cpu.rs.
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
 #include <float.h>
@@ -26,25 +28,72 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
   return __float2bfloat16_rn(x);
 }
 
-// One thread per element of the new entries: entry `t` (`row` floats) goes to slot
-// `slots[t]` of the cache (`row` elements per slot).
-template <typename T>
-__device__ void write_cache(T *cache, const float *src, const uint32_t *slots, uint32_t tokens,
-                            uint32_t row) {
-  const uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= (uint64_t)tokens * row) return;
-  const uint32_t t = i / row, e = i % row;
-  cache[(uint64_t)slots[t] * row + e] = from_f32<T>(src[i]);
+// One head's feature `x` after the rotation (RoPE): `head` holds the head's features,
+// `cos` and `sin` the token's `half` angles; pairs of halves (i, i + half) or of
+// neighbours (2i, 2i + 1). Rounded step by step, unfused, as candle's element-wise
+// ops and the CPU twin (cpu.rs's `rotated`) compute it.
+__device__ __forceinline__ float rotated(const float *head, uint32_t x, const float *cos,
+                                         const float *sin, uint32_t half, uint32_t interleaved) {
+  if (x >= 2 * half) return head[x];
+  const uint32_t i = interleaved ? x / 2 : (x < half ? x : x - half);
+  const bool first = interleaved ? x % 2 == 0 : x < half;
+  const float x0 = interleaved ? head[2 * i] : head[i];
+  const float x1 = interleaved ? head[2 * i + 1] : head[i + half];
+  const float c = cos[i], s = sin[i];
+  return first ? __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s))
+               : __fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c));
 }
 
-#define WRITE(NAME, T)                                                                         \
-  extern "C" __global__ void NAME(T *cache, const float *src, const uint32_t *slots,            \
-                                  uint32_t tokens, uint32_t row) {                             \
-    write_cache<T>(cache, src, slots, tokens, row);                                            \
+// A step's keys (rotated) and values, straight from the QKV product's rows (`width`
+// floats: `q_width` of queries, then `kv_width` of keys, then of values), into one
+// layer's cache (`[2, blocks, block_size, kv_heads, head_dim]`: keys, then values
+// `values_at` elements further) at `slots`. `trig` holds every token's cosines, then
+// every token's sines. One thread per element written.
+template <typename T>
+__device__ void write_kv(T *cache, const float *qkv, const float *trig, const uint32_t *slots,
+                         uint32_t tokens, uint32_t width, uint32_t q_width, uint32_t kv_width,
+                         uint32_t d, uint32_t half, uint32_t interleaved, uint64_t values_at) {
+  const uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (uint64_t)tokens * 2 * kv_width) return;
+  const uint32_t t = i / (2 * kv_width), j = i % (2 * kv_width);
+  const bool value = j >= kv_width;
+  const uint32_t e = value ? j - kv_width : j, x = e % d;
+  const float *head = qkv + (uint64_t)t * width + q_width + (value ? kv_width : 0) + (e - x);
+  const float *cos = trig + (uint64_t)t * half, *sin = trig + ((uint64_t)tokens + t) * half;
+  const float v = value ? head[x] : rotated(head, x, cos, sin, half, interleaved);
+  cache[(value ? values_at : 0) + (uint64_t)slots[t] * kv_width + e] = from_f32<T>(v);
+}
+
+// A step's queries from the QKV rows, rotated and rounded to the cache's type `T` (they
+// meet the keys at its precision), as f32 `[tokens, heads, head_dim]`.
+template <typename T>
+__device__ void rotate_queries(float *out, const float *qkv, const float *trig, uint32_t tokens,
+                               uint32_t width, uint32_t q_width, uint32_t d, uint32_t half,
+                               uint32_t interleaved) {
+  const uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= (uint64_t)tokens * q_width) return;
+  const uint32_t t = i / q_width, e = i % q_width, x = e % d;
+  const float *head = qkv + (uint64_t)t * width + (e - x);
+  const float *cos = trig + (uint64_t)t * half, *sin = trig + ((uint64_t)tokens + t) * half;
+  out[i] = to_f32(from_f32<T>(rotated(head, x, cos, sin, half, interleaved)));
+}
+
+#define ROTATE(WRITE, QUERIES, T)                                                              \
+  extern "C" __global__ void WRITE(T *cache, const float *qkv, const float *trig,              \
+                                   const uint32_t *slots, uint32_t tokens, uint32_t width,     \
+                                   uint32_t q_width, uint32_t kv_width, uint32_t d,            \
+                                   uint32_t half, uint32_t interleaved, uint64_t values_at) {  \
+    write_kv<T>(cache, qkv, trig, slots, tokens, width, q_width, kv_width, d, half,            \
+                interleaved, values_at);                                                       \
+  }                                                                                            \
+  extern "C" __global__ void QUERIES(float *out, const float *qkv, const float *trig,          \
+                                     uint32_t tokens, uint32_t width, uint32_t q_width,        \
+                                     uint32_t d, uint32_t half, uint32_t interleaved) {        \
+    rotate_queries<T>(out, qkv, trig, tokens, width, q_width, d, half, interleaved);           \
   }
-WRITE(paged_write_f16, __half)
-WRITE(paged_write_bf16, __nv_bfloat16)
-WRITE(paged_write_f32, float)
+ROTATE(paged_write_kv_f16, rotate_queries_f16, __half)
+ROTATE(paged_write_kv_bf16, rotate_queries_bf16, __nv_bfloat16)
+ROTATE(paged_write_kv_f32, rotate_queries_f32, float)
 
 // Threads per block of the attention kernel, and positions scored per tile.
 #define THREADS 128

@@ -5,9 +5,11 @@
 //! fused into one kernel each (several candle ops otherwise, each a launch), and the
 //! draw of sampled tokens, so that a step downloads ids rather than rows of logits.
 //!
-//! The cache of one layer is a pair of tensors `[blocks, block_size, kv_heads,
-//! head_dim]` (keys, values). [`write_cache`] stores a step's new keys or values
-//! through a slot mapping (slot = block · block_size + offset, one per token);
+//! The cache of one layer is one tensor `[2, blocks, block_size, kv_heads, head_dim]`
+//! (keys, then values). [`write_kv`] rotates a step's new keys and stores them and the
+//! values through a slot mapping (slot = block · block_size + offset, one per token),
+//! and [`rotate_queries`] rotates its queries, each straight from the QKV product's
+//! rows in one kernel (a rotation in candle ops is a dozen launches a layer);
 //! [`attend`] computes each query token's causal attention by reading its sequence's
 //! positions through that sequence's block table. One op serves decode, prefill and
 //! chunked prefill alike: every token carries its sequence and how many positions it
@@ -33,71 +35,207 @@ pub struct AttendPlan {
     pub tokens: Tensor,
 }
 
-/// Stores `new` (`[tokens, kv_heads, head_dim]`, f32) into `cache` (`[blocks,
-/// block_size, kv_heads, head_dim]`, f16, bf16 or f32) at `slots` (`[tokens]` u32),
-/// converting to the cache's type.
-pub fn write_cache(cache: &Tensor, new: &Tensor, slots: &Tensor) -> Result<()> {
-    let (blocks, bs, kvh, d) = cache.dims4()?;
-    let (tokens, nkvh, nd) = new.dims3()?;
-    if (nkvh, nd) != (kvh, d) || new.dtype() != DType::F32 {
+/// How a step's queries and keys are rotated (RoPE) as they leave the QKV product,
+/// whose rows hold every query head, then every KV head's key, then its value.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Rotation {
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    /// Pairs rotated per head: the first `2 · half` features of a head turn, the
+    /// rest pass through (0: none turn).
+    pub half: usize,
+    /// Pairs of neighbours (`2i`, `2i + 1`) rather than of halves (`i`, `i + half`).
+    pub interleaved: bool,
+}
+
+impl Rotation {
+    fn q_width(&self) -> usize {
+        self.heads * self.head_dim
+    }
+
+    fn kv_width(&self) -> usize {
+        self.kv_heads * self.head_dim
+    }
+
+    /// Checks `qkv` (`[tokens, q | k | v]` f32) and `trig` (`[2, tokens, half]` f32:
+    /// cosines, then sines, per token); returns the number of tokens.
+    fn check(&self, what: &str, qkv: &Tensor, trig: &Tensor) -> Result<usize> {
+        let (tokens, width) = qkv.dims2()?;
+        if width != self.q_width() + 2 * self.kv_width() || qkv.dtype() != DType::F32 {
+            bail!(
+                "{what}: rows {:?} {:?} are not Q|K|V of {self:?}",
+                qkv.dims(),
+                qkv.dtype()
+            );
+        }
+        if 2 * self.half > self.head_dim
+            || self.kv_heads == 0
+            || !self.heads.is_multiple_of(self.kv_heads)
+        {
+            bail!("{what}: {self:?} is not a rotation of heads");
+        }
+        if trig.dims3()? != (2, tokens, self.half) || trig.dtype() != DType::F32 {
+            bail!(
+                "{what}: {tokens} tokens need [2, {tokens}, {}] f32 angles",
+                self.half
+            );
+        }
+        Ok(tokens)
+    }
+}
+
+/// Writes a step's keys, rotated, and values from `qkv` into one layer's `cache`
+/// (`[2, blocks, block_size, kv_heads, head_dim]`: keys, then values; f16, bf16 or
+/// f32) at `slots` (`[tokens]` u32, slot = block · block_size + offset), converting to
+/// the cache's type; `trig` holds the tokens' angles (see [`Rotation`]). One kernel.
+pub fn write_kv(
+    cache: &Tensor,
+    qkv: &Tensor,
+    trig: &Tensor,
+    slots: &Tensor,
+    rotation: Rotation,
+) -> Result<()> {
+    let tokens = rotation.check("write_kv", qkv, trig)?;
+    let (two, _, _, kvh, d) = cache.dims5()?;
+    if two != 2 || (kvh, d) != (rotation.kv_heads, rotation.head_dim) {
         bail!(
-            "write_cache: entries {:?} {:?} do not fit a cache of [{blocks}, {bs}, {kvh}, {d}]",
-            new.dims(),
-            new.dtype()
+            "write_kv: {rotation:?} does not fit a cache of {:?}",
+            cache.dims()
         );
     }
     if slots.dims1()? != tokens || slots.dtype() != DType::U32 {
-        bail!("write_cache: {tokens} entries need {tokens} u32 slots");
+        bail!("write_kv: {tokens} tokens need {tokens} u32 slots");
     }
-    cache.inplace_op3(new, slots, &WriteCache)
+    let op = WriteKv {
+        slots: slots.contiguous()?,
+        rotation,
+    };
+    cache.inplace_op3(&qkv.contiguous()?, &trig.contiguous()?, &op)
 }
 
-struct WriteCache;
+struct WriteKv {
+    slots: Tensor,
+    rotation: Rotation,
+}
 
-impl candle_core::InplaceOp3 for WriteCache {
+impl candle_core::InplaceOp3 for WriteKv {
     fn name(&self) -> &'static str {
-        "paged-write-cache"
+        "paged-write-kv"
     }
 
     fn cpu_fwd(
         &self,
-        dst: &mut CpuStorage,
-        dst_l: &Layout,
-        new: &CpuStorage,
-        new_l: &Layout,
-        slots: &CpuStorage,
-        slots_l: &Layout,
+        cache: &mut CpuStorage,
+        cache_l: &Layout,
+        qkv: &CpuStorage,
+        qkv_l: &Layout,
+        trig: &CpuStorage,
+        trig_l: &Layout,
     ) -> Result<()> {
-        cpu::write_cache(dst, dst_l, new, new_l, slots, slots_l)
+        let (slots, slots_l) = self.slots.storage_and_layout();
+        let candle_core::Storage::Cpu(slots) = &*slots else {
+            bail!("write_kv: the slots are not on the CPU with the cache");
+        };
+        let slots = cpu::u32s(slots, slots_l)?;
+        cpu::write_kv(
+            cache,
+            cache_l,
+            qkv,
+            qkv_l,
+            trig,
+            trig_l,
+            slots,
+            &self.rotation,
+        )
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        dst: &mut candle_core::CudaStorage,
-        dst_l: &Layout,
-        new: &candle_core::CudaStorage,
-        new_l: &Layout,
-        slots: &candle_core::CudaStorage,
-        slots_l: &Layout,
+        cache: &mut candle_core::CudaStorage,
+        cache_l: &Layout,
+        qkv: &candle_core::CudaStorage,
+        qkv_l: &Layout,
+        trig: &candle_core::CudaStorage,
+        trig_l: &Layout,
     ) -> Result<()> {
-        cuda::write_cache(dst, dst_l, new, new_l, slots, slots_l)
+        cuda::write_kv(
+            cache,
+            cache_l,
+            qkv,
+            qkv_l,
+            trig,
+            trig_l,
+            &self.slots,
+            &self.rotation,
+        )
     }
 }
 
-/// Causal attention of `q` (`[tokens, heads, head_dim]`, f32) over the cached `keys`
-/// and `values` (`[blocks, block_size, kv_heads, head_dim]`): token `t` attends to the
-/// first `len` positions of its sequence, as `plan` says. Returns `[tokens, heads,
-/// head_dim]` f32.
-pub fn attend(q: &Tensor, keys: &Tensor, values: &Tensor, plan: &AttendPlan) -> Result<Tensor> {
+/// The step's queries from `qkv`, rotated and rounded to `round_to` (the cache's type:
+/// queries meet keys at the cache's precision, as in the CPU engine and in
+/// half-precision attention kernels), as f32 `[tokens, heads, head_dim]`. One kernel.
+pub fn rotate_queries(
+    qkv: &Tensor,
+    trig: &Tensor,
+    rotation: Rotation,
+    round_to: DType,
+) -> Result<Tensor> {
+    rotation.check("rotate_queries", qkv, trig)?;
+    if !matches!(round_to, DType::F16 | DType::BF16 | DType::F32) {
+        bail!("rotate_queries: a cache of {round_to:?} is not supported");
+    }
+    qkv.contiguous()?
+        .apply_op2_no_bwd(&trig.contiguous()?, &RotateQueries { rotation, round_to })
+}
+
+struct RotateQueries {
+    rotation: Rotation,
+    round_to: DType,
+}
+
+impl candle_core::CustomOp2 for RotateQueries {
+    fn name(&self) -> &'static str {
+        "rotate-queries"
+    }
+
+    fn cpu_fwd(
+        &self,
+        qkv: &CpuStorage,
+        qkv_l: &Layout,
+        trig: &CpuStorage,
+        trig_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let r = &self.rotation;
+        let out = cpu::rotate_queries(qkv, qkv_l, trig, trig_l, r, self.round_to)?;
+        Ok((out, Shape::from((qkv_l.dims()[0], r.heads, r.head_dim))))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        qkv: &candle_core::CudaStorage,
+        qkv_l: &Layout,
+        trig: &candle_core::CudaStorage,
+        trig_l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::rotate_queries(qkv, qkv_l, trig, trig_l, &self.rotation, self.round_to)
+    }
+}
+
+/// Causal attention of `q` (`[tokens, heads, head_dim]`, f32) over one layer's
+/// `cache` (`[2, blocks, block_size, kv_heads, head_dim]`: keys, then values): token
+/// `t` attends to the first `len` positions of its sequence, as `plan` says. Returns
+/// `[tokens, heads, head_dim]` f32.
+pub fn attend(q: &Tensor, cache: &Tensor, plan: &AttendPlan) -> Result<Tensor> {
     let (tokens, heads, d) = q.dims3()?;
-    let (_, _, kvh, kd) = keys.dims4()?;
-    if kd != d || keys.dims() != values.dims() || keys.dtype() != values.dtype() {
+    let (two, _, _, kvh, kd) = cache.dims5()?;
+    if two != 2 || kd != d {
         bail!(
-            "attend: queries {:?}, keys {:?} and values {:?} do not agree",
+            "attend: queries {:?} and the cache {:?} do not agree",
             q.dims(),
-            keys.dims(),
-            values.dims()
+            cache.dims()
         );
     }
     if kvh == 0 || !heads.is_multiple_of(kvh) || q.dtype() != DType::F32 {
@@ -113,7 +251,7 @@ pub fn attend(q: &Tensor, keys: &Tensor, values: &Tensor, plan: &AttendPlan) -> 
         plan: plan.clone(),
         scale: 1.0 / (d as f32).sqrt(),
     };
-    q.contiguous()?.apply_op3_no_bwd(keys, values, &op)
+    q.contiguous()?.apply_op2_no_bwd(cache, &op)
 }
 
 struct Attend {
@@ -121,7 +259,7 @@ struct Attend {
     scale: f32,
 }
 
-impl candle_core::CustomOp3 for Attend {
+impl candle_core::CustomOp2 for Attend {
     fn name(&self) -> &'static str {
         "paged-attend"
     }
@@ -130,10 +268,8 @@ impl candle_core::CustomOp3 for Attend {
         &self,
         q: &CpuStorage,
         q_l: &Layout,
-        k: &CpuStorage,
-        k_l: &Layout,
-        v: &CpuStorage,
-        v_l: &Layout,
+        cache: &CpuStorage,
+        cache_l: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let (tables, tables_l) = self.plan.tables.storage_and_layout();
         let (tokens, tokens_l) = self.plan.tokens.storage_and_layout();
@@ -148,7 +284,7 @@ impl candle_core::CustomOp3 for Attend {
             tokens: cpu::u32s(tokens, tokens_l)?,
             scale: self.scale,
         };
-        let out = cpu::attend(q, q_l, k, k_l, v, v_l, &args)?;
+        let out = cpu::attend(q, q_l, cache, cache_l, &args)?;
         Ok((out, q_l.shape().clone()))
     }
 
@@ -157,12 +293,10 @@ impl candle_core::CustomOp3 for Attend {
         &self,
         q: &candle_core::CudaStorage,
         q_l: &Layout,
-        k: &candle_core::CudaStorage,
-        k_l: &Layout,
-        v: &candle_core::CudaStorage,
-        v_l: &Layout,
+        cache: &candle_core::CudaStorage,
+        cache_l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::attend(q, q_l, k, k_l, v, v_l, &self.plan, self.scale)
+        cuda::attend(q, q_l, cache, cache_l, &self.plan, self.scale)
     }
 }
 

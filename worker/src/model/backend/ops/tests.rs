@@ -39,39 +39,175 @@ fn naive(q: &[f32], keys: &[Vec<f32>], values: &[Vec<f32>]) -> Vec<f32> {
         .collect()
 }
 
+/// Writes `keys` and `values` (`[tokens, kv_heads · head_dim]` each, unrotated) into
+/// one layer's `cache` at `slots`, through the write op's QKV rows.
+pub(super) fn fill(cache: &Tensor, keys: &[f32], values: &[f32], slots: &[u32]) {
+    let (_, _, _, kvh, d) = cache.dims5().unwrap();
+    let tokens = slots.len();
+    let kvw = kvh * d;
+    let mut qkv = Vec::with_capacity(tokens * 3 * kvw);
+    for t in 0..tokens {
+        qkv.extend(std::iter::repeat_n(0.0, kvw));
+        qkv.extend(&keys[t * kvw..][..kvw]);
+        qkv.extend(&values[t * kvw..][..kvw]);
+    }
+    let dev = cache.device();
+    let rotation = Rotation {
+        heads: kvh,
+        kv_heads: kvh,
+        head_dim: d,
+        half: 0,
+        interleaved: false,
+    };
+    write_kv(
+        cache,
+        &Tensor::from_vec(qkv, (tokens, 3 * kvw), dev).unwrap(),
+        &Tensor::zeros((2, tokens, 0), DType::F32, dev).unwrap(),
+        &Tensor::new(slots, dev).unwrap(),
+        rotation,
+    )
+    .unwrap();
+}
+
 #[test]
-fn entries_written_through_slots_land_in_their_blocks() {
+fn keys_and_values_written_through_slots_land_in_their_blocks() {
     let dev = Device::Cpu;
     for dtype in [DType::F16, DType::BF16] {
-        let cache = Tensor::zeros((4, 3, 2, 8), dtype, &dev).unwrap();
-        let new = Tensor::from_vec(values(3 * 16, 1), (3, 2, 8), &dev).unwrap();
+        let cache = Tensor::zeros((2, 4, 3, 2, 8), dtype, &dev).unwrap();
+        let (k, v) = (values(3 * 16, 1), values(3 * 16, 2));
         // Slots 10, 0, 5: block 3 offset 1, block 0 offset 0, block 1 offset 2.
-        let slots = Tensor::new(&[10u32, 0, 5], &dev).unwrap();
-        write_cache(&cache, &new, &slots).unwrap();
+        fill(&cache, &k, &v, &[10, 0, 5]);
         let back = cache
             .to_dtype(DType::F32)
             .unwrap()
-            .reshape((12, 16))
+            .reshape((2, 12, 16))
             .unwrap()
-            .to_vec2::<f32>()
+            .to_vec3::<f32>()
             .unwrap();
-        let want = new
-            .to_dtype(dtype)
+        for (half, written) in back.iter().zip([&k, &v]) {
+            let want: Vec<Vec<f32>> = written
+                .chunks(16)
+                .map(|row| {
+                    let t = Tensor::new(row, &dev).unwrap().to_dtype(dtype).unwrap();
+                    t.to_dtype(DType::F32).unwrap().to_vec1().unwrap()
+                })
+                .collect();
+            assert_eq!(half[10], want[0]);
+            assert_eq!(half[0], want[1]);
+            assert_eq!(half[5], want[2]);
+            assert!(half[1].iter().all(|x| *x == 0.0), "other slots untouched");
+        }
+    }
+    let cache = Tensor::zeros((2, 4, 3, 1, 8), DType::F16, &dev).unwrap();
+    let qkv = Tensor::zeros((3, 24), DType::F32, &dev).unwrap();
+    let rotation = Rotation {
+        heads: 1,
+        kv_heads: 1,
+        head_dim: 8,
+        half: 4,
+        interleaved: false,
+    };
+    let trig = Tensor::zeros((2, 3, 4), DType::F32, &dev).unwrap();
+    let err = write_kv(
+        &cache,
+        &qkv,
+        &trig,
+        &Tensor::new(&[12u32, 0, 1], &dev).unwrap(),
+        rotation,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("slot 12"), "{err}");
+    let short = Tensor::zeros((2, 2, 4), DType::F32, &dev).unwrap();
+    let err = write_kv(
+        &cache,
+        &qkv,
+        &short,
+        &Tensor::new(&[1u32, 0, 2], &dev).unwrap(),
+        rotation,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(err.contains("angles"), "{err}");
+}
+
+#[test]
+fn keys_and_queries_are_rotated_as_the_cpu_engine_rotates_them() {
+    use crate::model::rope::Rope;
+    use crate::model::{RopeConfig, RopeScaling, RopeStyle};
+    let dev = Device::Cpu;
+    let (heads, kvh, d, tokens) = (4, 2, 16, 5);
+    let positions = [0usize, 7, 8, 300, 4095];
+    // Whole heads and a partial rotation (the first 10 of 16 features), both styles.
+    for (style, dims) in [
+        (RopeStyle::Halves, 16),
+        (RopeStyle::Interleaved, 16),
+        (RopeStyle::Halves, 10),
+        (RopeStyle::Interleaved, 10),
+    ] {
+        let rope = Rope::new(&RopeConfig {
+            dims,
+            theta: 10000.0,
+            style,
+            scaling: RopeScaling::None,
+        });
+        let angles = rope.angles(positions);
+        let half = angles.half();
+        let mut trig = angles.cos().to_vec();
+        trig.extend_from_slice(angles.sin());
+        let trig = Tensor::from_vec(trig, (2, tokens, half), &dev).unwrap();
+        let (qw, kvw) = (heads * d, kvh * d);
+        let qkv = values(tokens * (qw + 2 * kvw), 5);
+        let qkv_t = Tensor::from_vec(qkv.clone(), (tokens, qw + 2 * kvw), &dev).unwrap();
+        let rotation = Rotation {
+            heads,
+            kv_heads: kvh,
+            head_dim: d,
+            half,
+            interleaved: style == RopeStyle::Interleaved,
+        };
+        let cache = Tensor::zeros((2, 2, 4, kvh, d), DType::F32, &dev).unwrap();
+        let slots: Vec<u32> = vec![3, 0, 7, 1, 4];
+        write_kv(
+            &cache,
+            &qkv_t,
+            &trig,
+            &Tensor::new(slots.as_slice(), &dev).unwrap(),
+            rotation,
+        )
+        .unwrap();
+        let q = rotate_queries(&qkv_t, &trig, rotation, DType::F32).unwrap();
+        let q: Vec<f32> = q.flatten_all().unwrap().to_vec1().unwrap();
+        let cached = cache
+            .reshape((2, 8, kvw))
             .unwrap()
-            .to_dtype(DType::F32)
-            .unwrap()
-            .reshape((3, 16))
-            .unwrap()
-            .to_vec2::<f32>()
+            .to_vec3::<f32>()
             .unwrap();
-        assert_eq!(back[10], want[0]);
-        assert_eq!(back[0], want[1]);
-        assert_eq!(back[5], want[2]);
-        assert!(back[1].iter().all(|x| *x == 0.0), "other slots untouched");
-        let err = write_cache(&cache, &new, &Tensor::new(&[12u32, 0, 1], &dev).unwrap())
-            .unwrap_err()
-            .to_string();
-        assert!(err.contains("slot 12"), "{err}");
+        for t in 0..tokens {
+            let row = &qkv[t * (qw + 2 * kvw)..][..qw + 2 * kvw];
+            let (mut want_q, mut want_k) = (row[..qw].to_vec(), row[qw..qw + kvw].to_vec());
+            rope.rotate(&mut want_q, d, &angles, t);
+            rope.rotate(&mut want_k, d, &angles, t);
+            let slot = slots[t] as usize;
+            assert_eq!(
+                &q[t * qw..][..qw],
+                want_q.as_slice(),
+                "{style:?} {dims}, token {t}"
+            );
+            assert_eq!(cached[0][slot], want_k, "{style:?} {dims}, token {t}");
+            assert_eq!(
+                cached[1][slot],
+                row[qw + kvw..].to_vec(),
+                "values pass unrotated"
+            );
+        }
+        // Rounded to the cache's type as the keys are.
+        let q16 = rotate_queries(&qkv_t, &trig, rotation, DType::F16).unwrap();
+        let rounded: Vec<f32> = q.iter().map(|x| half::f16::from_f32(*x).to_f32()).collect();
+        assert_eq!(
+            q16.flatten_all().unwrap().to_vec1::<f32>().unwrap(),
+            rounded
+        );
     }
 }
 
@@ -94,17 +230,12 @@ fn paged_attention_matches_a_naive_softmax_over_shuffled_blocks() {
             .collect()
     };
     let (k, v) = (entries(1), entries(2));
-    let keys = Tensor::zeros((blocks, bs, kvh, d), DType::F16, &dev).unwrap();
-    let vals = keys.zeros_like().unwrap();
+    let cache = Tensor::zeros((2, blocks, bs, kvh, d), DType::F16, &dev).unwrap();
     for s in 0..2 {
         let slots: Vec<u32> = (0..lens[s])
             .map(|p| tables[s][p / bs] * bs as u32 + (p % bs) as u32)
             .collect();
-        let slots = Tensor::new(slots.as_slice(), &dev).unwrap();
-        let flat =
-            |e: &Vec<Vec<f32>>| Tensor::from_vec(e.concat(), (e.len(), kvh, d), &dev).unwrap();
-        write_cache(&keys, &flat(&k[s]), &slots).unwrap();
-        write_cache(&vals, &flat(&v[s]), &slots).unwrap();
+        fill(&cache, &k[s].concat(), &v[s].concat(), &slots);
     }
     // Tokens: sequence 0 at position 8, then sequence 1 at positions 0..6.
     let seen: Vec<(usize, usize)> = std::iter::once((0, 9))
@@ -123,7 +254,7 @@ fn paged_attention_matches_a_naive_softmax_over_shuffled_blocks() {
     };
     let q = values(seen.len() * heads * d, 3);
     let qt = Tensor::from_vec(q.clone(), (seen.len(), heads, d), &dev).unwrap();
-    let out = attend(&qt, &keys, &vals, &plan)
+    let out = attend(&qt, &cache, &plan)
         .unwrap()
         .flatten_all()
         .unwrap()
@@ -153,7 +284,7 @@ fn paged_attention_matches_a_naive_softmax_over_shuffled_blocks() {
 #[test]
 fn plans_that_read_outside_the_cache_are_refused() {
     let dev = Device::Cpu;
-    let keys = Tensor::zeros((2, 4, 1, 8), DType::F16, &dev).unwrap();
+    let cache = Tensor::zeros((2, 2, 4, 1, 8), DType::F16, &dev).unwrap();
     let q = Tensor::zeros((1, 2, 8), DType::F32, &dev).unwrap();
     let plan = |table: &[u32], len: u32| AttendPlan {
         tables: Tensor::new(table, &dev)
@@ -165,13 +296,11 @@ fn plans_that_read_outside_the_cache_are_refused() {
             .reshape((1, 2))
             .unwrap(),
     };
-    let err = attend(&q, &keys, &keys, &plan(&[0, 5], 6))
+    let err = attend(&q, &cache, &plan(&[0, 5], 6))
         .unwrap_err()
         .to_string();
     assert!(err.contains("block 5"), "{err}");
-    let err = attend(&q, &keys, &keys, &plan(&[0], 6))
-        .unwrap_err()
-        .to_string();
+    let err = attend(&q, &cache, &plan(&[0], 6)).unwrap_err().to_string();
     assert!(err.contains("beyond the tables"), "{err}");
 }
 
