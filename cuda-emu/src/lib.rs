@@ -142,6 +142,15 @@ pub mod kernels {
 
     unsafe extern "C" {
         pub fn rms_norm_f32(out: *mut f32, x: *const f32, weight: *const f32, width: u32, eps: f32);
+        pub fn add_rms_norm_f32(
+            out: *mut f32,
+            x: *const f32,
+            y: *const f32,
+            weight: *const f32,
+            rows: u32,
+            width: u32,
+            eps: f32,
+        );
         pub fn swiglu_f32(out: *mut f32, gate_up: *const f32, rows: u32, half: u32);
         pub fn draw_f32(
             out: *mut u32,

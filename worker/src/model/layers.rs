@@ -206,4 +206,14 @@ impl<B: Backend> RmsNorm<B> {
     pub fn forward(&self, b: &B, x: &B::Hidden) -> Result<B::Hidden, ModelError> {
         b.rms_norm(x, &self.weight, self.eps)
     }
+
+    /// `x += y` (a residual connection), then the norm of `x`.
+    pub fn forward_after_add(
+        &self,
+        b: &B,
+        x: &mut B::Hidden,
+        y: &B::Hidden,
+    ) -> Result<B::Hidden, ModelError> {
+        b.add_rms_norm(x, y, &self.weight, self.eps)
+    }
 }

@@ -317,17 +317,26 @@ impl<B: Backend> Transformer<B> {
         };
         let step = b.begin(&layout, &self.rope, kv)?;
         let mut x = b.embed(&self.embed, &step)?;
+        // Each residual connection and the norm after it go together (one kernel on
+        // the device backend); the last layer's output is normed only where wanted.
+        let mut normed_next = None;
         for (layer, block) in self.blocks.iter().enumerate() {
-            let h = block.attn_norm.forward(b, &x)?;
+            let h = match normed_next.take() {
+                Some(h) => h,
+                None => block.attn_norm.forward(b, &x)?,
+            };
             let a = block.attn.forward(b, &h, layer, &step, kv, &adapters)?;
-            b.add(&mut x, &a)?;
-            let h = block.mlp_norm.forward(b, &x)?;
+            let normed = block.mlp_norm.forward_after_add(b, &mut x, &a)?;
             let gate_up = block
                 .gate_up
-                .forward(b, &h, &adapters.at(layer, Site::GateUp))?;
-            let h = b.swiglu(&gate_up)?;
-            let m = block.down.forward(b, &h, &adapters.at(layer, Site::Down))?;
-            b.add(&mut x, &m)?;
+                .forward(b, &normed, &adapters.at(layer, Site::GateUp))?;
+            let m = block
+                .down
+                .forward(b, &b.swiglu(&gate_up)?, &adapters.at(layer, Site::Down))?;
+            match self.blocks.get(layer + 1) {
+                Some(next) => normed_next = Some(next.attn_norm.forward_after_add(b, &mut x, &m)?),
+                None => b.add(&mut x, &m)?,
+            }
         }
         // Every row any span wants, gathered so the head runs once per step.
         let got = if layout.wanted.is_empty() {

@@ -231,6 +231,18 @@ pub trait Backend: Send + Sync + std::fmt::Debug + Sized + 'static {
     fn swiglu(&self, gate_up: &Self::Hidden) -> Result<Self::Hidden, ModelError>;
     /// `x += y` (the residual connection).
     fn add(&self, x: &mut Self::Hidden, y: &Self::Hidden) -> Result<(), ModelError>;
+    /// `x += y`, then the RMSNorm of `x` (a residual connection and the norm after it;
+    /// a backend may fuse them).
+    fn add_rms_norm(
+        &self,
+        x: &mut Self::Hidden,
+        y: &Self::Hidden,
+        weight: &Self::Vector,
+        eps: f32,
+    ) -> Result<Self::Hidden, ModelError> {
+        self.add(x, y)?;
+        self.rms_norm(x, weight, eps)
+    }
     /// Rotates Q and K of `qkv` (rows of Q|K|V), writes K and V into `layer` of the
     /// cache, and returns each token's attention output over its sequence's
     /// positions (`[tokens, heads · head_dim]`).

@@ -515,6 +515,18 @@ impl Backend for Tensors {
         Ok(())
     }
 
+    fn add_rms_norm(
+        &self,
+        x: &mut Tensor,
+        y: &Tensor,
+        weight: &Tensor,
+        eps: f32,
+    ) -> Result<Tensor, ModelError> {
+        let both = ops::add_rms_norm(x, y, weight, eps)?;
+        *x = both.get(0)?;
+        Ok(both.get(1)?)
+    }
+
     fn attention(
         &self,
         qkv: Tensor,

@@ -245,6 +245,25 @@ pub fn rms_norm(
     Ok(CpuStorage::F32(rows::rms_norm(&x, w, eps).into_vec()))
 }
 
+pub fn add_rms_norm(
+    x: &CpuStorage,
+    x_l: &Layout,
+    y: &CpuStorage,
+    y_l: &Layout,
+    w: &CpuStorage,
+    w_l: &Layout,
+    eps: f32,
+) -> Result<CpuStorage> {
+    let width = x_l.dims()[1];
+    let x = slice::<f32>(x, x_l, "the rows")?;
+    let y = slice::<f32>(y, y_l, "the added rows")?;
+    let sums = Rows::new(x.iter().zip(y).map(|(a, b)| a + b).collect(), width);
+    let normed = rows::rms_norm(&sums, slice::<f32>(w, w_l, "the weight")?, eps);
+    let mut out = sums.into_vec();
+    out.extend_from_slice(normed.as_slice());
+    Ok(CpuStorage::F32(out))
+}
+
 pub fn swiglu(x: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
     let width = l.dims()[1];
     let x = Rows::new(slice::<f32>(x, l, "the rows")?.to_vec(), width);

@@ -275,6 +275,40 @@ pub fn rms_norm(
     ))
 }
 
+#[allow(clippy::too_many_arguments)] // candle's CustomOp3::cuda_fwd, plus the op's field
+pub fn add_rms_norm(
+    x: &CudaStorage,
+    x_l: &Layout,
+    y: &CudaStorage,
+    y_l: &Layout,
+    w: &CudaStorage,
+    w_l: &Layout,
+    eps: f32,
+) -> Result<(CudaStorage, Shape)> {
+    let (rows, width) = x_l.shape().dims2()?;
+    let (x0, x1) = offsets(x_l, "the rows")?;
+    let (y0, y1) = offsets(y_l, "the added rows")?;
+    let (w0, w1) = offsets(w_l, "the weight")?;
+    let dev = &x.device;
+    // SAFETY: every element is written by the kernel before it is read.
+    let out = unsafe { dev.alloc::<f32>(2 * rows * width) }?;
+    let func = function(x, "add_rms_norm_f32")?;
+    let stream = dev.cuda_stream();
+    let xs = x.as_cuda_slice::<f32>()?.slice(x0..x1);
+    let ys = y.as_cuda_slice::<f32>()?.slice(y0..y1);
+    let ws = w.as_cuda_slice::<f32>()?.slice(w0..w1);
+    let (rows32, width32) = (rows as u32, width as u32);
+    let mut b = stream.launch_builder(&func);
+    b.arg(&out).arg(&xs).arg(&ys).arg(&ws);
+    b.arg(&rows32).arg(&width32).arg(&eps);
+    // SAFETY: the arguments match the kernel's signature and the shapes were checked.
+    unsafe { b.launch(Launch::per_row(rows).into()) }.map_err(cuda_error)?;
+    Ok((
+        CudaStorage::wrap_cuda_slice(out, dev.clone()),
+        Shape::from((2, rows, width)),
+    ))
+}
+
 pub fn swiglu(x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
     let (rows, width) = l.shape().dims2()?;
     let half = width / 2;

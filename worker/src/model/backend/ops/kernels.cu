@@ -200,13 +200,12 @@ ATTEND(paged_attend_f16, __half)
 ATTEND(paged_attend_bf16, __nv_bfloat16)
 ATTEND(paged_attend_f32, float)
 
-// RMSNorm, one block per row: the sum of squares in double (as the CPU engine and
-// llama.cpp take it), then each element scaled and multiplied by the weight.
-extern "C" __global__ void rms_norm_f32(float *out, const float *x, const float *weight,
-                                       uint32_t width, float eps) {
+// RMSNorm of one row, by one block: the sum of squares in double (as the CPU engine and
+// llama.cpp take it), then each element scaled and multiplied by the weight. Each
+// thread reads the elements it may have written just before (same stride).
+__device__ void rms_norm_row(float *out, const float *xr, const float *weight, uint32_t width,
+                             float eps) {
   __shared__ double partial[THREADS];
-  const uint64_t row = blockIdx.x;
-  const float *xr = x + row * width;
   double s = 0.0;
   for (uint32_t i = threadIdx.x; i < width; i += THREADS) s += (double)xr[i] * (double)xr[i];
   partial[threadIdx.x] = s;
@@ -216,8 +215,24 @@ extern "C" __global__ void rms_norm_f32(float *out, const float *x, const float 
     __syncthreads();
   }
   const float scale = 1.0f / sqrtf((float)(partial[0] / width) + eps);
-  for (uint32_t i = threadIdx.x; i < width; i += THREADS)
-    out[row * width + i] = (xr[i] * scale) * weight[i];
+  for (uint32_t i = threadIdx.x; i < width; i += THREADS) out[i] = (xr[i] * scale) * weight[i];
+}
+
+// RMSNorm, one block per row.
+extern "C" __global__ void rms_norm_f32(float *out, const float *x, const float *weight,
+                                       uint32_t width, float eps) {
+  const uint64_t row = blockIdx.x;
+  rms_norm_row(out + row * width, x + row * width, weight, width, eps);
+}
+
+// The residual connection and the next norm in one pass, one block per row: `out`
+// holds the sums `x + y` (`rows` rows), then their RMSNorm.
+extern "C" __global__ void add_rms_norm_f32(float *out, const float *x, const float *y,
+                                           const float *weight, uint32_t rows, uint32_t width,
+                                           float eps) {
+  const uint64_t at = (uint64_t)blockIdx.x * width;
+  for (uint32_t i = threadIdx.x; i < width; i += THREADS) out[at + i] = x[at + i] + y[at + i];
+  rms_norm_row(out + (uint64_t)rows * width + at, out + at, weight, width, eps);
 }
 
 // SwiGLU: rows of gate then up (`2 * half` each) into rows of `half`.

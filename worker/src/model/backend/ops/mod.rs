@@ -349,6 +349,67 @@ impl candle_core::CustomOp2 for RmsNorm {
     }
 }
 
+/// The residual connection and the next RMSNorm in one kernel: `x + y` (`[rows, width]`
+/// f32 each) and the RMSNorm of that sum scaled by `weight`, as
+/// `[2, rows, width]` (sums, then normalised rows).
+pub fn add_rms_norm(x: &Tensor, y: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    let (_, width) = x.dims2()?;
+    if x.dims() != y.dims() || x.dtype() != DType::F32 || y.dtype() != DType::F32 {
+        bail!(
+            "add_rms_norm: rows {:?} and {:?} must be f32 of one shape",
+            x.dims(),
+            y.dims()
+        );
+    }
+    if weight.dims1()? != width || weight.dtype() != DType::F32 {
+        bail!(
+            "add_rms_norm: the weight {:?} must be f32 of width {width}",
+            weight.dims()
+        );
+    }
+    x.contiguous()?
+        .apply_op3_no_bwd(&y.contiguous()?, &weight.contiguous()?, &AddRmsNorm { eps })
+}
+
+struct AddRmsNorm {
+    eps: f32,
+}
+
+impl candle_core::CustomOp3 for AddRmsNorm {
+    fn name(&self) -> &'static str {
+        "add-rms-norm"
+    }
+
+    fn cpu_fwd(
+        &self,
+        x: &CpuStorage,
+        x_l: &Layout,
+        y: &CpuStorage,
+        y_l: &Layout,
+        w: &CpuStorage,
+        w_l: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let (rows, width) = x_l.shape().dims2()?;
+        Ok((
+            cpu::add_rms_norm(x, x_l, y, y_l, w, w_l, self.eps)?,
+            Shape::from((2, rows, width)),
+        ))
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        x: &candle_core::CudaStorage,
+        x_l: &Layout,
+        y: &candle_core::CudaStorage,
+        y_l: &Layout,
+        w: &candle_core::CudaStorage,
+        w_l: &Layout,
+    ) -> Result<(candle_core::CudaStorage, Shape)> {
+        cuda::add_rms_norm(x, x_l, y, y_l, w, w_l, self.eps)
+    }
+}
+
 /// `silu(gate) · up` of rows holding gate then up (`[rows, 2 · h]` f32) → `[rows, h]`.
 pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
     let (_, width) = gate_up.dims2()?;

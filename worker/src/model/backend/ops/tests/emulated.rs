@@ -282,7 +282,7 @@ fn the_attention_kernel_computes_what_the_op_computes() {
 }
 
 #[test]
-fn the_rms_norm_and_swiglu_kernels_compute_what_the_ops_compute() {
+fn the_norm_and_swiglu_kernels_compute_what_the_ops_compute() {
     let dev = Device::Cpu;
     let (rows, width) = (5, 300);
     let x = values(rows * width, 8);
@@ -299,6 +299,28 @@ fn the_rms_norm_and_swiglu_kernels_compute_what_the_ops_compute() {
     let (o, xp, wp) = (out.ptr(), x.as_ptr(), w.as_ptr());
     run(Launch::per_row(rows), || unsafe {
         k::rms_norm_f32(o, xp, wp, width as u32, 1e-5)
+    });
+    for (g, w) in out.inside().iter().zip(&want) {
+        assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "{g} vs {w}");
+    }
+
+    // The residual connection and norm in one: the sums, then the norm of the sums,
+    // each as the separate ops give them.
+    let y = values(rows * width, 11);
+    let xt = Tensor::from_vec(x.clone(), (rows, width), &dev).unwrap();
+    let yt = Tensor::from_vec(y.clone(), (rows, width), &dev).unwrap();
+    let wt = Tensor::new(w.as_slice(), &dev).unwrap();
+    let sums = (&xt + &yt).unwrap();
+    let mut want: Vec<f32> = to_vec(&sums);
+    want.extend(to_vec::<f32>(&rms_norm(&sums, &wt, 1e-5).unwrap()));
+    assert_eq!(
+        to_vec::<f32>(&add_rms_norm(&xt, &yt, &wt, 1e-5).unwrap()),
+        want
+    );
+    let mut out = Guarded::new(vec![f32::NAN; 2 * rows * width], f32::MAX);
+    let (o, yp) = (out.ptr(), y.as_ptr());
+    run(Launch::per_row(rows), || unsafe {
+        k::add_rms_norm_f32(o, xp, yp, wp, rows as u32, width as u32, 1e-5)
     });
     for (g, w) in out.inside().iter().zip(&want) {
         assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "{g} vs {w}");
