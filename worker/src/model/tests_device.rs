@@ -94,6 +94,21 @@ fn device_backend_handles_qkv_biases_and_a_separate_head() {
 }
 
 #[test]
+fn device_backend_runs_bf16_weights_as_a_gpu_does() {
+    // Dense bf16 weights (most safetensors checkpoints): the device backend rounds the
+    // activations to bf16 and multiplies in bf16 (cuBLAS on a GPU, candle's CPU gemm
+    // here), the CPU engine keeps f32 activations; with a bias and a separate head.
+    let spec = TinySpec {
+        architecture: "qwen2",
+        qkv_bias: true,
+        separate_head: true,
+        dtype: GgmlDType::BF16,
+        ..TinySpec::default()
+    };
+    check(&spec, &[1, 2], 0.1);
+}
+
+#[test]
 fn a_quantised_product_agrees_with_the_cpu_kernels() {
     use crate::weights::Weight;
     let (n, k, m) = (64, 512, 3);
