@@ -28,28 +28,36 @@ fn cuda_error(e: impl std::error::Error + Send + Sync + 'static) -> candle_core:
     candle_core::Error::Cuda(Box::new(e))
 }
 
-/// The kernel `name`, its module loaded once per GPU.
+/// The kernels of one GPU: the module, loaded once, and each function looked up once
+/// (a step launches a few per layer; the driver's lookup need not run for each).
+struct Loaded {
+    module: Arc<CudaModule>,
+    functions: HashMap<String, CudaFunction>,
+}
+
+/// The kernel `name` on `storage`'s GPU.
 fn function(storage: &CudaStorage, name: &str) -> Result<CudaFunction> {
-    static MODULES: OnceLock<Mutex<HashMap<usize, Arc<CudaModule>>>> = OnceLock::new();
-    let stream = storage.device.cuda_stream();
-    let ctx = stream.context();
-    let module = {
-        let mut modules = MODULES
-            .get_or_init(Default::default)
-            .lock()
-            .map_err(|_| candle_core::Error::Msg("paged kernels: a load panicked".into()))?;
-        match modules.get(&ctx.ordinal()) {
-            Some(m) => m.clone(),
-            None => {
-                let m = ctx
-                    .load_module(cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec()))
-                    .map_err(cuda_error)?;
-                modules.insert(ctx.ordinal(), m.clone());
-                m
-            }
-        }
+    static GPUS: OnceLock<Mutex<HashMap<usize, Loaded>>> = OnceLock::new();
+    let ctx = storage.device.cuda_stream().context().clone();
+    let mut gpus = GPUS
+        .get_or_init(Default::default)
+        .lock()
+        .map_err(|_| candle_core::Error::Msg("device kernels: a load panicked".into()))?;
+    let loaded = match gpus.entry(ctx.ordinal()) {
+        std::collections::hash_map::Entry::Occupied(e) => e.into_mut(),
+        std::collections::hash_map::Entry::Vacant(e) => e.insert(Loaded {
+            module: ctx
+                .load_module(cudarc::nvrtc::Ptx::from_binary(FATBIN.to_vec()))
+                .map_err(cuda_error)?,
+            functions: HashMap::new(),
+        }),
     };
-    module.load_function(name).map_err(cuda_error)
+    if let Some(f) = loaded.functions.get(name) {
+        return Ok(f.clone());
+    }
+    let f = loaded.module.load_function(name).map_err(cuda_error)?;
+    loaded.functions.insert(name.to_string(), f.clone());
+    Ok(f)
 }
 
 fn suffix(dtype: DType) -> Result<&'static str> {
