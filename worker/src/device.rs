@@ -99,15 +99,34 @@ impl DeviceSpec {
         if !cfg!(feature = "cuda") {
             return Err(DeviceError::NotBuilt(self));
         }
-        Device::new_cuda(ordinal)
-            .map(Compute::Device)
-            .map_err(|source| DeviceError::Open {
-                spec: self,
-                ordinal,
-                source,
-            })
+        let device = Device::new_cuda(ordinal).map_err(|source| DeviceError::Open {
+            spec: self,
+            ordinal,
+            source,
+        })?;
+        single_stream(&device);
+        Ok(Compute::Device(device))
     }
 }
+
+/// Turns off cudarc's tracking of each buffer's uses by CUDA events on a new GPU
+/// device, before anything is allocated on it. candle gives the device a stream of its
+/// own, which puts cudarc in its multi-stream mode: every allocation would then create
+/// two events and every kernel argument wait on one and record another, several driver
+/// calls per launch for ordering that one stream already gives. A rank runs everything
+/// on that stream: candle's ops, the device backend's kernels, uploads, downloads and
+/// NCCL's collectives (made on the same stream); frees are stream-ordered.
+#[cfg(feature = "cuda")]
+fn single_stream(device: &Device) {
+    if let Ok(cuda) = device.as_cuda_device() {
+        // SAFETY: as above, no buffer of this device is used on a second stream, so
+        // stream order is the only synchronisation its uses and frees need.
+        unsafe { cuda.disable_event_tracking() };
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn single_stream(_: &Device) {}
 
 /// Where a rank's model runs, once its device is open.
 #[derive(Clone, Debug)]
