@@ -1,10 +1,13 @@
 // The emulator's scheduler: a grid runs block by block; a block's threads are fibers
-// (ucontext) run in turn, each until it reaches a barrier, a shuffle or its end. A
+// run in turn, each until it reaches a barrier, a shuffle or its end. A fiber starts on
+// its own stack through ucontext; after that, switches are _setjmp/_longjmp, which
+// unlike swapcontext make no system call (the signal mask is left alone). A
 // block barrier opens when every live thread of the block waits at one, a warp's when
 // every live lane of the warp does; threads that have returned no longer count, as on
 // a GPU. Nothing runnable and nothing to open is a deadlock: reported, not hung.
 #include "cuda_emu.h"
 
+#include <setjmp.h>
 #include <ucontext.h>
 
 #include <mutex>
@@ -19,8 +22,10 @@ enum class State { Ready, AtBlock, AtWarp, Done };
 
 struct Fiber {
   ucontext_t context;
+  jmp_buf resume;
   dim3 index;
   State state = State::Ready;
+  bool started = false;
 };
 
 // Fibers' stacks: the kernels' frames are small; the Rust closure that calls the
@@ -34,6 +39,7 @@ struct Block {
   std::vector<char> stacks;
   std::vector<uint64_t> slots;
   ucontext_t scheduler;
+  jmp_buf back;
   Fiber *current = nullptr;
   void (*body)(void *) = nullptr;
   void *ctx = nullptr;
@@ -49,13 +55,22 @@ std::mutex one_grid;
 void wait(State state) {
   Fiber *f = running->current;
   f->state = state;
-  swapcontext(&f->context, &running->scheduler);
+  if (_setjmp(f->resume) == 0) _longjmp(running->back, 1);
 }
 
-void entry() {
+[[noreturn]] void entry() {
   running->body(running->ctx);
   running->current->state = State::Done;
-  // uc_link returns to the scheduler.
+  _longjmp(running->back, 1);
+}
+
+// Runs `f` until it waits or ends.
+void resume(Block &b, Fiber &f) {
+  b.current = &f;
+  if (_setjmp(b.back) != 0) return;
+  if (f.started) _longjmp(f.resume, 1);
+  f.started = true;
+  swapcontext(&b.scheduler, &f.context);
 }
 
 // Runs one block; an empty string when it completed.
@@ -66,20 +81,18 @@ std::string run_block(Block &b) {
     Fiber &f = b.fibers[t];
     f.index = dim3{t, 0, 0};
     f.state = State::Ready;
+    f.started = false;
     getcontext(&f.context);
     f.context.uc_stack.ss_sp = b.stacks.data() + (size_t)t * STACK_BYTES;
     f.context.uc_stack.ss_size = STACK_BYTES;
-    f.context.uc_link = &b.scheduler;
-    makecontext(&f.context, entry, 0);
+    f.context.uc_link = nullptr;
+    makecontext(&f.context, (void (*)())entry, 0);
   }
   // Uninitialised shared memory reads as NaN floats (or huge integers), not zeros.
   memset(shared_memory, 0xff, sizeof shared_memory);
   for (;;) {
     for (Fiber &f : b.fibers)
-      if (f.state == State::Ready) {
-        b.current = &f;
-        swapcontext(&b.scheduler, &f.context);
-      }
+      if (f.state == State::Ready) resume(b, f);
     bool opened = false, any_live = false, all_at_block = true;
     for (unsigned w = 0; w < warps; ++w) {
       bool live = false, all_at_warp = true;
@@ -131,7 +144,7 @@ void check_lane(unsigned lane) {
     // Nothing sensible to read: end the launch with the error.
     last_error = "a shuffle read lane " + std::to_string(lane) + ", which has exited";
     running->current->state = State::Done;
-    setcontext(&running->scheduler);
+    _longjmp(running->back, 1);
   }
 }
 }  // namespace emu

@@ -77,7 +77,7 @@ pub mod kernels {
     use half::{bf16, f16};
 
     macro_rules! per_cache_type {
-        ($write:ident, $queries:ident, $attend:ident, $t:ty) => {
+        ($write:ident, $queries:ident, $attend:ident, $tiles:ident, $t:ty) => {
             unsafe extern "C" {
                 pub fn $write(
                     cache: *mut $t,
@@ -112,10 +112,27 @@ pub mod kernels {
                     tables: *const u32,
                     max_blocks: u32,
                     tokens: *const u32,
+                    order: *const u32,
                     heads: u32,
                     kv_heads: u32,
                     head_dim: u32,
                     block_size: u32,
+                    scale: f32,
+                );
+                pub fn $tiles(
+                    out: *mut f32,
+                    q: *const f32,
+                    keys: *const $t,
+                    values: *const $t,
+                    tables: *const u32,
+                    max_blocks: u32,
+                    tokens: *const u32,
+                    tiles: *const u32,
+                    heads: u32,
+                    kv_heads: u32,
+                    head_dim: u32,
+                    block_size: u32,
+                    positions: u32,
                     scale: f32,
                 );
             }
@@ -125,18 +142,21 @@ pub mod kernels {
         paged_write_kv_f16,
         rotate_queries_f16,
         paged_attend_f16,
+        paged_attend_tiles_f16,
         f16
     );
     per_cache_type!(
         paged_write_kv_bf16,
         rotate_queries_bf16,
         paged_attend_bf16,
+        paged_attend_tiles_bf16,
         bf16
     );
     per_cache_type!(
         paged_write_kv_f32,
         rotate_queries_f32,
         paged_attend_f32,
+        paged_attend_tiles_f32,
         f32
     );
 

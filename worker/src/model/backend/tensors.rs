@@ -362,7 +362,7 @@ impl Backend for Tensors {
             }
         }
         let wanted = layout.wanted.len();
-        let mut ints: Vec<u32> = Vec::with_capacity(4 * tokens + wanted + spans.len() * max_blocks);
+        let mut ints: Vec<u32> = Vec::with_capacity(6 * tokens + wanted + spans.len() * max_blocks);
         ints.extend(&layout.ids);
         for s in spans {
             ints.extend(
@@ -380,6 +380,10 @@ impl Backend for Tensors {
             ints.extend(s.blocks);
             ints.extend(std::iter::repeat_n(0, max_blocks - s.blocks.len()));
         }
+        let tiled = ops::TokenTiles::new(spans.iter().map(|s| s.tokens.len()));
+        let tables_end = 4 * tokens + wanted + spans.len() * max_blocks;
+        ints.extend(&tiled.order);
+        ints.extend(&tiled.tiles);
         let n = ints.len();
         let all = Tensor::from_vec(ints, n, &self.device)?;
         let angles = rope.angles(layout.positions.iter().copied());
@@ -397,6 +401,11 @@ impl Backend for Tensors {
                 tables: all
                     .narrow(0, 4 * tokens + wanted, spans.len() * max_blocks)?
                     .reshape((spans.len(), max_blocks))?,
+                order: all.narrow(0, tables_end, tokens)?,
+                singles: tiled.singles,
+                tiles: all
+                    .narrow(0, tables_end + tokens, tiled.tiles.len())?
+                    .reshape((tiled.tiles.len() / 2, 2))?,
             },
             wanted: (wanted > 0)
                 .then(|| all.narrow(0, 4 * tokens, wanted))

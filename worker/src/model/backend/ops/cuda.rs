@@ -200,47 +200,94 @@ pub fn attend(
     }
     let (tables, tables_l) = plan.tables.storage_and_layout();
     let (meta, meta_l) = plan.tokens.storage_and_layout();
-    let (candle_core::Storage::Cuda(tables), candle_core::Storage::Cuda(meta)) = (&*tables, &*meta)
+    let (order, order_l) = plan.order.storage_and_layout();
+    let (tiles, tiles_l) = plan.tiles.storage_and_layout();
+    let (
+        candle_core::Storage::Cuda(tables),
+        candle_core::Storage::Cuda(meta),
+        candle_core::Storage::Cuda(order),
+        candle_core::Storage::Cuda(tiles),
+    ) = (&*tables, &*meta, &*order, &*tiles)
     else {
         bail!("attend: the plan is not on the GPU with the queries");
     };
     let max_blocks = tables_l.dims()[1] as u32;
     let (t0, t1) = offsets(tables_l, "the block tables")?;
     let (m0, m1) = offsets(meta_l, "the token plan")?;
+    let (o0, o1) = offsets(order_l, "the token order")?;
+    let (r0, r1) = offsets(tiles_l, "the token tiles")?;
     let (q0, q1) = offsets(q_l, "the queries")?;
     // Keys, then values, each half of the layer's cache.
     let (k0, c1) = offsets(cache_l, "the cache")?;
     let v0 = k0 + (c1 - k0) / 2;
     let dev = &q.device;
-    // SAFETY: every element is written by the kernel before it is read.
+    // SAFETY: every element is written by one of the two kernels before it is read:
+    // `order` holds every token, the first `singles` for the per-token kernel, the rest
+    // in `tiles`.
     let out = unsafe { dev.alloc::<f32>(tokens * heads * d) }?;
-    let func = function(q, &format!("paged_attend_{}", suffix(cache.dtype())?))?;
     let stream = dev.cuda_stream();
     let q_s = q.as_cuda_slice::<f32>()?.slice(q0..q1);
     let tables = tables.as_cuda_slice::<u32>()?.slice(t0..t1);
     let meta = meta.as_cuda_slice::<u32>()?.slice(m0..m1);
+    let order = order.as_cuda_slice::<u32>()?.slice(o0..o1);
+    let tiles_s = tiles.as_cuda_slice::<u32>()?.slice(r0..r1);
+    let n_tiles = tiles_l.dims()[0];
+    // Prompts' runs to the tiled kernel where the head fits it; else every token to
+    // the per-token kernel.
+    let tiled = Launch::attend_tiles(n_tiles, heads, d).filter(|_| n_tiles > 0);
+    let per_token = if tiled.is_some() {
+        plan.singles
+    } else {
+        tokens
+    };
+    let suffix = suffix(cache.dtype())?;
     let (heads, kv_heads, d32, bs) = (heads as u32, kv_heads as u32, d as u32, bs as u32);
-    let cfg = Launch::attend(tokens, heads as usize, d).into();
     macro_rules! launch {
         ($t:ty) => {{
             let keys = cache.as_cuda_slice::<$t>()?.slice(k0..v0);
             let values = cache.as_cuda_slice::<$t>()?.slice(v0..c1);
-            let mut b = stream.launch_builder(&func);
-            b.arg(&out)
-                .arg(&q_s)
-                .arg(&keys)
-                .arg(&values)
-                .arg(&tables)
-                .arg(&max_blocks);
-            b.arg(&meta)
-                .arg(&heads)
-                .arg(&kv_heads)
-                .arg(&d32)
-                .arg(&bs)
-                .arg(&scale);
-            // SAFETY: the arguments match the kernel's signature; the plan's tables
-            // were checked against the cache's size before the step.
-            unsafe { b.launch(cfg) }.map_err(cuda_error)?;
+            if per_token > 0 {
+                let func = function(q, &format!("paged_attend_{suffix}"))?;
+                let mut b = stream.launch_builder(&func);
+                b.arg(&out)
+                    .arg(&q_s)
+                    .arg(&keys)
+                    .arg(&values)
+                    .arg(&tables)
+                    .arg(&max_blocks);
+                b.arg(&meta)
+                    .arg(&order)
+                    .arg(&heads)
+                    .arg(&kv_heads)
+                    .arg(&d32)
+                    .arg(&bs)
+                    .arg(&scale);
+                let cfg = Launch::attend(per_token, heads as usize, d).into();
+                // SAFETY: the arguments match the kernel's signature; the plan's tables
+                // were checked against the cache's size before the step, and the first
+                // `per_token` entries of `order` are tokens of the step.
+                unsafe { b.launch(cfg) }.map_err(cuda_error)?;
+            }
+            if let Some((shape, positions)) = tiled {
+                let func = function(q, &format!("paged_attend_tiles_{suffix}"))?;
+                let mut b = stream.launch_builder(&func);
+                b.arg(&out)
+                    .arg(&q_s)
+                    .arg(&keys)
+                    .arg(&values)
+                    .arg(&tables)
+                    .arg(&max_blocks);
+                b.arg(&meta)
+                    .arg(&tiles_s)
+                    .arg(&heads)
+                    .arg(&kv_heads)
+                    .arg(&d32)
+                    .arg(&bs)
+                    .arg(&positions)
+                    .arg(&scale);
+                // SAFETY: as above; each tile is a run of one sequence's tokens.
+                unsafe { b.launch(shape.into()) }.map_err(cuda_error)?;
+            }
         }};
     }
     match cache.dtype() {

@@ -123,21 +123,23 @@ __device__ float block_reduce(float x, bool is_max, float *scratch) {
   return r;
 }
 
-// One block per (token, head); the token attends to the first `len` positions of its
-// sequence. Positions go in tiles of THREADS: each warp scores a quarter of the tile
+// One block per (token, head), the token `order[blockIdx.x]` (decode tokens, or every
+// token where heads are too wide for the tiles below); the token attends to the first
+// `len` positions of its sequence. Positions go in tiles of THREADS: each warp scores a quarter of the tile
 // (lanes across head_dim, so reads of a key are coalesced), then every thread adds the
 // tile's weighted values for its output features, with the running maximum and sum of
 // an online softmax.
 template <typename T>
 __device__ void attend(float *out, const float *q, const T *keys, const T *values,
                        const uint32_t *tables, uint32_t max_blocks, const uint32_t *tokens,
-                       uint32_t heads, uint32_t kv_heads, uint32_t d, uint32_t bs, float scale) {
+                       const uint32_t *order, uint32_t heads, uint32_t kv_heads, uint32_t d,
+                       uint32_t bs, float scale) {
   DYNAMIC_SHARED(float, shared);
   float *qs = shared;          // [d]
   float *weights = shared + d; // [THREADS]
   __shared__ float scratch[WARPS];
 
-  const uint32_t t = blockIdx.x, h = blockIdx.y, tid = threadIdx.x;
+  const uint32_t t = order[blockIdx.x], h = blockIdx.y, tid = threadIdx.x;
   const uint32_t seq = tokens[2 * t], len = tokens[2 * t + 1];
   const uint32_t kv_head = h / (heads / kv_heads);
   const uint32_t *table = tables + (uint64_t)seq * max_blocks;
@@ -189,16 +191,122 @@ __device__ void attend(float *out, const float *q, const T *keys, const T *value
   }
 }
 
-#define ATTEND(NAME, T)                                                                        \
+// Tiles of a prompt's tokens: one block per (run of up to TILE_TOKENS consecutive tokens
+// of one sequence, head). Each tile of positions' keys and values is read from the cache
+// once into shared memory and serves every token of the run (the per-token kernel reads
+// a sequence's cache once per token: for long prompts that traffic grows with the
+// square of the length). Scores are a warp per (token, position), lanes across the head;
+// the softmax is online per token; each thread accumulates a few (token, feature)
+// outputs. `positions` (at most 32) positions a tile, chosen by the host to fit shared
+// memory: queries [TILE_TOKENS][d], keys and values [positions][d], weights
+// [TILE_TOKENS][positions], all f32.
+#define TILE_TOKENS 16
+#define TILE_THREADS 256
+#define TILE_WARPS (TILE_THREADS / 32)
+// (token, feature) outputs a thread accumulates: heads up to 256 wide.
+#define TILE_OUTPUTS (TILE_TOKENS * 256 / TILE_THREADS)
+
+template <typename T>
+__device__ void attend_tiles(float *out, const float *q, const T *keys, const T *values,
+                             const uint32_t *tables, uint32_t max_blocks, const uint32_t *tokens,
+                             const uint32_t *tiles, uint32_t heads, uint32_t kv_heads, uint32_t d,
+                             uint32_t bs, uint32_t positions, float scale) {
+  DYNAMIC_SHARED(float, shared);
+  float *qs = shared;                         // [TILE_TOKENS][d]
+  float *ks = qs + TILE_TOKENS * d;           // [positions][d]
+  float *vs = ks + positions * d;             // [positions][d]
+  float *w = vs + positions * d;              // [TILE_TOKENS][positions]
+  __shared__ float correction[TILE_TOKENS], row_sum[TILE_TOKENS], row_max[TILE_TOKENS];
+  __shared__ uint32_t row_len[TILE_TOKENS];
+
+  const uint32_t first = tiles[2 * blockIdx.x], count = tiles[2 * blockIdx.x + 1];
+  const uint32_t h = blockIdx.y, tid = threadIdx.x, lane = tid % 32, warp = tid / 32;
+  const uint32_t kv_head = h / (heads / kv_heads);
+  const uint32_t *table = tables + (uint64_t)tokens[2 * first] * max_blocks;
+  for (uint32_t i = tid; i < TILE_TOKENS * d; i += TILE_THREADS) {
+    const uint32_t r = i / d, x = i % d;
+    qs[i] = r < count ? q[((uint64_t)(first + r) * heads + h) * d + x] : 0.0f;
+  }
+  if (tid < TILE_TOKENS) {
+    row_len[tid] = tid < count ? tokens[2 * (first + tid) + 1] : 0;
+    row_max[tid] = -INFINITY;
+    row_sum[tid] = 0.0f;
+  }
+  float acc[TILE_OUTPUTS];
+  for (int k = 0; k < TILE_OUTPUTS; ++k) acc[k] = 0.0f;
+  __syncthreads();
+  uint32_t span = 0;
+  for (uint32_t r = 0; r < count; ++r) span = max(span, row_len[r]);
+
+  for (uint32_t p0 = 0; p0 < span; p0 += positions) {
+    const uint32_t n = min(positions, span - p0);
+    for (uint32_t i = tid; i < n * d; i += TILE_THREADS) {
+      const uint32_t j = i / d, x = i % d, p = p0 + j;
+      const uint64_t at = (((uint64_t)table[p / bs] * bs + p % bs) * kv_heads + kv_head) * d + x;
+      ks[i] = to_f32(keys[at]);
+      vs[i] = to_f32(values[at]);
+    }
+    __syncthreads();
+    for (uint32_t k = warp; k < TILE_TOKENS * positions; k += TILE_WARPS) {
+      const uint32_t r = k / positions, j = k % positions;
+      float dot = 0.0f;
+      if (r < count && j < n)
+        for (uint32_t x = lane; x < d; x += 32) dot += qs[r * d + x] * ks[j * d + x];
+      dot = warp_sum(dot);
+      if (lane == 0) w[k] = (r < count && j < n && p0 + j < row_len[r]) ? dot * scale : -INFINITY;
+    }
+    __syncthreads();
+    for (uint32_t r = warp; r < TILE_TOKENS; r += TILE_WARPS) {
+      const float s = lane < positions ? w[r * positions + lane] : -INFINITY;
+      const float new_max = fmaxf(row_max[r], warp_max(s));
+      const float e = s > -INFINITY ? __expf(s - new_max) : 0.0f;
+      const float total = warp_sum(e);
+      if (lane < positions) w[r * positions + lane] = e;
+      if (lane == 0) {
+        const float c = new_max > -INFINITY ? __expf(row_max[r] - new_max) : 1.0f;
+        correction[r] = c;
+        row_sum[r] = row_sum[r] * c + total;
+        row_max[r] = new_max;
+      }
+    }
+    __syncthreads();
+    for (int k = 0; k < TILE_OUTPUTS; ++k) {
+      const uint32_t i = tid + k * TILE_THREADS;
+      if (i >= TILE_TOKENS * d) break;
+      const uint32_t r = i / d, x = i % d;
+      float a = acc[k] * correction[r];
+      for (uint32_t j = 0; j < n; ++j) a += w[r * positions + j] * vs[j * d + x];
+      acc[k] = a;
+    }
+    __syncthreads();
+  }
+  for (int k = 0; k < TILE_OUTPUTS; ++k) {
+    const uint32_t i = tid + k * TILE_THREADS;
+    if (i >= TILE_TOKENS * d) break;
+    const uint32_t r = i / d, x = i % d;
+    if (r < count) out[((uint64_t)(first + r) * heads + h) * d + x] = acc[k] / row_sum[r];
+  }
+}
+
+#define ATTEND(NAME, TILES, T)                                                                 \
   extern "C" __global__ void NAME(float *out, const float *q, const T *keys, const T *values,   \
                                   const uint32_t *tables, uint32_t max_blocks,                 \
-                                  const uint32_t *tokens, uint32_t heads, uint32_t kv_heads,   \
-                                  uint32_t d, uint32_t bs, float scale) {                      \
-    attend<T>(out, q, keys, values, tables, max_blocks, tokens, heads, kv_heads, d, bs, scale); \
+                                  const uint32_t *tokens, const uint32_t *order, uint32_t heads, \
+                                  uint32_t kv_heads, uint32_t d, uint32_t bs, float scale) {   \
+    attend<T>(out, q, keys, values, tables, max_blocks, tokens, order, heads, kv_heads, d, bs,  \
+              scale);                                                                          \
+  }                                                                                            \
+  extern "C" __global__ void TILES(float *out, const float *q, const T *keys, const T *values,  \
+                                   const uint32_t *tables, uint32_t max_blocks,                \
+                                   const uint32_t *tokens, const uint32_t *tiles,              \
+                                   uint32_t heads, uint32_t kv_heads, uint32_t d, uint32_t bs, \
+                                   uint32_t positions, float scale) {                          \
+    attend_tiles<T>(out, q, keys, values, tables, max_blocks, tokens, tiles, heads, kv_heads,  \
+                    d, bs, positions, scale);                                                  \
   }
-ATTEND(paged_attend_f16, __half)
-ATTEND(paged_attend_bf16, __nv_bfloat16)
-ATTEND(paged_attend_f32, float)
+ATTEND(paged_attend_f16, paged_attend_tiles_f16, __half)
+ATTEND(paged_attend_bf16, paged_attend_tiles_bf16, __nv_bfloat16)
+ATTEND(paged_attend_f32, paged_attend_tiles_f32, float)
 
 // RMSNorm of one row, by one block: the sum of squares in double (as the CPU engine and
 // llama.cpp take it), then each element scaled and multiplied by the weight. Each

@@ -1,10 +1,19 @@
 //! How each kernel of `kernels.cu` is launched: one place for the GPU (`cuda.rs`) and
 //! for the tests that run the kernels' source on the host (`emulated.rs`).
 
+use super::TILE_TOKENS;
+
 /// Threads per block of the attention and RMSNorm kernels (`THREADS` in `kernels.cu`).
 pub const THREADS: u32 = 128;
 /// The widest head the attention kernel takes (`THREADS * PER_THREAD`).
 pub const MAX_HEAD_DIM: usize = 512;
+
+/// Threads per block of the tiled attention kernel (`TILE_THREADS`), and the widest
+/// head it takes (its outputs per thread).
+const TILE_THREADS: u32 = 256;
+pub const MAX_TILED_HEAD_DIM: usize = 256;
+/// Dynamic shared memory a block may have without opting in, less the kernels' static.
+const SHARED_BYTES: usize = 47 * 1024;
 /// Threads per block of the draw kernels (`DRAW_THREADS` in `kernels.cu`).
 pub const DRAW_THREADS: u32 = 256;
 /// Threads per block of the element-wise kernels (cudarc's `for_num_elems`).
@@ -36,6 +45,26 @@ impl Launch {
             threads: THREADS,
             shared_bytes: (head_dim as u32 + THREADS) * 4,
         }
+    }
+
+    /// Tiled attention: a block per (run of tokens, head), and the positions a tile of
+    /// the cache holds (at most 32, as many as shared memory fits: queries, keys and
+    /// values of the tile, and weights, in f32). `None` where heads are wider than the
+    /// kernel takes.
+    pub fn attend_tiles(tiles: usize, heads: usize, head_dim: usize) -> Option<(Self, u32)> {
+        if head_dim > MAX_TILED_HEAD_DIM {
+            return None;
+        }
+        let bytes = |p: usize| (TILE_TOKENS * head_dim + 2 * p * head_dim + TILE_TOKENS * p) * 4;
+        let positions = [32, 16, 8, 4]
+            .into_iter()
+            .find(|&p| bytes(p) <= SHARED_BYTES)?;
+        let launch = Self {
+            blocks: (tiles as u32, heads as u32),
+            threads: TILE_THREADS,
+            shared_bytes: bytes(positions) as u32,
+        };
+        Some((launch, positions as u32))
     }
 
     /// A block per row (RMSNorm).

@@ -33,6 +33,81 @@ pub struct AttendPlan {
     /// `[tokens, 2]` u32: the token's sequence (a row of `tables`) and the number of
     /// positions it attends to (its own position + 1).
     pub tokens: Tensor,
+    /// How the GPU's kernels share the tokens out ([`TokenTiles`]; the CPU twin takes
+    /// every token alike): `[tokens]` u32, the tokens of one-token spans first.
+    pub order: Tensor,
+    /// How many of `order` are one-token spans' (the per-token kernel's).
+    pub singles: usize,
+    /// `[tiles, 2]` u32: (first token, count) of the other spans' runs of tokens (the
+    /// tiled kernel's).
+    pub tiles: Tensor,
+}
+
+#[cfg(test)]
+impl AttendPlan {
+    /// A plan on `device` from host values: `tables` (`sequences` rows), `tokens` (the
+    /// (sequence, positions seen) pairs) and the step's spans' lengths.
+    pub fn new(
+        tables: Vec<u32>,
+        sequences: usize,
+        tokens: Vec<u32>,
+        span_lens: impl IntoIterator<Item = usize>,
+        device: &candle_core::Device,
+    ) -> Result<Self> {
+        let tiled = TokenTiles::new(span_lens);
+        let n = tokens.len() / 2;
+        let max_blocks = tables.len() / sequences.max(1);
+        Ok(Self {
+            tables: Tensor::from_vec(tables, (sequences, max_blocks), device)?,
+            tokens: Tensor::from_vec(tokens, (n, 2), device)?,
+            order: Tensor::from_vec(tiled.order, n, device)?,
+            singles: tiled.singles,
+            tiles: Tensor::from_vec(tiled.tiles.clone(), (tiled.tiles.len() / 2, 2), device)?,
+        })
+    }
+}
+
+/// Tokens a run of the tiled attention kernel holds (`TILE_TOKENS` in `kernels.cu`).
+pub const TILE_TOKENS: usize = 16;
+
+/// A step's tokens as the attention kernels share them out: decoding sequences' single
+/// tokens to the per-token kernel, prompts' tokens in runs of up to [`TILE_TOKENS`] of
+/// one sequence to the tiled kernel, which reads the cache once per run instead of once
+/// per token.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TokenTiles {
+    /// Every token once: one-token spans' first, then the others in step order.
+    pub order: Vec<u32>,
+    pub singles: usize,
+    /// (first token, count) per run.
+    pub tiles: Vec<u32>,
+}
+
+impl TokenTiles {
+    /// For spans of `lens` tokens, laid out one after another in the step.
+    pub fn new(lens: impl IntoIterator<Item = usize>) -> Self {
+        let (mut singles, mut others, mut tiles) = (Vec::new(), Vec::new(), Vec::new());
+        let mut at = 0u32;
+        for len in lens {
+            let len = len as u32;
+            if len == 1 {
+                singles.push(at);
+            } else {
+                others.extend(at..at + len);
+                for first in (at..at + len).step_by(TILE_TOKENS) {
+                    tiles.extend([first, (at + len - first).min(TILE_TOKENS as u32)]);
+                }
+            }
+            at += len;
+        }
+        let n = singles.len();
+        singles.extend(others);
+        Self {
+            order: singles,
+            singles: n,
+            tiles,
+        }
+    }
 }
 
 /// How a step's queries and keys are rotated (RoPE) as they leave the QKV product,
@@ -246,6 +321,13 @@ pub fn attend(q: &Tensor, cache: &Tensor, plan: &AttendPlan) -> Result<Tensor> {
     }
     if plan.tables.rank() != 2 || plan.tables.dtype() != DType::U32 {
         bail!("attend: block tables must be [sequences, blocks] u32");
+    }
+    if plan.order.dims1()? != tokens || plan.order.dtype() != DType::U32 || plan.singles > tokens {
+        bail!("attend: {tokens} tokens need an order of {tokens} u32");
+    }
+    let (_, two) = plan.tiles.dims2()?;
+    if two != 2 || plan.tiles.dtype() != DType::U32 {
+        bail!("attend: token tiles must be [tiles, 2] u32");
     }
     let op = Attend {
         plan: plan.clone(),

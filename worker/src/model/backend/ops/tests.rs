@@ -248,10 +248,7 @@ fn paged_attention_matches_a_naive_softmax_over_shuffled_blocks() {
     let mut table = vec![0u32; 2 * 3];
     table[..3].copy_from_slice(tables[0]);
     table[3..5].copy_from_slice(tables[1]);
-    let plan = AttendPlan {
-        tables: Tensor::from_vec(table, (2, 3), &dev).unwrap(),
-        tokens: Tensor::from_vec(tokens, (seen.len(), 2), &dev).unwrap(),
-    };
+    let plan = AttendPlan::new(table, 2, tokens, [1, 6], &dev).unwrap();
     let q = values(seen.len() * heads * d, 3);
     let qt = Tensor::from_vec(q.clone(), (seen.len(), heads, d), &dev).unwrap();
     let out = attend(&qt, &cache, &plan)
@@ -286,15 +283,8 @@ fn plans_that_read_outside_the_cache_are_refused() {
     let dev = Device::Cpu;
     let cache = Tensor::zeros((2, 2, 4, 1, 8), DType::F16, &dev).unwrap();
     let q = Tensor::zeros((1, 2, 8), DType::F32, &dev).unwrap();
-    let plan = |table: &[u32], len: u32| AttendPlan {
-        tables: Tensor::new(table, &dev)
-            .unwrap()
-            .reshape((1, table.len()))
-            .unwrap(),
-        tokens: Tensor::new(&[0u32, len], &dev)
-            .unwrap()
-            .reshape((1, 2))
-            .unwrap(),
+    let plan = |table: &[u32], len: u32| {
+        AttendPlan::new(table.to_vec(), 1, vec![0, len], [1], &dev).unwrap()
     };
     let err = attend(&q, &cache, &plan(&[0, 5], 6))
         .unwrap_err()

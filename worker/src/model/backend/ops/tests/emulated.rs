@@ -187,16 +187,19 @@ fn the_rotation_kernels_write_and_rotate_what_the_ops_do() {
 }
 
 #[test]
-fn the_attention_kernel_computes_what_the_op_computes() {
-    // Decode and prefill tokens together, grouped query heads, sequences longer than a
-    // tile of 128 positions, head widths below, at and above a warp's and beyond one
-    // feature per thread.
+fn the_attention_kernels_compute_what_the_op_computes() {
+    // Decode and prefill tokens together (prompts' runs to the tiled kernel, in runs of
+    // 16 tokens and tiles of up to 32 positions, decode tokens to the per-token one),
+    // grouped query heads, sequences longer than the per-token kernel's tile of 128
+    // positions, head widths below, at and above a warp's and beyond one feature per
+    // thread; and every token through the per-token kernel (heads too wide for tiles).
     type Case<'a> = (DType, usize, usize, usize, &'a [usize], &'a [usize]);
-    let cases: [Case; 5] = [
+    let cases: [Case; 6] = [
         (DType::F16, 4, 2, 64, &[5, 140], &[5, 1]),
         (DType::BF16, 6, 3, 20, &[300, 9], &[2, 3]),
         (DType::F32, 2, 1, 160, &[33], &[1]),
-        (DType::F16, 8, 2, 128, &[129, 1, 16], &[1, 1, 16]),
+        (DType::F16, 4, 2, 128, &[129, 1, 40], &[1, 1, 37]),
+        (DType::BF16, 2, 1, 256, &[20, 3], &[18, 1]),
         (DType::BF16, 2, 2, MAX_HEAD_DIM, &[40], &[2]),
     ];
     for (dtype, heads, kvh, d, lens, queries) in cases {
@@ -205,77 +208,110 @@ fn the_attention_kernel_computes_what_the_op_computes() {
         let tokens = p.tokens.len() / 2;
         let q = values(tokens * heads * d, 7);
         let dev = Device::Cpu;
-        let plan = AttendPlan {
-            tables: Tensor::from_vec(p.tables.clone(), (lens.len(), p.max_blocks), &dev).unwrap(),
-            tokens: Tensor::from_vec(p.tokens.clone(), (tokens, 2), &dev).unwrap(),
-        };
+        let plan = AttendPlan::new(
+            p.tables.clone(),
+            lens.len(),
+            p.tokens.clone(),
+            queries.iter().copied(),
+            &dev,
+        )
+        .unwrap();
         let qt = Tensor::from_vec(q.clone(), (tokens, heads, d), &dev).unwrap();
         let want: Vec<f32> = to_vec(&attend(&qt, &p.cache, &plan).unwrap());
+        let tiled = TokenTiles::new(queries.iter().copied());
+        let tile_launch = Launch::attend_tiles(tiled.tiles.len() / 2, heads, d);
+        for tiles in [true, false] {
+            if tiles && tile_launch.is_none() {
+                continue;
+            }
+            let mut out = Guarded::new(vec![f32::NAN; tokens * heads * d], f32::MAX);
+            let o = out.ptr();
+            let (tables, meta) = (p.tables.as_ptr(), p.tokens.as_ptr());
+            let (order, runs) = (tiled.order.as_ptr(), tiled.tiles.as_ptr());
+            let scale = 1.0 / (d as f32).sqrt();
+            let (mb, h, kv, dd, b) = (
+                p.max_blocks as u32,
+                heads as u32,
+                kvh as u32,
+                d as u32,
+                bs as u32,
+            );
+            let per_token = if tiles { tiled.singles } else { tokens };
+            macro_rules! go {
+                ($t:ty, $f:path, $g:path) => {{
+                    let cache = to_vec::<$t>(&p.cache);
+                    let (keys, vals) = cache.split_at(cache.len() / 2);
+                    let (kp, vp, qp) = (keys.as_ptr(), vals.as_ptr(), q.as_ptr());
+                    if per_token > 0 {
+                        run(Launch::attend(per_token, heads, d), || unsafe {
+                            $f(o, qp, kp, vp, tables, mb, meta, order, h, kv, dd, b, scale)
+                        });
+                    }
+                    if let (true, Some((shape, positions))) = (tiles, tile_launch) {
+                        run(shape, || unsafe {
+                            $g(
+                                o, qp, kp, vp, tables, mb, meta, runs, h, kv, dd, b, positions,
+                                scale,
+                            )
+                        });
+                    }
+                }};
+            }
+            match dtype {
+                DType::F16 => go!(f16, k::paged_attend_f16, k::paged_attend_tiles_f16),
+                DType::BF16 => go!(bf16, k::paged_attend_bf16, k::paged_attend_tiles_bf16),
+                _ => go!(f32, k::paged_attend_f32, k::paged_attend_tiles_f32),
+            }
+            check_attention(&p, &q, &out, &want, (dtype, heads, kvh, d, bs));
+        }
+    }
+}
 
-        let mut out = Guarded::new(vec![f32::NAN; tokens * heads * d], f32::MAX);
-        let o = out.ptr();
-        let (tables, meta) = (p.tables.as_ptr(), p.tokens.as_ptr());
-        let scale = 1.0 / (d as f32).sqrt();
-        let (mb, h, kv, dd, b) = (
-            p.max_blocks as u32,
-            heads as u32,
-            kvh as u32,
-            d as u32,
-            bs as u32,
-        );
-        let shape = Launch::attend(tokens, heads, d);
-        macro_rules! go {
-            ($t:ty, $f:path) => {{
-                let cache = to_vec::<$t>(&p.cache);
-                let (keys, vals) = cache.split_at(cache.len() / 2);
-                let (kp, vp, qp) = (keys.as_ptr(), vals.as_ptr(), q.as_ptr());
-                run(shape, || unsafe {
-                    $f(o, qp, kp, vp, tables, mb, meta, h, kv, dd, b, scale)
-                });
-            }};
-        }
-        match dtype {
-            DType::F16 => go!(f16, k::paged_attend_f16),
-            DType::BF16 => go!(bf16, k::paged_attend_bf16),
-            _ => go!(f32, k::paged_attend_f32),
-        }
-        // The op's CPU twin rounds the softmax weights to the cache's type, as the CPU
-        // engine does; the kernel keeps them in f32: a naive softmax in f64 over the
-        // cached entries is the reference, the twin within the weights' rounding.
-        let cached: Vec<f32> = to_vec(&p.cache.to_dtype(DType::F32).unwrap());
-        let (keys, vals) = cached.split_at(cached.len() / 2);
-        let got = out.inside();
-        let rounding = match dtype {
-            DType::F16 => 2e-3,
-            DType::BF16 => 1e-2,
-            _ => 1e-5,
-        };
-        for t in 0..tokens {
-            let (s, seen) = (p.tokens[2 * t] as usize, p.tokens[2 * t + 1] as usize);
-            for h in 0..heads {
-                let kv_head = h / (heads / kvh);
-                let at = |cache: &[f32]| -> Vec<Vec<f32>> {
-                    (0..seen)
-                        .map(|pos| {
-                            let slot =
-                                p.tables[s * p.max_blocks + pos / bs] as usize * bs + pos % bs;
-                            cache[(slot * kvh + kv_head) * d..][..d].to_vec()
-                        })
-                        .collect()
-                };
-                let row = t * heads + h;
-                let reference = naive(&q[row * d..][..d], &at(keys), &at(vals));
-                for x in 0..d {
-                    let (g, w, r) = (got[row * d + x], want[row * d + x], reference[x]);
-                    assert!(
-                        (g - r).abs() < 1e-5,
-                        "{dtype:?} d {d}, token {t} head {h}: {g} vs {r}"
-                    );
-                    assert!(
-                        (g - w).abs() < rounding,
-                        "{dtype:?} d {d}, token {t} head {h}: {g} vs twin {w}"
-                    );
-                }
+/// The kernels' output against a naive softmax in f64 over the cached entries, and
+/// against the op's CPU twin.
+fn check_attention(
+    p: &Paged,
+    q: &[f32],
+    out: &Guarded<f32>,
+    want: &[f32],
+    (dtype, heads, kvh, d, bs): (DType, usize, usize, usize, usize),
+) {
+    let tokens = p.tokens.len() / 2;
+    // The op's CPU twin rounds the softmax weights to the cache's type, as the CPU
+    // engine does; the kernel keeps them in f32: a naive softmax in f64 over the
+    // cached entries is the reference, the twin within the weights' rounding.
+    let cached: Vec<f32> = to_vec(&p.cache.to_dtype(DType::F32).unwrap());
+    let (keys, vals) = cached.split_at(cached.len() / 2);
+    let got = out.inside();
+    let rounding = match dtype {
+        DType::F16 => 2e-3,
+        DType::BF16 => 1e-2,
+        _ => 1e-5,
+    };
+    for t in 0..tokens {
+        let (s, seen) = (p.tokens[2 * t] as usize, p.tokens[2 * t + 1] as usize);
+        for h in 0..heads {
+            let kv_head = h / (heads / kvh);
+            let at = |cache: &[f32]| -> Vec<Vec<f32>> {
+                (0..seen)
+                    .map(|pos| {
+                        let slot = p.tables[s * p.max_blocks + pos / bs] as usize * bs + pos % bs;
+                        cache[(slot * kvh + kv_head) * d..][..d].to_vec()
+                    })
+                    .collect()
+            };
+            let row = t * heads + h;
+            let reference = naive(&q[row * d..][..d], &at(keys), &at(vals));
+            for x in 0..d {
+                let (g, w, r) = (got[row * d + x], want[row * d + x], reference[x]);
+                assert!(
+                    (g - r).abs() < 1e-5,
+                    "{dtype:?} d {d}, token {t} head {h}: {g} vs {r}"
+                );
+                assert!(
+                    (g - w).abs() < rounding,
+                    "{dtype:?} d {d}, token {t} head {h}: {g} vs twin {w}"
+                );
             }
         }
     }
