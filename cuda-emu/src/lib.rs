@@ -118,6 +118,9 @@ pub mod kernels {
                     head_dim: u32,
                     block_size: u32,
                     scale: f32,
+                    chunks: u32,
+                    chunk_len: u32,
+                    partial: *mut f32,
                 );
                 pub fn $tiles(
                     out: *mut f32,
@@ -161,6 +164,14 @@ pub mod kernels {
     );
 
     unsafe extern "C" {
+        pub fn paged_attend_combine(
+            out: *mut f32,
+            partial: *const f32,
+            order: *const u32,
+            heads: u32,
+            head_dim: u32,
+            chunks: u32,
+        );
         pub fn rms_norm_f32(out: *mut f32, x: *const f32, weight: *const f32, width: u32, eps: f32);
         pub fn add_rms_norm_f32(
             out: *mut f32,

@@ -403,6 +403,17 @@ impl Backend for Tensors {
                     .reshape((spans.len(), max_blocks))?,
                 order: all.narrow(0, tables_end, tokens)?,
                 singles: tiled.singles,
+                longest: spans
+                    .iter()
+                    .map(|s| s.start_pos + s.tokens.len())
+                    .max()
+                    .unwrap_or(0),
+                longest_single: spans
+                    .iter()
+                    .filter(|s| s.tokens.len() == 1)
+                    .map(|s| s.start_pos + 1)
+                    .max()
+                    .unwrap_or(0),
                 tiles: all
                     .narrow(0, tables_end + tokens, tiled.tiles.len())?
                     .reshape((tiled.tiles.len() / 2, 2))?,

@@ -235,11 +235,20 @@ pub fn attend(
     // Prompts' runs to the tiled kernel where the head fits it; else every token to
     // the per-token kernel.
     let tiled = Launch::attend_tiles(n_tiles, heads, d).filter(|_| n_tiles > 0);
-    let per_token = if tiled.is_some() {
-        plan.singles
-    } else {
-        tokens
+    let (per_token, longest) = match tiled {
+        Some(_) => (plan.singles, plan.longest_single),
+        None => (tokens, plan.longest),
     };
+    let (chunks, chunk_len) = Launch::attend_chunks(per_token, heads, longest);
+    // Each chunk's maximum, sum and unnormalised sums, when sequences are split.
+    let partial_len = if chunks > 1 {
+        per_token * chunks as usize * heads * (d + 2)
+    } else {
+        // Not read with one chunk; the kernel still takes a pointer.
+        1
+    };
+    // SAFETY: with chunks, every block writes its entries before attend_combine reads.
+    let partial = unsafe { dev.alloc::<f32>(partial_len) }?;
     let suffix = suffix(cache.dtype())?;
     let (heads, kv_heads, d32, bs) = (heads as u32, kv_heads as u32, d as u32, bs as u32);
     macro_rules! launch {
@@ -261,12 +270,30 @@ pub fn attend(
                     .arg(&kv_heads)
                     .arg(&d32)
                     .arg(&bs)
-                    .arg(&scale);
-                let cfg = Launch::attend(per_token, heads as usize, d).into();
+                    .arg(&scale)
+                    .arg(&chunks)
+                    .arg(&chunk_len)
+                    .arg(&partial);
+                let cfg = Launch::attend(per_token, heads as usize, d, chunks).into();
                 // SAFETY: the arguments match the kernel's signature; the plan's tables
-                // were checked against the cache's size before the step, and the first
-                // `per_token` entries of `order` are tokens of the step.
+                // were checked against the cache's size before the step, the first
+                // `per_token` entries of `order` are tokens of the step, and `partial`
+                // holds `d + 2` floats for each block when there are chunks.
                 unsafe { b.launch(cfg) }.map_err(cuda_error)?;
+                if chunks > 1 {
+                    let func = function(q, "paged_attend_combine")?;
+                    let mut b = stream.launch_builder(&func);
+                    b.arg(&out)
+                        .arg(&partial)
+                        .arg(&order)
+                        .arg(&heads)
+                        .arg(&d32)
+                        .arg(&chunks);
+                    let cfg = Launch::attend_combine(per_token, heads as usize).into();
+                    // SAFETY: as above; the chunks' entries were written just before,
+                    // on the same stream.
+                    unsafe { b.launch(cfg) }.map_err(cuda_error)?;
+                }
             }
             if let Some((shape, positions)) = tiled {
                 let func = function(q, &format!("paged_attend_tiles_{suffix}"))?;

@@ -123,23 +123,29 @@ __device__ float block_reduce(float x, bool is_max, float *scratch) {
   return r;
 }
 
-// One block per (token, head), the token `order[blockIdx.x]` (decode tokens, or every
-// token where heads are too wide for the tiles below); the token attends to the first
-// `len` positions of its sequence. Positions go in tiles of THREADS: each warp scores a quarter of the tile
-// (lanes across head_dim, so reads of a key are coalesced), then every thread adds the
-// tile's weighted values for its output features, with the running maximum and sum of
-// an online softmax.
+// One block per (token, head, chunk of positions), the token `order[blockIdx.x /
+// chunks]` (decode tokens, or every token where heads are too wide for the tiles below);
+// the token attends to the first `len` positions of its sequence. Positions go in tiles
+// of THREADS: each warp scores a quarter of the tile (lanes across head_dim, so reads of
+// a key are coalesced), then every thread adds the tile's weighted values for its output
+// features, with the running maximum and sum of an online softmax. With one chunk the
+// block writes the output; with several (long sequences, few tokens: more blocks than
+// (token, head) pairs keep the GPU busy) each chunk of `chunk_len` positions writes its
+// maximum, sum and unnormalised sums to `partial` (`d + 2` floats a block) and
+// attend_combine merges them.
 template <typename T>
 __device__ void attend(float *out, const float *q, const T *keys, const T *values,
                        const uint32_t *tables, uint32_t max_blocks, const uint32_t *tokens,
                        const uint32_t *order, uint32_t heads, uint32_t kv_heads, uint32_t d,
-                       uint32_t bs, float scale) {
+                       uint32_t bs, float scale, uint32_t chunks, uint32_t chunk_len,
+                       float *partial) {
   DYNAMIC_SHARED(float, shared);
   float *qs = shared;          // [d]
   float *weights = shared + d; // [THREADS]
   __shared__ float scratch[WARPS];
 
-  const uint32_t t = order[blockIdx.x], h = blockIdx.y, tid = threadIdx.x;
+  const uint32_t t = order[blockIdx.x / chunks], h = blockIdx.y, tid = threadIdx.x;
+  const uint32_t chunk = blockIdx.x % chunks;
   const uint32_t seq = tokens[2 * t], len = tokens[2 * t + 1];
   const uint32_t kv_head = h / (heads / kv_heads);
   const uint32_t *table = tables + (uint64_t)seq * max_blocks;
@@ -151,8 +157,9 @@ __device__ void attend(float *out, const float *q, const T *keys, const T *value
   for (int j = 0; j < PER_THREAD; ++j) acc[j] = 0.0f;
   float running_max = -INFINITY, running_sum = 0.0f;
   const int lane = tid % 32, warp = tid / 32;
-  for (uint32_t p0 = 0; p0 < len; p0 += THREADS) {
-    const uint32_t n = min((uint32_t)THREADS, len - p0);
+  const uint32_t from = min(len, chunk * chunk_len), to = min(len - from, chunk_len) + from;
+  for (uint32_t p0 = from; p0 < to; p0 += THREADS) {
+    const uint32_t n = min((uint32_t)THREADS, to - p0);
     // Scores of the tile, a warp per position.
     for (uint32_t i = warp; i < n; i += WARPS) {
       const uint32_t p = p0 + i;
@@ -185,10 +192,49 @@ __device__ void attend(float *out, const float *q, const T *keys, const T *value
     }
     __syncthreads();
   }
+  if (chunks == 1) {
+    for (int j = 0; j < PER_THREAD; ++j) {
+      const uint32_t x = tid + j * THREADS;
+      if (x < d) out[row * d + x] = acc[j] / running_sum;
+    }
+    return;
+  }
+  float *part = partial + ((uint64_t)blockIdx.x * heads + h) * (d + 2);
   for (int j = 0; j < PER_THREAD; ++j) {
     const uint32_t x = tid + j * THREADS;
-    if (x < d) out[row * d + x] = acc[j] / running_sum;
+    if (x < d) part[x] = acc[j];
   }
+  if (tid == 0) {
+    part[d] = running_max;
+    part[d + 1] = running_sum;
+  }
+}
+
+// Merges the chunks of attend's blocks: one block per (token, head), each chunk's sums
+// weighted by exp(its maximum - the overall maximum); empty chunks weigh nothing.
+__device__ void attend_combine(float *out, const float *partial, const uint32_t *order,
+                               uint32_t heads, uint32_t d, uint32_t chunks) {
+  const uint32_t i = blockIdx.x, h = blockIdx.y;
+  const uint64_t row = (uint64_t)order[i] * heads + h;
+  float m = -INFINITY;
+  for (uint32_t c = 0; c < chunks; ++c)
+    m = fmaxf(m, partial[(((uint64_t)i * chunks + c) * heads + h) * (d + 2) + d]);
+  for (uint32_t x = threadIdx.x; x < d; x += THREADS) {
+    float sum = 0.0f, total = 0.0f;
+    for (uint32_t c = 0; c < chunks; ++c) {
+      const float *part = partial + (((uint64_t)i * chunks + c) * heads + h) * (d + 2);
+      const float w = part[d] > -INFINITY ? __expf(part[d] - m) : 0.0f;
+      sum += part[x] * w;
+      total += part[d + 1] * w;
+    }
+    out[row * d + x] = sum / total;
+  }
+}
+
+extern "C" __global__ void paged_attend_combine(float *out, const float *partial,
+                                                const uint32_t *order, uint32_t heads,
+                                                uint32_t d, uint32_t chunks) {
+  attend_combine(out, partial, order, heads, d, chunks);
 }
 
 // Tiles of a prompt's tokens: one block per (run of up to TILE_TOKENS consecutive tokens
@@ -292,9 +338,10 @@ __device__ void attend_tiles(float *out, const float *q, const T *keys, const T 
   extern "C" __global__ void NAME(float *out, const float *q, const T *keys, const T *values,   \
                                   const uint32_t *tables, uint32_t max_blocks,                 \
                                   const uint32_t *tokens, const uint32_t *order, uint32_t heads, \
-                                  uint32_t kv_heads, uint32_t d, uint32_t bs, float scale) {   \
+                                  uint32_t kv_heads, uint32_t d, uint32_t bs, float scale,     \
+                                  uint32_t chunks, uint32_t chunk_len, float *partial) {       \
     attend<T>(out, q, keys, values, tables, max_blocks, tokens, order, heads, kv_heads, d, bs,  \
-              scale);                                                                          \
+              scale, chunks, chunk_len, partial);                                              \
   }                                                                                            \
   extern "C" __global__ void TILES(float *out, const float *q, const T *keys, const T *values,  \
                                    const uint32_t *tables, uint32_t max_blocks,                \

@@ -38,13 +38,41 @@ impl Launch {
         }
     }
 
-    /// Attention: a block per (token, head), the query and a tile's weights shared.
-    pub fn attend(tokens: usize, heads: usize, head_dim: usize) -> Self {
+    /// Attention: a block per (token, head, chunk of positions), the query and a
+    /// tile's weights shared.
+    pub fn attend(tokens: usize, heads: usize, head_dim: usize, chunks: u32) -> Self {
         Self {
-            blocks: (tokens as u32, heads as u32),
+            blocks: (tokens as u32 * chunks, heads as u32),
             threads: THREADS,
             shared_bytes: (head_dim as u32 + THREADS) * 4,
         }
+    }
+
+    /// The merge of attention's chunks: a block per (token, head).
+    pub fn attend_combine(tokens: usize, heads: usize) -> Self {
+        Self {
+            blocks: (tokens as u32, heads as u32),
+            threads: THREADS,
+            shared_bytes: 0,
+        }
+    }
+
+    /// How the per-token attention kernel splits each token's positions: `(chunks,
+    /// positions a chunk)`. One chunk (the whole sequence) unless the (token, head)
+    /// pairs are too few to keep a GPU's multiprocessors busy (an H100 has 132): then
+    /// enough chunks, of at least 512 positions, for about 512 blocks. `longest` is
+    /// the most positions a token sees.
+    pub fn attend_chunks(tokens: usize, heads: usize, longest: usize) -> (u32, u32) {
+        const BLOCKS: usize = 512;
+        const MIN_CHUNK: usize = 512;
+        let pairs = (tokens * heads).max(1);
+        let chunks = BLOCKS.div_ceil(pairs).min(longest / MIN_CHUNK).max(1);
+        if chunks == 1 {
+            return (1, u32::MAX);
+        }
+        // Whole tiles of THREADS positions a chunk.
+        let chunk = longest.div_ceil(chunks).div_ceil(THREADS as usize) * THREADS as usize;
+        (longest.div_ceil(chunk) as u32, chunk as u32)
     }
 
     /// Tiled attention: a block per (run of tokens, head), and the positions a tile of
@@ -87,5 +115,26 @@ impl Launch {
             shared_bytes: chunk * DRAW_THREADS / 8,
         };
         (launch, chunk)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Launch;
+
+    #[test]
+    fn long_sequences_of_few_tokens_are_split_into_chunks() {
+        // Short or many: one chunk.
+        assert_eq!(Launch::attend_chunks(1, 32, 1000), (1, u32::MAX));
+        assert_eq!(Launch::attend_chunks(64, 32, 8192), (1, u32::MAX));
+        // One token of 32 heads over 4k positions: 8 chunks of 512, 256 blocks; over
+        // 32k, 16 chunks of 2048, 512 blocks.
+        assert_eq!(Launch::attend_chunks(1, 32, 4096), (8, 512));
+        assert_eq!(Launch::attend_chunks(1, 32, 32768), (16, 2048));
+        // Chunks are whole tiles of 128 positions and cover the sequence.
+        let (chunks, len) = Launch::attend_chunks(2, 8, 5000);
+        assert!(chunks > 1 && len % 128 == 0, "{chunks} x {len}");
+        assert!(chunks as usize * len as usize >= 5000);
+        assert!((chunks as usize - 1) * (len as usize) < 5000);
     }
 }

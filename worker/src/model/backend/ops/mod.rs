@@ -41,6 +41,12 @@ pub struct AttendPlan {
     /// `[tiles, 2]` u32: (first token, count) of the other spans' runs of tokens (the
     /// tiled kernel's).
     pub tiles: Tensor,
+    /// The most positions any token sees, and any one-token span's token: how finely
+    /// the per-token kernel splits sequences (the CPU twin needs neither).
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub longest: usize,
+    #[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+    pub longest_single: usize,
 }
 
 #[cfg(test)]
@@ -54,10 +60,20 @@ impl AttendPlan {
         span_lens: impl IntoIterator<Item = usize>,
         device: &candle_core::Device,
     ) -> Result<Self> {
-        let tiled = TokenTiles::new(span_lens);
+        let lens: Vec<usize> = span_lens.into_iter().collect();
+        let tiled = TokenTiles::new(lens.iter().copied());
         let n = tokens.len() / 2;
         let max_blocks = tables.len() / sequences.max(1);
+        let seen = |t: usize| tokens[2 * t + 1] as usize;
+        let longest = (0..n).map(seen).max().unwrap_or(0);
+        let longest_single = tiled.order[..tiled.singles]
+            .iter()
+            .map(|&t| seen(t as usize))
+            .max()
+            .unwrap_or(0);
         Ok(Self {
+            longest,
+            longest_single,
             tables: Tensor::from_vec(tables, (sequences, max_blocks), device)?,
             tokens: Tensor::from_vec(tokens, (n, 2), device)?,
             order: Tensor::from_vec(tiled.order, n, device)?,

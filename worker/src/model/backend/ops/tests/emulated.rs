@@ -220,7 +220,8 @@ fn the_attention_kernels_compute_what_the_op_computes() {
         let want: Vec<f32> = to_vec(&attend(&qt, &p.cache, &plan).unwrap());
         let tiled = TokenTiles::new(queries.iter().copied());
         let tile_launch = Launch::attend_tiles(tiled.tiles.len() / 2, heads, d);
-        for tiles in [true, false] {
+        // Prompts' tokens tiled or not, each token's positions in chunks of 128 or whole.
+        for (tiles, split) in [(true, false), (true, true), (false, false), (false, true)] {
             if tiles && tile_launch.is_none() {
                 continue;
             }
@@ -237,15 +238,38 @@ fn the_attention_kernels_compute_what_the_op_computes() {
                 bs as u32,
             );
             let per_token = if tiles { tiled.singles } else { tokens };
+            let longest = tiled.order[..per_token]
+                .iter()
+                .map(|&t| p.tokens[2 * t as usize + 1])
+                .max()
+                .unwrap_or(0);
+            let (chunks, chunk_len) = if split {
+                (longest.div_ceil(128).max(1), 128)
+            } else {
+                (1, u32::MAX)
+            };
+            let mut partial = Guarded::new(
+                vec![f32::NAN; per_token * chunks as usize * heads * (d + 2)],
+                f32::MAX,
+            );
+            let pp = partial.ptr();
             macro_rules! go {
                 ($t:ty, $f:path, $g:path) => {{
                     let cache = to_vec::<$t>(&p.cache);
                     let (keys, vals) = cache.split_at(cache.len() / 2);
                     let (kp, vp, qp) = (keys.as_ptr(), vals.as_ptr(), q.as_ptr());
                     if per_token > 0 {
-                        run(Launch::attend(per_token, heads, d), || unsafe {
-                            $f(o, qp, kp, vp, tables, mb, meta, order, h, kv, dd, b, scale)
+                        run(Launch::attend(per_token, heads, d, chunks), || unsafe {
+                            $f(
+                                o, qp, kp, vp, tables, mb, meta, order, h, kv, dd, b, scale,
+                                chunks, chunk_len, pp,
+                            )
                         });
+                        if chunks > 1 {
+                            run(Launch::attend_combine(per_token, heads), || unsafe {
+                                k::paged_attend_combine(o, pp, order, h, dd, chunks)
+                            });
+                        }
                     }
                     if let (true, Some((shape, positions))) = (tiles, tile_launch) {
                         run(shape, || unsafe {
@@ -262,6 +286,7 @@ fn the_attention_kernels_compute_what_the_op_computes() {
                 DType::BF16 => go!(bf16, k::paged_attend_bf16, k::paged_attend_tiles_bf16),
                 _ => go!(f32, k::paged_attend_f32, k::paged_attend_tiles_f32),
             }
+            partial.inside();
             check_attention(&p, &q, &out, &want, (dtype, heads, kvh, d, bs));
         }
     }
