@@ -146,15 +146,9 @@ def small_model_check(args, work, device):
     write_tokenizer(path, vocab)
     model = LlamaForCausalLM.from_pretrained(
         path, torch_dtype=torch.float32, attn_implementation="eager"
-    ).to(device).eval()
+    )
     ids = torch.randint(0, 256, (160,), generator=torch.Generator().manual_seed(1)).tolist()
-    with torch.no_grad():
-        ref = torch.log_softmax(
-            model(torch.tensor([ids], device=device)).logits[0].float(), dim=-1
-        ).cpu()
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    ref = reference_logprobs(model, ids, device)
 
     launch_overhead(args, path)
     for tensor in (1, 2):
@@ -169,17 +163,24 @@ def small_model_check(args, work, device):
     )
     model.save_pretrained(path16, safe_serialization=True)
     write_tokenizer(path16, vocab)
-    model = model.float().to(device).eval()
-    with torch.no_grad():
-        ref16 = torch.log_softmax(
-            model(torch.tensor([ids], device=device)).logits[0].float(), dim=-1
-        ).cpu()
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
+    ref16 = reference_logprobs(model.float(), ids, device)
     compare_logprobs(args, path16, ids, ref16, 1, "bf16", MAX_ABS_LOGPROB_BF16,
                      MAX_MEAN_KL_BF16)
     sampling_check(args, path, ids)
+
+
+def reference_logprobs(model, ids, device):
+    """transformers' log-softmax of the logits at each position of `ids`, in f32 on
+    `device`; the GPU's memory is given back."""
+    model = model.to(device).eval()
+    with torch.no_grad():
+        ref = torch.log_softmax(
+            model(torch.tensor([ids], device=device)).logits[0].float(), dim=-1
+        ).cpu()
+    model.to("cpu")
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return ref
 
 
 def compare_logprobs(args, path, ids, ref, tensor, label, max_abs, max_kl):

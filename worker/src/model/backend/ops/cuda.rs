@@ -6,7 +6,9 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use candle_core::backend::BackendStorage;
 use candle_core::{CudaStorage, DType, Layout, Result, Shape, Tensor, bail};
-use cudarc::driver::{CudaFunction, CudaModule, LaunchConfig, PushKernelArg};
+use cudarc::driver::{
+    CudaFunction, CudaModule, CudaSlice, CudaView, LaunchArgs, LaunchConfig, PushKernelArg,
+};
 
 use super::launch::{Launch, MAX_HEAD_DIM};
 use super::{AttendPlan, Rotation};
@@ -258,14 +260,16 @@ pub fn attend(
             if per_token > 0 {
                 let func = function(q, &format!("paged_attend_{suffix}"))?;
                 let mut b = stream.launch_builder(&func);
-                b.arg(&out)
-                    .arg(&q_s)
-                    .arg(&keys)
-                    .arg(&values)
-                    .arg(&tables)
-                    .arg(&max_blocks);
-                b.arg(&meta)
-                    .arg(&order)
+                cache_args(
+                    &mut b,
+                    &out,
+                    &q_s,
+                    (&keys, &values),
+                    &tables,
+                    &max_blocks,
+                    &meta,
+                );
+                b.arg(&order)
                     .arg(&heads)
                     .arg(&kv_heads)
                     .arg(&d32)
@@ -298,14 +302,16 @@ pub fn attend(
             if let Some((shape, positions)) = tiled {
                 let func = function(q, &format!("paged_attend_tiles_{suffix}"))?;
                 let mut b = stream.launch_builder(&func);
-                b.arg(&out)
-                    .arg(&q_s)
-                    .arg(&keys)
-                    .arg(&values)
-                    .arg(&tables)
-                    .arg(&max_blocks);
-                b.arg(&meta)
-                    .arg(&tiles_s)
+                cache_args(
+                    &mut b,
+                    &out,
+                    &q_s,
+                    (&keys, &values),
+                    &tables,
+                    &max_blocks,
+                    &meta,
+                );
+                b.arg(&tiles_s)
                     .arg(&heads)
                     .arg(&kv_heads)
                     .arg(&d32)
@@ -326,6 +332,26 @@ pub fn attend(
         CudaStorage::wrap_cuda_slice(out, dev.clone()),
         q_l.shape().clone(),
     ))
+}
+
+/// The arguments both attention kernels begin with: the output, the queries, the
+/// layer's keys and values, the block tables and each token's (sequence, length).
+fn cache_args<'a, 'c: 'a, T>(
+    b: &mut LaunchArgs<'a>,
+    out: &'a CudaSlice<f32>,
+    q: &'a CudaView<'c, f32>,
+    (keys, values): (&'a CudaView<'c, T>, &'a CudaView<'c, T>),
+    tables: &'a CudaView<'c, u32>,
+    max_blocks: &'a u32,
+    tokens: &'a CudaView<'c, u32>,
+) {
+    b.arg(out)
+        .arg(q)
+        .arg(keys)
+        .arg(values)
+        .arg(tables)
+        .arg(max_blocks)
+        .arg(tokens);
 }
 
 pub fn rms_norm(
