@@ -36,6 +36,10 @@ TOP = 20
 DEMO_AGREEMENT = 0.96
 
 FAILURES = []
+STARTED = time.time()
+# The 8B shape's op-by-op profile (one more load of 16 GB) runs only if the check has
+# used less than this much of its 8 minutes.
+PROFILE_BEFORE_S = 360
 
 
 def log(msg):
@@ -48,9 +52,10 @@ def check(name, ok, detail):
         FAILURES.append(name)
 
 
-def run(cmd, timeout):
+def run(cmd, timeout, env=None):
     started = time.time()
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env=None if env is None else {**os.environ, **env})
     if proc.returncode != 0:
         raise RuntimeError(
             f"{' '.join(cmd[:3])} ... exited {proc.returncode}:\n{proc.stderr[-3000:]}"
@@ -270,6 +275,32 @@ def launch_overhead(args, path):
     step_ms = 1000 / rate if rate else float("nan")
     log(f"launch overhead: a decode step of the 4-layer model takes {step_ms:.2f} ms "
         f"({1000 * step_ms / 4:.0f} us per layer, head and sampling included)")
+    profile(args, path, "the 4-layer model")
+
+
+def profile(args, path, label):
+    """Decode steps at batch 1 timed op by op (SHARDSERVE_PROFILE=1): each op's host
+    time (call to return: launches) against its device time (to the end of its work).
+    Where the host's share is most of the device's, CUDA graphs would pay."""
+    out, secs = run(
+        [args.bin, "bench", "--model", path, "--device", args.device, "--prompt-tokens", "16",
+         "--gen-tokens", "32", "--batch", "1", "--repetitions", "1", "--json"],
+        timeout=args.bench_timeout, env={"SHARDSERVE_PROFILE": "1"},
+    )
+    ops = json.loads(out).get("profile", [])
+    steps = next((t["calls"] for t in ops if t["op"] == "upload (begin)"), 0)
+    if not steps:
+        log(f"profile of {label}: none reported")
+        return
+    log(f"profile of {label}, {steps} steps at batch 1, each op synchronised "
+        f"(us per step; {secs:.0f} s):")
+    log(f"  {'op':<26} {'calls':>6} {'host':>9} {'device':>9}")
+    for t in sorted(ops, key=lambda t: -t["total_us"]):
+        log(f"  {t['op']:<26} {t['calls'] / steps:>6.1f} {t['host_us'] / steps:>9.1f} "
+            f"{t['total_us'] / steps:>9.1f}")
+    host = sum(t["host_us"] for t in ops) / steps
+    total = sum(t["total_us"] for t in ops) / steps
+    log(f"  {'all':<26} {'':>6} {host:>9.1f} {total:>9.1f}")
 
 
 # -- 2. throughput on Llama-3.1-8B's shape, bf16 --------------------------------------
@@ -419,6 +450,10 @@ def throughput_check(args, work, device):
     log(f"  batch 64 sampled (temperature 0.8, top-p 0.9, top-k 50, repetition penalty 1.1): "
         f"decode {sampled:.1f} tok/s, {100 * (sampled / greedy - 1):+.1f}% against greedy "
         f"({secs:.0f} s)")
+    if time.time() - STARTED < PROFILE_BEFORE_S:
+        profile(args, path, label)
+    else:
+        log(f"profile of {label}: skipped, past {PROFILE_BEFORE_S} s of the budget")
 
 
 # -- 3. the GGUF demo model ------------------------------------------------------------

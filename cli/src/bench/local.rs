@@ -8,6 +8,7 @@ use std::time::Instant;
 use anyhow::{Context, Result};
 use serde::Serialize;
 use shardserve_worker::engine::{BenchPhase, EngineOptions};
+use shardserve_worker::model::backend::profile::{self, OpTime};
 use shardserve_worker::sampling::SamplingParams;
 
 use super::BenchArgs;
@@ -23,6 +24,10 @@ struct Report {
     /// How decode steps picked their tokens.
     sampling: SamplingParams,
     results: Vec<Row>,
+    /// With `SHARDSERVE_PROFILE=1` on the device backend: rank 0's time by op over
+    /// every measured step (each op synchronised, so slower than the rows above).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    profile: Vec<OpTime>,
 }
 
 #[derive(Serialize)]
@@ -73,6 +78,7 @@ pub(super) fn run(args: &BenchArgs, model: &Path, prompt_tokens: &[usize]) -> Re
     };
     // Warm-up: first-touch of the weights and the allocator's arenas.
     engine.run_fixed(&prompt_of(16, 0), 4, |_, _| {})?;
+    profile::take();
 
     let mut results = Vec::new();
     for &batch in &args.batch {
@@ -123,6 +129,7 @@ pub(super) fn run(args: &BenchArgs, model: &Path, prompt_tokens: &[usize]) -> Re
         lora: args.lora.iter().map(|p| p.display().to_string()).collect(),
         sampling,
         results,
+        profile: profile::take(),
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -159,8 +166,48 @@ pub(super) fn run(args: &BenchArgs, model: &Path, prompt_tokens: &[usize]) -> Re
                 r.decode_comm_ms_per_token
             );
         }
+        print_profile(&report.profile);
     }
     Ok(())
+}
+
+/// The profile by op, per step (a step uploads once), largest device time first.
+fn print_profile(ops: &[OpTime]) {
+    let Some(steps) = ops
+        .iter()
+        .find(|t| t.op == "upload (begin)")
+        .map(|t| t.calls)
+    else {
+        return;
+    };
+    let mut ops = ops.to_vec();
+    ops.sort_by(|a, b| b.total_us.total_cmp(&a.total_us));
+    let per_step = |us: f64| us / steps as f64;
+    let (host, total): (f64, f64) = ops
+        .iter()
+        .map(|t| (t.host_us, t.total_us))
+        .fold((0.0, 0.0), |(h, t), (a, b)| (h + a, t + b));
+    println!("profile over {steps} steps, each op synchronised (us per step):");
+    println!(
+        "{:<26} {:>8} {:>10} {:>10}",
+        "op", "calls", "host", "device"
+    );
+    for t in &ops {
+        println!(
+            "{:<26} {:>8.1} {:>10.1} {:>10.1}",
+            t.op,
+            t.calls as f64 / steps as f64,
+            per_step(t.host_us),
+            per_step(t.total_us)
+        );
+    }
+    println!(
+        "{:<26} {:>8} {:>10.1} {:>10.1}",
+        "all",
+        "",
+        per_step(host),
+        per_step(total)
+    );
 }
 
 fn median(mut xs: Vec<f64>) -> f64 {

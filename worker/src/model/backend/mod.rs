@@ -11,6 +11,7 @@
 
 mod host;
 mod ops;
+pub mod profile;
 mod tensors;
 
 pub use host::Host;

@@ -12,6 +12,7 @@ use candle_core::{DType, Device, Module, Tensor};
 use shardserve_kernels::QuantFormat;
 
 use super::ops::{self, AttendPlan};
+use super::profile;
 use super::{AttentionShape, Backend, Downloaded, LoraPair, ModelError, Pick, Picked, StepLayout};
 use crate::comm::Collective;
 use crate::kv::{KvCacheTooLarge, KvShape};
@@ -336,6 +337,7 @@ impl Backend for Tensors {
         rope: &'a Rope,
         cache: &DeviceCache,
     ) -> Result<DeviceStep, ModelError> {
+        let _time = profile::span("upload (begin)", &self.device);
         let bs = cache.block_size;
         let tokens = layout.ids.len();
         let spans = layout.spans;
@@ -427,6 +429,7 @@ impl Backend for Tensors {
     }
 
     fn embed(&self, table: &DeviceMatrix, step: &DeviceStep) -> Result<Tensor, ModelError> {
+        let _time = profile::span("embed", &self.device);
         let rows = match table {
             DeviceMatrix::Quant(q) => q.embedding(&step.ids)?,
             DeviceMatrix::Dense(t) => t.index_select(&step.ids, 0)?,
@@ -445,6 +448,14 @@ impl Backend for Tensors {
         w: &DeviceMatrix,
         bias: Option<&Tensor>,
     ) -> Result<Tensor, ModelError> {
+        let _time = profile::span(
+            match w {
+                DeviceMatrix::Quant(_) => "linear (quantised)",
+                DeviceMatrix::Dense(_) => "linear (dense)",
+                DeviceMatrix::Kernels(_) => "linear (CPU kernels)",
+            },
+            &self.device,
+        );
         let y = match w {
             DeviceMatrix::Quant(q) => q.forward(x)?,
             DeviceMatrix::Dense(w) => x
@@ -503,6 +514,7 @@ impl Backend for Tensors {
         lora: &[LoraPair<'_, Self>],
     ) -> Result<Tensor, ModelError> {
         if let DeviceMatrix::Kernels(w) = w {
+            let _time = profile::span("linear (CPU kernels)", &self.device);
             // As the CPU engine does: block formats all-reduce unrounded f64 sums.
             let m = x.dim(0)?;
             let x_rows = host_rows(x)?;
@@ -519,18 +531,22 @@ impl Backend for Tensors {
         if comm.world_size() == 1 {
             return Ok(partial);
         }
+        let _time = profile::span("all-reduce", &self.device);
         Ok(comm.all_reduce_tensor(&partial)?)
     }
 
     fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor, ModelError> {
+        let _time = profile::span("rms_norm", &self.device);
         Ok(ops::rms_norm(x, weight, eps)?)
     }
 
     fn swiglu(&self, gate_up: &Tensor) -> Result<Tensor, ModelError> {
+        let _time = profile::span("swiglu", &self.device);
         Ok(ops::swiglu(gate_up)?)
     }
 
     fn add(&self, x: &mut Tensor, y: &Tensor) -> Result<(), ModelError> {
+        let _time = profile::span("add", &self.device);
         *x = (&*x + y)?;
         Ok(())
     }
@@ -542,6 +558,7 @@ impl Backend for Tensors {
         weight: &Tensor,
         eps: f32,
     ) -> Result<Tensor, ModelError> {
+        let _time = profile::span("add_rms_norm", &self.device);
         let both = ops::add_rms_norm(x, y, weight, eps)?;
         *x = both.get(0)?;
         Ok(both.get(1)?)
@@ -564,8 +581,15 @@ impl Backend for Tensors {
             interleaved: step.interleaved,
         };
         let layer = &cache.layers[layer];
-        ops::write_kv(layer, &qkv, &step.trig, &step.slots, rotation)?;
-        let q = ops::rotate_queries(&qkv, &step.trig, rotation, self.cache_dtype.dtype())?;
+        {
+            let _time = profile::span("write_kv", &self.device);
+            ops::write_kv(layer, &qkv, &step.trig, &step.slots, rotation)?;
+        }
+        let q = {
+            let _time = profile::span("rotate_queries", &self.device);
+            ops::rotate_queries(&qkv, &step.trig, rotation, self.cache_dtype.dtype())?
+        };
+        let _time = profile::span("attend", &self.device);
         let out = ops::attend(&q, layer, &step.plan)?;
         Ok(out.reshape((tokens, shape.q_width()))?)
     }
@@ -575,6 +599,7 @@ impl Backend for Tensors {
     }
 
     fn wanted_rows(&self, x: &Tensor, step: &DeviceStep) -> Result<Tensor, ModelError> {
+        let _time = profile::span("wanted_rows", &self.device);
         match &step.wanted {
             Some(rows) => Ok(x.index_select(rows, 0)?),
             None => Ok(x.narrow(0, 0, 0)?),
@@ -588,6 +613,7 @@ impl Backend for Tensors {
         scored: &[(u32, usize)],
         picks: &[Pick],
     ) -> Result<Downloaded, ModelError> {
+        let _time = profile::span("download (scores, picks)", &self.device);
         let (n, vocab) = x.dims2()?;
         let part = |start: usize, len: usize| x.narrow(0, start, len)?.to_dtype(DType::F32);
         let rows = if whole == 0 {
