@@ -41,6 +41,8 @@ struct Block {
   ucontext_t scheduler;
   jmp_buf back;
   Fiber *current = nullptr;
+  // Threads run from the last to the first between barriers.
+  bool reverse = false;
   void (*body)(void *) = nullptr;
   void *ctx = nullptr;
 };
@@ -91,8 +93,10 @@ std::string run_block(Block &b) {
   // Uninitialised shared memory reads as NaN floats (or huge integers), not zeros.
   memset(shared_memory, 0xff, sizeof shared_memory);
   for (;;) {
-    for (Fiber &f : b.fibers)
+    for (unsigned i = 0; i < n; ++i) {
+      Fiber &f = b.fibers[b.reverse ? n - 1 - i : i];
       if (f.state == State::Ready) resume(b, f);
+    }
     bool opened = false, any_live = false, all_at_block = true;
     for (unsigned w = 0; w < warps; ++w) {
       bool live = false, all_at_warp = true;
@@ -152,20 +156,24 @@ void check_lane(unsigned lane) {
 namespace emu {
 namespace {
 int launch_grid(unsigned grid_x, unsigned grid_y, unsigned block_x, size_t shared_bytes,
-                void (*body)(void *), void *ctx);
+                bool reverse, void (*body)(void *), void *ctx);
 }
 }  // namespace emu
 
 extern "C" {
 // Runs `body` (which calls one kernel) as every thread of a `grid_x` x `grid_y` grid
-// of `block_x`-thread blocks with `shared_bytes` of dynamic shared memory. Returns 0,
-// or 1 with what went wrong in `error` (`error_len` bytes, NUL-terminated).
+// of `block_x`-thread blocks with `shared_bytes` of dynamic shared memory, the threads
+// of a block taken first to last between barriers, or last to first when `reverse`
+// (a kernel missing a barrier reads what another thread has not written yet in one of
+// the two orders). Returns 0, or 1 with what went wrong in `error` (`error_len` bytes,
+// NUL-terminated).
 int emu_launch(unsigned grid_x, unsigned grid_y, unsigned block_x, size_t shared_bytes,
-               void (*body)(void *), void *ctx, char *error, size_t error_len) {
+               int reverse, void (*body)(void *), void *ctx, char *error, size_t error_len) {
   using namespace emu;
   std::lock_guard<std::mutex> lock(one_grid);
   last_error.clear();
-  const int status = launch_grid(grid_x, grid_y, block_x, shared_bytes, body, ctx);
+  const int status =
+      launch_grid(grid_x, grid_y, block_x, shared_bytes, reverse != 0, body, ctx);
   if (status != 0 && error_len > 0) {
     const size_t n = last_error.size() < error_len - 1 ? last_error.size() : error_len - 1;
     memcpy(error, last_error.data(), n);
@@ -178,7 +186,7 @@ int emu_launch(unsigned grid_x, unsigned grid_y, unsigned block_x, size_t shared
 namespace emu {
 namespace {
 int launch_grid(unsigned grid_x, unsigned grid_y, unsigned block_x, size_t shared_bytes,
-                void (*body)(void *), void *ctx) {
+                bool reverse, void (*body)(void *), void *ctx) {
   if (block_x == 0 || block_x > 1024) {
     last_error = "a block has 1 to 1024 threads, not " + std::to_string(block_x);
     return 1;
@@ -194,6 +202,7 @@ int launch_grid(unsigned grid_x, unsigned grid_y, unsigned block_x, size_t share
   b.slots.assign(((block_x + 31) / 32) * 32, 0);
   b.body = body;
   b.ctx = ctx;
+  b.reverse = reverse;
   grid_dim = dim3{grid_x, grid_y, 1};
   block_dim = dim3{block_x, 1, 1};
   running = &b;

@@ -16,12 +16,27 @@
 use std::ffi::{c_char, c_void};
 
 /// A launch's shape: `blocks` (x, y) of `threads` threads, `shared_bytes` of dynamic
-/// shared memory each.
+/// shared memory each, and the order its threads run in between barriers.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Grid {
     pub blocks: (u32, u32),
     pub threads: u32,
     pub shared_bytes: u32,
+    pub order: Order,
+}
+
+/// The order a block's threads run in between two barriers. A GPU promises none: a
+/// kernel whose result depends on it (a missing barrier) gives a different result in
+/// one of the two, so tests run kernels in both.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Order {
+    #[default]
+    FirstToLast,
+    LastToFirst,
+}
+
+impl Order {
+    pub const BOTH: [Order; 2] = [Order::FirstToLast, Order::LastToFirst];
 }
 
 unsafe extern "C" {
@@ -30,6 +45,7 @@ unsafe extern "C" {
         grid_y: u32,
         block_x: u32,
         shared_bytes: usize,
+        reverse: i32,
         body: extern "C" fn(*mut c_void),
         ctx: *mut c_void,
         error: *mut c_char,
@@ -58,6 +74,7 @@ pub unsafe fn launch<F: Fn()>(grid: Grid, kernel: F) -> Result<(), String> {
             grid.blocks.1,
             grid.threads,
             grid.shared_bytes as usize,
+            i32::from(grid.order == Order::LastToFirst),
             call::<F>,
             &kernel as *const F as *mut c_void,
             error.as_mut_ptr().cast(),
@@ -217,6 +234,7 @@ mod tests {
     unsafe extern "C" {
         fn emu_selftest_split_warp(out: *mut f32);
         fn emu_selftest_warp_sum(out: *mut f32, exited: u32);
+        fn emu_selftest_missing_barrier(out: *mut f32);
     }
 
     fn grid(threads: u32) -> Grid {
@@ -224,6 +242,7 @@ mod tests {
             blocks: (2, 1),
             threads,
             shared_bytes: 0,
+            order: Order::FirstToLast,
         }
     }
 
@@ -236,6 +255,20 @@ mod tests {
         // Each warp's lanes all hold the sum of the warp's thread indices.
         assert!(out[..32].iter().all(|&x| x == (0..32).sum::<u32>() as f32));
         assert!(out[32..].iter().all(|&x| x == (32..64).sum::<u32>() as f32));
+    }
+
+    #[test]
+    fn the_two_orders_tell_a_missing_barrier() {
+        let seen = |order| {
+            let mut out = vec![f32::NAN; 2];
+            let o = out.as_mut_ptr();
+            let grid = Grid { order, ..grid(64) };
+            // SAFETY: one float per block.
+            unsafe { launch(grid, || emu_selftest_missing_barrier(o)) }.unwrap();
+            out
+        };
+        assert_eq!(seen(Order::FirstToLast), [1.0, 1.0]);
+        assert_eq!(seen(Order::LastToFirst), [0.0, 0.0]);
     }
 
     #[test]
@@ -262,6 +295,7 @@ mod tests {
             blocks: (n.div_ceil(256), 1),
             threads: 256,
             shared_bytes: 0,
+            order: Order::FirstToLast,
         };
         let (o, g) = (out.as_mut_ptr() as usize, gate_up.as_ptr() as usize);
         // SAFETY: `out` holds rows · half floats, `gate_up` twice that; the kernel
@@ -287,6 +321,7 @@ mod tests {
             blocks: (1, 1),
             threads: 32,
             shared_bytes: 64 * 1024,
+            order: Order::FirstToLast,
         };
         // SAFETY: the launch is refused before any thread runs.
         let err = unsafe { launch(grid, || {}) }.unwrap_err();

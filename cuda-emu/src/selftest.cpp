@@ -19,3 +19,13 @@ extern "C" __global__ void emu_selftest_warp_sum(float *out, unsigned exited) {
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffff, x, o);
   out[threadIdx.x] = x;
 }
+
+// Thread 0 writes what the last thread reads, with no barrier between the two: the
+// reader sees the write in one order of the threads and not in the other.
+extern "C" __global__ void emu_selftest_missing_barrier(float *out) {
+  __shared__ float x;
+  if (threadIdx.x == blockDim.x - 1) x = 0.0f;
+  __syncthreads();
+  if (threadIdx.x == 0) x = 1.0f;
+  if (threadIdx.x == blockDim.x - 1) out[blockIdx.x] = x;
+}

@@ -8,7 +8,7 @@ use candle_core::{DType, Device, Tensor};
 use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use shardserve_cuda_emu::{Grid, kernels as k, launch};
+use shardserve_cuda_emu::{Grid, Order, kernels as k, launch};
 
 use super::super::launch::{Launch, MAX_HEAD_DIM};
 use super::super::*;
@@ -51,15 +51,17 @@ impl<T: Copy + PartialEq + std::fmt::Debug> Guarded<T> {
     }
 }
 
-/// Runs `kernel` on the emulator as `cuda.rs` launches it.
-fn run(shape: Launch, kernel: impl Fn()) {
+/// Runs `kernel` on the emulator as `cuda.rs` launches it, with the block's threads in
+/// `order` between barriers (every test runs in both: a GPU promises neither).
+fn run(shape: Launch, order: Order, kernel: impl Fn()) {
     let grid = Grid {
         blocks: shape.blocks,
         threads: shape.threads,
         shared_bytes: shape.shared_bytes,
+        order,
     };
     // SAFETY: each test sizes its buffers for the launch it asks for.
-    unsafe { launch(grid, kernel) }.unwrap_or_else(|e| panic!("kernel failed: {e}"));
+    unsafe { launch(grid, kernel) }.unwrap_or_else(|e| panic!("kernel failed ({order:?}): {e}"));
 }
 
 fn to_vec<T: candle_core::WithDType>(t: &Tensor) -> Vec<T> {
@@ -114,6 +116,12 @@ fn paged(dtype: DType, shape: (usize, usize, usize), lens: &[usize], queries: &[
 
 #[test]
 fn the_rotation_kernels_write_and_rotate_what_the_ops_do() {
+    for order in Order::BOTH {
+        the_rotation_kernels_write_and_rotate_what_the_ops_do_in(order);
+    }
+}
+
+fn the_rotation_kernels_write_and_rotate_what_the_ops_do_in(order: Order) {
     let dev = Device::Cpu;
     let (heads, kvh, d, blocks, bs) = (6, 2, 24, 6, 4);
     let slots: Vec<u32> = vec![21, 0, 7, 13, 2];
@@ -153,10 +161,10 @@ fn the_rotation_kernels_write_and_rotate_what_the_ops_do() {
                 ($zero:expr, $guard:expr, $write:path, $queries:path) => {{
                     let mut c = Guarded::new(vec![$zero; size], $guard);
                     let cp = c.ptr();
-                    run(write, || unsafe {
+                    run(write, order, || unsafe {
                         $write(cp, qp, tp, sp, t, w, q_w, kv_w, dd, h, il, values_at)
                     });
-                    run(rotate, || unsafe {
+                    run(rotate, order, || unsafe {
                         $queries(qo, qp, tp, t, w, q_w, dd, h, il)
                     });
                     c.inside()
@@ -188,6 +196,12 @@ fn the_rotation_kernels_write_and_rotate_what_the_ops_do() {
 
 #[test]
 fn the_attention_kernels_compute_what_the_op_computes() {
+    for order in Order::BOTH {
+        the_attention_kernels_compute_what_the_op_computes_in(order);
+    }
+}
+
+fn the_attention_kernels_compute_what_the_op_computes_in(order: Order) {
     // Decode and prefill tokens together (prompts' runs to the tiled kernel, in runs of
     // 16 tokens and tiles of up to 32 positions, decode tokens to the per-token one),
     // grouped query heads, sequences longer than the per-token kernel's tile of 128
@@ -228,7 +242,7 @@ fn the_attention_kernels_compute_what_the_op_computes() {
             let mut out = Guarded::new(vec![f32::NAN; tokens * heads * d], f32::MAX);
             let o = out.ptr();
             let (tables, meta) = (p.tables.as_ptr(), p.tokens.as_ptr());
-            let (order, runs) = (tiled.order.as_ptr(), tiled.tiles.as_ptr());
+            let (token_order, runs) = (tiled.order.as_ptr(), tiled.tiles.as_ptr());
             let scale = 1.0 / (d as f32).sqrt();
             let (mb, h, kv, dd, b) = (
                 p.max_blocks as u32,
@@ -259,20 +273,38 @@ fn the_attention_kernels_compute_what_the_op_computes() {
                     let (keys, vals) = cache.split_at(cache.len() / 2);
                     let (kp, vp, qp) = (keys.as_ptr(), vals.as_ptr(), q.as_ptr());
                     if per_token > 0 {
-                        run(Launch::attend(per_token, heads, d, chunks), || unsafe {
-                            $f(
-                                o, qp, kp, vp, tables, mb, meta, order, h, kv, dd, b, scale,
-                                chunks, chunk_len, pp,
-                            )
-                        });
+                        run(
+                            Launch::attend(per_token, heads, d, chunks),
+                            order,
+                            || unsafe {
+                                $f(
+                                    o,
+                                    qp,
+                                    kp,
+                                    vp,
+                                    tables,
+                                    mb,
+                                    meta,
+                                    token_order,
+                                    h,
+                                    kv,
+                                    dd,
+                                    b,
+                                    scale,
+                                    chunks,
+                                    chunk_len,
+                                    pp,
+                                )
+                            },
+                        );
                         if chunks > 1 {
-                            run(Launch::attend_combine(per_token, heads), || unsafe {
-                                k::paged_attend_combine(o, pp, order, h, dd, chunks)
+                            run(Launch::attend_combine(per_token, heads), order, || unsafe {
+                                k::paged_attend_combine(o, pp, token_order, h, dd, chunks)
                             });
                         }
                     }
                     if let (true, Some((shape, positions))) = (tiles, tile_launch) {
-                        run(shape, || unsafe {
+                        run(shape, order, || unsafe {
                             $g(
                                 o, qp, kp, vp, tables, mb, meta, runs, h, kv, dd, b, positions,
                                 scale,
@@ -344,6 +376,12 @@ fn check_attention(
 
 #[test]
 fn the_norm_and_swiglu_kernels_compute_what_the_ops_compute() {
+    for order in Order::BOTH {
+        the_norm_and_swiglu_kernels_compute_what_the_ops_compute_in(order);
+    }
+}
+
+fn the_norm_and_swiglu_kernels_compute_what_the_ops_compute_in(order: Order) {
     let dev = Device::Cpu;
     let (rows, width) = (5, 300);
     let x = values(rows * width, 8);
@@ -358,7 +396,7 @@ fn the_norm_and_swiglu_kernels_compute_what_the_ops_compute() {
     );
     let mut out = Guarded::new(vec![f32::NAN; rows * width], f32::MAX);
     let (o, xp, wp) = (out.ptr(), x.as_ptr(), w.as_ptr());
-    run(Launch::per_row(rows), || unsafe {
+    run(Launch::per_row(rows), order, || unsafe {
         k::rms_norm_f32(o, xp, wp, width as u32, 1e-5)
     });
     for (g, w) in out.inside().iter().zip(&want) {
@@ -380,7 +418,7 @@ fn the_norm_and_swiglu_kernels_compute_what_the_ops_compute() {
     );
     let mut out = Guarded::new(vec![f32::NAN; 2 * rows * width], f32::MAX);
     let (o, yp) = (out.ptr(), y.as_ptr());
-    run(Launch::per_row(rows), || unsafe {
+    run(Launch::per_row(rows), order, || unsafe {
         k::add_rms_norm_f32(o, xp, yp, wp, rows as u32, width as u32, 1e-5)
     });
     for (g, w) in out.inside().iter().zip(&want) {
@@ -393,9 +431,11 @@ fn the_norm_and_swiglu_kernels_compute_what_the_ops_compute() {
     let half = width / 2;
     let mut out = Guarded::new(vec![f32::NAN; rows * half], f32::MAX);
     let (o, gp) = (out.ptr(), gate_up.as_ptr());
-    run(Launch::elementwise((rows * half) as u32), || unsafe {
-        k::swiglu_f32(o, gp, rows as u32, half as u32)
-    });
+    run(
+        Launch::elementwise((rows * half) as u32),
+        order,
+        || unsafe { k::swiglu_f32(o, gp, rows as u32, half as u32) },
+    );
     for (g, w) in out.inside().iter().zip(&want) {
         assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "{g} vs {w}");
     }
@@ -403,6 +443,12 @@ fn the_norm_and_swiglu_kernels_compute_what_the_ops_compute() {
 
 #[test]
 fn the_draw_kernel_picks_the_ops_tokens() {
+    for order in Order::BOTH {
+        the_draw_kernel_picks_the_ops_tokens_in(order);
+    }
+}
+
+fn the_draw_kernel_picks_the_ops_tokens_in(order: Order) {
     // A sample of the twin tests' rows and settings (each emulated draw runs 256
     // threads through dozens of barriers), several rows a launch.
     let mut rng = StdRng::seed_from_u64(21);
@@ -429,7 +475,7 @@ fn the_draw_kernel_picks_the_ops_tokens() {
             let (shape, chunk) = Launch::draw(rows.len(), vocab);
             let mut out = Guarded::new(vec![u32::MAX; rows.len()], u32::MAX - 1);
             let (o, lp, sp) = (out.ptr(), logits.as_ptr(), settings.as_ptr());
-            run(shape, || unsafe {
+            run(shape, order, || unsafe {
                 k::draw_f32(o, lp, sp, vocab as u32, chunk)
             });
             assert_eq!(out.inside(), want.as_slice(), "vocab {vocab}, {d:?}");
@@ -441,6 +487,12 @@ fn the_draw_kernel_picks_the_ops_tokens() {
 
 #[test]
 fn the_top_logprobs_kernel_gives_the_ops_table() {
+    for order in Order::BOTH {
+        the_top_logprobs_kernel_gives_the_ops_table_in(order);
+    }
+}
+
+fn the_top_logprobs_kernel_gives_the_ops_table_in(order: Order) {
     let mut rng = StdRng::seed_from_u64(22);
     for vocab in [3, 1000] {
         let rows = draw_rows(vocab, &mut rng);
@@ -462,7 +514,7 @@ fn the_top_logprobs_kernel_gives_the_ops_table() {
             let (shape, chunk) = Launch::draw(rows.len(), vocab);
             let mut out = Guarded::new(vec![f32::NAN; rows.len() * (1 + 3 * n)], f32::MAX);
             let (o, lp, cp) = (out.ptr(), logits.as_ptr(), chosen.as_ptr());
-            run(shape, || unsafe {
+            run(shape, order, || unsafe {
                 k::top_logprobs_f32(o, lp, cp, vocab as u32, n as u32, chunk)
             });
             for (i, (g, w)) in out.inside().iter().zip(&want).enumerate() {
@@ -475,6 +527,12 @@ fn the_top_logprobs_kernel_gives_the_ops_table() {
 
 #[test]
 fn the_penalise_kernel_penalises_as_the_op() {
+    for order in Order::BOTH {
+        the_penalise_kernel_penalises_as_the_op_in(order);
+    }
+}
+
+fn the_penalise_kernel_penalises_as_the_op_in(order: Order) {
     let mut rng = StdRng::seed_from_u64(23);
     let (rows, vocab) = (3, 300);
     let logits: Vec<f32> = (0..rows * vocab)
@@ -496,7 +554,7 @@ fn the_penalise_kernel_penalises_as_the_op() {
     .unwrap();
     let mut got = Guarded::new(logits, f32::MAX);
     let (g, ep, sp) = (got.ptr(), entries.as_ptr(), settings.as_ptr());
-    run(Launch::elementwise(n as u32), || unsafe {
+    run(Launch::elementwise(n as u32), order, || unsafe {
         k::penalise_f32(g, ep, sp, n as u32, vocab as u32)
     });
     assert_eq!(got.inside(), to_vec::<f32>(&t).as_slice());
