@@ -93,12 +93,13 @@ pub unsafe fn launch<F: Fn()>(grid: Grid, kernel: F) -> Result<(), String> {
 pub mod kernels {
     use half::{bf16, f16};
 
-    macro_rules! per_cache_type {
-        ($write:ident, $queries:ident, $attend:ident, $tiles:ident, $t:ty) => {
+    /// The rotation and cache write: `NAME_<cache type>_<product type>`.
+    macro_rules! rotation {
+        ($write:ident, $queries:ident, $t:ty, $i:ty) => {
             unsafe extern "C" {
                 pub fn $write(
                     cache: *mut $t,
-                    qkv: *const f32,
+                    qkv: *const $i,
                     trig: *const f32,
                     slots: *const u32,
                     tokens: u32,
@@ -112,7 +113,7 @@ pub mod kernels {
                 );
                 pub fn $queries(
                     out: *mut f32,
-                    qkv: *const f32,
+                    qkv: *const $i,
                     trig: *const f32,
                     tokens: u32,
                     width: u32,
@@ -121,6 +122,28 @@ pub mod kernels {
                     half: u32,
                     interleaved: u32,
                 );
+            }
+        };
+    }
+    rotation!(paged_write_kv_f16_f32, rotate_queries_f16_f32, f16, f32);
+    rotation!(paged_write_kv_f16_f16, rotate_queries_f16_f16, f16, f16);
+    rotation!(paged_write_kv_f16_bf16, rotate_queries_f16_bf16, f16, bf16);
+    rotation!(paged_write_kv_bf16_f32, rotate_queries_bf16_f32, bf16, f32);
+    rotation!(paged_write_kv_bf16_f16, rotate_queries_bf16_f16, bf16, f16);
+    rotation!(
+        paged_write_kv_bf16_bf16,
+        rotate_queries_bf16_bf16,
+        bf16,
+        bf16
+    );
+    rotation!(paged_write_kv_f32_f32, rotate_queries_f32_f32, f32, f32);
+    rotation!(paged_write_kv_f32_f16, rotate_queries_f32_f16, f32, f16);
+    rotation!(paged_write_kv_f32_bf16, rotate_queries_f32_bf16, f32, bf16);
+
+    /// Attention over a cache of one type: `NAME_<cache type>`.
+    macro_rules! attention {
+        ($attend:ident, $tiles:ident, $t:ty) => {
+            unsafe extern "C" {
                 pub fn $attend(
                     out: *mut f32,
                     q: *const f32,
@@ -158,27 +181,30 @@ pub mod kernels {
             }
         };
     }
-    per_cache_type!(
-        paged_write_kv_f16,
-        rotate_queries_f16,
-        paged_attend_f16,
-        paged_attend_tiles_f16,
-        f16
-    );
-    per_cache_type!(
-        paged_write_kv_bf16,
-        rotate_queries_bf16,
-        paged_attend_bf16,
-        paged_attend_tiles_bf16,
-        bf16
-    );
-    per_cache_type!(
-        paged_write_kv_f32,
-        rotate_queries_f32,
-        paged_attend_f32,
-        paged_attend_tiles_f32,
-        f32
-    );
+    attention!(paged_attend_f16, paged_attend_tiles_f16, f16);
+    attention!(paged_attend_bf16, paged_attend_tiles_bf16, bf16);
+    attention!(paged_attend_f32, paged_attend_tiles_f32, f32);
+
+    /// What reads a product's output: `NAME_<product type>`.
+    macro_rules! from_product {
+        ($add_norm:ident, $swiglu:ident, $i:ty) => {
+            unsafe extern "C" {
+                pub fn $add_norm(
+                    out: *mut f32,
+                    x: *const f32,
+                    y: *const $i,
+                    weight: *const f32,
+                    rows: u32,
+                    width: u32,
+                    eps: f32,
+                );
+                pub fn $swiglu(out: *mut f32, gate_up: *const $i, rows: u32, half: u32);
+            }
+        };
+    }
+    from_product!(add_rms_norm_f32, swiglu_f32, f32);
+    from_product!(add_rms_norm_f16, swiglu_f16, f16);
+    from_product!(add_rms_norm_bf16, swiglu_bf16, bf16);
 
     unsafe extern "C" {
         pub fn paged_attend_combine(
@@ -190,16 +216,6 @@ pub mod kernels {
             chunks: u32,
         );
         pub fn rms_norm_f32(out: *mut f32, x: *const f32, weight: *const f32, width: u32, eps: f32);
-        pub fn add_rms_norm_f32(
-            out: *mut f32,
-            x: *const f32,
-            y: *const f32,
-            weight: *const f32,
-            rows: u32,
-            width: u32,
-            eps: f32,
-        );
-        pub fn swiglu_f32(out: *mut f32, gate_up: *const f32, rows: u32, half: u32);
         pub fn draw_f32(
             out: *mut u32,
             logits: *const f32,

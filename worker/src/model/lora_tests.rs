@@ -207,7 +207,21 @@ fn tensor_2_and_4_with_an_adapter_equal_tensor_1_to_the_bit_on_block_formats() {
 /// the CPU engine's f64 adapter products, rows of two adapters and the base mixed.
 #[test]
 fn the_device_backends_adapter_products_agree_with_the_cpu_engines() {
-    let spec = TinySpec::default();
+    adapter_products_agree(TinySpec::default(), 1e-4);
+}
+
+/// The same over bf16 base weights, whose products stay bf16 on the device backend
+/// until the adapters add to them in f32.
+#[test]
+fn adapters_add_to_bf16_products_on_the_device_backend() {
+    let spec = TinySpec {
+        dtype: candle_core::quantized::GgmlDType::BF16,
+        ..TinySpec::default()
+    };
+    adapter_products_agree(spec, 1e-2);
+}
+
+fn adapter_products_agree(spec: TinySpec, tolerance: f32) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("base.gguf");
     write_tiny_gguf(&path, &spec).unwrap();
@@ -235,7 +249,7 @@ fn the_device_backends_adapter_products_agree_with_the_cpu_engines() {
         let largest = w.iter().flatten().fold(0f32, |m, x| m.max(x.abs()));
         let diff = worst(w, g);
         assert!(
-            diff <= 1e-4 * largest.max(1.0),
+            diff <= tolerance * largest.max(1.0),
             "span {i}: differ by {diff} (largest {largest})"
         );
     }

@@ -458,10 +458,16 @@ impl Backend for Tensors {
         );
         let y = match w {
             DeviceMatrix::Quant(q) => q.forward(x)?,
-            DeviceMatrix::Dense(w) => x
-                .to_dtype(w.dtype())?
-                .matmul(&w.t()?)?
-                .to_dtype(DType::F32)?,
+            // A half-precision weight's product stays in its type: the ops that read it
+            // (rotation and cache write, SwiGLU, add + norm, the download) widen it as
+            // they read, a launch fewer each than a cast.
+            DeviceMatrix::Dense(w) => {
+                let y = x.to_dtype(w.dtype())?.matmul(&w.t()?)?;
+                match bias {
+                    Some(_) => y.to_dtype(DType::F32)?,
+                    None => y,
+                }
+            }
             DeviceMatrix::Kernels(w) => {
                 let m = x.dim(0)?;
                 let rows = x.flatten_all()?.to_vec1::<f32>()?;
@@ -487,6 +493,8 @@ impl Backend for Tensors {
         if pairs.is_empty() {
             return Ok(());
         }
+        // Adapters add in f32, to a half-precision weight's product too.
+        *y = y.to_dtype(DType::F32)?;
         if self.host_adapters() {
             let mut rows = host_rows(y)?;
             lora::add_to_rows(&mut rows, &host_rows(x)?, &host_pairs(pairs));
@@ -532,7 +540,8 @@ impl Backend for Tensors {
             return Ok(partial);
         }
         let _time = profile::span("all-reduce", &self.device);
-        Ok(comm.all_reduce_tensor(&partial)?)
+        // Ranks' partial sums add up in f32, whatever the weights' type.
+        Ok(comm.all_reduce_tensor(&partial.to_dtype(DType::F32)?)?)
     }
 
     fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor, ModelError> {
@@ -547,7 +556,7 @@ impl Backend for Tensors {
 
     fn add(&self, x: &mut Tensor, y: &Tensor) -> Result<(), ModelError> {
         let _time = profile::span("add", &self.device);
-        *x = (&*x + y)?;
+        *x = (&*x + &y.to_dtype(x.dtype())?)?;
         Ok(())
     }
 

@@ -2,6 +2,8 @@
 //! arithmetic (its dot products, exponential, sums and row kernels), so that on
 //! candle's CPU device the device backend computes the CPU engine's numbers.
 
+use std::borrow::Cow;
+
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, Layout, Result, WithDType, bail};
 use half::{bf16, f16};
@@ -21,6 +23,21 @@ fn slice<'a, T: WithDType>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<
 
 pub fn u32s<'a>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [u32]> {
     slice(s, l, "an index tensor")
+}
+
+/// A product's output as f32: f32 as it is, f16 and bf16 widened (exactly).
+fn product<'a>(s: &'a CpuStorage, l: &Layout, what: &str) -> Result<Cow<'a, [f32]>> {
+    Ok(match s {
+        CpuStorage::F16(_) => slice::<f16>(s, l, what)?
+            .iter()
+            .map(|v| v.to_f32())
+            .collect(),
+        CpuStorage::BF16(_) => slice::<bf16>(s, l, what)?
+            .iter()
+            .map(|v| v.to_f32())
+            .collect(),
+        _ => Cow::Borrowed(slice::<f32>(s, l, what)?),
+    })
 }
 
 /// One head's feature `x` after the rotation: `head` is the head's features, `cos`
@@ -49,6 +66,9 @@ fn rotated(head: &[f32], x: usize, cos: &[f32], sin: &[f32], interleaved: bool) 
     }
 }
 
+/// A step's QKV rows as f32, and its tokens' cosines and sines.
+type RotationInputs<'a> = (Cow<'a, [f32]>, &'a [f32], &'a [f32]);
+
 /// Each token's row of `qkv` and its angles, checked against the rotation.
 fn rotation_inputs<'a>(
     qkv: &'a CpuStorage,
@@ -56,8 +76,8 @@ fn rotation_inputs<'a>(
     trig: &'a CpuStorage,
     trig_l: &Layout,
     r: &super::Rotation,
-) -> Result<(&'a [f32], &'a [f32], &'a [f32])> {
-    let qkv = slice::<f32>(qkv, qkv_l, "the QKV rows")?;
+) -> Result<RotationInputs<'a>> {
+    let qkv = product(qkv, qkv_l, "the QKV rows")?;
     let trig = slice::<f32>(trig, trig_l, "the angles")?;
     let tokens = qkv_l.dims()[0];
     let (cos, sin) = trig.split_at(tokens * r.half);
@@ -256,8 +276,8 @@ pub fn add_rms_norm(
 ) -> Result<CpuStorage> {
     let width = x_l.dims()[1];
     let x = slice::<f32>(x, x_l, "the rows")?;
-    let y = slice::<f32>(y, y_l, "the added rows")?;
-    let sums = Rows::new(x.iter().zip(y).map(|(a, b)| a + b).collect(), width);
+    let y = product(y, y_l, "the added rows")?;
+    let sums = Rows::new(x.iter().zip(y.iter()).map(|(a, b)| a + b).collect(), width);
     let normed = rows::rms_norm(&sums, slice::<f32>(w, w_l, "the weight")?, eps);
     let mut out = sums.into_vec();
     out.extend_from_slice(normed.as_slice());
@@ -266,7 +286,7 @@ pub fn add_rms_norm(
 
 pub fn swiglu(x: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
     let width = l.dims()[1];
-    let x = Rows::new(slice::<f32>(x, l, "the rows")?.to_vec(), width);
+    let x = Rows::new(product(x, l, "the rows")?.into_owned(), width);
     Ok(CpuStorage::F32(rows::swiglu(&x).into_vec()))
 }
 

@@ -67,8 +67,29 @@ fn suffix(dtype: DType) -> Result<&'static str> {
         DType::F16 => "f16",
         DType::BF16 => "bf16",
         DType::F32 => "f32",
-        other => bail!("paged kernels: a cache of {other:?} is not supported"),
+        other => bail!("device kernels: elements of {other:?} are not supported"),
     })
+}
+
+/// Runs `$body` with `$view` bound to elements `$range` of `$storage`, a product's
+/// output, as the type it holds (f32, or a half-precision weight's f16 or bf16).
+macro_rules! product_view {
+    ($storage:expr, $range:expr, |$view:ident| $body:block) => {
+        match $storage.dtype() {
+            DType::F16 => {
+                let $view = $storage.as_cuda_slice::<half::f16>()?.slice($range);
+                $body
+            }
+            DType::BF16 => {
+                let $view = $storage.as_cuda_slice::<half::bf16>()?.slice($range);
+                $body
+            }
+            _ => {
+                let $view = $storage.as_cuda_slice::<f32>()?.slice($range);
+                $body
+            }
+        }
+    };
 }
 
 fn offsets(l: &Layout, what: &str) -> Result<(usize, usize)> {
@@ -110,9 +131,13 @@ pub fn write_kv(
         bail!("write_kv: the slots are not on the GPU with the cache");
     };
     let (s0, s1) = offsets(slots_l, "the slots")?;
-    let func = function(cache, &format!("paged_write_kv_{}", suffix(cache.dtype())?))?;
+    let name = format!(
+        "paged_write_kv_{}_{}",
+        suffix(cache.dtype())?,
+        suffix(qkv.dtype())?
+    );
+    let func = function(cache, &name)?;
     let stream = cache.device.cuda_stream();
-    let qkv = qkv.as_cuda_slice::<f32>()?.slice(q0..q1);
     let trig = trig.as_cuda_slice::<f32>()?.slice(t0..t1);
     let slots = slots.as_cuda_slice::<u32>()?.slice(s0..s1);
     let [tokens32, width, q_width, kv_width, d, half, interleaved] =
@@ -123,20 +148,22 @@ pub fn write_kv(
     macro_rules! launch {
         ($t:ty) => {{
             let mut c = cache.as_cuda_slice_mut::<$t>()?.slice_mut(c0..c1);
-            let mut b = stream.launch_builder(&func);
-            b.arg(&mut c).arg(&qkv).arg(&trig).arg(&slots);
-            b.arg(&tokens32)
-                .arg(&width)
-                .arg(&q_width)
-                .arg(&kv_width)
-                .arg(&d)
-                .arg(&half)
-                .arg(&interleaved)
-                .arg(&values_at);
-            // SAFETY: the arguments match the kernel's signature; the op checked the
-            // shapes, and slots come from block tables checked against the cache's
-            // size before the step.
-            unsafe { b.launch(cfg) }.map_err(cuda_error)?;
+            product_view!(qkv, q0..q1, |qkv| {
+                let mut b = stream.launch_builder(&func);
+                b.arg(&mut c).arg(&qkv).arg(&trig).arg(&slots);
+                b.arg(&tokens32)
+                    .arg(&width)
+                    .arg(&q_width)
+                    .arg(&kv_width)
+                    .arg(&d)
+                    .arg(&half)
+                    .arg(&interleaved)
+                    .arg(&values_at);
+                // SAFETY: the arguments match the kernel's signature; the op checked
+                // the shapes, and slots come from block tables checked against the
+                // cache's size before the step.
+                unsafe { b.launch(cfg) }.map_err(cuda_error)?;
+            })
         }};
     }
     match cache.dtype() {
@@ -162,21 +189,28 @@ pub fn rotate_queries(
     let n = tokens * rotation.q_width();
     // SAFETY: every element is written by the kernel before it is read.
     let out = unsafe { dev.alloc::<f32>(n) }?;
-    let func = function(qkv, &format!("rotate_queries_{}", suffix(round_to)?))?;
+    let name = format!(
+        "rotate_queries_{}_{}",
+        suffix(round_to)?,
+        suffix(qkv.dtype())?
+    );
+    let func = function(qkv, &name)?;
     let stream = dev.cuda_stream();
-    let qkv_s = qkv.as_cuda_slice::<f32>()?.slice(q0..q1);
     let trig = trig.as_cuda_slice::<f32>()?.slice(t0..t1);
     let [tokens32, width, q_width, _, d, half, interleaved] = rotation_args(rotation, tokens);
-    let mut b = stream.launch_builder(&func);
-    b.arg(&out).arg(&qkv_s).arg(&trig);
-    b.arg(&tokens32)
-        .arg(&width)
-        .arg(&q_width)
-        .arg(&d)
-        .arg(&half)
-        .arg(&interleaved);
-    // SAFETY: the arguments match the kernel's signature and the op checked the shapes.
-    unsafe { b.launch(Launch::elementwise(n as u32).into()) }.map_err(cuda_error)?;
+    product_view!(qkv, q0..q1, |qkv_s| {
+        let mut b = stream.launch_builder(&func);
+        b.arg(&out).arg(&qkv_s).arg(&trig);
+        b.arg(&tokens32)
+            .arg(&width)
+            .arg(&q_width)
+            .arg(&d)
+            .arg(&half)
+            .arg(&interleaved);
+        // SAFETY: the arguments match the kernel's signature and the op checked the
+        // shapes.
+        unsafe { b.launch(Launch::elementwise(n as u32).into()) }.map_err(cuda_error)?;
+    });
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev.clone()),
         Shape::from((tokens, rotation.heads, rotation.head_dim)),
@@ -400,17 +434,18 @@ pub fn add_rms_norm(
     let dev = &x.device;
     // SAFETY: every element is written by the kernel before it is read.
     let out = unsafe { dev.alloc::<f32>(2 * rows * width) }?;
-    let func = function(x, "add_rms_norm_f32")?;
+    let func = function(x, &format!("add_rms_norm_{}", suffix(y.dtype())?))?;
     let stream = dev.cuda_stream();
     let xs = x.as_cuda_slice::<f32>()?.slice(x0..x1);
-    let ys = y.as_cuda_slice::<f32>()?.slice(y0..y1);
     let ws = w.as_cuda_slice::<f32>()?.slice(w0..w1);
     let (rows32, width32) = (rows as u32, width as u32);
-    let mut b = stream.launch_builder(&func);
-    b.arg(&out).arg(&xs).arg(&ys).arg(&ws);
-    b.arg(&rows32).arg(&width32).arg(&eps);
-    // SAFETY: the arguments match the kernel's signature and the shapes were checked.
-    unsafe { b.launch(Launch::per_row(rows).into()) }.map_err(cuda_error)?;
+    product_view!(y, y0..y1, |ys| {
+        let mut b = stream.launch_builder(&func);
+        b.arg(&out).arg(&xs).arg(&ys).arg(&ws);
+        b.arg(&rows32).arg(&width32).arg(&eps);
+        // SAFETY: the arguments match the kernel's signature and the shapes were checked.
+        unsafe { b.launch(Launch::per_row(rows).into()) }.map_err(cuda_error)?;
+    });
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev.clone()),
         Shape::from((2, rows, width)),
@@ -424,14 +459,15 @@ pub fn swiglu(x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
     let dev = &x.device;
     // SAFETY: every element is written by the kernel before it is read.
     let out = unsafe { dev.alloc::<f32>(rows * half) }?;
-    let func = function(x, "swiglu_f32")?;
+    let func = function(x, &format!("swiglu_{}", suffix(x.dtype())?))?;
     let stream = dev.cuda_stream();
-    let xs = x.as_cuda_slice::<f32>()?.slice(x0..x1);
     let (rows32, half32) = (rows as u32, half as u32);
-    let mut b = stream.launch_builder(&func);
-    b.arg(&out).arg(&xs).arg(&rows32).arg(&half32);
-    // SAFETY: the arguments match the kernel's signature and the shapes were checked.
-    unsafe { b.launch(Launch::elementwise(rows32 * half32).into()) }.map_err(cuda_error)?;
+    product_view!(x, x0..x1, |xs| {
+        let mut b = stream.launch_builder(&func);
+        b.arg(&out).arg(&xs).arg(&rows32).arg(&half32);
+        // SAFETY: the arguments match the kernel's signature and the shapes were checked.
+        unsafe { b.launch(Launch::elementwise(rows32 * half32).into()) }.map_err(cuda_error)?;
+    });
     Ok((
         CudaStorage::wrap_cuda_slice(out, dev.clone()),
         Shape::from((rows, half)),

@@ -32,25 +32,27 @@ template <> __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(flo
 // `cos` and `sin` the token's `half` angles; pairs of halves (i, i + half) or of
 // neighbours (2i, 2i + 1). Rounded step by step, unfused, as candle's element-wise
 // ops and the CPU twin (cpu.rs's `rotated`) compute it.
-__device__ __forceinline__ float rotated(const float *head, uint32_t x, const float *cos,
+template <typename I>
+__device__ __forceinline__ float rotated(const I *head, uint32_t x, const float *cos,
                                          const float *sin, uint32_t half, uint32_t interleaved) {
-  if (x >= 2 * half) return head[x];
+  if (x >= 2 * half) return to_f32(head[x]);
   const uint32_t i = interleaved ? x / 2 : (x < half ? x : x - half);
   const bool first = interleaved ? x % 2 == 0 : x < half;
-  const float x0 = interleaved ? head[2 * i] : head[i];
-  const float x1 = interleaved ? head[2 * i + 1] : head[i + half];
+  const float x0 = to_f32(interleaved ? head[2 * i] : head[i]);
+  const float x1 = to_f32(interleaved ? head[2 * i + 1] : head[i + half]);
   const float c = cos[i], s = sin[i];
   return first ? __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s))
                : __fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c));
 }
 
 // A step's keys (rotated) and values, straight from the QKV product's rows (`width`
-// floats: `q_width` of queries, then `kv_width` of keys, then of values), into one
-// layer's cache (`[2, blocks, block_size, kv_heads, head_dim]`: keys, then values
-// `values_at` elements further) at `slots`. `trig` holds every token's cosines, then
-// every token's sines. One thread per element written.
-template <typename T>
-__device__ void write_kv(T *cache, const float *qkv, const float *trig, const uint32_t *slots,
+// elements of type `I`, the product's: `q_width` of queries, then `kv_width` of keys,
+// then of values), into one layer's cache (`[2, blocks, block_size, kv_heads,
+// head_dim]` of `T`: keys, then values `values_at` elements further) at `slots`.
+// `trig` holds every token's cosines, then every token's sines. One thread per element
+// written.
+template <typename T, typename I>
+__device__ void write_kv(T *cache, const I *qkv, const float *trig, const uint32_t *slots,
                          uint32_t tokens, uint32_t width, uint32_t q_width, uint32_t kv_width,
                          uint32_t d, uint32_t half, uint32_t interleaved, uint64_t values_at) {
   const uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
@@ -58,42 +60,47 @@ __device__ void write_kv(T *cache, const float *qkv, const float *trig, const ui
   const uint32_t t = i / (2 * kv_width), j = i % (2 * kv_width);
   const bool value = j >= kv_width;
   const uint32_t e = value ? j - kv_width : j, x = e % d;
-  const float *head = qkv + (uint64_t)t * width + q_width + (value ? kv_width : 0) + (e - x);
+  const I *head = qkv + (uint64_t)t * width + q_width + (value ? kv_width : 0) + (e - x);
   const float *cos = trig + (uint64_t)t * half, *sin = trig + ((uint64_t)tokens + t) * half;
-  const float v = value ? head[x] : rotated(head, x, cos, sin, half, interleaved);
+  const float v = value ? to_f32(head[x]) : rotated(head, x, cos, sin, half, interleaved);
   cache[(value ? values_at : 0) + (uint64_t)slots[t] * kv_width + e] = from_f32<T>(v);
 }
 
 // A step's queries from the QKV rows, rotated and rounded to the cache's type `T` (they
 // meet the keys at its precision), as f32 `[tokens, heads, head_dim]`.
-template <typename T>
-__device__ void rotate_queries(float *out, const float *qkv, const float *trig, uint32_t tokens,
+template <typename T, typename I>
+__device__ void rotate_queries(float *out, const I *qkv, const float *trig, uint32_t tokens,
                                uint32_t width, uint32_t q_width, uint32_t d, uint32_t half,
                                uint32_t interleaved) {
   const uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= (uint64_t)tokens * q_width) return;
   const uint32_t t = i / q_width, e = i % q_width, x = e % d;
-  const float *head = qkv + (uint64_t)t * width + (e - x);
+  const I *head = qkv + (uint64_t)t * width + (e - x);
   const float *cos = trig + (uint64_t)t * half, *sin = trig + ((uint64_t)tokens + t) * half;
   out[i] = to_f32(from_f32<T>(rotated(head, x, cos, sin, half, interleaved)));
 }
 
-#define ROTATE(WRITE, QUERIES, T)                                                              \
-  extern "C" __global__ void WRITE(T *cache, const float *qkv, const float *trig,              \
+// Kernels named `NAME_<cache type>_<product type>`.
+#define ROTATE(WRITE, QUERIES, T, I)                                                           \
+  extern "C" __global__ void WRITE(T *cache, const I *qkv, const float *trig,                  \
                                    const uint32_t *slots, uint32_t tokens, uint32_t width,     \
                                    uint32_t q_width, uint32_t kv_width, uint32_t d,            \
                                    uint32_t half, uint32_t interleaved, uint64_t values_at) {  \
-    write_kv<T>(cache, qkv, trig, slots, tokens, width, q_width, kv_width, d, half,            \
-                interleaved, values_at);                                                       \
+    write_kv<T, I>(cache, qkv, trig, slots, tokens, width, q_width, kv_width, d, half,         \
+                   interleaved, values_at);                                                    \
   }                                                                                            \
-  extern "C" __global__ void QUERIES(float *out, const float *qkv, const float *trig,          \
+  extern "C" __global__ void QUERIES(float *out, const I *qkv, const float *trig,              \
                                      uint32_t tokens, uint32_t width, uint32_t q_width,        \
                                      uint32_t d, uint32_t half, uint32_t interleaved) {        \
-    rotate_queries<T>(out, qkv, trig, tokens, width, q_width, d, half, interleaved);           \
+    rotate_queries<T, I>(out, qkv, trig, tokens, width, q_width, d, half, interleaved);        \
   }
-ROTATE(paged_write_kv_f16, rotate_queries_f16, __half)
-ROTATE(paged_write_kv_bf16, rotate_queries_bf16, __nv_bfloat16)
-ROTATE(paged_write_kv_f32, rotate_queries_f32, float)
+#define ROTATE_FROM(C, T)                                                                      \
+  ROTATE(paged_write_kv_##C##_f32, rotate_queries_##C##_f32, T, float)                         \
+  ROTATE(paged_write_kv_##C##_f16, rotate_queries_##C##_f16, T, __half)                        \
+  ROTATE(paged_write_kv_##C##_bf16, rotate_queries_##C##_bf16, T, __nv_bfloat16)
+ROTATE_FROM(f16, __half)
+ROTATE_FROM(bf16, __nv_bfloat16)
+ROTATE_FROM(f32, float)
 
 // Threads per block of the attention kernel, and positions scored per tile.
 #define THREADS 128
@@ -381,24 +388,42 @@ extern "C" __global__ void rms_norm_f32(float *out, const float *x, const float 
 }
 
 // The residual connection and the next norm in one pass, one block per row: `out`
-// holds the sums `x + y` (`rows` rows), then their RMSNorm.
-extern "C" __global__ void add_rms_norm_f32(float *out, const float *x, const float *y,
-                                           const float *weight, uint32_t rows, uint32_t width,
-                                           float eps) {
+// holds the sums `x + y` (`rows` rows; `y` of the product's type `I`), then their
+// RMSNorm.
+template <typename I>
+__device__ void add_rms_norm(float *out, const float *x, const I *y, const float *weight,
+                             uint32_t rows, uint32_t width, float eps) {
   const uint64_t at = (uint64_t)blockIdx.x * width;
-  for (uint32_t i = threadIdx.x; i < width; i += THREADS) out[at + i] = x[at + i] + y[at + i];
+  for (uint32_t i = threadIdx.x; i < width; i += THREADS)
+    out[at + i] = x[at + i] + to_f32(y[at + i]);
   rms_norm_row(out + (uint64_t)rows * width + at, out + at, weight, width, eps);
 }
 
-// SwiGLU: rows of gate then up (`2 * half` each) into rows of `half`.
-extern "C" __global__ void swiglu_f32(float *out, const float *gate_up, uint32_t rows,
-                                      uint32_t half) {
+// SwiGLU: rows of gate then up (`2 * half` each, of the product's type `I`) into f32
+// rows of `half`.
+template <typename I>
+__device__ void swiglu(float *out, const I *gate_up, uint32_t rows, uint32_t half) {
   const uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= (uint64_t)rows * half) return;
   const uint64_t r = i / half, c = i % half;
-  const float g = gate_up[r * 2 * half + c], u = gate_up[r * 2 * half + half + c];
+  const float g = to_f32(gate_up[r * 2 * half + c]), u = to_f32(gate_up[r * 2 * half + half + c]);
   out[i] = g / (1.0f + expf(-g)) * u;
 }
+
+// Kernels named `NAME_<product type>`.
+#define FROM_PRODUCT(S, I)                                                                     \
+  extern "C" __global__ void add_rms_norm_##S(float *out, const float *x, const I *y,          \
+                                              const float *weight, uint32_t rows,              \
+                                              uint32_t width, float eps) {                     \
+    add_rms_norm<I>(out, x, y, weight, rows, width, eps);                                      \
+  }                                                                                            \
+  extern "C" __global__ void swiglu_##S(float *out, const I *gate_up, uint32_t rows,           \
+                                        uint32_t half) {                                       \
+    swiglu<I>(out, gate_up, rows, half);                                                       \
+  }
+FROM_PRODUCT(f32, float)
+FROM_PRODUCT(f16, __half)
+FROM_PRODUCT(bf16, __nv_bfloat16)
 
 // The draw of sampled tokens (crate::sampling::draw; its CPU twin is cpu.rs's
 // draw_row, step for step): one block per row, each thread owning a run of `chunk`

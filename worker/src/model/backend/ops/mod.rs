@@ -126,6 +126,12 @@ impl TokenTiles {
     }
 }
 
+/// A type a product's output may have where an op reads it: f32, or the f16/bf16 of a
+/// dense half-precision weight (read as f32, exactly; no cast launch between).
+fn is_product(dtype: DType) -> bool {
+    matches!(dtype, DType::F32 | DType::F16 | DType::BF16)
+}
+
 /// How a step's queries and keys are rotated (RoPE) as they leave the QKV product,
 /// whose rows hold every query head, then every KV head's key, then its value.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -153,7 +159,7 @@ impl Rotation {
     /// cosines, then sines, per token); returns the number of tokens.
     fn check(&self, what: &str, qkv: &Tensor, trig: &Tensor) -> Result<usize> {
         let (tokens, width) = qkv.dims2()?;
-        if width != self.q_width() + 2 * self.kv_width() || qkv.dtype() != DType::F32 {
+        if width != self.q_width() + 2 * self.kv_width() || !is_product(qkv.dtype()) {
             bail!(
                 "{what}: rows {:?} {:?} are not Q|K|V of {self:?}",
                 qkv.dims(),
@@ -452,9 +458,9 @@ impl candle_core::CustomOp2 for RmsNorm {
 /// `[2, rows, width]` (sums, then normalised rows).
 pub fn add_rms_norm(x: &Tensor, y: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
     let (_, width) = x.dims2()?;
-    if x.dims() != y.dims() || x.dtype() != DType::F32 || y.dtype() != DType::F32 {
+    if x.dims() != y.dims() || x.dtype() != DType::F32 || !is_product(y.dtype()) {
         bail!(
-            "add_rms_norm: rows {:?} and {:?} must be f32 of one shape",
+            "add_rms_norm: rows {:?} (f32) and {:?} (f32, f16 or bf16) must be of one shape",
             x.dims(),
             y.dims()
         );
@@ -511,9 +517,9 @@ impl candle_core::CustomOp3 for AddRmsNorm {
 /// `silu(gate) · up` of rows holding gate then up (`[rows, 2 · h]` f32) → `[rows, h]`.
 pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
     let (_, width) = gate_up.dims2()?;
-    if !width.is_multiple_of(2) || gate_up.dtype() != DType::F32 {
+    if !width.is_multiple_of(2) || !is_product(gate_up.dtype()) {
         bail!(
-            "swiglu: rows {:?} must be f32 of an even width",
+            "swiglu: rows {:?} must be f32, f16 or bf16 of an even width",
             gate_up.dims()
         );
     }

@@ -128,8 +128,17 @@ fn the_rotation_kernels_write_and_rotate_what_the_ops_do_in(order: Order) {
     let tokens = slots.len();
     let (qw, kvw) = (heads * d, kvh * d);
     let width = qw + 2 * kvw;
-    let qkv = values(tokens * width, 4);
     let (t, w, q_w, kv_w, dd) = (tokens as u32, width as u32, qw as u32, kvw as u32, d as u32);
+    // The QKV product's rows as f32 and as a half-precision weight's product leaves them.
+    let qkv_f32 = Tensor::from_vec(values(tokens * width, 4), (tokens, width), &dev).unwrap();
+    let qkv_f16 = qkv_f32.to_dtype(DType::F16).unwrap();
+    let qkv_bf16 = qkv_f32.to_dtype(DType::BF16).unwrap();
+    let (h32, h16, hb16) = (
+        to_vec::<f32>(&qkv_f32),
+        to_vec::<f16>(&qkv_f16),
+        to_vec::<bf16>(&qkv_bf16),
+    );
+    let (p32, p16, pb16) = (h32.as_ptr(), h16.as_ptr(), hb16.as_ptr());
     // Whole heads and partial rotations (24 and 10 of 24 features), both styles.
     for (half, interleaved) in [(12, false), (12, true), (5, false), (5, true)] {
         let trig = values(2 * tokens * half, 6);
@@ -141,55 +150,113 @@ fn the_rotation_kernels_write_and_rotate_what_the_ops_do_in(order: Order) {
             interleaved,
         };
         let trig_t = Tensor::from_vec(trig.clone(), (2, tokens, half), &dev).unwrap();
-        let qkv_t = Tensor::from_vec(qkv.clone(), (tokens, width), &dev).unwrap();
         let slots_t = Tensor::new(slots.as_slice(), &dev).unwrap();
         let (h, il) = (half as u32, u32::from(interleaved));
-        let (qp, tp, sp) = (qkv.as_ptr(), trig.as_ptr(), slots.as_ptr());
-        for dtype in [DType::F16, DType::BF16, DType::F32] {
-            let cache = Tensor::zeros((2, blocks, bs, kvh, d), dtype, &dev).unwrap();
-            write_kv(&cache, &qkv_t, &trig_t, &slots_t, rotation).unwrap();
-            let want: Vec<f32> = to_vec(&cache.to_dtype(DType::F32).unwrap());
-            let want_q: Vec<f32> =
-                to_vec(&rotate_queries(&qkv_t, &trig_t, rotation, dtype).unwrap());
-            let size = 2 * blocks * bs * kvw;
-            let values_at = (size / 2) as u64;
-            let write = Launch::elementwise(t * 2 * kv_w);
-            let rotate = Launch::elementwise(t * q_w);
-            let mut q_out = Guarded::new(vec![f32::NAN; tokens * qw], f32::MAX);
-            let qo = q_out.ptr();
-            macro_rules! go {
-                ($zero:expr, $guard:expr, $write:path, $queries:path) => {{
-                    let mut c = Guarded::new(vec![$zero; size], $guard);
-                    let cp = c.ptr();
-                    run(write, order, || unsafe {
-                        $write(cp, qp, tp, sp, t, w, q_w, kv_w, dd, h, il, values_at)
-                    });
-                    run(rotate, order, || unsafe {
-                        $queries(qo, qp, tp, t, w, q_w, dd, h, il)
-                    });
-                    c.inside()
-                        .iter()
-                        .map(|x| f32::from(*x))
-                        .collect::<Vec<f32>>()
-                }};
+        let (tp, sp) = (trig.as_ptr(), slots.as_ptr());
+        for (product, qkv_t) in [
+            (DType::F32, &qkv_f32),
+            (DType::F16, &qkv_f16),
+            (DType::BF16, &qkv_bf16),
+        ] {
+            for dtype in [DType::F16, DType::BF16, DType::F32] {
+                let cache = Tensor::zeros((2, blocks, bs, kvh, d), dtype, &dev).unwrap();
+                write_kv(&cache, qkv_t, &trig_t, &slots_t, rotation).unwrap();
+                let want: Vec<f32> = to_vec(&cache.to_dtype(DType::F32).unwrap());
+                let want_q: Vec<f32> =
+                    to_vec(&rotate_queries(qkv_t, &trig_t, rotation, dtype).unwrap());
+                let size = 2 * blocks * bs * kvw;
+                let values_at = (size / 2) as u64;
+                let write = Launch::elementwise(t * 2 * kv_w);
+                let rotate = Launch::elementwise(t * q_w);
+                let mut q_out = Guarded::new(vec![f32::NAN; tokens * qw], f32::MAX);
+                let qo = q_out.ptr();
+                macro_rules! go {
+                    ($zero:expr, $guard:expr, $qp:expr, $write:path, $queries:path) => {{
+                        let mut c = Guarded::new(vec![$zero; size], $guard);
+                        let (cp, qp) = (c.ptr(), $qp);
+                        run(write, order, || unsafe {
+                            $write(cp, qp, tp, sp, t, w, q_w, kv_w, dd, h, il, values_at)
+                        });
+                        run(rotate, order, || unsafe {
+                            $queries(qo, qp, tp, t, w, q_w, dd, h, il)
+                        });
+                        c.inside()
+                            .iter()
+                            .map(|x| f32::from(*x))
+                            .collect::<Vec<f32>>()
+                    }};
+                }
+                use DType::{BF16, F16, F32};
+                let (z16, zb16, m16, mb16) = (f16::ZERO, bf16::ZERO, f16::MAX, bf16::MAX);
+                let got = match (dtype, product) {
+                    (F16, F32) => go!(
+                        z16,
+                        m16,
+                        p32,
+                        k::paged_write_kv_f16_f32,
+                        k::rotate_queries_f16_f32
+                    ),
+                    (F16, F16) => go!(
+                        z16,
+                        m16,
+                        p16,
+                        k::paged_write_kv_f16_f16,
+                        k::rotate_queries_f16_f16
+                    ),
+                    (F16, _) => go!(
+                        z16,
+                        m16,
+                        pb16,
+                        k::paged_write_kv_f16_bf16,
+                        k::rotate_queries_f16_bf16
+                    ),
+                    (BF16, F32) => go!(
+                        zb16,
+                        mb16,
+                        p32,
+                        k::paged_write_kv_bf16_f32,
+                        k::rotate_queries_bf16_f32
+                    ),
+                    (BF16, F16) => go!(
+                        zb16,
+                        mb16,
+                        p16,
+                        k::paged_write_kv_bf16_f16,
+                        k::rotate_queries_bf16_f16
+                    ),
+                    (BF16, _) => go!(
+                        zb16,
+                        mb16,
+                        pb16,
+                        k::paged_write_kv_bf16_bf16,
+                        k::rotate_queries_bf16_bf16
+                    ),
+                    (_, F32) => go!(
+                        0f32,
+                        f32::MAX,
+                        p32,
+                        k::paged_write_kv_f32_f32,
+                        k::rotate_queries_f32_f32
+                    ),
+                    (_, F16) => go!(
+                        0f32,
+                        f32::MAX,
+                        p16,
+                        k::paged_write_kv_f32_f16,
+                        k::rotate_queries_f32_f16
+                    ),
+                    _ => go!(
+                        0f32,
+                        f32::MAX,
+                        pb16,
+                        k::paged_write_kv_f32_bf16,
+                        k::rotate_queries_f32_bf16
+                    ),
+                };
+                let what = format!("cache {dtype:?}, product {product:?}, {rotation:?}");
+                assert_eq!(got, want, "{what}");
+                assert_eq!(q_out.inside(), want_q.as_slice(), "{what}");
             }
-            let got = match dtype {
-                DType::F16 => go!(
-                    f16::ZERO,
-                    f16::MAX,
-                    k::paged_write_kv_f16,
-                    k::rotate_queries_f16
-                ),
-                DType::BF16 => go!(
-                    bf16::ZERO,
-                    bf16::MAX,
-                    k::paged_write_kv_bf16,
-                    k::rotate_queries_bf16
-                ),
-                _ => go!(0f32, f32::MAX, k::paged_write_kv_f32, k::rotate_queries_f32),
-            };
-            assert_eq!(got, want, "{dtype:?} {rotation:?}");
-            assert_eq!(q_out.inside(), want_q.as_slice(), "{dtype:?} {rotation:?}");
         }
     }
 }
@@ -404,40 +471,65 @@ fn the_norm_and_swiglu_kernels_compute_what_the_ops_compute_in(order: Order) {
     }
 
     // The residual connection and norm in one: the sums, then the norm of the sums,
-    // each as the separate ops give them.
+    // each as the separate ops give them; and SwiGLU. The added rows and SwiGLU's input
+    // come from a product: f32, or f16/bf16 from a half-precision weight.
     let y = values(rows * width, 11);
     let xt = Tensor::from_vec(x.clone(), (rows, width), &dev).unwrap();
-    let yt = Tensor::from_vec(y.clone(), (rows, width), &dev).unwrap();
     let wt = Tensor::new(w.as_slice(), &dev).unwrap();
-    let sums = (&xt + &yt).unwrap();
-    let mut want: Vec<f32> = to_vec(&sums);
-    want.extend(to_vec::<f32>(&rms_norm(&sums, &wt, 1e-5).unwrap()));
-    assert_eq!(
-        to_vec::<f32>(&add_rms_norm(&xt, &yt, &wt, 1e-5).unwrap()),
-        want
-    );
-    let mut out = Guarded::new(vec![f32::NAN; 2 * rows * width], f32::MAX);
-    let (o, yp) = (out.ptr(), y.as_ptr());
-    run(Launch::per_row(rows), order, || unsafe {
-        k::add_rms_norm_f32(o, xp, yp, wp, rows as u32, width as u32, 1e-5)
-    });
-    for (g, w) in out.inside().iter().zip(&want) {
-        assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "{g} vs {w}");
-    }
-
-    let gate_up: Vec<f32> = values(rows * width, 10).iter().map(|v| v * 8.0).collect();
-    let want: Vec<f32> =
-        to_vec(&swiglu(&Tensor::from_vec(gate_up.clone(), (rows, width), &dev).unwrap()).unwrap());
+    let gate_up = Tensor::from_vec(
+        values(rows * width, 10).iter().map(|v| v * 8.0).collect(),
+        (rows, width),
+        &dev,
+    )
+    .unwrap();
     let half = width / 2;
-    let mut out = Guarded::new(vec![f32::NAN; rows * half], f32::MAX);
-    let (o, gp) = (out.ptr(), gate_up.as_ptr());
-    run(
-        Launch::elementwise((rows * half) as u32),
-        order,
-        || unsafe { k::swiglu_f32(o, gp, rows as u32, half as u32) },
-    );
-    for (g, w) in out.inside().iter().zip(&want) {
-        assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "{g} vs {w}");
+    for product in [DType::F32, DType::F16, DType::BF16] {
+        let yt = Tensor::from_vec(y.clone(), (rows, width), &dev)
+            .unwrap()
+            .to_dtype(product)
+            .unwrap();
+        let sums = (&xt + &yt.to_dtype(DType::F32).unwrap()).unwrap();
+        let mut want: Vec<f32> = to_vec(&sums);
+        want.extend(to_vec::<f32>(&rms_norm(&sums, &wt, 1e-5).unwrap()));
+        assert_eq!(
+            to_vec::<f32>(&add_rms_norm(&xt, &yt, &wt, 1e-5).unwrap()),
+            want
+        );
+        let gu = gate_up.to_dtype(product).unwrap();
+        let want_swiglu: Vec<f32> = to_vec(&swiglu(&gu).unwrap());
+        let mut out = Guarded::new(vec![f32::NAN; 2 * rows * width], f32::MAX);
+        let mut out_swiglu = Guarded::new(vec![f32::NAN; rows * half], f32::MAX);
+        let (o, os) = (out.ptr(), out_swiglu.ptr());
+        let (r, wd, hf) = (rows as u32, width as u32, half as u32);
+        macro_rules! go {
+            ($t:ty, $add_norm:path, $swiglu:path) => {{
+                let (yh, gh) = (to_vec::<$t>(&yt), to_vec::<$t>(&gu));
+                let (yp, gp) = (yh.as_ptr(), gh.as_ptr());
+                run(Launch::per_row(rows), order, || unsafe {
+                    $add_norm(o, xp, yp, wp, r, wd, 1e-5)
+                });
+                run(Launch::elementwise(r * hf), order, || unsafe {
+                    $swiglu(os, gp, r, hf)
+                });
+            }};
+        }
+        match product {
+            DType::F16 => go!(f16, k::add_rms_norm_f16, k::swiglu_f16),
+            DType::BF16 => go!(bf16, k::add_rms_norm_bf16, k::swiglu_bf16),
+            _ => go!(f32, k::add_rms_norm_f32, k::swiglu_f32),
+        }
+        for (g, w) in out.inside().iter().zip(&want) {
+            assert!(
+                (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+                "{product:?}: {g} vs {w}"
+            );
+        }
+        for (g, w) in out_swiglu.inside().iter().zip(&want_swiglu) {
+            assert!(
+                (g - w).abs() <= 1e-6 * w.abs().max(1.0),
+                "{product:?}: {g} vs {w}"
+            );
+        }
     }
 }
 
