@@ -2,8 +2,8 @@
 //! engine on tiny models: the same model split over 1, 2 and 4 ranks gives the CPU
 //! engine's logits to within rounding and its greedy tokens exactly.
 
-use candle_core::Device;
 use candle_core::quantized::GgmlDType;
+use candle_core::{Device, Tensor};
 
 use super::tests_tp::logits_on;
 use super::tiny::{TinySpec, write_tiny_gguf};
@@ -106,6 +106,23 @@ fn device_backend_runs_bf16_weights_as_a_gpu_does() {
         ..TinySpec::default()
     };
     check(&spec, &[1, 2], 0.1);
+}
+
+#[test]
+fn products_of_different_types_are_joined_in_f32() {
+    // A layer whose Q/K/V weights differ in type gives an f32 product beside a bf16 one.
+    let b = device();
+    let a = Tensor::new(&[[1.5f32, -2.0]], &Device::Cpu).unwrap();
+    let h = Tensor::new(&[[0.25f32, 3.0, 8.0]], &Device::Cpu)
+        .unwrap()
+        .to_dtype(candle_core::DType::BF16)
+        .unwrap();
+    let joined = b.concat(vec![a, h]).unwrap();
+    assert_eq!(joined.dtype(), candle_core::DType::F32);
+    assert_eq!(
+        joined.to_vec2::<f32>().unwrap(),
+        vec![vec![1.5, -2.0, 0.25, 3.0, 8.0]]
+    );
 }
 
 #[test]

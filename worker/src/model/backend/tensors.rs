@@ -481,6 +481,15 @@ impl Backend for Tensors {
     }
 
     fn concat(&self, parts: Vec<Tensor>) -> Result<Tensor, ModelError> {
+        // Parts of one layer may come from weights of different types (a GGUF file's
+        // V in F16 beside Q and K in a block format): their products meet in f32.
+        if parts.iter().any(|p| p.dtype() != parts[0].dtype()) {
+            let widened = parts
+                .iter()
+                .map(|p| p.to_dtype(DType::F32))
+                .collect::<candle_core::Result<Vec<_>>>()?;
+            return Ok(Tensor::cat(&widened, 1)?);
+        }
         Ok(Tensor::cat(&parts, 1)?)
     }
 
