@@ -291,18 +291,19 @@ pub fn attend(
         ($t:ty) => {{
             let keys = cache.as_cuda_slice::<$t>()?.slice(k0..v0);
             let values = cache.as_cuda_slice::<$t>()?.slice(v0..c1);
+            let common = CacheArgs {
+                out: &out,
+                q: &q_s,
+                keys: &keys,
+                values: &values,
+                tables: &tables,
+                max_blocks: &max_blocks,
+                tokens: &meta,
+            };
             if per_token > 0 {
                 let func = function(q, &format!("paged_attend_{suffix}"))?;
                 let mut b = stream.launch_builder(&func);
-                cache_args(
-                    &mut b,
-                    &out,
-                    &q_s,
-                    (&keys, &values),
-                    &tables,
-                    &max_blocks,
-                    &meta,
-                );
+                common.push(&mut b);
                 b.arg(&order)
                     .arg(&heads)
                     .arg(&kv_heads)
@@ -336,15 +337,7 @@ pub fn attend(
             if let Some((shape, positions)) = tiled {
                 let func = function(q, &format!("paged_attend_tiles_{suffix}"))?;
                 let mut b = stream.launch_builder(&func);
-                cache_args(
-                    &mut b,
-                    &out,
-                    &q_s,
-                    (&keys, &values),
-                    &tables,
-                    &max_blocks,
-                    &meta,
-                );
+                common.push(&mut b);
                 b.arg(&tiles_s)
                     .arg(&heads)
                     .arg(&kv_heads)
@@ -370,22 +363,26 @@ pub fn attend(
 
 /// The arguments both attention kernels begin with: the output, the queries, the
 /// layer's keys and values, the block tables and each token's (sequence, length).
-fn cache_args<'a, 'c: 'a, T>(
-    b: &mut LaunchArgs<'a>,
+struct CacheArgs<'a, 'c, T> {
     out: &'a CudaSlice<f32>,
     q: &'a CudaView<'c, f32>,
-    (keys, values): (&'a CudaView<'c, T>, &'a CudaView<'c, T>),
+    keys: &'a CudaView<'c, T>,
+    values: &'a CudaView<'c, T>,
     tables: &'a CudaView<'c, u32>,
     max_blocks: &'a u32,
     tokens: &'a CudaView<'c, u32>,
-) {
-    b.arg(out)
-        .arg(q)
-        .arg(keys)
-        .arg(values)
-        .arg(tables)
-        .arg(max_blocks)
-        .arg(tokens);
+}
+
+impl<'a, 'c: 'a, T> CacheArgs<'a, 'c, T> {
+    fn push(&self, b: &mut LaunchArgs<'a>) {
+        b.arg(self.out)
+            .arg(self.q)
+            .arg(self.keys)
+            .arg(self.values)
+            .arg(self.tables)
+            .arg(self.max_blocks)
+            .arg(self.tokens);
+    }
 }
 
 pub fn rms_norm(
