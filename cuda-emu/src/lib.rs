@@ -88,164 +88,88 @@ pub unsafe fn launch<F: Fn()>(grid: Grid, kernel: F) -> Result<(), String> {
     Err(String::from_utf8_lossy(&error[..end]).into_owned())
 }
 
-/// The kernels of `kernels.cu`, by their C names and signatures.
-#[allow(clippy::too_many_arguments)]
-pub mod kernels {
-    use half::{bf16, f16};
+unsafe extern "C" {
+    fn emu_kernel(name: *const c_char) -> Option<unsafe extern "C" fn(*mut *mut c_void)>;
+    fn emu_kernel_signature(name: *const c_char, out: *mut c_char, out_len: usize) -> i32;
+    fn emu_kernel_names(out: *mut c_char, out_len: usize) -> i32;
+}
 
-    /// The rotation and cache write: `NAME_<cache type>_<product type>`.
-    macro_rules! rotation {
-        ($write:ident, $queries:ident, $t:ty, $i:ty) => {
-            unsafe extern "C" {
-                pub fn $write(
-                    cache: *mut $t,
-                    qkv: *const $i,
-                    trig: *const f32,
-                    slots: *const u32,
-                    tokens: u32,
-                    width: u32,
-                    q_width: u32,
-                    kv_width: u32,
-                    head_dim: u32,
-                    half: u32,
-                    interleaved: u32,
-                    values_at: u64,
-                );
-                pub fn $queries(
-                    out: *mut f32,
-                    qkv: *const $i,
-                    trig: *const f32,
-                    tokens: u32,
-                    width: u32,
-                    q_width: u32,
-                    head_dim: u32,
-                    half: u32,
-                    interleaved: u32,
-                );
-            }
-        };
-    }
-    rotation!(paged_write_kv_f16_f32, rotate_queries_f16_f32, f16, f32);
-    rotation!(paged_write_kv_f16_f16, rotate_queries_f16_f16, f16, f16);
-    rotation!(paged_write_kv_f16_bf16, rotate_queries_f16_bf16, f16, bf16);
-    rotation!(paged_write_kv_bf16_f32, rotate_queries_bf16_f32, bf16, f32);
-    rotation!(paged_write_kv_bf16_f16, rotate_queries_bf16_f16, bf16, f16);
-    rotation!(
-        paged_write_kv_bf16_bf16,
-        rotate_queries_bf16_bf16,
-        bf16,
-        bf16
-    );
-    rotation!(paged_write_kv_f32_f32, rotate_queries_f32_f32, f32, f32);
-    rotation!(paged_write_kv_f32_f16, rotate_queries_f32_f16, f32, f16);
-    rotation!(paged_write_kv_f32_bf16, rotate_queries_f32_bf16, f32, bf16);
+/// Copies what `fill` writes (a C string of the length it returns) into a `String`.
+fn c_string(fill: impl Fn(*mut c_char, usize) -> i32) -> Option<String> {
+    let len = usize::try_from(fill(std::ptr::null_mut(), 0)).ok()?;
+    let mut out = vec![0u8; len + 1];
+    fill(out.as_mut_ptr().cast(), out.len());
+    out.truncate(len);
+    Some(String::from_utf8_lossy(&out).into_owned())
+}
 
-    /// Attention over a cache of one type: `NAME_<cache type>`.
-    macro_rules! attention {
-        ($attend:ident, $tiles:ident, $t:ty) => {
-            unsafe extern "C" {
-                pub fn $attend(
-                    out: *mut f32,
-                    q: *const f32,
-                    keys: *const $t,
-                    values: *const $t,
-                    tables: *const u32,
-                    max_blocks: u32,
-                    tokens: *const u32,
-                    order: *const u32,
-                    heads: u32,
-                    kv_heads: u32,
-                    head_dim: u32,
-                    block_size: u32,
-                    scale: f32,
-                    chunks: u32,
-                    chunk_len: u32,
-                    partial: *mut f32,
-                );
-                pub fn $tiles(
-                    out: *mut f32,
-                    q: *const f32,
-                    keys: *const $t,
-                    values: *const $t,
-                    tables: *const u32,
-                    max_blocks: u32,
-                    tokens: *const u32,
-                    tiles: *const u32,
-                    heads: u32,
-                    kv_heads: u32,
-                    head_dim: u32,
-                    block_size: u32,
-                    positions: u32,
-                    scale: f32,
-                );
-            }
-        };
-    }
-    attention!(paged_attend_f16, paged_attend_tiles_f16, f16);
-    attention!(paged_attend_bf16, paged_attend_tiles_bf16, bf16);
-    attention!(paged_attend_f32, paged_attend_tiles_f32, f32);
+/// A kernel of `kernels.cu`, found by its name as a GPU's module lookup finds it, and
+/// called as the driver calls it: with a pointer to each argument.
+#[derive(Clone, Debug)]
+pub struct Kernel {
+    name: String,
+    entry: unsafe extern "C" fn(*mut *mut c_void),
+    signature: String,
+}
 
-    /// What reads a product's output: `NAME_<product type>`.
-    macro_rules! from_product {
-        ($add_norm:ident, $swiglu:ident, $i:ty) => {
-            unsafe extern "C" {
-                pub fn $add_norm(
-                    out: *mut f32,
-                    x: *const f32,
-                    y: *const $i,
-                    weight: *const f32,
-                    rows: u32,
-                    width: u32,
-                    eps: f32,
-                );
-                pub fn $swiglu(out: *mut f32, gate_up: *const $i, rows: u32, half: u32);
-            }
-        };
+impl Kernel {
+    pub fn find(name: &str) -> Option<Kernel> {
+        let c_name = std::ffi::CString::new(name).ok()?;
+        // SAFETY: both read a NUL-terminated name; the signature's buffer length is
+        // passed.
+        let entry = unsafe { emu_kernel(c_name.as_ptr()) }?;
+        let signature =
+            c_string(|out, len| unsafe { emu_kernel_signature(c_name.as_ptr(), out, len) })?;
+        Some(Kernel {
+            name: name.to_string(),
+            entry,
+            signature,
+        })
     }
-    from_product!(add_rms_norm_f32, swiglu_f32, f32);
-    from_product!(add_rms_norm_f16, swiglu_f16, f16);
-    from_product!(add_rms_norm_bf16, swiglu_bf16, bf16);
 
-    unsafe extern "C" {
-        pub fn paged_attend_combine(
-            out: *mut f32,
-            partial: *const f32,
-            order: *const u32,
-            heads: u32,
-            head_dim: u32,
-            chunks: u32,
-        );
-        pub fn rms_norm_f32(out: *mut f32, x: *const f32, weight: *const f32, width: u32, eps: f32);
-        pub fn draw_f32(
-            out: *mut u32,
-            logits: *const f32,
-            settings: *const f64,
-            vocab: u32,
-            chunk: u32,
-        );
-        pub fn top_logprobs_f32(
-            out: *mut f32,
-            logits: *const f32,
-            chosen: *const u32,
-            vocab: u32,
-            n: u32,
-            chunk: u32,
-        );
-        pub fn penalise_f32(
-            rows: *mut f32,
-            entries: *const u32,
-            settings: *const f32,
-            n: u32,
-            vocab: u32,
-        );
+    /// Its parameters' types as compiled, in order: `*f16` for a pointer to `__half`,
+    /// `*bf16`, `*f32`, `*f64`, `*u32`, and `u32`, `u64`, `f32` for values.
+    pub fn signature(&self) -> &str {
+        &self.signature
     }
+
+    /// Runs the kernel as every thread of `grid`, with `params[i]` pointing at its
+    /// `i`-th argument (CUDA's `kernelParams`).
+    ///
+    /// # Safety
+    /// Each of `params` must point at a value of its parameter's type (see
+    /// [`Kernel::signature`]), and pointer arguments at buffers large enough for every
+    /// access the kernel makes under `grid`, as on a GPU.
+    pub unsafe fn launch(&self, grid: Grid, params: &[*mut c_void]) -> Result<(), String> {
+        let arity = self.signature.split(',').filter(|s| !s.is_empty()).count();
+        if params.len() != arity {
+            return Err(format!(
+                "{} takes {arity} arguments ({}), {} given",
+                self.name,
+                self.signature,
+                params.len()
+            ));
+        }
+        let entry = self.entry;
+        let params = params.as_ptr() as *mut *mut c_void;
+        // SAFETY: the caller's promise; the arity was checked.
+        unsafe { launch(grid, || entry(params)) }
+    }
+}
+
+/// Every kernel `kernels.cu` defines.
+pub fn kernel_names() -> Vec<String> {
+    // SAFETY: the buffer's length is passed.
+    c_string(|out, len| unsafe { emu_kernel_names(out, len) })
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    use super::kernels::swiglu_f32;
 
     unsafe extern "C" {
         fn emu_selftest_split_warp(out: *mut f32);
@@ -313,15 +237,22 @@ mod tests {
             shared_bytes: 0,
             order: Order::FirstToLast,
         };
-        let (o, g) = (out.as_mut_ptr() as usize, gate_up.as_ptr() as usize);
+        let swiglu = Kernel::find("swiglu_f32").expect("kernels.cu defines swiglu_f32");
+        assert_eq!(swiglu.signature(), "*f32,*f32,u32,u32");
+        let (mut o, mut g) = (out.as_mut_ptr(), gate_up.as_ptr());
+        let (mut r, mut h) = (rows, half);
+        let params: [*mut c_void; 4] = [
+            (&raw mut o).cast(),
+            (&raw mut g).cast(),
+            (&raw mut r).cast(),
+            (&raw mut h).cast(),
+        ];
         // SAFETY: `out` holds rows · half floats, `gate_up` twice that; the kernel
         // skips threads past the end.
-        unsafe {
-            launch(grid, || {
-                swiglu_f32(o as *mut f32, g as *const f32, rows, half)
-            })
-        }
-        .unwrap();
+        unsafe { swiglu.launch(grid, &params) }.unwrap();
+        // A wrong argument count is refused before any thread runs.
+        let err = unsafe { swiglu.launch(grid, &params[..3]) }.unwrap_err();
+        assert!(err.contains("takes 4 arguments"), "{err}");
         for r in 0..rows as usize {
             for c in 0..half as usize {
                 let g = gate_up[r * 2 * half as usize + c];
@@ -329,6 +260,27 @@ mod tests {
                 assert_eq!(out[r * half as usize + c], g / (1.0 + (-g).exp()) * u);
             }
         }
+    }
+
+    #[test]
+    fn the_table_holds_every_kernel_by_name() {
+        let names = kernel_names();
+        for name in [
+            "paged_write_kv_bf16_f16",
+            "paged_attend_combine",
+            "draw_f32",
+        ] {
+            assert!(
+                names.iter().any(|n| n == name),
+                "{name} missing from {names:?}"
+            );
+        }
+        assert!(names.iter().all(|n| Kernel::find(n).is_some()));
+        assert!(Kernel::find("no_such_kernel").is_none());
+        assert_eq!(
+            Kernel::find("paged_write_kv_bf16_f16").unwrap().signature(),
+            "*bf16,*f16,*f32,*u32,u32,u32,u32,u32,u32,u32,u32,u64"
+        );
     }
 
     #[test]

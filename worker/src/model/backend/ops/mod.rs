@@ -15,6 +15,8 @@
 //! chunked prefill alike: every token carries its sequence and how many positions it
 //! sees.
 
+#[cfg(any(feature = "cuda", test))]
+mod calls;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;

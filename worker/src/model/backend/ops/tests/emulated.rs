@@ -1,67 +1,163 @@
 //! The CUDA kernels themselves (`kernels.cu`, compiled for the host by the cuda-emu
-//! crate and run thread by thread, with the launch shapes `cuda.rs` uses) against the
-//! ops' CPU implementations, which the rest of the tests hold to the CPU engine: the
-//! kernels' indexing, barriers, shuffles and shared memory are checked here, on
-//! machines without a GPU.
+//! crate and run thread by thread) against the ops' CPU implementations, which the
+//! rest of the tests hold to the CPU engine: the kernels' indexing, barriers, shuffles
+//! and shared memory are checked here, on machines without a GPU. Every launch is a
+//! [`Call`] built by `calls.rs`, as `cuda.rs` builds it (kernel name, launch shape and
+//! arguments), and its arguments are checked against the kernel's compiled parameters.
+
+use std::ffi::c_void;
 
 use candle_core::{DType, Device, Tensor};
-use half::{bf16, f16};
 use rand::rngs::StdRng;
 use rand::{RngExt, SeedableRng};
-use shardserve_cuda_emu::{Grid, Order, kernels as k, launch};
+use shardserve_cuda_emu::{Grid, Kernel, Order};
 
+use super::super::calls::{self, Arg, AttendBufs, AttendShape, AttendSplit, Buf, Call, Elem};
 use super::super::launch::{Launch, MAX_HEAD_DIM};
 use super::super::*;
 use super::draws::{rows as draw_rows, settings as draw_settings_all};
 use super::{fill, naive, values};
 
-/// A buffer for a kernel to write, with guard elements on both sides that must
-/// survive the launch.
-struct Guarded<T: Copy + PartialEq + std::fmt::Debug> {
-    data: Vec<T>,
-    guard: T,
+/// A host copy of a tensor's elements for a kernel to read or write, with guard bytes
+/// on both sides that must survive the launch (words of 8 bytes: every element type is
+/// aligned).
+struct Guarded {
+    words: Vec<u64>,
+    dtype: DType,
+    len: usize,
 }
 
-const GUARD: usize = 64;
+const GUARD_WORDS: usize = 16;
+const GUARD: u64 = 0xa5a5_5a5a_a5a5_5a5a;
 
-impl<T: Copy + PartialEq + std::fmt::Debug> Guarded<T> {
-    fn new(inside: Vec<T>, guard: T) -> Self {
-        let mut data = vec![guard; GUARD];
-        data.extend(inside);
-        data.extend(std::iter::repeat_n(guard, GUARD));
-        Self { data, guard }
+/// A tensor's elements as bytes, as they sit in memory.
+fn bytes_of(t: &Tensor) -> Vec<u8> {
+    let t = t.flatten_all().unwrap();
+    match t.dtype() {
+        DType::F32 => t
+            .to_vec1::<f32>()
+            .unwrap()
+            .iter()
+            .flat_map(|x| x.to_ne_bytes())
+            .collect(),
+        DType::F64 => t
+            .to_vec1::<f64>()
+            .unwrap()
+            .iter()
+            .flat_map(|x| x.to_ne_bytes())
+            .collect(),
+        DType::U32 => t
+            .to_vec1::<u32>()
+            .unwrap()
+            .iter()
+            .flat_map(|x| x.to_ne_bytes())
+            .collect(),
+        DType::F16 => t
+            .to_vec1::<half::f16>()
+            .unwrap()
+            .iter()
+            .flat_map(|x| x.to_bits().to_ne_bytes())
+            .collect(),
+        DType::BF16 => t
+            .to_vec1::<half::bf16>()
+            .unwrap()
+            .iter()
+            .flat_map(|x| x.to_bits().to_ne_bytes())
+            .collect(),
+        other => panic!("no kernel takes {other:?}"),
+    }
+}
+
+impl Guarded {
+    fn new(t: &Tensor) -> Self {
+        let bytes = bytes_of(t);
+        let mut words = vec![GUARD; GUARD_WORDS];
+        let inside = bytes.len().div_ceil(8);
+        let at = words.len();
+        words.resize(at + inside, 0);
+        // SAFETY: the words from `at` hold at least `bytes.len()` bytes.
+        unsafe {
+            std::ptr::copy_nonoverlapping(
+                bytes.as_ptr(),
+                words[at..].as_mut_ptr().cast::<u8>(),
+                bytes.len(),
+            );
+        }
+        words.extend(std::iter::repeat_n(GUARD, GUARD_WORDS));
+        Self {
+            words,
+            dtype: t.dtype(),
+            len: t.elem_count(),
+        }
     }
 
-    fn ptr(&mut self) -> *mut T {
-        // SAFETY: GUARD elements precede the inside.
-        unsafe { self.data.as_mut_ptr().add(GUARD) }
+    /// `n` elements of `value`, as a kernel's output before the launch.
+    fn filled<T: candle_core::WithDType>(value: T, n: usize) -> Self {
+        Self::new(&Tensor::full(value, n, &Device::Cpu).unwrap())
     }
 
-    /// The inside, once the guards are checked.
-    fn inside(&self) -> &[T] {
-        let n = self.data.len();
+    fn buf(&mut self) -> Buf<*mut c_void> {
+        Buf::new(
+            self.words[GUARD_WORDS..].as_mut_ptr().cast(),
+            Elem::of(self.dtype).unwrap(),
+        )
+    }
+
+    /// The elements, once the guards are checked.
+    fn tensor(&self) -> Tensor {
+        let n = self.words.len();
         assert!(
-            self.data[..GUARD]
+            self.words[..GUARD_WORDS]
                 .iter()
-                .chain(&self.data[n - GUARD..])
-                .all(|g| *g == self.guard),
+                .chain(&self.words[n - GUARD_WORDS..])
+                .all(|&g| g == GUARD),
             "the kernel wrote outside its buffer"
         );
-        &self.data[GUARD..n - GUARD]
+        let bytes = self.len * self.dtype.size_in_bytes();
+        // SAFETY: the words inside the guards hold `bytes` bytes.
+        let inside = unsafe {
+            std::slice::from_raw_parts(self.words[GUARD_WORDS..].as_ptr().cast::<u8>(), bytes)
+        };
+        Tensor::from_raw_buffer(inside, self.dtype, &[self.len], &Device::Cpu).unwrap()
+    }
+
+    fn f32s(&self) -> Vec<f32> {
+        to_vec(&self.tensor().to_dtype(DType::F32).unwrap())
     }
 }
 
-/// Runs `kernel` on the emulator as `cuda.rs` launches it, with the block's threads in
-/// `order` between barriers (every test runs in both: a GPU promises neither).
-fn run(shape: Launch, order: Order, kernel: impl Fn()) {
+/// Runs `call` on the emulator, with the block's threads in `order` between barriers
+/// (every test runs in both: a GPU promises neither), once its arguments are checked
+/// against the parameters its kernel was compiled with.
+fn run(call: &Call<*mut c_void>, order: Order) {
+    let kernel = Kernel::find(&call.kernel)
+        .unwrap_or_else(|| panic!("kernels.cu defines no kernel {}", call.kernel));
+    assert_eq!(
+        call.signature(),
+        kernel.signature(),
+        "{}: the call's arguments against the kernel's parameters",
+        call.kernel
+    );
+    let params: Vec<*mut c_void> = call
+        .args
+        .iter()
+        .map(|a| match a {
+            Arg::Ptr(b) => (&raw const b.ptr) as *mut c_void,
+            Arg::U32(v) => (v as *const u32) as *mut c_void,
+            Arg::U64(v) => (v as *const u64) as *mut c_void,
+            Arg::F32(v) => (v as *const f32) as *mut c_void,
+        })
+        .collect();
     let grid = Grid {
-        blocks: shape.blocks,
-        threads: shape.threads,
-        shared_bytes: shape.shared_bytes,
+        blocks: call.launch.blocks,
+        threads: call.launch.threads,
+        shared_bytes: call.launch.shared_bytes,
         order,
     };
-    // SAFETY: each test sizes its buffers for the launch it asks for.
-    unsafe { launch(grid, kernel) }.unwrap_or_else(|e| panic!("kernel failed ({order:?}): {e}"));
+    // SAFETY: the arguments match the kernel's parameters (checked above) and each test
+    // sizes its buffers for the launch it asks for.
+    unsafe { kernel.launch(grid, &params) }
+        .unwrap_or_else(|e| panic!("{} failed ({order:?}): {e}", call.kernel));
 }
 
 fn to_vec<T: candle_core::WithDType>(t: &Tensor) -> Vec<T> {
@@ -126,22 +222,11 @@ fn the_rotation_kernels_write_and_rotate_what_the_ops_do_in(order: Order) {
     let (heads, kvh, d, blocks, bs) = (6, 2, 24, 6, 4);
     let slots: Vec<u32> = vec![21, 0, 7, 13, 2];
     let tokens = slots.len();
-    let (qw, kvw) = (heads * d, kvh * d);
-    let width = qw + 2 * kvw;
-    let (t, w, q_w, kv_w, dd) = (tokens as u32, width as u32, qw as u32, kvw as u32, d as u32);
-    // The QKV product's rows as f32 and as a half-precision weight's product leaves them.
+    let width = (heads + 2 * kvh) * d;
     let qkv_f32 = Tensor::from_vec(values(tokens * width, 4), (tokens, width), &dev).unwrap();
-    let qkv_f16 = qkv_f32.to_dtype(DType::F16).unwrap();
-    let qkv_bf16 = qkv_f32.to_dtype(DType::BF16).unwrap();
-    let (h32, h16, hb16) = (
-        to_vec::<f32>(&qkv_f32),
-        to_vec::<f16>(&qkv_f16),
-        to_vec::<bf16>(&qkv_bf16),
-    );
-    let (p32, p16, pb16) = (h32.as_ptr(), h16.as_ptr(), hb16.as_ptr());
+    let slots_t = Tensor::new(slots.as_slice(), &dev).unwrap();
     // Whole heads and partial rotations (24 and 10 of 24 features), both styles.
     for (half, interleaved) in [(12, false), (12, true), (5, false), (5, true)] {
-        let trig = values(2 * tokens * half, 6);
         let rotation = Rotation {
             heads,
             kv_heads: kvh,
@@ -149,113 +234,45 @@ fn the_rotation_kernels_write_and_rotate_what_the_ops_do_in(order: Order) {
             half,
             interleaved,
         };
-        let trig_t = Tensor::from_vec(trig.clone(), (2, tokens, half), &dev).unwrap();
-        let slots_t = Tensor::new(slots.as_slice(), &dev).unwrap();
-        let (h, il) = (half as u32, u32::from(interleaved));
-        let (tp, sp) = (trig.as_ptr(), slots.as_ptr());
-        for (product, qkv_t) in [
-            (DType::F32, &qkv_f32),
-            (DType::F16, &qkv_f16),
-            (DType::BF16, &qkv_bf16),
-        ] {
+        let trig = Tensor::from_vec(values(2 * tokens * half, 6), (2, tokens, half), &dev).unwrap();
+        // The QKV product's rows as f32 and as a half-precision weight's product leaves
+        // them, into caches of each type.
+        for product in [DType::F32, DType::F16, DType::BF16] {
+            let qkv = qkv_f32.to_dtype(product).unwrap();
             for dtype in [DType::F16, DType::BF16, DType::F32] {
                 let cache = Tensor::zeros((2, blocks, bs, kvh, d), dtype, &dev).unwrap();
-                write_kv(&cache, qkv_t, &trig_t, &slots_t, rotation).unwrap();
+                write_kv(&cache, &qkv, &trig, &slots_t, rotation).unwrap();
                 let want: Vec<f32> = to_vec(&cache.to_dtype(DType::F32).unwrap());
                 let want_q: Vec<f32> =
-                    to_vec(&rotate_queries(qkv_t, &trig_t, rotation, dtype).unwrap());
-                let size = 2 * blocks * bs * kvw;
-                let values_at = (size / 2) as u64;
-                let write = Launch::elementwise(t * 2 * kv_w);
-                let rotate = Launch::elementwise(t * q_w);
-                let mut q_out = Guarded::new(vec![f32::NAN; tokens * qw], f32::MAX);
-                let qo = q_out.ptr();
-                macro_rules! go {
-                    ($zero:expr, $guard:expr, $qp:expr, $write:path, $queries:path) => {{
-                        let mut c = Guarded::new(vec![$zero; size], $guard);
-                        let (cp, qp) = (c.ptr(), $qp);
-                        run(write, order, || unsafe {
-                            $write(cp, qp, tp, sp, t, w, q_w, kv_w, dd, h, il, values_at)
-                        });
-                        run(rotate, order, || unsafe {
-                            $queries(qo, qp, tp, t, w, q_w, dd, h, il)
-                        });
-                        c.inside()
-                            .iter()
-                            .map(|x| f32::from(*x))
-                            .collect::<Vec<f32>>()
-                    }};
-                }
-                use DType::{BF16, F16, F32};
-                let (z16, zb16, m16, mb16) = (f16::ZERO, bf16::ZERO, f16::MAX, bf16::MAX);
-                let got = match (dtype, product) {
-                    (F16, F32) => go!(
-                        z16,
-                        m16,
-                        p32,
-                        k::paged_write_kv_f16_f32,
-                        k::rotate_queries_f16_f32
-                    ),
-                    (F16, F16) => go!(
-                        z16,
-                        m16,
-                        p16,
-                        k::paged_write_kv_f16_f16,
-                        k::rotate_queries_f16_f16
-                    ),
-                    (F16, _) => go!(
-                        z16,
-                        m16,
-                        pb16,
-                        k::paged_write_kv_f16_bf16,
-                        k::rotate_queries_f16_bf16
-                    ),
-                    (BF16, F32) => go!(
-                        zb16,
-                        mb16,
-                        p32,
-                        k::paged_write_kv_bf16_f32,
-                        k::rotate_queries_bf16_f32
-                    ),
-                    (BF16, F16) => go!(
-                        zb16,
-                        mb16,
-                        p16,
-                        k::paged_write_kv_bf16_f16,
-                        k::rotate_queries_bf16_f16
-                    ),
-                    (BF16, _) => go!(
-                        zb16,
-                        mb16,
-                        pb16,
-                        k::paged_write_kv_bf16_bf16,
-                        k::rotate_queries_bf16_bf16
-                    ),
-                    (_, F32) => go!(
-                        0f32,
-                        f32::MAX,
-                        p32,
-                        k::paged_write_kv_f32_f32,
-                        k::rotate_queries_f32_f32
-                    ),
-                    (_, F16) => go!(
-                        0f32,
-                        f32::MAX,
-                        p16,
-                        k::paged_write_kv_f32_f16,
-                        k::rotate_queries_f32_f16
-                    ),
-                    _ => go!(
-                        0f32,
-                        f32::MAX,
-                        pb16,
-                        k::paged_write_kv_f32_bf16,
-                        k::rotate_queries_f32_bf16
-                    ),
-                };
+                    to_vec(&rotate_queries(&qkv, &trig, rotation, dtype).unwrap());
+
+                let size = 2 * blocks * bs * kvh * d;
+                let mut c = Guarded::new(&Tensor::zeros(size, dtype, &dev).unwrap());
+                let mut q_out = Guarded::filled(f32::NAN, tokens * heads * d);
+                let (mut qkv_h, mut trig_h) = (Guarded::new(&qkv), Guarded::new(&trig));
+                let mut slots_h = Guarded::new(&slots_t);
+                let write = calls::write_kv(
+                    c.buf(),
+                    size,
+                    qkv_h.buf(),
+                    trig_h.buf(),
+                    slots_h.buf(),
+                    &rotation,
+                    tokens,
+                );
+                run(&write, order);
+                let rotate = calls::rotate_queries(
+                    q_out.buf(),
+                    qkv_h.buf(),
+                    trig_h.buf(),
+                    &rotation,
+                    tokens,
+                    Elem::of(dtype).unwrap(),
+                );
+                run(&rotate, order);
                 let what = format!("cache {dtype:?}, product {product:?}, {rotation:?}");
-                assert_eq!(got, want, "{what}");
-                assert_eq!(q_out.inside(), want_q.as_slice(), "{what}");
+                assert_eq!(c.f32s(), want, "{what}");
+                assert_eq!(q_out.f32s(), want_q, "{what}");
             }
         }
     }
@@ -299,25 +316,32 @@ fn the_attention_kernels_compute_what_the_op_computes_in(order: Order) {
         .unwrap();
         let qt = Tensor::from_vec(q.clone(), (tokens, heads, d), &dev).unwrap();
         let want: Vec<f32> = to_vec(&attend(&qt, &p.cache, &plan).unwrap());
+        let scale = 1.0 / (d as f32).sqrt();
+        let shape = AttendShape {
+            heads,
+            kv_heads: kvh,
+            head_dim: d,
+            block_size: bs,
+            max_blocks: p.max_blocks,
+            scale,
+        };
         let tiled = TokenTiles::new(queries.iter().copied());
-        let tile_launch = Launch::attend_tiles(tiled.tiles.len() / 2, heads, d);
-        // Prompts' tokens tiled or not, each token's positions in chunks of 128 or whole.
+        let n_tiles = tiled.tiles.len() / 2;
+        let tile_launch = Launch::attend_tiles(n_tiles, heads, d).filter(|_| n_tiles > 0);
+        // What the GPU runs, and every other way: prompts' tokens tiled or not, each
+        // token's positions in chunks of 128 or whole.
+        let mut splits = vec![AttendSplit::new(
+            tokens,
+            &shape,
+            n_tiles,
+            plan.singles,
+            plan.longest,
+            plan.longest_single,
+        )];
         for (tiles, split) in [(true, false), (true, true), (false, false), (false, true)] {
             if tiles && tile_launch.is_none() {
                 continue;
             }
-            let mut out = Guarded::new(vec![f32::NAN; tokens * heads * d], f32::MAX);
-            let o = out.ptr();
-            let (tables, meta) = (p.tables.as_ptr(), p.tokens.as_ptr());
-            let (token_order, runs) = (tiled.order.as_ptr(), tiled.tiles.as_ptr());
-            let scale = 1.0 / (d as f32).sqrt();
-            let (mb, h, kv, dd, b) = (
-                p.max_blocks as u32,
-                heads as u32,
-                kvh as u32,
-                d as u32,
-                bs as u32,
-            );
             let per_token = if tiles { tiled.singles } else { tokens };
             let longest = tiled.order[..per_token]
                 .iter()
@@ -329,64 +353,40 @@ fn the_attention_kernels_compute_what_the_op_computes_in(order: Order) {
             } else {
                 (1, u32::MAX)
             };
-            let mut partial = Guarded::new(
-                vec![f32::NAN; per_token * chunks as usize * heads * (d + 2)],
-                f32::MAX,
-            );
-            let pp = partial.ptr();
-            macro_rules! go {
-                ($t:ty, $f:path, $g:path) => {{
-                    let cache = to_vec::<$t>(&p.cache);
-                    let (keys, vals) = cache.split_at(cache.len() / 2);
-                    let (kp, vp, qp) = (keys.as_ptr(), vals.as_ptr(), q.as_ptr());
-                    if per_token > 0 {
-                        run(
-                            Launch::attend(per_token, heads, d, chunks),
-                            order,
-                            || unsafe {
-                                $f(
-                                    o,
-                                    qp,
-                                    kp,
-                                    vp,
-                                    tables,
-                                    mb,
-                                    meta,
-                                    token_order,
-                                    h,
-                                    kv,
-                                    dd,
-                                    b,
-                                    scale,
-                                    chunks,
-                                    chunk_len,
-                                    pp,
-                                )
-                            },
-                        );
-                        if chunks > 1 {
-                            run(Launch::attend_combine(per_token, heads), order, || unsafe {
-                                k::paged_attend_combine(o, pp, token_order, h, dd, chunks)
-                            });
-                        }
-                    }
-                    if let (true, Some((shape, positions))) = (tiles, tile_launch) {
-                        run(shape, order, || unsafe {
-                            $g(
-                                o, qp, kp, vp, tables, mb, meta, runs, h, kv, dd, b, positions,
-                                scale,
-                            )
-                        });
-                    }
-                }};
+            splits.push(AttendSplit {
+                per_token,
+                chunks,
+                chunk_len,
+                tiled: tile_launch.filter(|_| tiles),
+            });
+        }
+        let host = |v: Vec<u32>| Guarded::new(&Tensor::new(v.as_slice(), &dev).unwrap());
+        for split in splits {
+            let mut out = Guarded::filled(f32::NAN, tokens * heads * d);
+            let mut partial = Guarded::filled(f32::NAN, split.partial_len(&shape));
+            let mut q_h = Guarded::new(&Tensor::new(q.as_slice(), &dev).unwrap());
+            let mut keys = Guarded::new(&p.cache.get(0).unwrap());
+            let mut vals = Guarded::new(&p.cache.get(1).unwrap());
+            let mut tables = host(p.tables.clone());
+            let mut meta = host(p.tokens.clone());
+            let mut token_order = host(tiled.order.clone());
+            let mut runs = host(tiled.tiles.clone());
+            let bufs = AttendBufs {
+                out: out.buf(),
+                q: q_h.buf(),
+                keys: keys.buf(),
+                values: vals.buf(),
+                tables: tables.buf(),
+                tokens: meta.buf(),
+                order: token_order.buf(),
+                tiles: runs.buf(),
+                partial: partial.buf(),
+            };
+            for call in split.calls(&bufs, &shape) {
+                run(&call, order);
             }
-            match dtype {
-                DType::F16 => go!(f16, k::paged_attend_f16, k::paged_attend_tiles_f16),
-                DType::BF16 => go!(bf16, k::paged_attend_bf16, k::paged_attend_tiles_bf16),
-                _ => go!(f32, k::paged_attend_f32, k::paged_attend_tiles_f32),
-            }
-            partial.inside();
-            check_attention(&p, &q, &out, &want, (dtype, heads, kvh, d, bs));
+            partial.tensor();
+            check_attention(&p, &q, &out.f32s(), &want, (dtype, heads, kvh, d, bs));
         }
     }
 }
@@ -396,7 +396,7 @@ fn the_attention_kernels_compute_what_the_op_computes_in(order: Order) {
 fn check_attention(
     p: &Paged,
     q: &[f32],
-    out: &Guarded<f32>,
+    got: &[f32],
     want: &[f32],
     (dtype, heads, kvh, d, bs): (DType, usize, usize, usize, usize),
 ) {
@@ -406,7 +406,6 @@ fn check_attention(
     // cached entries is the reference, the twin within the weights' rounding.
     let cached: Vec<f32> = to_vec(&p.cache.to_dtype(DType::F32).unwrap());
     let (keys, vals) = cached.split_at(cached.len() / 2);
-    let got = out.inside();
     let rounding = match dtype {
         DType::F16 => 2e-3,
         DType::BF16 => 1e-2,
@@ -461,12 +460,12 @@ fn the_norm_and_swiglu_kernels_compute_what_the_ops_compute_in(order: Order) {
         )
         .unwrap(),
     );
-    let mut out = Guarded::new(vec![f32::NAN; rows * width], f32::MAX);
-    let (o, xp, wp) = (out.ptr(), x.as_ptr(), w.as_ptr());
-    run(Launch::per_row(rows), order, || unsafe {
-        k::rms_norm_f32(o, xp, wp, width as u32, 1e-5)
-    });
-    for (g, w) in out.inside().iter().zip(&want) {
+    let mut out = Guarded::filled(f32::NAN, rows * width);
+    let mut x_h = Guarded::new(&Tensor::new(x.as_slice(), &dev).unwrap());
+    let mut w_h = Guarded::new(&Tensor::new(w.as_slice(), &dev).unwrap());
+    let norm = calls::rms_norm(out.buf(), x_h.buf(), w_h.buf(), rows, width, 1e-5);
+    run(&norm, order);
+    for (g, w) in out.f32s().iter().zip(&want) {
         assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "{g} vs {w}");
     }
 
@@ -497,34 +496,30 @@ fn the_norm_and_swiglu_kernels_compute_what_the_ops_compute_in(order: Order) {
         );
         let gu = gate_up.to_dtype(product).unwrap();
         let want_swiglu: Vec<f32> = to_vec(&swiglu(&gu).unwrap());
-        let mut out = Guarded::new(vec![f32::NAN; 2 * rows * width], f32::MAX);
-        let mut out_swiglu = Guarded::new(vec![f32::NAN; rows * half], f32::MAX);
-        let (o, os) = (out.ptr(), out_swiglu.ptr());
-        let (r, wd, hf) = (rows as u32, width as u32, half as u32);
-        macro_rules! go {
-            ($t:ty, $add_norm:path, $swiglu:path) => {{
-                let (yh, gh) = (to_vec::<$t>(&yt), to_vec::<$t>(&gu));
-                let (yp, gp) = (yh.as_ptr(), gh.as_ptr());
-                run(Launch::per_row(rows), order, || unsafe {
-                    $add_norm(o, xp, yp, wp, r, wd, 1e-5)
-                });
-                run(Launch::elementwise(r * hf), order, || unsafe {
-                    $swiglu(os, gp, r, hf)
-                });
-            }};
-        }
-        match product {
-            DType::F16 => go!(f16, k::add_rms_norm_f16, k::swiglu_f16),
-            DType::BF16 => go!(bf16, k::add_rms_norm_bf16, k::swiglu_bf16),
-            _ => go!(f32, k::add_rms_norm_f32, k::swiglu_f32),
-        }
-        for (g, w) in out.inside().iter().zip(&want) {
+        let mut out = Guarded::filled(f32::NAN, 2 * rows * width);
+        let mut out_swiglu = Guarded::filled(f32::NAN, rows * half);
+        let (mut y_h, mut gu_h) = (Guarded::new(&yt), Guarded::new(&gu));
+        let add_norm = calls::add_rms_norm(
+            out.buf(),
+            x_h.buf(),
+            y_h.buf(),
+            w_h.buf(),
+            rows,
+            width,
+            1e-5,
+        );
+        run(&add_norm, order);
+        run(
+            &calls::swiglu(out_swiglu.buf(), gu_h.buf(), rows, half),
+            order,
+        );
+        for (g, w) in out.f32s().iter().zip(&want) {
             assert!(
                 (g - w).abs() <= 1e-6 * w.abs().max(1.0),
                 "{product:?}: {g} vs {w}"
             );
         }
-        for (g, w) in out_swiglu.inside().iter().zip(&want_swiglu) {
+        for (g, w) in out_swiglu.f32s().iter().zip(&want_swiglu) {
             assert!(
                 (g - w).abs() <= 1e-6 * w.abs().max(1.0),
                 "{product:?}: {g} vs {w}"
@@ -564,13 +559,18 @@ fn the_draw_kernel_picks_the_ops_tokens_in(order: Order) {
                 )
                 .unwrap(),
             );
-            let (shape, chunk) = Launch::draw(rows.len(), vocab);
-            let mut out = Guarded::new(vec![u32::MAX; rows.len()], u32::MAX - 1);
-            let (o, lp, sp) = (out.ptr(), logits.as_ptr(), settings.as_ptr());
-            run(shape, order, || unsafe {
-                k::draw_f32(o, lp, sp, vocab as u32, chunk)
-            });
-            assert_eq!(out.inside(), want.as_slice(), "vocab {vocab}, {d:?}");
+            let mut out = Guarded::filled(u32::MAX, rows.len());
+            let mut logits_h = Guarded::new(&Tensor::new(logits.as_slice(), &dev).unwrap());
+            let mut settings_h = Guarded::new(&Tensor::new(settings.as_slice(), &dev).unwrap());
+            let call = calls::draw(
+                out.buf(),
+                logits_h.buf(),
+                settings_h.buf(),
+                rows.len(),
+                vocab,
+            );
+            run(&call, order);
+            assert_eq!(to_vec::<u32>(&out.tensor()), want, "vocab {vocab}, {d:?}");
             compared += rows.len();
         }
     }
@@ -603,13 +603,19 @@ fn the_top_logprobs_kernel_gives_the_ops_table_in(order: Order) {
                 )
                 .unwrap(),
             );
-            let (shape, chunk) = Launch::draw(rows.len(), vocab);
-            let mut out = Guarded::new(vec![f32::NAN; rows.len() * (1 + 3 * n)], f32::MAX);
-            let (o, lp, cp) = (out.ptr(), logits.as_ptr(), chosen.as_ptr());
-            run(shape, order, || unsafe {
-                k::top_logprobs_f32(o, lp, cp, vocab as u32, n as u32, chunk)
-            });
-            for (i, (g, w)) in out.inside().iter().zip(&want).enumerate() {
+            let mut out = Guarded::filled(f32::NAN, rows.len() * (1 + 3 * n));
+            let mut logits_h = Guarded::new(&Tensor::new(logits.as_slice(), &dev).unwrap());
+            let mut chosen_h = Guarded::new(&Tensor::new(chosen.as_slice(), &dev).unwrap());
+            let call = calls::top_logprobs(
+                out.buf(),
+                logits_h.buf(),
+                chosen_h.buf(),
+                rows.len(),
+                vocab,
+                n,
+            );
+            run(&call, order);
+            for (i, (g, w)) in out.f32s().iter().zip(&want).enumerate() {
                 let same = g == w || (g.is_nan() && w.is_nan()) || (g - w).abs() < 1e-5;
                 assert!(same, "vocab {vocab} n {n}, entry {i}: {g} vs {w}");
             }
@@ -644,10 +650,10 @@ fn the_penalise_kernel_penalises_as_the_op_in(order: Order) {
         &Tensor::from_vec(settings.clone(), (rows, 3), &dev).unwrap(),
     )
     .unwrap();
-    let mut got = Guarded::new(logits, f32::MAX);
-    let (g, ep, sp) = (got.ptr(), entries.as_ptr(), settings.as_ptr());
-    run(Launch::elementwise(n as u32), order, || unsafe {
-        k::penalise_f32(g, ep, sp, n as u32, vocab as u32)
-    });
-    assert_eq!(got.inside(), to_vec::<f32>(&t).as_slice());
+    let mut got = Guarded::new(&Tensor::new(logits.as_slice(), &dev).unwrap());
+    let mut entries_h = Guarded::new(&Tensor::new(entries.as_slice(), &dev).unwrap());
+    let mut settings_h = Guarded::new(&Tensor::new(settings.as_slice(), &dev).unwrap());
+    let call = calls::penalise(got.buf(), entries_h.buf(), settings_h.buf(), n, vocab);
+    run(&call, order);
+    assert_eq!(got.f32s(), to_vec::<f32>(&t));
 }
