@@ -93,7 +93,7 @@ impl<B: Backend> Attention<B> {
         adapters: &StepAdapters<'_, B>,
     ) -> Result<B::Hidden, ModelError> {
         let qkv = self.qkv.forward(b, x, &adapters.at(layer, Site::Qkv))?;
-        let out = b.attention(qkv, self.shape, layer, step, cache)?;
+        let out = b.attention(qkv, self.shape, layer, step, cache, self.o.weight())?;
         self.o.forward(b, &out, &adapters.at(layer, Site::O))
     }
 }

@@ -186,6 +186,11 @@ impl<B: Backend> RowParallelLinear<B> {
     ) -> Result<B::Hidden, ModelError> {
         b.linear_all_reduce(x, &self.weight, self.comm.as_ref(), lora)
     }
+
+    /// The rank's shard: what the op before this layer hands its output to.
+    pub fn weight(&self) -> &B::Matrix {
+        &self.weight
+    }
 }
 
 /// Root-mean-square normalisation with a learned scale.

@@ -330,9 +330,10 @@ impl<B: Backend> Transformer<B> {
             let gate_up = block
                 .gate_up
                 .forward(b, &normed, &adapters.at(layer, Site::GateUp))?;
+            let activated = b.swiglu(&gate_up, block.down.weight())?;
             let m = block
                 .down
-                .forward(b, &b.swiglu(&gate_up)?, &adapters.at(layer, Site::Down))?;
+                .forward(b, &activated, &adapters.at(layer, Site::Down))?;
             match self.blocks.get(layer + 1) {
                 Some(next) => normed_next = Some(next.attn_norm.forward_after_add(b, &mut x, &m)?),
                 None => b.add(&mut x, &m)?,

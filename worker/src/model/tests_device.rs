@@ -126,6 +126,49 @@ fn products_of_different_types_are_joined_in_f32() {
 }
 
 #[test]
+fn ops_before_a_half_precision_product_hand_it_its_type() {
+    // SwiGLU (and attention) write the type of the product after them: bf16 before a
+    // bf16 weight, which then multiplies it without a cast launch; f32 before a
+    // quantised one. The values are the f32 ones rounded once.
+    use candle_core::DType;
+    let b = device();
+    let gate_up = Tensor::new(&[[0.5f32, -1.25, 2.0, 3.0]], &Device::Cpu).unwrap();
+    let dense = |dtype| {
+        let w = Tensor::new(&[[1.0f32, 0.5], [0.25, 2.0]], &Device::Cpu)
+            .unwrap()
+            .to_dtype(dtype)
+            .unwrap();
+        b.matrix(crate::weights::Weight::Dense(w)).unwrap()
+    };
+    let f32_out = b.swiglu(&gate_up, &dense(DType::F32)).unwrap();
+    assert_eq!(f32_out.dtype(), DType::F32);
+    for half in [DType::BF16, DType::F16] {
+        let out = b.swiglu(&gate_up, &dense(half)).unwrap();
+        assert_eq!(out.dtype(), half);
+        assert_eq!(
+            out.to_dtype(DType::F32).unwrap().to_vec2::<f32>().unwrap(),
+            f32_out
+                .to_dtype(half)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap()
+                .to_vec2::<f32>()
+                .unwrap()
+        );
+    }
+    let quantised = b
+        .matrix(crate::weights::Weight::Ggml(std::sync::Arc::new(
+            candle_core::quantized::QTensor::quantize(
+                &Tensor::zeros((32, 32), DType::F32, &Device::Cpu).unwrap(),
+                GgmlDType::Q8_0,
+            )
+            .unwrap(),
+        )))
+        .unwrap();
+    assert_eq!(b.swiglu(&gate_up, &quantised).unwrap().dtype(), DType::F32);
+}
+
+#[test]
 fn a_quantised_product_agrees_with_the_cpu_kernels() {
     use crate::weights::Weight;
     let (n, k, m) = (64, 512, 3);

@@ -151,7 +151,7 @@ impl Backend for Host {
         Ok(rms_norm(x, weight, eps))
     }
 
-    fn swiglu(&self, gate_up: &Rows) -> Result<Rows, ModelError> {
+    fn swiglu(&self, gate_up: &Rows, _: &Weight) -> Result<Rows, ModelError> {
         Ok(swiglu(gate_up))
     }
 
@@ -167,6 +167,7 @@ impl Backend for Host {
         layer: usize,
         step: &HostStep<'_>,
         kv: &mut KvCache,
+        _: &Weight,
     ) -> Result<Rows, ModelError> {
         let (d, qw, kw) = (shape.head_dim, shape.q_width(), shape.kv_width());
         let spans = step.layout.spans;

@@ -228,8 +228,13 @@ pub trait Backend: Send + Sync + std::fmt::Debug + Sized + 'static {
         weight: &Self::Vector,
         eps: f32,
     ) -> Result<Self::Hidden, ModelError>;
-    /// `silu(gate) · up` of rows holding gate then up.
-    fn swiglu(&self, gate_up: &Self::Hidden) -> Result<Self::Hidden, ModelError>;
+    /// `silu(gate) · up` of rows holding gate then up, handed to `next` (the matrix that
+    /// multiplies it: a backend may give it in the form that matrix multiplies).
+    fn swiglu(
+        &self,
+        gate_up: &Self::Hidden,
+        next: &Self::Matrix,
+    ) -> Result<Self::Hidden, ModelError>;
     /// `x += y` (the residual connection).
     fn add(&self, x: &mut Self::Hidden, y: &Self::Hidden) -> Result<(), ModelError>;
     /// `x += y`, then the RMSNorm of `x` (a residual connection and the norm after it;
@@ -246,7 +251,7 @@ pub trait Backend: Send + Sync + std::fmt::Debug + Sized + 'static {
     }
     /// Rotates Q and K of `qkv` (rows of Q|K|V), writes K and V into `layer` of the
     /// cache, and returns each token's attention output over its sequence's
-    /// positions (`[tokens, heads · head_dim]`).
+    /// positions (`[tokens, heads · head_dim]`), handed to `next` as `swiglu` hands its.
     fn attention(
         &self,
         qkv: Self::Hidden,
@@ -254,6 +259,7 @@ pub trait Backend: Send + Sync + std::fmt::Debug + Sized + 'static {
         layer: usize,
         step: &Self::Step<'_>,
         cache: &mut Self::Cache,
+        next: &Self::Matrix,
     ) -> Result<Self::Hidden, ModelError>;
     /// Rows `start..start + len` of `x`.
     fn rows(&self, x: &Self::Hidden, start: usize, len: usize) -> Result<Self::Hidden, ModelError>;

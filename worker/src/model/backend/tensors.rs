@@ -115,6 +115,18 @@ pub enum DeviceMatrix {
     Kernels(Weight),
 }
 
+impl DeviceMatrix {
+    /// The type of the activations it multiplies: a dense weight's own (a
+    /// half-precision product takes half-precision input, so the ops that feed one
+    /// write it in that type rather than f32 and a cast launch after them), else f32.
+    fn input_dtype(&self) -> DType {
+        match self {
+            Self::Dense(t) => t.dtype(),
+            Self::Quant(_) | Self::Kernels(_) => DType::F32,
+        }
+    }
+}
+
 /// An adapter's matrix on the device, with its host copy for the CPU kernels'
 /// path (which computes adapters in f64 as the CPU engine does).
 #[derive(Debug)]
@@ -123,10 +135,13 @@ pub struct DeviceDense {
     host: HostDense,
 }
 
-/// A `[m, width]` f32 tensor's rows on the host.
+/// A `[m, width]` tensor's rows on the host, as f32.
 fn host_rows(t: &Tensor) -> Result<Rows, ModelError> {
     let width = t.dim(1)?;
-    Ok(Rows::new(t.flatten_all()?.to_vec1::<f32>()?, width))
+    Ok(Rows::new(
+        t.to_dtype(DType::F32)?.flatten_all()?.to_vec1::<f32>()?,
+        width,
+    ))
 }
 
 fn host_pairs<'a>(
@@ -470,7 +485,7 @@ impl Backend for Tensors {
             }
             DeviceMatrix::Kernels(w) => {
                 let m = x.dim(0)?;
-                let rows = x.flatten_all()?.to_vec1::<f32>()?;
+                let rows = host_rows(x)?.into_vec();
                 Tensor::from_vec(w.matmul_t(&rows, m)?, (m, w.dims()[0]), &self.device)?
             }
         };
@@ -514,7 +529,11 @@ impl Backend for Tensors {
         for p in pairs {
             let rows: Vec<u32> = p.rows.iter().map(|&r| r as u32).collect();
             let index = Tensor::new(rows.as_slice(), &self.device)?;
-            let t = x.index_select(&index, 0)?.matmul(&p.a.tensor.t()?)?;
+            // The layer's input may be half-precision (its weight's); adapters take f32.
+            let t = x
+                .index_select(&index, 0)?
+                .to_dtype(DType::F32)?
+                .matmul(&p.a.tensor.t()?)?;
             let delta = (t.matmul(&p.b.tensor.t()?)? * f64::from(p.scale))?;
             let outputs = delta.dim(1)?;
             let delta = delta.pad_with_zeros(1, p.offset, width - p.offset - outputs)?;
@@ -558,9 +577,9 @@ impl Backend for Tensors {
         Ok(ops::rms_norm(x, weight, eps)?)
     }
 
-    fn swiglu(&self, gate_up: &Tensor) -> Result<Tensor, ModelError> {
+    fn swiglu(&self, gate_up: &Tensor, next: &DeviceMatrix) -> Result<Tensor, ModelError> {
         let _time = profile::span("swiglu", &self.device);
-        Ok(ops::swiglu(gate_up)?)
+        Ok(ops::swiglu(gate_up, next.input_dtype())?)
     }
 
     fn add(&self, x: &mut Tensor, y: &Tensor) -> Result<(), ModelError> {
@@ -589,6 +608,7 @@ impl Backend for Tensors {
         layer: usize,
         step: &DeviceStep,
         cache: &mut DeviceCache,
+        next: &DeviceMatrix,
     ) -> Result<Tensor, ModelError> {
         let tokens = qkv.dim(0)?;
         let rotation = ops::Rotation {
@@ -608,7 +628,7 @@ impl Backend for Tensors {
             ops::rotate_queries(&qkv, &step.trig, rotation, self.cache_dtype.dtype())?
         };
         let _time = profile::span("attend", &self.device);
-        let out = ops::attend(&q, layer, &step.plan)?;
+        let out = ops::attend(&q, layer, &step.plan, next.input_dtype())?;
         Ok(out.reshape((tokens, shape.q_width()))?)
     }
 

@@ -164,7 +164,8 @@ pub fn rotate_queries<P: Copy>(
 /// The buffers of a step's attention in one layer.
 #[derive(Clone, Copy, Debug)]
 pub struct AttendBufs<P> {
-    /// `[tokens, heads, head_dim]` f32, and the queries likewise.
+    /// `[tokens, heads, head_dim]`: f32, or the half-precision type of the product
+    /// it feeds; the queries likewise, f32.
     pub out: Buf<P>,
     pub q: Buf<P>,
     /// The layer's keys and its values (each half of its cache).
@@ -246,7 +247,7 @@ impl AttendSplit {
     /// The launches, in order: the per-token kernel and the merge of its chunks (when
     /// it has tokens, and chunks), then the tiled kernel.
     pub fn calls<P: Copy>(&self, b: &AttendBufs<P>, s: &AttendShape) -> Vec<Call<P>> {
-        let cache = b.keys.elem.name();
+        let (cache, out) = (b.keys.elem.name(), b.out.elem.name());
         let (heads, kv_heads, d, bs) = (
             s.heads as u32,
             s.kv_heads as u32,
@@ -263,7 +264,7 @@ impl AttendSplit {
         let mut calls = Vec::new();
         if self.per_token > 0 {
             calls.push(Call {
-                kernel: format!("paged_attend_{cache}"),
+                kernel: format!("paged_attend_{cache}_{out}"),
                 launch: Launch::attend(self.per_token, s.heads, s.head_dim, self.chunks),
                 args: common(vec![
                     Arg::Ptr(b.order),
@@ -281,7 +282,7 @@ impl AttendSplit {
                 let mut args: Vec<Arg<P>> = ptrs(&[b.out, b.partial, b.order]).collect();
                 args.extend([heads, d, self.chunks].map(Arg::U32));
                 calls.push(Call {
-                    kernel: "paged_attend_combine".into(),
+                    kernel: format!("paged_attend_combine_{out}"),
                     launch: Launch::attend_combine(self.per_token, s.heads),
                     args,
                 });
@@ -289,7 +290,7 @@ impl AttendSplit {
         }
         if let Some((launch, positions)) = self.tiled {
             calls.push(Call {
-                kernel: format!("paged_attend_tiles_{cache}"),
+                kernel: format!("paged_attend_tiles_{cache}_{out}"),
                 launch,
                 args: common(vec![
                     Arg::Ptr(b.tiles),
@@ -344,13 +345,14 @@ pub fn add_rms_norm<P: Copy>(
     }
 }
 
-/// `silu(gate) · up` of `rows` rows holding gate then up (`half` each), into `out`.
+/// `silu(gate) · up` of `rows` rows holding gate then up (`half` each), into `out`
+/// (f32, or the half-precision type of the product it feeds).
 pub fn swiglu<P: Copy>(out: Buf<P>, gate_up: Buf<P>, rows: usize, half: usize) -> Call<P> {
     let (rows, half) = (rows as u32, half as u32);
     let mut args: Vec<Arg<P>> = ptrs(&[out, gate_up]).collect();
     args.extend([Arg::U32(rows), Arg::U32(half)]);
     Call {
-        kernel: format!("swiglu_{}", gate_up.elem.name()),
+        kernel: format!("swiglu_{}_{}", out.elem.name(), gate_up.elem.name()),
         launch: Launch::elementwise(rows * half),
         args,
     }

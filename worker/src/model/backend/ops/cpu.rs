@@ -177,15 +177,16 @@ pub fn attend(
     cache: &CpuStorage,
     cache_l: &Layout,
     args: &AttendArgs<'_>,
+    out: candle_core::DType,
 ) -> Result<CpuStorage> {
     let q = slice::<f32>(q, q_l, "the queries")?;
-    let out = match cache {
+    let values = match cache {
         CpuStorage::F16(_) => attend_typed::<f16>(q, q_l, cache, cache_l, args)?,
         CpuStorage::BF16(_) => attend_typed::<bf16>(q, q_l, cache, cache_l, args)?,
         CpuStorage::F32(_) => attend_typed::<f32>(q, q_l, cache, cache_l, args)?,
         _ => bail!("attend: a cache of {:?} is not supported", cache.dtype()),
     };
-    Ok(CpuStorage::F32(out))
+    typed(values, out)
 }
 
 fn attend_typed<T: WithDType + Stored>(
@@ -284,10 +285,23 @@ pub fn add_rms_norm(
     Ok(CpuStorage::F32(out))
 }
 
-pub fn swiglu(x: &CpuStorage, l: &Layout) -> Result<CpuStorage> {
+pub fn swiglu(x: &CpuStorage, l: &Layout, out: candle_core::DType) -> Result<CpuStorage> {
     let width = l.dims()[1];
     let x = Rows::new(product(x, l, "the rows")?.into_owned(), width);
-    Ok(CpuStorage::F32(rows::swiglu(&x).into_vec()))
+    typed(rows::swiglu(&x).into_vec(), out)
+}
+
+/// `values` as elements of `dtype`: f32, or rounded to the nearest f16 or bf16, as a
+/// cast after the op would round them (and the kernels' `from_f32` does).
+pub fn typed(values: Vec<f32>, dtype: candle_core::DType) -> Result<CpuStorage> {
+    Ok(match dtype {
+        candle_core::DType::F32 => CpuStorage::F32(values),
+        candle_core::DType::F16 => CpuStorage::F16(values.into_iter().map(f16::from_f32).collect()),
+        candle_core::DType::BF16 => {
+            CpuStorage::BF16(values.into_iter().map(bf16::from_f32).collect())
+        }
+        other => bail!("device ops: outputs of {other:?} are not supported"),
+    })
 }
 
 /// How entries of the cache's type are stored and weights rounded to it: f16 with the

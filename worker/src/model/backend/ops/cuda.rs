@@ -122,6 +122,26 @@ where
     wrapped(storage, storage.device.alloc_zeros::<T>(n)?)
 }
 
+/// `output` of `n` elements of `dtype` (f32, f16 or bf16).
+///
+/// # Safety
+/// As `output`'s.
+unsafe fn output_of(
+    storage: &CudaStorage,
+    n: usize,
+    dtype: DType,
+) -> Result<(CudaStorage, Buf<u64>)> {
+    // SAFETY: the caller's promise.
+    unsafe {
+        match dtype {
+            DType::F16 => output::<half::f16>(storage, n),
+            DType::BF16 => output::<half::bf16>(storage, n),
+            DType::F32 => output::<f32>(storage, n),
+            other => bail!("device kernels: outputs of {other:?} are not supported"),
+        }
+    }
+}
+
 fn wrapped<T: candle_core::cuda_backend::CudaDType>(
     storage: &CudaStorage,
     slice: cudarc::driver::CudaSlice<T>,
@@ -227,6 +247,7 @@ pub fn attend(
     cache_l: &Layout,
     plan: &AttendPlan,
     scale: f32,
+    out_dtype: DType,
 ) -> Result<(CudaStorage, Shape)> {
     let [tokens, heads, d] = *q_l.dims() else {
         bail!("attend: queries must be [tokens, heads, head_dim]");
@@ -260,7 +281,7 @@ pub fn attend(
     // `order` holds every token, the first `per_token` for the per-token kernel, the
     // rest in `tiles`; with chunks, every block writes its partial entries before
     // attend_combine reads them.
-    let (out, out_arg) = unsafe { output::<f32>(q, tokens * heads * d) }?;
+    let (out, out_arg) = unsafe { output_of(q, tokens * heads * d, out_dtype) }?;
     let (_partial, partial) = unsafe { output::<f32>(q, split.partial_len(&shape)) }?;
     let bufs = AttendBufs {
         out: out_arg,
@@ -332,11 +353,11 @@ pub fn add_rms_norm(
     Ok((out, Shape::from((2, rows, width))))
 }
 
-pub fn swiglu(x: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+pub fn swiglu(x: &CudaStorage, l: &Layout, out_dtype: DType) -> Result<(CudaStorage, Shape)> {
     let (rows, width) = l.shape().dims2()?;
     let half = width / 2;
     // SAFETY: the kernel writes every element.
-    let (out, out_arg) = unsafe { output::<f32>(x, rows * half) }?;
+    let (out, out_arg) = unsafe { output_of(x, rows * half, out_dtype) }?;
     let call = calls::swiglu(out_arg, buf(x, range(l, "the rows")?)?, rows, half);
     // SAFETY: the op checked the shapes.
     unsafe { launch(x, &call) }?;

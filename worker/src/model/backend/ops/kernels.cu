@@ -139,9 +139,10 @@ __device__ float block_reduce(float x, bool is_max, float *scratch) {
 // block writes the output; with several (long sequences, few tokens: more blocks than
 // (token, head) pairs keep the GPU busy) each chunk of `chunk_len` positions writes its
 // maximum, sum and unnormalised sums to `partial` (`d + 2` floats a block) and
-// attend_combine merges them.
-template <typename T>
-__device__ void attend(float *out, const float *q, const T *keys, const T *values,
+// attend_combine merges them. The output is of type `O`: f32, or the half-precision type
+// of the product it feeds (rounded once, as a cast after it would).
+template <typename T, typename O>
+__device__ void attend(O *out, const float *q, const T *keys, const T *values,
                        const uint32_t *tables, uint32_t max_blocks, const uint32_t *tokens,
                        const uint32_t *order, uint32_t heads, uint32_t kv_heads, uint32_t d,
                        uint32_t bs, float scale, uint32_t chunks, uint32_t chunk_len,
@@ -202,7 +203,7 @@ __device__ void attend(float *out, const float *q, const T *keys, const T *value
   if (chunks == 1) {
     for (int j = 0; j < PER_THREAD; ++j) {
       const uint32_t x = tid + j * THREADS;
-      if (x < d) out[row * d + x] = acc[j] / running_sum;
+      if (x < d) out[row * d + x] = from_f32<O>(acc[j] / running_sum);
     }
     return;
   }
@@ -219,7 +220,8 @@ __device__ void attend(float *out, const float *q, const T *keys, const T *value
 
 // Merges the chunks of attend's blocks: one block per (token, head), each chunk's sums
 // weighted by exp(its maximum - the overall maximum); empty chunks weigh nothing.
-__device__ void attend_combine(float *out, const float *partial, const uint32_t *order,
+template <typename O>
+__device__ void attend_combine(O *out, const float *partial, const uint32_t *order,
                                uint32_t heads, uint32_t d, uint32_t chunks) {
   const uint32_t i = blockIdx.x, h = blockIdx.y;
   const uint64_t row = (uint64_t)order[i] * heads + h;
@@ -234,14 +236,8 @@ __device__ void attend_combine(float *out, const float *partial, const uint32_t 
       sum += part[x] * w;
       total += part[d + 1] * w;
     }
-    out[row * d + x] = sum / total;
+    out[row * d + x] = from_f32<O>(sum / total);
   }
-}
-
-extern "C" __global__ void paged_attend_combine(float *out, const float *partial,
-                                                const uint32_t *order, uint32_t heads,
-                                                uint32_t d, uint32_t chunks) {
-  attend_combine(out, partial, order, heads, d, chunks);
 }
 
 // Tiles of a prompt's tokens: one block per (run of up to TILE_TOKENS consecutive tokens
@@ -259,8 +255,8 @@ extern "C" __global__ void paged_attend_combine(float *out, const float *partial
 // (token, feature) outputs a thread accumulates: heads up to 256 wide.
 #define TILE_OUTPUTS (TILE_TOKENS * 256 / TILE_THREADS)
 
-template <typename T>
-__device__ void attend_tiles(float *out, const float *q, const T *keys, const T *values,
+template <typename T, typename O>
+__device__ void attend_tiles(O *out, const float *q, const T *keys, const T *values,
                              const uint32_t *tables, uint32_t max_blocks, const uint32_t *tokens,
                              const uint32_t *tiles, uint32_t heads, uint32_t kv_heads, uint32_t d,
                              uint32_t bs, uint32_t positions, float scale) {
@@ -337,30 +333,45 @@ __device__ void attend_tiles(float *out, const float *q, const T *keys, const T 
     const uint32_t i = tid + k * TILE_THREADS;
     if (i >= TILE_TOKENS * d) break;
     const uint32_t r = i / d, x = i % d;
-    if (r < count) out[((uint64_t)(first + r) * heads + h) * d + x] = acc[k] / row_sum[r];
+    if (r < count)
+      out[((uint64_t)(first + r) * heads + h) * d + x] = from_f32<O>(acc[k] / row_sum[r]);
   }
 }
 
-#define ATTEND(NAME, TILES, T)                                                                 \
-  extern "C" __global__ void NAME(float *out, const float *q, const T *keys, const T *values,   \
+// Kernels named `NAME_<cache type>_<output type>`, and the merge `NAME_<output type>`.
+#define ATTEND(NAME, TILES, T, O)                                                              \
+  extern "C" __global__ void NAME(O *out, const float *q, const T *keys, const T *values,       \
                                   const uint32_t *tables, uint32_t max_blocks,                 \
                                   const uint32_t *tokens, const uint32_t *order, uint32_t heads, \
                                   uint32_t kv_heads, uint32_t d, uint32_t bs, float scale,     \
                                   uint32_t chunks, uint32_t chunk_len, float *partial) {       \
-    attend<T>(out, q, keys, values, tables, max_blocks, tokens, order, heads, kv_heads, d, bs,  \
-              scale, chunks, chunk_len, partial);                                              \
+    attend<T, O>(out, q, keys, values, tables, max_blocks, tokens, order, heads, kv_heads, d,  \
+                 bs, scale, chunks, chunk_len, partial);                                       \
   }                                                                                            \
-  extern "C" __global__ void TILES(float *out, const float *q, const T *keys, const T *values,  \
+  extern "C" __global__ void TILES(O *out, const float *q, const T *keys, const T *values,      \
                                    const uint32_t *tables, uint32_t max_blocks,                \
                                    const uint32_t *tokens, const uint32_t *tiles,              \
                                    uint32_t heads, uint32_t kv_heads, uint32_t d, uint32_t bs, \
                                    uint32_t positions, float scale) {                          \
-    attend_tiles<T>(out, q, keys, values, tables, max_blocks, tokens, tiles, heads, kv_heads,  \
-                    d, bs, positions, scale);                                                  \
+    attend_tiles<T, O>(out, q, keys, values, tables, max_blocks, tokens, tiles, heads,         \
+                       kv_heads, d, bs, positions, scale);                                     \
   }
-ATTEND(paged_attend_f16, paged_attend_tiles_f16, __half)
-ATTEND(paged_attend_bf16, paged_attend_tiles_bf16, __nv_bfloat16)
-ATTEND(paged_attend_f32, paged_attend_tiles_f32, float)
+#define ATTEND_INTO(C, T)                                                                      \
+  ATTEND(paged_attend_##C##_f32, paged_attend_tiles_##C##_f32, T, float)                       \
+  ATTEND(paged_attend_##C##_f16, paged_attend_tiles_##C##_f16, T, __half)                      \
+  ATTEND(paged_attend_##C##_bf16, paged_attend_tiles_##C##_bf16, T, __nv_bfloat16)
+ATTEND_INTO(f16, __half)
+ATTEND_INTO(bf16, __nv_bfloat16)
+ATTEND_INTO(f32, float)
+#define COMBINE(S, O)                                                                          \
+  extern "C" __global__ void paged_attend_combine_##S(O *out, const float *partial,            \
+                                                      const uint32_t *order, uint32_t heads,   \
+                                                      uint32_t d, uint32_t chunks) {           \
+    attend_combine<O>(out, partial, order, heads, d, chunks);                                  \
+  }
+COMBINE(f32, float)
+COMBINE(f16, __half)
+COMBINE(bf16, __nv_bfloat16)
 
 // RMSNorm of one row, by one block: the sum of squares in double (as the CPU engine and
 // llama.cpp take it), then each element scaled and multiplied by the weight. Each
@@ -399,28 +410,32 @@ __device__ void add_rms_norm(float *out, const float *x, const I *y, const float
   rms_norm_row(out + (uint64_t)rows * width + at, out + at, weight, width, eps);
 }
 
-// SwiGLU: rows of gate then up (`2 * half` each, of the product's type `I`) into f32
-// rows of `half`.
-template <typename I>
-__device__ void swiglu(float *out, const I *gate_up, uint32_t rows, uint32_t half) {
+// SwiGLU: rows of gate then up (`2 * half` each, of the product's type `I`) into rows of
+// `half` of type `O` (f32, or the half-precision type of the product it feeds).
+template <typename I, typename O>
+__device__ void swiglu(O *out, const I *gate_up, uint32_t rows, uint32_t half) {
   const uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= (uint64_t)rows * half) return;
   const uint64_t r = i / half, c = i % half;
   const float g = to_f32(gate_up[r * 2 * half + c]), u = to_f32(gate_up[r * 2 * half + half + c]);
-  out[i] = g / (1.0f + expf(-g)) * u;
+  out[i] = from_f32<O>(g / (1.0f + expf(-g)) * u);
 }
 
-// Kernels named `NAME_<product type>`.
+// Kernels named `add_rms_norm_<product type>` and `swiglu_<output type>_<product type>`.
+#define SWIGLU(S, I, OS, O)                                                                    \
+  extern "C" __global__ void swiglu_##OS##_##S(O *out, const I *gate_up, uint32_t rows,        \
+                                               uint32_t half) {                                \
+    swiglu<I, O>(out, gate_up, rows, half);                                                    \
+  }
 #define FROM_PRODUCT(S, I)                                                                     \
   extern "C" __global__ void add_rms_norm_##S(float *out, const float *x, const I *y,          \
                                               const float *weight, uint32_t rows,              \
                                               uint32_t width, float eps) {                     \
     add_rms_norm<I>(out, x, y, weight, rows, width, eps);                                      \
   }                                                                                            \
-  extern "C" __global__ void swiglu_##S(float *out, const I *gate_up, uint32_t rows,           \
-                                        uint32_t half) {                                       \
-    swiglu<I>(out, gate_up, rows, half);                                                       \
-  }
+  SWIGLU(S, I, f32, float)                                                                     \
+  SWIGLU(S, I, f16, __half)                                                                    \
+  SWIGLU(S, I, bf16, __nv_bfloat16)
 FROM_PRODUCT(f32, float)
 FROM_PRODUCT(f16, __half)
 FROM_PRODUCT(bf16, __nv_bfloat16)

@@ -326,8 +326,9 @@ impl candle_core::CustomOp2 for RotateQueries {
 /// Causal attention of `q` (`[tokens, heads, head_dim]`, f32) over one layer's
 /// `cache` (`[2, blocks, block_size, kv_heads, head_dim]`: keys, then values): token
 /// `t` attends to the first `len` positions of its sequence, as `plan` says. Returns
-/// `[tokens, heads, head_dim]` f32.
-pub fn attend(q: &Tensor, cache: &Tensor, plan: &AttendPlan) -> Result<Tensor> {
+/// `[tokens, heads, head_dim]` of `out`: f32, or the half-precision type of the product
+/// the output feeds (rounded once, where a cast after the op would round it).
+pub fn attend(q: &Tensor, cache: &Tensor, plan: &AttendPlan, out: DType) -> Result<Tensor> {
     let (tokens, heads, d) = q.dims3()?;
     let (two, _, _, kvh, kd) = cache.dims5()?;
     if two != 2 || kd != d {
@@ -339,6 +340,9 @@ pub fn attend(q: &Tensor, cache: &Tensor, plan: &AttendPlan) -> Result<Tensor> {
     }
     if kvh == 0 || !heads.is_multiple_of(kvh) || q.dtype() != DType::F32 {
         bail!("attend: {heads} query heads cannot share {kvh} KV heads");
+    }
+    if !is_product(out) {
+        bail!("attend: outputs of {out:?} are not supported");
     }
     if plan.tokens.dims2()? != (tokens, 2) || plan.tokens.dtype() != DType::U32 {
         bail!("attend: {tokens} tokens need a [{tokens}, 2] u32 plan");
@@ -356,6 +360,7 @@ pub fn attend(q: &Tensor, cache: &Tensor, plan: &AttendPlan) -> Result<Tensor> {
     let op = Attend {
         plan: plan.clone(),
         scale: 1.0 / (d as f32).sqrt(),
+        out,
     };
     q.contiguous()?.apply_op2_no_bwd(cache, &op)
 }
@@ -363,6 +368,7 @@ pub fn attend(q: &Tensor, cache: &Tensor, plan: &AttendPlan) -> Result<Tensor> {
 struct Attend {
     plan: AttendPlan,
     scale: f32,
+    out: DType,
 }
 
 impl candle_core::CustomOp2 for Attend {
@@ -390,7 +396,7 @@ impl candle_core::CustomOp2 for Attend {
             tokens: cpu::u32s(tokens, tokens_l)?,
             scale: self.scale,
         };
-        let out = cpu::attend(q, q_l, cache, cache_l, &args)?;
+        let out = cpu::attend(q, q_l, cache, cache_l, &args, self.out)?;
         Ok((out, q_l.shape().clone()))
     }
 
@@ -402,7 +408,7 @@ impl candle_core::CustomOp2 for Attend {
         cache: &candle_core::CudaStorage,
         cache_l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::attend(q, q_l, cache, cache_l, &self.plan, self.scale)
+        cuda::attend(q, q_l, cache, cache_l, &self.plan, self.scale, self.out)
     }
 }
 
@@ -517,18 +523,20 @@ impl candle_core::CustomOp3 for AddRmsNorm {
 }
 
 /// `silu(gate) · up` of rows holding gate then up (`[rows, 2 · h]` f32) → `[rows, h]`.
-pub fn swiglu(gate_up: &Tensor) -> Result<Tensor> {
+pub fn swiglu(gate_up: &Tensor, out: DType) -> Result<Tensor> {
     let (_, width) = gate_up.dims2()?;
-    if !width.is_multiple_of(2) || !is_product(gate_up.dtype()) {
+    if !width.is_multiple_of(2) || !is_product(gate_up.dtype()) || !is_product(out) {
         bail!(
-            "swiglu: rows {:?} must be f32, f16 or bf16 of an even width",
+            "swiglu: rows {:?} must be f32, f16 or bf16 of an even width, into f32, f16 or bf16",
             gate_up.dims()
         );
     }
-    gate_up.contiguous()?.apply_op1_no_bwd(&Swiglu)
+    gate_up.contiguous()?.apply_op1_no_bwd(&Swiglu { out })
 }
 
-struct Swiglu;
+struct Swiglu {
+    out: DType,
+}
 
 impl candle_core::CustomOp1 for Swiglu {
     fn name(&self) -> &'static str {
@@ -537,7 +545,7 @@ impl candle_core::CustomOp1 for Swiglu {
 
     fn cpu_fwd(&self, x: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         let (rows, width) = l.shape().dims2()?;
-        Ok((cpu::swiglu(x, l)?, Shape::from((rows, width / 2))))
+        Ok((cpu::swiglu(x, l, self.out)?, Shape::from((rows, width / 2))))
     }
 
     #[cfg(feature = "cuda")]
@@ -546,7 +554,7 @@ impl candle_core::CustomOp1 for Swiglu {
         x: &candle_core::CudaStorage,
         l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::swiglu(x, l)
+        cuda::swiglu(x, l, self.out)
     }
 }
 

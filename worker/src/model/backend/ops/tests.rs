@@ -251,7 +251,7 @@ fn paged_attention_matches_a_naive_softmax_over_shuffled_blocks() {
     let plan = AttendPlan::new(table, 2, tokens, [1, 6], &dev).unwrap();
     let q = values(seen.len() * heads * d, 3);
     let qt = Tensor::from_vec(q.clone(), (seen.len(), heads, d), &dev).unwrap();
-    let out = attend(&qt, &cache, &plan)
+    let out = attend(&qt, &cache, &plan, DType::F32)
         .unwrap()
         .flatten_all()
         .unwrap()
@@ -286,11 +286,13 @@ fn plans_that_read_outside_the_cache_are_refused() {
     let plan = |table: &[u32], len: u32| {
         AttendPlan::new(table.to_vec(), 1, vec![0, len], [1], &dev).unwrap()
     };
-    let err = attend(&q, &cache, &plan(&[0, 5], 6))
+    let err = attend(&q, &cache, &plan(&[0, 5], 6), DType::F32)
         .unwrap_err()
         .to_string();
     assert!(err.contains("block 5"), "{err}");
-    let err = attend(&q, &cache, &plan(&[0], 6)).unwrap_err().to_string();
+    let err = attend(&q, &cache, &plan(&[0], 6), DType::F32)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("beyond the tables"), "{err}");
 }
 

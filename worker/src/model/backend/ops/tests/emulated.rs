@@ -315,7 +315,7 @@ fn the_attention_kernels_compute_what_the_op_computes_in(order: Order) {
         )
         .unwrap();
         let qt = Tensor::from_vec(q.clone(), (tokens, heads, d), &dev).unwrap();
-        let want: Vec<f32> = to_vec(&attend(&qt, &p.cache, &plan).unwrap());
+        let want: Vec<f32> = to_vec(&attend(&qt, &p.cache, &plan, DType::F32).unwrap());
         let scale = 1.0 / (d as f32).sqrt();
         let shape = AttendShape {
             heads,
@@ -361,8 +361,30 @@ fn the_attention_kernels_compute_what_the_op_computes_in(order: Order) {
             });
         }
         let host = |v: Vec<u32>| Guarded::new(&Tensor::new(v.as_slice(), &dev).unwrap());
-        for split in splits {
-            let mut out = Guarded::filled(f32::NAN, tokens * heads * d);
+        // Outputs in half precision (for a half-precision product after) through one
+        // split that launches every kernel it can: each the f32 output, rounded.
+        let rich = (splits
+            .iter()
+            .position(|s| s.chunks > 1 && s.tiled.is_some()))
+        .or_else(|| splits.iter().position(|s| s.chunks > 1))
+        .unwrap_or(0);
+        let launches = splits.iter().enumerate().flat_map(|(i, &split)| {
+            let outs: &[DType] = if i == rich {
+                &[DType::F32, DType::F16, DType::BF16]
+            } else {
+                &[DType::F32]
+            };
+            outs.iter().map(move |&out| (split, out))
+        });
+        let mut in_f32 = Vec::new();
+        for (split, out_dtype) in launches {
+            let n = tokens * heads * d;
+            let mut out = Guarded::new(
+                &Tensor::full(f32::NAN, n, &dev)
+                    .unwrap()
+                    .to_dtype(out_dtype)
+                    .unwrap(),
+            );
             let mut partial = Guarded::filled(f32::NAN, split.partial_len(&shape));
             let mut q_h = Guarded::new(&Tensor::new(q.as_slice(), &dev).unwrap());
             let mut keys = Guarded::new(&p.cache.get(0).unwrap());
@@ -386,7 +408,20 @@ fn the_attention_kernels_compute_what_the_op_computes_in(order: Order) {
                 run(&call, order);
             }
             partial.tensor();
-            check_attention(&p, &q, &out.f32s(), &want, (dtype, heads, kvh, d, bs));
+            if out_dtype == DType::F32 {
+                in_f32 = out.f32s();
+                check_attention(&p, &q, &in_f32, &want, (dtype, heads, kvh, d, bs));
+            } else {
+                let rounded = Tensor::new(in_f32.as_slice(), &dev)
+                    .unwrap()
+                    .to_dtype(out_dtype)
+                    .unwrap();
+                assert_eq!(
+                    bytes_of(&out.tensor()),
+                    bytes_of(&rounded),
+                    "{dtype:?} cache, d {d}, {out_dtype:?} output of {split:?}"
+                );
+            }
         }
     }
 }
@@ -495,9 +530,7 @@ fn the_norm_and_swiglu_kernels_compute_what_the_ops_compute_in(order: Order) {
             want
         );
         let gu = gate_up.to_dtype(product).unwrap();
-        let want_swiglu: Vec<f32> = to_vec(&swiglu(&gu).unwrap());
         let mut out = Guarded::filled(f32::NAN, 2 * rows * width);
-        let mut out_swiglu = Guarded::filled(f32::NAN, rows * half);
         let (mut y_h, mut gu_h) = (Guarded::new(&yt), Guarded::new(&gu));
         let add_norm = calls::add_rms_norm(
             out.buf(),
@@ -509,21 +542,39 @@ fn the_norm_and_swiglu_kernels_compute_what_the_ops_compute_in(order: Order) {
             1e-5,
         );
         run(&add_norm, order);
-        run(
-            &calls::swiglu(out_swiglu.buf(), gu_h.buf(), rows, half),
-            order,
-        );
         for (g, w) in out.f32s().iter().zip(&want) {
             assert!(
                 (g - w).abs() <= 1e-6 * w.abs().max(1.0),
                 "{product:?}: {g} vs {w}"
             );
         }
-        for (g, w) in out_swiglu.f32s().iter().zip(&want_swiglu) {
-            assert!(
-                (g - w).abs() <= 1e-6 * w.abs().max(1.0),
-                "{product:?}: {g} vs {w}"
+        // SwiGLU into f32, or into the half-precision type of the product after it:
+        // within a unit in the last place of that type (expf's last bits may round a
+        // value the other way).
+        for (out_dtype, ulp) in [(DType::F32, 1e-6), (DType::F16, 1e-3), (DType::BF16, 8e-3)] {
+            let want_swiglu: Vec<f32> = to_vec(
+                &swiglu(&gu, out_dtype)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap(),
             );
+            let mut out_swiglu = Guarded::new(
+                &Tensor::full(f32::NAN, rows * half, &dev)
+                    .unwrap()
+                    .to_dtype(out_dtype)
+                    .unwrap(),
+            );
+            run(
+                &calls::swiglu(out_swiglu.buf(), gu_h.buf(), rows, half),
+                order,
+            );
+            assert_eq!(out_swiglu.tensor().dtype(), out_dtype);
+            for (g, w) in out_swiglu.f32s().iter().zip(&want_swiglu) {
+                assert!(
+                    (g - w).abs() <= ulp * w.abs().max(1.0),
+                    "{product:?} into {out_dtype:?}: {g} vs {w}"
+                );
+            }
         }
     }
 }
