@@ -14,6 +14,8 @@ fn build() -> cc::Build {
         // IEEE arithmetic, unfused: what the kernels' explicit `_rn` operations ask for.
         .flag("-ffp-contract=off")
         .flag_if_supported("-fno-fast-math")
+        // Kernels read 16-byte vectors as their elements, as CUDA code does.
+        .flag("-fno-strict-aliasing")
         // Fibers switch stacks with _longjmp, which a fortified build would refuse.
         .flag("-U_FORTIFY_SOURCE")
         .warnings(false);

@@ -26,6 +26,11 @@ struct dim3 {
   unsigned int x = 1, y = 1, z = 1;
 };
 
+// CUDA's 16-byte vector, for kernels' wide loads.
+struct alignas(16) uint4 {
+  unsigned int x, y, z, w;
+};
+
 namespace emu {
 // The running fiber's thread index, the block's index and shape.
 const dim3 &thread_idx();
@@ -47,19 +52,30 @@ void check_lane(unsigned lane);
 
 inline void __syncthreads() { emu::sync_block(); }
 
-template <typename T> T __shfl_xor_sync(unsigned, T value, int mask) {
+namespace emu {
+// A warp shuffle: each lane publishes `value` and reads lane `from`'s.
+template <typename T> T exchange(T value, unsigned from) {
   static_assert(sizeof(T) <= sizeof(uint64_t), "shuffles move at most 64 bits");
-  const unsigned lane = threadIdx.x % 32, from = lane ^ (unsigned)mask;
-  uint64_t *slots = emu::warp_slots();
+  const unsigned lane = threadIdx.x % 32;
+  uint64_t *slots = warp_slots();
   uint64_t bits = 0;
   memcpy(&bits, &value, sizeof(T));
   slots[lane] = bits;
-  emu::sync_warp();
-  emu::check_lane(from);
+  sync_warp();
+  check_lane(from);
   T out;
   memcpy(&out, &slots[from], sizeof(T));
-  emu::sync_warp();
+  sync_warp();
   return out;
+}
+}  // namespace emu
+
+template <typename T> T __shfl_xor_sync(unsigned, T value, int mask) {
+  return emu::exchange(value, (threadIdx.x % 32) ^ (unsigned)mask);
+}
+
+template <typename T> T __shfl_sync(unsigned, T value, int lane) {
+  return emu::exchange(value, (unsigned)lane % 32);
 }
 
 template <typename T> inline T min(T a, T b) { return a < b ? a : b; }

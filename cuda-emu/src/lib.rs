@@ -237,7 +237,7 @@ mod tests {
             shared_bytes: 0,
             order: Order::FirstToLast,
         };
-        let swiglu = Kernel::find("swiglu_f32").expect("kernels.cu defines swiglu_f32");
+        let swiglu = Kernel::find("swiglu_f32_f32").expect("kernels.cu defines swiglu_f32_f32");
         assert_eq!(swiglu.signature(), "*f32,*f32,u32,u32");
         let (mut o, mut g) = (out.as_mut_ptr(), gate_up.as_ptr());
         let (mut r, mut h) = (rows, half);
@@ -267,7 +267,7 @@ mod tests {
         let names = kernel_names();
         for name in [
             "paged_write_kv_bf16_f16",
-            "paged_attend_combine",
+            "paged_attend_combine_f32",
             "draw_f32",
         ] {
             assert!(

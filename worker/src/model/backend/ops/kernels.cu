@@ -102,11 +102,11 @@ ROTATE_FROM(f16, __half)
 ROTATE_FROM(bf16, __nv_bfloat16)
 ROTATE_FROM(f32, float)
 
-// Threads per block of the attention kernel, and positions scored per tile.
+// Threads per block of the attention kernel (and of RMSNorm's).
 #define THREADS 128
 #define WARPS (THREADS / 32)
-// Output features each thread accumulates: head_dim <= THREADS * PER_THREAD.
-#define PER_THREAD 4
+// Output features each lane of a warp accumulates: head_dim <= 32 * PER_LANE.
+#define PER_LANE 16
 
 __device__ __forceinline__ float warp_sum(float x) {
   for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffff, x, o);
@@ -118,29 +118,39 @@ __device__ __forceinline__ float warp_max(float x) {
   return x;
 }
 
-// The sum (or max) over the block of each thread's `x`; every thread gets it.
-__device__ float block_reduce(float x, bool is_max, float *scratch) {
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  x = is_max ? warp_max(x) : warp_sum(x);
-  __syncthreads();
-  if (lane == 0) scratch[warp] = x;
-  __syncthreads();
-  float r = is_max ? -INFINITY : 0.0f;
-  for (int w = 0; w < WARPS; ++w) r = is_max ? fmaxf(r, scratch[w]) : r + scratch[w];
-  return r;
+// The query (f32, in shared memory) dotted with a key row of `d` elements of `T`, the
+// row read 16 bytes at a time where its width allows (rows then start 16-byte aligned:
+// the cache's allocation does, and every row is a whole number of 16 bytes).
+template <typename T>
+__device__ __forceinline__ float dot_row(const float *qs, const T *k, uint32_t d) {
+  constexpr uint32_t per = 16 / sizeof(T);
+  float dot = 0.0f;
+  if (d % per == 0) {
+    const uint4 *k16 = reinterpret_cast<const uint4 *>(k);
+    for (uint32_t c = 0; c < d / per; ++c) {
+      const uint4 raw = k16[c];
+      const T *e = reinterpret_cast<const T *>(&raw);
+#pragma unroll
+      for (uint32_t i = 0; i < per; ++i) dot += qs[c * per + i] * to_f32(e[i]);
+    }
+    return dot;
+  }
+  for (uint32_t x = 0; x < d; ++x) dot += qs[x] * to_f32(k[x]);
+  return dot;
 }
 
 // One block per (token, head, chunk of positions), the token `order[blockIdx.x /
 // chunks]` (decode tokens, or every token where heads are too wide for the tiles below);
-// the token attends to the first `len` positions of its sequence. Positions go in tiles
-// of THREADS: each warp scores a quarter of the tile (lanes across head_dim, so reads of
-// a key are coalesced), then every thread adds the tile's weighted values for its output
-// features, with the running maximum and sum of an online softmax. With one chunk the
-// block writes the output; with several (long sequences, few tokens: more blocks than
-// (token, head) pairs keep the GPU busy) each chunk of `chunk_len` positions writes its
-// maximum, sum and unnormalised sums to `partial` (`d + 2` floats a block) and
-// attend_combine merges them. The output is of type `O`: f32, or the half-precision type
-// of the product it feeds (rounded once, as a cast after it would).
+// the token attends to the first `len` positions of its sequence. Each warp is an
+// online softmax of its own over runs of 32 positions (run r of the chunk to warp
+// r % WARPS): lane i scores position p + i whole (`dot_row`), so a warp has 32 keys'
+// reads in flight at once rather than one; then the warp adds the run's weighted values, lanes across head_dim. No
+// barrier inside the loop: the warps' maxima, sums and accumulators are merged once at
+// the end. With one chunk the block writes the output, rounded to `O` (f32, or the
+// half-precision type of the product it feeds); with several (long sequences, few
+// tokens: more blocks than (token, head) pairs keep the GPU busy) each chunk of
+// `chunk_len` positions writes its maximum, sum and unnormalised sums to `partial`
+// (`d + 2` floats a block) and attend_combine merges them.
 template <typename T, typename O>
 __device__ void attend(O *out, const float *q, const T *keys, const T *values,
                        const uint32_t *tables, uint32_t max_blocks, const uint32_t *tokens,
@@ -148,12 +158,12 @@ __device__ void attend(O *out, const float *q, const T *keys, const T *values,
                        uint32_t bs, float scale, uint32_t chunks, uint32_t chunk_len,
                        float *partial) {
   DYNAMIC_SHARED(float, shared);
-  float *qs = shared;          // [d]
-  float *weights = shared + d; // [THREADS]
-  __shared__ float scratch[WARPS];
+  float *qs = shared;         // [d]
+  float *sums = shared + d;   // [WARPS][d]: each warp's accumulators, for the merge
+  __shared__ float warp_maxima[WARPS], warp_totals[WARPS];
 
   const uint32_t t = order[blockIdx.x / chunks], h = blockIdx.y, tid = threadIdx.x;
-  const uint32_t chunk = blockIdx.x % chunks;
+  const uint32_t chunk = blockIdx.x % chunks, lane = tid % 32, warp = tid / 32;
   const uint32_t seq = tokens[2 * t], len = tokens[2 * t + 1];
   const uint32_t kv_head = h / (heads / kv_heads);
   const uint32_t *table = tables + (uint64_t)seq * max_blocks;
@@ -161,60 +171,65 @@ __device__ void attend(O *out, const float *q, const T *keys, const T *values,
   for (uint32_t i = tid; i < d; i += THREADS) qs[i] = q[row * d + i];
   __syncthreads();
 
-  float acc[PER_THREAD];
-  for (int j = 0; j < PER_THREAD; ++j) acc[j] = 0.0f;
+  float acc[PER_LANE];
+  for (int j = 0; j < PER_LANE; ++j) acc[j] = 0.0f;
   float running_max = -INFINITY, running_sum = 0.0f;
-  const int lane = tid % 32, warp = tid / 32;
   const uint32_t from = min(len, chunk * chunk_len), to = min(len - from, chunk_len) + from;
-  for (uint32_t p0 = from; p0 < to; p0 += THREADS) {
-    const uint32_t n = min((uint32_t)THREADS, to - p0);
-    // Scores of the tile, a warp per position.
-    for (uint32_t i = warp; i < n; i += WARPS) {
-      const uint32_t p = p0 + i;
+  // Whole-warp loop bounds: every lane takes every shuffle.
+  for (uint32_t p0 = from + warp * 32; p0 < to; p0 += WARPS * 32) {
+    const uint32_t n = min(32u, to - p0), p = p0 + lane;
+    float s = -INFINITY;
+    if (lane < n) {
       const T *k = keys + (((uint64_t)table[p / bs] * bs + p % bs) * kv_heads + kv_head) * d;
-      float dot = 0.0f;
-      for (uint32_t x = lane; x < d; x += 32) dot += qs[x] * to_f32(k[x]);
-      dot = warp_sum(dot);
-      if (lane == 0) weights[i] = dot * scale;
+      s = dot_row(qs, k, d) * scale;
     }
-    __syncthreads();
-    const float s = tid < n ? weights[tid] : -INFINITY;
-    const float new_max = fmaxf(running_max, block_reduce(s, true, scratch));
-    const float w = tid < n ? __expf(s - new_max) : 0.0f;
+    // Lane 0 always holds a position, so the maximum is finite.
+    const float new_max = fmaxf(running_max, warp_max(s));
+    const float w = lane < n ? __expf(s - new_max) : 0.0f;
     const float correction = __expf(running_max - new_max);
-    __syncthreads();
-    weights[tid] = w;
-    running_sum = running_sum * correction + block_reduce(w, false, scratch);
+    running_sum = running_sum * correction + warp_sum(w);
     running_max = new_max;
-    // block_reduce's barriers made every weight visible.
-    for (int j = 0; j < PER_THREAD; ++j) {
-      const uint32_t x = tid + j * THREADS;
-      if (x >= d) break;
-      float a = acc[j] * correction;
-      for (uint32_t i = 0; i < n; ++i) {
-        const uint32_t p = p0 + i;
-        const T *v = values + (((uint64_t)table[p / bs] * bs + p % bs) * kv_heads + kv_head) * d;
-        a += weights[i] * to_f32(v[x]);
+    for (int j = 0; j < PER_LANE; ++j) acc[j] *= correction;
+    for (uint32_t i = 0; i < n; ++i) {
+      const float wi = __shfl_sync(0xffffffff, w, i);
+      const uint32_t pi = p0 + i;
+      const T *v = values + (((uint64_t)table[pi / bs] * bs + pi % bs) * kv_heads + kv_head) * d;
+      for (int j = 0; j < PER_LANE; ++j) {
+        const uint32_t x = lane + 32 * j;
+        if (x >= d) break;
+        acc[j] += wi * to_f32(v[x]);
       }
-      acc[j] = a;
     }
-    __syncthreads();
   }
-  if (chunks == 1) {
-    for (int j = 0; j < PER_THREAD; ++j) {
-      const uint32_t x = tid + j * THREADS;
-      if (x < d) out[row * d + x] = from_f32<O>(acc[j] / running_sum);
-    }
-    return;
+
+  // The warps' results merged, each weighted by exp(its maximum - the block's); a warp
+  // that had no positions (-inf) weighs nothing.
+  if (lane == 0) {
+    warp_maxima[warp] = running_max;
+    warp_totals[warp] = running_sum;
+  }
+  for (int j = 0; j < PER_LANE; ++j) {
+    const uint32_t x = lane + 32 * j;
+    if (x < d) sums[warp * d + x] = acc[j];
+  }
+  __syncthreads();
+  float block_max = -INFINITY, total = 0.0f;
+  for (int w = 0; w < WARPS; ++w) block_max = fmaxf(block_max, warp_maxima[w]);
+  float weight[WARPS];
+  for (int w = 0; w < WARPS; ++w) {
+    weight[w] = warp_maxima[w] > -INFINITY ? __expf(warp_maxima[w] - block_max) : 0.0f;
+    total += warp_totals[w] * weight[w];
   }
   float *part = partial + ((uint64_t)blockIdx.x * heads + h) * (d + 2);
-  for (int j = 0; j < PER_THREAD; ++j) {
-    const uint32_t x = tid + j * THREADS;
-    if (x < d) part[x] = acc[j];
+  for (uint32_t x = tid; x < d; x += THREADS) {
+    float a = 0.0f;
+    for (int w = 0; w < WARPS; ++w) a += sums[w * d + x] * weight[w];
+    if (chunks == 1) out[row * d + x] = from_f32<O>(a / total);
+    else part[x] = a;
   }
-  if (tid == 0) {
-    part[d] = running_max;
-    part[d + 1] = running_sum;
+  if (chunks > 1 && tid == 0) {
+    part[d] = block_max;
+    part[d + 1] = total;
   }
 }
 

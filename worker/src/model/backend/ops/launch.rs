@@ -5,7 +5,9 @@ use super::TILE_TOKENS;
 
 /// Threads per block of the attention and RMSNorm kernels (`THREADS` in `kernels.cu`).
 pub const THREADS: u32 = 128;
-/// The widest head the attention kernel takes (`THREADS * PER_THREAD`).
+/// Warps per block of the attention kernel (`WARPS`).
+const WARPS: u32 = THREADS / 32;
+/// The widest head the attention kernel takes (`32 * PER_LANE`).
 pub const MAX_HEAD_DIM: usize = 512;
 
 /// Threads per block of the tiled attention kernel (`TILE_THREADS`), and the widest
@@ -38,13 +40,13 @@ impl Launch {
         }
     }
 
-    /// Attention: a block per (token, head, chunk of positions), the query and a
-    /// tile's weights shared.
+    /// Attention: a block per (token, head, chunk of positions), the query and each
+    /// warp's accumulators (for the merge) in shared memory.
     pub fn attend(tokens: usize, heads: usize, head_dim: usize, chunks: u32) -> Self {
         Self {
             blocks: (tokens as u32 * chunks, heads as u32),
             threads: THREADS,
-            shared_bytes: (head_dim as u32 + THREADS) * 4,
+            shared_bytes: head_dim as u32 * (1 + WARPS) * 4,
         }
     }
 
@@ -70,7 +72,7 @@ impl Launch {
         if chunks == 1 {
             return (1, u32::MAX);
         }
-        // Whole tiles of THREADS positions a chunk.
+        // Whole rounds of the block's warps (32 positions each) a chunk.
         let chunk = longest.div_ceil(chunks).div_ceil(THREADS as usize) * THREADS as usize;
         (longest.div_ceil(chunk) as u32, chunk as u32)
     }
@@ -131,7 +133,7 @@ mod tests {
         // 32k, 16 chunks of 2048, 512 blocks.
         assert_eq!(Launch::attend_chunks(1, 32, 4096), (8, 512));
         assert_eq!(Launch::attend_chunks(1, 32, 32768), (16, 2048));
-        // Chunks are whole tiles of 128 positions and cover the sequence.
+        // Chunks are whole rounds of 128 positions and cover the sequence.
         let (chunks, len) = Launch::attend_chunks(2, 8, 5000);
         assert!(chunks > 1 && len % 128 == 0, "{chunks} x {len}");
         assert!(chunks as usize * len as usize >= 5000);

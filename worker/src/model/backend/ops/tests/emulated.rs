@@ -19,16 +19,16 @@ use super::draws::{rows as draw_rows, settings as draw_settings_all};
 use super::{fill, naive, values};
 
 /// A host copy of a tensor's elements for a kernel to read or write, with guard bytes
-/// on both sides that must survive the launch (words of 8 bytes: every element type is
-/// aligned).
+/// on both sides that must survive the launch (in 16-byte words: aligned for every
+/// element type and for kernels' 16-byte reads, as a GPU allocation is).
 struct Guarded {
-    words: Vec<u64>,
+    words: Vec<u128>,
     dtype: DType,
     len: usize,
 }
 
-const GUARD_WORDS: usize = 16;
-const GUARD: u64 = 0xa5a5_5a5a_a5a5_5a5a;
+const GUARD_WORDS: usize = 8;
+const GUARD: u128 = 0xa5a5_5a5a_a5a5_5a5a_a5a5_5a5a_a5a5_5a5a;
 
 /// A tensor's elements as bytes, as they sit in memory.
 fn bytes_of(t: &Tensor) -> Vec<u8> {
@@ -72,7 +72,7 @@ impl Guarded {
     fn new(t: &Tensor) -> Self {
         let bytes = bytes_of(t);
         let mut words = vec![GUARD; GUARD_WORDS];
-        let inside = bytes.len().div_ceil(8);
+        let inside = bytes.len().div_ceil(16);
         let at = words.len();
         words.resize(at + inside, 0);
         // SAFETY: the words from `at` hold at least `bytes.len()` bytes.
