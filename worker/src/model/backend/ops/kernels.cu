@@ -127,6 +127,7 @@ __device__ __forceinline__ float dot_row(const float *qs, const T *k, uint32_t d
   float dot = 0.0f;
   if (d % per == 0) {
     const uint4 *k16 = reinterpret_cast<const uint4 *>(k);
+#pragma unroll 8
     for (uint32_t c = 0; c < d / per; ++c) {
       const uint4 raw = k16[c];
       const T *e = reinterpret_cast<const T *>(&raw);
@@ -159,7 +160,7 @@ __device__ void attend(O *out, const float *q, const T *keys, const T *values,
                        float *partial) {
   DYNAMIC_SHARED(float, shared);
   float *qs = shared;         // [d]
-  float *sums = shared + d;   // [WARPS][d]: each warp's accumulators, for the merge
+  float *sums = shared + d;   // [WARPS][rows][d]: each warp's accumulators, for the merge
   __shared__ float warp_maxima[WARPS], warp_totals[WARPS];
 
   const uint32_t t = order[blockIdx.x / chunks], h = blockIdx.y, tid = threadIdx.x;
@@ -171,6 +172,14 @@ __device__ void attend(O *out, const float *q, const T *keys, const T *values,
   for (uint32_t i = tid; i < d; i += THREADS) qs[i] = q[row * d + i];
   __syncthreads();
 
+  // Values: where a row is a whole number of 16-byte reads, at most a warp's worth, it
+  // is `lanes` lanes of `per` features, and the warp takes `groups` positions at a
+  // time, group g's lanes adding position i + g (one wide read a lane, several in
+  // flight); else every lane takes features lane + 32 j of each position in turn.
+  constexpr uint32_t per = 16 / sizeof(T);
+  const bool wide = d % per == 0 && d / per <= 32;
+  const uint32_t lanes = wide ? d / per : 32, groups = 32 / lanes;
+  const uint32_t group = lane / lanes, slice = lane % lanes;
   float acc[PER_LANE];
   for (int j = 0; j < PER_LANE; ++j) acc[j] = 0.0f;
   float running_max = -INFINITY, running_sum = 0.0f;
@@ -190,27 +199,51 @@ __device__ void attend(O *out, const float *q, const T *keys, const T *values,
     running_sum = running_sum * correction + warp_sum(w);
     running_max = new_max;
     for (int j = 0; j < PER_LANE; ++j) acc[j] *= correction;
-    for (uint32_t i = 0; i < n; ++i) {
-      const float wi = __shfl_sync(0xffffffff, w, i);
-      const uint32_t pi = p0 + i;
-      const T *v = values + (((uint64_t)table[pi / bs] * bs + pi % bs) * kv_heads + kv_head) * d;
-      for (int j = 0; j < PER_LANE; ++j) {
-        const uint32_t x = lane + 32 * j;
-        if (x >= d) break;
-        acc[j] += wi * to_f32(v[x]);
+    if (wide) {
+#pragma unroll 4
+      for (uint32_t base = 0; base < n; base += groups) {
+        const uint32_t i = base + group;
+        const float wi = __shfl_sync(0xffffffff, w, i % 32);
+        if (group < groups && i < n) {
+          const uint32_t pi = p0 + i;
+          const uint64_t at = ((uint64_t)table[pi / bs] * bs + pi % bs) * kv_heads + kv_head;
+          const uint4 raw = reinterpret_cast<const uint4 *>(values + at * d)[slice];
+          const T *e = reinterpret_cast<const T *>(&raw);
+#pragma unroll
+          for (uint32_t k = 0; k < per; ++k) acc[k] += wi * to_f32(e[k]);
+        }
+      }
+    } else {
+      for (uint32_t i = 0; i < n; ++i) {
+        const float wi = __shfl_sync(0xffffffff, w, i);
+        const uint32_t pi = p0 + i;
+        const uint64_t at = ((uint64_t)table[pi / bs] * bs + pi % bs) * kv_heads + kv_head;
+        for (int j = 0; j < PER_LANE; ++j) {
+          const uint32_t x = lane + 32 * j;
+          if (x >= d) break;
+          acc[j] += wi * to_f32(values[at * d + x]);
+        }
       }
     }
   }
 
   // The warps' results merged, each weighted by exp(its maximum - the block's); a warp
-  // that had no positions (-inf) weighs nothing.
+  // that had no positions (-inf) weighs nothing. Each warp leaves a row of sums per
+  // group in shared memory (one row where not wide).
+  const uint32_t rows = wide ? groups : 1;
   if (lane == 0) {
     warp_maxima[warp] = running_max;
     warp_totals[warp] = running_sum;
   }
-  for (int j = 0; j < PER_LANE; ++j) {
-    const uint32_t x = lane + 32 * j;
-    if (x < d) sums[warp * d + x] = acc[j];
+  float *mine = sums + (uint64_t)warp * rows * d;
+  if (wide) {
+    if (group < groups)
+      for (uint32_t k = 0; k < per; ++k) mine[group * d + slice * per + k] = acc[k];
+  } else {
+    for (int j = 0; j < PER_LANE; ++j) {
+      const uint32_t x = lane + 32 * j;
+      if (x < d) mine[x] = acc[j];
+    }
   }
   __syncthreads();
   float block_max = -INFINITY, total = 0.0f;
@@ -223,7 +256,11 @@ __device__ void attend(O *out, const float *q, const T *keys, const T *values,
   float *part = partial + ((uint64_t)blockIdx.x * heads + h) * (d + 2);
   for (uint32_t x = tid; x < d; x += THREADS) {
     float a = 0.0f;
-    for (int w = 0; w < WARPS; ++w) a += sums[w * d + x] * weight[w];
+    for (int w = 0; w < WARPS; ++w) {
+      float warp_sum_x = 0.0f;
+      for (uint32_t g = 0; g < rows; ++g) warp_sum_x += sums[((uint64_t)w * rows + g) * d + x];
+      a += warp_sum_x * weight[w];
+    }
     if (chunks == 1) out[row * d + x] = from_f32<O>(a / total);
     else part[x] = a;
   }

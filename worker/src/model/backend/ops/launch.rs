@@ -41,12 +41,15 @@ impl Launch {
     }
 
     /// Attention: a block per (token, head, chunk of positions), the query and each
-    /// warp's accumulators (for the merge) in shared memory.
+    /// warp's accumulators (for the merge: a row of `head_dim`, or up to 32 lanes of
+    /// 16-byte reads of f16 in rows of groups of positions: 256 floats) in shared
+    /// memory.
     pub fn attend(tokens: usize, heads: usize, head_dim: usize, chunks: u32) -> Self {
+        let per_warp = head_dim.max(256) as u32;
         Self {
             blocks: (tokens as u32 * chunks, heads as u32),
             threads: THREADS,
-            shared_bytes: head_dim as u32 * (1 + WARPS) * 4,
+            shared_bytes: (head_dim as u32 + WARPS * per_warp) * 4,
         }
     }
 

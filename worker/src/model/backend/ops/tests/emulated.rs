@@ -288,12 +288,16 @@ fn the_attention_kernels_compute_what_the_op_computes() {
 fn the_attention_kernels_compute_what_the_op_computes_in(order: Order) {
     // Decode and prefill tokens together (prompts' runs to the tiled kernel, in runs of
     // 16 tokens and tiles of up to 32 positions, decode tokens to the per-token one),
-    // grouped query heads, sequences longer than the per-token kernel's tile of 128
+    // grouped query heads, sequences longer than the per-token kernel's round of 128
     // positions, head widths below, at and above a warp's and beyond one feature per
     // thread; and every token through the per-token kernel (heads too wide for tiles).
     type Case<'a> = (DType, usize, usize, usize, &'a [usize], &'a [usize]);
-    let cases: [Case; 6] = [
+    // Heads of 96 f16 and 24 bf16 features read values in 12 and 3 lanes of 16 bytes, with
+    // lanes of the warp left over.
+    let cases: [Case; 8] = [
         (DType::F16, 4, 2, 64, &[5, 140], &[5, 1]),
+        (DType::F16, 2, 1, 96, &[75, 3], &[1, 3]),
+        (DType::BF16, 3, 1, 24, &[45], &[1]),
         (DType::BF16, 6, 3, 20, &[300, 9], &[2, 3]),
         (DType::F32, 2, 1, 160, &[33], &[1]),
         (DType::F16, 4, 2, 128, &[129, 1, 40], &[1, 1, 37]),
