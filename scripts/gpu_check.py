@@ -172,6 +172,7 @@ def small_model_check(args, work, device):
     compare_logprobs(args, path16, ids, ref16, 1, "bf16", MAX_ABS_LOGPROB_BF16,
                      MAX_MEAN_KL_BF16)
     sampling_check(args, path, ids)
+    long_context_check(args, path)
 
 
 def reference_logprobs(model, ids, device):
@@ -259,6 +260,33 @@ def sampling_check(args, path, ids):
         f"repetition penalty mixed) identical to the CPU engine's (limit {len(here) - 2}); {distinct} distinct; "
         f"their log-probabilities (chosen and 3 best) within {worst:.2e} "
         f"(limit {MAX_ABS_LOGPROB})",
+    )
+
+
+def long_context_check(args, path):
+    """Greedy decode after a prompt of 1,600 tokens, on the device and on the CPU
+    engine: each decode token's positions are then split into chunks (1 token of 8
+    heads: 3 chunks of 640), whose partial softmaxes a second kernel merges, a path
+    prompts of a few hundred tokens never take."""
+    ids = torch.randint(0, 256, (1600,), generator=torch.Generator().manual_seed(3)).tolist()
+    answers = []
+    for device in (args.device, "cpu"):
+        out, _ = run(
+            [args.bin, "generate", "--model", path, "--device", device,
+             "--prompt-ids", ",".join(map(str, ids)), "--max-tokens", "12",
+             "--temperature", "0", "--logprobs", "1", "--json", "--max-seq-len", "2048"],
+            timeout=120,
+        )
+        answers.append(json.loads(out))
+    here, there = answers
+    same = here["token_ids"] == there["token_ids"]
+    worst = max((abs(a["logprob"] - b["logprob"])
+                 for a, b in zip(here["logprobs"], there["logprobs"])), default=float("inf"))
+    check(
+        "long-context decode (attention split into chunks) against the CPU engine",
+        same and worst <= MAX_ABS_LOGPROB,
+        f"12 greedy tokens after 1,600 prompt tokens {'identical' if same else 'differ'}; "
+        f"log-probabilities within {worst:.2e} (limit {MAX_ABS_LOGPROB})",
     )
 
 

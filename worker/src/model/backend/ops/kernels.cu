@@ -341,6 +341,8 @@ __device__ void attend_tiles(O *out, const float *q, const T *keys, const T *val
 
   for (uint32_t p0 = 0; p0 < span; p0 += positions) {
     const uint32_t n = min(positions, span - p0);
+    // Independent reads, several in flight per thread.
+#pragma unroll 4
     for (uint32_t i = tid; i < n * d; i += TILE_THREADS) {
       const uint32_t j = i / d, x = i % d, p = p0 + j;
       const uint64_t at = (((uint64_t)table[p / bs] * bs + p % bs) * kv_heads + kv_head) * d + x;
