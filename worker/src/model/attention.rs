@@ -78,6 +78,12 @@ impl<B: Backend> Attention<B> {
         })
     }
 
+    /// The QKV product's (first) weight: what the norm before attention hands its
+    /// output to.
+    pub fn input_weight(&self) -> &B::Matrix {
+        self.qkv.first_weight()
+    }
+
     pub fn local_kv_heads(&self) -> usize {
         self.shape.kv_heads
     }

@@ -134,6 +134,12 @@ impl<B: Backend> StackedColumns<B> {
         Ok(Self { layers })
     }
 
+    /// The first part's weight: what the op before these layers hands its output to
+    /// (parts of different types meet in f32 after their products anyway).
+    pub fn first_weight(&self) -> &B::Matrix {
+        &self.layers[0].weight
+    }
+
     /// All parts side by side in each row, in the order they were loaded, with
     /// the adapters' products added to their rows.
     pub fn forward(
@@ -208,17 +214,19 @@ impl<B: Backend> RmsNorm<B> {
         })
     }
 
-    pub fn forward(&self, b: &B, x: &B::Hidden) -> Result<B::Hidden, ModelError> {
-        b.rms_norm(x, &self.weight, self.eps)
+    /// The norm of `x`, for `next` to multiply.
+    pub fn forward(&self, b: &B, x: &B::Hidden, next: &B::Matrix) -> Result<B::Hidden, ModelError> {
+        b.rms_norm(x, &self.weight, self.eps, next)
     }
 
-    /// `x += y` (a residual connection), then the norm of `x`.
+    /// `x += y` (a residual connection), then the norm of `x`, for `next`.
     pub fn forward_after_add(
         &self,
         b: &B,
         x: &mut B::Hidden,
         y: &B::Hidden,
+        next: &B::Matrix,
     ) -> Result<B::Hidden, ModelError> {
-        b.add_rms_norm(x, y, &self.weight, self.eps)
+        b.add_rms_norm(x, y, &self.weight, self.eps, next)
     }
 }

@@ -323,10 +323,13 @@ impl<B: Backend> Transformer<B> {
         for (layer, block) in self.blocks.iter().enumerate() {
             let h = match normed_next.take() {
                 Some(h) => h,
-                None => block.attn_norm.forward(b, &x)?,
+                None => block.attn_norm.forward(b, &x, block.attn.input_weight())?,
             };
             let a = block.attn.forward(b, &h, layer, &step, kv, &adapters)?;
-            let normed = block.mlp_norm.forward_after_add(b, &mut x, &a)?;
+            let normed =
+                block
+                    .mlp_norm
+                    .forward_after_add(b, &mut x, &a, block.gate_up.first_weight())?;
             let gate_up = block
                 .gate_up
                 .forward(b, &normed, &adapters.at(layer, Site::GateUp))?;
@@ -335,7 +338,14 @@ impl<B: Backend> Transformer<B> {
                 .down
                 .forward(b, &activated, &adapters.at(layer, Site::Down))?;
             match self.blocks.get(layer + 1) {
-                Some(next) => normed_next = Some(next.attn_norm.forward_after_add(b, &mut x, &m)?),
+                Some(next) => {
+                    normed_next = Some(next.attn_norm.forward_after_add(
+                        b,
+                        &mut x,
+                        &m,
+                        next.attn.input_weight(),
+                    )?)
+                }
                 None => b.add(&mut x, &m)?,
             }
         }
@@ -343,7 +353,8 @@ impl<B: Backend> Transformer<B> {
         let got = if layout.wanted.is_empty() {
             Downloaded::default()
         } else {
-            let h = self.norm.forward(b, &b.wanted_rows(&x, &step)?)?;
+            let head = self.head.as_ref().unwrap_or(&self.embed);
+            let h = self.norm.forward(b, &b.wanted_rows(&x, &step)?, head)?;
             self.head_in_chunks(&h, &layout)?
         };
         let mut picked = vec![None; spans.len()];

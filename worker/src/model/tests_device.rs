@@ -127,7 +127,7 @@ fn products_of_different_types_are_joined_in_f32() {
 
 #[test]
 fn ops_before_a_half_precision_product_hand_it_its_type() {
-    // SwiGLU (and attention) write the type of the product after them: bf16 before a
+    // SwiGLU, the norms (and attention) write the type of the product after them: bf16 before a
     // bf16 weight, which then multiplies it without a cast launch; f32 before a
     // quantised one. The values are the f32 ones rounded once.
     use candle_core::DType;
@@ -166,6 +166,41 @@ fn ops_before_a_half_precision_product_hand_it_its_type() {
         )))
         .unwrap();
     assert_eq!(b.swiglu(&gate_up, &quantised).unwrap().dtype(), DType::F32);
+
+    // The norms likewise; the residual add goes into `x` itself, kept in f32.
+    let weight = b.vector(vec![1.0, 0.5, 2.0, 1.5]).unwrap();
+    let rows = || Tensor::new(&[[0.5f32, -1.25, 2.0, 3.0]], &Device::Cpu).unwrap();
+    let y = Tensor::new(&[[1.0f32, 1.0, -1.0, 0.25]], &Device::Cpu).unwrap();
+    let mut x = rows();
+    let normed = b
+        .add_rms_norm(&mut x, &y, &weight, 1e-5, &dense(DType::BF16))
+        .unwrap();
+    assert_eq!(normed.dtype(), DType::BF16);
+    assert_eq!(x.dtype(), DType::F32);
+    assert_eq!(
+        x.to_vec2::<f32>().unwrap(),
+        vec![vec![1.5, -0.25, 1.0, 3.25]]
+    );
+    let want = b.rms_norm(&x, &weight, 1e-5, &dense(DType::F32)).unwrap();
+    assert_eq!(
+        normed
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap(),
+        want.to_dtype(DType::BF16)
+            .unwrap()
+            .to_dtype(DType::F32)
+            .unwrap()
+            .to_vec2::<f32>()
+            .unwrap()
+    );
+    assert_eq!(
+        b.rms_norm(&rows(), &weight, 1e-5, &quantised)
+            .unwrap()
+            .dtype(),
+        DType::F32
+    );
 }
 
 #[test]

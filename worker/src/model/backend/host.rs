@@ -147,7 +147,13 @@ impl Backend for Host {
         Ok(Rows::new(partial, n))
     }
 
-    fn rms_norm(&self, x: &Rows, weight: &Vec<f32>, eps: f32) -> Result<Rows, ModelError> {
+    fn rms_norm(
+        &self,
+        x: &Rows,
+        weight: &Vec<f32>,
+        eps: f32,
+        _: &Weight,
+    ) -> Result<Rows, ModelError> {
         Ok(rms_norm(x, weight, eps))
     }
 

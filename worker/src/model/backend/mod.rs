@@ -222,11 +222,13 @@ pub trait Backend: Send + Sync + std::fmt::Debug + Sized + 'static {
         comm: &dyn Collective,
         lora: &[LoraPair<'_, Self>],
     ) -> Result<Self::Hidden, ModelError>;
+    /// The RMSNorm of `x`, handed to `next` as `swiglu` hands its output.
     fn rms_norm(
         &self,
         x: &Self::Hidden,
         weight: &Self::Vector,
         eps: f32,
+        next: &Self::Matrix,
     ) -> Result<Self::Hidden, ModelError>;
     /// `silu(gate) · up` of rows holding gate then up, handed to `next` (the matrix that
     /// multiplies it: a backend may give it in the form that matrix multiplies).
@@ -238,16 +240,17 @@ pub trait Backend: Send + Sync + std::fmt::Debug + Sized + 'static {
     /// `x += y` (the residual connection).
     fn add(&self, x: &mut Self::Hidden, y: &Self::Hidden) -> Result<(), ModelError>;
     /// `x += y`, then the RMSNorm of `x` (a residual connection and the norm after it;
-    /// a backend may fuse them).
+    /// a backend may fuse them), handed to `next` as `rms_norm` hands it.
     fn add_rms_norm(
         &self,
         x: &mut Self::Hidden,
         y: &Self::Hidden,
         weight: &Self::Vector,
         eps: f32,
+        next: &Self::Matrix,
     ) -> Result<Self::Hidden, ModelError> {
         self.add(x, y)?;
-        self.rms_norm(x, weight, eps)
+        self.rms_norm(x, weight, eps, next)
     }
     /// Rotates Q and K of `qkv` (rows of Q|K|V), writes K and V into `layer` of the
     /// cache, and returns each token's attention output over its sequence's

@@ -572,9 +572,15 @@ impl Backend for Tensors {
         Ok(comm.all_reduce_tensor(&partial.to_dtype(DType::F32)?)?)
     }
 
-    fn rms_norm(&self, x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor, ModelError> {
+    fn rms_norm(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        eps: f32,
+        next: &DeviceMatrix,
+    ) -> Result<Tensor, ModelError> {
         let _time = profile::span("rms_norm", &self.device);
-        Ok(ops::rms_norm(x, weight, eps)?)
+        Ok(ops::rms_norm(x, weight, eps, next.input_dtype())?)
     }
 
     fn swiglu(&self, gate_up: &Tensor, next: &DeviceMatrix) -> Result<Tensor, ModelError> {
@@ -594,11 +600,15 @@ impl Backend for Tensors {
         y: &Tensor,
         weight: &Tensor,
         eps: f32,
+        next: &DeviceMatrix,
     ) -> Result<Tensor, ModelError> {
         let _time = profile::span("add_rms_norm", &self.device);
-        let both = ops::add_rms_norm(x, y, weight, eps)?;
-        *x = both.get(0)?;
-        Ok(both.get(1)?)
+        // The sums go into `x` itself (the residual stream: no other tensor shares it),
+        // the norm comes out in the type `next` multiplies.
+        if !x.is_contiguous() {
+            *x = x.contiguous()?;
+        }
+        Ok(ops::add_rms_norm(x, y, weight, eps, next.input_dtype())?)
     }
 
     fn attention(

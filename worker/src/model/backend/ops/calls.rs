@@ -307,7 +307,8 @@ impl AttendSplit {
     }
 }
 
-/// RMSNorm of `rows` rows of `width` (f32) into `out`.
+/// RMSNorm of `rows` rows of `width` (f32) into `out` (f32, or the half-precision type
+/// of the product it feeds).
 pub fn rms_norm<P: Copy>(
     out: Buf<P>,
     x: Buf<P>,
@@ -319,14 +320,14 @@ pub fn rms_norm<P: Copy>(
     let mut args: Vec<Arg<P>> = ptrs(&[out, x, weight]).collect();
     args.extend([Arg::U32(width as u32), Arg::F32(eps)]);
     Call {
-        kernel: "rms_norm_f32".into(),
+        kernel: format!("rms_norm_{}", out.elem.name()),
         launch: Launch::per_row(rows),
         args,
     }
 }
 
-/// `x + y` and its RMSNorm, into `out` (`[2, rows, width]` f32); `y` a product's
-/// output (f32, f16 or bf16).
+/// `x += y` in place (`y` a product's output: f32, f16 or bf16), then the RMSNorm of
+/// the sums into `out` (as [`rms_norm`]'s).
 pub fn add_rms_norm<P: Copy>(
     out: Buf<P>,
     x: Buf<P>,
@@ -337,9 +338,9 @@ pub fn add_rms_norm<P: Copy>(
     eps: f32,
 ) -> Call<P> {
     let mut args: Vec<Arg<P>> = ptrs(&[out, x, y, weight]).collect();
-    args.extend([Arg::U32(rows as u32), Arg::U32(width as u32), Arg::F32(eps)]);
+    args.extend([Arg::U32(width as u32), Arg::F32(eps)]);
     Call {
-        kernel: format!("add_rms_norm_{}", y.elem.name()),
+        kernel: format!("add_rms_norm_{}_{}", out.elem.name(), y.elem.name()),
         launch: Launch::per_row(rows),
         args,
     }

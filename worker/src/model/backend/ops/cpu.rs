@@ -259,30 +259,36 @@ pub fn rms_norm(
     w: &CpuStorage,
     w_l: &Layout,
     eps: f32,
+    out: candle_core::DType,
 ) -> Result<CpuStorage> {
     let width = x_l.dims()[1];
     let x = Rows::new(slice::<f32>(x, x_l, "the rows")?.to_vec(), width);
     let w = slice::<f32>(w, w_l, "the weight")?;
-    Ok(CpuStorage::F32(rows::rms_norm(&x, w, eps).into_vec()))
+    typed(rows::rms_norm(&x, w, eps).into_vec(), out)
 }
 
+/// `x += y` in place, and the RMSNorm of the sums (as `out`).
+#[allow(clippy::too_many_arguments)] // candle's InplaceOp3::cpu_fwd, plus the op's fields
 pub fn add_rms_norm(
-    x: &CpuStorage,
+    x: &mut CpuStorage,
     x_l: &Layout,
     y: &CpuStorage,
     y_l: &Layout,
     w: &CpuStorage,
     w_l: &Layout,
     eps: f32,
+    out: candle_core::DType,
 ) -> Result<CpuStorage> {
     let width = x_l.dims()[1];
-    let x = slice::<f32>(x, x_l, "the rows")?;
+    let (Some((start, end)), CpuStorage::F32(x)) = (x_l.contiguous_offsets(), x) else {
+        bail!("add_rms_norm: the rows must be contiguous f32");
+    };
+    let x = &mut x[start..end];
     let y = product(y, y_l, "the added rows")?;
-    let sums = Rows::new(x.iter().zip(y.iter()).map(|(a, b)| a + b).collect(), width);
+    x.iter_mut().zip(y.iter()).for_each(|(a, b)| *a += b);
+    let sums = Rows::new(x.to_vec(), width);
     let normed = rows::rms_norm(&sums, slice::<f32>(w, w_l, "the weight")?, eps);
-    let mut out = sums.into_vec();
-    out.extend_from_slice(normed.as_slice());
-    Ok(CpuStorage::F32(out))
+    typed(normed.into_vec(), out)
 }
 
 pub fn swiglu(x: &CpuStorage, l: &Layout, out: candle_core::DType) -> Result<CpuStorage> {

@@ -309,10 +309,11 @@ pub fn rms_norm(
     w: &CudaStorage,
     w_l: &Layout,
     eps: f32,
+    out_dtype: DType,
 ) -> Result<(CudaStorage, Shape)> {
     let (rows, width) = x_l.shape().dims2()?;
     // SAFETY: the kernel writes every element.
-    let (out, out_arg) = unsafe { output::<f32>(x, rows * width) }?;
+    let (out, out_arg) = unsafe { output_of(x, rows * width, out_dtype) }?;
     let call = calls::rms_norm(
         out_arg,
         buf(x, range(x_l, "the rows")?)?,
@@ -326,19 +327,21 @@ pub fn rms_norm(
     Ok((out, x_l.shape().clone()))
 }
 
-#[allow(clippy::too_many_arguments)] // candle's CustomOp3::cuda_fwd, plus the op's field
+/// `x += y` in place and the norm of the sums, returned.
+#[allow(clippy::too_many_arguments)] // candle's InplaceOp3::cuda_fwd, plus the op's fields
 pub fn add_rms_norm(
-    x: &CudaStorage,
+    x: &mut CudaStorage,
     x_l: &Layout,
     y: &CudaStorage,
     y_l: &Layout,
     w: &CudaStorage,
     w_l: &Layout,
     eps: f32,
-) -> Result<(CudaStorage, Shape)> {
+    out_dtype: DType,
+) -> Result<CudaStorage> {
     let (rows, width) = x_l.shape().dims2()?;
     // SAFETY: the kernel writes every element.
-    let (out, out_arg) = unsafe { output::<f32>(x, 2 * rows * width) }?;
+    let (out, out_arg) = unsafe { output_of(x, rows * width, out_dtype) }?;
     let call = calls::add_rms_norm(
         out_arg,
         buf(x, range(x_l, "the rows")?)?,
@@ -350,7 +353,7 @@ pub fn add_rms_norm(
     );
     // SAFETY: the op checked the shapes.
     unsafe { launch(x, &call) }?;
-    Ok((out, Shape::from((2, rows, width))))
+    Ok(out)
 }
 
 pub fn swiglu(x: &CudaStorage, l: &Layout, out_dtype: DType) -> Result<(CudaStorage, Shape)> {

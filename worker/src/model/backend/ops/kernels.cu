@@ -428,9 +428,11 @@ COMBINE(f16, __half)
 COMBINE(bf16, __nv_bfloat16)
 
 // RMSNorm of one row, by one block: the sum of squares in double (as the CPU engine and
-// llama.cpp take it), then each element scaled and multiplied by the weight. Each
+// llama.cpp take it), then each element scaled and multiplied by the weight, into `O`
+// (f32, or the half-precision type of the product the norm feeds, rounded once). Each
 // thread reads the elements it may have written just before (same stride).
-__device__ void rms_norm_row(float *out, const float *xr, const float *weight, uint32_t width,
+template <typename O>
+__device__ void rms_norm_row(O *out, const float *xr, const float *weight, uint32_t width,
                              float eps) {
   __shared__ double partial[THREADS];
   double s = 0.0;
@@ -442,27 +444,40 @@ __device__ void rms_norm_row(float *out, const float *xr, const float *weight, u
     __syncthreads();
   }
   const float scale = 1.0f / sqrtf((float)(partial[0] / width) + eps);
-  for (uint32_t i = threadIdx.x; i < width; i += THREADS) out[i] = (xr[i] * scale) * weight[i];
-}
-
-// RMSNorm, one block per row.
-extern "C" __global__ void rms_norm_f32(float *out, const float *x, const float *weight,
-                                       uint32_t width, float eps) {
-  const uint64_t row = blockIdx.x;
-  rms_norm_row(out + row * width, x + row * width, weight, width, eps);
-}
-
-// The residual connection and the next norm in one pass, one block per row: `out`
-// holds the sums `x + y` (`rows` rows; `y` of the product's type `I`), then their
-// RMSNorm.
-template <typename I>
-__device__ void add_rms_norm(float *out, const float *x, const I *y, const float *weight,
-                             uint32_t rows, uint32_t width, float eps) {
-  const uint64_t at = (uint64_t)blockIdx.x * width;
   for (uint32_t i = threadIdx.x; i < width; i += THREADS)
-    out[at + i] = x[at + i] + to_f32(y[at + i]);
-  rms_norm_row(out + (uint64_t)rows * width + at, out + at, weight, width, eps);
+    out[i] = from_f32<O>((xr[i] * scale) * weight[i]);
 }
+
+// The residual connection and the next norm in one pass, one block per row: `x += y`
+// in place (`y` of the product's type `I`), then the RMSNorm of the sums into `out`.
+template <typename I, typename O>
+__device__ void add_rms_norm(O *out, float *x, const I *y, const float *weight, uint32_t width,
+                             float eps) {
+  const uint64_t at = (uint64_t)blockIdx.x * width;
+  for (uint32_t i = threadIdx.x; i < width; i += THREADS) x[at + i] = x[at + i] + to_f32(y[at + i]);
+  rms_norm_row(out + at, x + at, weight, width, eps);
+}
+
+// Kernels named `rms_norm_<output type>` (one block per row) and
+// `add_rms_norm_<output type>_<product type>`.
+#define ADD_RMS_NORM(OS, O, S, I)                                                              \
+  extern "C" __global__ void add_rms_norm_##OS##_##S(O *out, float *x, const I *y,             \
+                                                     const float *weight, uint32_t width,      \
+                                                     float eps) {                              \
+    add_rms_norm<I, O>(out, x, y, weight, width, eps);                                         \
+  }
+#define NORM_INTO(OS, O)                                                                       \
+  extern "C" __global__ void rms_norm_##OS(O *out, const float *x, const float *weight,        \
+                                           uint32_t width, float eps) {                        \
+    const uint64_t row = blockIdx.x;                                                           \
+    rms_norm_row(out + row * width, x + row * width, weight, width, eps);                      \
+  }                                                                                            \
+  ADD_RMS_NORM(OS, O, f32, float)                                                              \
+  ADD_RMS_NORM(OS, O, f16, __half)                                                             \
+  ADD_RMS_NORM(OS, O, bf16, __nv_bfloat16)
+NORM_INTO(f32, float)
+NORM_INTO(f16, __half)
+NORM_INTO(bf16, __nv_bfloat16)
 
 // SwiGLU: rows of gate then up (`2 * half` each, of the product's type `I`) into rows of
 // `half` of type `O` (f32, or the half-precision type of the product it feeds).
@@ -475,18 +490,13 @@ __device__ void swiglu(O *out, const I *gate_up, uint32_t rows, uint32_t half) {
   out[i] = from_f32<O>(g / (1.0f + expf(-g)) * u);
 }
 
-// Kernels named `add_rms_norm_<product type>` and `swiglu_<output type>_<product type>`.
+// Kernels named `swiglu_<output type>_<product type>`.
 #define SWIGLU(S, I, OS, O)                                                                    \
   extern "C" __global__ void swiglu_##OS##_##S(O *out, const I *gate_up, uint32_t rows,        \
                                                uint32_t half) {                                \
     swiglu<I, O>(out, gate_up, rows, half);                                                    \
   }
 #define FROM_PRODUCT(S, I)                                                                     \
-  extern "C" __global__ void add_rms_norm_##S(float *out, const float *x, const I *y,          \
-                                              const float *weight, uint32_t rows,              \
-                                              uint32_t width, float eps) {                     \
-    add_rms_norm<I>(out, x, y, weight, rows, width, eps);                                      \
-  }                                                                                            \
   SWIGLU(S, I, f32, float)                                                                     \
   SWIGLU(S, I, f16, __half)                                                                    \
   SWIGLU(S, I, bf16, __nv_bfloat16)

@@ -413,8 +413,10 @@ impl candle_core::CustomOp2 for Attend {
 }
 
 /// RMSNorm of each row of `x` (`[rows, width]` f32) scaled by `weight` (`[width]`):
-/// the sum of squares in f64, as the CPU engine and llama.cpp take it.
-pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+/// the sum of squares in f64, as the CPU engine and llama.cpp take it. The rows come
+/// out as `out`: f32, or the half-precision type of the product they feed (rounded
+/// once, where a cast after the op would round them).
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32, out: DType) -> Result<Tensor> {
     let (_, width) = x.dims2()?;
     if weight.dims1()? != width || x.dtype() != DType::F32 || weight.dtype() != DType::F32 {
         bail!(
@@ -423,12 +425,16 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
             weight.dims()
         );
     }
+    if !is_product(out) {
+        bail!("rms_norm: outputs of {out:?} are not supported");
+    }
     x.contiguous()?
-        .apply_op2_no_bwd(&weight.contiguous()?, &RmsNorm { eps })
+        .apply_op2_no_bwd(&weight.contiguous()?, &RmsNorm { eps, out })
 }
 
 struct RmsNorm {
     eps: f32,
+    out: DType,
 }
 
 impl candle_core::CustomOp2 for RmsNorm {
@@ -444,7 +450,7 @@ impl candle_core::CustomOp2 for RmsNorm {
         w_l: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         Ok((
-            cpu::rms_norm(x, x_l, w, w_l, self.eps)?,
+            cpu::rms_norm(x, x_l, w, w_l, self.eps, self.out)?,
             x_l.shape().clone(),
         ))
     }
@@ -457,68 +463,151 @@ impl candle_core::CustomOp2 for RmsNorm {
         w: &candle_core::CudaStorage,
         w_l: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::rms_norm(x, x_l, w, w_l, self.eps)
+        cuda::rms_norm(x, x_l, w, w_l, self.eps, self.out)
     }
 }
 
-/// The residual connection and the next RMSNorm in one kernel: `x + y` (`[rows, width]`
-/// f32 each) and the RMSNorm of that sum scaled by `weight`, as
-/// `[2, rows, width]` (sums, then normalised rows).
-pub fn add_rms_norm(x: &Tensor, y: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+/// The residual connection and the next RMSNorm in one kernel: `x += y` in place (`x`
+/// `[rows, width]` f32, contiguous; `y` a product's output, f32, f16 or bf16), and the
+/// RMSNorm of the sums scaled by `weight`, returned as `out` (see [`rms_norm`]).
+pub fn add_rms_norm(
+    x: &Tensor,
+    y: &Tensor,
+    weight: &Tensor,
+    eps: f32,
+    out: DType,
+) -> Result<Tensor> {
     let (_, width) = x.dims2()?;
-    if x.dims() != y.dims() || x.dtype() != DType::F32 || !is_product(y.dtype()) {
+    if x.dims() != y.dims()
+        || x.dtype() != DType::F32
+        || !x.is_contiguous()
+        || !is_product(y.dtype())
+    {
         bail!(
-            "add_rms_norm: rows {:?} (f32) and {:?} (f32, f16 or bf16) must be of one shape",
+            "add_rms_norm: rows {:?} (f32, contiguous) and {:?} (f32, f16 or bf16) must be of one shape",
             x.dims(),
             y.dims()
         );
     }
-    if weight.dims1()? != width || weight.dtype() != DType::F32 {
+    if weight.dims1()? != width || weight.dtype() != DType::F32 || !is_product(out) {
         bail!(
-            "add_rms_norm: the weight {:?} must be f32 of width {width}",
+            "add_rms_norm: the weight {:?} must be f32 of width {width}, the output f32, f16 or bf16",
             weight.dims()
         );
     }
-    x.contiguous()?
-        .apply_op3_no_bwd(&y.contiguous()?, &weight.contiguous()?, &AddRmsNorm { eps })
+    let op = AddRmsNorm {
+        eps,
+        out,
+        normed: SecondOutput::default(),
+    };
+    x.inplace_op3(&y.contiguous()?, &weight.contiguous()?, &op)?;
+    op.normed.take(x)
 }
 
 struct AddRmsNorm {
     eps: f32,
+    out: DType,
+    normed: SecondOutput,
 }
 
-impl candle_core::CustomOp3 for AddRmsNorm {
+impl candle_core::InplaceOp3 for AddRmsNorm {
     fn name(&self) -> &'static str {
         "add-rms-norm"
     }
 
     fn cpu_fwd(
         &self,
-        x: &CpuStorage,
+        x: &mut CpuStorage,
         x_l: &Layout,
         y: &CpuStorage,
         y_l: &Layout,
         w: &CpuStorage,
         w_l: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let (rows, width) = x_l.shape().dims2()?;
-        Ok((
-            cpu::add_rms_norm(x, x_l, y, y_l, w, w_l, self.eps)?,
-            Shape::from((2, rows, width)),
-        ))
+    ) -> Result<()> {
+        let normed = cpu::add_rms_norm(x, x_l, y, y_l, w, w_l, self.eps, self.out)?;
+        self.normed.put_cpu(normed, x_l.shape().clone())
     }
 
     #[cfg(feature = "cuda")]
     fn cuda_fwd(
         &self,
-        x: &candle_core::CudaStorage,
+        x: &mut candle_core::CudaStorage,
         x_l: &Layout,
         y: &candle_core::CudaStorage,
         y_l: &Layout,
         w: &candle_core::CudaStorage,
         w_l: &Layout,
+    ) -> Result<()> {
+        let normed = cuda::add_rms_norm(x, x_l, y, y_l, w, w_l, self.eps, self.out)?;
+        self.normed.put_cuda(normed, x_l.shape().clone())
+    }
+}
+
+/// A second output of an in-place op: candle's in-place ops return nothing and its
+/// custom ops one tensor, so the op's forward leaves its other output here and
+/// [`SecondOutput::take`] hands it out as a tensor through an op that returns it as it
+/// is (no copy, no launch).
+#[derive(Default)]
+struct SecondOutput {
+    cpu: std::sync::Mutex<Option<(CpuStorage, Shape)>>,
+    #[cfg(feature = "cuda")]
+    cuda: std::sync::Mutex<Option<(candle_core::CudaStorage, Shape)>>,
+}
+
+fn poisoned<T>(_: T) -> candle_core::Error {
+    candle_core::Error::Msg("device ops: a second output's lock was poisoned".into())
+}
+
+impl SecondOutput {
+    fn put_cpu(&self, storage: CpuStorage, shape: Shape) -> Result<()> {
+        *self.cpu.lock().map_err(poisoned)? = Some((storage, shape));
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn put_cuda(&self, storage: candle_core::CudaStorage, shape: Shape) -> Result<()> {
+        *self.cuda.lock().map_err(poisoned)? = Some((storage, shape));
+        Ok(())
+    }
+
+    /// The output, on `anchor`'s device (any tensor there; it is not read).
+    fn take(&self, anchor: &Tensor) -> Result<Tensor> {
+        anchor.apply_op1_no_bwd(&Adopt(self))
+    }
+}
+
+struct Adopt<'a>(&'a SecondOutput);
+
+fn missing() -> candle_core::Error {
+    candle_core::Error::Msg("device ops: an in-place op left no second output".into())
+}
+
+impl candle_core::CustomOp1 for Adopt<'_> {
+    fn name(&self) -> &'static str {
+        "second-output"
+    }
+
+    fn cpu_fwd(&self, _: &CpuStorage, _: &Layout) -> Result<(CpuStorage, Shape)> {
+        self.0
+            .cpu
+            .lock()
+            .map_err(poisoned)?
+            .take()
+            .ok_or_else(missing)
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(
+        &self,
+        _: &candle_core::CudaStorage,
+        _: &Layout,
     ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::add_rms_norm(x, x_l, y, y_l, w, w_l, self.eps)
+        self.0
+            .cuda
+            .lock()
+            .map_err(poisoned)?
+            .take()
+            .ok_or_else(missing)
     }
 }
 

@@ -96,6 +96,17 @@ impl Guarded {
         Self::new(&Tensor::full(value, n, &Device::Cpu).unwrap())
     }
 
+    /// `n` NaNs of `dtype` (f32, f16 or bf16): an output no element of which is
+    /// mistaken for one the kernel wrote.
+    fn nans(n: usize, dtype: DType) -> Self {
+        Self::new(
+            &Tensor::full(f32::NAN, n, &Device::Cpu)
+                .unwrap()
+                .to_dtype(dtype)
+                .unwrap(),
+        )
+    }
+
     fn buf(&mut self) -> Buf<*mut c_void> {
         Buf::new(
             self.words[GUARD_WORDS..].as_mut_ptr().cast(),
@@ -383,12 +394,7 @@ fn the_attention_kernels_compute_what_the_op_computes_in(order: Order) {
         let mut in_f32 = Vec::new();
         for (split, out_dtype) in launches {
             let n = tokens * heads * d;
-            let mut out = Guarded::new(
-                &Tensor::full(f32::NAN, n, &dev)
-                    .unwrap()
-                    .to_dtype(out_dtype)
-                    .unwrap(),
-            );
+            let mut out = Guarded::nans(n, out_dtype);
             let mut partial = Guarded::filled(f32::NAN, split.partial_len(&shape));
             let mut q_h = Guarded::new(&Tensor::new(q.as_slice(), &dev).unwrap());
             let mut keys = Guarded::new(&p.cache.get(0).unwrap());
@@ -486,34 +492,51 @@ fn the_norm_and_swiglu_kernels_compute_what_the_ops_compute() {
     }
 }
 
+/// Within a unit in the last place of `dtype` (f32 arithmetic that differs in its last
+/// bits, `expf` or `sqrtf`, may round a value the other way).
+fn close_in(dtype: DType, got: &[f32], want: &[f32], what: &str) {
+    let ulp = match dtype {
+        DType::F16 => 1e-3,
+        DType::BF16 => 8e-3,
+        _ => 1e-6,
+    };
+    assert_eq!(got.len(), want.len(), "{what}");
+    for (g, w) in got.iter().zip(want) {
+        assert!(
+            (g - w).abs() <= ulp * w.abs().max(1.0),
+            "{what}: {g} vs {w}"
+        );
+    }
+}
+
 fn the_norm_and_swiglu_kernels_compute_what_the_ops_compute_in(order: Order) {
     let dev = Device::Cpu;
     let (rows, width) = (5, 300);
     let x = values(rows * width, 8);
     let w = values(width, 9);
-    let want: Vec<f32> = to_vec(
-        &rms_norm(
-            &Tensor::from_vec(x.clone(), (rows, width), &dev).unwrap(),
-            &Tensor::new(w.as_slice(), &dev).unwrap(),
-            1e-5,
-        )
-        .unwrap(),
-    );
-    let mut out = Guarded::filled(f32::NAN, rows * width);
-    let mut x_h = Guarded::new(&Tensor::new(x.as_slice(), &dev).unwrap());
-    let mut w_h = Guarded::new(&Tensor::new(w.as_slice(), &dev).unwrap());
-    let norm = calls::rms_norm(out.buf(), x_h.buf(), w_h.buf(), rows, width, 1e-5);
-    run(&norm, order);
-    for (g, w) in out.f32s().iter().zip(&want) {
-        assert!((g - w).abs() <= 1e-6 * w.abs().max(1.0), "{g} vs {w}");
-    }
-
-    // The residual connection and norm in one: the sums, then the norm of the sums,
-    // each as the separate ops give them; and SwiGLU. The added rows and SwiGLU's input
-    // come from a product: f32, or f16/bf16 from a half-precision weight.
-    let y = values(rows * width, 11);
     let xt = Tensor::from_vec(x.clone(), (rows, width), &dev).unwrap();
     let wt = Tensor::new(w.as_slice(), &dev).unwrap();
+    let mut w_h = Guarded::new(&wt);
+    // Norms into f32, or into the half-precision type of the product after them.
+    let outs = [DType::F32, DType::F16, DType::BF16];
+    for out_dtype in outs {
+        let want = to_vec::<f32>(
+            &rms_norm(&xt, &wt, 1e-5, out_dtype)
+                .unwrap()
+                .to_dtype(DType::F32)
+                .unwrap(),
+        );
+        let mut out = Guarded::nans(rows * width, out_dtype);
+        let mut x_h = Guarded::new(&xt);
+        let norm = calls::rms_norm(out.buf(), x_h.buf(), w_h.buf(), rows, width, 1e-5);
+        run(&norm, order);
+        close_in(out_dtype, &out.f32s(), &want, "rms_norm");
+    }
+
+    // The residual connection and norm in one: the sums into `x` in place, as the op
+    // leaves them, and their norm; and SwiGLU. The added rows and SwiGLU's input come
+    // from a product: f32, or f16/bf16 from a half-precision weight.
+    let y = values(rows * width, 11);
     let gate_up = Tensor::from_vec(
         values(rows * width, 10).iter().map(|v| v * 8.0).collect(),
         (rows, width),
@@ -527,58 +550,53 @@ fn the_norm_and_swiglu_kernels_compute_what_the_ops_compute_in(order: Order) {
             .to_dtype(product)
             .unwrap();
         let sums = (&xt + &yt.to_dtype(DType::F32).unwrap()).unwrap();
-        let mut want: Vec<f32> = to_vec(&sums);
-        want.extend(to_vec::<f32>(&rms_norm(&sums, &wt, 1e-5).unwrap()));
-        assert_eq!(
-            to_vec::<f32>(&add_rms_norm(&xt, &yt, &wt, 1e-5).unwrap()),
-            want
-        );
-        let gu = gate_up.to_dtype(product).unwrap();
-        let mut out = Guarded::filled(f32::NAN, 2 * rows * width);
-        let (mut y_h, mut gu_h) = (Guarded::new(&yt), Guarded::new(&gu));
-        let add_norm = calls::add_rms_norm(
-            out.buf(),
-            x_h.buf(),
-            y_h.buf(),
-            w_h.buf(),
-            rows,
-            width,
-            1e-5,
-        );
-        run(&add_norm, order);
-        for (g, w) in out.f32s().iter().zip(&want) {
-            assert!(
-                (g - w).abs() <= 1e-6 * w.abs().max(1.0),
-                "{product:?}: {g} vs {w}"
+        let mut y_h = Guarded::new(&yt);
+        for out_dtype in outs {
+            let residual = xt.copy().unwrap();
+            let normed = add_rms_norm(&residual, &yt, &wt, 1e-5, out_dtype).unwrap();
+            assert_eq!(to_vec::<f32>(&residual), to_vec::<f32>(&sums));
+            assert_eq!(normed.dtype(), out_dtype);
+            let want = to_vec::<f32>(
+                &rms_norm(&sums, &wt, 1e-5, out_dtype)
+                    .unwrap()
+                    .to_dtype(DType::F32)
+                    .unwrap(),
             );
+            assert_eq!(to_vec::<f32>(&normed.to_dtype(DType::F32).unwrap()), want);
+            let mut out = Guarded::nans(rows * width, out_dtype);
+            let mut x_h = Guarded::new(&xt);
+            let add_norm = calls::add_rms_norm(
+                out.buf(),
+                x_h.buf(),
+                y_h.buf(),
+                w_h.buf(),
+                rows,
+                width,
+                1e-5,
+            );
+            run(&add_norm, order);
+            let what = format!("add_rms_norm of {product:?} into {out_dtype:?}");
+            assert_eq!(x_h.f32s(), to_vec::<f32>(&sums), "{what}: the sums");
+            close_in(out_dtype, &out.f32s(), &want, &what);
         }
-        // SwiGLU into f32, or into the half-precision type of the product after it:
-        // within a unit in the last place of that type (expf's last bits may round a
-        // value the other way).
-        for (out_dtype, ulp) in [(DType::F32, 1e-6), (DType::F16, 1e-3), (DType::BF16, 8e-3)] {
+        let gu = gate_up.to_dtype(product).unwrap();
+        let mut gu_h = Guarded::new(&gu);
+        // SwiGLU into f32, or into the half-precision type of the product after it.
+        for out_dtype in outs {
             let want_swiglu: Vec<f32> = to_vec(
                 &swiglu(&gu, out_dtype)
                     .unwrap()
                     .to_dtype(DType::F32)
                     .unwrap(),
             );
-            let mut out_swiglu = Guarded::new(
-                &Tensor::full(f32::NAN, rows * half, &dev)
-                    .unwrap()
-                    .to_dtype(out_dtype)
-                    .unwrap(),
-            );
+            let mut out_swiglu = Guarded::nans(rows * half, out_dtype);
             run(
                 &calls::swiglu(out_swiglu.buf(), gu_h.buf(), rows, half),
                 order,
             );
             assert_eq!(out_swiglu.tensor().dtype(), out_dtype);
-            for (g, w) in out_swiglu.f32s().iter().zip(&want_swiglu) {
-                assert!(
-                    (g - w).abs() <= ulp * w.abs().max(1.0),
-                    "{product:?} into {out_dtype:?}: {g} vs {w}"
-                );
-            }
+            let what = format!("swiglu of {product:?} into {out_dtype:?}");
+            close_in(out_dtype, &out_swiglu.f32s(), &want_swiglu, &what);
         }
     }
 }
