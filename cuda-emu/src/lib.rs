@@ -266,7 +266,7 @@ mod tests {
     fn the_table_holds_every_kernel_by_name() {
         let names = kernel_names();
         for name in [
-            "paged_write_kv_bf16_f16",
+            "paged_rotate_write_bf16_f16",
             "paged_attend_combine_f32",
             "draw_f32",
         ] {
@@ -278,8 +278,10 @@ mod tests {
         assert!(names.iter().all(|n| Kernel::find(n).is_some()));
         assert!(Kernel::find("no_such_kernel").is_none());
         assert_eq!(
-            Kernel::find("paged_write_kv_bf16_f16").unwrap().signature(),
-            "*bf16,*f16,*f32,*u32,u32,u32,u32,u32,u32,u32,u32,u64"
+            Kernel::find("paged_rotate_write_bf16_f16")
+                .unwrap()
+                .signature(),
+            "*bf16,*f32,*f16,*f32,*u32,u32,u32,u32,u32,u32,u32,u32,u64"
         );
     }
 

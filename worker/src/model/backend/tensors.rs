@@ -629,13 +629,9 @@ impl Backend for Tensors {
             interleaved: step.interleaved,
         };
         let layer = &cache.layers[layer];
-        {
-            let _time = profile::span("write_kv", &self.device);
-            ops::write_kv(layer, &qkv, &step.trig, &step.slots, rotation)?;
-        }
         let q = {
-            let _time = profile::span("rotate_queries", &self.device);
-            ops::rotate_queries(&qkv, &step.trig, rotation, self.cache_dtype.dtype())?
+            let _time = profile::span("rotate_and_write", &self.device);
+            ops::rotate_and_write(layer, &qkv, &step.trig, &step.slots, rotation)?
         };
         let _time = profile::span("attend", &self.device);
         let out = ops::attend(&q, layer, &step.plan, next.input_dtype())?;

@@ -120,43 +120,34 @@ fn rotation_args<P>(r: &Rotation, tokens: usize) -> [Arg<P>; 7] {
     .map(|v| Arg::U32(v as u32))
 }
 
-/// Keys rotated and keys and values written into one layer's cache (`cache_len`
-/// elements: keys, then values) at `slots`, one per token.
-pub fn write_kv<P: Copy>(
-    cache: Buf<P>,
-    cache_len: usize,
-    qkv: Buf<P>,
-    trig: Buf<P>,
-    slots: Buf<P>,
-    r: &Rotation,
-    tokens: usize,
-) -> Call<P> {
-    let [t, width, q_width, kv_width, d, half, interleaved] = rotation_args(r, tokens);
-    let mut args: Vec<Arg<P>> = ptrs(&[cache, qkv, trig, slots]).collect();
-    args.extend([t, width, q_width, kv_width, d, half, interleaved]);
-    args.push(Arg::U64((cache_len / 2) as u64));
-    Call {
-        kernel: format!("paged_write_kv_{}_{}", cache.elem.name(), qkv.elem.name()),
-        launch: Launch::elementwise((tokens * 2 * r.kv_width()) as u32),
-        args,
-    }
+/// The buffers of a step's rotation and cache write.
+#[derive(Clone, Copy, Debug)]
+pub struct RotateBufs<P> {
+    /// One layer's cache, `cache_len` elements: keys, then values.
+    pub cache: Buf<P>,
+    pub cache_len: usize,
+    /// The rotated queries, f32 `[tokens, heads, head_dim]`.
+    pub q: Buf<P>,
+    /// The QKV product's rows, the tokens' angles (cosines, then sines) and slots.
+    pub qkv: Buf<P>,
+    pub trig: Buf<P>,
+    pub slots: Buf<P>,
 }
 
-/// Queries rotated into `out` (f32) and rounded to `round_to`, the cache's type.
-pub fn rotate_queries<P: Copy>(
-    out: Buf<P>,
-    qkv: Buf<P>,
-    trig: Buf<P>,
-    r: &Rotation,
-    tokens: usize,
-    round_to: Elem,
-) -> Call<P> {
-    let [t, width, q_width, _, d, half, interleaved] = rotation_args(r, tokens);
-    let mut args: Vec<Arg<P>> = ptrs(&[out, qkv, trig]).collect();
-    args.extend([t, width, q_width, d, half, interleaved]);
+/// Queries and keys rotated, keys and values written into the cache at the slots, the
+/// queries (rounded to the cache's type) into `q`.
+pub fn rotate_write<P: Copy>(b: &RotateBufs<P>, r: &Rotation, tokens: usize) -> Call<P> {
+    let [t, width, q_width, kv_width, d, half, interleaved] = rotation_args(r, tokens);
+    let mut args: Vec<Arg<P>> = ptrs(&[b.cache, b.q, b.qkv, b.trig, b.slots]).collect();
+    args.extend([t, width, q_width, kv_width, d, half, interleaved]);
+    args.push(Arg::U64((b.cache_len / 2) as u64));
     Call {
-        kernel: format!("rotate_queries_{}_{}", round_to.name(), qkv.elem.name()),
-        launch: Launch::elementwise((tokens * r.q_width()) as u32),
+        kernel: format!(
+            "paged_rotate_write_{}_{}",
+            b.cache.elem.name(),
+            b.qkv.elem.name()
+        ),
+        launch: Launch::elementwise((tokens * (r.q_width() + 2 * r.kv_width())) as u32),
         args,
     }
 }

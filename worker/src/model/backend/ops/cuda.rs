@@ -184,8 +184,9 @@ fn range(l: &Layout, what: &str) -> Result<Range<usize>> {
     Ok(start..end)
 }
 
+/// Writes the keys and values into the cache and returns the rotated queries.
 #[allow(clippy::too_many_arguments)] // candle's InplaceOp3::cuda_fwd, plus the op's fields
-pub fn write_kv(
+pub fn rotate_and_write(
     cache: &mut CudaStorage,
     cache_l: &Layout,
     qkv: &CudaStorage,
@@ -194,50 +195,23 @@ pub fn write_kv(
     trig_l: &Layout,
     slots: &Tensor,
     rotation: &Rotation,
-) -> Result<()> {
+) -> Result<CudaStorage> {
     let tokens = qkv_l.dims()[0];
     let cache_range = range(cache_l, "the cache")?;
-    let cache_len = cache_range.len();
-    let call = calls::write_kv(
-        buf(cache, cache_range)?,
-        cache_len,
-        buf(qkv, range(qkv_l, "the QKV rows")?)?,
-        buf(trig, range(trig_l, "the angles")?)?,
-        tensor_buf(slots, "the slots")?,
-        rotation,
-        tokens,
-    );
+    // SAFETY: the kernel writes every query element.
+    let (q, q_arg) = unsafe { output::<f32>(qkv, tokens * rotation.heads * rotation.head_dim) }?;
+    let bufs = calls::RotateBufs {
+        cache_len: cache_range.len(),
+        cache: buf(cache, cache_range)?,
+        q: q_arg,
+        qkv: buf(qkv, range(qkv_l, "the QKV rows")?)?,
+        trig: buf(trig, range(trig_l, "the angles")?)?,
+        slots: tensor_buf(slots, "the slots")?,
+    };
     // SAFETY: the op checked the shapes, and slots come from block tables checked
     // against the cache's size before the step.
-    unsafe { launch(cache, &call) }
-}
-
-pub fn rotate_queries(
-    qkv: &CudaStorage,
-    qkv_l: &Layout,
-    trig: &CudaStorage,
-    trig_l: &Layout,
-    rotation: &Rotation,
-    round_to: DType,
-) -> Result<(CudaStorage, Shape)> {
-    let tokens = qkv_l.dims()[0];
-    // SAFETY: the kernel writes every element.
-    let (out, out_arg) =
-        unsafe { output::<f32>(qkv, tokens * rotation.heads * rotation.head_dim) }?;
-    let call = calls::rotate_queries(
-        out_arg,
-        buf(qkv, range(qkv_l, "the QKV rows")?)?,
-        buf(trig, range(trig_l, "the angles")?)?,
-        rotation,
-        tokens,
-        Elem::of(round_to)?,
-    );
-    // SAFETY: the op checked the shapes.
-    unsafe { launch(qkv, &call) }?;
-    Ok((
-        out,
-        Shape::from((tokens, rotation.heads, rotation.head_dim)),
-    ))
+    unsafe { launch(cache, &calls::rotate_write(&bufs, rotation, tokens)) }?;
+    Ok(q)
 }
 
 pub fn attend(

@@ -45,59 +45,50 @@ __device__ __forceinline__ float rotated(const I *head, uint32_t x, const float 
                : __fadd_rn(__fmul_rn(x0, s), __fmul_rn(x1, c));
 }
 
-// A step's keys (rotated) and values, straight from the QKV product's rows (`width`
-// elements of type `I`, the product's: `q_width` of queries, then `kv_width` of keys,
-// then of values), into one layer's cache (`[2, blocks, block_size, kv_heads,
-// head_dim]` of `T`: keys, then values `values_at` elements further) at `slots`.
-// `trig` holds every token's cosines, then every token's sines. One thread per element
-// written.
+// A step's queries and keys rotated and its values, straight from the QKV product's
+// rows (`width` elements of type `I`, the product's: `q_width` of queries, then
+// `kv_width` of keys, then of values): the keys and values into one layer's cache
+// (`[2, blocks, block_size, kv_heads, head_dim]` of `T`: keys, then values `values_at`
+// elements further) at `slots`, the queries, rounded to the cache's type (they meet the
+// keys at its precision), into `q` as f32 `[tokens, heads, head_dim]`. `trig` holds
+// every token's cosines, then every token's sines. One thread per element of the rows.
 template <typename T, typename I>
-__device__ void write_kv(T *cache, const I *qkv, const float *trig, const uint32_t *slots,
-                         uint32_t tokens, uint32_t width, uint32_t q_width, uint32_t kv_width,
-                         uint32_t d, uint32_t half, uint32_t interleaved, uint64_t values_at) {
+__device__ void rotate_write(T *cache, float *q, const I *qkv, const float *trig,
+                             const uint32_t *slots, uint32_t tokens, uint32_t width,
+                             uint32_t q_width, uint32_t kv_width, uint32_t d, uint32_t half,
+                             uint32_t interleaved, uint64_t values_at) {
   const uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= (uint64_t)tokens * 2 * kv_width) return;
-  const uint32_t t = i / (2 * kv_width), j = i % (2 * kv_width);
-  const bool value = j >= kv_width;
-  const uint32_t e = value ? j - kv_width : j, x = e % d;
-  const I *head = qkv + (uint64_t)t * width + q_width + (value ? kv_width : 0) + (e - x);
+  if (i >= (uint64_t)tokens * width) return;
+  const uint32_t t = i / width, j = i % width;
   const float *cos = trig + (uint64_t)t * half, *sin = trig + ((uint64_t)tokens + t) * half;
+  const I *row = qkv + (uint64_t)t * width;
+  if (j < q_width) {
+    const uint32_t x = j % d;
+    q[(uint64_t)t * q_width + j] =
+        to_f32(from_f32<T>(rotated(row + (j - x), x, cos, sin, half, interleaved)));
+    return;
+  }
+  const uint32_t k = j - q_width;
+  const bool value = k >= kv_width;
+  const uint32_t e = value ? k - kv_width : k, x = e % d;
+  const I *head = row + q_width + (value ? kv_width : 0) + (e - x);
   const float v = value ? to_f32(head[x]) : rotated(head, x, cos, sin, half, interleaved);
   cache[(value ? values_at : 0) + (uint64_t)slots[t] * kv_width + e] = from_f32<T>(v);
 }
 
-// A step's queries from the QKV rows, rotated and rounded to the cache's type `T` (they
-// meet the keys at its precision), as f32 `[tokens, heads, head_dim]`.
-template <typename T, typename I>
-__device__ void rotate_queries(float *out, const I *qkv, const float *trig, uint32_t tokens,
-                               uint32_t width, uint32_t q_width, uint32_t d, uint32_t half,
-                               uint32_t interleaved) {
-  const uint64_t i = (uint64_t)blockIdx.x * blockDim.x + threadIdx.x;
-  if (i >= (uint64_t)tokens * q_width) return;
-  const uint32_t t = i / q_width, e = i % q_width, x = e % d;
-  const I *head = qkv + (uint64_t)t * width + (e - x);
-  const float *cos = trig + (uint64_t)t * half, *sin = trig + ((uint64_t)tokens + t) * half;
-  out[i] = to_f32(from_f32<T>(rotated(head, x, cos, sin, half, interleaved)));
-}
-
-// Kernels named `NAME_<cache type>_<product type>`.
-#define ROTATE(WRITE, QUERIES, T, I)                                                           \
-  extern "C" __global__ void WRITE(T *cache, const I *qkv, const float *trig,                  \
-                                   const uint32_t *slots, uint32_t tokens, uint32_t width,     \
-                                   uint32_t q_width, uint32_t kv_width, uint32_t d,            \
-                                   uint32_t half, uint32_t interleaved, uint64_t values_at) {  \
-    write_kv<T, I>(cache, qkv, trig, slots, tokens, width, q_width, kv_width, d, half,         \
-                   interleaved, values_at);                                                    \
-  }                                                                                            \
-  extern "C" __global__ void QUERIES(float *out, const I *qkv, const float *trig,              \
-                                     uint32_t tokens, uint32_t width, uint32_t q_width,        \
-                                     uint32_t d, uint32_t half, uint32_t interleaved) {        \
-    rotate_queries<T, I>(out, qkv, trig, tokens, width, q_width, d, half, interleaved);        \
+// Kernels named `paged_rotate_write_<cache type>_<product type>`.
+#define ROTATE(NAME, T, I)                                                                     \
+  extern "C" __global__ void NAME(T *cache, float *q, const I *qkv, const float *trig,         \
+                                  const uint32_t *slots, uint32_t tokens, uint32_t width,      \
+                                  uint32_t q_width, uint32_t kv_width, uint32_t d,             \
+                                  uint32_t half, uint32_t interleaved, uint64_t values_at) {   \
+    rotate_write<T, I>(cache, q, qkv, trig, slots, tokens, width, q_width, kv_width, d, half,  \
+                       interleaved, values_at);                                                \
   }
 #define ROTATE_FROM(C, T)                                                                      \
-  ROTATE(paged_write_kv_##C##_f32, rotate_queries_##C##_f32, T, float)                         \
-  ROTATE(paged_write_kv_##C##_f16, rotate_queries_##C##_f16, T, __half)                        \
-  ROTATE(paged_write_kv_##C##_bf16, rotate_queries_##C##_bf16, T, __nv_bfloat16)
+  ROTATE(paged_rotate_write_##C##_f32, T, float)                                               \
+  ROTATE(paged_rotate_write_##C##_f16, T, __half)                                              \
+  ROTATE(paged_rotate_write_##C##_bf16, T, __nv_bfloat16)
 ROTATE_FROM(f16, __half)
 ROTATE_FROM(bf16, __nv_bfloat16)
 ROTATE_FROM(f32, float)

@@ -6,10 +6,10 @@
 //! draw of sampled tokens, so that a step downloads ids rather than rows of logits.
 //!
 //! The cache of one layer is one tensor `[2, blocks, block_size, kv_heads, head_dim]`
-//! (keys, then values). [`write_kv`] rotates a step's new keys and stores them and the
-//! values through a slot mapping (slot = block · block_size + offset, one per token),
-//! and [`rotate_queries`] rotates its queries, each straight from the QKV product's
-//! rows in one kernel (a rotation in candle ops is a dozen launches a layer);
+//! (keys, then values). [`rotate_and_write`] rotates a step's new keys and stores them
+//! and the values through a slot mapping (slot = block · block_size + offset, one per
+//! token), and rotates its queries, all straight from the QKV product's rows in one
+//! kernel (a rotation in candle ops is a dozen launches a layer);
 //! [`attend`] computes each query token's causal attention by reading its sequence's
 //! positions through that sequence's block table. One op serves decode, prefill and
 //! chunked prefill alike: every token carries its sequence and how many positions it
@@ -187,40 +187,52 @@ impl Rotation {
 /// Writes a step's keys, rotated, and values from `qkv` into one layer's `cache`
 /// (`[2, blocks, block_size, kv_heads, head_dim]`: keys, then values; f16, bf16 or
 /// f32) at `slots` (`[tokens]` u32, slot = block · block_size + offset), converting to
-/// the cache's type; `trig` holds the tokens' angles (see [`Rotation`]). One kernel.
-pub fn write_kv(
+/// the cache's type, and returns the step's queries rotated and rounded to the cache's
+/// type (queries meet keys at the cache's precision, as in the CPU engine and in
+/// half-precision attention kernels), as f32 `[tokens, heads, head_dim]`; `trig` holds
+/// the tokens' angles (see [`Rotation`]). One kernel.
+pub fn rotate_and_write(
     cache: &Tensor,
     qkv: &Tensor,
     trig: &Tensor,
     slots: &Tensor,
     rotation: Rotation,
-) -> Result<()> {
-    let tokens = rotation.check("write_kv", qkv, trig)?;
+) -> Result<Tensor> {
+    let tokens = rotation.check("rotate_and_write", qkv, trig)?;
     let (two, _, _, kvh, d) = cache.dims5()?;
     if two != 2 || (kvh, d) != (rotation.kv_heads, rotation.head_dim) {
         bail!(
-            "write_kv: {rotation:?} does not fit a cache of {:?}",
+            "rotate_and_write: {rotation:?} does not fit a cache of {:?}",
             cache.dims()
         );
     }
-    if slots.dims1()? != tokens || slots.dtype() != DType::U32 {
-        bail!("write_kv: {tokens} tokens need {tokens} u32 slots");
+    if !matches!(cache.dtype(), DType::F16 | DType::BF16 | DType::F32) {
+        bail!(
+            "rotate_and_write: a cache of {:?} is not supported",
+            cache.dtype()
+        );
     }
-    let op = WriteKv {
+    if slots.dims1()? != tokens || slots.dtype() != DType::U32 {
+        bail!("rotate_and_write: {tokens} tokens need {tokens} u32 slots");
+    }
+    let op = RotateAndWrite {
         slots: slots.contiguous()?,
         rotation,
+        queries: SecondOutput::default(),
     };
-    cache.inplace_op3(&qkv.contiguous()?, &trig.contiguous()?, &op)
+    cache.inplace_op3(&qkv.contiguous()?, &trig.contiguous()?, &op)?;
+    op.queries.take(cache)
 }
 
-struct WriteKv {
+struct RotateAndWrite {
     slots: Tensor,
     rotation: Rotation,
+    queries: SecondOutput,
 }
 
-impl candle_core::InplaceOp3 for WriteKv {
+impl candle_core::InplaceOp3 for RotateAndWrite {
     fn name(&self) -> &'static str {
-        "paged-write-kv"
+        "paged-rotate-write"
     }
 
     fn cpu_fwd(
@@ -234,19 +246,15 @@ impl candle_core::InplaceOp3 for WriteKv {
     ) -> Result<()> {
         let (slots, slots_l) = self.slots.storage_and_layout();
         let candle_core::Storage::Cpu(slots) = &*slots else {
-            bail!("write_kv: the slots are not on the CPU with the cache");
+            bail!("rotate_and_write: the slots are not on the CPU with the cache");
         };
         let slots = cpu::u32s(slots, slots_l)?;
-        cpu::write_kv(
-            cache,
-            cache_l,
-            qkv,
-            qkv_l,
-            trig,
-            trig_l,
-            slots,
-            &self.rotation,
-        )
+        let r = &self.rotation;
+        cpu::write_kv(cache, cache_l, qkv, qkv_l, trig, trig_l, slots, r)?;
+        let round_to = candle_core::backend::BackendStorage::dtype(&*cache);
+        let q = cpu::rotate_queries(qkv, qkv_l, trig, trig_l, r, round_to)?;
+        let shape = Shape::from((qkv_l.dims()[0], r.heads, r.head_dim));
+        self.queries.put_cpu(q, shape)
     }
 
     #[cfg(feature = "cuda")]
@@ -259,67 +267,10 @@ impl candle_core::InplaceOp3 for WriteKv {
         trig: &candle_core::CudaStorage,
         trig_l: &Layout,
     ) -> Result<()> {
-        cuda::write_kv(
-            cache,
-            cache_l,
-            qkv,
-            qkv_l,
-            trig,
-            trig_l,
-            &self.slots,
-            &self.rotation,
-        )
-    }
-}
-
-/// The step's queries from `qkv`, rotated and rounded to `round_to` (the cache's type:
-/// queries meet keys at the cache's precision, as in the CPU engine and in
-/// half-precision attention kernels), as f32 `[tokens, heads, head_dim]`. One kernel.
-pub fn rotate_queries(
-    qkv: &Tensor,
-    trig: &Tensor,
-    rotation: Rotation,
-    round_to: DType,
-) -> Result<Tensor> {
-    rotation.check("rotate_queries", qkv, trig)?;
-    if !matches!(round_to, DType::F16 | DType::BF16 | DType::F32) {
-        bail!("rotate_queries: a cache of {round_to:?} is not supported");
-    }
-    qkv.contiguous()?
-        .apply_op2_no_bwd(&trig.contiguous()?, &RotateQueries { rotation, round_to })
-}
-
-struct RotateQueries {
-    rotation: Rotation,
-    round_to: DType,
-}
-
-impl candle_core::CustomOp2 for RotateQueries {
-    fn name(&self) -> &'static str {
-        "rotate-queries"
-    }
-
-    fn cpu_fwd(
-        &self,
-        qkv: &CpuStorage,
-        qkv_l: &Layout,
-        trig: &CpuStorage,
-        trig_l: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
         let r = &self.rotation;
-        let out = cpu::rotate_queries(qkv, qkv_l, trig, trig_l, r, self.round_to)?;
-        Ok((out, Shape::from((qkv_l.dims()[0], r.heads, r.head_dim))))
-    }
-
-    #[cfg(feature = "cuda")]
-    fn cuda_fwd(
-        &self,
-        qkv: &candle_core::CudaStorage,
-        qkv_l: &Layout,
-        trig: &candle_core::CudaStorage,
-        trig_l: &Layout,
-    ) -> Result<(candle_core::CudaStorage, Shape)> {
-        cuda::rotate_queries(qkv, qkv_l, trig, trig_l, &self.rotation, self.round_to)
+        let q = cuda::rotate_and_write(cache, cache_l, qkv, qkv_l, trig, trig_l, &self.slots, r)?;
+        let shape = Shape::from((qkv_l.dims()[0], r.heads, r.head_dim));
+        self.queries.put_cuda(q, shape)
     }
 }
 

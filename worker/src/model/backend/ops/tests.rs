@@ -59,7 +59,7 @@ pub(super) fn fill(cache: &Tensor, keys: &[f32], values: &[f32], slots: &[u32]) 
         half: 0,
         interleaved: false,
     };
-    write_kv(
+    rotate_and_write(
         cache,
         &Tensor::from_vec(qkv, (tokens, 3 * kvw), dev).unwrap(),
         &Tensor::zeros((2, tokens, 0), DType::F32, dev).unwrap(),
@@ -108,7 +108,7 @@ fn keys_and_values_written_through_slots_land_in_their_blocks() {
         interleaved: false,
     };
     let trig = Tensor::zeros((2, 3, 4), DType::F32, &dev).unwrap();
-    let err = write_kv(
+    let err = rotate_and_write(
         &cache,
         &qkv,
         &trig,
@@ -119,7 +119,7 @@ fn keys_and_values_written_through_slots_land_in_their_blocks() {
     .to_string();
     assert!(err.contains("slot 12"), "{err}");
     let short = Tensor::zeros((2, 2, 4), DType::F32, &dev).unwrap();
-    let err = write_kv(
+    let err = rotate_and_write(
         &cache,
         &qkv,
         &short,
@@ -166,17 +166,11 @@ fn keys_and_queries_are_rotated_as_the_cpu_engine_rotates_them() {
             half,
             interleaved: style == RopeStyle::Interleaved,
         };
-        let cache = Tensor::zeros((2, 2, 4, kvh, d), DType::F32, &dev).unwrap();
-        let slots: Vec<u32> = vec![3, 0, 7, 1, 4];
-        write_kv(
-            &cache,
-            &qkv_t,
-            &trig,
-            &Tensor::new(slots.as_slice(), &dev).unwrap(),
-            rotation,
-        )
-        .unwrap();
-        let q = rotate_queries(&qkv_t, &trig, rotation, DType::F32).unwrap();
+        let slots = Tensor::new(&[3u32, 0, 7, 1, 4], &dev).unwrap();
+        let cache_of = |dtype| Tensor::zeros((2, 2, 4, kvh, d), dtype, &dev).unwrap();
+        let cache = cache_of(DType::F32);
+        let q = rotate_and_write(&cache, &qkv_t, &trig, &slots, rotation).unwrap();
+        let slots: Vec<u32> = slots.to_vec1().unwrap();
         let q: Vec<f32> = q.flatten_all().unwrap().to_vec1().unwrap();
         let cached = cache
             .reshape((2, 8, kvw))
@@ -202,7 +196,14 @@ fn keys_and_queries_are_rotated_as_the_cpu_engine_rotates_them() {
             );
         }
         // Rounded to the cache's type as the keys are.
-        let q16 = rotate_queries(&qkv_t, &trig, rotation, DType::F16).unwrap();
+        let q16 = rotate_and_write(
+            &cache_of(DType::F16),
+            &qkv_t,
+            &trig,
+            &Tensor::new(slots.as_slice(), &dev).unwrap(),
+            rotation,
+        )
+        .unwrap();
         let rounded: Vec<f32> = q.iter().map(|x| half::f16::from_f32(*x).to_f32()).collect();
         assert_eq!(
             q16.flatten_all().unwrap().to_vec1::<f32>().unwrap(),

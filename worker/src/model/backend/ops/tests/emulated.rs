@@ -252,35 +252,24 @@ fn the_rotation_kernels_write_and_rotate_what_the_ops_do_in(order: Order) {
             let qkv = qkv_f32.to_dtype(product).unwrap();
             for dtype in [DType::F16, DType::BF16, DType::F32] {
                 let cache = Tensor::zeros((2, blocks, bs, kvh, d), dtype, &dev).unwrap();
-                write_kv(&cache, &qkv, &trig, &slots_t, rotation).unwrap();
+                let q = rotate_and_write(&cache, &qkv, &trig, &slots_t, rotation).unwrap();
                 let want: Vec<f32> = to_vec(&cache.to_dtype(DType::F32).unwrap());
-                let want_q: Vec<f32> =
-                    to_vec(&rotate_queries(&qkv, &trig, rotation, dtype).unwrap());
+                let want_q: Vec<f32> = to_vec(&q);
 
                 let size = 2 * blocks * bs * kvh * d;
                 let mut c = Guarded::new(&Tensor::zeros(size, dtype, &dev).unwrap());
                 let mut q_out = Guarded::filled(f32::NAN, tokens * heads * d);
                 let (mut qkv_h, mut trig_h) = (Guarded::new(&qkv), Guarded::new(&trig));
                 let mut slots_h = Guarded::new(&slots_t);
-                let write = calls::write_kv(
-                    c.buf(),
-                    size,
-                    qkv_h.buf(),
-                    trig_h.buf(),
-                    slots_h.buf(),
-                    &rotation,
-                    tokens,
-                );
-                run(&write, order);
-                let rotate = calls::rotate_queries(
-                    q_out.buf(),
-                    qkv_h.buf(),
-                    trig_h.buf(),
-                    &rotation,
-                    tokens,
-                    Elem::of(dtype).unwrap(),
-                );
-                run(&rotate, order);
+                let bufs = calls::RotateBufs {
+                    cache: c.buf(),
+                    cache_len: size,
+                    q: q_out.buf(),
+                    qkv: qkv_h.buf(),
+                    trig: trig_h.buf(),
+                    slots: slots_h.buf(),
+                };
+                run(&calls::rotate_write(&bufs, &rotation, tokens), order);
                 let what = format!("cache {dtype:?}, product {product:?}, {rotation:?}");
                 assert_eq!(c.f32s(), want, "{what}");
                 assert_eq!(q_out.f32s(), want_q, "{what}");
