@@ -173,6 +173,162 @@ pub struct DeviceStep {
     interleaved: bool,
 }
 
+/// A step's inputs on the host, as its uploads carry them: the integers (ids, slot
+/// mapping, per-token sequence and length, wanted rows, block tables, token order,
+/// tiles) in one buffer, the rotary angles in another.
+pub(crate) struct StepInputs {
+    pub ints: Vec<u32>,
+    /// `[2, tokens, half]`: cosines, then sines.
+    pub trig: Vec<f32>,
+    pub shape: StepShape,
+}
+
+/// Where each part sits in a step's buffers, and what the attention launches need to
+/// know of the step.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub(crate) struct StepShape {
+    pub tokens: usize,
+    pub half: usize,
+    pub wanted: usize,
+    pub sequences: usize,
+    /// Entries a row of the block tables.
+    pub width: usize,
+    pub tiles: usize,
+    pub singles: usize,
+    pub longest: usize,
+    pub longest_single: usize,
+    pub interleaved: bool,
+}
+
+impl StepInputs {
+    /// The inputs of the step `layout` describes; `width` pads each block table to that
+    /// many entries (at least the longest table), and then has the attention split as
+    /// for sequences that fill them, so that every step of the same (tokens, width)
+    /// has the same shape and launches.
+    pub fn new(
+        layout: &StepLayout<'_>,
+        rope: &Rope,
+        cache: &DeviceCache,
+        width: Option<usize>,
+    ) -> Result<Self, ModelError> {
+        let bs = cache.block_size;
+        let tokens = layout.ids.len();
+        let spans = layout.spans;
+        let longest_table = spans.iter().map(|s| s.blocks.len()).max().unwrap_or(0).max(1);
+        let max_blocks = width.unwrap_or(longest_table).max(longest_table);
+        // Followers run the leader's block tables: an index outside the cache must be
+        // refused here, the kernels do not check.
+        for s in spans {
+            let used = (s.start_pos + s.tokens.len()).div_ceil(bs);
+            let table = s.blocks.get(..used).ok_or(crate::kv::KvError::ShortTable {
+                table: s.blocks.len(),
+                positions: s.start_pos + s.tokens.len(),
+            })?;
+            if let Some(&block) = table.iter().find(|&&b| b as usize >= cache.blocks) {
+                return Err(crate::kv::KvError::NoSuchBlock {
+                    block,
+                    blocks: cache.blocks,
+                }
+                .into());
+            }
+        }
+        let wanted = layout.wanted.len();
+        let mut ints: Vec<u32> = Vec::with_capacity(6 * tokens + wanted + spans.len() * max_blocks);
+        ints.extend(&layout.ids);
+        for s in spans {
+            ints.extend(
+                (s.start_pos..s.start_pos + s.tokens.len())
+                    .map(|p| s.blocks[p / bs] * bs as u32 + (p % bs) as u32),
+            );
+        }
+        for (i, s) in spans.iter().enumerate() {
+            for p in s.start_pos..s.start_pos + s.tokens.len() {
+                ints.extend([i as u32, p as u32 + 1]);
+            }
+        }
+        ints.extend(layout.wanted.iter().map(|&r| r as u32));
+        for s in spans {
+            ints.extend(s.blocks);
+            ints.extend(std::iter::repeat_n(0, max_blocks - s.blocks.len()));
+        }
+        let tiled = ops::TokenTiles::new(spans.iter().map(|s| s.tokens.len()));
+        ints.extend(&tiled.order);
+        ints.extend(&tiled.tiles);
+        let angles = rope.angles(layout.positions.iter().copied());
+        let mut trig = angles.cos().to_vec();
+        trig.extend_from_slice(angles.sin());
+        let (longest, longest_single) = match width {
+            Some(_) => (max_blocks * bs, max_blocks * bs),
+            None => (
+                spans
+                    .iter()
+                    .map(|s| s.start_pos + s.tokens.len())
+                    .max()
+                    .unwrap_or(0),
+                spans
+                    .iter()
+                    .filter(|s| s.tokens.len() == 1)
+                    .map(|s| s.start_pos + 1)
+                    .max()
+                    .unwrap_or(0),
+            ),
+        };
+        Ok(Self {
+            ints,
+            trig,
+            shape: StepShape {
+                tokens,
+                half: angles.half(),
+                wanted,
+                sequences: spans.len(),
+                width: max_blocks,
+                tiles: tiled.tiles.len() / 2,
+                singles: tiled.singles,
+                longest,
+                longest_single,
+                interleaved: rope.style() == RopeStyle::Interleaved,
+            },
+        })
+    }
+}
+
+impl StepShape {
+    pub fn ints_len(&self) -> usize {
+        5 * self.tokens + self.wanted + self.sequences * self.width + 2 * self.tiles
+    }
+
+    /// The step's tensors as views into its two buffers (`ints`, `trig`: uploaded, or
+    /// buffers kept for replays).
+    pub fn device_step(&self, ints: &Tensor, trig: &Tensor) -> Result<DeviceStep, ModelError> {
+        let (tokens, wanted) = (self.tokens, self.wanted);
+        let tables_end = 4 * tokens + wanted + self.sequences * self.width;
+        Ok(DeviceStep {
+            ids: ints.narrow(0, 0, tokens)?,
+            slots: ints.narrow(0, tokens, tokens)?,
+            plan: AttendPlan {
+                tokens: ints
+                    .narrow(0, 2 * tokens, 2 * tokens)?
+                    .reshape((tokens, 2))?,
+                tables: ints
+                    .narrow(0, 4 * tokens + wanted, self.sequences * self.width)?
+                    .reshape((self.sequences, self.width))?,
+                order: ints.narrow(0, tables_end, tokens)?,
+                singles: self.singles,
+                longest: self.longest,
+                longest_single: self.longest_single,
+                tiles: ints
+                    .narrow(0, tables_end + tokens, 2 * self.tiles)?
+                    .reshape((self.tiles, 2))?,
+            },
+            wanted: (wanted > 0)
+                .then(|| ints.narrow(0, 4 * tokens, wanted))
+                .transpose()?,
+            trig: trig.clone(),
+            interleaved: self.interleaved,
+        })
+    }
+}
+
 fn ggml_dtype(format: QuantFormat) -> GgmlDType {
     match format {
         QuantFormat::Q4_0 => GgmlDType::Q4_0,
@@ -353,94 +509,11 @@ impl Backend for Tensors {
         cache: &DeviceCache,
     ) -> Result<DeviceStep, ModelError> {
         let _time = profile::span("upload (begin)", &self.device);
-        let bs = cache.block_size;
-        let tokens = layout.ids.len();
-        let spans = layout.spans;
-        let max_blocks = spans
-            .iter()
-            .map(|s| s.blocks.len())
-            .max()
-            .unwrap_or(0)
-            .max(1);
-        // Followers run the leader's block tables: an index outside the cache must be
-        // refused here, the kernels do not check.
-        for s in spans {
-            let used = (s.start_pos + s.tokens.len()).div_ceil(bs);
-            let table = s.blocks.get(..used).ok_or(crate::kv::KvError::ShortTable {
-                table: s.blocks.len(),
-                positions: s.start_pos + s.tokens.len(),
-            })?;
-            if let Some(&block) = table.iter().find(|&&b| b as usize >= cache.blocks) {
-                return Err(crate::kv::KvError::NoSuchBlock {
-                    block,
-                    blocks: cache.blocks,
-                }
-                .into());
-            }
-        }
-        let wanted = layout.wanted.len();
-        let mut ints: Vec<u32> = Vec::with_capacity(6 * tokens + wanted + spans.len() * max_blocks);
-        ints.extend(&layout.ids);
-        for s in spans {
-            ints.extend(
-                (s.start_pos..s.start_pos + s.tokens.len())
-                    .map(|p| s.blocks[p / bs] * bs as u32 + (p % bs) as u32),
-            );
-        }
-        for (i, s) in spans.iter().enumerate() {
-            for p in s.start_pos..s.start_pos + s.tokens.len() {
-                ints.extend([i as u32, p as u32 + 1]);
-            }
-        }
-        ints.extend(layout.wanted.iter().map(|&r| r as u32));
-        for s in spans {
-            ints.extend(s.blocks);
-            ints.extend(std::iter::repeat_n(0, max_blocks - s.blocks.len()));
-        }
-        let tiled = ops::TokenTiles::new(spans.iter().map(|s| s.tokens.len()));
-        let tables_end = 4 * tokens + wanted + spans.len() * max_blocks;
-        ints.extend(&tiled.order);
-        ints.extend(&tiled.tiles);
-        let n = ints.len();
-        let all = Tensor::from_vec(ints, n, &self.device)?;
-        let angles = rope.angles(layout.positions.iter().copied());
-        let half = angles.half();
-        let mut floats = angles.cos().to_vec();
-        floats.extend_from_slice(angles.sin());
-        let trig = Tensor::from_vec(floats, (2, tokens, half), &self.device)?;
-        Ok(DeviceStep {
-            ids: all.narrow(0, 0, tokens)?,
-            slots: all.narrow(0, tokens, tokens)?,
-            plan: AttendPlan {
-                tokens: all
-                    .narrow(0, 2 * tokens, 2 * tokens)?
-                    .reshape((tokens, 2))?,
-                tables: all
-                    .narrow(0, 4 * tokens + wanted, spans.len() * max_blocks)?
-                    .reshape((spans.len(), max_blocks))?,
-                order: all.narrow(0, tables_end, tokens)?,
-                singles: tiled.singles,
-                longest: spans
-                    .iter()
-                    .map(|s| s.start_pos + s.tokens.len())
-                    .max()
-                    .unwrap_or(0),
-                longest_single: spans
-                    .iter()
-                    .filter(|s| s.tokens.len() == 1)
-                    .map(|s| s.start_pos + 1)
-                    .max()
-                    .unwrap_or(0),
-                tiles: all
-                    .narrow(0, tables_end + tokens, tiled.tiles.len())?
-                    .reshape((tiled.tiles.len() / 2, 2))?,
-            },
-            wanted: (wanted > 0)
-                .then(|| all.narrow(0, 4 * tokens, wanted))
-                .transpose()?,
-            trig,
-            interleaved: rope.style() == RopeStyle::Interleaved,
-        })
+        let inputs = StepInputs::new(layout, rope, cache, None)?;
+        let shape = inputs.shape;
+        let ints = Tensor::from_vec(inputs.ints, shape.ints_len(), &self.device)?;
+        let trig = Tensor::from_vec(inputs.trig, (2, shape.tokens, shape.half), &self.device)?;
+        shape.device_step(&ints, &trig)
     }
 
     fn embed(&self, table: &DeviceMatrix, step: &DeviceStep) -> Result<Tensor, ModelError> {
