@@ -116,6 +116,11 @@ impl<'a, B: Backend> StepAdapters<'a, B> {
         Self { groups: Vec::new() }
     }
 
+    /// No adapter acts on the step.
+    pub fn is_none(&self) -> bool {
+        self.groups.is_empty()
+    }
+
     /// The pairs acting at `site` of block `layer`.
     pub fn at(&self, layer: usize, site: Site) -> Vec<LoraPair<'_, B>> {
         let mut pairs = Vec::new();

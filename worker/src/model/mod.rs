@@ -315,47 +315,21 @@ impl<B: Backend> Transformer<B> {
         } else {
             StepAdapters::none()
         };
-        let step = b.begin(&layout, &self.rope, kv)?;
-        let mut x = b.embed(&self.embed, &step)?;
-        // Each residual connection and the norm after it go together (one kernel on
-        // the device backend); the last layer's output is normed only where wanted.
-        let mut normed_next = None;
-        for (layer, block) in self.blocks.iter().enumerate() {
-            let h = match normed_next.take() {
-                Some(h) => h,
-                None => block.attn_norm.forward(b, &x, block.attn.input_weight())?,
-            };
-            let a = block.attn.forward(b, &h, layer, &step, kv, &adapters)?;
-            let normed =
-                block
-                    .mlp_norm
-                    .forward_after_add(b, &mut x, &a, block.gate_up.first_weight())?;
-            let gate_up = block
-                .gate_up
-                .forward(b, &normed, &adapters.at(layer, Site::GateUp))?;
-            let activated = b.swiglu(&gate_up, block.down.weight())?;
-            let m = block
-                .down
-                .forward(b, &activated, &adapters.at(layer, Site::Down))?;
-            match self.blocks.get(layer + 1) {
-                Some(next) => {
-                    normed_next = Some(next.attn_norm.forward_after_add(
-                        b,
-                        &mut x,
-                        &m,
-                        next.attn.input_weight(),
-                    )?)
-                }
-                None => b.add(&mut x, &m)?,
-            }
-        }
+        // A decode step (a token a span, every span wanting its row) of one rank
+        // without adapters has the same launches for every step of its shape: a backend
+        // may record it and replay the recording.
+        let replayable = adapters.is_none()
+            && self.world == 1
+            && layout.ids.len() == spans.len()
+            && layout.wanted.len() == spans.len();
+        let wants_rows = !layout.wanted.is_empty();
+        let mut layers =
+            |step: &B::Step<'_>, kv: &mut B::Cache| self.layers(step, kv, &adapters, wants_rows);
+        let h = b.run_layers(&layout, &self.rope, kv, replayable, &mut layers)?;
         // Every row any span wants, gathered so the head runs once per step.
-        let got = if layout.wanted.is_empty() {
-            Downloaded::default()
-        } else {
-            let head = self.head.as_ref().unwrap_or(&self.embed);
-            let h = self.norm.forward(b, &b.wanted_rows(&x, &step)?, head)?;
-            self.head_in_chunks(&h, &layout)?
+        let got = match h {
+            None => Downloaded::default(),
+            Some(h) => self.head_in_chunks(&h, &layout)?,
         };
         let mut picked = vec![None; spans.len()];
         for (&span, p) in layout.picked_spans.iter().zip(got.picked) {
@@ -379,6 +353,56 @@ impl<B: Backend> Transformer<B> {
 }
 
 impl<B: Backend> Transformer<B> {
+    /// A step's device work: the embedding, every layer, and the final norm of the rows
+    /// whose logits are wanted (`None` when none are).
+    fn layers(
+        &self,
+        step: &B::Step<'_>,
+        kv: &mut B::Cache,
+        adapters: &StepAdapters<'_, B>,
+        wants_rows: bool,
+    ) -> Result<Option<B::Hidden>, ModelError> {
+        let b = &self.backend;
+        let mut x = b.embed(&self.embed, step)?;
+        // Each residual connection and the norm after it go together (one kernel on
+        // the device backend); the last layer's output is normed only where wanted.
+        let mut normed_next = None;
+        for (layer, block) in self.blocks.iter().enumerate() {
+            let h = match normed_next.take() {
+                Some(h) => h,
+                None => block.attn_norm.forward(b, &x, block.attn.input_weight())?,
+            };
+            let a = block.attn.forward(b, &h, layer, step, kv, adapters)?;
+            let normed =
+                block
+                    .mlp_norm
+                    .forward_after_add(b, &mut x, &a, block.gate_up.first_weight())?;
+            let gate_up = block
+                .gate_up
+                .forward(b, &normed, &adapters.at(layer, Site::GateUp))?;
+            let activated = b.swiglu(&gate_up, block.down.weight())?;
+            let m = block
+                .down
+                .forward(b, &activated, &adapters.at(layer, Site::Down))?;
+            match self.blocks.get(layer + 1) {
+                Some(next) => {
+                    normed_next = Some(next.attn_norm.forward_after_add(
+                        b,
+                        &mut x,
+                        &m,
+                        next.attn.input_weight(),
+                    )?)
+                }
+                None => b.add(&mut x, &m)?,
+            }
+        }
+        if !wants_rows {
+            return Ok(None);
+        }
+        let head = self.head.as_ref().unwrap_or(&self.embed);
+        Ok(Some(self.norm.forward(b, &b.wanted_rows(&x, step)?, head)?))
+    }
+
     /// The output head over the normed wanted rows `h`, [`HEAD_ROWS`] at a time, each
     /// chunk's logits downloaded (scored, picked) before the next is computed.
     fn head_in_chunks(

@@ -189,6 +189,26 @@ pub trait Backend: Send + Sync + std::fmt::Debug + Sized + 'static {
         rope: &'a Rope,
         cache: &Self::Cache,
     ) -> Result<Self::Step<'a>, ModelError>;
+    /// Runs `layers` (a step's device work, from its inputs to the normed rows whose
+    /// logits are wanted) on the step `layout` describes. `replayable`: every step of
+    /// this shape launches the same work on inputs of the same sizes, so a backend may
+    /// record it once and replay the recording with each step's inputs.
+    fn run_layers<'a>(
+        &self,
+        layout: &'a StepLayout<'a>,
+        rope: &'a Rope,
+        cache: &mut Self::Cache,
+        replayable: bool,
+        layers: &mut dyn FnMut(
+            &Self::Step<'a>,
+            &mut Self::Cache,
+        ) -> Result<Option<Self::Hidden>, ModelError>,
+    ) -> Result<Option<Self::Hidden>, ModelError> {
+        let _ = replayable;
+        let step = self.begin(layout, rope, cache)?;
+        layers(&step, cache)
+    }
+
     /// Rows of `table` for the step's ids.
     fn embed(
         &self,
