@@ -173,6 +173,7 @@ def small_model_check(args, work, device):
                      MAX_MEAN_KL_BF16)
     sampling_check(args, path, ids)
     long_context_check(args, path)
+    graphs_check(args, path, ids)
 
 
 def reference_logprobs(model, ids, device):
@@ -290,20 +291,57 @@ def long_context_check(args, path):
     )
 
 
+GRAPHS = {"SHARDSERVE_CUDA_GRAPHS": "1"}
+
+
 def launch_overhead(args, path):
     """A decode step of the small model computes next to nothing: its time is the
     step's fixed cost (kernel launches, the upload, the download, the host's share),
-    what CUDA graphs or fusion would cut."""
-    out, _ = run(
-        [args.bin, "bench", "--model", path, "--device", args.device, "--prompt-tokens", "16",
-         "--gen-tokens", "64", "--batch", "1", "--repetitions", "3", "--json"],
-        timeout=120,
-    )
-    rate = json.loads(out)["results"][0]["decode_tok_s"]
-    step_ms = 1000 / rate if rate else float("nan")
-    log(f"launch overhead: a decode step of the 4-layer model takes {step_ms:.2f} ms "
-        f"({1000 * step_ms / 4:.0f} us per layer, head and sampling included)")
+    what CUDA graphs or fusion would cut; measured eagerly and with decode steps
+    recorded as CUDA graphs and replayed (SHARDSERVE_CUDA_GRAPHS=1)."""
+    for label, env in (("eager", None), ("CUDA graphs", GRAPHS)):
+        out, _ = run(
+            [args.bin, "bench", "--model", path, "--device", args.device,
+             "--prompt-tokens", "16", "--gen-tokens", "64", "--batch", "1",
+             "--repetitions", "3", "--json"],
+            timeout=120, env=env,
+        )
+        report = json.loads(out)
+        rate = report["results"][0]["decode_tok_s"]
+        step_ms = 1000 / rate if rate else float("nan")
+        log(f"launch overhead ({label}): a decode step of the 4-layer model takes "
+            f"{step_ms:.2f} ms ({1000 * step_ms / 4:.0f} us per layer, head and sampling "
+            f"included; {report.get('replayed_steps', 0)} steps replayed)")
+        if env:
+            check("decode steps recorded and replayed", report.get("replayed_steps", 0) > 0,
+                  f"{report.get('replayed_steps', 0)} of the bench's decode steps replayed "
+                  "(0 would mean that recording failed: the worker warns why)")
     profile(args, path, "the 4-layer model")
+
+
+def graphs_check(args, path, ids):
+    """Greedy answers with decode steps recorded as CUDA graphs and replayed against
+    the same answers run eagerly: the same tokens, log-probabilities within the check's
+    limit (replays split attention as for full block tables, so sums may round apart)."""
+    answers = []
+    for env in (None, GRAPHS):
+        out, _ = run(
+            [args.bin, "generate", "--model", path, "--device", args.device,
+             "--prompt-ids", ",".join(map(str, ids[:48])), "--max-tokens", "40",
+             "--temperature", "0", "--logprobs", "1", "--json", "--max-seq-len", "512"],
+            timeout=120, env=env,
+        )
+        answers.append(json.loads(out))
+    eager, graphs = answers
+    same = eager["token_ids"] == graphs["token_ids"]
+    worst = max((abs(a["logprob"] - b["logprob"])
+                 for a, b in zip(eager["logprobs"], graphs["logprobs"])), default=float("inf"))
+    check(
+        "decode steps replayed as CUDA graphs against eager steps",
+        same and worst <= MAX_ABS_LOGPROB,
+        f"40 greedy tokens {'identical' if same else 'differ'}; log-probabilities within "
+        f"{worst:.2e} (limit {MAX_ABS_LOGPROB})",
+    )
 
 
 def profile(args, path, label):
@@ -478,6 +516,20 @@ def throughput_check(args, work, device):
     log(f"  batch 64 sampled (temperature 0.8, top-p 0.9, top-k 50, repetition penalty 1.1): "
         f"decode {sampled:.1f} tok/s, {100 * (sampled / greedy - 1):+.1f}% against greedy "
         f"({secs:.0f} s)")
+    if time.time() - STARTED < PROFILE_BEFORE_S:
+        # Decode steps recorded as CUDA graphs and replayed (SHARDSERVE_CUDA_GRAPHS=1).
+        out, secs = run(
+            [args.bin, "bench", "--model", path, "--device", args.device,
+             "--prompt-tokens", str(prompt), "--gen-tokens", str(gen),
+             "--batch", "1,16,64", "--repetitions", "1", "--json"],
+            timeout=args.bench_timeout, env=GRAPHS,
+        )
+        for row, eager in zip(json.loads(out)["results"], report["results"]):
+            log(f"  batch {row['batch']:>3} with CUDA graphs: decode {row['decode_tok_s']:.1f} "
+                f"tok/s ({100 * (row['decode_tok_s'] / eager['decode_tok_s'] - 1):+.1f}% "
+                f"against eager; {secs:.0f} s)")
+    else:
+        log(f"CUDA graphs on {label}: skipped, past {PROFILE_BEFORE_S} s of the budget")
     if time.time() - STARTED < PROFILE_BEFORE_S:
         profile(args, path, label)
     else:

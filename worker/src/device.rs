@@ -116,12 +116,35 @@ impl DeviceSpec {
 /// calls per launch for ordering that one stream already gives. A rank runs everything
 /// on that stream: candle's ops, the device backend's kernels, uploads, downloads and
 /// NCCL's collectives (made on the same stream); frees are stream-ordered.
+///
+/// It also keeps freed memory in the device's memory pool (release threshold: all of
+/// it): the pool's default returns freed memory to the driver at every synchronisation,
+/// and a decode step synchronises once (its download), so every step would map its
+/// intermediates' memory afresh.
 #[cfg(feature = "cuda")]
 fn single_stream(device: &Device) {
     if let Ok(cuda) = device.as_cuda_device() {
         // SAFETY: as above, no buffer of this device is used on a second stream, so
         // stream order is the only synchronisation its uses and frees need.
         unsafe { cuda.disable_event_tracking() };
+        let ctx = cuda.cuda_stream().context().clone();
+        if ctx.has_async_alloc() {
+            use cudarc::driver::{result, sys};
+            let mut keep = u64::MAX;
+            // SAFETY: the device is the context's; the attribute takes a u64.
+            let kept = unsafe {
+                result::device::get_mem_pool(ctx.cu_device()).and_then(|pool| {
+                    result::mem_pool::set_attribute(
+                        pool,
+                        sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                        (&raw mut keep).cast(),
+                    )
+                })
+            };
+            if let Err(e) = kept {
+                tracing::warn!(error = %e, "the GPU's memory pool releases freed memory at every synchronisation");
+            }
+        }
     }
 }
 

@@ -28,6 +28,9 @@ struct Report {
     /// every measured step (each op synchronised, so slower than the rows above).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     profile: Vec<OpTime>,
+    /// Decode steps replayed from a recording (`SHARDSERVE_CUDA_GRAPHS=1`), warm-up
+    /// included.
+    replayed_steps: usize,
 }
 
 #[derive(Serialize)]
@@ -130,6 +133,7 @@ pub(super) fn run(args: &BenchArgs, model: &Path, prompt_tokens: &[usize]) -> Re
         sampling,
         results,
         profile: profile::take(),
+        replayed_steps: shardserve_worker::model::backend::replayed_steps(),
     };
     if args.json {
         println!("{}", serde_json::to_string(&report)?);
@@ -164,6 +168,12 @@ pub(super) fn run(args: &BenchArgs, model: &Path, prompt_tokens: &[usize]) -> Re
                 r.prefill_tok_s,
                 r.decode_tok_s,
                 r.decode_comm_ms_per_token
+            );
+        }
+        if report.replayed_steps > 0 {
+            println!(
+                "{} decode steps replayed from recordings",
+                report.replayed_steps
             );
         }
         print_profile(&report.profile);

@@ -400,7 +400,11 @@ impl<B: Backend> Transformer<B> {
             return Ok(None);
         }
         let head = self.head.as_ref().unwrap_or(&self.embed);
-        Ok(Some(self.norm.forward(b, &b.wanted_rows(&x, step)?, head)?))
+        Ok(Some(self.norm.forward(
+            b,
+            &b.wanted_rows(&x, step)?,
+            head,
+        )?))
     }
 
     /// The output head over the normed wanted rows `h`, [`HEAD_ROWS`] at a time, each

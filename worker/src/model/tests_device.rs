@@ -442,3 +442,88 @@ fn a_prompt_longer_than_the_heads_chunk_is_scored_across_chunks() {
         assert_eq!(out.picked[0], Some(Pick::BEST.on_host(&rows[299])));
     }
 }
+
+/// Greedy decode of three sequences, joining and leaving the batch, on `backend`: each
+/// step's logits.
+fn decode_steps(path: &std::path::Path, backend: Tensors) -> (Vec<Vec<Vec<f32>>>, Tensors) {
+    let file = GgufFile::open(path).unwrap();
+    let comm: std::sync::Arc<dyn crate::comm::Collective> =
+        std::sync::Arc::new(crate::comm::SingleRank);
+    let model = Transformer::from_gguf(&file, comm, backend.clone()).unwrap();
+    let mut kv = model.new_cache(48, 4).unwrap();
+    let blocks: Vec<Vec<u32>> = (0..3).map(|s| (s * 16..s * 16 + 16).collect()).collect();
+    let mut seqs: Vec<Vec<u32>> = vec![vec![5, 9, 2], vec![7, 1, 3, 8, 4, 6], vec![11; 9]];
+    let mut steps = Vec::new();
+    // The prompts, together (not a decode step).
+    let spans: Vec<SeqSpan> = seqs
+        .iter()
+        .zip(&blocks)
+        .map(|(s, b)| SeqSpan {
+            tokens: s,
+            start_pos: 0,
+            blocks: &b[..s.len().div_ceil(4)],
+            logits: LogitsFor::Last,
+            adapter: None,
+        })
+        .collect();
+    let out = model.forward(&spans, &mut kv).unwrap().logits;
+    let mut next: Vec<u32> = out
+        .iter()
+        .map(|rows| crate::sampling::argmax(&rows[0]))
+        .collect();
+    steps.push(out.into_iter().flatten().collect());
+    // Decode: sequence 2 sits out every third step, so batches of 3 and 2 alternate,
+    // and positions cross blocks (of 4), so tables grow from 1 to 2, 4 and 8 blocks.
+    for i in 0..18 {
+        let active: Vec<usize> = if i % 3 == 2 {
+            vec![0, 1]
+        } else {
+            vec![0, 1, 2]
+        };
+        let tokens: Vec<[u32; 1]> = active.iter().map(|&s| [next[s]]).collect();
+        let spans: Vec<SeqSpan> = active
+            .iter()
+            .zip(&tokens)
+            .map(|(&s, t)| SeqSpan {
+                tokens: t,
+                start_pos: seqs[s].len(),
+                // The blocks the sequence holds so far, as the block manager hands them.
+                blocks: &blocks[s][..(seqs[s].len() + 1).div_ceil(4)],
+                logits: LogitsFor::Last,
+                adapter: None,
+            })
+            .collect();
+        let out = model.forward(&spans, &mut kv).unwrap().logits;
+        for (&s, rows) in active.iter().zip(&out) {
+            seqs[s].push(next[s]);
+            next[s] = crate::sampling::argmax(&rows[0]);
+        }
+        steps.push(out.into_iter().flatten().collect());
+    }
+    (steps, backend)
+}
+
+#[test]
+fn decode_steps_from_kept_buffers_give_fresh_steps_logits() {
+    // What a GPU records once per shape and replays (`SHARDSERVE_CUDA_GRAPHS=1`), on
+    // candle's CPU device: the step's work run again over the shape's kept buffers,
+    // each step's inputs copied in, block tables padded to a power of two. Bit for bit
+    // the logits of steps uploaded afresh.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    let spec = TinySpec {
+        heads: 8,
+        kv_heads: 4,
+        ..TinySpec::default()
+    };
+    write_tiny_gguf(&path, &spec).unwrap();
+    let (fresh, _) = decode_steps(&path, device());
+    let (kept, backend) = decode_steps(&path, device().with_replays());
+    assert_eq!(fresh, kept);
+    // 18 decode steps over four (batch, padded table width) shapes: batches of 3 and
+    // 2, the longest table 3 to 6 blocks, padded to 4 or 8: all but each shape's first
+    // step replayed.
+    let replayed = backend.replayed().unwrap();
+    eprintln!("{replayed} of 18 decode steps replayed");
+    assert_eq!(replayed, 14);
+}

@@ -12,9 +12,11 @@
 mod host;
 mod ops;
 pub mod profile;
+mod replay;
 mod tensors;
 
 pub use host::Host;
+pub use replay::replayed_steps;
 pub use tensors::{CacheDtype, Tensors};
 
 use candle_core::Device;
@@ -147,6 +149,14 @@ pub struct StepOutput {
     pub picked: Vec<Option<Picked>>,
 }
 
+/// A step's device work, from its inputs to the normed rows whose logits are wanted
+/// (see [`Backend::run_layers`]).
+pub type StepLayers<'l, 'a, B> = dyn FnMut(
+        &<B as Backend>::Step<'a>,
+        &mut <B as Backend>::Cache,
+    ) -> Result<Option<<B as Backend>::Hidden>, ModelError>
+    + 'l;
+
 /// Where a transformer computes. Each method is one operation of a step; the
 /// associated types are the backend's forms of activations, weights and cache.
 pub trait Backend: Send + Sync + std::fmt::Debug + Sized + 'static {
@@ -199,10 +209,7 @@ pub trait Backend: Send + Sync + std::fmt::Debug + Sized + 'static {
         rope: &'a Rope,
         cache: &mut Self::Cache,
         replayable: bool,
-        layers: &mut dyn FnMut(
-            &Self::Step<'a>,
-            &mut Self::Cache,
-        ) -> Result<Option<Self::Hidden>, ModelError>,
+        layers: &mut StepLayers<'_, 'a, Self>,
     ) -> Result<Option<Self::Hidden>, ModelError> {
         let _ = replayable;
         let step = self.begin(layout, rope, cache)?;

@@ -13,7 +13,10 @@ use shardserve_kernels::QuantFormat;
 
 use super::ops::{self, AttendPlan};
 use super::profile;
-use super::{AttentionShape, Backend, Downloaded, LoraPair, ModelError, Pick, Picked, StepLayout};
+use super::replay::Replays;
+use super::{
+    AttentionShape, Backend, Downloaded, LoraPair, ModelError, Pick, Picked, StepLayers, StepLayout,
+};
 use crate::comm::Collective;
 use crate::kv::{KvCacheTooLarge, KvShape};
 use crate::model::config::RopeStyle;
@@ -76,15 +79,39 @@ pub struct Tensors {
     /// On candle's CPU device, multiply the project's block formats with the CPU
     /// engine's kernels ([`DeviceMatrix::Kernels`]).
     cpu_kernels: bool,
+    /// Decode steps recorded and replayed ([`super::replay`]).
+    replays: Option<std::sync::Arc<Replays>>,
 }
 
 impl Tensors {
+    /// On a GPU, decode steps are recorded as CUDA graphs and replayed where
+    /// `SHARDSERVE_CUDA_GRAPHS=1` asks for it (on candle's CPU device the flag runs them
+    /// from kept buffers, [`Tensors::with_replays`]).
     pub fn new(device: Device, cache_dtype: CacheDtype) -> Self {
-        Self {
+        let graphs = std::env::var("SHARDSERVE_CUDA_GRAPHS").is_ok_and(|v| v == "1");
+        let backend = Self {
             device,
             cache_dtype,
             cpu_kernels: true,
+            replays: None,
+        };
+        if graphs {
+            backend.with_replays()
+        } else {
+            backend
         }
+    }
+
+    /// Decode steps from kept buffers, recorded and replayed on a GPU (on candle's CPU
+    /// device, run again over the kept buffers: how the tests check that path).
+    pub fn with_replays(mut self) -> Self {
+        self.replays = Some(Default::default());
+        self
+    }
+
+    /// Decode steps run from kept buffers (replayed) so far, when they are kept.
+    pub fn replayed(&self) -> Option<usize> {
+        self.replays.as_ref().map(|r| r.replayed())
     }
 
     /// The same, with candle's own quantised kernels for every quantised product
@@ -214,7 +241,12 @@ impl StepInputs {
         let bs = cache.block_size;
         let tokens = layout.ids.len();
         let spans = layout.spans;
-        let longest_table = spans.iter().map(|s| s.blocks.len()).max().unwrap_or(0).max(1);
+        let longest_table = spans
+            .iter()
+            .map(|s| s.blocks.len())
+            .max()
+            .unwrap_or(0)
+            .max(1);
         let max_blocks = width.unwrap_or(longest_table).max(longest_table);
         // Followers run the leader's block tables: an index outside the cache must be
         // refused here, the kernels do not check.
@@ -514,6 +546,26 @@ impl Backend for Tensors {
         let ints = Tensor::from_vec(inputs.ints, shape.ints_len(), &self.device)?;
         let trig = Tensor::from_vec(inputs.trig, (2, shape.tokens, shape.half), &self.device)?;
         shape.device_step(&ints, &trig)
+    }
+
+    fn run_layers<'a>(
+        &self,
+        layout: &'a StepLayout<'a>,
+        rope: &'a Rope,
+        cache: &mut DeviceCache,
+        replayable: bool,
+        layers: &mut StepLayers<'_, 'a, Self>,
+    ) -> Result<Option<Tensor>, ModelError> {
+        match &self.replays {
+            // A recorded step cannot be timed op by op.
+            Some(replays) if replayable && !replays.is_off() && !profile::enabled() => {
+                replays.run(&self.device, layout, rope, cache, layers)
+            }
+            _ => {
+                let step = self.begin(layout, rope, cache)?;
+                layers(&step, cache)
+            }
+        }
     }
 
     fn embed(&self, table: &DeviceMatrix, step: &DeviceStep) -> Result<Tensor, ModelError> {

@@ -13,7 +13,7 @@ use cudarc::driver::{CudaFunction, CudaModule, DevicePtr, LaunchConfig, PushKern
 
 use super::calls::{self, Arg, AttendBufs, AttendShape, AttendSplit, Buf, Call, Elem};
 use super::launch::{Launch, MAX_HEAD_DIM};
-use super::{AttendPlan, Rotation};
+use super::{AttendPlan, HostValues, Rotation};
 
 /// `kernels.cu`, compiled by `build.rs`.
 static FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/ops.fatbin"));
@@ -407,4 +407,48 @@ pub fn penalise(
     // SAFETY: the op checked the shapes, and the kernel skips ids outside the
     // vocabulary.
     unsafe { launch(x, &call) }
+}
+
+pub fn overwrite(s: &mut CudaStorage, l: &Layout, values: HostValues<'_>) -> Result<()> {
+    let at = range(l, "the buffer")?;
+    let stream = s.device.cuda_stream();
+    // Straight on the stream, past candle's cache of small uploads (which a recording
+    // reads instead of uploading): these values change every step.
+    match values {
+        HostValues::U32(v) => {
+            let mut d = s.as_cuda_slice_mut::<u32>()?.slice_mut(at);
+            stream.memcpy_htod(v, &mut d).map_err(cuda_error)?;
+        }
+        HostValues::F32(v) => {
+            let mut d = s.as_cuda_slice_mut::<f32>()?.slice_mut(at);
+            stream.memcpy_htod(v, &mut d).map_err(cuda_error)?;
+        }
+    }
+    Ok(())
+}
+
+/// Records the work `body` puts on `device`'s stream as a CUDA graph, without running
+/// it. candle's small uploads of kernel parameters are served from its cache meanwhile
+/// (filled by an eager run of the same work just before: a recording cannot upload);
+/// memory allocated inside is the graph's, freed inside or before its next launch.
+pub fn record(
+    device: &candle_core::CudaDevice,
+    body: impl FnOnce() -> Result<()>,
+) -> Result<cudarc::driver::CudaGraph> {
+    use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+    let stream = device.cuda_stream();
+    let _cache = device.enable_cuda_graph_htod_cache();
+    stream
+        .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        .map_err(cuda_error)?;
+    let ran = body();
+    // Capture always ends, also when the body failed.
+    let graph = stream
+        .end_capture(CUgraphInstantiate_flags::CUDA_GRAPH_INSTANTIATE_FLAG_AUTO_FREE_ON_LAUNCH);
+    ran?;
+    let graph = graph
+        .map_err(cuda_error)?
+        .ok_or_else(|| candle_core::Error::Msg("the recording holds no work".into()))?;
+    graph.upload().map_err(cuda_error)?;
+    Ok(graph)
 }

@@ -20,6 +20,8 @@ mod calls;
 mod cpu;
 #[cfg(feature = "cuda")]
 mod cuda;
+#[cfg(feature = "cuda")]
+pub use cuda::record;
 #[cfg(any(feature = "cuda", test))]
 mod launch;
 
@@ -491,6 +493,65 @@ impl candle_core::InplaceOp3 for AddRmsNorm {
     ) -> Result<()> {
         let normed = cuda::add_rms_norm(x, x_l, y, y_l, w, w_l, self.eps, self.out)?;
         self.normed.put_cuda(normed, x_l.shape().clone())
+    }
+}
+
+/// Host values to copy into a kept device buffer.
+#[derive(Clone, Copy, Debug)]
+pub enum HostValues<'a> {
+    U32(&'a [u32]),
+    F32(&'a [f32]),
+}
+
+impl HostValues<'_> {
+    fn len(&self) -> usize {
+        match self {
+            Self::U32(v) => v.len(),
+            Self::F32(v) => v.len(),
+        }
+    }
+}
+
+/// Copies `values` over the elements of `t` (contiguous, of their type and number), in
+/// place: the inputs of a step into buffers a recorded step reads.
+pub fn overwrite(t: &Tensor, values: HostValues<'_>) -> Result<()> {
+    let dtype = match values {
+        HostValues::U32(_) => DType::U32,
+        HostValues::F32(_) => DType::F32,
+    };
+    if t.dtype() != dtype || t.elem_count() != values.len() || !t.is_contiguous() {
+        bail!(
+            "overwrite: {} {dtype:?} values into {:?} {:?}",
+            values.len(),
+            t.dims(),
+            t.dtype()
+        );
+    }
+    t.inplace_op1(&Overwrite(values))
+}
+
+struct Overwrite<'a>(HostValues<'a>);
+
+impl candle_core::InplaceOp1 for Overwrite<'_> {
+    fn name(&self) -> &'static str {
+        "overwrite"
+    }
+
+    fn cpu_fwd(&self, s: &mut CpuStorage, l: &Layout) -> Result<()> {
+        let Some((start, end)) = l.contiguous_offsets() else {
+            bail!("overwrite: the buffer must be contiguous");
+        };
+        match (s, self.0) {
+            (CpuStorage::U32(d), HostValues::U32(v)) => d[start..end].copy_from_slice(v),
+            (CpuStorage::F32(d), HostValues::F32(v)) => d[start..end].copy_from_slice(v),
+            _ => bail!("overwrite: values of another type than the buffer's"),
+        }
+        Ok(())
+    }
+
+    #[cfg(feature = "cuda")]
+    fn cuda_fwd(&self, s: &mut candle_core::CudaStorage, l: &Layout) -> Result<()> {
+        cuda::overwrite(s, l, self.0)
     }
 }
 
