@@ -270,19 +270,8 @@ def long_context_check(args, path):
     heads: 3 chunks of 640), whose partial softmaxes a second kernel merges, a path
     prompts of a few hundred tokens never take."""
     ids = torch.randint(0, 256, (1600,), generator=torch.Generator().manual_seed(3)).tolist()
-    answers = []
-    for device in (args.device, "cpu"):
-        out, _ = run(
-            [args.bin, "generate", "--model", path, "--device", device,
-             "--prompt-ids", ",".join(map(str, ids)), "--max-tokens", "12",
-             "--temperature", "0", "--logprobs", "1", "--json", "--max-seq-len", "2048"],
-            timeout=120,
-        )
-        answers.append(json.loads(out))
-    here, there = answers
-    same = here["token_ids"] == there["token_ids"]
-    worst = max((abs(a["logprob"] - b["logprob"])
-                 for a, b in zip(here["logprobs"], there["logprobs"])), default=float("inf"))
+    same, worst = greedy_agreement(args, path, ids, 12, 2048,
+                                   [(args.device, None), ("cpu", None)])
     check(
         "long-context decode (attention split into chunks) against the CPU engine",
         same and worst <= MAX_ABS_LOGPROB,
@@ -292,6 +281,26 @@ def long_context_check(args, path):
 
 
 GRAPHS = {"SHARDSERVE_CUDA_GRAPHS": "1"}
+
+
+def greedy_agreement(args, path, ids, tokens, max_seq_len, runs):
+    """Greedy answers to the prompt `ids` by two runs ((device, environment) each):
+    whether their tokens are identical, and the largest difference between their
+    log-probabilities."""
+    answers = []
+    for device, env in runs:
+        out, _ = run(
+            [args.bin, "generate", "--model", path, "--device", device,
+             "--prompt-ids", ",".join(map(str, ids)), "--max-tokens", str(tokens),
+             "--temperature", "0", "--logprobs", "1", "--json",
+             "--max-seq-len", str(max_seq_len)],
+            timeout=120, env=env,
+        )
+        answers.append(json.loads(out))
+    a, b = answers
+    worst = max((abs(x["logprob"] - y["logprob"])
+                 for x, y in zip(a["logprobs"], b["logprobs"])), default=float("inf"))
+    return a["token_ids"] == b["token_ids"], worst
 
 
 def launch_overhead(args, path):
@@ -323,19 +332,8 @@ def graphs_check(args, path, ids):
     """Greedy answers with decode steps recorded as CUDA graphs and replayed against
     the same answers run eagerly: the same tokens, log-probabilities within the check's
     limit (replays split attention as for full block tables, so sums may round apart)."""
-    answers = []
-    for env in (None, GRAPHS):
-        out, _ = run(
-            [args.bin, "generate", "--model", path, "--device", args.device,
-             "--prompt-ids", ",".join(map(str, ids[:48])), "--max-tokens", "40",
-             "--temperature", "0", "--logprobs", "1", "--json", "--max-seq-len", "512"],
-            timeout=120, env=env,
-        )
-        answers.append(json.loads(out))
-    eager, graphs = answers
-    same = eager["token_ids"] == graphs["token_ids"]
-    worst = max((abs(a["logprob"] - b["logprob"])
-                 for a, b in zip(eager["logprobs"], graphs["logprobs"])), default=float("inf"))
+    same, worst = greedy_agreement(args, path, ids[:48], 40, 512,
+                                   [(args.device, None), (args.device, GRAPHS)])
     check(
         "decode steps replayed as CUDA graphs against eager steps",
         same and worst <= MAX_ABS_LOGPROB,
