@@ -526,4 +526,9 @@ fn decode_steps_from_kept_buffers_give_fresh_steps_logits() {
     let replayed = backend.replayed().unwrap();
     eprintln!("{replayed} of 18 decode steps replayed");
     assert_eq!(replayed, 14);
+    // The same backend with another model and cache: the shapes kept for the first
+    // are dropped (a recording holds its cache's and model's addresses) and kept anew.
+    let (again, backend) = decode_steps(&path, backend);
+    assert_eq!(fresh, again);
+    assert_eq!(backend.replayed().unwrap(), 28);
 }

@@ -56,6 +56,8 @@ impl std::fmt::Debug for Replays {
 
 /// One shape's buffers, the step read from them, and its recording.
 struct Kept {
+    /// The cache the step wrote and read ([`DeviceCache::id`]).
+    cache: u64,
     shape: StepShape,
     ints: Tensor,
     trig: Tensor,
@@ -118,6 +120,11 @@ impl Replays {
                 "recorded steps: a step panicked holding them".into(),
             ))
         })?;
+        // A recording holds the addresses of the cache (and the model) it was made
+        // with: once a step comes with another cache, the old ones are dropped.
+        if kept.first().is_some_and(|k| k.cache != cache.id()) {
+            kept.clear();
+        }
         if let Some(i) = kept.iter().position(|k| k.shape == inputs.shape) {
             let k = &kept[i];
             ops::overwrite(&k.ints, HostValues::U32(&inputs.ints))?;
@@ -161,6 +168,7 @@ impl Replays {
             "decode step shape kept"
         );
         kept.push(Kept {
+            cache: cache.id(),
             shape,
             ints,
             trig,

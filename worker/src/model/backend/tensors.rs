@@ -187,6 +187,14 @@ pub struct DeviceCache {
     layers: Vec<Tensor>,
     blocks: usize,
     block_size: usize,
+    /// Which cache of the process this is (recorded steps hold its addresses).
+    id: u64,
+}
+
+impl DeviceCache {
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
 }
 
 /// A step's uploads, as views into the two buffers.
@@ -527,10 +535,12 @@ impl Backend for Tensors {
             .map(|_| Tensor::zeros(dims, dtype, &self.device))
             .collect::<Result<Vec<_>, _>>()
             .map_err(|_| too_large)?;
+        static CACHES: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         Ok(DeviceCache {
             layers,
             blocks,
             block_size,
+            id: CACHES.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         })
     }
 
