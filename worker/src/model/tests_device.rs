@@ -532,3 +532,43 @@ fn decode_steps_from_kept_buffers_give_fresh_steps_logits() {
     assert_eq!(fresh, again);
     assert_eq!(backend.replayed().unwrap(), 28);
 }
+
+#[test]
+fn kept_decode_shapes_are_bounded() {
+    // Decode steps of 17 batch sizes keep 17 shapes one after another: the first is
+    // dropped when the 17th comes, so a step of batch 1 afterwards is run (and kept)
+    // anew, while one of batch 17 is replayed.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("tiny.gguf");
+    write_tiny_gguf(&path, &TinySpec::default()).unwrap();
+    let file = GgufFile::open(&path).unwrap();
+    let comm: std::sync::Arc<dyn crate::comm::Collective> =
+        std::sync::Arc::new(crate::comm::SingleRank);
+    let backend = device().with_replays();
+    let model = Transformer::from_gguf(&file, comm, backend.clone()).unwrap();
+    let mut kv = model.new_cache(32, 4).unwrap();
+    let blocks: Vec<Vec<u32>> = (0..17).map(|s| vec![s]).collect();
+    let step = |batch: usize, kv: &mut _| {
+        let tokens = [3u32];
+        let spans: Vec<SeqSpan> = (0..batch)
+            .map(|s| SeqSpan {
+                tokens: &tokens,
+                start_pos: 0,
+                blocks: &blocks[s],
+                logits: LogitsFor::Last,
+                adapter: None,
+            })
+            .collect();
+        model.forward(&spans, kv).unwrap();
+    };
+    for batch in 1..=17 {
+        step(batch, &mut kv);
+    }
+    assert_eq!(backend.replayed(), Some(0));
+    step(17, &mut kv);
+    assert_eq!(backend.replayed(), Some(1));
+    step(1, &mut kv);
+    assert_eq!(backend.replayed(), Some(1), "batch 1's shape was dropped");
+    step(1, &mut kv);
+    assert_eq!(backend.replayed(), Some(2));
+}
