@@ -66,11 +66,15 @@ struct Kept {
 }
 
 /// A recorded step: the graph, and the buffer it leaves the step's output in.
+#[cfg(feature = "cuda")]
 struct Recording {
-    #[cfg(feature = "cuda")]
     graph: Graph,
     out: Tensor,
 }
+
+/// Without the `cuda` feature nothing is recorded: no value of this type exists.
+#[cfg(not(feature = "cuda"))]
+enum Recording {}
 
 /// cudarc's graph holds raw driver handles and is not `Send`.
 #[cfg(feature = "cuda")]
@@ -132,10 +136,7 @@ impl Replays {
             self.replayed.fetch_add(1, Ordering::Relaxed);
             REPLAYED.fetch_add(1, Ordering::Relaxed);
             return match &k.recording {
-                Some(r) => {
-                    r.replay()?;
-                    Ok(Some(r.out.clone()))
-                }
+                Some(r) => r.replay().map(Some),
                 None => layers(&k.step, cache),
             };
         }
@@ -144,6 +145,9 @@ impl Replays {
         let trig = Tensor::from_vec(inputs.trig, (2, shape.tokens, shape.half), device)?;
         let step = shape.device_step(&ints, &trig)?;
         let out = warm_up(device, &step, cache, layers)?;
+        #[cfg(not(feature = "cuda"))]
+        let recording: Option<Recording> = None;
+        #[cfg(feature = "cuda")]
         let recording = match &out {
             Some(out) if device.is_cuda() => match Recording::new(out, &step, cache, layers) {
                 Ok(r) => Some(r),
@@ -198,8 +202,8 @@ fn warm_up(
     layers(step, cache)
 }
 
+#[cfg(feature = "cuda")]
 impl Recording {
-    #[cfg(feature = "cuda")]
     fn new(
         warm: &Tensor,
         step: &DeviceStep,
@@ -232,26 +236,19 @@ impl Recording {
         })
     }
 
-    #[cfg(not(feature = "cuda"))]
-    fn new(
-        _: &Tensor,
-        _: &DeviceStep,
-        _: &mut DeviceCache,
-        _: &mut Layers<'_>,
-    ) -> Result<Self, ModelError> {
-        Err(candle_core::Error::Msg("CUDA graphs need the `cuda` feature".into()).into())
+    /// Launches the graph; the step's output is left in `out`.
+    fn replay(&self) -> Result<Tensor, ModelError> {
+        self.graph
+            .0
+            .launch()
+            .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
+        Ok(self.out.clone())
     }
+}
 
-    fn replay(&self) -> Result<(), ModelError> {
-        #[cfg(feature = "cuda")]
-        {
-            self.graph
-                .0
-                .launch()
-                .map_err(|e| candle_core::Error::Cuda(Box::new(e)))?;
-            Ok(())
-        }
-        #[cfg(not(feature = "cuda"))]
-        Err(candle_core::Error::Msg("CUDA graphs need the `cuda` feature".into()).into())
+#[cfg(not(feature = "cuda"))]
+impl Recording {
+    fn replay(&self) -> Result<Tensor, ModelError> {
+        match *self {}
     }
 }
