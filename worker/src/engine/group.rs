@@ -102,7 +102,7 @@ pub fn follow(model: &mut dyn StepModel, comm: &dyn Collective) -> Result<(), En
                 adapter: p.adapter,
             })
             .collect();
-        super::pool::step(|| model.forward(&spans))?;
+        super::pool::forward(model, &spans)?;
     }
 }
 

@@ -889,8 +889,7 @@ impl Engine {
             let message = group::GroupMessage::step(&spans);
             group::announce(self.group.as_ref(), &message).map_err(ModelError::from)?;
         }
-        let model = &mut self.model;
-        let output = pool::step(|| model.forward(&spans))?;
+        let output = pool::forward(self.model.as_mut(), &spans)?;
         drop(spans);
         self.scheduler.complete(&plan);
 

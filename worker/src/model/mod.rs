@@ -515,6 +515,9 @@ pub trait StepModel: Send + std::fmt::Debug {
     /// [`Transformer::load_adapter`].
     fn load_adapter(&mut self, slot: u32, adapter: &Adapter) -> Result<(), ModelError>;
     fn unload_adapter(&mut self, slot: u32);
+    /// Whether its steps compute on the CPU (the host engine, or candle's CPU
+    /// device), with the compute pool doing the work; not on a GPU.
+    fn computes_on_host(&self) -> bool;
 }
 
 /// [`StepModel`] for a transformer on backend `B`.
@@ -563,6 +566,10 @@ impl<B: Backend> StepModel for WithCache<B> {
 
     fn unload_adapter(&mut self, slot: u32) {
         self.model.unload_adapter(slot)
+    }
+
+    fn computes_on_host(&self) -> bool {
+        self.model.backend().device().is_cpu()
     }
 }
 
