@@ -492,13 +492,14 @@ def throughput_check(args, work, device):
             # positions is ~0.1% of that).
             bound = bandwidth / weight_bytes
     log(f"bench on {label}, {prompt}-token prompts, {gen} generated ({secs:.0f} s in all):")
-    log("  batch  prefill tok/s  decode tok/s")
+    log("  batch  prefill tok/s  decode tok/s  engine us/step")
     for row in report["results"]:
         extra = ""
         if row["batch"] == 1 and bound:
             extra = (f"   HBM bound {bound:.0f} tok/s: {100 * row['decode_tok_s'] / bound:.0f}% "
                      "of it (goal >= 80%)")
-        log(f"  {row['batch']:>5}  {row['prefill_tok_s']:>13.0f}  {row['decode_tok_s']:>12.1f}{extra}")
+        log(f"  {row['batch']:>5}  {row['prefill_tok_s']:>13.0f}  {row['decode_tok_s']:>12.1f}"
+            f"  {row['decode_engine_us_per_step']:>14.1f}{extra}")
     check("bf16 bench ran at batch 1, 16 and 64", len(report["results"]) == 3,
           f"{len(report['results'])} rows")
     # What picking tokens on the device costs: the same decode sampled (penalty, draw

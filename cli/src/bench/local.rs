@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 use serde::Serialize;
-use shardserve_worker::engine::{BenchPhase, EngineOptions};
+use shardserve_worker::engine::{BenchPhase, EngineOptions, EngineTime};
 use shardserve_worker::model::backend::profile::{self, OpTime};
 use shardserve_worker::sampling::SamplingParams;
 
@@ -43,6 +43,9 @@ struct Row {
     /// Rank 0's time in collectives per decode step (ms), waiting for peers included.
     /// (Per step, which is per token of each sequence of the batch.)
     decode_comm_ms_per_token: f64,
+    /// The engine's own time per decode step outside the forward pass (scheduling,
+    /// building the step, handing out tokens), in µs: on a GPU the device waits for it.
+    decode_engine_us_per_step: f64,
 }
 
 pub(super) fn run(args: &BenchArgs, model: &Path, prompt_tokens: &[usize]) -> Result<()> {
@@ -91,27 +94,28 @@ pub(super) fn run(args: &BenchArgs, model: &Path, prompt_tokens: &[usize]) -> Re
             let mut prefill = Vec::new();
             let mut decode = Vec::new();
             let mut comm = Vec::new();
+            let mut own = Vec::new();
             for _ in 0..args.repetitions.max(1) {
                 let start = Instant::now();
-                let mut comm_marks = Vec::with_capacity(2);
                 let mut marks = Vec::with_capacity(2);
                 engine.run_fixed_batch(
                     &prompts,
                     &adapters,
                     &sampling,
                     args.gen_tokens,
-                    |phase: BenchPhase, comm_time| {
-                        marks.push((phase, Instant::now()));
-                        comm_marks.push(comm_time);
+                    |phase: BenchPhase, spent: EngineTime| {
+                        marks.push((phase, Instant::now(), spent));
                     },
                 )?;
-                let prefilled = marks[0].1;
-                let decoded = marks[1].1;
+                let (_, prefilled, at_prefilled) = marks[0];
+                let (_, decoded, at_decoded) = marks[1];
                 let tokens = (batch * args.gen_tokens) as f64;
                 prefill.push((batch * p) as f64 / (prefilled - start).as_secs_f64());
                 decode.push(tokens / (decoded - prefilled).as_secs_f64());
-                comm.push(
-                    (comm_marks[1] - comm_marks[0]).as_secs_f64() * 1e3 / args.gen_tokens as f64,
+                let spent = at_decoded.since(&at_prefilled);
+                comm.push(spent.comm.as_secs_f64() * 1e3 / args.gen_tokens as f64);
+                own.push(
+                    (spent.step - spent.forward).as_secs_f64() * 1e6 / spent.steps.max(1) as f64,
                 );
             }
             results.push(Row {
@@ -121,6 +125,7 @@ pub(super) fn run(args: &BenchArgs, model: &Path, prompt_tokens: &[usize]) -> Re
                 prefill_tok_s: median(prefill),
                 decode_tok_s: median(decode),
                 decode_comm_ms_per_token: median(comm),
+                decode_engine_us_per_step: median(own),
             });
         }
     }
@@ -156,18 +161,25 @@ pub(super) fn run(args: &BenchArgs, model: &Path, prompt_tokens: &[usize]) -> Re
             report.lora.join(", ")
         );
         println!(
-            "{:>5} {:>13} {:>10} {:>14} {:>13} {:>18}",
-            "batch", "prompt_tokens", "gen_tokens", "prefill tok/s", "decode tok/s", "comm ms/step"
+            "{:>5} {:>13} {:>10} {:>14} {:>13} {:>13} {:>15}",
+            "batch",
+            "prompt_tokens",
+            "gen_tokens",
+            "prefill tok/s",
+            "decode tok/s",
+            "comm ms/step",
+            "engine us/step"
         );
         for r in &report.results {
             println!(
-                "{:>5} {:>13} {:>10} {:>14.1} {:>13.1} {:>18.3}",
+                "{:>5} {:>13} {:>10} {:>14.1} {:>13.1} {:>13.3} {:>15.1}",
                 r.batch,
                 r.prompt_tokens,
                 r.gen_tokens,
                 r.prefill_tok_s,
                 r.decode_tok_s,
-                r.decode_comm_ms_per_token
+                r.decode_comm_ms_per_token,
+                r.decode_engine_us_per_step
             );
         }
         if report.replayed_steps > 0 {

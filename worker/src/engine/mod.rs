@@ -17,6 +17,7 @@ mod stats;
 
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 pub use adapters::{AdapterInfo, DEFAULT_MAX_LORA_RANK, DEFAULT_MAX_LORAS};
 pub use handle::{AdapterChange, AdapterFetch, EngineHandle, EngineLoad};
@@ -845,6 +846,7 @@ impl Engine {
     }
 
     fn try_step(&mut self) -> Result<Vec<StepEvent>, EngineError> {
+        let started = Instant::now();
         let mut events = if self.waiting_for_adapter.is_empty() {
             Vec::new()
         } else {
@@ -889,7 +891,9 @@ impl Engine {
             let message = group::GroupMessage::step(&spans);
             group::announce(self.group.as_ref(), &message).map_err(ModelError::from)?;
         }
+        let forward_started = Instant::now();
         let output = pool::forward(self.model.as_mut(), &spans)?;
+        let forward = forward_started.elapsed();
         drop(spans);
         self.scheduler.complete(&plan);
 
@@ -930,6 +934,7 @@ impl Engine {
         }
         self.stats
             .publish(&self.scheduler, plan.spans.len(), plan.tokens());
+        self.stats.add_step_time(started.elapsed(), forward);
         Ok(events)
     }
 
@@ -973,11 +978,6 @@ impl Engine {
         }
     }
 
-    /// Time this rank has spent in collectives (waiting for peers included).
-    pub fn comm_time(&self) -> std::time::Duration {
-        self.group.time_spent()
-    }
-
     /// This rank's position in its group.
     pub fn rank(&self) -> usize {
         self.group.rank().0
@@ -1017,7 +1017,7 @@ impl Engine {
         &mut self,
         prompt: &[u32],
         new_tokens: usize,
-        on_phase: impl FnMut(BenchPhase, std::time::Duration),
+        on_phase: impl FnMut(BenchPhase, EngineTime),
     ) -> Result<Vec<u32>, EngineError> {
         let greedy = SamplingParams::default();
         let mut out =
@@ -1038,7 +1038,7 @@ impl Engine {
         adapters: &[String],
         sampling: &SamplingParams,
         new_tokens: usize,
-        mut on_phase: impl FnMut(BenchPhase, std::time::Duration),
+        mut on_phase: impl FnMut(BenchPhase, EngineTime),
     ) -> Result<Vec<Vec<u32>>, EngineError> {
         let mut ids = Vec::with_capacity(prompts.len());
         for (i, prompt) in prompts.iter().enumerate() {
@@ -1076,14 +1076,14 @@ impl Engine {
             if started < ids.len() {
                 started = ids.iter().filter(|id| self.started(**id)).count();
                 if started == ids.len() {
-                    on_phase(BenchPhase::Prefilled, self.group.time_spent());
+                    on_phase(BenchPhase::Prefilled, self.time_spent());
                 }
             }
             if !self.has_work() && done.len() < ids.len() {
                 return Err(EngineError::Stopped);
             }
         }
-        on_phase(BenchPhase::Decoded, self.group.time_spent());
+        on_phase(BenchPhase::Decoded, self.time_spent());
         Ok(ids
             .iter()
             .map(|id| {
@@ -1094,9 +1094,46 @@ impl Engine {
             .collect())
     }
 
+    /// Where this rank's time has gone since it started.
+    pub fn time_spent(&self) -> EngineTime {
+        let stats = self.stats.snapshot();
+        EngineTime {
+            steps: stats.steps,
+            step: Duration::from_nanos(stats.step_nanos),
+            forward: Duration::from_nanos(stats.forward_nanos),
+            comm: self.group.time_spent(),
+        }
+    }
+
     /// Whether a sequence has sampled its first token (or ended).
     fn started(&self, seq: SeqId) -> bool {
         self.active.get(&seq).is_none_or(|a| a.generated() > 0)
+    }
+}
+
+/// Where an engine's time has gone, summed since it started ([`Engine::time_spent`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EngineTime {
+    /// Forward steps run.
+    pub steps: u64,
+    /// In those steps, from scheduling to the tokens handed out.
+    pub step: Duration,
+    /// In their forward passes (within `step`); the rest of `step` is the engine's
+    /// own work, which on a GPU the device waits for.
+    pub forward: Duration,
+    /// In collectives, waiting for peers included (within `forward`).
+    pub comm: Duration,
+}
+
+impl EngineTime {
+    /// The time from `earlier` to `self`.
+    pub fn since(&self, earlier: &EngineTime) -> EngineTime {
+        EngineTime {
+            steps: self.steps - earlier.steps,
+            step: self.step - earlier.step,
+            forward: self.forward - earlier.forward,
+            comm: self.comm - earlier.comm,
+        }
     }
 }
 

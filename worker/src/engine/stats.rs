@@ -2,6 +2,7 @@
 //! written after every step, read by metrics without locking.
 
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
 
 use crate::scheduler::Scheduler;
 
@@ -31,6 +32,11 @@ pub struct EngineStats {
     pub prefix_query_tokens: u64,
     pub prefix_hit_tokens: u64,
     pub preemptions: u64,
+    /// Nanoseconds in forward steps, from scheduling to the tokens handed out, and
+    /// the part of it in the model's forward pass: the rest is the engine's own
+    /// work, which on a GPU the device waits for.
+    pub step_nanos: u64,
+    pub forward_nanos: u64,
 }
 
 #[derive(Debug, Default)]
@@ -49,6 +55,8 @@ pub struct StatsCell {
     prefix_query_tokens: AtomicU64,
     prefix_hit_tokens: AtomicU64,
     preemptions: AtomicU64,
+    step_nanos: AtomicU64,
+    forward_nanos: AtomicU64,
 }
 
 impl StatsCell {
@@ -76,6 +84,14 @@ impl StatsCell {
         }
     }
 
+    /// Adds a forward step's time, and its forward pass's.
+    pub fn add_step_time(&self, step: Duration, forward: Duration) {
+        let nanos = |d: Duration| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
+        self.step_nanos.fetch_add(nanos(step), Ordering::Relaxed);
+        self.forward_nanos
+            .fetch_add(nanos(forward), Ordering::Relaxed);
+    }
+
     pub fn snapshot(&self) -> EngineStats {
         let get = |cell: &AtomicU64| cell.load(Ordering::Relaxed);
         EngineStats {
@@ -93,6 +109,8 @@ impl StatsCell {
             prefix_query_tokens: get(&self.prefix_query_tokens),
             prefix_hit_tokens: get(&self.prefix_hit_tokens),
             preemptions: get(&self.preemptions),
+            step_nanos: get(&self.step_nanos),
+            forward_nanos: get(&self.forward_nanos),
         }
     }
 }

@@ -297,3 +297,30 @@ fn out_of_memory_at_load_says_what_was_needed_and_what_to_change() {
     assert_eq!(weights_on_disk(dir.path()), 3500);
     assert_eq!(weights_on_disk(&dir.path().join("config.json")), 99);
 }
+
+#[test]
+fn the_engine_times_its_steps_and_their_forward_passes() {
+    let mut engine = load(EngineOptions::default());
+    let before = engine.time_spent();
+    let mut marks = Vec::new();
+    engine
+        .run_fixed_batch(
+            &[vec![1, 9690, 198], vec![1, 9690, 198, 42]],
+            &[],
+            &SamplingParams::default(),
+            4,
+            |_, spent| marks.push(spent),
+        )
+        .unwrap();
+    let spent = engine.time_spent().since(&before);
+    assert_eq!(spent.steps, engine.stats().steps - before.steps);
+    assert!(spent.steps >= 4, "{spent:?}");
+    assert!(
+        spent.forward > Duration::ZERO && spent.step > spent.forward,
+        "{spent:?}"
+    );
+    // Prefilled, then decoded: the decode's four steps are the marks' difference.
+    let decode = marks[1].since(&marks[0]);
+    assert_eq!(decode.steps, 4, "{marks:?}");
+    assert!(decode.step >= decode.forward && decode.forward > Duration::ZERO);
+}

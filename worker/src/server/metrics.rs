@@ -17,8 +17,8 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use prometheus::{
-    Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
-    Opts, Registry, TextEncoder,
+    Counter, Encoder, GaugeVec, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
 use tokio::net::TcpListener;
 
@@ -167,6 +167,8 @@ struct EngineGauges {
     prefix_query_tokens: IntCounter,
     prefix_hit_tokens: IntCounter,
     preemptions: IntCounter,
+    step_seconds: Counter,
+    forward_seconds: Counter,
 }
 
 impl EngineGauges {
@@ -178,6 +180,11 @@ impl EngineGauges {
         };
         let counter = |name: &str, help: &str| -> prometheus::Result<IntCounter> {
             let c = IntCounter::with_opts(opts(name, help))?;
+            registry.register(Box::new(c.clone()))?;
+            Ok(c)
+        };
+        let seconds = |name: &str, help: &str| -> prometheus::Result<Counter> {
+            let c = Counter::with_opts(opts(name, help))?;
             registry.register(Box::new(c.clone()))?;
             Ok(c)
         };
@@ -231,6 +238,15 @@ impl EngineGauges {
                 "shardserve_worker_preemptions_total",
                 "Sequences preempted for lack of KV cache blocks (recomputed later).",
             )?,
+            step_seconds: seconds(
+                "shardserve_worker_step_seconds_total",
+                "Time in forward steps, from scheduling to the tokens handed out.",
+            )?,
+            forward_seconds: seconds(
+                "shardserve_worker_forward_seconds_total",
+                "Time in the model's forward passes (part of the steps' time); the rest is the \
+                 engine's own work between passes, which a GPU waits for.",
+            )?,
         })
     }
 
@@ -248,6 +264,14 @@ impl EngineGauges {
         to(&self.prefix_query_tokens, s.prefix_query_tokens);
         to(&self.prefix_hit_tokens, s.prefix_hit_tokens);
         to(&self.preemptions, s.preemptions);
+        let seconds = |c: &Counter, nanos: u64| {
+            let gained = nanos as f64 * 1e-9 - c.get();
+            if gained > 0.0 {
+                c.inc_by(gained);
+            }
+        };
+        seconds(&self.step_seconds, s.step_nanos);
+        seconds(&self.forward_seconds, s.forward_nanos);
     }
 }
 

@@ -580,6 +580,13 @@ async fn metrics_count_requests_and_running_drops_to_zero_on_disconnect() {
         metric(&text, "shardserve_worker_time_to_first_token_seconds_count"),
         1.0
     );
+    // Steps took time, most of it in the forward pass, and never less than it.
+    let step = metric(&text, "shardserve_worker_step_seconds_total");
+    let forward = metric(&text, "shardserve_worker_forward_seconds_total");
+    assert!(
+        forward > 0.0 && step >= forward,
+        "step {step} forward {forward}"
+    );
 
     let mut long = text_request("Write a very long story about a dragon.", 0);
     long.stopping.as_mut().unwrap().ignore_eos = true;
