@@ -2,15 +2,13 @@
 //! adapter`, `adapter.type = lora`, `adapter.lora.alpha`, and tensors
 //! `blk.N.<layer>.weight.lora_a` / `.lora_b`, already in the GGUF row layout.
 
-use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::Device;
 use candle_core::quantized::gguf_file::Value;
 
-use super::{LoraError, ReadAdapter, ReadPair, Target, dense_values};
+use super::{LoraError, PairNames, ReadAdapter, Target, read_pairs};
 use crate::model::ModelConfig;
-use crate::weights::{GgufFile, Split};
+use crate::weights::GgufFile;
 
 pub(super) fn read(path: &Path, base: &ModelConfig) -> Result<ReadAdapter, LoraError> {
     let file = GgufFile::open(path).map_err(|e| LoraError::NotAnAdapter {
@@ -72,45 +70,14 @@ pub(super) fn read(path: &Path, base: &ModelConfig) -> Result<ReadAdapter, LoraE
         tensor: tensor.into(),
         problem,
     };
-    let mut halves: BTreeMap<(usize, Target), [Option<String>; 2]> = BTreeMap::new();
-    for name in file.tensor_names() {
-        let (layer, target, half) = parse_name(name).ok_or_else(|| {
-            tensor_error(
-                name,
-                "not a lora_a/lora_b of blk.N.{attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,\
-                 ffn_down}.weight"
-                    .into(),
-            )
-        })?;
-        halves.entry((layer, target)).or_default()[half] = Some(name.to_string());
-    }
-    let mut tensors = BTreeMap::new();
-    for (key, [a, b]) in halves {
-        let (Some(a_name), Some(b_name)) = (a, b) else {
-            let (layer, target) = key;
-            return Err(tensor_error(
-                &format!("blk.{layer}.{}.weight", target.gguf_name()),
-                "has only one of lora_a and lora_b".into(),
-            ));
-        };
-        let load = |name: &str| {
-            dense_values(file.load(name, &Split::Full, &Device::Cpu))
-                .map_err(|e| tensor_error(name, e))
-        };
-        let (a_dims, a_values) = load(&a_name)?;
-        let (b_dims, b_values) = load(&b_name)?;
-        tensors.insert(
-            key,
-            ReadPair {
-                a_name,
-                a_dims,
-                a: a_values,
-                b_name,
-                b_dims,
-                b: b_values,
-            },
-        );
-    }
+    let naming = PairNames {
+        parse: parse_name,
+        expected: "a lora_a/lora_b of blk.N.{attn_q,attn_k,attn_v,attn_output,ffn_gate,ffn_up,\
+                   ffn_down}.weight",
+        pair: |layer, target| format!("blk.{layer}.{}.weight", target.gguf_name()),
+        halves: "lora_a and lora_b",
+    };
+    let tensors = read_pairs(file.tensor_names(), &file, &naming, tensor_error)?;
     Ok(ReadAdapter {
         file: path.to_path_buf(),
         rank: None,

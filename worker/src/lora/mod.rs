@@ -16,9 +16,12 @@ mod shard;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
+use candle_core::Device;
+
 pub use shard::{AdapterShard, LayerShard, ShardPair};
 
 use crate::model::{ModelConfig, RopeStyle};
+use crate::weights::{Split, TensorSource};
 
 /// The linear layers of a Llama block an adapter may change.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -290,6 +293,62 @@ impl ReadAdapter {
 
 /// A loaded tensor's dims and values as f32 (any stored type, quantised ones
 /// dequantised), or why not.
+/// How an adapter format names its tensors, for [`read_pairs`].
+struct PairNames {
+    /// A tensor's layer, target and half (0: A, 1: B); `None`: not an adapter's.
+    parse: fn(&str) -> Option<(usize, Target, usize)>,
+    /// What an adapter tensor's name is, for a name refused.
+    expected: &'static str,
+    /// The name of `layer`'s `target`, for a pair missing a half.
+    pair: fn(usize, Target) -> String,
+    /// The halves as the format names them ("lora_a and lora_b").
+    halves: &'static str,
+}
+
+/// Every tensor of an adapter file (`names`, read from `source`), paired into each
+/// (layer, target)'s A and B and loaded as f32.
+fn read_pairs<'n>(
+    names: impl Iterator<Item = &'n str>,
+    source: &impl TensorSource,
+    naming: &PairNames,
+    tensor_error: impl Fn(&str, String) -> LoraError,
+) -> Result<BTreeMap<(usize, Target), ReadPair>, LoraError> {
+    let mut halves: BTreeMap<(usize, Target), [Option<String>; 2]> = BTreeMap::new();
+    for name in names {
+        let (layer, target, half) = (naming.parse)(name)
+            .ok_or_else(|| tensor_error(name, format!("not {}", naming.expected)))?;
+        halves.entry((layer, target)).or_default()[half] = Some(name.to_string());
+    }
+    let mut tensors = BTreeMap::new();
+    for (key, [a, b]) in halves {
+        let (Some(a_name), Some(b_name)) = (a, b) else {
+            let (layer, target) = key;
+            return Err(tensor_error(
+                &(naming.pair)(layer, target),
+                format!("has only one of {}", naming.halves),
+            ));
+        };
+        let load = |name: &str| {
+            dense_values(source.load(name, &Split::Full, &Device::Cpu))
+                .map_err(|e| tensor_error(name, e))
+        };
+        let (a_dims, a) = load(&a_name)?;
+        let (b_dims, b) = load(&b_name)?;
+        tensors.insert(
+            key,
+            ReadPair {
+                a_name,
+                a_dims,
+                a,
+                b_name,
+                b_dims,
+                b,
+            },
+        );
+    }
+    Ok(tensors)
+}
+
 fn dense_values(
     weight: Result<crate::weights::Weight, crate::weights::WeightsError>,
 ) -> Result<(Vec<usize>, Vec<f32>), String> {

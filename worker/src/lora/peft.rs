@@ -3,11 +3,10 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use candle_core::Device;
 use serde::Deserialize;
 
-use super::{LoraError, ReadAdapter, ReadPair, Target, dense_values};
-use crate::weights::{Safetensors, Split};
+use super::{LoraError, PairNames, ReadAdapter, Target, read_pairs};
+use crate::weights::Safetensors;
 
 pub const CONFIG_FILE: &str = "adapter_config.json";
 pub const WEIGHTS_FILE: &str = "adapter_model.safetensors";
@@ -130,43 +129,13 @@ pub(super) fn read(dir: &Path) -> Result<ReadAdapter, LoraError> {
         tensor: tensor.into(),
         problem,
     };
-    let mut halves: BTreeMap<(usize, Target), [Option<String>; 2]> = BTreeMap::new();
-    for name in file.tensor_names() {
-        let (layer, target, half) = parse_name(name).ok_or_else(|| {
-            tensor_error(
-                name,
-                "not a lora_A/lora_B weight of a q/k/v/o/gate/up/down projection".into(),
-            )
-        })?;
-        halves.entry((layer, target)).or_default()[half] = Some(name.to_string());
-    }
-    let mut tensors = BTreeMap::new();
-    for (key, [a, b]) in halves {
-        let (Some(a_name), Some(b_name)) = (a, b) else {
-            let (layer, target) = key;
-            return Err(tensor_error(
-                &format!("layers.{layer}.{}", target.peft_name()),
-                "has only one of lora_A and lora_B".into(),
-            ));
-        };
-        let load = |name: &str| {
-            dense_values(file.load(name, &Split::Full, &Device::Cpu))
-                .map_err(|e| tensor_error(name, e))
-        };
-        let (a_dims, a_values) = load(&a_name)?;
-        let (b_dims, b_values) = load(&b_name)?;
-        tensors.insert(
-            key,
-            ReadPair {
-                a_name,
-                a_dims,
-                a: a_values,
-                b_name,
-                b_dims,
-                b: b_values,
-            },
-        );
-    }
+    let naming = PairNames {
+        parse: parse_name,
+        expected: "a lora_A/lora_B weight of a q/k/v/o/gate/up/down projection",
+        pair: |layer, target| format!("layers.{layer}.{}", target.peft_name()),
+        halves: "lora_A and lora_B",
+    };
+    let tensors = read_pairs(file.tensor_names(), &file, &naming, tensor_error)?;
     Ok(ReadAdapter {
         file: weights_path,
         rank: Some(rank),
