@@ -398,6 +398,14 @@ async fn bad_requests_are_4xx_with_clear_messages_and_serving_goes_on() {
             json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "top_p": 7}),
             "top_p=7",
         ),
+        (
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "response_format": {"type": "json_object"}}),
+            "response_format is not supported",
+        ),
+        (
+            json!({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "tools": [{"type": "function", "function": {"name": "f"}}]}),
+            "tools is not supported",
+        ),
     ];
     for (body, want) in cases {
         let (status, v) = r.post("/v1/chat/completions", body.clone()).await;

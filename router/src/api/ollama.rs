@@ -18,7 +18,7 @@ use shardserve_proto::v1::generate_response::Event;
 
 use super::{
     ApiError, AppState, Limits, RequestBody, Sampling, Shape, Tracker, answer, check_max_tokens,
-    parse_json, stop_list, stream_response, unix_now,
+    parse_json, refuse_unhonoured, stop_list, stream_response, unix_now,
 };
 use crate::dispatch::Generation;
 use crate::pool::Target;
@@ -47,6 +47,8 @@ pub(crate) struct Message {
     pub role: String,
     #[serde(default)]
     pub content: String,
+    /// Refused: the served models read text only.
+    pub images: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -55,6 +57,9 @@ pub(crate) struct ChatRequest {
     pub messages: Vec<Message>,
     pub stream: Option<bool>,
     pub options: Option<Options>,
+    // Asked for, and refused ([`refuse_unhonoured`]).
+    pub format: Option<Value>,
+    pub tools: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -67,7 +72,14 @@ pub(crate) struct GenerateRequest {
     pub raw: Option<bool>,
     pub stream: Option<bool>,
     pub options: Option<Options>,
+    // Asked for, and refused ([`refuse_unhonoured`]).
+    pub format: Option<Value>,
+    pub images: Option<Value>,
+    pub suffix: Option<Value>,
 }
+
+const NO_FORMAT: &str = "this server generates free text (no JSON mode or schemas)";
+const NO_IMAGES: &str = "the served models read text only";
 
 /// Sampling and stopping from `options`, with Ollama's defaults.
 pub(crate) fn options(
@@ -108,15 +120,24 @@ pub(crate) fn chat_request(
             Some("messages"),
         ));
     }
+    refuse_unhonoured(req.format.as_ref(), "format", NO_FORMAT)?;
+    refuse_unhonoured(
+        req.tools.as_ref(),
+        "tools",
+        "this server does not call tools",
+    )?;
     let (sampling, stopping) = options(req.options.as_ref(), limits)?;
     let messages = req
         .messages
         .iter()
-        .map(|m| pb::ChatMessage {
-            role: m.role.clone(),
-            content: m.content.clone(),
+        .map(|m| {
+            refuse_unhonoured(m.images.as_ref(), "images", NO_IMAGES)?;
+            Ok(pb::ChatMessage {
+                role: m.role.clone(),
+                content: m.content.clone(),
+            })
         })
-        .collect();
+        .collect::<Result<_, ApiError>>()?;
     Ok(pb::GenerateRequest {
         prompt: Some(Prompt::Chat(pb::ChatPrompt { messages })),
         sampling: Some(sampling),
@@ -131,6 +152,13 @@ pub(crate) fn generate_request(
     req: &GenerateRequest,
     limits: Limits,
 ) -> Result<pb::GenerateRequest, ApiError> {
+    refuse_unhonoured(req.format.as_ref(), "format", NO_FORMAT)?;
+    refuse_unhonoured(req.images.as_ref(), "images", NO_IMAGES)?;
+    refuse_unhonoured(
+        req.suffix.as_ref(),
+        "suffix",
+        "this server does not insert text between a prompt and a suffix",
+    )?;
     let (sampling, stopping) = options(req.options.as_ref(), limits)?;
     let prompt = if req.raw.unwrap_or(false) {
         Prompt::Text(req.prompt.clone())
@@ -394,6 +422,44 @@ pub(crate) fn rfc3339(secs: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn formats_tools_and_images_are_refused_not_ignored() {
+        let chat = |extra: Value| {
+            let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "Hi"}]});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            let req: ChatRequest = serde_json::from_value(body).unwrap();
+            chat_request(&req, Limits::default()).map_err(|e| e.param)
+        };
+        assert_eq!(chat(json!({"format": "json"})), Err(Some("format")));
+        assert_eq!(
+            chat(json!({"format": {"type": "object"}})),
+            Err(Some("format"))
+        );
+        assert_eq!(
+            chat(json!({"tools": [{"type": "function"}]})),
+            Err(Some("tools"))
+        );
+        assert_eq!(
+            chat(json!({"messages": [{"role": "user", "content": "Hi", "images": ["aGk="]}]})),
+            Err(Some("images"))
+        );
+        assert!(chat(json!({"format": "", "tools": [], "images": null})).is_ok());
+        let generate = |extra: Value| {
+            let mut body = json!({"model": "m", "prompt": "Hi"});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            let req: GenerateRequest = serde_json::from_value(body).unwrap();
+            generate_request(&req, Limits::default()).map_err(|e| e.param)
+        };
+        assert_eq!(generate(json!({"format": "json"})), Err(Some("format")));
+        assert_eq!(generate(json!({"images": ["aGk="]})), Err(Some("images")));
+        assert_eq!(generate(json!({"suffix": "}"})), Err(Some("suffix")));
+        assert!(generate(json!({"format": null})).is_ok());
+    }
 
     #[test]
     fn timestamps_are_rfc3339() {

@@ -177,6 +177,32 @@ pub(crate) fn stop_list(
     Ok(list)
 }
 
+/// Refuses a field whose meaning this server cannot honour (structured output, tool
+/// calls, token biases): answered as if it were absent, the client would get free text
+/// where it parses JSON or a tool call. Absent, `null`, `false`, `""`, `[]` and `{}`
+/// ask for nothing and pass.
+pub(crate) fn refuse_unhonoured(
+    value: Option<&Value>,
+    param: &'static str,
+    why: &str,
+) -> Result<(), ApiError> {
+    let set = match value {
+        None | Some(Value::Null | Value::Bool(false)) => false,
+        Some(Value::String(s)) => !s.is_empty(),
+        Some(Value::Array(a)) => !a.is_empty(),
+        Some(Value::Object(o)) => !o.is_empty(),
+        Some(_) => true,
+    };
+    if set {
+        Err(ApiError::bad_request(
+            format!("{param} is not supported: {why}"),
+            Some(param),
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;

@@ -15,7 +15,7 @@ use shardserve_proto::v1::generate_response::Event;
 
 use super::{
     ApiError, AppState, Collected, Limits, RequestBody, Sampling, Shape, Tracker, answer,
-    check_max_tokens, parse_json, stop_list, stream_response,
+    check_max_tokens, parse_json, refuse_unhonoured, stop_list, stream_response,
 };
 use crate::dispatch::Generation;
 
@@ -37,6 +37,8 @@ pub(crate) struct Parameters {
     pub frequency_penalty: Option<f64>,
     /// The LoRA adapter to run with (TGI's multi-LoRA parameter).
     pub adapter_id: Option<String>,
+    /// Refused ([`refuse_unhonoured`]): output constrained to JSON or a regex.
+    pub grammar: Option<Value>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -59,6 +61,11 @@ pub(crate) fn generate_request(
     if inputs.is_empty() {
         return Err(ApiError::bad_request("inputs is empty", Some("inputs")));
     }
+    refuse_unhonoured(
+        p.grammar.as_ref(),
+        "grammar",
+        "this server generates free text (no JSON or regex grammars)",
+    )?;
     let sampled = p.do_sample.unwrap_or(false)
         || p.temperature.is_some_and(|t| t != 1.0)
         || p.top_p.is_some()
@@ -283,6 +290,16 @@ mod tests {
 
     fn params(v: Value) -> Parameters {
         serde_json::from_value(v).unwrap()
+    }
+
+    #[test]
+    fn a_grammar_is_refused_not_ignored() {
+        let grammar = json!({"grammar": {"type": "json", "value": {"type": "object"}}});
+        let e = generate_request(&params(grammar), "Hi", Limits::default()).unwrap_err();
+        assert_eq!(e.param, Some("grammar"));
+        assert!(
+            generate_request(&params(json!({"grammar": null})), "Hi", Limits::default()).is_ok()
+        );
     }
 
     #[test]

@@ -7,7 +7,7 @@ use serde_json::Value;
 use shardserve_proto::v1 as pb;
 use shardserve_proto::v1::generate_request::Prompt;
 
-use crate::api::{ApiError, Limits, Sampling, check_max_tokens, stop_list};
+use crate::api::{ApiError, Limits, Sampling, check_max_tokens, refuse_unhonoured, stop_list};
 
 /// Most alternatives per token (`top_logprobs`, completions' `logprobs`).
 const MAX_TOP_LOGPROBS: i64 = 20;
@@ -48,6 +48,13 @@ pub(crate) struct ChatRequest {
     pub top_logprobs: Option<i64>,
     /// vLLM's extension: generate `max_tokens` even past end-of-generation.
     pub ignore_eos: Option<bool>,
+    // Asked for, and refused ([`refuse_unhonoured`]): this server generates free text.
+    pub response_format: Option<Value>,
+    pub tools: Option<Value>,
+    pub tool_choice: Option<Value>,
+    pub functions: Option<Value>,
+    pub function_call: Option<Value>,
+    pub logit_bias: Option<Value>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -73,6 +80,50 @@ pub(crate) struct CompletionRequest {
     pub echo: Option<bool>,
     /// vLLM's extension: generate `max_tokens` even past end-of-generation.
     pub ignore_eos: Option<bool>,
+    // Asked for, and refused ([`refuse_unhonoured`]).
+    pub response_format: Option<Value>,
+    pub suffix: Option<Value>,
+    pub logit_bias: Option<Value>,
+}
+
+const NO_STRUCTURED_OUTPUT: &str =
+    "this server generates free text (no JSON mode, JSON schemas or grammars)";
+const NO_TOOL_CALLS: &str =
+    "this server does not call tools (with tool_choice \"none\" they are ignored)";
+const NO_LOGIT_BIAS: &str = "this server applies no token biases";
+
+/// A response format this server keeps: absent, or `{"type": "text"}`.
+fn check_response_format(format: Option<&Value>) -> Result<(), ApiError> {
+    if format.and_then(|f| f.get("type")).and_then(Value::as_str) == Some("text") {
+        return Ok(());
+    }
+    refuse_unhonoured(format, "response_format", NO_STRUCTURED_OUTPUT)
+}
+
+/// Tools and functions (the older form) pass only where the request says not to call
+/// them; a choice that demands a call is refused even without tools.
+fn check_tools(req: &ChatRequest) -> Result<(), ApiError> {
+    let is_none = |choice: Option<&Value>| choice.and_then(Value::as_str) == Some("none");
+    if !is_none(req.tool_choice.as_ref()) {
+        refuse_unhonoured(req.tools.as_ref(), "tools", NO_TOOL_CALLS)?;
+    }
+    if !is_none(req.function_call.as_ref()) {
+        refuse_unhonoured(req.functions.as_ref(), "functions", NO_TOOL_CALLS)?;
+    }
+    for (choice, param) in [
+        (&req.tool_choice, "tool_choice"),
+        (&req.function_call, "function_call"),
+    ] {
+        let demands_a_call = match choice {
+            None | Some(Value::Null) => false,
+            Some(Value::String(s)) => s != "none" && s != "auto",
+            Some(_) => true,
+        };
+        if demands_a_call {
+            refuse_unhonoured(choice.as_ref(), param, NO_TOOL_CALLS)?;
+        }
+    }
+    Ok(())
 }
 
 /// A chat request, checked and mapped.
@@ -158,6 +209,9 @@ pub(crate) fn chat(req: &ChatRequest, limits: Limits) -> Result<ChatPlan, ApiErr
         ));
     }
     check_n(req.n, "n")?;
+    check_response_format(req.response_format.as_ref())?;
+    check_tools(req)?;
+    refuse_unhonoured(req.logit_bias.as_ref(), "logit_bias", NO_LOGIT_BIAS)?;
     let messages = req
         .messages
         .iter()
@@ -293,6 +347,13 @@ pub(crate) fn completion(
 ) -> Result<CompletionPlan, ApiError> {
     check_n(req.n, "n")?;
     check_n(req.best_of, "best_of")?;
+    check_response_format(req.response_format.as_ref())?;
+    refuse_unhonoured(req.logit_bias.as_ref(), "logit_bias", NO_LOGIT_BIAS)?;
+    refuse_unhonoured(
+        req.suffix.as_ref(),
+        "suffix",
+        "this server does not insert text between a prompt and a suffix",
+    )?;
     let prompt = completion_prompt(&req.prompt)?;
     let max_tokens = check_max_tokens(
         req.max_tokens,
@@ -388,6 +449,72 @@ mod tests {
 
     fn msg(r: Result<impl std::fmt::Debug, ApiError>) -> String {
         r.unwrap_err().message
+    }
+
+    #[test]
+    fn structured_output_tools_and_biases_are_refused_not_ignored() {
+        let hi = json!([{"role": "user", "content": "Hi"}]);
+        let tool = json!([{"type": "function", "function": {"name": "f", "parameters": {}}}]);
+        let refused = [
+            (
+                json!({"response_format": {"type": "json_object"}}),
+                "response_format",
+            ),
+            (
+                json!({"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}),
+                "response_format",
+            ),
+            (json!({"tools": tool}), "tools"),
+            (json!({"tools": tool, "tool_choice": "auto"}), "tools"),
+            (json!({"tool_choice": "required"}), "tool_choice"),
+            (
+                json!({"tool_choice": {"type": "function", "function": {"name": "f"}}}),
+                "tool_choice",
+            ),
+            (json!({"functions": [{"name": "f"}]}), "functions"),
+            (json!({"function_call": {"name": "f"}}), "function_call"),
+            (json!({"logit_bias": {"50256": -100}}), "logit_bias"),
+        ];
+        for (extra, param) in refused {
+            let mut body = json!({"model": "m", "messages": hi});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            let e = chat_plan(body.clone()).unwrap_err();
+            assert_eq!(e.param, Some(param), "{body}");
+            assert!(e.message.contains("not supported"), "{body}: {}", e.message);
+        }
+        // What asks for nothing a text server cannot give passes.
+        let kept = [
+            json!({"response_format": {"type": "text"}}),
+            json!({"response_format": null, "tools": [], "logit_bias": {}}),
+            json!({"tools": tool, "tool_choice": "none"}),
+            json!({"tool_choice": "auto"}),
+            json!({"functions": [{"name": "f"}], "function_call": "none"}),
+        ];
+        for extra in kept {
+            let mut body = json!({"model": "m", "messages": hi});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            assert!(chat_plan(body.clone()).is_ok(), "{body}");
+        }
+        for (extra, param) in [
+            (json!({"suffix": "}"}), "suffix"),
+            (json!({"logit_bias": {"1": 5}}), "logit_bias"),
+            (
+                json!({"response_format": {"type": "json_object"}}),
+                "response_format",
+            ),
+        ] {
+            let mut body = json!({"model": "m", "prompt": "def f():"});
+            body.as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            let e = completion_plan(body.clone()).unwrap_err();
+            assert_eq!(e.param, Some(param), "{body}");
+        }
+        assert!(completion_plan(json!({"model": "m", "prompt": "x", "suffix": ""})).is_ok());
     }
 
     #[test]
