@@ -1129,10 +1129,10 @@ impl EngineTime {
     /// The time from `earlier` to `self`.
     pub fn since(&self, earlier: &EngineTime) -> EngineTime {
         EngineTime {
-            steps: self.steps - earlier.steps,
-            step: self.step - earlier.step,
-            forward: self.forward - earlier.forward,
-            comm: self.comm - earlier.comm,
+            steps: self.steps.saturating_sub(earlier.steps),
+            step: self.step.saturating_sub(earlier.step),
+            forward: self.forward.saturating_sub(earlier.forward),
+            comm: self.comm.saturating_sub(earlier.comm),
         }
     }
 }
