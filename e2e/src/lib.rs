@@ -85,6 +85,50 @@ pub fn repo_root() -> PathBuf {
         .to_path_buf()
 }
 
+/// The series of `prefix` (`shardserve_worker_`, `shardserve_router_`) that the chart's
+/// Grafana dashboard queries, as they appear in `/metrics` text (histograms by their
+/// `_bucket` series).
+pub fn dashboard_series(prefix: &str) -> std::collections::BTreeSet<String> {
+    fn walk(value: &serde_json::Value, prefix: &str, out: &mut std::collections::BTreeSet<String>) {
+        match value {
+            serde_json::Value::String(s) => {
+                let mut rest = s.as_str();
+                while let Some(at) = rest.find(prefix) {
+                    let tail = &rest[at..];
+                    let end = tail
+                        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                        .unwrap_or(tail.len());
+                    out.insert(tail[..end].to_string());
+                    rest = &tail[end..];
+                }
+            }
+            serde_json::Value::Array(items) => items.iter().for_each(|v| walk(v, prefix, out)),
+            serde_json::Value::Object(fields) => fields.values().for_each(|v| walk(v, prefix, out)),
+            _ => {}
+        }
+    }
+    let path = repo_root().join("charts/shardserve/dashboards/shardserve.json");
+    let text = std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", path.display()));
+    let dashboard: serde_json::Value = serde_json::from_str(&text)
+        .unwrap_or_else(|e| panic!("{} is not JSON: {e}", path.display()));
+    let mut series = std::collections::BTreeSet::new();
+    walk(&dashboard, prefix, &mut series);
+    series
+}
+
+/// The dashboard's series of `prefix` that `/metrics` text `metrics` lacks.
+pub fn dashboard_series_missing(prefix: &str, metrics: &str) -> Vec<String> {
+    dashboard_series(prefix)
+        .into_iter()
+        .filter(|name| {
+            !metrics
+                .lines()
+                .any(|l| l.starts_with(&format!("{name}{{")) || l.starts_with(&format!("{name} ")))
+        })
+        .collect()
+}
+
 /// The Python of the test tools (`.venv`: the `openai` package, kubernetes-validate),
 /// which `make test` passes as `SHARDSERVE_E2E_PYTHON`.
 pub fn e2e_python() -> PathBuf {

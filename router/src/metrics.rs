@@ -114,7 +114,7 @@ impl Metrics {
             )?,
             retries: counter(
                 "shardserve_router_retries_total",
-                "Requests sent again to another backend before their first token.",
+                "Requests sent again to another backend: before their first token, or (a non-streamed answer) after their backend was lost midway.",
                 &["model"],
             )?,
             in_flight: gauge(

@@ -491,6 +491,9 @@ async fn a_killed_backend_loses_no_request_that_had_not_streamed() {
     )
     .unwrap();
     assert!(started_on_w0 > 4.0, "{m}");
+    // Every router series the chart's dashboard queries is served (retries included).
+    let missing = shardserve_e2e::dashboard_series_missing("shardserve_router_", &m);
+    assert!(missing.is_empty(), "the dashboard queries {missing:?}: {m}");
     let deadline = Instant::now() + HANG_GUARD;
     loop {
         let m = r.metrics().await;

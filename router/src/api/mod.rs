@@ -161,6 +161,11 @@ impl AppState {
                         message = status.message(),
                         "backend lost mid-generation; generating again on another"
                     );
+                    self.upstream
+                        .metrics
+                        .retries
+                        .with_label_values(&[model])
+                        .inc();
                     attempt += 1;
                 }
                 Err(status) => return Err(status.into()),

@@ -587,6 +587,13 @@ async fn metrics_count_requests_and_running_drops_to_zero_on_disconnect() {
         forward > 0.0 && step >= forward,
         "step {step} forward {forward}"
     );
+    // Every worker series the chart's dashboard queries is served.
+    assert!(shardserve_e2e::dashboard_series("shardserve_worker_").len() >= 10);
+    let missing = shardserve_e2e::dashboard_series_missing("shardserve_worker_", &text);
+    assert!(
+        missing.is_empty(),
+        "the dashboard queries {missing:?}: {text}"
+    );
 
     let mut long = text_request("Write a very long story about a dragon.", 0);
     long.stopping.as_mut().unwrap().ignore_eos = true;
