@@ -309,3 +309,16 @@ pub(crate) fn new_id(prefix: &str) -> String {
         .unwrap_or_default();
     format!("{prefix}{:08x}{n:06x}", nanos)
 }
+
+/// `body` with `extra`'s fields added (replacing any of the same name), for tests that
+/// vary one field of a request.
+#[cfg(test)]
+pub(crate) fn with_fields(
+    mut body: serde_json::Value,
+    extra: serde_json::Value,
+) -> serde_json::Value {
+    if let (Some(fields), serde_json::Value::Object(extra)) = (body.as_object_mut(), extra) {
+        fields.extend(extra);
+    }
+    body
+}

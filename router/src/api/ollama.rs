@@ -426,10 +426,10 @@ mod tests {
     #[test]
     fn formats_tools_and_images_are_refused_not_ignored() {
         let chat = |extra: Value| {
-            let mut body = json!({"model": "m", "messages": [{"role": "user", "content": "Hi"}]});
-            body.as_object_mut()
-                .unwrap()
-                .extend(extra.as_object().unwrap().clone());
+            let body = crate::api::with_fields(
+                json!({"model": "m", "messages": [{"role": "user", "content": "Hi"}]}),
+                extra,
+            );
             let req: ChatRequest = serde_json::from_value(body).unwrap();
             chat_request(&req, Limits::default()).map_err(|e| e.param)
         };
@@ -448,10 +448,7 @@ mod tests {
         );
         assert!(chat(json!({"format": "", "tools": [], "images": null})).is_ok());
         let generate = |extra: Value| {
-            let mut body = json!({"model": "m", "prompt": "Hi"});
-            body.as_object_mut()
-                .unwrap()
-                .extend(extra.as_object().unwrap().clone());
+            let body = crate::api::with_fields(json!({"model": "m", "prompt": "Hi"}), extra);
             let req: GenerateRequest = serde_json::from_value(body).unwrap();
             generate_request(&req, Limits::default()).map_err(|e| e.param)
         };

@@ -476,10 +476,7 @@ mod tests {
             (json!({"logit_bias": {"50256": -100}}), "logit_bias"),
         ];
         for (extra, param) in refused {
-            let mut body = json!({"model": "m", "messages": hi});
-            body.as_object_mut()
-                .unwrap()
-                .extend(extra.as_object().unwrap().clone());
+            let body = crate::api::with_fields(json!({"model": "m", "messages": hi}), extra);
             let e = chat_plan(body.clone()).unwrap_err();
             assert_eq!(e.param, Some(param), "{body}");
             assert!(e.message.contains("not supported"), "{body}: {}", e.message);
@@ -493,10 +490,7 @@ mod tests {
             json!({"functions": [{"name": "f"}], "function_call": "none"}),
         ];
         for extra in kept {
-            let mut body = json!({"model": "m", "messages": hi});
-            body.as_object_mut()
-                .unwrap()
-                .extend(extra.as_object().unwrap().clone());
+            let body = crate::api::with_fields(json!({"model": "m", "messages": hi}), extra);
             assert!(chat_plan(body.clone()).is_ok(), "{body}");
         }
         for (extra, param) in [
@@ -507,10 +501,7 @@ mod tests {
                 "response_format",
             ),
         ] {
-            let mut body = json!({"model": "m", "prompt": "def f():"});
-            body.as_object_mut()
-                .unwrap()
-                .extend(extra.as_object().unwrap().clone());
+            let body = crate::api::with_fields(json!({"model": "m", "prompt": "def f():"}), extra);
             let e = completion_plan(body.clone()).unwrap_err();
             assert_eq!(e.param, Some(param), "{body}");
         }
