@@ -115,7 +115,8 @@ pub(super) fn run(args: &BenchArgs, model: &Path, prompt_tokens: &[usize]) -> Re
                 let spent = at_decoded.since(&at_prefilled);
                 comm.push(spent.comm.as_secs_f64() * 1e3 / args.gen_tokens as f64);
                 own.push(
-                    (spent.step - spent.forward).as_secs_f64() * 1e6 / spent.steps.max(1) as f64,
+                    spent.step.saturating_sub(spent.forward).as_secs_f64() * 1e6
+                        / spent.steps.max(1) as f64,
                 );
             }
             results.push(Row {
