@@ -32,7 +32,7 @@ pub use bodies::{ApiEndpoint, BodyRefused, map_body};
 pub(crate) use body::RequestBody;
 pub(crate) use error::{ApiError, ErrorKind};
 pub use params::Limits;
-pub(crate) use params::{Sampling, check_max_tokens, refuse_unhonoured, stop_list};
+pub(crate) use params::{Sampling, check_max_tokens, refuse_unhonoured, stop_list, unhonoured};
 
 use tonic::Status;
 

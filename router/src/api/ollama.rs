@@ -18,7 +18,7 @@ use shardserve_proto::v1::generate_response::Event;
 
 use super::{
     ApiError, AppState, Limits, RequestBody, Sampling, Shape, Tracker, answer, check_max_tokens,
-    parse_json, refuse_unhonoured, stop_list, stream_response, unix_now,
+    parse_json, refuse_unhonoured, stop_list, stream_response, unhonoured, unix_now,
 };
 use crate::dispatch::Generation;
 use crate::pool::Target;
@@ -78,9 +78,6 @@ pub(crate) struct GenerateRequest {
     pub suffix: Option<Value>,
 }
 
-const NO_FORMAT: &str = "this server generates free text (no JSON mode or schemas)";
-const NO_IMAGES: &str = "the served models read text only";
-
 /// Sampling and stopping from `options`, with Ollama's defaults.
 pub(crate) fn options(
     o: Option<&Options>,
@@ -120,18 +117,14 @@ pub(crate) fn chat_request(
             Some("messages"),
         ));
     }
-    refuse_unhonoured(req.format.as_ref(), "format", NO_FORMAT)?;
-    refuse_unhonoured(
-        req.tools.as_ref(),
-        "tools",
-        "this server does not call tools",
-    )?;
+    refuse_unhonoured(req.format.as_ref(), "format", unhonoured::STRUCTURED_OUTPUT)?;
+    refuse_unhonoured(req.tools.as_ref(), "tools", unhonoured::TOOL_CALLS)?;
     let (sampling, stopping) = options(req.options.as_ref(), limits)?;
     let messages = req
         .messages
         .iter()
         .map(|m| {
-            refuse_unhonoured(m.images.as_ref(), "images", NO_IMAGES)?;
+            refuse_unhonoured(m.images.as_ref(), "images", unhonoured::IMAGES)?;
             Ok(pb::ChatMessage {
                 role: m.role.clone(),
                 content: m.content.clone(),
@@ -152,13 +145,9 @@ pub(crate) fn generate_request(
     req: &GenerateRequest,
     limits: Limits,
 ) -> Result<pb::GenerateRequest, ApiError> {
-    refuse_unhonoured(req.format.as_ref(), "format", NO_FORMAT)?;
-    refuse_unhonoured(req.images.as_ref(), "images", NO_IMAGES)?;
-    refuse_unhonoured(
-        req.suffix.as_ref(),
-        "suffix",
-        "this server does not insert text between a prompt and a suffix",
-    )?;
+    refuse_unhonoured(req.format.as_ref(), "format", unhonoured::STRUCTURED_OUTPUT)?;
+    refuse_unhonoured(req.images.as_ref(), "images", unhonoured::IMAGES)?;
+    refuse_unhonoured(req.suffix.as_ref(), "suffix", unhonoured::SUFFIX)?;
     let (sampling, stopping) = options(req.options.as_ref(), limits)?;
     let prompt = if req.raw.unwrap_or(false) {
         Prompt::Text(req.prompt.clone())

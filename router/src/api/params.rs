@@ -177,6 +177,17 @@ pub(crate) fn stop_list(
     Ok(list)
 }
 
+/// Why [`refuse_unhonoured`] refuses, as every front end says it.
+pub(crate) mod unhonoured {
+    pub(crate) const STRUCTURED_OUTPUT: &str =
+        "this server generates free text (no JSON mode, JSON schemas or grammars)";
+    pub(crate) const TOOL_CALLS: &str = "this server does not call tools";
+    pub(crate) const SUFFIX: &str =
+        "this server does not insert text between a prompt and a suffix";
+    pub(crate) const IMAGES: &str = "the served models read text only";
+    pub(crate) const LOGIT_BIAS: &str = "this server applies no token biases";
+}
+
 /// Refuses a field whose meaning this server cannot honour (structured output, tool
 /// calls, token biases): answered as if it were absent, the client would get free text
 /// where it parses JSON or a tool call. Absent, `null`, `false`, `""`, `[]` and `{}`

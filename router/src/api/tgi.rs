@@ -15,7 +15,7 @@ use shardserve_proto::v1::generate_response::Event;
 
 use super::{
     ApiError, AppState, Collected, Limits, RequestBody, Sampling, Shape, Tracker, answer,
-    check_max_tokens, parse_json, refuse_unhonoured, stop_list, stream_response,
+    check_max_tokens, parse_json, refuse_unhonoured, stop_list, stream_response, unhonoured,
 };
 use crate::dispatch::Generation;
 
@@ -61,11 +61,7 @@ pub(crate) fn generate_request(
     if inputs.is_empty() {
         return Err(ApiError::bad_request("inputs is empty", Some("inputs")));
     }
-    refuse_unhonoured(
-        p.grammar.as_ref(),
-        "grammar",
-        "this server generates free text (no JSON or regex grammars)",
-    )?;
+    refuse_unhonoured(p.grammar.as_ref(), "grammar", unhonoured::STRUCTURED_OUTPUT)?;
     let sampled = p.do_sample.unwrap_or(false)
         || p.temperature.is_some_and(|t| t != 1.0)
         || p.top_p.is_some()

@@ -7,7 +7,9 @@ use serde_json::Value;
 use shardserve_proto::v1 as pb;
 use shardserve_proto::v1::generate_request::Prompt;
 
-use crate::api::{ApiError, Limits, Sampling, check_max_tokens, refuse_unhonoured, stop_list};
+use crate::api::{
+    ApiError, Limits, Sampling, check_max_tokens, refuse_unhonoured, stop_list, unhonoured,
+};
 
 /// Most alternatives per token (`top_logprobs`, completions' `logprobs`).
 const MAX_TOP_LOGPROBS: i64 = 20;
@@ -86,18 +88,15 @@ pub(crate) struct CompletionRequest {
     pub logit_bias: Option<Value>,
 }
 
-const NO_STRUCTURED_OUTPUT: &str =
-    "this server generates free text (no JSON mode, JSON schemas or grammars)";
 const NO_TOOL_CALLS: &str =
     "this server does not call tools (with tool_choice \"none\" they are ignored)";
-const NO_LOGIT_BIAS: &str = "this server applies no token biases";
 
 /// A response format this server keeps: absent, or `{"type": "text"}`.
 fn check_response_format(format: Option<&Value>) -> Result<(), ApiError> {
     if format.and_then(|f| f.get("type")).and_then(Value::as_str) == Some("text") {
         return Ok(());
     }
-    refuse_unhonoured(format, "response_format", NO_STRUCTURED_OUTPUT)
+    refuse_unhonoured(format, "response_format", unhonoured::STRUCTURED_OUTPUT)
 }
 
 /// Tools and functions (the older form) pass only where the request says not to call
@@ -211,7 +210,11 @@ pub(crate) fn chat(req: &ChatRequest, limits: Limits) -> Result<ChatPlan, ApiErr
     check_n(req.n, "n")?;
     check_response_format(req.response_format.as_ref())?;
     check_tools(req)?;
-    refuse_unhonoured(req.logit_bias.as_ref(), "logit_bias", NO_LOGIT_BIAS)?;
+    refuse_unhonoured(
+        req.logit_bias.as_ref(),
+        "logit_bias",
+        unhonoured::LOGIT_BIAS,
+    )?;
     let messages = req
         .messages
         .iter()
@@ -348,12 +351,12 @@ pub(crate) fn completion(
     check_n(req.n, "n")?;
     check_n(req.best_of, "best_of")?;
     check_response_format(req.response_format.as_ref())?;
-    refuse_unhonoured(req.logit_bias.as_ref(), "logit_bias", NO_LOGIT_BIAS)?;
     refuse_unhonoured(
-        req.suffix.as_ref(),
-        "suffix",
-        "this server does not insert text between a prompt and a suffix",
+        req.logit_bias.as_ref(),
+        "logit_bias",
+        unhonoured::LOGIT_BIAS,
     )?;
+    refuse_unhonoured(req.suffix.as_ref(), "suffix", unhonoured::SUFFIX)?;
     let prompt = completion_prompt(&req.prompt)?;
     let max_tokens = check_max_tokens(
         req.max_tokens,
